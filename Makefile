@@ -1,0 +1,33 @@
+# vmdr — everything a sysadmin or CI runs. All targets install what they need first.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup test test-all lint demo bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+## the default test run: unit + integration (real libvirtd, sshd, SeaweedFS), slow ones skipped
+test: setup
+	$(PY) -m pytest -q tests
+
+## everything, including slow VM tests
+test-all: setup
+	VMDR_SLOW=1 $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+## back up a real running VM, restore it under a new name, boot it, verify, write the plan
+demo: setup
+	$(PY) scripts/demo.py
+
+## side-by-side benchmarks against borg, restic, virtnbdbackup; writes docs/benchmarks.md
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -1,0 +1,139 @@
+"""What every command shares: typed global options, opening the repository, output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vmdr import config as configmod
+from vmdr.credentials import read_secret, read_secret_bytes
+from vmdr.errors import UsageError, WrongPassword
+from vmdr.repository.repo import Repository
+from vmdr.storage.registry import open_backend
+from vmdr.storage.wrappers import wrap
+from vmdr.ui.progress import Progress, make_progress
+
+
+@dataclass
+class Globals:
+    """Global options, resolved from flags, environment and config (in that order)."""
+
+    repo: str | None
+    password_file: str | None
+    key_file: str | None
+    json: bool
+    progress: bool
+    config: configmod.Config
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Globals:
+        cfg = configmod.load(getattr(ns, "config", None))
+        return cls(
+            repo=getattr(ns, "repo", None) or os.environ.get("VMDR_REPO") or cfg.repository,
+            password_file=(getattr(ns, "password_file", None)
+                           or os.environ.get("VMDR_PASSWORD_FILE") or cfg.password_file),
+            key_file=(getattr(ns, "key_file", None) or os.environ.get("VMDR_KEY_FILE")
+                      or cfg.key_file),
+            json=bool(getattr(ns, "json", False)),
+            progress=not getattr(ns, "no_progress", False),
+            config=cfg,
+        )
+
+    def need_repo(self) -> str:
+        if not self.repo:
+            raise UsageError("no repository given: use --repo, VMDR_REPO or 'repository' "
+                             "in the config file")
+        return self.repo
+
+    def passphrase(self, prompt: str = "Repository passphrase: ") -> str:
+        if "VMDR_PASSWORD" in os.environ:
+            return os.environ["VMDR_PASSWORD"]
+        if self.password_file:
+            return read_secret(self.password_file)
+        if sys.stdin.isatty():
+            return getpass.getpass(prompt)
+        raise WrongPassword("no passphrase: set VMDR_PASSWORD_FILE (a 0600 file) or "
+                            "VMDR_PASSWORD, or run in a terminal")
+
+    def new_passphrase(self, prompt: str = "New passphrase: ") -> str:
+        if not sys.stdin.isatty():
+            return self.passphrase()
+        pw = getpass.getpass(prompt)
+        if pw != getpass.getpass("Repeat: "):
+            raise UsageError("the passphrases do not match")
+        if not pw:
+            raise UsageError("an empty passphrase is not allowed")
+        return pw
+
+    def progress_for(self) -> Progress:
+        return make_progress(self.progress and not self.json, self.json)
+
+
+def open_repository(g: Globals, url: str | None = None) -> Repository:
+    backend = wrap(open_backend(url or g.need_repo()))
+    keyfile = read_secret_bytes(g.key_file) if g.key_file else None
+    try:
+        return Repository.open(backend, passphrase=g.passphrase, keyfile=keyfile)
+    except BaseException:
+        backend.close()
+        raise
+
+
+@contextlib.contextmanager
+def repository(
+    g: Globals, lock: str | None = "shared", command: str = "", url: str | None = None
+) -> Iterator[Repository]:
+    """Open the repository and hold a lock (``shared``, ``exclusive`` or ``None``)."""
+    repo = open_repository(g, url)
+    try:
+        if lock is None:
+            yield repo
+        else:
+            with repo.lock(exclusive=(lock == "exclusive"), command=command):
+                yield repo
+    finally:
+        repo.close()
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def warn(text: str) -> None:
+    sys.stderr.write(f"vmdr: warning: {text}\n")
+
+
+Handler = Callable[[argparse.Namespace, Globals], int]
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Options accepted by every command, before or after the command name."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("global options")
+    s = argparse.SUPPRESS
+    g.add_argument("-r", "--repo", default=s, metavar="URL",
+                   help="repository: /path, file://, sftp://user@host/path, s3://bucket/prefix "
+                        "(env VMDR_REPO)")
+    g.add_argument("--password-file", default=s, metavar="FILE",
+                   help="file holding the passphrase, mode 0600 (env VMDR_PASSWORD_FILE)")
+    g.add_argument("--key-file", default=s, metavar="FILE",
+                   help="open the repository with an exported key file (env VMDR_KEY_FILE)")
+    g.add_argument("--config", default=s, metavar="FILE",
+                   help="config file (env VMDR_CONFIG, default /etc/vmdr/vmdr.toml)")
+    g.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")
+    g.add_argument("-v", "--verbose", action="count", default=s, help="more log output")
+    g.add_argument("--debug", action="store_true", default=s,
+                   help="show tracebacks of unexpected errors")
+    return p

@@ -1,0 +1,72 @@
+"""The ``vmdr`` command: parse, dispatch, and turn every error into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vmdr import __version__
+from vmdr.cli import image_cmds, repo_cmds, snapshot_cmds
+from vmdr.cli.common import Globals, common_parser
+from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
+
+MODULES = [repo_cmds, image_cmds, snapshot_cmds]
+
+
+def _epilog() -> str:
+    lines = ["exit codes:"] + [f"  {code:>3}  {text}" for code, text in EXIT_CODES]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = argparse.ArgumentParser(
+        prog="vmdr", parents=[common],
+        description="Disaster recovery and backup for libvirt/QEMU virtual machines.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vmdr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for mod in MODULES:
+        mod.register(sub, [common])
+    return parser
+
+
+class _ArgParser(argparse.ArgumentParser):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(args)
+    debug = bool(getattr(ns, "debug", False))
+    verbose = int(getattr(ns, "verbose", 0) or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+        format="vmdr: %(levelname)s: %(message)s", stream=sys.stderr,
+    )
+    try:
+        g = Globals.from_args(ns)
+        code: int = ns.func(ns, g)
+        return code
+    except VmdrError as exc:
+        sys.stderr.write(f"vmdr: error: {exc.message}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("vmdr: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"vmdr: internal error: {type(exc).__name__}: {exc} "
+                         "(run with --debug for a traceback and report it)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""``vmdr repo …`` and ``vmdr key …``."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.credentials import read_secret_bytes, write_private
+from vmdr.errors import UsageError
+from vmdr.repository import locks as lockmod
+from vmdr.repository.keys import parse_keyfile
+from vmdr.repository.repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
+from vmdr.repository.stats import stats
+from vmdr.storage.registry import open_backend
+from vmdr.storage.wrappers import wrap
+from vmdr.ui.progress import human_bytes
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(t[:-1]) * units[t[-1]]
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 4M)") from None
+
+
+def cmd_init(ns: argparse.Namespace, g: Globals) -> int:
+    url = g.need_repo()
+    backend = wrap(open_backend(url))
+    pw = None if ns.encryption == "none" else g.new_passphrase("New repository passphrase: ")
+    with Repository.init(backend, passphrase=pw, encryption=ns.encryption,
+                         chunk_size=ns.chunk_size, compression_level=ns.compression_level) as r:
+        info = {"repository": r.id, "location": backend.display_url,
+                "encryption": r.config.encryption, "chunk_size": r.chunk_size,
+                "compression_level": r.config.compression_level}
+    if g.json:
+        emit_json(info)
+    else:
+        out(f"created repository {info['repository']} at {info['location']} "
+            f"({info['encryption']}, {human_bytes(r.chunk_size)} chunks)")
+        if pw:
+            out("Keep the passphrase safe, and export the key: vmdr key export FILE")
+    return 0
+
+
+def cmd_stats(ns: argparse.Namespace, g: Globals) -> int:
+    with repository(g, "shared", "repo stats") as r:
+        st = stats(r)
+    if g.json:
+        emit_json(st)
+        return 0
+    out(f"repository   {st['repository']} at {st['location']} ({st['encryption']})")
+    out(f"snapshots    {st['snapshots']}")
+    out(f"logical      {human_bytes(st['logical_bytes'])} virtual, "
+        f"{human_bytes(st['data_bytes'])} data")
+    out(f"unique       {human_bytes(st['unique_bytes'])} (dedup {st['dedup_ratio']}×)")
+    out(f"stored       {human_bytes(st['stored_bytes'])} in {st['stored_chunks']} chunks "
+        f"(compression {st['compression_ratio']}×, total {st['total_ratio']}×)")
+    return 0
+
+
+def cmd_unlock(ns: argparse.Namespace, g: Globals) -> int:
+    backend = wrap(open_backend(g.need_repo()))
+    with backend:
+        Repository.open(backend, passphrase=g.passphrase, use_cache=False,
+                        keyfile=read_secret_bytes(g.key_file) if g.key_file else None)
+        removed = lockmod.unlock(backend, remove_all=ns.remove_all)
+    if g.json:
+        emit_json({"removed": [li.describe() for li in removed]})
+    else:
+        for li in removed:
+            out(f"removed {li.describe()}")
+        if not removed:
+            out("no stale locks")
+    return 0
+
+
+def cmd_key_list(ns: argparse.Namespace, g: Globals) -> int:
+    with repository(g, "shared", "key list") as r:
+        slots = [{"slot": d["slot"], "label": d.get("label", ""), "created": d.get("created"),
+                  "kdf": d["kdf"]["name"], "current": d["slot"] == r.slot}
+                 for d in r.key_slots()]
+    if g.json:
+        emit_json(slots)
+    else:
+        for s in slots:
+            mark = "*" if s["current"] else " "
+            out(f"{mark} {s['slot']}  {s['label']:<12} {s['kdf']:<9} {s['created']}")
+    return 0
+
+
+def cmd_key_add(ns: argparse.Namespace, g: Globals) -> int:
+    with repository(g, "exclusive", "key add") as r:
+        pw = g.new_passphrase("Passphrase for the new key slot: ") if not ns.new_password_file \
+            else _read_pw(ns.new_password_file)
+        slot = r.add_key_slot(pw, ns.label)
+    out(f"added key slot {slot} ({ns.label})") if not g.json else emit_json({"slot": slot})
+    return 0
+
+
+def _read_pw(path: str) -> str:
+    from vmdr.credentials import read_secret
+
+    pw = read_secret(path)
+    if not pw:
+        raise UsageError(f"{path}: empty passphrase")
+    return pw
+
+
+def cmd_key_passwd(ns: argparse.Namespace, g: Globals) -> int:
+    with repository(g, "exclusive", "key passwd") as r:
+        if r.slot is None:
+            raise UsageError("opened with a key file: use 'vmdr key add' to add a passphrase")
+        old = r.slot
+        label = next((d.get("label", "operator") for d in r.key_slots() if d["slot"] == old),
+                     "operator")
+        pw = _read_pw(ns.new_password_file) if ns.new_password_file else g.new_passphrase()
+        new = r.add_key_slot(pw, label)
+        r.remove_key_slot(old)
+    out(f"passphrase changed (slot {old} replaced by {new})") if not g.json else \
+        emit_json({"old_slot": old, "slot": new})
+    return 0
+
+
+def cmd_key_remove(ns: argparse.Namespace, g: Globals) -> int:
+    with repository(g, "exclusive", "key remove") as r:
+        r.remove_key_slot(ns.slot)
+    out(f"removed key slot {ns.slot}")
+    return 0
+
+
+def cmd_key_export(ns: argparse.Namespace, g: Globals) -> int:
+    with repository(g, None) as r:
+        write_private(ns.file, r.export_key(), overwrite=ns.force)
+    out(f"wrote the repository key to {ns.file} (mode 0600); store it offline")
+    return 0
+
+
+def cmd_key_import(ns: argparse.Namespace, g: Globals) -> int:
+    """Regain passphrase access with a key file: adds a new passphrase slot."""
+    data = read_secret_bytes(ns.file)
+    parse_keyfile(data)
+    backend = wrap(open_backend(g.need_repo()))
+    with Repository.open(backend, keyfile=data) as r, r.lock(True, "key import"):
+        pw = _read_pw(ns.new_password_file) if ns.new_password_file else g.new_passphrase()
+        slot = r.add_key_slot(pw, ns.label)
+    out(f"key file accepted; added passphrase slot {slot} ({ns.label})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+    repo = sub.add_parser("repo", help="create and administer repositories",
+                          description="Create and administer repositories.")
+    rs = repo.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+    p = rs.add_parser("init", parents=parents, help="create a new repository",
+                      description="Create a new, empty repository at --repo.")
+    p.add_argument("--encryption", choices=["aes-256-gcm", "none"], default="aes-256-gcm",
+                   help="encryption at rest (default aes-256-gcm)")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
+                   help="chunk size, a power of two (default 4M)")
+    p.add_argument("--compression-level", type=int, default=DEFAULT_LEVEL,
+                   help=f"zstd level, 0 = off (default {DEFAULT_LEVEL})")
+    p.set_defaults(func=cmd_init)
+    p = rs.add_parser("stats", parents=parents, help="sizes, dedup and compression ratios",
+                      description="Logical and stored bytes, dedup and compression ratios.")
+    p.set_defaults(func=cmd_stats)
+    p = rs.add_parser("unlock", parents=parents, help="remove stale locks",
+                      description="Remove locks left by vmdr processes that died.")
+    p.add_argument("--remove-all", action="store_true",
+                   help="remove every lock, also live ones (dangerous)")
+    p.set_defaults(func=cmd_unlock)
+
+    key = sub.add_parser("key", help="manage repository keys and passphrases",
+                         description="Manage key slots, passphrases and key files.")
+    ks = key.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+    p = ks.add_parser("list", parents=parents, help="list key slots")
+    p.set_defaults(func=cmd_key_list)
+    p = ks.add_parser("add", parents=parents, help="add a passphrase slot (e.g. escrow)")
+    p.add_argument("--label", default="escrow", help="slot label (default escrow)")
+    p.add_argument("--new-password-file", metavar="FILE", help="read the new passphrase here")
+    p.set_defaults(func=cmd_key_add)
+    p = ks.add_parser("passwd", parents=parents, help="change the passphrase that opened it")
+    p.add_argument("--new-password-file", metavar="FILE", help="read the new passphrase here")
+    p.set_defaults(func=cmd_key_passwd)
+    p = ks.add_parser("remove", parents=parents, help="remove a key slot")
+    p.add_argument("slot", help="slot ID (see 'vmdr key list')")
+    p.set_defaults(func=cmd_key_remove)
+    p = ks.add_parser("export", parents=parents, help="write the master key to a 0600 file")
+    p.add_argument("file", help="where to write the key file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_key_export)
+    p = ks.add_parser("import", parents=parents,
+                      help="open with a key file and add a new passphrase slot")
+    p.add_argument("file", help="a key file from 'vmdr key export'")
+    p.add_argument("--label", default="operator", help="slot label (default operator)")
+    p.add_argument("--new-password-file", metavar="FILE", help="read the new passphrase here")
+    p.set_defaults(func=cmd_key_import)

@@ -1,0 +1,50 @@
+"""Credential files: read only when private (0600 or stricter), written 0600."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from vmdr.errors import ConfigError, UsageError
+
+
+def check_private(path: str) -> None:
+    """Refuse a credential file that group or others may read or write."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: credential file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read credential file: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: credential file is accessible by group/others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
+
+
+def read_secret(path: str) -> str:
+    """Return the first line of a private credential file."""
+    check_private(path)
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def read_secret_bytes(path: str) -> bytes:
+    check_private(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
+    """Write *data* to a new 0600 file (refusing to replace one unless *overwrite*)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)

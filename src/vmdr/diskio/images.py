@@ -1,0 +1,277 @@
+"""Local disk images as sources and targets: raw files, block devices, and any format
+qemu understands (qcow2, vmdk, …) through ``qemu-nbd`` driven by libnbd.
+
+A source reports its allocated extents, so backups never read holes; a target writes
+sparse output, so restores never write zeros to a file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+from vmdr.errors import NoSpace, UsageError, VmdrError
+
+MAX_REQUEST = 32 << 20
+
+
+def image_info(path: str) -> dict[str, Any]:
+    """``qemu-img info`` as a dict; raises ``UsageError`` for unreadable images."""
+    try:
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", "-U", path],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout
+    except FileNotFoundError:
+        raise VmdrError("qemu-img is not installed (apt-get install qemu-utils)") from None
+    except subprocess.CalledProcessError as exc:
+        last = (exc.stderr or "").strip().splitlines()[-1:] or ["unreadable image"]
+        raise UsageError(f"{path}: {last[0]}") from None
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def _nbd_handle(path: str, fmt: str, readonly: bool) -> Any:
+    import nbd
+
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    args = ["qemu-nbd", f"--format={fmt}", "--cache=none" if readonly else "--cache=unsafe"]
+    if readonly:
+        args += ["--read-only", "--share=4"]
+    else:
+        args += ["--discard=unmap", "--detect-zeroes=unmap"]
+    h.connect_systemd_socket_activation([*args, path])
+    return h
+
+
+class Source(ABC):
+    size: int
+    format: str
+
+    @abstractmethod
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(offset, length)`` of ranges that may hold data, ascending."""
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Read bytes; thread-safe."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RawSource(Source):
+    """A raw file or block device, read with ``pread``; holes found by SEEK_DATA/SEEK_HOLE."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.format = "raw"
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        if self.is_block:
+            yield 0, self.size
+            return
+        pos = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return
+                raise
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            yield data, hole - data
+            pos = hole
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class NbdSource(Source):
+    """Any qemu format, read through a private read-only ``qemu-nbd``."""
+
+    def __init__(self, path: str, fmt: str, conns: int = 2) -> None:
+        self.path, self.format = path, fmt
+        self._handles = [_nbd_handle(path, fmt, True) for _ in range(conns)]
+        self._free = list(self._handles)
+        self._cv = threading.Condition()
+        self.size = int(self._handles[0].get_size())
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        h = self._handles[0]
+        pos = 0
+        found: list[tuple[int, int]] = []
+        while pos < self.size:
+            found.clear()
+            count = min(self.size - pos, 1 << 30)
+
+            def cb(ctx: str, off: int, entries: list[int], err: Any, *_: Any) -> int:
+                if ctx == "base:allocation":
+                    o = off
+                    for i in range(0, len(entries), 2):
+                        found.append((o, entries[i] if not entries[i + 1] & 2 else -entries[i]))
+                        o += entries[i]
+                return 0
+
+            with self._cv:
+                h.block_status(count, pos, cb)
+            if not found:
+                break
+            for off, ln in found:
+                if ln > 0:
+                    yield off, ln
+                pos = off + abs(ln)
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._cv:
+            while not self._free:
+                self._cv.wait()
+            h = self._free.pop()
+        try:
+            return bytes(h.pread(length, offset))
+        finally:
+            with self._cv:
+                self._free.append(h)
+                self._cv.notify()
+
+    def close(self) -> None:
+        for h in self._handles:
+            try:
+                h.shutdown()
+            except Exception:
+                pass
+
+
+def open_source(path: str) -> Source:
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or device")
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return RawSource(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path}: not a disk image or block device")
+    fmt = image_info(path).get("format", "raw")
+    if fmt == "raw":
+        return RawSource(path)
+    return NbdSource(path, fmt)
+
+
+class Target(ABC):
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None:
+        """Write non-zero data; ranges never written read back as zeros."""
+
+    def close(self) -> None:
+        pass
+
+
+def _enospc(exc: OSError, path: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no space left on device writing {path}")
+    return VmdrError(f"{path}: {exc.strerror}")
+
+
+class RawTarget(Target):
+    """A sparse raw file (or a block device, where holes are written as zeros)."""
+
+    def __init__(self, path: str, size: int, overwrite: bool = False) -> None:
+        self.path = path
+        exists = os.path.exists(path)
+        self.is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
+        if exists and not self.is_block and not overwrite:
+            raise UsageError(f"{path} exists; use --force to overwrite it")
+        try:
+            flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
+            self.fd = os.open(path, flags, 0o600)
+            if not self.is_block:
+                os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _enospc(exc, path) from None
+        self.size = size
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise _enospc(exc, self.path) from None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if self.is_block:
+            self.write(offset, bytes(length))
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _enospc(exc, self.path) from None
+        finally:
+            os.close(self.fd)
+
+
+class NbdTarget(Target):
+    """A new qcow2/vmdk image written through ``qemu-nbd``."""
+
+    def __init__(self, path: str, size: int, fmt: str, overwrite: bool = False) -> None:
+        if os.path.exists(path) and not overwrite:
+            raise UsageError(f"{path} exists; use --force to overwrite it")
+        opts = ["-o", "subformat=monolithicSparse"] if fmt == "vmdk" else []
+        try:
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, path, str(size)],
+                           check=True, capture_output=True, text=True, timeout=60)
+        except subprocess.CalledProcessError as exc:
+            msg = (exc.stderr or "").strip().splitlines()[-1:] or ["qemu-img create failed"]
+            if "space" in msg[0].lower():
+                raise NoSpace(f"no space left on device creating {path}") from None
+            raise VmdrError(f"{path}: {msg[0]}") from None
+        self.path = path
+        self.h = _nbd_handle(path, fmt, False)
+
+    def write(self, offset: int, data: bytes) -> None:
+        import nbd
+
+        try:
+            self.h.pwrite(data, offset)
+        except nbd.Error as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "space" in str(exc).lower():
+                raise NoSpace(f"no space left on device writing {self.path}") from None
+            raise VmdrError(f"{self.path}: {exc.string}") from None
+
+    def close(self) -> None:
+        import nbd
+
+        try:
+            self.h.flush()
+            self.h.shutdown()
+        except nbd.Error as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left on device writing {self.path}") from None
+            raise VmdrError(f"{self.path}: {exc.string}") from None
+
+
+def open_target(path: str, size: int, fmt: str, overwrite: bool = False) -> Target:
+    if fmt == "raw":
+        return RawTarget(path, size, overwrite)
+    if fmt in ("qcow2", "vmdk"):
+        return NbdTarget(path, size, fmt, overwrite)
+    raise UsageError(f"unknown image format {fmt!r} (raw, qcow2 or vmdk)")

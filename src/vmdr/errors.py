@@ -1,0 +1,191 @@
+"""The vmdr exception tree. Every error knows its one-line message and its exit code.
+
+::
+
+    VmdrError                      exit 1   (a job failed)
+    ├── UsageError                 exit 2   bad arguments or configuration
+    │   └── ConfigError            exit 2
+    ├── RepositoryNotFound         exit 3
+    ├── RepositoryExists           exit 3
+    ├── WrongPassword              exit 4   no key slot opens with that passphrase / key file
+    ├── RepositoryLocked           exit 5
+    ├── IntegrityError             exit 6   MAC, hash or structure check failed
+    │   └── ObjectNotFoundInRepo   exit 6   an object the repository references is missing
+    ├── UnsupportedFormat          exit 7   written by a newer vmdr
+    ├── StorageError               exit 8   backend I/O failed (network, timeout, permission)
+    │   ├── ObjectNotFound         exit 8
+    │   ├── TransientStorageError  exit 8   worth retrying
+    │   └── AuthenticationFailed   exit 8
+    ├── NoSpace                    exit 9   ENOSPC on a target or repository
+    ├── HypervisorError            exit 10  libvirt / QEMU failures
+    │   ├── DomainNotFound         exit 11
+    │   └── HypervisorUnavailable  exit 12
+    ├── VMLocked                   exit 13  another backup of that VM is running
+    ├── SnapshotNotFound           exit 14
+    └── HookFailed                 exit 15
+    Interrupted (KeyboardInterrupt) → exit 130
+
+The table in ``docs/operations.md`` and ``vmdr --help`` lists the same codes.
+"""
+
+from __future__ import annotations
+
+
+class VmdrError(Exception):
+    """vmdr failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or self.__class__.__name__).strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class UsageError(VmdrError):
+    """Invalid usage."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """Invalid configuration."""
+
+
+class RepositoryNotFound(VmdrError):
+    """No vmdr repository at that location."""
+
+    exit_code = 3
+
+
+class RepositoryExists(VmdrError):
+    """A repository already exists at that location."""
+
+    exit_code = 3
+
+
+class WrongPassword(VmdrError):
+    """Wrong passphrase or key file: no key slot of this repository opens with it."""
+
+    exit_code = 4
+
+
+class RepositoryLocked(VmdrError):
+    """The repository is locked by another process."""
+
+    exit_code = 5
+
+
+class IntegrityError(VmdrError):
+    """Repository data failed an integrity check."""
+
+    exit_code = 6
+
+
+class ObjectNotFoundInRepo(IntegrityError):
+    """An object the repository references is missing."""
+
+
+class UnsupportedFormat(VmdrError):
+    """The repository was written by a newer vmdr format version."""
+
+    exit_code = 7
+
+
+class StorageError(VmdrError):
+    """Storage backend I/O failed."""
+
+    exit_code = 8
+
+
+class ObjectNotFound(StorageError):
+    """No such object in the storage backend."""
+
+
+class TransientStorageError(StorageError):
+    """A storage operation failed in a way that may succeed when retried."""
+
+
+class AuthenticationFailed(StorageError):
+    """The storage backend refused the credentials."""
+
+
+class NoSpace(VmdrError):
+    """No space left on the device."""
+
+    exit_code = 9
+
+
+class HypervisorError(VmdrError):
+    """The hypervisor reported an error."""
+
+    exit_code = 10
+
+
+class DomainNotFound(HypervisorError):
+    """No such virtual machine."""
+
+    exit_code = 11
+
+
+class HypervisorUnavailable(HypervisorError):
+    """Cannot connect to libvirt."""
+
+    exit_code = 12
+
+
+class VMLocked(VmdrError):
+    """Another vmdr job holds the lock of this virtual machine."""
+
+    exit_code = 13
+
+
+class SnapshotNotFound(VmdrError):
+    """No such snapshot."""
+
+    exit_code = 14
+
+
+class HookFailed(VmdrError):
+    """A hook script failed."""
+
+    exit_code = 15
+
+
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130
+
+# One place that lists every exit code, for --help and the docs.
+EXIT_CODES: list[tuple[int, str]] = [
+    (0, "success"),
+    (1, "a job failed or only partly succeeded"),
+    (2, "usage or configuration error"),
+    (3, "repository not found (or already exists, for init)"),
+    (4, "wrong passphrase or key file"),
+    (5, "repository locked by another process"),
+    (6, "integrity error: corrupt or missing data"),
+    (7, "unsupported (newer) repository format"),
+    (8, "storage backend error (I/O, network, authentication)"),
+    (9, "no space left on device"),
+    (10, "hypervisor (libvirt/QEMU) error"),
+    (11, "virtual machine not found"),
+    (12, "cannot connect to libvirt"),
+    (13, "another job holds this VM's lock"),
+    (14, "snapshot not found"),
+    (15, "a hook script failed"),
+    (130, "interrupted"),
+]
+
+
+class CheckpointMissing(HypervisorError):
+    """The checkpoint is missing from libvirt or its dirty bitmaps are gone."""
+
+
+class GuestAgentUnavailable(HypervisorError):
+    """The QEMU guest agent does not answer."""
+
+
+class HeartbeatTimeout(HypervisorError):
+    """The virtual machine gave no sign of life before the timeout."""

@@ -1,0 +1,84 @@
+"""Moving one disk between a reader of bytes and the repository, in either direction.
+
+Shared by image backup/restore and by VM backup/restore.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from vmdr.diskio.images import RawTarget, Target, open_target
+from vmdr.errors import VmdrError
+from vmdr.repository.manifest import ChunkList, DiskRecord
+from vmdr.repository.reader import DiskReader
+from vmdr.repository.repo import Repository
+from vmdr.repository.writer import DiskWriter, WriteStats, chunk_ranges
+from vmdr.ui.progress import Progress
+
+ReadFn = Callable[[int, int], bytes]
+PIECE = 16 << 20
+
+
+def ingest(
+    repo: Repository, name: str, size: int, fmt: str, extents: Iterable[tuple[int, int]],
+    read: ReadFn, base: ChunkList | None = None, progress: Progress | None = None,
+    workers: int = 3, meta: dict[str, object] | None = None,
+) -> tuple[DiskRecord, WriteStats]:
+    """Read *extents* (rounded out to whole chunks) with *read* into a new disk record.
+
+    With *base*, chunks outside the extents keep the base's IDs (an incremental that is
+    a synthetic full); without, they are holes.
+    """
+    writer = DiskWriter(repo, name, size, fmt, base=base, workers=workers,
+                        progress=progress.advance if progress else None, meta=meta)
+    try:
+        piece = max(repo.chunk_size, PIECE - PIECE % repo.chunk_size)
+        for off, length in chunk_ranges(extents, repo.chunk_size, size):
+            end = off + length
+            while off < end:
+                n = min(piece, end - off)
+                data = read(off, n)
+                if len(data) != n:
+                    raise VmdrError(f"disk {name}: short read at offset {off}")
+                writer.write(off, data)
+                off += n
+        return writer.finish(), writer.stats
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def restore(
+    repo: Repository, disk: DiskRecord, path: str, fmt: str = "raw", overwrite: bool = False,
+    progress: Progress | None = None, workers: int = 4,
+) -> int:
+    """Write *disk* to a new sparse image at *path*; return bytes written (non-zero data).
+
+    A partly written file is removed on failure, so nothing half-restored is left behind.
+    """
+    target: Target = open_target(path, disk.size, fmt, overwrite)
+    reader = DiskReader(repo, disk, workers=workers)
+    written = 0
+    ok = False
+    try:
+        zero = bytes(repo.chunk_size)
+        for idx, data in reader.iter_chunks(progress=progress.advance if progress else None):
+            off = idx * repo.chunk_size
+            if data is None or data == zero[: len(data)]:
+                if isinstance(target, RawTarget):
+                    target.write_zeroes(off, reader.chunk_length(idx))
+                continue
+            target.write(off, data)
+            written += len(data)
+        target.close()
+        ok = True
+        return written
+    finally:
+        if not ok:
+            try:
+                target.close()
+            except VmdrError:
+                pass
+            if os.path.isfile(path):
+                os.unlink(path)

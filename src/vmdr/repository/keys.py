@@ -1,0 +1,124 @@
+"""Key slots: the master key wrapped under passphrases, and key files (format.md §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from vmdr.errors import IntegrityError, UnsupportedFormat, UsageError, WrongPassword
+from vmdr.repository.crypto import MasterKey, b64, unb64
+from vmdr.timeutil import format_time, utcnow
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    name: str = "argon2id"
+    time_cost: int = 3
+    memory_kib: int = 65536
+    parallelism: int = 2
+
+    @classmethod
+    def for_tests(cls) -> KdfParams:
+        """Cheap parameters for test repositories only (never the default)."""
+        return cls(time_cost=1, memory_kib=1024, parallelism=1)
+
+
+def default_kdf() -> KdfParams:
+    # VMDR_INSECURE_TEST_KDF makes test suites fast; it is documented as unsafe.
+    if os.environ.get("VMDR_INSECURE_TEST_KDF") == "1":
+        return KdfParams.for_tests()
+    return KdfParams()
+
+
+def _derive(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
+    salt = unb64(kdf["salt"])
+    if kdf["name"] == "argon2id":
+        return hash_secret_raw(
+            passphrase, salt, time_cost=int(kdf["time_cost"]),
+            memory_cost=int(kdf["memory_kib"]), parallelism=int(kdf["parallelism"]),
+            hash_len=32, type=Type.ID,
+        )
+    if kdf["name"] == "scrypt":
+        return hashlib.scrypt(
+            passphrase, salt=salt, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"]),
+            maxmem=256 << 20, dklen=32,
+        )
+    raise UnsupportedFormat(f"unknown key derivation function {kdf['name']!r}")
+
+
+def _aad(repo_id: str, slot_id: str) -> bytes:
+    return b"vmdr-keyslot" + repo_id.encode() + slot_id.encode()
+
+
+def make_slot(
+    master: MasterKey, repo_id: str, passphrase: str, label: str, params: KdfParams
+) -> tuple[str, bytes]:
+    """Return (slot_id, JSON bytes) of a new slot wrapping *master* under *passphrase*."""
+    slot_id = secrets.token_hex(8)
+    kdf: dict[str, Any] = {
+        "name": params.name, "time_cost": params.time_cost, "memory_kib": params.memory_kib,
+        "parallelism": params.parallelism, "salt": b64(os.urandom(16)),
+    }
+    kek = _derive(passphrase.encode("utf-8"), kdf)
+    nonce = os.urandom(12)
+    wrapped = AESGCM(kek).encrypt(nonce, master.raw, _aad(repo_id, slot_id))
+    doc = {
+        "version": 1, "slot": slot_id, "label": label, "created": format_time(utcnow()),
+        "kdf": kdf, "nonce": b64(nonce), "wrapped": b64(wrapped),
+    }
+    return slot_id, json.dumps(doc, indent=1).encode()
+
+
+def parse_slot(data: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise IntegrityError("a key slot is not valid JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1:
+        raise UnsupportedFormat("a key slot has an unknown version")
+    return doc
+
+
+def open_slot(doc: dict[str, Any], repo_id: str, passphrase: str) -> MasterKey | None:
+    """Return the master key if *passphrase* opens this slot, else ``None``."""
+    try:
+        kek = _derive(passphrase.encode("utf-8"), doc["kdf"])
+        raw = AESGCM(kek).decrypt(
+            unb64(doc["nonce"]), unb64(doc["wrapped"]), _aad(repo_id, doc["slot"])
+        )
+    except (InvalidTag, KeyError, ValueError):
+        return None
+    return MasterKey(raw)
+
+
+def keyfile_bytes(master: MasterKey, repo_id: str) -> bytes:
+    doc = {"format": "vmdr-keyfile", "version": 1, "repository": repo_id,
+           "master_key": b64(master.raw)}
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def parse_keyfile(data: bytes, repo_id: str | None = None) -> tuple[str, MasterKey]:
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != "vmdr-keyfile":
+            raise ValueError
+        if doc.get("version") != 1:
+            raise UnsupportedFormat("the key file has an unknown version")
+        rid, raw = str(doc["repository"]), unb64(doc["master_key"])
+    except UnsupportedFormat:
+        raise
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise UsageError("not a vmdr key file") from None
+    if len(raw) != 64:
+        raise UsageError("not a vmdr key file (bad key length)")
+    if repo_id is not None and rid != repo_id:
+        raise WrongPassword("the key file belongs to another repository")
+    return rid, MasterKey(raw)

@@ -1,0 +1,93 @@
+"""Mark-and-sweep garbage collection with a safety window (format.md §9).
+
+Marking goes into an on-disk SQLite table, so memory stays bounded for millions of
+chunks. Only unreferenced chunks older than the safety window are deleted: chunks that
+a running backup uploaded but has not yet referenced from a manifest survive.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from vmdr.errors import ObjectNotFound
+from vmdr.repository.crypto import HOLE
+from vmdr.repository.repo import Repository
+
+DEFAULT_SAFETY_WINDOW = timedelta(hours=6)
+
+
+@dataclass
+class PruneResult:
+    referenced: int = 0
+    deleted: int = 0
+    deleted_bytes: int = 0
+    kept_young: int = 0
+    orphan_attachments: int = 0
+    dry_run: bool = False
+    deleted_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"referenced_chunks": self.referenced, "deleted_chunks": self.deleted,
+                "deleted_bytes": self.deleted_bytes, "kept_young_unreferenced": self.kept_young,
+                "orphan_attachments": self.orphan_attachments, "dry_run": self.dry_run}
+
+
+def prune(
+    repo: Repository, safety_window: timedelta = DEFAULT_SAFETY_WINDOW, dry_run: bool = False,
+    on_delete: Callable[[str], None] | None = None,
+) -> PruneResult:
+    """Delete chunks no snapshot references. The caller holds the exclusive lock."""
+    res = PruneResult(dry_run=dry_run)
+    now = repo.clock().timestamp()
+    fd, dbpath = tempfile.mkstemp(prefix="vmdr-prune-", suffix=".sqlite")
+    os.close(fd)
+    try:
+        db = sqlite3.connect(dbpath)
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("CREATE TABLE used (id BLOB PRIMARY KEY) WITHOUT ROWID")
+        sids = set(repo.snapshot_ids())
+        for sid in sids:
+            snap = repo.load_snapshot(sid)
+            with db:
+                for d in snap.disks:
+                    db.executemany("INSERT OR IGNORE INTO used VALUES (?)",
+                                   ((oid,) for oid in d.chunks if oid != HOLE))
+        res.referenced = db.execute("SELECT count(*) FROM used").fetchone()[0]
+        deleted: list[bytes] = []
+        for obj in repo.backend.list("data"):
+            oid = bytes.fromhex(obj.name.rsplit("/", 1)[-1])
+            if db.execute("SELECT 1 FROM used WHERE id=?", (oid,)).fetchone():
+                continue
+            if now - obj.mtime < safety_window.total_seconds():
+                res.kept_young += 1
+                continue
+            res.deleted += 1
+            res.deleted_bytes += obj.size
+            if not dry_run:
+                try:
+                    repo.backend.delete(obj.name)
+                except ObjectNotFound:
+                    pass
+                deleted.append(oid)
+                if on_delete:
+                    on_delete(obj.name)
+        for obj in repo.backend.list("attachments"):
+            if obj.name.split("/")[1] not in sids:
+                res.orphan_attachments += 1
+                if not dry_run:
+                    repo.backend.delete(obj.name)
+        db.close()
+        if not dry_run and deleted:
+            repo.bump_generation()
+            if repo.cache:
+                repo.cache.discard_chunks(deleted)
+                repo.cache.sync_generation(repo.generation())
+        return res
+    finally:
+        os.unlink(dbpath)

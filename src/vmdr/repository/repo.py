@@ -1,0 +1,402 @@
+"""The repository: config, keys, chunks, snapshots and attachments over a backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from vmdr.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    ObjectNotFoundInRepo,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapshotNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassword,
+)
+from vmdr.repository import manifest
+from vmdr.repository.cache import Cache
+from vmdr.repository.crypto import (
+    HOLE,
+    TYPE_ATTACHMENT,
+    TYPE_CHUNK,
+    TYPE_SNAPSHOT,
+    MasterKey,
+    ObjectCodec,
+)
+from vmdr.repository.keys import (
+    KdfParams,
+    default_kdf,
+    keyfile_bytes,
+    make_slot,
+    open_slot,
+    parse_keyfile,
+    parse_slot,
+)
+from vmdr.repository.locks import Lock
+from vmdr.repository.manifest import Snapshot
+from vmdr.storage.base import Backend
+from vmdr.timeutil import Clock, format_time, parse_time, utcnow
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "vmdr-repo"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_LEVEL = 3
+GENERATION_NAME = "state/generation"
+PassphraseSource = Callable[[], str]
+
+
+def chunk_name(oid: bytes) -> str:
+    h = oid.hex()
+    return f"data/{h[:2]}/{h}"
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in doc.items() if k != "mac"},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    id: str
+    encryption: str
+    chunk_size: int
+    compression_level: int
+    created: str
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"format": "vmdr-repository", "version": FORMAT_VERSION, "id": self.id,
+                "created": self.created, "encryption": self.encryption,
+                "chunk_size": self.chunk_size, "compression": "zstd",
+                "compression_level": self.compression_level}
+
+
+def _read_config(backend: Backend) -> dict[str, Any]:
+    try:
+        raw = backend.get(CONFIG_NAME)
+    except ObjectNotFound:
+        raise RepositoryNotFound(f"no vmdr repository at {backend.display_url}") from None
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format") != "vmdr-repository":
+            raise ValueError
+    except ValueError:
+        raise RepositoryNotFound(f"{backend.display_url} is not a vmdr repository") from None
+    if doc.get("version") != FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"repository format version {doc.get('version')} is not supported by this vmdr "
+            f"(it reads version {FORMAT_VERSION}); upgrade vmdr"
+        )
+    return doc
+
+
+class Repository:
+    """An open repository. Thread-safe for chunk and snapshot operations."""
+
+    def __init__(
+        self, backend: Backend, config: RepoConfig, key: MasterKey | None,
+        slot: str | None = None, clock: Clock = utcnow, use_cache: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.key = key
+        self.slot = slot
+        self.clock = clock
+        self.codec = ObjectCodec(key, config.compression_level)
+        self.cache = Cache(config.id) if use_cache else None
+        self._generation_at_open = self.generation()
+        if self.cache:
+            self.cache.sync_generation(self._generation_at_open)
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    @classmethod
+    def init(
+        cls, backend: Backend, *, passphrase: str | None, encryption: str = "aes-256-gcm",
+        chunk_size: int = DEFAULT_CHUNK_SIZE, compression_level: int = DEFAULT_LEVEL,
+        kdf: KdfParams | None = None, master: MasterKey | None = None,
+        label: str = "operator", clock: Clock = utcnow,
+    ) -> Repository:
+        if encryption not in ("aes-256-gcm", "none"):
+            raise UsageError(f"unknown encryption {encryption!r} (aes-256-gcm or none)")
+        if chunk_size & (chunk_size - 1) or not (64 << 10) <= chunk_size <= (64 << 20):
+            raise UsageError("chunk size must be a power of two from 64 KiB to 64 MiB")
+        if not 0 <= compression_level <= 22:
+            raise UsageError("compression level must be 0 (off) to 22")
+        backend.create()
+        if backend.exists(CONFIG_NAME):
+            raise RepositoryExists(f"a repository already exists at {backend.display_url}")
+        cfg = RepoConfig(secrets.token_hex(16), encryption, chunk_size, compression_level,
+                         format_time(clock()))
+        doc = cfg.to_doc()
+        key: MasterKey | None = None
+        slot: str | None = None
+        if encryption != "none":
+            if not passphrase:
+                raise UsageError("an encrypted repository needs a passphrase")
+            key = master or MasterKey.generate()
+            doc["mac"] = blake3.blake3(_canonical(doc), key=key.mac_key).hexdigest()
+            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf())
+            backend.put(f"keys/{slot}", slot_doc)
+        backend.put(CONFIG_NAME, json.dumps(doc, indent=1).encode())
+        return cls(backend, cfg, key, slot, clock)
+
+    @classmethod
+    def open(
+        cls, backend: Backend, *, passphrase: PassphraseSource | None = None,
+        keyfile: bytes | None = None, clock: Clock = utcnow, use_cache: bool = True,
+    ) -> Repository:
+        doc = _read_config(backend)
+        try:
+            cfg = RepoConfig(str(doc["id"]), str(doc["encryption"]), int(doc["chunk_size"]),
+                             int(doc.get("compression_level", DEFAULT_LEVEL)), str(doc["created"]))
+        except (KeyError, ValueError, TypeError):
+            raise IntegrityError("the repository config is malformed") from None
+        if cfg.encryption == "none":
+            return cls(backend, cfg, None, None, clock, use_cache)
+        if cfg.encryption != "aes-256-gcm":
+            raise UnsupportedFormat(f"unknown repository encryption {cfg.encryption!r}")
+        key, slot = cls._unlock(backend, cfg, passphrase, keyfile)
+        mac = blake3.blake3(_canonical(doc), key=key.mac_key).hexdigest()
+        if not secrets.compare_digest(mac, str(doc.get("mac", ""))):
+            if keyfile is not None:
+                raise WrongPassword("the key file does not open this repository")
+            raise IntegrityError("the repository config failed its MAC check (tampered?)")
+        return cls(backend, cfg, key, slot, clock, use_cache)
+
+    @staticmethod
+    def _unlock(
+        backend: Backend, cfg: RepoConfig, passphrase: PassphraseSource | None,
+        keyfile: bytes | None,
+    ) -> tuple[MasterKey, str | None]:
+        if keyfile is not None:
+            return parse_keyfile(keyfile, cfg.id)[1], None
+        if passphrase is None:
+            raise WrongPassword("the repository is encrypted: give a passphrase or key file")
+        slots = [parse_slot(backend.get(o.name)) for o in backend.list("keys")]
+        if not slots:
+            raise WrongPassword("the repository has no key slots; open it with a key file")
+        pw = passphrase()
+        for doc in slots:
+            key = open_slot(doc, cfg.id, pw)
+            if key is not None:
+                return key, str(doc["slot"])
+        raise WrongPassword()
+
+    def close(self) -> None:
+        if self.cache:
+            self.cache.close()
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lock(self, exclusive: bool, command: str = "", wait: float = 0.0) -> Lock:
+        return Lock(self.backend, exclusive, command, self.clock).acquire(wait)
+
+    # ----------------------------------------------------------------- keys
+    def key_slots(self) -> list[dict[str, Any]]:
+        return [parse_slot(self.backend.get(o.name)) for o in self.backend.list("keys")]
+
+    def add_key_slot(self, passphrase: str, label: str, kdf: KdfParams | None = None) -> str:
+        if self.key is None:
+            raise UsageError("the repository is not encrypted; it has no keys")
+        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf())
+        self.backend.put(f"keys/{slot}", doc)
+        return slot
+
+    def remove_key_slot(self, slot: str) -> None:
+        slots = {str(d["slot"]) for d in self.key_slots()}
+        if slot not in slots:
+            raise UsageError(f"no key slot {slot!r}")
+        if slots == {slot}:
+            raise UsageError("refusing to remove the last key slot (export a key file first)")
+        self.backend.delete(f"keys/{slot}")
+
+    def export_key(self) -> bytes:
+        if self.key is None:
+            raise UsageError("the repository is not encrypted; it has no key to export")
+        return keyfile_bytes(self.key, self.id)
+
+    # ----------------------------------------------------------------- chunks
+    def generation(self) -> str:
+        try:
+            return self.backend.get(GENERATION_NAME).decode("ascii", "replace").strip()
+        except ObjectNotFound:
+            return "0"
+
+    def generation_changed(self) -> bool:
+        return self.generation() != self._generation_at_open
+
+    def bump_generation(self) -> None:
+        self.backend.put(GENERATION_NAME, secrets.token_hex(16).encode())
+
+    def ensure_chunk_index(self) -> None:
+        """Make the cache's chunk list complete (one listing of ``data/``)."""
+        if self.cache and not self.cache.chunks_complete:
+            self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
+                                   for o in self.backend.list("data"))
+
+    def has_chunk(self, oid: bytes) -> bool:
+        if oid == HOLE:
+            return True
+        if self.cache and self.cache.chunks_complete:
+            return self.cache.has_chunk(oid)
+        return self.backend.exists(chunk_name(oid))
+
+    def put_chunk(self, oid: bytes, data: bytes | memoryview) -> int:
+        """Store a chunk whose ID is *oid*; return the stored size."""
+        blob = self.codec.pack(TYPE_CHUNK, oid, data)
+        self.backend.put(chunk_name(oid), blob)
+        if self.cache:
+            self.cache.add_chunk(oid)
+        return len(blob)
+
+    def put_raw_chunk(self, oid: bytes, blob: bytes) -> None:
+        """Store an already-encoded chunk (copy between repositories sharing a key)."""
+        self.codec.unpack(TYPE_CHUNK, oid, blob, "chunk")
+        self.backend.put(chunk_name(oid), blob)
+        if self.cache:
+            self.cache.add_chunk(oid)
+
+    def get_raw_chunk(self, oid: bytes) -> bytes:
+        try:
+            return self.backend.get(chunk_name(oid))
+        except ObjectNotFound:
+            raise ObjectNotFoundInRepo(f"chunk {oid.hex()[:16]} is missing") from None
+
+    def get_chunk(self, oid: bytes) -> bytes:
+        return self.codec.unpack(TYPE_CHUNK, oid, self.get_raw_chunk(oid), "chunk")
+
+    # ----------------------------------------------------------------- snapshots
+    def save_snapshot(self, snap: Snapshot) -> str:
+        """Write the manifest (the atomic commit point of a backup); return its ID."""
+        if not snap.host:
+            snap.host = socket.gethostname()
+        plain = manifest.encode(snap)
+        oid = self.codec.object_id(plain)
+        self.backend.put(f"snapshots/{oid.hex()}", self.codec.pack(TYPE_SNAPSHOT, oid, plain))
+        snap.id = oid.hex()
+        if self.cache:
+            self.cache.flush()
+            self.cache.put_snapshot(snap.id, plain)
+        return snap.id
+
+    def load_snapshot(self, sid: str) -> Snapshot:
+        plain = self.cache.get_snapshot(sid) if self.cache else None
+        if plain is None:
+            try:
+                blob = self.backend.get(f"snapshots/{sid}")
+            except ObjectNotFound:
+                raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
+            plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
+            if self.cache:
+                self.cache.put_snapshot(sid, plain)
+        return manifest.decode(plain, sid)
+
+    def snapshot_ids(self) -> list[str]:
+        out = []
+        for o in self.backend.list("snapshots"):
+            sid = o.name.rsplit("/", 1)[-1]
+            if len(sid) == 64:
+                out.append(sid)
+        return out
+
+    def list_snapshots(self, name: str | None = None) -> list[Snapshot]:
+        ids = self.snapshot_ids()
+        snaps = [self.load_snapshot(s) for s in ids]
+        if self.cache:
+            self.cache.forget_snapshots(set(ids))
+        if name is not None:
+            snaps = [s for s in snaps if s.name == name]
+        return sorted(snaps, key=lambda s: (s.time, s.id))
+
+    def resolve(self, ref: str) -> Snapshot:
+        """Resolve ``NAME``, ``NAME@latest``, ``NAME@IDPREFIX`` or ``IDPREFIX``."""
+        name, _, sel = ref.partition("@")
+        if not sel:
+            sel = "latest"
+        snaps = self.list_snapshots()
+        named = [s for s in snaps if s.name == name]
+        if sel == "latest":
+            if named:
+                return named[-1]
+            by_id = [s for s in snaps if s.id.startswith(name)] if len(name) >= 4 else []
+            if len(by_id) == 1:
+                return by_id[0]
+            raise SnapshotNotFound(f"no snapshot named {name!r}")
+        pool = named or snaps
+        hits = [s for s in pool if s.id.startswith(sel)]
+        if not hits:
+            raise SnapshotNotFound(f"no snapshot {ref!r}")
+        if len(hits) > 1:
+            raise UsageError(f"snapshot ID prefix {sel!r} is ambiguous; give more digits")
+        return hits[0]
+
+    def delete_snapshot(self, sid: str) -> None:
+        for a in list(self.backend.list(f"attachments/{sid}")):
+            self.backend.delete(a.name)
+        try:
+            self.backend.delete(f"snapshots/{sid}")
+        except ObjectNotFound:
+            pass
+
+    # ----------------------------------------------------------------- attachments
+    def add_attachment(self, sid: str, doc: dict[str, Any]) -> str:
+        doc = {"snapshot": sid, "time": format_time(self.clock()), **doc}
+        plain = json.dumps(doc, sort_keys=True).encode()
+        oid = self.codec.object_id(plain)
+        self.backend.put(f"attachments/{sid}/{oid.hex()}",
+                         self.codec.pack(TYPE_ATTACHMENT, oid, plain))
+        return oid.hex()
+
+    def attachments(self, sid: str, kind: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for o in self.backend.list(f"attachments/{sid}"):
+            oid = bytes.fromhex(o.name.rsplit("/", 1)[-1])
+            doc = json.loads(self.codec.unpack(TYPE_ATTACHMENT, oid, self.backend.get(o.name),
+                                               "attachment"))
+            if doc.get("snapshot") != sid:
+                raise IntegrityError(f"attachment {o.name} belongs to another snapshot")
+            if kind is None or doc.get("kind") == kind:
+                out.append(doc)
+        return sorted(out, key=lambda d: parse_time(d["time"]))
+
+    def is_protected(self, sid: str) -> bool:
+        recs = self.attachments(sid, "protect")
+        return bool(recs and recs[-1].get("protected"))
+
+    def set_protected(self, sid: str, protected: bool) -> None:
+        self.add_attachment(sid, {"kind": "protect", "protected": protected})
+
+    def referenced_chunks(self, snaps: Iterable[Snapshot]) -> set[bytes]:
+        out: set[bytes] = set()
+        for s in snaps:
+            for d in s.disks:
+                out |= d.chunks.ids()
+        return out

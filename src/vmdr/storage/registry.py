@@ -1,0 +1,92 @@
+"""Backends chosen by URL scheme through an explicit registry.
+
+Each backend module registers its scheme once; a second registration of the same
+scheme is a programming error. ``redact`` strips passwords from URLs before anything
+prints or logs them.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmdr.errors import UsageError
+from vmdr.storage.base import Backend
+
+Factory = Callable[[urllib.parse.SplitResult], Backend]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    factory: Factory
+    help: str
+
+
+_SCHEMES: dict[str, Scheme] = {}
+
+
+def register(name: str, factory: Factory, help: str) -> None:
+    """Register *factory* for URLs of scheme *name*. A duplicate is an error."""
+    if name in _SCHEMES:
+        raise ValueError(f"storage scheme {name!r} registered twice")
+    _SCHEMES[name] = Scheme(name, factory, help)
+
+
+def schemes() -> list[Scheme]:
+    _load_builtin()
+    return sorted(_SCHEMES.values(), key=lambda s: s.name)
+
+
+def redact(url: str) -> str:
+    """Return *url* with any password replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse(url: str) -> urllib.parse.SplitResult:
+    """Split a repository location; a plain path becomes ``file://``."""
+    if "://" not in url:
+        if not url:
+            raise UsageError("empty repository location")
+        return urllib.parse.urlsplit("file://" + urllib.parse.quote(_abspath(url)))
+    return urllib.parse.urlsplit(url)
+
+
+def _abspath(path: str) -> str:
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    # Imported for their register() side effect; each module is small and cheap to import.
+    from vmdr.storage import file, s3, sftp  # noqa: F401
+
+
+def open_backend(url: str) -> Backend:
+    """Return a backend for *url* (``/path``, ``file:///path``, ``sftp://…``, ``s3://…``)."""
+    _load_builtin()
+    parts = parse(url)
+    scheme = _SCHEMES.get(parts.scheme)
+    if scheme is None:
+        known = ", ".join(sorted(_SCHEMES))
+        raise UsageError(f"unknown repository scheme {parts.scheme!r} (known: {known})")
+    return scheme.factory(parts)
