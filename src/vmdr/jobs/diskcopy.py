@@ -17,7 +17,6 @@ from vmdr.repository.writer import DiskWriter, WriteStats, chunk_ranges
 from vmdr.ui.progress import Progress
 
 ReadFn = Callable[[int, int], bytes]
-PIECE = 16 << 20
 
 
 def ingest(
@@ -33,7 +32,7 @@ def ingest(
     writer = DiskWriter(repo, name, size, fmt, base=base, workers=workers,
                         progress=progress.advance if progress else None, meta=meta)
     try:
-        piece = max(repo.chunk_size, PIECE - PIECE % repo.chunk_size)
+        piece = repo.chunk_size  # one chunk per read keeps memory small
         for off, length in chunk_ranges(extents, repo.chunk_size, size):
             end = off + length
             while off < end:

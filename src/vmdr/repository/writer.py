@@ -115,7 +115,9 @@ class DiskWriter:
             if idx != self._cur_idx:
                 self._flush_current()
                 if within == 0 and n == clen:  # whole chunk: no copy
-                    self._submit(idx, bytes(mv[:n]))
+                    whole = data if isinstance(data, bytes) and len(mv) == len(data) == n \
+                        else bytes(mv[:n])
+                    self._submit(idx, whole)
                     mv, offset = mv[n:], offset + n
                     continue
                 self._cur_idx, self._cur = idx, bytearray(clen)
