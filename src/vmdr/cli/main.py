@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from vmdr import __version__
-from vmdr.cli import image_cmds, repo_cmds, snapshot_cmds
+from vmdr.cli import image_cmds, repo_cmds, snapshot_cmds, vm_cmds
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
 
-MODULES = [repo_cmds, image_cmds, snapshot_cmds]
+MODULES = [repo_cmds, vm_cmds, image_cmds, snapshot_cmds]
 
 
 def _epilog() -> str:
@@ -34,10 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ArgParser(argparse.ArgumentParser):
-    pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -48,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="vmdr: %(levelname)s: %(message)s", stream=sys.stderr,
     )
+    if not debug:
+        # paramiko logs dropped connections at ERROR; our own errors say it in one line
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     try:
         g = Globals.from_args(ns)
         code: int = ns.func(ns, g)

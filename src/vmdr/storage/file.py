@@ -110,7 +110,7 @@ class FileBackend(Backend):
             d = stack.pop()
             try:
                 entries = list(os.scandir(d))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
                 raise _translate(exc, prefix) from None
