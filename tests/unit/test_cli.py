@@ -15,7 +15,9 @@ from .repofixtures import make_image
 VMDR = [sys.executable, "-m", "vmdr.cli.main"]
 
 
-def run(*args: str, env: dict[str, str] | None = None, code: int = 0) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, code: int = 0
+) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e.update(env or {})
     p = subprocess.run([*VMDR, *args], capture_output=True, text=True, env=e, timeout=120)

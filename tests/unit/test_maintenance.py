@@ -13,7 +13,7 @@ from vmdr.errors import RepositoryLocked, UsageError
 from vmdr.jobs import diskcopy
 from vmdr.repository import locks, retention
 from vmdr.repository.check import check
-from vmdr.repository.manifest import ChunkList, DiskRecord, Snapshot
+from vmdr.repository.manifest import ChunkList, Snapshot
 from vmdr.repository.prune import prune
 from vmdr.repository.repo import Repository, chunk_name
 from vmdr.repository.writer import DiskWriter
@@ -57,7 +57,8 @@ def test_retention_groups_by_name_and_protects() -> None:
 
 def test_retention_tag_scope() -> None:
     t = datetime(2026, 3, 1, tzinfo=UTC)
-    snaps = [_snap("a", t + timedelta(days=i), ["tier=critical"] if i % 2 else []) for i in range(6)]
+    snaps = [_snap("a", t + timedelta(days=i), ["tier=critical"] if i % 2 else [])
+             for i in range(6)]
     ds = retention.apply(snaps, retention.Policy(last=1, tags=("tier=critical",)), t)
     forgotten = [d.snapshot for d in ds if not d.keep]
     assert forgotten and all("tier=critical" in s.tags for s in forgotten)

@@ -151,11 +151,11 @@ def test_two_concurrent_writers(tmp_path: Path) -> None:
         try:
             repo = reopen(path)
             with repo.lock(exclusive=False, command="test"):
-                rec, stats = _ingest_file(repo, images[i][0], f"vm{i}")
+                rec, _ = _ingest_file(repo, images[i][0], f"vm{i}")
                 s = Snapshot(f"vm{i}", FakeClock()(), repo.chunk_size, [rec])
                 ids.append(repo.save_snapshot(s))
             repo.close()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]

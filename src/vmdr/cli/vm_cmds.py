@@ -1,0 +1,140 @@
+"""``vmdr backup`` and ``vmdr restore``: live VMs through libvirt."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.errors import UsageError
+from vmdr.hypervisor import Hypervisor, connect
+from vmdr.jobs.vmbackup import VMBackupOptions, backup_many, select_vms
+from vmdr.jobs.vmrestore import RestoreOptions, restore_vm
+from vmdr.ui.progress import human_bytes
+
+
+def _uri(ns: argparse.Namespace, g: Globals) -> str:
+    return str(getattr(ns, "connect", None) or os.environ.get("VMDR_CONNECT")
+               or g.config.connect)
+
+
+def _connect(uri: str) -> Hypervisor:
+    return connect(uri)
+
+
+def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
+    if not ns.vms and not ns.all:
+        raise UsageError("name one or more VMs (globs allowed) or use --all")
+    cfg = g.config
+    with _connect(_uri(ns, g)) as hv, repository(g, "shared", "backup") as repo:
+        names = select_vms(hv.list_domains(), ns.vms, ns.all, ns.with_tag,
+                           {n: v.tags for n, v in cfg.vms.items()})
+        if not names:
+            raise UsageError("no VM matches")
+
+        def opts_for(name: str) -> VMBackupOptions:
+            vm = cfg.vm(name)
+            return VMBackupOptions(
+                mode=ns.mode, consistency=ns.consistency or vm.consistency or cfg.consistency,
+                method=ns.method, tags=list(ns.tag) + vm.tags, scratch_dir=cfg.scratch_dir,
+                workers=cfg.workers, exclude_disks=vm.exclude_disks, hooks=cfg.hooks)
+
+        results = backup_many(hv, repo, names, opts_for, cfg.concurrency,
+                              lambda n: g.progress_for())
+    failed = [r for r in results if r.status != "ok"]
+    if g.json:
+        emit_json({"results": [r.as_dict() for r in results],
+                   "ok": len(results) - len(failed), "failed": len(failed)})
+    else:
+        out(f"{'VM':<20} {'STATUS':<7} {'SNAPSHOT':<9} {'MODE':<12} {'CONSISTENCY':<11} "
+            f"{'READ':>10} {'STORED':>10} {'TIME':>7}")
+        for r in results:
+            out(f"{r.vm:<20} {r.status:<7} {(r.snapshot or '-')[:8]:<9} {r.mode or '-':<12} "
+                f"{r.consistency or '-':<11} {human_bytes(r.bytes_read):>10} "
+                f"{human_bytes(r.bytes_stored):>10} {r.duration_s:>6.1f}s")
+            for w in r.warnings:
+                out(f"  warning: {w}")
+            if r.error:
+                out(f"  error: {r.error}")
+        if failed and len(failed) < len(results):
+            out(f"partial success: {len(results) - len(failed)} of {len(results)} VMs backed up")
+    if not failed:
+        return 0
+    if len(results) == 1:
+        return failed[0].exit_code or 1
+    return 1
+
+
+def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
+    opts = RestoreOptions(
+        target_dir=ns.target_dir, name=ns.name, format=ns.format, define=ns.define,
+        start=ns.start, force=ns.force, disks=ns.disk or [],
+        heartbeat=ns.heartbeat or g.config.vm(ns.snapshot.split("@")[0]).heartbeat,
+        timeout=ns.timeout,
+    )
+    hv = _connect(_uri(ns, g)) if ns.define else None
+    try:
+        with repository(g, "shared", "restore") as repo:
+            snap = repo.resolve(ns.snapshot)
+            res = restore_vm(repo, snap, opts, hv, g.progress_for())
+    finally:
+        if hv is not None:
+            hv.close()
+    if g.json:
+        emit_json(res)
+        return 0
+    out(f"restored {snap.name}@{snap.short_id} as {res['vm']} into {res['target_dir']} "
+        f"({human_bytes(res['bytes_written'])} written, {res['restore_s']:.1f}s)")
+    for disk, path in res["disks"].items():
+        out(f"  {disk}: {path}")
+    out(f"  domain XML: {res['xml']}")
+    if res["defined"]:
+        out(f"  defined on {_uri(ns, g)}")
+    if res["started"]:
+        out(f"  booted: heartbeat after {res['heartbeat_s']:.1f}s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "backup", parents=parents, help="back up running or stopped VMs (disks + config)",
+        description="Back up VMs through libvirt while they run: pull-mode backup with "
+                    "checkpoints (incrementals read only dirty blocks), quiesced through the "
+                    "guest agent when it answers, crash-consistent otherwise.")
+    p.add_argument("vms", nargs="*", metavar="VM", help="VM names or globs (e.g. 'web*')")
+    p.add_argument("--all", action="store_true", help="every VM on the host")
+    p.add_argument("--with-tag", action="append", metavar="TAG",
+                   help="only VMs with this tag in the config ([vm.NAME] tags)")
+    p.add_argument("--mode", choices=["auto", "full", "incremental"], default="auto",
+                   help="auto: incremental when a valid checkpoint exists (default)")
+    p.add_argument("--consistency", choices=["auto", "quiesce", "crash"],
+                   help="auto: fsfreeze via the guest agent when it answers (default from "
+                        "config, else auto)")
+    p.add_argument("--method", choices=["auto", "checkpoint", "overlay", "offline"],
+                   default="auto", help="capture method (default auto)")
+    p.add_argument("--tag", action="append", default=[], help="tag the snapshots; repeatable")
+    p.add_argument("-c", "--connect", metavar="URI",
+                   help="libvirt URI (env VMDR_CONNECT, default qemu:///system)")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "restore", parents=parents, help="restore a VM: disks, config, define, boot",
+        description="Restore a VM snapshot's disks (sparse) and configuration into "
+                    "--target-dir; optionally define it on a libvirt host and boot it.")
+    p.add_argument("snapshot", help="VM[@ID|@latest]")
+    p.add_argument("--target-dir", required=True, help="where the disk images go")
+    p.add_argument("--name", help="restore under a new name (new UUID and MAC addresses)")
+    p.add_argument("--format", choices=["qcow2", "raw", "vmdk"], default="qcow2",
+                   help="disk format (default qcow2; vmdk for ESX)")
+    p.add_argument("--disk", action="append", metavar="TARGET",
+                   help="restore only this disk (e.g. vda); repeatable")
+    p.add_argument("--define", action="store_true", help="register the VM with libvirt")
+    p.add_argument("--start", action="store_true", help="boot it and wait for the heartbeat")
+    p.add_argument("--heartbeat", metavar="agent|REGEX",
+                   help="guest-agent ping (default) or a console regex")
+    p.add_argument("--timeout", type=float, default=300.0, help="heartbeat timeout (s)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing files / replace a stopped domain of that name")
+    p.add_argument("-c", "--connect", metavar="URI",
+                   help="libvirt URI to define on (env VMDR_CONNECT)")
+    p.set_defaults(func=cmd_restore)

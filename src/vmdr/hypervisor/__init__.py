@@ -1,0 +1,79 @@
+"""Everything vmdr needs from libvirt/QEMU for live backup and restore.
+
+This layer knows nothing about chunks or repositories; ``vmdr.jobs`` orchestrates it.
+Every ``libvirt.libvirtError`` leaves it as a :mod:`vmdr.errors` exception
+(``DomainNotFound``, ``HypervisorUnavailable``, ``CheckpointMissing``, ``HypervisorError``...).
+
+Backup::
+
+    hv = connect("qemu:///system")                       # or qemu+ssh://host/system
+    hv.cleanup_leftovers(name, prefix, scratch_dir)      # under the VM lock, every time
+    info = hv.domain(name)                               # DomainInfo (DomainNotFound)
+    with hv.backup(info, checkpoint_prefix="vmdr-1a2b3c4d", scratch_dir=scratch,
+                   disks=None, incremental_from=last_checkpoint, quiesce=True) as s:
+        s.method          # "checkpoint" (pull-mode job) | "overlay" | "offline" (stopped VM)
+        s.consistency     # "quiesced" | "crash"
+        s.checkpoint      # checkpoint this backup creates, or None
+        s.checkpoint_xml  # its full XML: save it with the snapshot (see redefine_checkpoint)
+        s.warnings, s.skipped
+        for d in s.disks:                     # DiskSource
+            d.info, d.incremental, d.size, d.full_reason
+            for off, length, is_data in d.extents():
+                ...   # full: is_data=False reads as zeros; incremental: is_data=False unchanged
+                d.read(off, length)           # thread-safe; one NBD connection per thread
+        s.commit()        # only once the snapshot is safely stored
+    # leaving without commit: job aborted, new checkpoint deleted, scratch removed, VM thawed
+
+Method "auto" picks "checkpoint" for a running domain (raw/block disks are exported as
+full in the same job, so all disks share one point in time) and "offline" for a stopped
+one; it falls back to "overlay" when libvirt lacks pull-mode backup. "overlay" can be
+forced. Incrementals are only used for disks whose bitmap libvirt confirms (see
+:mod:`.checkpoints`); any doubt gives that disk ``incremental=False`` and a
+``full_reason``. Offline reads lock the images like QEMU does (the VM cannot start
+meanwhile) and ``commit()`` refuses if the domain was started anyway.
+
+Each session keeps its NBD socket, scratch files, overlays and a ``state.json`` in
+``<scratch_dir>/<12 hex of the domain UUID>/``; ``cleanup_leftovers`` reads that state
+after a crash. Call it (and ``backup``) under the VM lock. Live backup needs a local
+URI for now (the NBD socket is a unix socket on the hypervisor host).
+
+Modules: connection (connect, Hypervisor), domain (DomainInfo, DiskInfo), backup
+(BackupSession), checkpoints, nbd (readers), overlay, agent, cleanup, state, lifecycle
+(define/start/heartbeat), xml (rewrite_domain_xml), errors (libvirtError translation).
+
+Restore::
+
+    xml = rewrite_domain_xml(saved_xml, new_name="web-restored",
+                             disk_paths={"vda": ("/var/lib/libvirt/images/web.qcow2", "qcow2")})
+    name = hv.define(xml); hv.start(name)
+    seconds = hv.wait_heartbeat(name, agent=True, timeout=300)
+"""
+
+from __future__ import annotations
+
+from .backup import BackupSession, DiskSource, Method
+from .checkpoints import checkpoint_name, is_ours
+from .connection import DEFAULT_URI, Hypervisor, cleanup_leftovers, connect
+from .domain import DiskInfo, DomainInfo, parse_disks
+from .nbd import Extent
+from .xml import domain_name, domain_uuid, random_mac, rewrite_domain_xml
+
+__all__ = [
+    "DEFAULT_URI",
+    "BackupSession",
+    "DiskInfo",
+    "DiskSource",
+    "DomainInfo",
+    "Extent",
+    "Hypervisor",
+    "Method",
+    "checkpoint_name",
+    "cleanup_leftovers",
+    "connect",
+    "domain_name",
+    "domain_uuid",
+    "is_ours",
+    "parse_disks",
+    "random_mac",
+    "rewrite_domain_xml",
+]

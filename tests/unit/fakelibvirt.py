@@ -1,0 +1,436 @@
+"""A fake ``libvirt`` module for unit tests (in the spirit of nova's fixtures/libvirt.py).
+
+Only what ``vmdr.hypervisor`` calls is modelled. State lives in :data:`HOSTS` (URI ->
+:class:`virConnect`), so a test builds domains with :func:`add_domain` and then goes
+through ``vmdr.hypervisor.connect``. Install it with ``_compat.install(fakelibvirt)``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from types import SimpleNamespace
+from typing import Any
+
+# -- error codes (values as in libvirt's virerror.h) --------------------------------------
+VIR_ERR_OK = 0
+VIR_ERR_INTERNAL_ERROR = 1
+VIR_ERR_NO_SUPPORT = 3
+VIR_ERR_NO_CONNECT = 5
+VIR_ERR_INVALID_ARG = 8
+VIR_ERR_SYSTEM_ERROR = 38
+VIR_ERR_RPC = 39
+VIR_ERR_NO_DOMAIN = 42
+VIR_ERR_OPERATION_INVALID = 55
+VIR_ERR_AUTH_FAILED = 45
+VIR_ERR_OPERATION_UNSUPPORTED = 84
+VIR_ERR_AGENT_UNRESPONSIVE = 86
+VIR_ERR_BLOCK_COPY_ACTIVE = 83
+VIR_ERR_AUTH_CANCELLED = 79
+VIR_ERR_AGENT_UNSYNCED = 97
+VIR_ERR_AUTH_UNAVAILABLE = 94
+VIR_ERR_NO_DOMAIN_CHECKPOINT = 103
+VIR_ERR_CHECKPOINT_INCONSISTENT = 109
+VIR_ERR_NO_DOMAIN_BACKUP = 104
+VIR_FROM_QEMU = 10
+
+# -- domain states and flags --------------------------------------------------------------
+VIR_DOMAIN_NOSTATE = 0
+VIR_DOMAIN_RUNNING = 1
+VIR_DOMAIN_BLOCKED = 2
+VIR_DOMAIN_PAUSED = 3
+VIR_DOMAIN_SHUTDOWN = 4
+VIR_DOMAIN_SHUTOFF = 5
+VIR_DOMAIN_CRASHED = 6
+VIR_DOMAIN_PMSUSPENDED = 7
+VIR_DOMAIN_XML_SECURE = 1
+VIR_DOMAIN_XML_INACTIVE = 2
+VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE = 1
+VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE = 2
+VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE = 4
+VIR_DOMAIN_CHECKPOINT_XML_SECURE = 1
+VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN = 2
+VIR_DOMAIN_CHECKPOINT_XML_SIZE = 4
+VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN = 1
+VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY = 2
+VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA = 4
+VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY = 16
+VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE = 64
+VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC = 128
+VIR_DOMAIN_BLOCK_COMMIT_SHALLOW = 1
+VIR_DOMAIN_BLOCK_COMMIT_ACTIVE = 4
+VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT = 2
+VIR_DOMAIN_JOB_NONE = 0
+VIR_DOMAIN_JOB_UNBOUNDED = 2
+VIR_DOMAIN_JOB_OPERATION_BACKUP = 9
+VIR_DOMAIN_UNDEFINE_NVRAM = 4
+VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA = 2
+VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA = 16
+
+
+class libvirtError(Exception):
+    """Fake libvirt.libvirtError."""
+
+    def __init__(self, msg: str, code: int = VIR_ERR_INTERNAL_ERROR, int1: int = -1) -> None:
+        super().__init__(msg)
+        self._code = code
+        self._int1 = int1
+
+    def get_error_code(self) -> int:
+        return self._code
+
+    def get_error_domain(self) -> int:
+        return VIR_FROM_QEMU
+
+    def get_int1(self) -> int:
+        return self._int1
+
+
+HOSTS: dict[str, virConnect] = {}
+CALLS: list[tuple[str, Any]] = []  # (call name, argument) in order, for assertions
+
+
+def reset() -> None:
+    """Forget every host, domain and recorded call."""
+    HOSTS.clear()
+    CALLS.clear()
+
+
+def install() -> Any:
+    """Make vmdr.hypervisor use this module; returns it (pair with :func:`uninstall`)."""
+    import sys
+
+    from vmdr.hypervisor import _compat
+
+    reset()
+    _compat.install(sys.modules[__name__])
+    return sys.modules[__name__]
+
+
+def uninstall() -> None:
+    """Back to the real libvirt bindings."""
+    from vmdr.hypervisor import _compat
+
+    reset()
+    _compat._libvirt = None
+    _compat._libvirt_qemu = None
+
+
+def calls(name: str) -> list[Any]:
+    """Arguments of the recorded calls named ``name``."""
+    return [arg for n, arg in CALLS if n == name]
+
+
+def registerErrorHandler(f: Any, ctx: Any) -> None:
+    pass
+
+
+def open(uri: str) -> virConnect:
+    if uri not in HOSTS:
+        raise libvirtError(f"Failed to connect socket to '{uri}'", VIR_ERR_SYSTEM_ERROR)
+    return HOSTS[uri]
+
+
+openReadOnly = open
+
+
+def host(uri: str = "qemu:///system") -> virConnect:
+    """The fake host for ``uri`` (created on first use)."""
+    return HOSTS.setdefault(uri, virConnect(uri))
+
+
+def add_domain(xml: str, *, uri: str = "qemu:///system", active: bool = True,
+               sizes: dict[str, int] | None = None) -> virDomain:
+    """Define a domain on a fake host; ``sizes`` gives blockInfo capacities."""
+    conn = host(uri)
+    dom = virDomain(conn, xml, active=active, sizes=sizes or {})
+    conn.domains[dom.name()] = dom
+    return dom
+
+
+class virConnect:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.domains: dict[str, virDomain] = {}
+        self.closed = False
+
+    def close(self) -> int:
+        self.closed = True
+        return 0
+
+    def getURI(self) -> str:
+        return self.uri
+
+    def lookupByName(self, name: str) -> virDomain:
+        if name not in self.domains:
+            raise libvirtError(f"Domain not found: no domain with matching name '{name}'",
+                               VIR_ERR_NO_DOMAIN)
+        return self.domains[name]
+
+    def lookupByUUIDString(self, uuid: str) -> virDomain:
+        for d in self.domains.values():
+            if d.UUIDString() == uuid:
+                return d
+        raise libvirtError(f"Domain not found: no domain with matching uuid '{uuid}'",
+                           VIR_ERR_NO_DOMAIN)
+
+    def listAllDomains(self, flags: int = 0) -> list[virDomain]:
+        return list(self.domains.values())
+
+    def defineXML(self, xml: str) -> virDomain:
+        CALLS.append(("defineXML", xml))
+        name = ET.fromstring(xml).findtext("name") or ""
+        if name in self.domains:
+            self.domains[name].set_xml(xml)
+            return self.domains[name]
+        dom = virDomain(self, xml, active=False, sizes={})
+        self.domains[name] = dom
+        return dom
+
+
+class virDomainCheckpoint:
+    def __init__(self, dom: virDomain, xml: str) -> None:
+        self.dom = dom
+        root = ET.fromstring(xml)
+        self.name = root.findtext("name") or ""
+        self.xml = xml
+        self.bitmaps = [d.get("name", "") for d in root.findall("./disks/disk")
+                        if d.get("checkpoint", "bitmap") == "bitmap"]
+
+    def getName(self) -> str:
+        return self.name
+
+    def getXMLDesc(self, flags: int = 0) -> str:
+        root = ET.fromstring(self.xml)
+        for d in root.findall("./disks/disk"):
+            if d.get("checkpoint", "bitmap") == "bitmap":
+                d.set("bitmap", self.name)
+                if flags & VIR_DOMAIN_CHECKPOINT_XML_SIZE and \
+                        (self.name, d.get("name")) not in self.dom.broken_bitmaps:
+                    d.set("size", "65536")
+        if not flags & VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN and root.find("domain") is None:
+            root.append(ET.fromstring(self.dom.xml))
+        return ET.tostring(root, encoding="unicode")
+
+    def delete(self, flags: int = 0) -> int:
+        CALLS.append(("checkpoint.delete", (self.name, flags)))
+        if any((self.name, b) in self.dom.broken_bitmaps for b in self.bitmaps) and \
+                not flags & VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY:
+            raise libvirtError("missing bitmap", VIR_ERR_CHECKPOINT_INCONSISTENT)
+        self.dom.checkpoints.pop(self.name, None)
+        return 0
+
+
+class virDomain:
+    def __init__(self, conn: virConnect, xml: str, *, active: bool, sizes: dict[str, int]) -> None:
+        self.conn = conn
+        self.active = active
+        self.persistent = True
+        self.sizes = sizes
+        self.checkpoints: dict[str, virDomainCheckpoint] = {}
+        self.broken_bitmaps: set[tuple[str, str]] = set()
+        self.job: str | None = None  # backup XML of the running job
+        self.block_jobs: dict[str, str] = {}  # target -> original source
+        self.agent: Any = None  # callable(cmd dict) -> reply dict, or None: not connected
+        self.fail_backup: list[libvirtError] = []  # raised by the next backupBegin calls
+        self.inactive_xml = ""
+        self.set_xml(xml)
+
+    def set_xml(self, xml: str) -> None:
+        root = ET.fromstring(xml)
+        if root.find("uuid") is None:
+            u = ET.Element("uuid")
+            u.text = str(uuidlib.uuid4())
+            root.insert(1, u)
+        self.xml = ET.tostring(root, encoding="unicode")
+        self.inactive_xml = self.xml
+
+    # inspection
+    def name(self) -> str:
+        return ET.fromstring(self.xml).findtext("name") or ""
+
+    def UUIDString(self) -> str:
+        return ET.fromstring(self.xml).findtext("uuid") or ""
+
+    def connect(self) -> virConnect:
+        return self.conn
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def isPersistent(self) -> int:
+        return int(self.persistent)
+
+    def state(self, flags: int = 0) -> list[int]:
+        return [VIR_DOMAIN_RUNNING if self.active else VIR_DOMAIN_SHUTOFF, 1]
+
+    def info(self) -> list[int]:
+        return [self.state()[0], 1048576, 1048576, 2, 0]
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self.inactive_xml if flags & VIR_DOMAIN_XML_INACTIVE else self.xml
+
+    def blockInfo(self, target: str, flags: int = 0) -> list[int]:
+        if target not in self.sizes:
+            raise libvirtError(f"invalid argument: invalid path {target}", VIR_ERR_INVALID_ARG)
+        return [self.sizes[target], 0, 0]
+
+    # checkpoints
+    def checkpointCreateXML(self, xml: str, flags: int = 0) -> virDomainCheckpoint:
+        CALLS.append(("checkpointCreateXML", (xml, flags)))
+        cp = virDomainCheckpoint(self, xml)
+        if flags & VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE and \
+                any((cp.name, b) in self.broken_bitmaps for b in cp.bitmaps):
+            raise libvirtError("missing or broken bitmap", VIR_ERR_CHECKPOINT_INCONSISTENT)
+        self.checkpoints[cp.name] = cp
+        return cp
+
+    def checkpointLookupByName(self, name: str, flags: int = 0) -> virDomainCheckpoint:
+        if name not in self.checkpoints:
+            raise libvirtError(f"no domain checkpoint with matching name '{name}'",
+                               VIR_ERR_NO_DOMAIN_CHECKPOINT)
+        return self.checkpoints[name]
+
+    def listAllCheckpoints(self, flags: int = 0) -> list[virDomainCheckpoint]:
+        return list(self.checkpoints.values())
+
+    # backup jobs
+    def backupBegin(self, xml: str, checkpoint_xml: str | None, flags: int = 0) -> int:
+        CALLS.append(("backupBegin", (xml, checkpoint_xml)))
+        if self.fail_backup:
+            raise self.fail_backup.pop(0)
+        if self.job is not None:
+            raise libvirtError("another job is active", VIR_ERR_OPERATION_INVALID)
+        root = ET.fromstring(xml)
+        for d in root.findall("./disks/disk"):
+            inc = d.get("incremental")
+            if d.get("backupmode") == "incremental" and inc:
+                if inc not in self.checkpoints:
+                    raise libvirtError("no checkpoint", VIR_ERR_NO_DOMAIN_CHECKPOINT)
+                if (inc, d.get("name")) in self.broken_bitmaps:
+                    raise libvirtError(f"missing or broken bitmap '{inc}'",
+                                       VIR_ERR_CHECKPOINT_INCONSISTENT)
+        if checkpoint_xml:
+            self.checkpointCreateXML(checkpoint_xml, 0)
+        for d in root.findall("./disks/disk"):
+            if d.get("backup") == "yes":
+                d.set("exportname", d.get("name", ""))
+                if d.get("backupmode") == "incremental":
+                    d.set("exportbitmap", "backup-" + d.get("name", ""))
+        self.job = ET.tostring(root, encoding="unicode")
+        return 0
+
+    def backupGetXMLDesc(self, flags: int = 0) -> str:
+        if self.job is None:
+            raise libvirtError("no domain backup job present", VIR_ERR_NO_DOMAIN_BACKUP)
+        return self.job
+
+    def jobStats(self, flags: int = 0) -> dict[str, int]:
+        if self.job is None:
+            return {"type": VIR_DOMAIN_JOB_NONE}
+        return {"type": VIR_DOMAIN_JOB_UNBOUNDED, "operation": VIR_DOMAIN_JOB_OPERATION_BACKUP}
+
+    def abortJob(self) -> int:
+        CALLS.append(("abortJob", None))
+        if self.job is None:
+            raise libvirtError("no job is active on the domain", VIR_ERR_OPERATION_INVALID)
+        self.job = None
+        return 0
+
+    # overlays
+    def snapshotCreateXML(self, xml: str, flags: int = 0) -> SimpleNamespace:
+        CALLS.append(("snapshotCreateXML", (xml, flags)))
+        if flags & VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE and self.agent is None:
+            raise libvirtError("QEMU guest agent is not connected", VIR_ERR_AGENT_UNRESPONSIVE)
+        snap = ET.fromstring(xml)
+        root = ET.fromstring(self.xml)
+        for sd in snap.findall("./disks/disk"):
+            if sd.get("snapshot") != "external":
+                continue
+            overlay = sd.find("source").get("file")  # type: ignore[union-attr]
+            for disk in root.findall("./devices/disk"):
+                if disk.find("target").get("dev") == sd.get("name"):  # type: ignore[union-attr]
+                    src = disk.find("source")
+                    self.block_jobs.setdefault("orig:" + sd.get("name", ""),
+                                               src.get("file") or src.get("dev"))  # type: ignore
+                    src.attrib.clear()  # type: ignore[union-attr]
+                    src.set("file", overlay)  # type: ignore[union-attr,arg-type]
+        self.xml = ET.tostring(root, encoding="unicode")
+        self.inactive_xml = self.xml
+        return SimpleNamespace()
+
+    def blockCommit(self, disk: str, base: Any, top: Any, bandwidth: int = 0,
+                    flags: int = 0) -> int:
+        CALLS.append(("blockCommit", (disk, flags)))
+        self.block_jobs[disk] = "commit"
+        return 0
+
+    def blockJobInfo(self, disk: str, flags: int = 0) -> dict[str, int]:
+        if disk in self.block_jobs:
+            return {"type": 4, "bandwidth": 0, "cur": 10, "end": 10}
+        return {}
+
+    def blockJobAbort(self, disk: str, flags: int = 0) -> int:
+        CALLS.append(("blockJobAbort", (disk, flags)))
+        self.block_jobs.pop(disk, None)
+        orig = self.block_jobs.pop("orig:" + disk, None)
+        if flags & VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT and orig:
+            root = ET.fromstring(self.xml)
+            for d in root.findall("./devices/disk"):
+                if d.find("target").get("dev") == disk:  # type: ignore[union-attr]
+                    src = d.find("source")
+                    src.attrib.clear()  # type: ignore[union-attr]
+                    src.set("file", orig)  # type: ignore[union-attr]
+            self.xml = ET.tostring(root, encoding="unicode")
+            self.inactive_xml = self.xml
+        return 0
+
+    # guest agent and lifecycle
+    def fsThaw(self, mountpoints: Any = None, flags: int = 0) -> int:
+        CALLS.append(("fsThaw", None))
+        if self.agent is None:
+            raise libvirtError("QEMU guest agent is not connected", VIR_ERR_AGENT_UNRESPONSIVE)
+        return 0
+
+    def create(self) -> int:
+        self.active = True
+        return 0
+
+    def destroy(self) -> int:
+        self.active = False
+        self.job = None
+        return 0
+
+    def undefineFlags(self, flags: int = 0) -> int:
+        self.conn.domains.pop(self.name(), None)
+        return 0
+
+
+def _agent_command(dom: virDomain, cmd: str, timeout: int, flags: int) -> str:
+    CALLS.append(("qemuAgentCommand", json.loads(cmd)["execute"]))
+    if dom.agent is None:
+        raise libvirtError("Guest agent is not responding: QEMU guest agent is not connected",
+                           VIR_ERR_AGENT_UNRESPONSIVE)
+    return json.dumps({"return": dom.agent(json.loads(cmd))})
+
+
+libvirt_qemu = SimpleNamespace(qemuAgentCommand=_agent_command)
+
+
+def disk_xml(target: str, source: str | None, *, fmt: str = "qcow2", device: str = "disk",
+             dtype: str = "file", extra: str = "") -> str:
+    """A ``<disk>`` element for test domains."""
+    attr = {"file": "file", "block": "dev"}.get(dtype, "file")
+    src = f"<source {attr}='{source}'/>" if source is not None else ""
+    return (f"<disk type='{dtype}' device='{device}'><driver name='qemu' type='{fmt}'/>{src}"
+            f"<target dev='{target}' bus='virtio'/>{extra}</disk>")
+
+
+def domain_xml(name: str, disks: str, *, extra: str = "", uuid: str | None = None) -> str:
+    """A small domain XML for tests."""
+    u = f"<uuid>{uuid}</uuid>" if uuid else ""
+    return (f"<domain type='qemu'><name>{name}</name>{u}<memory unit='KiB'>1048576</memory>"
+            f"<vcpu>2</vcpu><os><type arch='x86_64'>hvm</type></os>"
+            f"<devices>{disks}{extra}</devices></domain>")
+
