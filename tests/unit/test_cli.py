@@ -185,3 +185,27 @@ def test_help_everywhere() -> None:
         assert p.returncode == 0 and "usage: vmdr" in p.stdout
     assert "exit codes" in subprocess.run([*VMDR, "--help"], capture_output=True,
                                           text=True).stdout
+
+
+def test_killed_mid_backup_leaves_repo_clean(tmp_path: Path, repo: dict[str, str]) -> None:
+    """kill -9 mid-write: no snapshot appears, check stays clean, the next run works."""
+    import signal
+    import time
+
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(4 << 20))
+    env = dict(os.environ, **repo)
+    proc = subprocess.Popen([*VMDR, "image", "backup", str(big), "--name", "big"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data = Path(repo["VMDR_REPO"]) / "data"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(data.rglob("*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert json.loads(run("snapshots", "--json", env=repo).stdout) == []
+    run("check", "--read-data", env=repo)  # the dead process's lock is stale, not blocking
+    run("image", "backup", str(big), "--name", "big", env=repo)
+    run("check", "--read-data", env=repo)

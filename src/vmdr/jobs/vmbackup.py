@@ -21,7 +21,7 @@ from typing import Any
 from vmdr.config import HookConfig
 from vmdr.errors import HypervisorError, IntegrityError, UsageError, VmdrError
 from vmdr.hypervisor import DomainInfo, Hypervisor
-from vmdr.hypervisor.backup import BackupSession, DiskSource
+from vmdr.hypervisor.backup import BackupSession, DiskSource, Method
 from vmdr.jobs import diskcopy
 from vmdr.jobs.hooks import HookRunner
 from vmdr.jobs.vmlock import VMLock
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class VMBackupOptions:
     mode: str = "auto"  # auto | full | incremental
     consistency: str = "auto"  # auto | quiesce | crash
-    method: str = "auto"  # auto | checkpoint | overlay | offline
+    method: Method = "auto"
     tags: list[str] = field(default_factory=list)
     scratch_dir: str = "/var/lib/libvirt/qemu/vmdr"
     workers: int = 3
@@ -196,7 +196,7 @@ def _backup_locked(
         hooks.run("pre-freeze")
     session: BackupSession = hv.backup(
         info, checkpoint_prefix=prefix, scratch_dir=scratch, disks=None,
-        incremental_from=inc_from, quiesce=quiesce, method=opts.method,  # type: ignore[arg-type]
+        incremental_from=inc_from, quiesce=quiesce, method=opts.method,
     )
     with session as s:
         if quiesce:
