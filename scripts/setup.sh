@@ -15,6 +15,8 @@ APT_PACKAGES=(
   e2fsprogs xfsprogs dosfstools fdisk parted cpio kmod gcc libc6-dev zstd
   # SFTP integration tests: a real sshd on loopback
   openssh-server openssh-client
+  # DR plan: PDF (WeasyPrint needs pango) and the headless-browser test of the HTML plan
+  libpango-1.0-0 libpangoft2-1.0-0 chromium
   # peers for side-by-side benchmarks
   borgbackup restic virtnbdbackup time
   make git ca-certificates procps iproute2

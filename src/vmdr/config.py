@@ -42,6 +42,7 @@ class Config:
     concurrency: int = 1
     workers: int = 3
     scratch_dir: str = "/var/lib/libvirt/qemu/vmdr"
+    append_only: bool = False
     hooks: HookConfig = field(default_factory=HookConfig)
     vms: dict[str, VMConfig] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -139,6 +140,10 @@ def parse(doc: dict[str, Any], path: str = "<config>") -> Config:
     cfg.concurrency = r.integer("concurrency", 1, 1)
     cfg.workers = r.integer("workers", 3, 1)
     cfg.scratch_dir = r.text("scratch_dir", cfg.scratch_dir) or cfg.scratch_dir
+    r.used.add("append_only")
+    cfg.append_only = doc.get("append_only", False)
+    if not isinstance(cfg.append_only, bool):
+        raise r._err("append_only", "true or false")
     hooks = _Reader(path, r.table_("hooks"), "hooks.")
     cfg.hooks.timeout = hooks.number("timeout", 60.0)
     cfg.hooks.on_failure = hooks.text("on_failure", "abort", ("abort", "continue")) or "abort"

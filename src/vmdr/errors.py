@@ -15,14 +15,16 @@
     ├── StorageError               exit 8   backend I/O failed (network, timeout, permission)
     │   ├── ObjectNotFound         exit 8
     │   ├── TransientStorageError  exit 8   worth retrying
-    │   └── AuthenticationFailed   exit 8
+    │   ├── AuthenticationFailed   exit 8
+    │   └── AppendOnlyViolation    exit 8   append-only mode refused a delete/replace
     ├── NoSpace                    exit 9   ENOSPC on a target or repository
     ├── HypervisorError            exit 10  libvirt / QEMU failures
     │   ├── DomainNotFound         exit 11
     │   └── HypervisorUnavailable  exit 12
     ├── VMLocked                   exit 13  another backup of that VM is running
     ├── SnapshotNotFound           exit 14
-    └── HookFailed                 exit 15
+    ├── HookFailed                 exit 15
+    └── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
     Interrupted (KeyboardInterrupt) → exit 130
 
 The table in ``docs/operations.md`` and ``vmdr --help`` lists the same codes.
@@ -175,6 +177,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (13, "another job holds this VM's lock"),
     (14, "snapshot not found"),
     (15, "a hook script failed"),
+    (16, "a snapshot failed verification"),
     (130, "interrupted"),
 ]
 
@@ -189,3 +192,13 @@ class GuestAgentUnavailable(HypervisorError):
 
 class HeartbeatTimeout(HypervisorError):
     """The virtual machine gave no sign of life before the timeout."""
+
+
+class AppendOnlyViolation(StorageError):
+    """The repository is append-only here: deleting or replacing objects is refused."""
+
+
+class VerificationFailed(VmdrError):
+    """A snapshot failed verification."""
+
+    exit_code = 16

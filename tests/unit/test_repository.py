@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 from vmdr.errors import (
-    IntegrityError, RepositoryExists, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat,
-    UsageError, WrongPassword,
+    IntegrityError,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapshotNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassword,
 )
 from vmdr.repository.keys import KdfParams
 from vmdr.repository.manifest import ChunkList, DiskRecord, Snapshot

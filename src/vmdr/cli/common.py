@@ -16,6 +16,8 @@ from vmdr import config as configmod
 from vmdr.credentials import read_secret, read_secret_bytes
 from vmdr.errors import UsageError, WrongPassword
 from vmdr.repository.repo import Repository
+from vmdr.storage.appendonly import AppendOnlyBackend
+from vmdr.storage.objectlock import with_object_lock
 from vmdr.storage.registry import open_backend
 from vmdr.storage.wrappers import wrap
 from vmdr.ui.progress import Progress, make_progress
@@ -31,6 +33,7 @@ class Globals:
     json: bool
     progress: bool
     config: configmod.Config
+    append_only: bool = False
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Globals:
@@ -44,6 +47,9 @@ class Globals:
             json=bool(getattr(ns, "json", False)),
             progress=not getattr(ns, "no_progress", False),
             config=cfg,
+            append_only=(bool(getattr(ns, "append_only", False))
+                         or os.environ.get("VMDR_APPEND_ONLY", "") not in ("", "0")
+                         or cfg.append_only),
         )
 
     def need_repo(self) -> str:
@@ -77,7 +83,9 @@ class Globals:
 
 
 def open_repository(g: Globals, url: str | None = None) -> Repository:
-    backend = wrap(open_backend(url or g.need_repo()))
+    backend = wrap(with_object_lock(open_backend(url or g.need_repo())))
+    if g.append_only:
+        backend = AppendOnlyBackend(backend)
     keyfile = read_secret_bytes(g.key_file) if g.key_file else None
     try:
         return Repository.open(backend, passphrase=g.passphrase, keyfile=keyfile)
@@ -132,6 +140,8 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=s, metavar="FILE",
                    help="config file (env VMDR_CONFIG, default /etc/vmdr/vmdr.toml)")
     g.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    g.add_argument("--append-only", action="store_true", default=s,
+                   help="never delete or replace repository objects (env VMDR_APPEND_ONLY=1)")
     g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")
     g.add_argument("-v", "--verbose", action="count", default=s, help="more log output")
     g.add_argument("--debug", action="store_true", default=s,

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from vmdr import __version__
-from vmdr.cli import image_cmds, repo_cmds, snapshot_cmds, vm_cmds
+from vmdr.cli import (
+    copy_cmds,
+    image_cmds,
+    plan_cmds,
+    repo_cmds,
+    snapshot_cmds,
+    verify_cmds,
+    vm_cmds,
+)
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
 
-MODULES = [repo_cmds, vm_cmds, image_cmds, snapshot_cmds]
+MODULES = [repo_cmds, vm_cmds, image_cmds, snapshot_cmds, copy_cmds, plan_cmds, verify_cmds]
 
 
 def _epilog() -> str:
@@ -34,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -47,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    # SIGTERM (systemd stop, timeouts) unwinds like Ctrl-C, so every job cleans up:
+    # backup jobs aborted, checkpoints not moved, scratch files removed.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         g = Globals.from_args(ns)
         code: int = ns.func(ns, g)

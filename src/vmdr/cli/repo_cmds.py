@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vmdr.cli import copy_cmds
 from vmdr.cli.common import Globals, emit_json, out, repository
 from vmdr.credentials import read_secret_bytes, write_private
 from vmdr.errors import UsageError
@@ -11,7 +12,8 @@ from vmdr.repository import locks as lockmod
 from vmdr.repository.keys import parse_keyfile
 from vmdr.repository.repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
 from vmdr.repository.stats import stats
-from vmdr.storage.registry import open_backend
+from vmdr.storage import objectlock
+from vmdr.storage.registry import open_backend, redact
 from vmdr.storage.wrappers import wrap
 from vmdr.ui.progress import human_bytes
 
@@ -29,18 +31,39 @@ def _size(text: str) -> int:
 
 def cmd_init(ns: argparse.Namespace, g: Globals) -> int:
     url = g.need_repo()
-    backend = wrap(open_backend(url))
-    pw = None if ns.encryption == "none" else g.new_passphrase("New repository passphrase: ")
-    with Repository.init(backend, passphrase=pw, encryption=ns.encryption,
-                         chunk_size=ns.chunk_size, compression_level=ns.compression_level) as r:
+    raw = open_backend(url)
+    extra: dict[str, object] = {}
+    if ns.object_lock_days:
+        raw, extra["object_lock"] = objectlock.for_new_repository(
+            raw, ns.object_lock_mode, ns.object_lock_days)
+    backend = wrap(raw)
+    master, encryption, chunk_size, level = None, ns.encryption, ns.chunk_size, \
+        ns.compression_level
+    if ns.from_repo:  # share the source's master key: copies move stored bytes (format §10)
+        with copy_cmds.open_from_repo(ns, g) as src:
+            master, chunk_size = src.key, src.chunk_size
+            encryption = src.config.encryption
+            level = src.config.compression_level
+    pw = None if encryption == "none" else g.new_passphrase("New repository passphrase: ")
+    with Repository.init(backend, passphrase=pw, encryption=encryption, master=master,
+                         chunk_size=chunk_size, compression_level=level,
+                         extra_config=extra) as r:
         info = {"repository": r.id, "location": backend.display_url,
                 "encryption": r.config.encryption, "chunk_size": r.chunk_size,
-                "compression_level": r.config.compression_level}
+                "compression_level": r.config.compression_level,
+                "shared_key_with": ns.from_repo and redact(ns.from_repo),
+                "object_lock": extra.get("object_lock")}
     if g.json:
         emit_json(info)
     else:
         out(f"created repository {info['repository']} at {info['location']} "
             f"({info['encryption']}, {human_bytes(r.chunk_size)} chunks)")
+        if info["shared_key_with"]:
+            out(f"shares the master key of {info['shared_key_with']}: 'vmdr copy' between "
+                "them moves stored bytes")
+        if info["object_lock"]:
+            out(f"S3 Object Lock: every object is kept {ns.object_lock_days} days "
+                f"({ns.object_lock_mode} mode)")
         if pw:
             out("Keep the passphrase safe, and export the key: vmdr key export FILE")
     return 0
@@ -163,6 +186,18 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="chunk size, a power of two (default 4M)")
     p.add_argument("--compression-level", type=int, default=DEFAULT_LEVEL,
                    help=f"zstd level, 0 = off (default {DEFAULT_LEVEL})")
+    p.add_argument("--from-repo", metavar="URL",
+                   help="share this repository's master key (and chunk size), so that "
+                        "'vmdr copy' moves stored bytes without re-encrypting")
+    p.add_argument("--from-password-file", metavar="FILE",
+                   help="passphrase of --from-repo (env VMDR_FROM_PASSWORD_FILE or "
+                        "VMDR_FROM_PASSWORD; default: the new repository's)")
+    p.add_argument("--from-key-file", metavar="FILE", help="open --from-repo with a key file")
+    p.add_argument("--object-lock-days", type=int, metavar="N",
+                   help="S3 only: keep every object immutable for N days (S3 Object Lock; "
+                        "creates the bucket with Object Lock if it does not exist)")
+    p.add_argument("--object-lock-mode", choices=["governance", "compliance"],
+                   default="compliance", help="Object Lock mode (default compliance)")
     p.set_defaults(func=cmd_init)
     p = rs.add_parser("stats", parents=parents, help="sizes, dedup and compression ratios",
                       description="Logical and stored bytes, dedup and compression ratios.")

@@ -138,6 +138,7 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE, compression_level: int = DEFAULT_LEVEL,
         kdf: KdfParams | None = None, master: MasterKey | None = None,
         label: str = "operator", clock: Clock = utcnow,
+        extra_config: dict[str, Any] | None = None,
     ) -> Repository:
         if encryption not in ("aes-256-gcm", "none"):
             raise UsageError(f"unknown encryption {encryption!r} (aes-256-gcm or none)")
@@ -150,7 +151,7 @@ class Repository:
             raise RepositoryExists(f"a repository already exists at {backend.display_url}")
         cfg = RepoConfig(secrets.token_hex(16), encryption, chunk_size, compression_level,
                          format_time(clock()))
-        doc = cfg.to_doc()
+        doc = {**cfg.to_doc(), **(extra_config or {})}  # e.g. object_lock (format.md §2)
         key: MasterKey | None = None
         slot: str | None = None
         if encryption != "none":
@@ -259,6 +260,14 @@ class Repository:
     def ensure_chunk_index(self) -> None:
         """Make the cache's chunk list complete (one listing of ``data/``)."""
         if self.cache and not self.cache.chunks_complete:
+            self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
+                                   for o in self.backend.list("data"))
+
+    def refresh_chunk_index(self) -> None:
+        """Rebuild the cache's chunk list from a fresh listing of ``data/`` (e.g. after a
+        run that was killed before it could save its cache)."""
+        if self.cache:
+            self.cache.flush()
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
                                    for o in self.backend.list("data"))
 

@@ -55,6 +55,8 @@ class Backend(ABC):
 
     #: The location with any password stripped; safe to print and log.
     display_url: str = ""
+    # The URL it was opened from, unredacted (may hold a password): never print it.
+    source_url: str = ""
 
     @abstractmethod
     def create(self) -> None:

@@ -7,6 +7,7 @@ prints or logs them.
 
 from __future__ import annotations
 
+import threading
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,15 +71,18 @@ def _abspath(path: str) -> str:
 
 
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def _load_builtin() -> None:
     global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    # Imported for their register() side effect; each module is small and cheap to import.
-    from vmdr.storage import file, s3, sftp  # noqa: F401
+    with _load_lock:  # two threads opening backends at once must both see every scheme
+        if _loaded:
+            return
+        # Imported for their register() side effect; each module is small and cheap to import.
+        from vmdr.storage import file, s3, sftp  # noqa: F401
+
+        _loaded = True
 
 
 def open_backend(url: str) -> Backend:
@@ -89,4 +93,7 @@ def open_backend(url: str) -> Backend:
     if scheme is None:
         known = ", ".join(sorted(_SCHEMES))
         raise UsageError(f"unknown repository scheme {parts.scheme!r} (known: {known})")
-    return scheme.factory(parts)
+    backend = scheme.factory(parts)
+    # unredacted, absolute: lets vmdr.serve reopen it in an nbdkit process
+    backend.source_url = url if "://" in url else _abspath(url)
+    return backend
