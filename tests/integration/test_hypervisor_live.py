@@ -413,3 +413,34 @@ def test_restore_copy_defines_and_starts(vm: VM) -> None:
     finally:
         vm.hv.destroy(new)
         vm.hv.undefine(new)
+
+
+def _bitmaps(vm: VM) -> set[str]:
+    nodes = vm.qmp("query-named-block-nodes", flat=True)["return"]
+    return {b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])}
+
+
+def test_orphaned_bitmap_removed_by_full(vm: VM) -> None:
+    """A checkpoint whose libvirt record was lost leaves its bitmap in the image; the next
+    full backup removes it, and only bitmaps of its own prefix."""
+    info = vm.hv.domain(vm.name)
+    with vm.hv.backup(info, checkpoint_prefix=PREFIX, scratch_dir=vm.scratch) as s:
+        s.commit()
+        lost = s.checkpoint
+    assert lost is not None
+    vm.dom().checkpointLookupByName(lost).delete(
+        libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    nodes = vm.qmp("query-named-block-nodes", flat=True)["return"]
+    node = next(n["node-name"] for n in nodes if n.get("drv") == "qcow2"
+                and n.get("file") == str(vm.qcow))
+    other = "vmdr-0ffff0ffff0f-20250101T000000.000Z"
+    assert "error" not in vm.qmp("block-dirty-bitmap-add", node=node, name=other,
+                                 persistent=True)
+    assert {lost, other} <= _bitmaps(vm)
+    with vm.hv.backup(info, checkpoint_prefix=PREFIX, scratch_dir=vm.scratch) as s:
+        s.commit()
+        new = s.checkpoint
+    names = _bitmaps(vm)
+    assert lost not in names and new in names and other in names
+    assert s.orphans_removed == [lost]
+    vm.qmp("block-dirty-bitmap-remove", node=node, name=other)

@@ -234,6 +234,7 @@ class virDomain:
         self.block_jobs: dict[str, str] = {}  # target -> original source
         self.agent: Any = None  # callable(cmd dict) -> reply dict, or None: not connected
         self.fail_backup: list[libvirtError] = []  # raised by the next backupBegin calls
+        self.orphan_bitmaps: set[str] = set()  # bitmaps in the image without a checkpoint
         self.inactive_xml = ""
         self.set_xml(xml)
 
@@ -415,7 +416,30 @@ def _agent_command(dom: virDomain, cmd: str, timeout: int, flags: int) -> str:
     return json.dumps({"return": dom.agent(json.loads(cmd))})
 
 
-libvirt_qemu = SimpleNamespace(qemuAgentCommand=_agent_command)
+def _monitor_command(dom: virDomain, cmd: str, flags: int) -> str:
+    """QMP: query-named-block-nodes and block-dirty-bitmap-remove on one writable node."""
+    req = json.loads(cmd)
+    CALLS.append(("qemuMonitorCommand", (req["execute"], req.get("arguments"))))
+    if req["execute"] == "query-named-block-nodes":
+        names = [n for n, cp in dom.checkpoints.items() if cp.bitmaps] + \
+            sorted(dom.orphan_bitmaps)
+        nodes = [{"node-name": "libvirt-1-format", "ro": False,
+                  "dirty-bitmaps": [{"name": n, "persistent": True} for n in names]},
+                 {"node-name": "libvirt-2-format", "ro": True,
+                  "dirty-bitmaps": [{"name": n, "persistent": True}
+                                    for n in sorted(dom.orphan_bitmaps)]}]
+        return json.dumps({"return": nodes})
+    if req["execute"] == "block-dirty-bitmap-remove":
+        name = req["arguments"]["name"]
+        if name not in dom.orphan_bitmaps:
+            return json.dumps({"error": {"class": "GenericError", "desc": "in use"}})
+        dom.orphan_bitmaps.discard(name)
+        return json.dumps({"return": {}})
+    return json.dumps({"error": {"class": "CommandNotFound", "desc": "unknown command"}})
+
+
+libvirt_qemu = SimpleNamespace(qemuAgentCommand=_agent_command,
+                               qemuMonitorCommand=_monitor_command)
 
 
 def disk_xml(target: str, source: str | None, *, fmt: str = "qcow2", device: str = "disk",

@@ -274,3 +274,116 @@ def test_overlay_skips_readonly_disks(env: dict[str, Any]) -> None:
         assert modes == {"vda": "external", "vdc": "no"}
     with _backup(env, method="overlay", disks=["vdc"]):
         assert len(fl.calls("snapshotCreateXML")) == 1  # nothing to overlay
+
+
+# -- interrupted cleanup --------------------------------------------------------------------
+
+def test_keyboard_interrupt_in_close_still_cleans_up(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    s = _backup(env)
+    with pytest.raises(KeyboardInterrupt), s:
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        s.disks[0].reader.close = interrupted  # type: ignore[method-assign]
+    assert dom.job is None and not dom.checkpoints  # every later step still ran
+    assert os.path.exists(os.path.join(s.workdir, "state.json"))  # kept for the next run
+
+
+def test_keyboard_interrupt_inside_the_body_cleans_up(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    with pytest.raises(KeyboardInterrupt), _backup(env) as s:
+        raise KeyboardInterrupt
+    assert dom.job is None and not dom.checkpoints
+    assert not os.path.exists(s.workdir)
+
+
+def test_interrupt_right_after_backup_begin_aborts_our_job(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    real = dom.backupBegin
+
+    def begin_then_interrupt(xml: str, cp: str | None, flags: int = 0) -> int:
+        real(xml, cp, flags)
+        raise KeyboardInterrupt  # Ctrl-C as libvirt returns
+
+    dom.backupBegin = begin_then_interrupt
+    with pytest.raises(KeyboardInterrupt), _backup(env):
+        pass
+    assert dom.job is None and not dom.checkpoints
+
+
+def test_failed_backup_begin_leaves_a_foreign_job_alone(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    dom.job = "<domainbackup mode='pull'><server transport='unix' socket='/run/x.sock'/>" \
+              "</domainbackup>"
+    with pytest.raises(HypervisorError), _backup(env):
+        pass
+    assert dom.job is not None and "/run/x.sock" in dom.job
+
+
+# -- orphaned bitmaps -----------------------------------------------------------------------
+
+def test_full_backup_removes_our_orphaned_bitmaps(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    ours, theirs = f"{P}-20250101T000000.000Z", "vmdr-ffffffff-20250101T000000.000Z"
+    dom.orphan_bitmaps = {ours, theirs, "backup-vda", "user-bitmap"}
+    with _backup(env) as s:
+        s.commit()
+    assert dom.orphan_bitmaps == {theirs, "backup-vda", "user-bitmap"}
+    removes = [a for c, a in fl.calls("qemuMonitorCommand") if c == "block-dirty-bitmap-remove"]
+    assert removes == [{"node": "libvirt-1-format", "name": ours}]  # never the read-only node
+    assert any("lost checkpoints" in w for w in s.warnings)
+
+
+def test_incremental_does_not_touch_bitmaps(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    with _backup(env) as s:
+        s.commit()
+        cp = s.checkpoint
+    dom.orphan_bitmaps = {f"{P}-20250101T000000.000Z"}
+    with _backup(env, incremental_from=cp, now=T1) as s:
+        assert any(d.incremental for d in s.disks)
+        s.commit()
+    assert dom.orphan_bitmaps == {f"{P}-20250101T000000.000Z"}
+
+
+def test_bitmap_failure_is_a_warning(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmdr.hypervisor import bitmaps
+
+    def boom(dom: Any, prefix: str) -> list[str]:
+        raise HypervisorError("QMP query-named-block-nodes: nope")
+
+    monkeypatch.setattr(bitmaps, "remove_running", boom)
+    with _backup(env) as s:
+        s.commit()
+    assert s.committed and any("orphaned bitmaps" in w for w in s.warnings)
+
+
+def test_offline_orphans_via_qemu_img() -> None:
+    import json as _json
+
+    from vmdr.hypervisor import bitmaps
+    from vmdr.hypervisor.domain import DiskInfo
+
+    fl.install()
+    try:
+        dom = fl.add_domain(fl.domain_xml("web", fl.disk_xml("vda", "/img/a.qcow2")),
+                            active=False)
+        dom.checkpointCreateXML(f"<domaincheckpoint><name>{P}-20250202T000000.000Z</name>"
+                                "</domaincheckpoint>", 0)
+        ran: list[list[str]] = []
+        names = [f"{P}-20250101T000000.000Z", f"{P}-20250202T000000.000Z", "other"]
+
+        def run(argv: Any) -> tuple[int, str, str]:
+            ran.append(list(argv))
+            info = {"format-specific": {"data": {"bitmaps": [{"name": n} for n in names]}}}
+            return 0, _json.dumps(info), ""
+
+        disks = [DiskInfo("vda", "/img/a.qcow2", "file", "qcow2"),
+                 DiskInfo("vdb", "/img/b.raw", "file", "raw")]
+        assert bitmaps.remove_offline(dom, disks, P, run) == [f"vda:{P}-20250101T000000.000Z"]
+        assert ran[-1] == ["qemu-img", "bitmap", "--remove", "-f", "qcow2", "--",
+                           "/img/a.qcow2", f"{P}-20250101T000000.000Z"]
+        assert len(ran) == 2  # raw disk not inspected
+    finally:
+        fl.uninstall()

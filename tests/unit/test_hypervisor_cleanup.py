@@ -91,6 +91,7 @@ def test_live_owner_is_locked(env: dict[str, Any]) -> None:
     data = st.read(env["workdir"])
     assert data is not None
     data.pid = os.getppid()  # a live process that is not us
+    data.pid_start = st.proc_start_time(data.pid)
     st.write(env["workdir"], data)
     with pytest.raises(VMLocked):
         cleanup_leftovers(env["hv"], "web", P, env["scratch"])
@@ -101,7 +102,7 @@ def test_foreign_backup_job_is_not_touched(env: dict[str, Any]) -> None:
     dom.job = "<domainbackup mode='pull'><server transport='unix' socket='/run/other.sock'/>" \
               "<disks><disk name='vda' backup='yes'><scratch file='/tmp/x'/></disk></disks>" \
               "</domainbackup>"
-    with pytest.raises(HypervisorError, match="does not use this scratch directory"):
+    with pytest.raises(HypervisorError, match="vmdr did not start"):
         cleanup_leftovers(env["hv"], "web", P, env["scratch"])
     assert dom.job is not None
 
@@ -122,3 +123,64 @@ def test_other_prefix_checkpoints_untouched(env: dict[str, Any]) -> None:
     _fake_dead_owner(env["workdir"])
     cleanup_leftovers(env["hv"], "web", "vmdr-ffffffff", env["scratch"])
     assert len(dom.checkpoints) == 1  # the half-made one belongs to P, not to this prefix
+
+
+def _other_repo_job(env: dict[str, Any], *, pid: int, with_state: bool = True,
+                    committed: bool = False) -> str:
+    """A job left by vmdr for another repository: files in <parent>/<other>/<uuid12>/."""
+    dom = env["dom"]
+    other_scratch = os.path.join(os.path.dirname(env["scratch"]), "0f0e0d0c0b0a")
+    work = st.workdir_for(other_scratch, dom.UUIDString())
+    os.makedirs(work)
+    cp = "vmdr-0f0e0d0c0b0a-20250101T000000.000Z"
+    dom.checkpointCreateXML(f"<domaincheckpoint><name>{cp}</name></domaincheckpoint>", 0)
+    dom.job = (f"<domainbackup mode='pull'><server transport='unix' socket='{work}/nbd.sock'/>"
+               f"<disks><disk name='vda' backup='yes'><scratch file='{work}/vda.scratch'/>"
+               "</disk></disks></domainbackup>")
+    if with_state:
+        data = st.BackupState(domain="web", uuid=dom.UUIDString(), prefix="vmdr-0f0e0d0c0b0a",
+                              method="checkpoint", checkpoint=cp, committed=committed)
+        data.pid = pid
+        data.pid_start = st.proc_start_time(pid)
+        st.write(work, data)
+    return work
+
+
+def test_other_repository_job_of_dead_run_is_aborted(env: dict[str, Any]) -> None:
+    dom = env["dom"]
+    work = _other_repo_job(env, pid=2**22 + 99)
+    done = cleanup_leftovers(env["hv"], "web", P, env["scratch"])
+    assert any("another repository" in d for d in done), done
+    assert dom.job is None
+    assert "deleted half-made checkpoint vmdr-0f0e0d0c0b0a-20250101T000000.000Z" in done
+    assert not dom.checkpoints and not os.path.exists(work)
+
+
+def test_other_repository_job_of_live_run_is_locked(env: dict[str, Any]) -> None:
+    _other_repo_job(env, pid=os.getppid())
+    with pytest.raises(VMLocked, match="another repository"):
+        cleanup_leftovers(env["hv"], "web", P, env["scratch"])
+    assert env["dom"].job is not None
+
+
+def test_other_repository_job_without_state_is_refused(env: dict[str, Any]) -> None:
+    _other_repo_job(env, pid=0, with_state=False)
+    with pytest.raises(HypervisorError, match="state file is missing"):
+        cleanup_leftovers(env["hv"], "web", P, env["scratch"])
+    assert env["dom"].job is not None
+
+
+def test_other_repository_committed_checkpoint_is_kept(env: dict[str, Any]) -> None:
+    _other_repo_job(env, pid=2**22 + 99, committed=True)
+    cleanup_leftovers(env["hv"], "web", P, env["scratch"])
+    assert list(env["dom"].checkpoints) == ["vmdr-0f0e0d0c0b0a-20250101T000000.000Z"]
+
+
+def test_state_of_reused_pid_is_dead(env: dict[str, Any]) -> None:
+    _crash(env)
+    data = st.read(env["workdir"])
+    assert data is not None
+    data.pid, data.pid_start = os.getppid(), "1"  # alive, but not the process that wrote it
+    st.write(env["workdir"], data)
+    assert "aborted leftover backup job" in cleanup_leftovers(env["hv"], "web", P,
+                                                              env["scratch"])

@@ -6,7 +6,7 @@ Every ``libvirt.libvirtError`` leaves it as a :mod:`vmdr.errors` exception
 
 Backup::
 
-    hv = connect("qemu:///system")                       # or qemu+ssh://host/system
+    hv = connect("qemu:///system")      # or qemu+ssh://root@host:22/system?keyfile=/k
     hv.cleanup_leftovers(name, prefix, scratch_dir)      # under the VM lock, every time
     info = hv.domain(name)                               # DomainInfo (DomainNotFound)
     with hv.backup(info, checkpoint_prefix="vmdr-1a2b3c4d", scratch_dir=scratch,
@@ -33,13 +33,29 @@ forced. Incrementals are only used for disks whose bitmap libvirt confirms (see
 meanwhile) and ``commit()`` refuses if the domain was started anyway.
 
 Each session keeps its NBD socket, scratch files, overlays and a ``state.json`` in
-``<scratch_dir>/<12 hex of the domain UUID>/``; ``cleanup_leftovers`` reads that state
-after a crash. Call it (and ``backup``) under the VM lock. Live backup needs a local
-URI for now (the NBD socket is a unix socket on the hypervisor host).
+``<scratch_dir>/<12 hex of the domain UUID>/`` on the hypervisor host;
+``cleanup_leftovers`` reads that state after a crash. Call it (and ``backup``) under the
+VM lock. ``cleanup_leftovers`` also aborts a job left by a dead run for *another*
+repository (a sibling directory of ``scratch_dir``); jobs of other tools are refused.
+
+Remote hosts (``qemu+ssh://``, ``+libssh``, ``+libssh2``): the same calls work. vmdr logs
+in with OpenSSH using the URI's user, host, port, ``keyfile``, ``known_hosts`` and
+``no_verify`` (:mod:`.remote`); the work directory and state file are made, read and
+removed there over ssh, the NBD socket is forwarded to a private 0700 directory here
+(``ssh -O forward -L``), a stopped VM's images are served by a remote read-only
+``qemu-nbd``, NVRAM/TPM state is read with ``cat``/``tar``. A remote session holds a lease
+(``flock`` over its ssh connection) that tells any machine's cleanup whether it is still
+alive (:mod:`.hostfiles`). Method "overlay" is refused over ssh. Other remote transports
+(tcp, tls) raise UsageError for backups: an NBD export over TCP would need TLS and a PKI.
+
+After a full backup, this prefix's bitmaps whose libvirt checkpoint was lost are removed
+(:mod:`.bitmaps`; running domains via QMP, stopped ones with ``qemu-img bitmap``).
 
 Modules: connection (connect, Hypervisor), domain (DomainInfo, DiskInfo), backup
-(BackupSession), checkpoints, nbd (readers), overlay, agent, cleanup, state, lifecycle
-(define/start/heartbeat), xml (rewrite_domain_xml), errors (libvirtError translation).
+(BackupSession), session (DiskSource, BackupOptions, job XML), checkpoints, bitmaps, nbd
+(readers), overlay, agent, cleanup, state, hostfiles (local/ssh file access), remote (URI
+parsing, ssh master and forwarding), lifecycle (define/start/heartbeat), xml
+(rewrite_domain_xml), errors (libvirtError translation).
 
 Restore::
 
@@ -56,6 +72,7 @@ from .checkpoints import checkpoint_name, is_ours
 from .connection import DEFAULT_URI, Hypervisor, cleanup_leftovers, connect
 from .domain import DiskInfo, DomainInfo, parse_disks
 from .nbd import Extent
+from .remote import SshTarget, is_local_uri, parse_ssh_uri
 from .xml import domain_name, domain_uuid, random_mac, rewrite_domain_xml
 
 __all__ = [
@@ -67,13 +84,16 @@ __all__ = [
     "Extent",
     "Hypervisor",
     "Method",
+    "SshTarget",
     "checkpoint_name",
     "cleanup_leftovers",
     "connect",
     "domain_name",
     "domain_uuid",
+    "is_local_uri",
     "is_ours",
     "parse_disks",
+    "parse_ssh_uri",
     "random_mac",
     "rewrite_domain_xml",
 ]

@@ -1,86 +1,55 @@
 """A backup session: pull-mode backup job (``checkpoint``), overlay (``overlay``) or
 direct read of a stopped domain (``offline``). See the package docstring for the contract.
+
+The hypervisor host's files (work directory, state file, sockets, stopped images) are
+reached through :mod:`.hostfiles`: directly for a local URI, over ssh for ``qemu+ssh://``.
 """
 
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
 
-from vmdr.errors import CheckpointMissing, HypervisorError, UsageError
+from vmdr.errors import HypervisorError, UsageError
 
-from . import agent, checkpoints, overlay, state
+from . import agent, bitmaps, checkpoints, overlay, state
 from ._compat import lv, parse_xml
-from .cleanup import abort_backup_job
+from .cleanup import abort_backup_job, job_uses_socket
 from .domain import DiskInfo, DomainInfo
-from .errors import is_code, libvirt_errors
-from .nbd import (
-    BASE_ALLOCATION,
-    Extent,
-    FileReader,
-    Reader,
-    dirty_context,
-    image_export,
-    unix_export,
+from .errors import libvirt_errors
+from .hostfiles import HostFiles, LocalFiles, RemoteFiles
+from .nbd import BASE_ALLOCATION, dirty_context, unix_export
+from .session import (
+    MAX_SOCKET_PATH,
+    SOCKET_NAME,
+    BackupOptions,
+    DiskSource,
+    Method,
+    image_reader,
+    inconsistent,
+    pull_backup_xml,
+    unsupported,
 )
 
-Method = Literal["auto", "checkpoint", "overlay", "offline"]
-SOCKET_NAME = "nbd.sock"
-MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the trailing NUL
+__all__ = ["BackupOptions", "BackupSession", "DiskSource", "Method", "pull_backup_xml"]
 
-
-@dataclass
-class DiskSource:
-    """One disk being read by a backup session."""
-
-    info: DiskInfo
-    incremental: bool
-    reader: Reader
-    full_reason: str | None = None  # why a requested incremental became a full
-
-    @property
-    def size(self) -> int:
-        """Virtual size in bytes as the reader sees it."""
-        return self.reader.size
-
-    def extents(self) -> Iterator[Extent]:
-        """(offset, length, is_data): allocation extents (full) or dirty extents (incremental)."""
-        return self.reader.extents()
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes at ``offset``; thread-safe."""
-        return self.reader.read(offset, length)
-
-
-@dataclass
-class BackupOptions:
-    """What the jobs layer asks for."""
-
-    checkpoint_prefix: str
-    scratch_dir: str
-    disks: Sequence[str] | None = None
-    incremental_from: str | None = None
-    quiesce: bool = False
-    method: Method = "auto"
-    agent_timeout: int = 3
-    freeze_timeout: int = 60
-    qemu_user: str | None = None
-    now: datetime | None = None
+_image_reader = image_reader  # module attribute: unit tests swap the readers here
 
 
 class BackupSession:
     """Context manager around one backup; call :meth:`commit` when the data is safe."""
 
-    def __init__(self, dom: Any, info: DomainInfo, opts: BackupOptions, *, local: bool) -> None:
+    def __init__(self, dom: Any, info: DomainInfo, opts: BackupOptions, *, local: bool = True,
+                 files: HostFiles | None = None) -> None:
         self._dom = dom
         self.domain = info
         self.opts = opts
-        self._local = local
+        self._files: HostFiles = files if files is not None else LocalFiles()
+        self._local = local and not isinstance(self._files, RemoteFiles)
         self.method: str = opts.method
         self.consistency: Literal["quiesced", "crash"] = "crash"
         self.checkpoint: str | None = None
@@ -93,8 +62,13 @@ class BackupSession:
         self.workdir = state.workdir_for(opts.scratch_dir, info.uuid)
         self._state: state.BackupState | None = None
         self._job_started = False
+        self._job_maybe = False  # backupBegin was called; it may have started the job
+        self._socket: str | None = None
+        self._pending_checkpoint: str | None = None
         self._overlays: dict[str, str] = {}
         self._closed = False
+        self._owns_workdir = False
+        self.orphans_removed: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -113,8 +87,8 @@ class BackupSession:
             return
         try:  # keep the original error; a cleanup failure becomes a note on it
             self.close()
-        except Exception as exc:
-            ev.add_note(f"vmdr: cleanup after the error also failed: {exc}")
+        except BaseException as exc:  # a second Ctrl-C must not hide the first
+            ev.add_note(f"vmdr: cleanup after the error also failed: {exc!r}")
 
     def start(self) -> None:
         """Select disks, pick the method and put the backup in place."""
@@ -127,23 +101,30 @@ class BackupSession:
             raise HypervisorError(f"{self.domain.name} is not running: use method 'offline'")
         if method == "offline" and running:
             raise HypervisorError(f"{self.domain.name} is running: cannot read its images offline")
-        if method in ("overlay", "offline") and not self._local:
-            raise HypervisorError(f"method {method!r} reads image files: needs a local hypervisor")
-        if method == "checkpoint" and not self._local:
-            raise HypervisorError("live backup over a remote URI is not supported yet (NBD socket)")
-        os.makedirs(self.opts.scratch_dir, exist_ok=True)
-        state.make_workdir(self.opts.scratch_dir, self.domain.uuid, self.opts.qemu_user)
+        remote = isinstance(self._files, RemoteFiles)
+        if method == "overlay" and remote:
+            raise UsageError(f"method 'overlay' is not supported over {self._files.remote} "
+                             "(use 'checkpoint'; overlay repair after a crash needs local files)")
+        if not remote and not self._local:
+            raise HypervisorError(f"method {method!r} needs a local or qemu+ssh:// hypervisor")
+        self._files.open()
+        self._files.acquire_lease(self.workdir, self.domain.name)
+        self._owns_workdir = True  # (another live run's work directory is never removed)
+        self._files.make_workdir(self.opts.scratch_dir, self.domain.uuid, self.opts.qemu_user)
         self.method = method
         self._state = state.BackupState(
             domain=self.domain.name, uuid=self.domain.uuid, prefix=self.opts.checkpoint_prefix,
             method=method, started=self._now().isoformat())
-        state.write(self.workdir, self._state)
+        self._files.write_state(self.workdir, self._state)
         if method == "checkpoint":
             try:
                 self._start_pull(selected)
             except HypervisorError as exc:
-                if self.opts.method != "auto" or not _unsupported(exc):
+                if self.opts.method != "auto" or not unsupported(exc):
                     raise
+                if remote:
+                    raise HypervisorError(f"pull-mode backup unavailable ({exc}); the overlay "
+                                          "fallback is not supported over ssh") from exc
                 self.warnings.append(f"pull-mode backup unavailable ({exc}); using overlays")
                 self.method = self._state.method = "overlay"
                 self._start_overlay(selected)
@@ -166,7 +147,7 @@ class BackupSession:
                                           "backup; its images may be inconsistent")
         if self._state is not None:
             self._state.committed = True
-            state.write(self.workdir, self._state)
+            self._files.write_state(self.workdir, self._state)
         self.committed = True
         if self.checkpoint is not None:
             try:
@@ -174,25 +155,54 @@ class BackupSession:
                     self._dom, self.opts.checkpoint_prefix, self.checkpoint)
             except HypervisorError as exc:
                 self.warnings.append(f"could not delete an older checkpoint: {exc}")
+            self._remove_orphans()  # offline: in close(), once our readers let go of the images
+
+    def _remove_orphans(self) -> None:
+        """After a full: drop our bitmaps whose checkpoint libvirt lost (see :mod:`.bitmaps`)."""
+        if not any(d.incremental for d in self.disks):
+            self.orphans_removed = bitmaps.remove_after_full(
+                self._dom, self.method == "offline", [d.info for d in self.disks],
+                self.opts.checkpoint_prefix, self._files.command, self.warnings)
 
     def close(self) -> None:
-        """Tear down: readers, job or overlays, uncommitted checkpoint, scratch files."""
+        """Tear down: readers, job or overlays, uncommitted checkpoint, scratch files.
+
+        Every step runs even if an earlier one fails or is interrupted (KeyboardInterrupt,
+        SystemExit: re-raised once the rest is done). The state file is kept whenever a
+        step did not finish, so the next :func:`cleanup_leftovers` completes the job.
+        """
         if self._closed:
             return
         self._closed = True
         errors: list[str] = []
+        stop: list[BaseException] = []
+
+        def step(fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as exc:
+                errors.append(str(exc))
+            except BaseException as exc:  # finish cleaning up first
+                errors.append(f"interrupted ({exc.__class__.__name__})")
+                stop.append(exc)
+
         for d in self.disks:
-            _try(errors, d.reader.close)
-        if self._job_started:
-            _try(errors, self._abort_job)
+            step(d.reader.close)
+        if self._job_started or self._job_maybe:
+            step(self._abort_job)
         for target in list(self._overlays):
-            _try(errors, lambda t=target: self._merge_overlay(t))
-        if self.checkpoint is not None and not self.committed:
-            _try(errors, lambda: checkpoints.delete(self._dom, self.checkpoint or ""))
-            self.checkpoint = None
-            self.checkpoint_xml = None
-        if not errors and not self._overlays:
-            state.remove_workdir(self.workdir)
+            step(lambda t=target: self._merge_overlay(t))  # type: ignore[misc]
+        name = self.checkpoint or self._pending_checkpoint
+        if name is not None and not self.committed:
+            step(lambda: checkpoints.delete(self._dom, name))
+            self.checkpoint = self.checkpoint_xml = self._pending_checkpoint = None
+        if self.committed and self.method == "offline" and not errors:
+            step(self._remove_orphans)
+        if not errors and not self._overlays and self._owns_workdir:
+            step(lambda: self._files.remove_workdir(self.workdir))
+        step(self._files.close)
+        if stop:
+            raise stop[0]
         if errors:
             raise HypervisorError("backup cleanup failed: " + "; ".join(errors))
 
@@ -240,12 +250,13 @@ class BackupSession:
             base, n = name, 1
             while name in existing:
                 name, n = f"{base}-{n}", n + 1
-        sock = os.path.join(self.workdir, SOCKET_NAME)
+        sock = f"{self.workdir}/{SOCKET_NAME}"
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             raise UsageError(f"scratch directory path too long for a unix socket: {sock}")
         assert self._state is not None
         self._state.checkpoint, self._state.socket = name, sock
-        state.write(self.workdir, self._state)
+        self._files.write_state(self.workdir, self._state)
+        self._socket, self._pending_checkpoint = sock, name
         cp_xml = (checkpoints.build_xml(name, self.domain.disks, bitmap_disks)
                   if name is not None else None)
         frozen = self._freeze()
@@ -253,7 +264,7 @@ class BackupSession:
             try:
                 self._begin(selected, decisions, sock, cp_xml)
             except HypervisorError as exc:
-                if not any(v is None for v in decisions.values()) or not _inconsistent(exc):
+                if not any(v is None for v in decisions.values()) or not inconsistent(exc):
                     raise
                 self.warnings.append(f"libvirt rejected the incremental ({exc}); doing a full")
                 decisions = {t: f"libvirt: {exc}" for t in decisions}
@@ -265,13 +276,14 @@ class BackupSession:
         if name is not None:
             self.checkpoint_xml = checkpoints.full_xml(self._dom, name)
         exports = self._exports()
+        local_sock = self._files.connectable(sock, SOCKET_NAME)
         for d in selected:
             inc = decisions.get(d.target) is None
             export, bitmap = exports.get(d.target, (d.target, f"backup-{d.target}"))
             ctx = f"qemu:dirty-bitmap:{bitmap}" if inc else BASE_ALLOCATION
             if inc and not bitmap:
                 ctx = dirty_context(d.target)
-            reader = unix_export(sock, export, ctx)
+            reader = unix_export(local_sock, export, ctx)
             self.disks.append(DiskSource(d, inc, reader, decisions.get(d.target)
                                          if inc_from is not None else None))
 
@@ -279,6 +291,7 @@ class BackupSession:
                cp_xml: str | None) -> None:
         xml = pull_backup_xml(self.domain.disks, selected, decisions,
                               self.opts.incremental_from, sock, self.workdir)
+        self._job_maybe = True
         with libvirt_errors("starting backup job"):
             self._dom.backupBegin(xml, cp_xml, 0)
         self._job_started = True
@@ -296,8 +309,11 @@ class BackupSession:
         return out
 
     def _abort_job(self) -> None:
-        self._job_started = False
-        abort_backup_job(self._dom)
+        confirmed = self._job_started
+        self._job_started = self._job_maybe = False
+        # after an interrupted backupBegin, only abort the job if it is the one we asked for
+        if confirmed or (self._socket and job_uses_socket(self._dom, self._socket)):
+            abort_backup_job(self._dom)
 
     # -- quiesce -----------------------------------------------------------------------------
 
@@ -340,7 +356,7 @@ class BackupSession:
         assert self._state is not None
         self._state.overlays = {d.target: [overlays[d.target], d.source or "", d.format or "raw"]
                                 for d in disks if d.target in overlays}
-        state.write(self.workdir, self._state)
+        self._files.write_state(self.workdir, self._state)
         quiesce = False
         if self.opts.quiesce:
             if agent.ping(self._dom, self.opts.agent_timeout):
@@ -375,54 +391,10 @@ class BackupSession:
             if d.type not in ("file", "block") or d.source is None:
                 self._skip(d, f"type='{d.type}' cannot be read while the domain is stopped")
                 continue
-            self.disks.append(DiskSource(d, False, _image_reader(d, lock=True)))
+            if isinstance(self._files, RemoteFiles):
+                reader = self._files.image_reader(d, self.workdir)
+            else:
+                reader = _image_reader(d, lock=True)
+            self.disks.append(DiskSource(d, False, reader))
 
-
-def _image_reader(d: DiskInfo, *, lock: bool = False) -> Reader:
-    """Raw images are read directly (``lock``: as QEMU would lock them); others via qemu-nbd,
-    which takes QEMU's own locks."""
-    assert d.source is not None
-    if (d.format or "raw") == "raw":
-        return FileReader(d.source, label=d.target, lock=lock)
-    return image_export(d.source, d.format or "raw", label=d.target)
-
-
-def pull_backup_xml(all_disks: Sequence[DiskInfo], selected: Sequence[DiskInfo],
-                    decisions: dict[str, str | None], incremental_from: str | None,
-                    socket_path: str, workdir: str) -> str:
-    """``<domainbackup mode='pull'>`` with a per-disk full/incremental mode."""
-    root = ET.Element("domainbackup", mode="pull")
-    ET.SubElement(root, "server", transport="unix", socket=socket_path)
-    disks = ET.SubElement(root, "disks")
-    chosen = {d.target for d in selected}
-    for d in all_disks:
-        if d.target not in chosen:
-            if d.device == "disk" and d.source is not None:
-                ET.SubElement(disks, "disk", name=d.target, backup="no")
-            continue
-        el = ET.SubElement(disks, "disk", name=d.target, backup="yes", type="file")
-        if decisions.get(d.target) is None and incremental_from is not None:
-            el.set("backupmode", "incremental")
-            el.set("incremental", incremental_from)
-        else:
-            el.set("backupmode", "full")
-        ET.SubElement(el, "scratch", file=os.path.join(workdir, f"{d.target}.scratch"))
-    return ET.tostring(root, encoding="unicode")
-
-
-def _inconsistent(exc: HypervisorError) -> bool:
-    return isinstance(exc, CheckpointMissing)
-
-
-def _unsupported(exc: HypervisorError) -> bool:
-    cause = exc.__cause__
-    return cause is not None and is_code(cause, "VIR_ERR_NO_SUPPORT",
-                                         "VIR_ERR_OPERATION_UNSUPPORTED")
-
-
-def _try(errors: list[str], fn: Any) -> None:
-    try:
-        fn()
-    except Exception as exc:
-        errors.append(str(exc))
 

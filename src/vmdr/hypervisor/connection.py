@@ -2,34 +2,31 @@
 
 from __future__ import annotations
 
-import io
-import os
-import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from vmdr.errors import HypervisorError
+from vmdr.errors import HypervisorError, UsageError
 
 from . import checkpoints, cleanup, domain, lifecycle, state
 from ._compat import lv
 from .backup import BackupOptions, BackupSession, Method
 from .domain import DomainInfo
 from .errors import libvirt_errors
+from .hostfiles import HostFiles, LocalFiles, RemoteFiles
+from .remote import is_local_uri, parse_ssh_uri
 
 DEFAULT_URI = "qemu:///system"
+T = TypeVar("T")
 
 
 def _silence(_ctx: Any, _err: Any) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
 
 
-def is_local_uri(uri: str) -> bool:
-    """True when the URI names this host (no hostname, or localhost)."""
-    host = urlparse(uri).hostname
-    return host in (None, "", "localhost", "127.0.0.1", "::1")
+__all__ = ["DEFAULT_URI", "Hypervisor", "cleanup_leftovers", "connect", "is_local_uri"]
 
 
 def connect(uri: str | None = None, *, readonly: bool = False) -> Hypervisor:
@@ -89,31 +86,37 @@ class Hypervisor:
             return sorted(d.name() for d in self.conn.listAllDomains(0))
 
     def read_nvram(self, info: DomainInfo) -> bytes | None:
-        """The UEFI NVRAM file's bytes, or None if the domain has none."""
-        if info.nvram_path is None:
+        """The UEFI NVRAM file's bytes, or None if the domain has none (ssh ``cat`` for
+        a qemu+ssh:// host)."""
+        path = info.nvram_path
+        if path is None:
             return None
-        self._need_local("reading NVRAM")
-        try:
-            with open(info.nvram_path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        return self._with_files("reading NVRAM", lambda fs: fs.read_file(path))
 
     def read_tpm_state(self, info: DomainInfo) -> bytes | None:
-        """The swtpm state directory as an uncompressed tar, or None if there is none."""
-        if info.tpm_state_dir is None:
+        """The swtpm state directory as an uncompressed tar, or None if there is none
+        (ssh ``tar`` for a qemu+ssh:// host)."""
+        path = info.tpm_state_dir
+        if path is None:
             return None
-        self._need_local("reading TPM state")
-        if not os.path.isdir(info.tpm_state_dir):
-            return None
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(info.tpm_state_dir, arcname=".")
-        return buf.getvalue()
+        return self._with_files("reading TPM state", lambda fs: fs.read_tree(path))
 
-    def _need_local(self, what: str) -> None:
-        if not self.local:
-            raise HypervisorError(f"{what} needs a local hypervisor, not {self.uri}")
+    def files(self, what: str = "backup") -> HostFiles:
+        """The hypervisor host's files: this machine, or the ssh host of a qemu+ssh:// URI
+        (UsageError for other remote transports). Not opened yet."""
+        if self.local:
+            return LocalFiles()
+        try:
+            return RemoteFiles(parse_ssh_uri(self.uri))
+        except UsageError as exc:
+            raise UsageError(f"{what}: {exc.message}") from None
+
+    def _with_files(self, what: str, fn: Callable[[HostFiles], T]) -> T:
+        fs = self.files(what).open()
+        try:
+            return fn(fs)
+        finally:
+            fs.close()
 
     # -- backup ------------------------------------------------------------------------------
 
@@ -130,11 +133,15 @@ class Hypervisor:
         now: datetime | None = None,
     ) -> BackupSession:
         """A backup session (a context manager); see the package docstring."""
+        files = self.files("backup")
+        user = None
+        if self.system:  # the remote host looks up its own QEMU account
+            user = state.qemu_user() if self.local else "auto"
         opts = BackupOptions(
             checkpoint_prefix=checkpoint_prefix, scratch_dir=scratch_dir, disks=disks,
             incremental_from=incremental_from, quiesce=quiesce, method=method, now=now,
-            qemu_user=state.qemu_user() if self.system else None)
-        return BackupSession(self.lookup(info.uuid), info, opts, local=self.local)
+            qemu_user=user)
+        return BackupSession(self.lookup(info.uuid), info, opts, local=self.local, files=files)
 
     def list_checkpoints(self, info: DomainInfo, prefix: str) -> list[str]:
         """This prefix's checkpoint names, oldest first."""
@@ -158,7 +165,9 @@ class Hypervisor:
 
     def cleanup_leftovers(self, name: str, checkpoint_prefix: str, scratch_dir: str) -> list[str]:
         """Undo an interrupted backup of ``name`` (see :mod:`.cleanup`); what was done."""
-        return cleanup.cleanup_domain(self.lookup(name), checkpoint_prefix, scratch_dir)
+        dom = self.lookup(name)
+        return self._with_files("backup", lambda fs: cleanup.cleanup_domain(
+            dom, checkpoint_prefix, scratch_dir, fs))
 
     # -- restore -----------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import os
 import pwd
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from vmdr.errors import UsageError
 
@@ -25,11 +24,43 @@ class BackupState:
     method: str
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
+    boot_id: str | None = field(default_factory=lambda: boot_id())
+    pid_start: str | None = field(default_factory=lambda: proc_start_time(os.getpid()))
     checkpoint: str | None = None
     committed: bool = False
     socket: str | None = None
     overlays: dict[str, list[str]] = field(default_factory=dict)  # target -> [overlay, path, fmt]
     started: str = ""
+    remote: str | None = None  # ssh login (user@host:port) when the hypervisor is remote
+    local_dir: str | None = None  # private dir of the ssh control socket and forwards
+    ssh_pids: list[int] = field(default_factory=list)  # local ssh processes (crash cleanup)
+
+
+def boot_id() -> str | None:
+    """This machine's current boot (a pid means nothing on another machine or boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def proc_start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def same_machine(state: BackupState) -> bool:
+    """True if ``state`` was written on this machine during this boot."""
+    if state.boot_id is not None:
+        mine = boot_id()
+        if mine is not None:
+            return mine == state.boot_id and state.host == socket.gethostname()
+    return state.host == socket.gethostname()
 
 
 def workdir_for(scratch_dir: str, uuid: str) -> str:
@@ -92,24 +123,18 @@ def make_workdir(scratch_dir: str, uuid: str, user: str | None) -> str:
     return path
 
 
-def write(workdir: str, state: BackupState) -> None:
-    """Atomically write the state file."""
-    tmp = os.path.join(workdir, STATE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(state), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(workdir, STATE_FILE))
+def dumps(state: BackupState) -> bytes:
+    """The state file's bytes."""
+    return json.dumps(asdict(state), indent=1).encode()
 
 
-def read(workdir: str) -> BackupState | None:
-    """The state file of an unfinished backup, or None."""
+def loads(data: bytes | str) -> BackupState | None:
+    """Parse a state file (None if it is not one)."""
     try:
-        with open(os.path.join(workdir, STATE_FILE), encoding="utf-8") as f:
-            raw: dict[str, Any] = json.load(f)
-    except FileNotFoundError:
+        raw = json.loads(data)
+    except ValueError:
         return None
-    except (OSError, ValueError):
+    if not isinstance(raw, dict):
         return None
     known = {k: v for k, v in raw.items() if k in BackupState.__dataclass_fields__}
     try:
@@ -118,9 +143,33 @@ def read(workdir: str) -> BackupState | None:
         return None
 
 
+def write(workdir: str, state: BackupState) -> None:
+    """Atomically write the state file."""
+    tmp = os.path.join(workdir, STATE_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(dumps(state))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(workdir, STATE_FILE))
+
+
+def read(workdir: str) -> BackupState | None:
+    """The state file of an unfinished backup, or None."""
+    try:
+        with open(os.path.join(workdir, STATE_FILE), "rb") as f:
+            return loads(f.read())
+    except OSError:
+        return None
+
+
 def owner_alive(state: BackupState) -> bool:
-    """True if the process that wrote ``state`` still runs on this host (and is not us)."""
-    if state.host != socket.gethostname() or state.pid == os.getpid():
+    """True if the process that wrote ``state`` still runs on this machine (and is not us).
+
+    A state from another machine (or an earlier boot) counts as dead here: local
+    workdirs are only written by local runs. Remote hypervisors add a lease on the
+    hypervisor host (see :mod:`.hostfiles`), which is what other machines go by.
+    """
+    if not same_machine(state) or state.pid == os.getpid():
         return False
     try:
         os.kill(state.pid, 0)
@@ -128,6 +177,8 @@ def owner_alive(state: BackupState) -> bool:
         return False
     except PermissionError:
         return True
+    if state.pid_start is not None:
+        return proc_start_time(state.pid) in (state.pid_start, None)
     return True
 
 
