@@ -209,3 +209,23 @@ def test_killed_mid_backup_leaves_repo_clean(tmp_path: Path, repo: dict[str, str
     run("check", "--read-data", env=repo)  # the dead process's lock is stale, not blocking
     run("image", "backup", str(big), "--name", "big", env=repo)
     run("check", "--read-data", env=repo)
+
+
+def test_unchanged_image_is_not_read_again(tmp_path: Path, repo: dict[str, str]) -> None:
+    img = tmp_path / "d.raw"
+    make_image(str(img), 6 << 20, seed=8)
+    first = json.loads(run("image", "backup", str(img), "--name", "d", "--json", env=repo).stdout)
+    assert first["bytes_read"] > 0
+    same = json.loads(run("image", "backup", str(img), "--name", "d", "--json", env=repo).stdout)
+    assert same["bytes_read"] == 0 and same["bytes_stored"] == 0
+    forced = json.loads(run("image", "backup", str(img), "--name", "d", "--force-read", "--json",
+                            env=repo).stdout)
+    assert forced["bytes_read"] == first["bytes_read"] and forced["bytes_new"] == 0
+    with open(img, "r+b") as f:  # a rewrite changes ctime: read again, new data stored
+        f.seek(4 << 20)
+        f.write(b"changed!" * 512)
+    changed = json.loads(run("image", "backup", str(img), "--name", "d", "--json",
+                             env=repo).stdout)
+    assert changed["bytes_read"] > 0 and changed["bytes_new"] > 0
+    run("image", "restore", "d", str(tmp_path / "o.raw"), env=repo)
+    assert (tmp_path / "o.raw").read_bytes() == img.read_bytes()

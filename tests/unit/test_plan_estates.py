@@ -14,7 +14,8 @@ import pytest
 
 from tests.unit.repofixtures import PASS, FakeClock, make_repo, reopen
 from vmdr import config
-from vmdr.plan import estate, report, taxonomy
+from vmdr.jobs import plan as planjob
+from vmdr.plan import report, taxonomy
 from vmdr.plan.coverage import Coverage
 from vmdr.plan.inventory import RepoDecl
 from vmdr.repository.manifest import ChunkList, DiskRecord, Snapshot, chunk_count
@@ -111,9 +112,9 @@ def opener(decl: RepoDecl) -> Repository:
 
 def evaluate(cfg: config.Config, now: datetime = NOW, **kw: Any) -> Coverage:
     kw.setdefault("use_cache", False)
-    return estate.evaluate(cfg, opener=kw.pop("opener", opener),
-                           connector=kw.pop("connector", None), now=now,
-                           timeout=kw.pop("timeout", 30.0), **kw)
+    return planjob.evaluate(cfg, opener=kw.pop("opener", opener),
+                            connector=kw.pop("connector", None), now=now,
+                            timeout=kw.pop("timeout", 30.0), **kw)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ from vmdr.ui.progress import human_bytes
 
 def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
     with repository(g, "shared", "image backup") as r:
-        res = backup_image(r, ns.path, ns.name, ns.tag, g.progress_for(), g.config.workers)
+        res = backup_image(r, ns.path, ns.name, ns.tag, g.progress_for(), g.config.workers,
+                           force_read=ns.force_read)
     if g.json:
         emit_json(res.as_dict())
     else:
@@ -44,6 +45,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("path", help="image file or block device")
     p.add_argument("--name", required=True, help="snapshot name (e.g. the VM or volume)")
     p.add_argument("--tag", action="append", default=[], help="add a tag; repeatable")
+    p.add_argument("--force-read", action="store_true",
+                   help="read the image even if it looks unchanged since the last snapshot "
+                        "(same device, inode, size, mtime and ctime)")
     p.set_defaults(func=cmd_backup)
     p = s.add_parser("restore", parents=parents, help="restore a disk to an image file",
                      description="Write a snapshot's disk as a sparse image.")

@@ -7,43 +7,11 @@ import os
 import sys
 
 from vmdr.cli.common import Globals, emit_json, out
-from vmdr.credentials import read_secret, read_secret_bytes
-from vmdr.errors import UsageError, WrongPassword
-from vmdr.hypervisor import Hypervisor, connect
-from vmdr.plan import estate, report, runbook
+from vmdr.errors import UsageError
+from vmdr.jobs import plan as planjob
+from vmdr.plan import report, runbook
 from vmdr.plan.coverage import Coverage
-from vmdr.plan.history import Opener
-from vmdr.plan.inventory import RepoDecl
-from vmdr.repository.repo import Repository
-from vmdr.storage.registry import open_backend, schemes
 from vmdr.timeutil import parse_time, utcnow
-
-
-def _opener(g: Globals) -> Opener:
-    schemes()  # load every backend now: the registry's lazy loading is not thread-safe
-    def open_repo(decl: RepoDecl) -> Repository:
-        key_file = decl.key_file or (None if decl.password_file else g.key_file)
-        pw_file = decl.password_file or g.password_file
-
-        def passphrase() -> str:
-            if pw_file:
-                return read_secret(pw_file)
-            if "VMDR_PASSWORD" in os.environ:
-                return os.environ["VMDR_PASSWORD"]
-            raise WrongPassword(f"repository {decl.name}: no password_file in the inventory, "
-                                "--password-file or VMDR_PASSWORD")
-        keyfile = read_secret_bytes(key_file) if key_file else None
-        backend = open_backend(decl.url)
-        try:
-            return Repository.open(backend, passphrase=passphrase, keyfile=keyfile)
-        except BaseException:
-            backend.close()
-            raise
-    return open_repo
-
-
-def _connector(uri: str) -> Hypervisor:
-    return connect(uri, readonly=True)
 
 
 def _evaluate(ns: argparse.Namespace, g: Globals) -> Coverage:
@@ -54,9 +22,10 @@ def _evaluate(ns: argparse.Namespace, g: Globals) -> Coverage:
         except ValueError:
             raise UsageError(f"--now: invalid time {ns.now!r} (e.g. 2026-11-25T08:00:00Z)"
                              ) from None
-    return estate.evaluate(g.config, opener=_opener(g),
-                           connector=None if ns.offline else _connector, now=now,
-                           timeout=ns.timeout, use_cache=not ns.no_cache)
+    return planjob.evaluate(
+        g.config, opener=planjob.repository_opener(g.key_file, g.password_file),
+        connector=None if ns.offline else planjob.readonly_connector, now=now,
+        timeout=ns.timeout, use_cache=not ns.no_cache)
 
 
 def cmd_coverage(ns: argparse.Namespace, g: Globals) -> int:

@@ -87,7 +87,8 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
         f"({human_bytes(res['bytes_written'])} written, {res['restore_s']:.1f}s)")
     for disk, path in res["disks"].items():
         out(f"  {disk}: {path}")
-    out(f"  domain XML: {res['xml']}")
+    if res["xml"]:
+        out(f"  domain XML: {res['xml']}")
     if res["defined"]:
         out(f"  defined on {_uri(ns, g)}")
     if res["started"]:

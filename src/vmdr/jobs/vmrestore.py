@@ -4,18 +4,25 @@ The seed's three steps — restore the disks and config, register the VM, boot i
 one job: sparse disk images into ``--target-dir``, the domain XML rewritten (disk paths;
 with a new name also a new UUID and new MACs), ``--define`` on any libvirt connection,
 ``--start`` and wait for the heartbeat, reporting how long the boot took.
+
+A successful restore is recorded in the repository as an attachment of the snapshot (kind
+``restore``: bytes, time taken, heartbeat), so the plan estimates RTOs from measured
+restores. Recording is best effort: a repository that refuses the write only costs a
+warning, never the restore.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmdr.errors import DomainNotFound, UsageError, VmdrError
+from vmdr.errors import DomainNotFound, IntegrityError, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
 from vmdr.jobs import diskcopy
@@ -25,6 +32,7 @@ from vmdr.ui.progress import Progress
 
 EXT = {"qcow2": "qcow2", "raw": "img", "vmdk": "vmdk"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +77,15 @@ def restore_vm(
         for p in paths.values():
             if os.path.exists(p):
                 raise UsageError(f"{p} exists; use --force to overwrite it")
+    partial = {d.name for d in disks} != {d.name for d in snap.disks}
+    if partial and opts.define:
+        raise UsageError("--disk restores single disks; it cannot be combined with --define "
+                         "(the VM would share its other disks with the original)")
+    cfg = snap.meta.get("config") or {}
+    nvram_path = (os.path.join(target_dir, f"{new_name}_VARS.fd")
+                  if cfg.get("nvram") and not partial else None)
+    xml = None if partial else _domain_xml(snap, cfg, new_name, paths, opts.format, nvram_path,
+                                           target_dir)
     if opts.define and hv is not None:
         _check_free_name(hv, new_name, opts.force)
     if progress:
@@ -84,28 +101,21 @@ def restore_vm(
         for p in done:
             os.unlink(p)
         raise
-    cfg = snap.meta.get("config") or {}
-    nvram_path = None
-    if cfg.get("nvram"):
-        nvram_path = os.path.join(target_dir, f"{new_name}_VARS.fd")
+    if nvram_path:
         with open(nvram_path, "wb") as f:
             f.write(base64.b64decode(cfg["nvram"]))
-    xml = rewrite_domain_xml(
-        cfg["domain_xml"], new_name=new_name if new_name != snap.name else None,
-        disk_paths={n: (p, opts.format) for n, p in paths.items()}, nvram_path=nvram_path,
-    )
-    if new_name != snap.name:
-        xml = relocate_console_logs(xml, target_dir, new_name)
-    xml_path = os.path.join(target_dir, f"{new_name}.xml")
-    with open(xml_path, "w", encoding="utf-8") as f:
-        f.write(xml)
+    xml_path = None
+    if xml is not None:
+        xml_path = os.path.join(target_dir, f"{new_name}.xml")
+        with open(xml_path, "w", encoding="utf-8") as f:
+            f.write(xml)
     result: dict[str, Any] = {
         "snapshot": snap.id, "vm": new_name, "target_dir": target_dir, "format": opts.format,
         "disks": paths, "xml": xml_path, "bytes_written": written, "defined": False,
         "started": False, "heartbeat_s": None,
     }
     result["restore_s"] = round(time.monotonic() - t0, 3)
-    if opts.define and hv is not None:
+    if opts.define and hv is not None and xml is not None:
         hv.define(xml)
         result["defined"] = True
         if opts.start:
@@ -119,7 +129,51 @@ def restore_vm(
             ), 3)
             result["boot_s"] = round(time.monotonic() - t1, 3)
     result["duration_s"] = round(time.monotonic() - t0, 3)
+    # where it was restored: the libvirt URI it was defined on (without its query, which
+    # may name a key file), else this host
+    target = (hv.uri.split("?", 1)[0] if opts.define and hv is not None
+              else socket.gethostname())
+    result["attachment"] = record_restore(repo, snap, {
+        "kind": "restore", "bytes_written": written, "size": sum(d.size for d in disks),
+        "restore_s": result["restore_s"], "heartbeat_s": result["heartbeat_s"],
+        "target": target, "format": opts.format, "repository": repo.id})
     return result
+
+
+def record_restore(repo: Repository, snap: Snapshot, doc: dict[str, Any]) -> str | None:
+    """Attach *doc* to the snapshot; on failure log a warning and return None.
+
+    The restore has already succeeded: a read-only, full or unreachable repository must
+    not turn it into a failure. (The attachment is a new object, like a verification
+    record, so the shared lock the restore holds is enough.)
+    """
+    try:
+        return repo.add_attachment(snap.id, doc)
+    except Exception as exc:  # any failure to record: the restore itself stands
+        why = exc.message if isinstance(exc, VmdrError) else f"{type(exc).__name__}: {exc}"
+        log.warning("restored %s@%s, but could not record the restore in the repository: %s",
+                    snap.name, snap.short_id, why)
+        return None
+
+
+def _domain_xml(
+    snap: Snapshot, cfg: dict[str, Any], new_name: str, paths: dict[str, str], fmt: str,
+    nvram_path: str | None, target_dir: str,
+) -> str:
+    """The domain XML for the restored VM; checked before any disk is written."""
+    if not cfg.get("domain_xml"):
+        raise IntegrityError(f"snapshot {snap.short_id} holds no domain XML")
+    try:
+        xml = rewrite_domain_xml(
+            cfg["domain_xml"], new_name=new_name if new_name != snap.name else None,
+            disk_paths={n: (p, fmt) for n, p in paths.items()}, nvram_path=nvram_path,
+        )
+    except ValueError as exc:
+        raise IntegrityError(f"snapshot {snap.short_id}: its domain XML cannot be "
+                             f"restored ({exc})") from None
+    if new_name != snap.name:
+        xml = relocate_console_logs(xml, target_dir, new_name)
+    return xml
 
 
 def _check_free_name(hv: Hypervisor, name: str, force: bool) -> None:

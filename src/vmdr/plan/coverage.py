@@ -142,12 +142,27 @@ def blast_radius(inv: Inventory, level: taxonomy.Level, vm: str, host: str) -> B
                            if inv.within(r.location, unit) or r.host in hosts))
 
 
+def restore_rates(copies: list[Copy]) -> list[float]:
+    """Measured restore rates (bytes/s): of recorded restores (virtual size ÷ time), and
+    of verifications that recorded one."""
+    out = [r.throughput for c in copies for r in c.restores if r.throughput]
+    out += [v.restore_bytes / v.restore_s for c in copies for v in c.verifications
+            if v.restore_s and v.restore_bytes and v.restore_s > 0]
+    return out
+
+
+def boot_times(copies: list[Copy]) -> list[float]:
+    """Measured boot times (s): heartbeats of passed boot verifications and of restores
+    that were started."""
+    return ([v.heartbeat_s for c in copies for v in c.verifications
+             if v.boot_passed and v.heartbeat_s]
+            + [r.heartbeat_s for c in copies for r in c.restores if r.heartbeat_s])
+
+
 def repo_throughput(inv: Inventory, repos: dict[str, RepoState]) -> dict[str, tuple[float, str]]:
     out = {}
     for decl in inv.repositories.values():
-        samples = [v.restore_bytes / v.restore_s
-                   for c in repos[decl.name].copies for v in c.verifications
-                   if v.restore_s and v.restore_bytes and v.restore_s > 0]
+        samples = restore_rates(repos[decl.name].copies)
         if decl.throughput:
             out[decl.name] = (decl.throughput, "configured")
         elif samples:
@@ -294,8 +309,7 @@ def compute(inv: Inventory, facts: dict[str, DiscoveredVM], hosts: dict[str, Hos
         needs[vm.name] = capacity.Need(
             vm.name, f.vcpus if f else vm.vcpus or (newest.vcpus if newest else None),
             f.memory if f else vm.memory or (newest.memory if newest else None))
-        beats = [v.heartbeat_s for c in copies for v in c.verifications
-                 if v.boot_passed and v.heartbeat_s]
+        beats = boot_times(copies)
         hs = hosts.get(vm.host or "")
         age = (now - hs.read_at).total_seconds() if f and hs and hs.read_at else None
         passed = [v.time for c in copies for v in c.verifications if v.boot_passed]

@@ -1,25 +1,20 @@
-"""What the repositories hold, as plain records: VM snapshots and their verifications.
+"""What the repositories hold, as plain records: VM snapshots, their verifications and the
+restores made from them.
 
-Each declared repository is opened read-only (no lock, nothing written to it) through an
-*opener* the caller supplies, with a deadline. A repository that cannot be opened is
-reported with its error; when a cache file holds an earlier reading of it, those records
-are used instead and marked stale with their age.
+Pure data: the plan job (``jobs/plan.py``) reads the repositories and turns each
+attachment document into a :class:`Verification` or :class:`Restore` with
+:func:`from_attachments`. :func:`to_cache` and :func:`from_cache` convert a reading to and
+from the JSON of the plan's cache file.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from vmdr.errors import VmdrError
-from vmdr.plan.inventory import Inventory, RepoDecl
-from vmdr.repository.repo import Repository
 from vmdr.timeutil import format_time, parse_time
-
-Opener = Callable[[RepoDecl], Repository]
 
 
 @dataclass(frozen=True)
@@ -37,6 +32,33 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class Restore:
+    """One ``vmdr restore`` of the snapshot (its ``kind = "restore"`` attachment)."""
+
+    time: datetime
+    size: int | None  # virtual size of the disks restored
+    bytes_written: int | None  # non-zero data written (restores are sparse)
+    restore_s: float | None  # disks and config, without define and boot
+    heartbeat_s: float | None = None  # from start to heartbeat; None: not booted
+    target: str | None = None  # host name or libvirt URI
+    format: str | None = None
+    # False: made from another repository and brought here by ``vmdr copy``, so its time
+    # says nothing about restoring from this one
+    same_repo: bool = True
+
+    @property
+    def throughput(self) -> float | None:
+        """Virtual bytes restored per second from this repository (the rate RTO estimates
+        divide disk sizes by), or None."""
+        if not self.same_repo:
+            return None
+        nbytes = self.size if self.size else self.bytes_written
+        if not nbytes or not self.restore_s or self.restore_s <= 0:
+            return None
+        return nbytes / self.restore_s
+
+
+@dataclass(frozen=True)
 class Copy:
     """One restorable VM snapshot in one repository."""
 
@@ -49,6 +71,7 @@ class Copy:
     memory: int | None = None  # bytes
     disks: tuple[tuple[str, int], ...] = ()
     verifications: tuple[Verification, ...] = ()
+    restores: tuple[Restore, ...] = ()
 
     @property
     def short_id(self) -> str:
@@ -75,28 +98,6 @@ class RepoState:
         return not self.reachable and self.read_at is not None
 
 
-def read_repository(repo: Repository, name: str) -> list[Copy]:
-    # one listing tells which snapshots have attachments at all (most have none), so a
-    # remote repository is not asked once per snapshot
-    attached = {o.name.split("/")[1] for o in repo.backend.list("attachments")
-                if o.name.count("/") >= 2}
-    out = []
-    for s in repo.list_snapshots():
-        if s.meta.get("kind") != "vm":
-            continue
-        cfg = s.meta.get("config") or {}
-        vers = []
-        if s.id in attached:
-            vers = [_verification(a) for a in repo.attachments(s.id, "verification")]
-        mem = cfg.get("memory_kib")
-        out.append(Copy(
-            name, s.name, s.id, s.time, sum(d.size for d in s.disks),
-            int(cfg["vcpus"]) if isinstance(cfg.get("vcpus"), int) else None,
-            int(mem) * 1024 if isinstance(mem, int) else None,
-            tuple((d.name, d.size) for d in s.disks), tuple(vers)))
-    return out
-
-
 def _num(doc: dict[str, Any], *keys: str) -> float | None:
     for k in keys:
         v = doc.get(k)
@@ -105,51 +106,56 @@ def _num(doc: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-def _verification(a: dict[str, Any]) -> Verification:
-    nbytes = _num(a, "bytes_written", "restore_bytes")
+def _int(v: float | None) -> int | None:
+    return None if v is None else int(v)
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def verification(a: dict[str, Any]) -> Verification:
+    """A ``kind = "verification"`` attachment document as a record."""
     beat = _num(a, "heartbeat_s", "boot_s")
     boot = bool(a["boot"]) if "boot" in a else beat is not None
     return Verification(parse_time(str(a["time"])), str(a.get("status", "failed")), beat,
-                        _num(a, "restore_s"), int(nbytes) if nbytes is not None else None, boot)
+                        _num(a, "restore_s"), _int(_num(a, "bytes_written", "restore_bytes")),
+                        boot)
 
 
-def load(inv: Inventory, opener: Opener, now: datetime, timeout: float = 30.0,
-         cached: dict[str, Any] | None = None) -> dict[str, RepoState]:
-    """Read every declared repository (in parallel, each within *timeout* seconds)."""
-    results: dict[str, RepoState] = {}
-    threads = []
+def restore(a: dict[str, Any], repo_id: str | None = None) -> Restore:
+    """A ``kind = "restore"`` attachment document as a record; read from the repository
+    with ID *repo_id* (a record naming another ``repository`` was copied here)."""
+    origin = a.get("repository")
+    return Restore(parse_time(str(a["time"])), _int(_num(a, "size")),
+                   _int(_num(a, "bytes_written")), _num(a, "restore_s"),
+                   _num(a, "heartbeat_s"), _str(a.get("target")), _str(a.get("format")),
+                   repo_id is None or origin is None or origin == repo_id)
 
-    def work(decl: RepoDecl) -> None:
-        try:
-            with opener(decl) as repo:
-                copies = read_repository(repo, decl.name)
-            results[decl.name] = RepoState(decl.name, True, now, None, copies)
-        except VmdrError as exc:
-            results[decl.name] = RepoState(decl.name, False, None, exc.message)
-        except Exception as exc:  # any library failure means: unreachable for the plan
-            results[decl.name] = RepoState(decl.name, False, None,
-                                           f"{type(exc).__name__}: {exc}")
 
-    for decl in inv.repositories.values():
-        th = threading.Thread(target=work, args=(decl,), daemon=True)
-        th.start()
-        threads.append((decl.name, th))
-    for name, th in threads:
-        th.join(timeout)
-        if name not in results:
-            results[name] = RepoState(name, False, None, f"no answer within {timeout:.0f}s")
-    for name, st in results.items():
-        if not st.reachable and cached and name in cached:
-            st.read_at, st.copies = from_cache(cached[name])
-    return {n: results[n] for n in inv.repositories}
+def from_attachments(
+    docs: Iterable[dict[str, Any]], repo_id: str | None = None,
+) -> tuple[tuple[Verification, ...], tuple[Restore, ...]]:
+    """The verifications and restores among a snapshot's attachments (others ignored),
+    as read from the repository with ID *repo_id*."""
+    vers, rests = [], []
+    for a in docs:
+        if a.get("kind") == "verification":
+            vers.append(verification(a))
+        elif a.get("kind") == "restore":
+            rests.append(restore(a, repo_id))
+    return tuple(vers), tuple(rests)
 
 
 def to_cache(state: RepoState) -> dict[str, Any]:
+    def timed(rec: Verification | Restore) -> dict[str, Any]:
+        return {**asdict(rec), "time": format_time(rec.time)}
+
     def copy_doc(c: Copy) -> dict[str, Any]:
         d = asdict(c)
         d["time"] = format_time(c.time)
-        d["verifications"] = [{**asdict(v), "time": format_time(v.time)}
-                              for v in c.verifications]
+        d["verifications"] = [timed(v) for v in c.verifications]
+        d["restores"] = [timed(r) for r in c.restores]
         return d
     return {"read_at": format_time(state.read_at) if state.read_at else None,
             "copies": [copy_doc(c) for c in state.copies]}
@@ -164,9 +170,14 @@ def from_cache(doc: dict[str, Any]) -> tuple[datetime | None, list[Copy]]:
                                       v.get("restore_s"), v.get("restore_bytes"),
                                       bool(v.get("boot", True)))
                          for v in c.get("verifications", []))
+            rests = tuple(Restore(parse_time(r["time"]), r.get("size"), r.get("bytes_written"),
+                                  r.get("restore_s"), r.get("heartbeat_s"), r.get("target"),
+                                  r.get("format"), bool(r.get("same_repo", True)))
+                          for r in c.get("restores", []))
             copies.append(Copy(c["repo"], c["vm"], c["snapshot"], parse_time(c["time"]),
                                int(c["size"]), c.get("vcpus"), c.get("memory"),
-                               tuple((str(n), int(s)) for n, s in c.get("disks", [])), vers))
+                               tuple((str(n), int(s)) for n, s in c.get("disks", [])), vers,
+                               rests))
         return read_at, copies
     except (KeyError, TypeError, ValueError):
         return None, []

@@ -1,0 +1,212 @@
+"""``vmdr plan``: one evaluation of the estate — inventory + discovery + repositories →
+coverage.
+
+The I/O half of the plan; everything it produces is plain data for the pure functions of
+:mod:`vmdr.plan`:
+
+* :func:`discover` asks every host with a ``uri`` (read-only libvirt connection) for its
+  VMs: vCPUs, memory, disk sizes, running state;
+* :func:`load_repositories` opens every declared repository read-only (no lock, nothing
+  written) and lists its VM snapshots with their verification and restore records;
+* both run in parallel, each host or repository within a deadline; one that does not
+  answer is described from the plan's cache (:mod:`vmdr.plan.cache`), marked stale;
+* :func:`evaluate` ties them together.
+
+The caller supplies how to reach hosts (*connector*, None = offline) and repositories
+(*opener*), and ``now``; nothing here reads the clock or prompts.
+:func:`repository_opener` and :func:`readonly_connector` are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from vmdr.config import Config
+from vmdr.credentials import read_secret, read_secret_bytes
+from vmdr.errors import DomainNotFound, UsageError, VmdrError, WrongPassword
+from vmdr.hypervisor import Hypervisor, connect
+from vmdr.plan import cache, coverage, discovery, history, inventory
+from vmdr.plan.coverage import Coverage
+from vmdr.plan.discovery import DiscoveredVM, HostState
+from vmdr.plan.history import Copy, RepoState
+from vmdr.plan.inventory import Inventory, RepoDecl
+from vmdr.repository.cache import cache_root
+from vmdr.repository.repo import Repository
+from vmdr.storage.registry import open_backend, schemes
+
+Connector = Callable[[str], Hypervisor]
+Opener = Callable[[RepoDecl], Repository]
+R = TypeVar("R")
+
+__all__ = ["Connector", "Opener", "cache_path", "discover", "evaluate", "load_repositories",
+           "read_host", "read_repository", "readonly_connector", "repository_opener"]
+
+
+def evaluate(cfg: Config, *, opener: Opener, connector: Connector | None, now: datetime,
+             timeout: float = 20.0, use_cache: bool = True) -> Coverage:
+    """The coverage of the estate described by *cfg*, as of *now*."""
+    inv = inventory.from_config(cfg)
+    if not inv.vms and not inv.hosts:
+        raise UsageError(f"{inv.path}: the inventory is empty: declare [hosts.NAME], "
+                         "[repositories.NAME] and [vm.NAME] (see examples/estate.toml)")
+    path = cache_path(inv)
+    cached = cache.load(path) if use_cache else {}
+    hosts = discover(inv, connector, now, timeout, cached)
+    facts = discovery.apply(inv, hosts)
+    inventory.check_placed(inv)
+    repos = load_repositories(inv, opener, now, timeout, cached.get("repositories"))
+    if use_cache:
+        cache.save(path, hosts, repos, cached)
+    return coverage.compute(inv, facts, hosts, repos, now)
+
+
+def cache_path(inv: Inventory) -> str:
+    return inv.settings.cache_file or os.path.join(cache_root(), "plan-facts.json")
+
+
+# ------------------------------------------------------------------------------ hosts
+def readonly_connector(uri: str) -> Hypervisor:
+    return connect(uri, readonly=True)
+
+
+def read_host(hv: Hypervisor, host: str) -> list[DiscoveredVM]:
+    out = []
+    for name in hv.list_domains():
+        try:
+            info = hv.domain(name)
+        except DomainNotFound:  # undefined while we looked
+            continue
+        disks = tuple((d.target, d.virtual_size or 0) for d in info.disks
+                      if d.device == "disk")
+        out.append(DiscoveredVM(name, host, info.vcpus, info.memory_kib * 1024, info.state,
+                                disks))
+    return out
+
+
+def discover(inv: Inventory, connector: Connector | None, now: datetime,
+             timeout: float = 20.0, cached: dict[str, Any] | None = None) -> dict[str, HostState]:
+    """Ask every host (in parallel, each within *timeout*); fall back to the cache."""
+    results: dict[str, HostState] = {}
+    work: dict[str, Callable[[], HostState]] = {}
+
+    def reader(name: str, uri: str, connect_: Connector) -> Callable[[], HostState]:
+        def read() -> HostState:
+            with connect_(uri) as hv:
+                vms = read_host(hv, name)
+            return HostState(name, True, now, None, vms)
+        return read
+
+    for host in inv.hosts.values():
+        if connector is None or not host.uri:
+            why = "discovery off (--offline)" if connector is None else "no uri configured"
+            results[host.name] = HostState(host.name, False, None, why)
+        else:
+            work[host.name] = reader(host.name, host.uri, connector)
+    results.update(_each_within(work, timeout,
+                                lambda name, err: HostState(name, False, None, err)))
+    for name, st in results.items():
+        doc = (cached or {}).get("hosts", {}).get(name)
+        if not st.reachable and doc:
+            st.read_at, st.vms = cache.host(name, doc)
+    return {n: results[n] for n in inv.hosts}
+
+
+# ------------------------------------------------------------------------ repositories
+def repository_opener(key_file: str | None, password_file: str | None) -> Opener:
+    """Open a declared repository with its own ``key_file``/``password_file``, else with
+    these (the global options), else ``VMDR_PASSWORD``. Never prompts."""
+    schemes()  # load every backend now: the registry's lazy loading is not thread-safe
+
+    def open_repo(decl: RepoDecl) -> Repository:
+        kfile = decl.key_file or (None if decl.password_file else key_file)
+        pw_file = decl.password_file or password_file
+
+        def passphrase() -> str:
+            if pw_file:
+                return read_secret(pw_file)
+            if "VMDR_PASSWORD" in os.environ:
+                return os.environ["VMDR_PASSWORD"]
+            raise WrongPassword(f"repository {decl.name}: no password_file in the inventory, "
+                                "--password-file or VMDR_PASSWORD")
+        keyfile = read_secret_bytes(kfile) if kfile else None
+        backend = open_backend(decl.url)
+        try:
+            return Repository.open(backend, passphrase=passphrase, keyfile=keyfile)
+        except BaseException:
+            backend.close()
+            raise
+    return open_repo
+
+
+def read_repository(repo: Repository, name: str) -> list[Copy]:
+    """The VM snapshots of *repo* (declared as *name*) with their verifications and
+    restores."""
+    # one listing tells which snapshots have attachments at all (most have none), so a
+    # remote repository is not asked once per snapshot
+    attached = {o.name.split("/")[1] for o in repo.backend.list("attachments")
+                if o.name.count("/") >= 2}
+    out = []
+    for s in repo.list_snapshots():
+        if s.meta.get("kind") != "vm":
+            continue
+        cfg = s.meta.get("config") or {}
+        vers, rests = history.from_attachments(
+            repo.attachments(s.id) if s.id in attached else (), repo.id)
+        mem = cfg.get("memory_kib")
+        out.append(Copy(
+            name, s.name, s.id, s.time, sum(d.size for d in s.disks),
+            int(cfg["vcpus"]) if isinstance(cfg.get("vcpus"), int) else None,
+            int(mem) * 1024 if isinstance(mem, int) else None,
+            tuple((d.name, d.size) for d in s.disks), vers, rests))
+    return out
+
+
+def load_repositories(inv: Inventory, opener: Opener, now: datetime, timeout: float = 30.0,
+                      cached: dict[str, Any] | None = None) -> dict[str, RepoState]:
+    """Read every declared repository (in parallel, each within *timeout* seconds)."""
+    def reader(decl: RepoDecl) -> Callable[[], RepoState]:
+        def read() -> RepoState:
+            with opener(decl) as repo:
+                copies = read_repository(repo, decl.name)
+            return RepoState(decl.name, True, now, None, copies)
+        return read
+
+    results = _each_within({d.name: reader(d) for d in inv.repositories.values()}, timeout,
+                           lambda name, err: RepoState(name, False, None, err))
+    for name, st in results.items():
+        if not st.reachable and cached and name in cached:
+            st.read_at, st.copies = cache.repository(cached[name])
+    return {n: results[n] for n in inv.repositories}
+
+
+# --------------------------------------------------------------------------- deadlines
+def _each_within(work: dict[str, Callable[[], R]], timeout: float,
+                 failed: Callable[[str, str], R]) -> dict[str, R]:
+    """Run every reader on its own (daemon) thread and wait up to *timeout* seconds for
+    each; a reader that raises or does not answer in time is replaced by ``failed(name,
+    why)``. A thread left behind finishes unobserved."""
+    results: dict[str, R] = {}
+
+    def run(name: str, read: Callable[[], R]) -> None:
+        try:
+            results[name] = read()
+        except VmdrError as exc:
+            results[name] = failed(name, exc.message)
+        except Exception as exc:  # a library failure means: unreachable for the plan
+            results[name] = failed(name, f"{type(exc).__name__}: {exc}")
+
+    threads = []
+    for name, read in work.items():
+        th = threading.Thread(target=run, args=(name, read), daemon=True)
+        th.start()
+        threads.append((name, th))
+    out: dict[str, R] = {}
+    for name, th in threads:
+        th.join(timeout)
+        out[name] = results[name] if name in results else failed(
+            name, f"no answer within {timeout:.0f}s")
+    return out
