@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from vmdr import __version__
 from vmdr.cli import (
     copy_cmds,
+    files_cmds,
     image_cmds,
+    instant_cmds,
     plan_cmds,
     repo_cmds,
     snapshot_cmds,
@@ -21,7 +23,8 @@ from vmdr.cli import (
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
 
-MODULES = [repo_cmds, vm_cmds, image_cmds, snapshot_cmds, copy_cmds, plan_cmds, verify_cmds]
+MODULES = [repo_cmds, vm_cmds, image_cmds, snapshot_cmds, copy_cmds, plan_cmds, verify_cmds,
+           instant_cmds, files_cmds]
 
 
 def _epilog() -> str:

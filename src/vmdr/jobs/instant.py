@@ -1,0 +1,401 @@
+"""``vmdr instant-restore``: boot a VM straight from the repository, then move its disks home.
+
+1. Serve the snapshot's disks over NBD (``vmdr.serve``, unix sockets in
+   ``/run/vmdr/instant/<name>/`` owned by the QEMU user).
+2. Create local qcow2 overlays backed by the exports (``-F raw -b nbd+unix://…``), define a
+   persistent domain on them (new name, UUID, MACs; console log moved; disks with
+   ``error_policy``/``rerror_policy`` ``stop``) and boot it; wait for the heartbeat.
+3. Copy every disk in full (flattening the NBD backing) to a local qcow2 with libvirt block
+   copy, and pivot onto it when the copy is in sync. Then the domain no longer needs the
+   repository: the server stops and the overlays are deleted.
+
+The NBD server lives in this process, so the command runs until step 3 ends. A state file
+``<target-dir>/<name>.instant.json`` describes an unfinished migration. If anything stops
+it (Ctrl-C, the repository unreachable, a failed copy) the VM is paused — a guest whose
+backing is gone would pause on its next read anyway — and ``--resume`` restarts the server
+on the same sockets, resumes (or starts) the VM and finishes the copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vmdr.errors import DomainNotFound, HeartbeatTimeout, UsageError, VmdrError
+from vmdr.hypervisor import Hypervisor, mirror, rewrite_domain_xml
+from vmdr.hypervisor.console import console_log, relocate_console_logs
+from vmdr.hypervisor.state import blocking_ancestor, qemu_user
+from vmdr.repository.manifest import Snapshot
+from vmdr.repository.repo import Repository
+
+DEFAULT_DIR = "/var/lib/libvirt/images"
+SOCKET_ROOT = "/run/vmdr/instant"
+STATE_VERSION = 1
+COPY_RETRIES = 3
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
+Emit = Callable[[dict[str, Any]], None]
+
+
+class InstantInterrupted(VmdrError):
+    """Instant recovery was interrupted."""
+
+    exit_code = 130
+
+
+class MigrationStopped(VmdrError):
+    """Moving the disks to local storage stopped; the VM is paused."""
+
+    exit_code = 8
+
+
+@dataclass
+class InstantOptions:
+    name: str
+    target_dir: str = DEFAULT_DIR
+    heartbeat: str | None = None  # None/"agent": guest-agent ping; else a console regex
+    timeout: float = 300.0
+    bandwidth: int | None = None  # bytes/s per disk copy; None: unlimited
+    keep_overlays: bool = False
+    poll: float = 0.5
+
+
+def state_file(target_dir: str, name: str) -> str:
+    return os.path.join(os.path.abspath(target_dir), f"{name}.instant.json")
+
+
+def _write_state(st: dict[str, Any]) -> None:
+    tmp = st["state_file"] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(st, f, indent=1)
+    os.replace(tmp, st["state_file"])
+
+
+def _resume_hint(st: dict[str, Any]) -> str:
+    return (f"run 'vmdr instant-restore --resume {st['vm']} --target-dir {st['target_dir']}' "
+            "(same repository) to continue, or 'virsh destroy "
+            f"{st['vm']}; virsh undefine {st['vm']}' to discard it")
+
+
+def _serve(repo: Repository, snap: Snapshot, st: dict[str, Any], hv: Hypervisor) -> Any:
+    from vmdr.serve import start_server
+
+    sock_dir = st["socket_dir"]
+    for d in (os.path.dirname(SOCKET_ROOT), SOCKET_ROOT, sock_dir):
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        os.chmod(d, 0o755)  # noqa: S103 - QEMU must traverse to the (0660) sockets
+    server = start_server(repo, snap, disks=sorted(st["disks"]), socket_dir=sock_dir,
+                          socket_owner=qemu_user() if hv.system else None)
+    for disk, info in st["disks"].items():
+        if info.get("uri") and server.exports[disk] != info["uri"]:
+            server.stop()
+            raise VmdrError(f"the NBD export of {disk} moved ({server.exports[disk]}); "
+                            "the overlays cannot reach it")
+        info["uri"] = server.exports[disk]
+    return server
+
+
+def _create_overlay(path: str, uri: str, size: int) -> None:
+    p = subprocess.run(["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b",
+                        uri, path, str(size)], capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise VmdrError(f"cannot create overlay {path}: {p.stderr.strip()[-300:]}")
+    os.chmod(path, 0o600)
+
+
+def _plan(snap: Snapshot, opts: InstantOptions, hv: Hypervisor) -> dict[str, Any]:
+    if snap.meta.get("kind") != "vm":
+        raise UsageError(f"{snap.name}@{snap.short_id} is an image snapshot, not a VM")
+    if not _NAME_RE.match(opts.name):
+        raise UsageError(f"invalid VM name {opts.name!r}")
+    if not hv.local:
+        raise UsageError("instant recovery needs a local libvirt (the NBD server runs on "
+                         f"this host), not {hv.uri}")
+    if not snap.disks:
+        raise UsageError(f"snapshot {snap.short_id} has no disks")
+    try:
+        hv.domain(opts.name)
+        raise UsageError(f"a domain named {opts.name!r} exists on {hv.uri}; pick another --name")
+    except DomainNotFound:
+        pass
+    target_dir = os.path.abspath(opts.target_dir)
+    os.makedirs(target_dir, exist_ok=True)
+    user = qemu_user() if hv.system else None
+    blocked = blocking_ancestor(target_dir, user) if user else None
+    if blocked:
+        raise UsageError(f"{user} cannot reach {target_dir} ({blocked} is closed to it); "
+                         "pick another --target-dir")
+    disks = {}
+    for d in snap.disks:
+        base = os.path.join(target_dir, f"{opts.name}-{d.name}")
+        disks[d.name] = {"overlay": base + ".overlay.qcow2", "target": base + ".qcow2",
+                         "size": d.size, "uri": None}
+    st: dict[str, Any] = {
+        "version": STATE_VERSION, "vm": opts.name, "snapshot": snap.id, "source": snap.name,
+        "target_dir": target_dir, "socket_dir": os.path.join(SOCKET_ROOT, opts.name),
+        "disks": disks, "state_file": state_file(target_dir, opts.name)}
+    for p in [st["state_file"]] + [p for i in disks.values() for p in (i["overlay"],
+                                                                       i["target"])]:
+        if os.path.exists(p):
+            raise UsageError(f"{p} exists; remove it or pick another --name")
+    return st
+
+
+def _domain_xml(snap: Snapshot, st: dict[str, Any]) -> str:
+    cfg = snap.meta.get("config") or {}
+    if not cfg.get("domain_xml"):
+        raise UsageError(f"snapshot {snap.short_id} has no domain XML")
+    nvram = None
+    if cfg.get("nvram"):
+        nvram = os.path.join(st["target_dir"], f"{st['vm']}_VARS.fd")
+        with open(nvram, "wb") as f:
+            f.write(base64.b64decode(cfg["nvram"]))
+        st["nvram"] = nvram
+    xml = rewrite_domain_xml(
+        cfg["domain_xml"], new_name=st["vm"] if st["vm"] != snap.name else None,
+        new_uuid=True, new_macs=True,
+        disk_paths={d: (i["overlay"], "qcow2") for d, i in st["disks"].items()},
+        nvram_path=nvram)
+    xml = relocate_console_logs(xml, st["target_dir"], st["vm"])
+    st["policies"] = mirror.error_policies(xml, st["disks"])
+    return mirror.set_error_policy(xml, st["disks"])
+
+
+def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: Hypervisor,
+                    emit: Emit) -> dict[str, Any]:
+    t0 = time.monotonic()
+    st = _plan(snap, opts, hv)
+    created: list[str] = []
+    server: Any = None
+    defined = False
+    try:
+        server = _serve(repo, snap, st, hv)
+        emit({"event": "serving", "vm": st["vm"], "snapshot": snap.id,
+              "exports": {d: i["uri"] for d, i in st["disks"].items()}})
+        for info in st["disks"].values():
+            _create_overlay(info["overlay"], info["uri"], info["size"])
+            created.append(info["overlay"])
+        xml = _domain_xml(snap, st)
+        st["heartbeat"] = opts.heartbeat
+        st["console_log"] = console_log(xml)
+        _write_state(st)
+        created.append(st["state_file"])
+        hv.define(xml)
+        defined = True
+        hv.start(st["vm"])
+    except BaseException:
+        if server is not None:
+            server.stop()
+        _remove_socket_dir(st)
+        if defined:
+            _discard_domain(hv, st["vm"])
+        for p in created + ([st["nvram"]] if st.get("nvram") else []):
+            _unlink(p)
+        raise
+    emit({"event": "started", "vm": st["vm"], "seconds": round(time.monotonic() - t0, 3)})
+    return _run(st, opts, hv, emit, server, t0, boot=True)
+
+
+def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hypervisor,
+                   emit: Emit) -> dict[str, Any]:
+    t0 = time.monotonic()
+    path = state_file(opts.target_dir, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            st: dict[str, Any] = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"no unfinished instant restore of {name!r} in {opts.target_dir} "
+                         f"({path} is missing)") from None
+    except ValueError:
+        raise VmdrError(f"{path} is not an instant-restore state file") from None
+    if st.get("version") != STATE_VERSION:
+        raise VmdrError(f"{path}: unknown state version {st.get('version')}")
+    snap = repo.load_snapshot(st["snapshot"])
+    dom = hv.lookup(name)
+    server = _serve(repo, snap, st, hv)
+    emit({"event": "serving", "vm": name, "snapshot": snap.id,
+          "exports": {d: i["uri"] for d, i in st["disks"].items()}})
+    boot = False
+    try:
+        if not dom.isActive():
+            hv.start(name)
+            boot = True
+        elif mirror.is_paused(dom):
+            mirror.resume_after_io_error(dom)
+            emit({"event": "resumed", "vm": name})
+    except KeyboardInterrupt:
+        where = _stop_safely(hv, st, server)
+        raise InstantInterrupted(f"interrupted; {name} {where}: {_resume_hint(st)}") from None
+    except VmdrError as exc:
+        where = _stop_safely(hv, st, server)
+        raise MigrationStopped(f"{exc.message}; {name} {where}: {_resume_hint(st)}") from None
+    return _run(st, opts, hv, emit, server, t0, boot=boot)
+
+
+def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
+         emit: Emit, server: Any, t0: float, boot: bool) -> dict[str, Any]:
+    """Heartbeat (after a boot), then migrate; any failure leaves the VM paused-safe.
+
+    The caller holds a shared repository lock for the whole run (prune must not delete
+    chunks that are being served)."""
+    result: dict[str, Any] = {"vm": st["vm"], "snapshot": st["snapshot"],
+                              "target_dir": st["target_dir"], "heartbeat_s": None}
+    try:
+        if boot:
+            result["heartbeat_s"] = _heartbeat(hv, st, opts, emit, t0)
+        _migrate(hv.lookup(st["vm"]), st, opts, emit, server)
+    except KeyboardInterrupt:
+        where = _stop_safely(hv, st, server)
+        raise InstantInterrupted(f"interrupted; {st['vm']} {where}: {_resume_hint(st)}") \
+            from None
+    except VmdrError as exc:
+        where = _stop_safely(hv, st, server)
+        raise MigrationStopped(f"{exc.message}; {st['vm']} {where}: {_resume_hint(st)}") \
+            from None
+    except BaseException:
+        _stop_safely(hv, st, server)
+        raise
+    result["migrated_s"] = round(time.monotonic() - t0, 3)
+    _finish(hv, st, opts, server, emit)
+    result["disks"] = {d: i["target"] for d, i in st["disks"].items()}
+    result["duration_s"] = round(time.monotonic() - t0, 3)
+    emit({"event": "done", **result})
+    return result
+
+
+def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+               t0: float) -> float | None:
+    agent = opts.heartbeat in (None, "agent")
+    try:
+        hv.wait_heartbeat(st["vm"], agent=agent,
+                          console_pattern=None if agent else opts.heartbeat,
+                          console_log=None if agent else st.get("console_log"),
+                          timeout=opts.timeout)
+    except HeartbeatTimeout as exc:
+        emit({"event": "warning", "message": f"{exc.message}; moving the disks anyway"})
+        return None
+    seconds = round(time.monotonic() - t0, 3)
+    emit({"event": "heartbeat", "vm": st["vm"], "seconds": seconds})
+    return seconds
+
+
+def _start_copy(dom: Any, st: dict[str, Any], disk: str, opts: InstantOptions,
+                emit: Emit) -> None:
+    target = st["disks"][disk]["target"]
+    mirror.cancel_copy(dom, disk)
+    _unlink(target)  # a copy a stopped run left behind
+    mirror.start_copy(dom, disk, target, bandwidth=opts.bandwidth)
+    emit({"event": "copy-started", "disk": disk, "target": target})
+
+
+def _migrate(dom: Any, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+             server: Any) -> None:
+    """Copy every disk still backed by NBD and pivot onto the copy. A copy that fails is
+    restarted up to ``COPY_RETRIES`` times (QEMU's NBD client fails the first read after a
+    reconnect, e.g. on --resume); the VM pausing on an I/O error stops everything."""
+    pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.XMLDesc(0))]
+    retries = dict.fromkeys(pending, COPY_RETRIES)
+    for d in pending:
+        _start_copy(dom, st, d, opts, emit)
+    while pending:
+        if not dom.isActive():
+            raise VmdrError(f"{st['vm']} stopped while its disks were being moved")
+        if mirror.paused_on_io_error(dom):
+            raise VmdrError(f"{st['vm']} paused on an I/O error: the repository (NBD "
+                            "export) is unreachable")
+        if not server.alive():
+            raise VmdrError("the NBD server stopped")
+        for d in list(pending):
+            cs = mirror.copy_status(dom, d)
+            if not cs.active:
+                if d not in mirror.nbd_backed_disks(dom.XMLDesc(0)):
+                    pending.remove(d)  # pivoted by someone else
+                    continue
+                if retries[d] <= 0:
+                    raise VmdrError(f"copying disk {d} failed (reading the repository "
+                                    "failed?)")
+                retries[d] -= 1
+                emit({"event": "warning", "message": f"copy of {d} failed; restarting it"})
+                time.sleep(1.0)
+                _start_copy(dom, st, d, opts, emit)
+                continue
+            emit({"event": "copy", "disk": d, "done": cs.cur, "total": cs.end})
+            if cs.ready and mirror.pivot(dom, d):
+                pending.remove(d)
+                emit({"event": "pivoted", "disk": d, "path": st["disks"][d]["target"]})
+        if pending:
+            time.sleep(opts.poll)
+
+
+def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: Any,
+            emit: Emit) -> None:
+    from vmdr.hypervisor._compat import lv
+
+    dom = hv.lookup(st["vm"])
+    live = dom.XMLDesc(0)
+    persistent = dom.XMLDesc(lv().VIR_DOMAIN_XML_INACTIVE)
+    left = set(mirror.nbd_backed_disks(live)) | set(mirror.nbd_backed_disks(persistent))
+    if left:
+        raise VmdrError(f"disks {', '.join(sorted(left))} still read from the repository")
+    server.stop()
+    _remove_socket_dir(st)
+    if st.get("policies"):  # the persistent definition gets the VM's own error policies
+        m = lv()
+        try:
+            hv.define(mirror.with_error_policies(
+                dom.XMLDesc(m.VIR_DOMAIN_XML_INACTIVE | m.VIR_DOMAIN_XML_SECURE),
+                st["policies"]))
+        except VmdrError as exc:
+            emit({"event": "warning", "message": "could not restore the disks' error "
+                  f"policy (they keep 'stop'): {exc.message}"})
+    if not opts.keep_overlays:
+        for info in st["disks"].values():
+            _unlink(info["overlay"])
+    _unlink(st["state_file"])
+
+
+def _stop_safely(hv: Hypervisor, st: dict[str, Any], server: Any) -> str:
+    """Cancel copies and pause the VM before its backing goes away; keep the state file.
+    Returns where the VM is now, for the message."""
+    where = "is paused on its overlays (no data lost)"
+    try:
+        dom = hv.lookup(st["vm"])
+        for d in st["disks"]:
+            mirror.cancel_copy(dom, d)
+        mirror.suspend(dom)
+        if not mirror.is_active(dom):
+            where = "is shut off, defined on its overlays"
+    except VmdrError:
+        where = "may be paused"
+    finally:
+        server.stop()
+        _remove_socket_dir(st)
+    return where
+
+
+def _discard_domain(hv: Hypervisor, name: str) -> None:
+    for op in (hv.destroy, hv.undefine):
+        try:
+            op(name)
+        except VmdrError:
+            pass
+
+
+def _remove_socket_dir(st: dict[str, Any]) -> None:
+    try:
+        os.rmdir(st["socket_dir"])
+    except OSError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
