@@ -9,7 +9,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev python3-libvirt python3-libnbd
   # hypervisor and image tools
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
-  libnbd-bin nbdkit nbdkit-plugin-python
+  libnbd-bin nbdkit nbdkit-plugin-python fuse3 util-linux
   # the test estate (tests/guest)
   linux-image-amd64 busybox-static qemu-guest-agent syslinux syslinux-common extlinux mtools
   e2fsprogs xfsprogs dosfstools fdisk parted cpio kmod gcc libc6-dev zstd
