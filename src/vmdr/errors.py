@@ -20,7 +20,10 @@
     ├── NoSpace                    exit 9   ENOSPC on a target or repository
     ├── HypervisorError            exit 10  libvirt / QEMU failures
     │   ├── DomainNotFound         exit 11
-    │   └── HypervisorUnavailable  exit 12
+    │   ├── HypervisorUnavailable  exit 12
+    │   ├── CheckpointMissing      exit 10
+    │   ├── GuestAgentUnavailable  exit 10
+    │   └── HeartbeatTimeout       exit 10
     ├── VMLocked                   exit 13  another backup of that VM is running
     ├── SnapshotNotFound           exit 14
     ├── HookFailed                 exit 15
