@@ -124,3 +124,15 @@ def test_redefine_validates(fake: Any) -> None:
     dom.broken_bitmaps.add((f"{P}-20260101T000000.000Z", "vda"))
     with pytest.raises(CheckpointMissing):
         ck.redefine(dom, xml, validate=True)
+
+
+def test_redefine_drops_a_missing_parent() -> None:
+    from vmdr.hypervisor.checkpoints import drop_missing_parent
+
+    xml = ("<domaincheckpoint><name>vmdr-a-2</name><parent><name>gone.1</name></parent>"
+           "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>")
+    out = drop_missing_parent(xml, {"other"})
+    assert "<parent>" not in out and "vmdr-a-2" in out and "bitmap" in out
+    assert drop_missing_parent(xml, {"gone.1"}) == xml
+    plain = "<domaincheckpoint><name>x</name></domaincheckpoint>"
+    assert drop_missing_parent(plain, set()) == plain

@@ -191,6 +191,7 @@ def delete_others(dom: Any, prefix: str, keep: str) -> list[str]:
 def redefine(dom: Any, xml: str, *, validate: bool) -> str:
     """Recreate libvirt metadata for a checkpoint whose bitmaps are still in the images."""
     m = lv()
+    xml = drop_missing_parent(xml, {str(c.getName()) for c in dom.listAllCheckpoints(0)})
     flags = m.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
     if validate:
         flags |= m.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
@@ -202,3 +203,15 @@ def redefine(dom: Any, xml: str, *, validate: bool) -> str:
         with libvirt_errors("redefining checkpoint"):
             raise
     return str(cp.getName())
+
+
+def drop_missing_parent(xml: str, existing: set[str]) -> str:
+    """Remove ``<parent>`` when that checkpoint is gone: libvirt refuses to redefine a
+    checkpoint whose recorded parent does not exist (e.g. another tool deleted it)."""
+    root = parse_xml(xml)
+    parent = root.find("parent")
+    name = parent.findtext("name") if parent is not None else None
+    if parent is None or (name and name in existing):
+        return xml
+    root.remove(parent)
+    return ET.tostring(root, encoding="unicode")

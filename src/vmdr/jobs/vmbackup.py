@@ -210,8 +210,12 @@ def _backup_locked(
         if progress:
             progress.set_total(sum(d.size for d in sources), name)
         stats = WriteStats()
-        with ThreadPoolExecutor(max(1, min(opts.disk_parallel, len(sources)))) as pool:
-            futs = [pool.submit(_ingest_disk, repo, d, parent, progress, opts.workers)
+        parallel = max(1, min(opts.disk_parallel, len(sources)))
+        # disks in parallel share the CPU: split the chunk threads between them, so
+        # memory (chunks in flight) stays what one disk would use
+        per_disk = max(2, -(-opts.workers // parallel))
+        with ThreadPoolExecutor(parallel) as pool:
+            futs = [pool.submit(_ingest_disk, repo, d, parent, progress, per_disk)
                     for d in sources]
             records = []
             for f in futs:

@@ -89,7 +89,7 @@ class DiskWriter:
         self._progress = progress
         self._own_pool = executor is None
         self._pool = executor or ThreadPoolExecutor(workers, thread_name_prefix="vmdr-chunk")
-        self._slots = threading.BoundedSemaphore(max(2, workers + 2))
+        self._slots = threading.BoundedSemaphore(workers + 1)  # one queued chunk per writer
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._futures: set[Future[None]] = set()
