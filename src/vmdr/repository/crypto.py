@@ -125,10 +125,12 @@ class ObjectCodec:
         if self._aead is not None:
             if cipher != CIPHER_AESGCM:
                 raise IntegrityError(f"{what} {oid.hex()[:16]} is not encrypted")
-            nonce = blob[HEADER.size : HEADER.size + NONCE_LEN]
+            view = memoryview(blob)  # no slice copies of a 4 MiB object
+            payload: bytes | memoryview
             try:
                 payload = self._aead.decrypt(
-                    nonce, blob[HEADER.size + NONCE_LEN :], blob[: HEADER.size] + oid
+                    view[HEADER.size : HEADER.size + NONCE_LEN], view[HEADER.size + NONCE_LEN :],
+                    blob[: HEADER.size] + oid,
                 )
             except (InvalidTag, ValueError):
                 raise IntegrityError(
@@ -137,14 +139,14 @@ class ObjectCodec:
         else:
             if cipher != CIPHER_NONE:
                 raise IntegrityError(f"{what} {oid.hex()[:16]} is encrypted but no key is set")
-            payload = blob[HEADER.size :]
+            payload = memoryview(blob)[HEADER.size :]
         if comp == COMP_ZSTD:
             try:
                 data = self._zd().decompress(payload)
             except zstandard.ZstdError:
                 raise IntegrityError(f"{what} {oid.hex()[:16]} does not decompress") from None
         elif comp == COMP_NONE:
-            data = payload
+            data = bytes(payload)
         else:
             raise IntegrityError(f"{what} {oid.hex()[:16]} has unknown compression {comp}")
         if self.object_id(data) != oid:
