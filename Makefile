@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-all lint demo bench clean
+.PHONY: setup test test-all lint demo bench bench-repo bench-vm bench-nbd bench-instant clean
 
 setup:
 	@bash scripts/setup.sh
@@ -25,9 +25,21 @@ lint: setup
 demo: setup
 	$(PY) scripts/demo.py
 
-## side-by-side benchmarks against borg, restic, virtnbdbackup; writes docs/benchmarks.md
-bench: setup
+## side-by-side benchmarks against borg, restic, virtnbdbackup; each writes its section of
+## docs/benchmarks.md. The whole set takes about an hour on 2 cores.
+bench: bench-repo bench-vm bench-nbd bench-instant
+
+bench-repo: setup
 	$(PY) bench/run.py
+
+bench-vm: setup
+	$(PY) bench/vm_backup.py
+
+bench-nbd: setup
+	$(PY) bench/nbd_read.py
+
+bench-instant: setup
+	$(PY) bench/instant.py --runs 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
