@@ -33,6 +33,7 @@ from vmdr.fileaccess import (
 )
 from vmdr.fileaccess.diskfile import unmount_fuse
 from vmdr.fileaccess.mounts import unmount
+from vmdr.procutil import pid_alive
 from vmdr.repository.manifest import DiskRecord, Snapshot
 from vmdr.repository.repo import Repository
 
@@ -154,14 +155,6 @@ def _read_state(mountpoint: str) -> dict[str, Any] | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mount_background(
@@ -177,7 +170,7 @@ def mount_background(
     if os.path.ismount(mountpoint):
         raise UsageError(f"something is already mounted at {mountpoint}")
     st = _read_state(mountpoint)
-    if st and _alive(int(st.get("pid", 0))):
+    if st and pid_alive(int(st.get("pid", 0))):
         raise UsageError(f"vmdr already has a snapshot mounted at {mountpoint}")
     os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
     rfd, wfd = os.pipe()
@@ -270,10 +263,10 @@ def umount(mountpoint: str, timeout: float = 30.0) -> dict[str, Any]:
         raise UsageError(f"no vmdr mount at {mountpoint}")
     unmount(mountpoint)  # fails (busy) before anything else is torn down
     pid = int(st.get("pid", 0))
-    if pid and _alive(pid):
+    if pid and pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
     workdir = str(st.get("workdir", ""))
     if workdir.startswith(os.path.join(RUN_DIR, "vmdr-files-")) and os.path.isdir(workdir):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from vmdr.errors import ObjectNotFound, RepositoryLocked, StorageError
+from vmdr.procutil import pid_alive
 from vmdr.storage.base import Backend
 from vmdr.timeutil import Clock, format_time, parse_time, utcnow
 
@@ -41,7 +42,7 @@ class LockInfo:
         if now - self.refreshed > STALE_AFTER:
             return True
         if self.host == hostname:
-            return not _pid_alive(self.pid)
+            return not pid_alive(self.pid)
         return False
 
     def describe(self) -> str:
@@ -50,14 +51,6 @@ class LockInfo:
                 f"since {format_time(self.created)[:19]})")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def list_locks(backend: Backend) -> list[LockInfo]:

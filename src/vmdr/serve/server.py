@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from vmdr.errors import UsageError, VmdrError
+from vmdr.procutil import pid_alive
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository
 from vmdr.storage.base import Backend
@@ -208,7 +209,7 @@ def sweep_stale(base: str) -> list[str]:
                     for p in os.listdir(path) if p.endswith(".pid")]
         except (OSError, ValueError):
             continue
-        if _alive(int(owner.get("pid", 0))) or any(is_nbdkit(p) for p in pids if p):
+        if pid_alive(int(owner.get("pid", 0))) or any(is_nbdkit(p) for p in pids if p):
             continue
         sock_dir = owner.get("socket_dir")
         if isinstance(sock_dir, str) and os.path.basename(sock_dir).startswith("serve-"):
@@ -227,16 +228,6 @@ def is_nbdkit(pid: int) -> bool:
     return bool(argv) and argv[0].endswith(b"nbdkit") and PLUGIN.encode() in argv
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def repo_url(backend: Backend) -> str:

@@ -19,10 +19,9 @@ attributes): see docs/operations.md, "Append-only and immutable repositories".
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 from vmdr.errors import AppendOnlyViolation
-from vmdr.storage.base import Backend, ObjectInfo
+from vmdr.storage.wrappers import DelegatingBackend
 
 log = logging.getLogger(__name__)
 MUTABLE_PREFIXES = ("locks/",)
@@ -33,26 +32,13 @@ def _mutable(name: str) -> bool:
     return name.startswith(MUTABLE_PREFIXES)
 
 
-class AppendOnlyBackend(Backend):
+class AppendOnlyBackend(DelegatingBackend):
     """Refuse ``delete`` and replacing ``put`` on *inner*, except under ``locks/``."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.display_url = inner.display_url
 
     def _refuse(self, what: str, name: str) -> AppendOnlyViolation:
         return AppendOnlyViolation(
             f"append-only mode: refusing to {what} {name} in {self.display_url}"
         )
-
-    def create(self) -> None:
-        self.inner.create()
-
-    def get(self, name: str) -> bytes:
-        return self.inner.get(name)
-
-    def get_range(self, name: str, offset: int, length: int) -> bytes:
-        return self.inner.get_range(name, offset, length)
 
     def put(self, name: str, data: bytes) -> None:
         if _mutable(name):
@@ -65,22 +51,7 @@ class AppendOnlyBackend(Backend):
             return
         raise self._refuse("replace", name)
 
-    def put_if_absent(self, name: str, data: bytes) -> bool:
-        return self.inner.put_if_absent(name, data)
-
     def delete(self, name: str) -> None:
         if not _mutable(name):
             raise self._refuse("delete", name)
         self.inner.delete(name)
-
-    def stat(self, name: str) -> ObjectInfo:
-        return self.inner.stat(name)
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def close(self) -> None:
-        self.inner.close()

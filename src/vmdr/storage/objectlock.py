@@ -18,15 +18,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from vmdr.errors import ObjectNotFound, StorageError, UsageError
-from vmdr.storage.base import Backend, ObjectInfo
+from vmdr.storage.base import Backend
 from vmdr.storage.s3 import S3Backend
-from vmdr.storage.wrappers import RetryingBackend
+from vmdr.storage.wrappers import DelegatingBackend, RetryingBackend
 from vmdr.timeutil import utcnow
 
 MODES = ("GOVERNANCE", "COMPLIANCE")
@@ -111,60 +111,36 @@ def for_new_repository(backend: Backend, mode: str, days: int) -> tuple[Backend,
     return ObjectLockBackend(require_s3(backend, "Object Lock"), retention), retention.to_doc()
 
 
-class ObjectLockBackend(Backend):
+class ObjectLockBackend(DelegatingBackend):
     """An S3 backend whose puts carry an Object Lock retention of *retention*."""
 
     def __init__(self, inner: S3Backend, retention: Retention,
                  clock: Callable[[], datetime] = utcnow) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.s3 = inner
         self.retention = retention
-        self.display_url = inner.display_url
         self._clock = clock
 
     def _args(self, name: str, data: bytes) -> dict[str, Any]:
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
         return {
-            "Bucket": self.inner.bucket, "Key": self.inner._key(name), "Body": data,
+            "Bucket": self.s3.bucket, "Key": self.s3._key(name), "Body": data,
             "ContentMD5": md5, "ObjectLockMode": self.retention.mode,
             "ObjectLockRetainUntilDate": self._clock() + timedelta(days=self.retention.days),
         }
-
-    def create(self) -> None:
-        self.inner.create()
-
-    def get(self, name: str) -> bytes:
-        return self.inner.get(name)
-
-    def get_range(self, name: str, offset: int, length: int) -> bytes:
-        return self.inner.get_range(name, offset, length)
 
     def put(self, name: str, data: bytes) -> None:
         if name.startswith(UNLOCKED_PREFIXES):
             self.inner.put(name, data)
             return
         args = self._args(name, data)
-        self.inner._call(name, lambda: self.inner._s3.put_object(**args))
+        self.s3._call(name, lambda: self.s3._s3.put_object(**args))
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         if self.exists(name):
             return False
         self.put(name, data)
         return True
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
-
-    def stat(self, name: str) -> ObjectInfo:
-        return self.inner.stat(name)
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def configured_retention(backend: Backend) -> Retention | None:

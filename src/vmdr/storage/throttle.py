@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from vmdr.errors import UsageError
-from vmdr.storage.base import Backend, ObjectInfo
+from vmdr.storage.base import Backend
+from vmdr.storage.wrappers import DelegatingBackend
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -70,16 +71,12 @@ class TokenBucket:
         return wait
 
 
-class ThrottlingBackend(Backend):
+class ThrottlingBackend(DelegatingBackend):
     """Limit the data bytes moved through *inner* to the rate of *bucket*."""
 
     def __init__(self, inner: Backend, bucket: TokenBucket) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.bucket = bucket
-        self.display_url = inner.display_url
-
-    def create(self) -> None:
-        self.inner.create()
 
     def get(self, name: str) -> bytes:
         data = self.inner.get(name)
@@ -98,18 +95,3 @@ class ThrottlingBackend(Backend):
     def put_if_absent(self, name: str, data: bytes) -> bool:
         self.bucket.take(len(data))
         return self.inner.put_if_absent(name, data)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
-
-    def stat(self, name: str) -> ObjectInfo:
-        return self.inner.stat(name)
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def close(self) -> None:
-        self.inner.close()

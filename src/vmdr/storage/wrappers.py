@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class _Delegating(Backend):
+class DelegatingBackend(Backend):
+    """Passes every call to *inner* through ``_call``; a wrapper overrides ``_call`` or
+    just the methods whose behaviour it changes."""
+
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.display_url = inner.display_url
@@ -59,7 +62,7 @@ class _Delegating(Backend):
         self.inner.close()
 
 
-class RetryingBackend(_Delegating):
+class RetryingBackend(DelegatingBackend):
     """Retry ``TransientStorageError`` with exponential backoff and full jitter.
 
     Permanent errors (not found, authentication, no space, anything else) pass through
@@ -98,7 +101,7 @@ class RetryingBackend(_Delegating):
         raise AssertionError("unreachable")
 
 
-class LimitingBackend(_Delegating):
+class LimitingBackend(DelegatingBackend):
     """Allow at most *limit* backend calls in flight at once."""
 
     def __init__(self, inner: Backend, limit: int) -> None:
