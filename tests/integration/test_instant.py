@@ -23,7 +23,7 @@ import pytest
 from tests.guest.estate import TestVM, cleanup_stale
 from tests.guest.records import check_records
 
-from .vmtools import VMDR, backup, repo_env, vmdr
+from .vmtools import VMDR, backup, nbdkit_pids, repo_env, vmdr
 
 pytestmark = pytest.mark.vm
 BEAT = re.compile(r"VMDR-HEARTBEAT (\d+)")
@@ -122,18 +122,6 @@ def test_instant_restore_then_repository_gone(source: tuple[TestVM, dict[str, st
         shutil.rmtree(target, ignore_errors=True)
 
 
-def _nbdkit_pids(sock_dir: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"nbdkit") and any(sock_dir.encode() in a for a in argv):
-            out.append(int(pid))
-    return out
 
 
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -183,7 +171,7 @@ def test_interrupt_and_server_lost_mid_migration(
 
         procs.append(_start(env, "--resume", new, "--target-dir", str(target), *slow))
         assert "resumed" in _until_copying(procs[-1])
-        for pid in _nbdkit_pids(f"/run/vmdr/instant/{new}"):
+        for pid in nbdkit_pids(f"/run/vmdr/instant/{new}"):
             os.kill(pid, signal.SIGKILL)  # the repository's NBD export is gone
         _stopped(procs[-1], 8)
         assert dom.state()[0] == 3

@@ -16,7 +16,7 @@ import pytest
 
 from tests.unit.repofixtures import make_image
 
-from .vmtools import VMDR, repo_env, vmdr
+from .vmtools import VMDR, nbdkit_pids, repo_env, vmdr
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None or shutil.which("nbdinfo")
                                 is None, reason="needs nbdkit + libnbd-bin")
@@ -33,18 +33,6 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> N
         time.sleep(0.1)
 
 
-def _nbdkit_pids(needle: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"nbdkit") and any(needle.encode() in a for a in argv):
-            out.append(int(pid))
-    return out
 
 
 def test_serve_matches_restore_and_reports_holes(tmp_path: Path) -> None:
@@ -73,7 +61,7 @@ def test_serve_matches_restore_and_reports_holes(tmp_path: Path) -> None:
             assert data[e["offset"] : e["offset"] + e["length"]] == bytes(e["length"])
         assert sum(e["length"] for e in ext) == SIZE
         assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
-        assert _nbdkit_pids(str(sock))
+        assert nbdkit_pids(str(sock))
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -82,7 +70,7 @@ def test_serve_matches_restore_and_reports_holes(tmp_path: Path) -> None:
     info = json.loads(out)
     assert info["sockets"] == {"disk.raw": str(sock)} and info["exports"]["disk.raw"] == uri
     assert not sock.exists()
-    assert not _nbdkit_pids(str(sock))
+    assert not nbdkit_pids(str(sock))
 
 
 def test_servers_die_with_their_process(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.guest.estate import TestVM, cleanup_stale
 
-from .vmtools import VMDR, backup, repo_env, vmdr
+from .vmtools import VMDR, backup, nbdkit_pids, repo_env, vmdr
 
 pytestmark = pytest.mark.vm
 SCRATCH = "/var/lib/libvirt/qemu/vmdr"
@@ -61,21 +61,11 @@ def _domains() -> list[str]:
     return [n for n in p.stdout.split() if n]
 
 
-def _our_nbdkit(needle: str) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"nbdkit") and any(needle.encode() in a for a in argv):
-            out.append(int(pid))
-    return out
 
 
 def _assert_no_leftovers(domain: str) -> None:
     assert domain not in _domains()
-    assert not _our_nbdkit(str(VERIFY_ROOT / domain))
+    assert not nbdkit_pids(str(VERIFY_ROOT / domain))
     assert not (VERIFY_ROOT / domain).exists()
 
 
@@ -160,15 +150,15 @@ def test_kill9_mid_verify_is_cleaned_by_next_run(guest: dict[str, Any]) -> None:
             time.sleep(0.2)
         assert domain, "the sandbox domain never appeared"
         sandbox = VERIFY_ROOT / domain
-        assert _our_nbdkit(str(sandbox))
+        assert nbdkit_pids(str(sandbox))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (domain in _domains() or _our_nbdkit(str(sandbox))):
+    while time.monotonic() < deadline and (domain in _domains() or nbdkit_pids(str(sandbox))):
         time.sleep(0.2)
     assert domain not in _domains(), "autodestroy did not remove the domain"
-    assert not _our_nbdkit(str(sandbox)), "nbdkit outlived vmdr"
+    assert not nbdkit_pids(str(sandbox)), "nbdkit outlived vmdr"
     assert (sandbox / "state.json").exists()  # files are left for the next run
     p = vmdr(env, "-v", "verify", name, "--no-record")  # any next run, even without --boot
     assert f"cleaned up: removed {sandbox}" in p.stderr

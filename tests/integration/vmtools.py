@@ -59,3 +59,16 @@ def leftover_files(scratch: str) -> list[str]:
     for root, _, files in os.walk(scratch):
         out.extend(os.path.join(root, f) for f in files)
     return out
+
+
+def nbdkit_pids(needle: str) -> list[int]:
+    """Live nbdkit processes whose command line mentions *needle* (a socket dir, say)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"nbdkit") and any(needle.encode() in a for a in argv):
+            out.append(int(pid))
+    return out

@@ -82,13 +82,17 @@ class Globals:
         return make_progress(self.progress and not self.json, self.json)
 
 
-def open_repository(g: Globals, url: str | None = None) -> Repository:
+def open_repository(
+    g: Globals, url: str | None = None, passphrase: Callable[[], str] | None = None
+) -> Repository:
+    """Open the repository with the standard storage wrappers; *passphrase* overrides
+    where the passphrase comes from (default: environment, file or prompt)."""
     backend = wrap(with_object_lock(open_backend(url or g.need_repo())))
     if g.append_only:
         backend = AppendOnlyBackend(backend)
     keyfile = read_secret_bytes(g.key_file) if g.key_file else None
     try:
-        return Repository.open(backend, passphrase=g.passphrase, keyfile=keyfile)
+        return Repository.open(backend, passphrase=passphrase or g.passphrase, keyfile=keyfile)
     except BaseException:
         backend.close()
         raise

@@ -6,12 +6,9 @@ import argparse
 import time
 from collections.abc import Callable
 
-from vmdr.cli.common import Globals, emit_json, out, repository
-from vmdr.credentials import read_secret_bytes
+from vmdr.cli.common import Globals, emit_json, open_repository, out, repository
 from vmdr.jobs import mount as job
 from vmdr.repository.repo import Repository
-from vmdr.storage.registry import open_backend
-from vmdr.storage.wrappers import wrap
 from vmdr.ui.progress import human_bytes
 
 HOW = ("The disk is served from the repository over NBD, exposed as a read-only file with "
@@ -68,16 +65,7 @@ def _opener(g: Globals) -> Callable[[], Repository]:
             secret.append(g.passphrase())
         return secret[0]
 
-    def open_repo() -> Repository:
-        backend = wrap(open_backend(g.need_repo()))
-        keyfile = read_secret_bytes(g.key_file) if g.key_file else None
-        try:
-            return Repository.open(backend, passphrase=passphrase, keyfile=keyfile)
-        except BaseException:
-            backend.close()
-            raise
-
-    return open_repo
+    return lambda: open_repository(g, passphrase=passphrase)
 
 
 def cmd_mount(ns: argparse.Namespace, g: Globals) -> int:
