@@ -3,28 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
 from vmdr import __version__
-from vmdr.cli import (
-    copy_cmds,
-    files_cmds,
-    image_cmds,
-    instant_cmds,
-    plan_cmds,
-    repo_cmds,
-    snapshot_cmds,
-    verify_cmds,
-    vm_cmds,
-)
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
 
-MODULES = [repo_cmds, vm_cmds, image_cmds, snapshot_cmds, copy_cmds, plan_cmds, verify_cmds,
-           instant_cmds, files_cmds]
+# Command modules, in --help order, and which module registers each command word. Only the
+# module of the command being run is imported, so `vmdr backup` does not pay for the
+# plan renderers, the NBD server or the file-level tools (tests/unit/test_cli_modules.py
+# keeps this table honest).
+MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
+           "verify_cmds", "instant_cmds", "files_cmds"]
+COMMANDS = {
+    "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
+    "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
+    "prune": "snapshot_cmds", "check": "snapshot_cmds", "protect": "snapshot_cmds",
+    "unprotect": "snapshot_cmds", "copy": "copy_cmds", "plan": "plan_cmds",
+    "serve": "verify_cmds", "verify": "verify_cmds", "instant-restore": "instant_cmds",
+    "files": "files_cmds", "mount": "files_cmds", "umount": "files_cmds",
+}
+_VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config"}
+
+
+def command_word(args: Sequence[str]) -> str | None:
+    """The command named in *args*, skipping global options and their values."""
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--":
+            return None
+        elif a.startswith("-"):
+            skip = a in _VALUE_OPTIONS
+        else:
+            return a
+    return None
 
 
 def _epilog() -> str:
@@ -32,7 +50,8 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for *command* alone (a known command word), or for every command."""
     common = common_parser()
     parser = argparse.ArgumentParser(
         prog="vmdr", parents=[common],
@@ -41,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vmdr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for mod in MODULES:
-        mod.register(sub, [common])
+    names = [COMMANDS[command]] if command in COMMANDS else MODULES
+    for name in names:
+        importlib.import_module(f"vmdr.cli.{name}").register(sub, [common])
     return parser
 
 
@@ -66,8 +86,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _limit_malloc_arenas()
-    parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_word(args))
     ns = parser.parse_args(args)
     debug = bool(getattr(ns, "debug", False))
     verbose = int(getattr(ns, "verbose", 0) or 0)
