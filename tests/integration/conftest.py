@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.estate import TestVM, cleanup_stale
 from tests.integration.servers import SeaweedFS, SSHServer, start_seaweedfs, start_sshd, weed_binary
 from vmdr.storage.base import Backend
 from vmdr.storage.registry import open_backend
@@ -119,3 +120,13 @@ def backend_case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bac
 def any_backend(backend_case: BackendCase) -> Backend:
     """A fresh, created, empty backend: a new directory or a new S3 prefix per test."""
     return backend_case.backend
+
+
+@pytest.fixture(scope="module")
+def live_vm() -> Iterator[TestVM]:
+    """A running test guest with its record writer on; one per test module."""
+    cleanup_stale()
+    with TestVM(writer_rate=40) as vm:
+        vm.wait_heartbeat(120)
+        vm.agent_ping(60)
+        yield vm

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.guest.estate import TestVM, cleanup_stale
+from tests.guest.estate import TestVM
 from tests.guest.records import check_records
 from tests.integration.servers import SSHServer
 
@@ -33,15 +33,6 @@ for d in $VMDR_TEST_HIDE; do mount -t tmpfs -o size=1m,mode=0700 vmdr-hidden "$d
 unset IFS
 exec "$@"
 """
-
-
-@pytest.fixture(scope="module")
-def live_vm() -> Iterator[TestVM]:
-    cleanup_stale()
-    with TestVM(writer_rate=40) as vm:
-        vm.wait_heartbeat(120)
-        vm.agent_ping(60)
-        yield vm
 
 
 @pytest.fixture

@@ -7,27 +7,17 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.guest.estate import TestVM, cleanup_stale
+from tests.guest.estate import TestVM
 from tests.guest.records import check_records
 
 from .vmtools import VMDR, backup, checkpoints, domain_disk_sources, repo_env, vmdr
 
 pytestmark = pytest.mark.vm
 SCRATCH = "/var/lib/libvirt/qemu/vmdr"
-
-
-@pytest.fixture(scope="module")
-def live_vm() -> Iterator[TestVM]:
-    cleanup_stale()
-    with TestVM(writer_rate=40) as vm:
-        vm.wait_heartbeat(120)
-        vm.agent_ping(60)
-        yield vm
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 
 from vmdr.errors import UsageError
+from vmdr.procutil import proc_start_time
 
 STATE_FILE = "state.json"
 
@@ -45,13 +46,6 @@ def boot_id() -> str | None:
         return None
 
 
-def proc_start_time(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def same_machine(state: BackupState) -> bool:

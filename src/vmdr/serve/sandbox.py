@@ -35,6 +35,7 @@ from vmdr.hypervisor import random_mac, rewrite_domain_xml
 from vmdr.hypervisor._compat import lv, parse_xml
 from vmdr.hypervisor.errors import libvirt_errors
 from vmdr.hypervisor.state import blocking_ancestor
+from vmdr.procutil import proc_start_time
 
 from .png import PNG_SIGNATURE, ppm_to_png
 from .server import is_nbdkit
@@ -48,12 +49,6 @@ def verify_root(scratch_dir: str) -> str:
     return os.path.join(scratch_dir, "verify")
 
 
-def _proc_start(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 @dataclass
@@ -66,12 +61,12 @@ class SandboxState:
     private_dir: str | None = None
 
     def owner_alive(self) -> bool:
-        return _proc_start(self.pid) == self.starttime
+        return proc_start_time(self.pid) == self.starttime
 
 
 def write_state(sandbox: str, st: SandboxState) -> None:
     if not st.starttime:
-        st.starttime = _proc_start(st.pid) or ""
+        st.starttime = proc_start_time(st.pid) or ""
     tmp = os.path.join(sandbox, "state.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(asdict(st), f)
@@ -337,7 +332,7 @@ def _orphan_domains(conn: Any) -> list[str]:
             if not dom.name().startswith(NAME_PREFIX):
                 continue
             el = parse_xml(dom.XMLDesc(0)).find(f"metadata/{{{META_NS}}}sandbox")
-            if el is None or _proc_start(int(el.get("pid", "0"))) is not None:
+            if el is None or proc_start_time(int(el.get("pid", "0"))) is not None:
                 continue
             if dom.isActive():
                 dom.destroy()
