@@ -120,15 +120,22 @@ def decide(
     return out
 
 
-def sized_xml(dom: Any, name: str) -> str | None:
-    """Checkpoint XML with bitmap sizes (running domain), or None if it does not exist."""
-    m = lv()
+def _lookup(dom: Any, name: str) -> Any:
+    """The checkpoint object, or None if the domain has no checkpoint of that name."""
     try:
-        cp = dom.checkpointLookupByName(name, 0)
-    except m.libvirtError as exc:
+        return dom.checkpointLookupByName(name, 0)
+    except lv().libvirtError as exc:
         if is_code(exc, "VIR_ERR_NO_DOMAIN_CHECKPOINT"):
             return None
         raise
+
+
+def sized_xml(dom: Any, name: str) -> str | None:
+    """Checkpoint XML with bitmap sizes (running domain), or None if it does not exist."""
+    m = lv()
+    cp = _lookup(dom, name)
+    if cp is None:
+        return None
     flags = m.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN | m.VIR_DOMAIN_CHECKPOINT_XML_SIZE
     try:
         return str(cp.getXMLDesc(flags))
@@ -161,12 +168,9 @@ def list_ours(dom: Any, prefix: str) -> list[str]:
 def delete(dom: Any, name: str) -> bool:
     """Delete one checkpoint (metadata only if its bitmaps are gone). False if absent."""
     m = lv()
-    try:
-        cp = dom.checkpointLookupByName(name, 0)
-    except m.libvirtError as exc:
-        if is_code(exc, "VIR_ERR_NO_DOMAIN_CHECKPOINT"):
-            return False
-        raise
+    cp = _lookup(dom, name)
+    if cp is None:
+        return False
     try:
         cp.delete(0)
     except m.libvirtError as exc:

@@ -99,15 +99,20 @@ def blocking_ancestor(path: str, user: str) -> str | None:
     return None
 
 
+def require_reachable(directory: str, user: str) -> None:
+    """Raise ``UsageError`` unless *user* (QEMU's) can traverse down to *directory*."""
+    blocked = blocking_ancestor(directory, user)
+    if blocked is not None:
+        raise UsageError(f"QEMU runs as {user} and cannot reach {directory}: {blocked} is "
+                         "not searchable for it")
+
+
 def make_workdir(scratch_dir: str, uuid: str, user: str | None) -> str:
     """Create the work directory; QEMU (running as ``user``) must create sockets there."""
     path = workdir_for(scratch_dir, uuid)
     os.makedirs(path, mode=0o770, exist_ok=True)
     if user and os.geteuid() == 0:
-        blocked = blocking_ancestor(scratch_dir, user)
-        if blocked is not None:
-            raise UsageError(f"QEMU runs as {user} and cannot reach the scratch directory "
-                             f"{scratch_dir}: {blocked} is not searchable for it")
+        require_reachable(scratch_dir, user)
         pw = pwd.getpwnam(user)
         os.chown(path, pw.pw_uid, pw.pw_gid)
         os.chmod(path, 0o770)  # noqa: S103 - QEMU's group creates the NBD socket here

@@ -30,11 +30,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vmdr.errors import HypervisorError, UsageError
+from vmdr.errors import HypervisorError
 from vmdr.hypervisor import random_mac, rewrite_domain_xml
 from vmdr.hypervisor._compat import lv, parse_xml
 from vmdr.hypervisor.errors import libvirt_errors
-from vmdr.hypervisor.state import blocking_ancestor
+from vmdr.hypervisor.state import require_reachable
 from vmdr.procutil import proc_start_time
 
 from .png import PNG_SIGNATURE, ppm_to_png
@@ -89,10 +89,7 @@ def make_sandbox(scratch_dir: str, name: str, qemu_user: str | None) -> str:
     root = verify_root(scratch_dir)
     os.makedirs(root, mode=0o711, exist_ok=True)
     if qemu_user and os.geteuid() == 0:
-        blocked = blocking_ancestor(scratch_dir, qemu_user)
-        if blocked is not None:
-            raise UsageError(f"QEMU runs as {qemu_user} and cannot reach {scratch_dir}: "
-                             f"{blocked} is not searchable for it")
+        require_reachable(scratch_dir, qemu_user)
         for d in (scratch_dir, root):
             mode = os.stat(d).st_mode & 0o7777
             os.chmod(d, mode | 0o111)  # noqa: S103 - search only: QEMU opens overlays below
