@@ -27,7 +27,13 @@
     ├── VMLocked                   exit 13  another backup of that VM is running
     ├── SnapshotNotFound           exit 14
     ├── HookFailed                 exit 15
-    └── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
+    ├── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
+    └── TapeError                  exit 30  a tape drive or changer failed
+        ├── MediaRefused           exit 31  write-protected, another pool, retention, WORM
+        ├── DriveNotReady          exit 32  the drive did not become ready in time
+        ├── SlotEmpty              exit 33  no tape in that slot / no such tape
+        ├── LabelUnreadable        exit 34  not a vmdr tape, or its label fails its check
+        └── NoWritableMedia        exit 35  the pool has no tape it may write
     Interrupted (KeyboardInterrupt) → exit 130
 
 The table in ``docs/operations.md`` and ``vmdr --help`` lists the same codes.
@@ -181,6 +187,12 @@ EXIT_CODES: list[tuple[int, str]] = [
     (14, "snapshot not found"),
     (15, "a hook script failed"),
     (16, "a snapshot failed verification"),
+    (30, "tape drive or changer error"),
+    (31, "tape refused: write-protected, another pool, retention or WORM"),
+    (32, "tape drive not ready before the timeout"),
+    (33, "changer slot empty or tape not found"),
+    (34, "tape label unreadable (not a vmdr tape or failed its check)"),
+    (35, "no writable tape in the pool"),
     (130, "interrupted"),
 ]
 
@@ -205,3 +217,39 @@ class VerificationFailed(VmdrError):
     """A snapshot failed verification."""
 
     exit_code = 16
+
+
+class TapeError(VmdrError):
+    """The tape drive or changer failed."""
+
+    exit_code = 30
+
+
+class MediaRefused(TapeError):
+    """The tape may not be written (write-protected, another pool, retention or WORM)."""
+
+    exit_code = 31
+
+
+class DriveNotReady(TapeError):
+    """The tape drive did not become ready before the timeout."""
+
+    exit_code = 32
+
+
+class SlotEmpty(TapeError):
+    """The changer slot is empty, or no such tape is in the library."""
+
+    exit_code = 33
+
+
+class LabelUnreadable(TapeError):
+    """The tape label is unreadable: not a vmdr tape, or it failed its check."""
+
+    exit_code = 34
+
+
+class NoWritableMedia(TapeError):
+    """The pool has no tape it may write: label or free a tape."""
+
+    exit_code = 35

@@ -21,6 +21,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "repository": frozenset({"hypervisor", "plan", "jobs", "cli", "serve"}),
     "hypervisor": frozenset({"repository", "plan", "jobs", "cli"}),
     "plan": frozenset({"repository", "hypervisor", "jobs", "cli"}),
+    # tape sits beside repository: it may use repository.crypto/keys, never the layers above
+    "tape": frozenset({"hypervisor", "plan", "jobs", "cli", "serve"}),
     "jobs": frozenset({"cli"}),
     # serve and fileaccess sit at the jobs level
     "serve": frozenset({"cli"}),
