@@ -118,11 +118,12 @@ def backup_to_tape(repo: Repository, lib: Library, store: CatalogStore, pool_nam
     t0 = time.monotonic()
     with store.locked() as cat:
         pool = cat.pool(pool_name)
+        rot = store.rotation(pool.name) if pool.allocation == "rotation" else None
         if progress:
             progress.set_total(0, f"tape {pool_name}")  # stored sizes: unknown up front
         w = PoolWriter(lib, cat, pool, repo_info(repo), mac_key_of(repo), clock,
                        seal_key_of(pool.key_file), archive_size,
-                       progress.advance if progress else None)
+                       progress.advance if progress else None, rot)
         ms = w.start()
         ring = RingBuffer(_objects(repo, snaps), lambda t: len(t[2]), ring_bytes)
         written = skipped = 0
@@ -138,6 +139,8 @@ def backup_to_tape(repo: Repository, lib: Library, store: CatalogStore, pool_nam
                 w.add_snapshot(oid, blob, s.name, format_time(s.time),
                                sum(d.size for d in s.disks))
         w.finish()
+        if rot is not None:
+            store.save_rotation(pool.name, rot)
         full = [m.label for m in cat.set_media(ms.uuid) if m.full]
     if progress:
         progress.finish()

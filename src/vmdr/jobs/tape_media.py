@@ -14,9 +14,16 @@ from vmdr.tape.media import Media, Pool, check_allocation, overwrite_refusal, pa
 from vmdr.timeutil import Clock, format_time, utcnow
 
 
-def add_pool(store: CatalogStore, pool: Pool) -> Pool:
+def add_pool(store: CatalogStore, pool: Pool, maxslot: int | None = None) -> Pool:
+    """Create or change a pool; a ``rotation`` pool needs *maxslot* (the seed's highest
+    slot) the first time."""
     check_allocation(pool.allocation)
     parse_retention(pool.retention)
+    if pool.allocation == "rotation":
+        rot = store.rotation(pool.name, maxslot)
+        if maxslot is not None:
+            rot.maxslot = maxslot
+        store.save_rotation(pool.name, rot)
     with store.locked() as cat:
         cat.pools[pool.name] = pool
     return pool
@@ -229,7 +236,8 @@ def vault_checklist(lines: list[VaultLine], now: datetime) -> str:
         rows.append("Nothing to carry today.")
     rows += ["", "Where every tape is:"]
     for v in lines:
-        until = format_time(v.retained_until)[:10] if v.retained_until else "keep"
+        until = (format_time(v.retained_until)[:10] if v.retained_until
+                 else "-" if v.last_written is None else "forever")
         rows.append(f"  {v.label:<10} {v.pool:<10} {v.location:<22} set "
                     f"{(v.media_set or '-')[:8]:<8} kept until {until}")
     rows += ["", "Carried by: ____________________   Date: __________   Signature: ________"]

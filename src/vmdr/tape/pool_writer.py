@@ -33,6 +33,7 @@ from vmdr.tape.media import (
     Media,
     MediaSet,
     Pool,
+    Rotation,
     TapeFile,
     check_overwrite,
     choose_free_media,
@@ -57,11 +58,13 @@ class PoolWriter:
     def __init__(self, lib: Library, cat: Catalog, pool: Pool, repo: RepoInfo,
                  mac_key: bytes | None, now: Callable[[], datetime],
                  seal_key: bytes | None = None, archive_size: int = 1 << 30,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 rotation: Rotation | None = None) -> None:
         self.lib, self.cat, self.pool, self.repo = lib, cat, pool, repo
         self.mac_key, self.seal_key, self.now = mac_key, seal_key, now
         self.archive_size = archive_size
         self.on_bytes = on_bytes
+        self.rotation = rotation  # the seed's policy: the next slot's tape, whatever it is
         self.set: MediaSet | None = None
         self.media: Media | None = None
         self._arch: ArchiveWriter | None = None
@@ -116,12 +119,29 @@ class PoolWriter:
     def _next_tape(self) -> None:
         assert self.set is not None
         now = self.now()
+        if self.rotation is not None:
+            self._next_slot(self.rotation)
+            return
         m = choose_free_media(self.pool, list(self.cat.media.values()), self.cat.sets, now,
                               self._present, set(self.set.media))
         if m is None:
             raise NoWritableMedia(f"pool {self.pool.name} has no tape it may write: label a "
                                   "new tape or wait for retention to free one")
         self.start_on(m)
+
+    def _next_slot(self, rot: Rotation) -> None:
+        """The seed's rotation: rewind, unload, load the next slot (wrapping after
+        maxslot), wait until the drive is ready; its tape must be a labelled tape of this
+        pool that retention lets us overwrite."""
+        slot = rot.next_slot()
+        self.lib.load_slot(slot)
+        got = self.lib.read_label()
+        m = self.cat.media.get(got.uuid)
+        if m is None:
+            raise LabelUnreadable(f"the tape in slot {slot} ({got.label}) is not in the "
+                                  "catalog: run 'vmdr tape inventory --read-labels'")
+        self.start_on(m)
+        rot.used(slot, m.label, self.now())
 
     def start_on(self, m: Media) -> None:
         """Make *m* the next tape of the set: check, load, write the set label."""
