@@ -96,7 +96,7 @@ def test_full_tape_continues_on_next(tmp_path: Path,
                                      ) -> None:
     repo, data = repo_with_images
     clock = FakeClock()
-    _vl, lib, store = _setup(tmp_path, capacity=4 * MiB, clock=clock)
+    _vl, lib, store = _setup(tmp_path, capacity=5 * MiB, tapes=4, clock=clock)
     res = backup_to_tape(repo, lib, store, "daily", [repo.resolve("web"), repo.resolve("db")],
                          clock=clock)
     assert len(res.tapes) >= 2 and res.tapes_full

@@ -1,6 +1,7 @@
 """On-tape formats (docs/format.md §tape): every vmdr tape file is one *archive*.
 
-An archive is a byte stream cut into fixed ``BLOCK_SIZE`` blocks (the last one short)::
+An archive is a byte stream cut into fixed ``BLOCK_SIZE`` blocks, the last one padded
+with zeros after the END frame::
 
     "VMDRTAPE"  u16 version=1  u8 kind  u8 0          (12 bytes, once)
     frame*                                             (the first is the HEADER frame)
@@ -142,7 +143,12 @@ class ArchiveWriter:
         self.add(T_DOC, NO_ID, json.dumps(doc, sort_keys=True).encode())
 
     def finish(self) -> None:
+        """END, zero padding to a whole block (every block vmdr writes is full size:
+        tgt, for one, garbles short blocks of more than half the read size), filemark."""
         self._add(T_END, NO_ID, struct.pack("<Q", self._index + 1), self.file_uuid)
+        tail = len(self._buf) % self.drive.block_size
+        if tail:
+            self._buf += bytes(self.drive.block_size - tail)
         self._drain(final=True)
         self.drive.write_filemark()
 

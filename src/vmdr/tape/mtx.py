@@ -21,7 +21,7 @@ from vmdr.tape.drive import Changer, ChangerStatus, DriveStatus, Element, TapeDr
 _DRIVE = re.compile(r"^\s*Data Transfer Element\s+(\d+)\s*:\s*(Full|Empty)(.*)$")
 _SLOT = re.compile(r"^\s*Storage Element\s+(\d+)(\s+IMPORT/EXPORT)?\s*:\s*(Full|Empty)(.*)$")
 _LOADED = re.compile(r"\(\s*Storage Element\s+(\d+)\s+Loaded\s*\)")
-_TAG = re.compile(r"VolumeTag\s*=\s*(\S*)")
+_TAG = re.compile(r"VolumeTag\s*=\s*([^\s:]*)")
 
 
 def _tag(rest: str) -> str | None:

@@ -184,8 +184,8 @@ def parse_element_status(data: bytes, etype: int) -> list[tuple[int, bool, str |
             full = bool(d[2] & 0x01)
             src = struct.unpack(">H", d[10:12])[0] if len(d) >= 12 and d[9] & 0x80 else None
             tag = None
-            if flags & 0x80 and len(d) >= 48:
-                tag = d[12:44].decode("ascii", "replace").strip() or None
+            if flags & 0x80 and len(d) > 12:  # tgt's reply can cut the 36-byte tag short
+                tag = d[12:48].decode("ascii", "replace").strip(" \x00") or None
             if (ptype & 0x0F) == etype:
                 out.append((addr, full, tag, src))
             pos += dlen
@@ -312,11 +312,18 @@ class SgDrive(TapeDrive):
                                               n & 0xFF, 0]))
         return sense
 
+    @staticmethod
+    def _short(sense: Sense | None) -> bool:
+        """A SPACE that did not complete: any CHECK CONDITION but a recovered error (tgt
+        reports the end of data as NO SENSE + "end-of-data detected", not BLANK CHECK)."""
+        return sense is not None and sense.key != 1
+
     def forward_space_files(self, count: int) -> None:
         if count <= 0:
             return
         sense = self._space(1, count)
-        if sense is not None and sense.key not in (0, 1):
+        if self._short(sense):
+            assert sense is not None
             done = count - sense.info if sense.info is not None else 0
             self._file += max(0, done)
             raise TapeError(f"end of data while spacing {count} files ({sense.text})")
@@ -325,8 +332,7 @@ class SgDrive(TapeDrive):
     def move_to_eod(self) -> int:
         self.rewind()
         while True:
-            sense = self._space(1, 1)
-            if sense is not None and sense.key not in (0, 1):
+            if self._short(self._space(1, 1)):
                 break
             self._file += 1
         self.locate_file(self._file)
