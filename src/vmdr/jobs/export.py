@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import time
 from collections.abc import Iterator
@@ -82,6 +83,12 @@ def export_snapshot(repo: Repository, snap: Snapshot, fmt: str, out_path: str | 
         return {**res, "snapshot": snap.id, "format": fmt}
     if fmt == "qcow2":
         raise UsageError("qcow2 cannot be written to a pipe: give -o FILE, or use raw or tar")
+    if not to_stream:
+        assert out_path is not None
+        if os.path.exists(out_path) and not force:
+            raise UsageError(f"{out_path} exists (--force overwrites it)")
+        with open(out_path, "wb") as fh:
+            return export_snapshot(repo, snap, fmt, "-", fh, disk, force, progress)
     assert out_stream is not None
     if fmt == "raw":
         rec = _pick(snap, disk)
