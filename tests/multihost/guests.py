@@ -61,15 +61,14 @@ class Guest:
 
     # -- lifecycle --------------------------------------------------------------------------
     def define(self, host: Host) -> Any:
-        conn = host.connect()
         self.known.add(host)
-        return conn.defineXML(self.xml)
+        return host.conn().defineXML(self.xml)
 
     def domain(self, host: Host | None = None) -> Any:
         h = host or self.host
         if h is None:
             raise RuntimeError(f"{self.name} is not on any host")
-        return h.connect().lookupByName(self.name)
+        return h.conn().lookupByName(self.name)
 
     def start(self, host: Host) -> None:
         """Define the guest on ``host`` (if it is not yet) and start it there."""
@@ -112,7 +111,7 @@ class Guest:
             if not host.alive():
                 continue
             try:
-                dom = host.connect().lookupByName(self.name)
+                dom = host.conn().lookupByName(self.name)
                 if dom.isActive():
                     dom.destroy()
                 dom.undefine()

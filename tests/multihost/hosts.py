@@ -65,6 +65,7 @@ class Host:
         self.qemu_conf = {**_QEMU_CONF, **(qemu_conf or {})}
         self.init: subprocess.Popen[bytes] | None = None
         self._conns: list[Any] = []
+        self._conn: Any = None
 
     # -- addresses --------------------------------------------------------------------------
     @property
@@ -205,6 +206,7 @@ class Host:
         pid = self.daemon_pid("libvirtd")
         if pid is None:
             raise RuntimeError(f"{self.name}: no libvirtd")
+        self.close_connections()
         os.kill(pid, signal.SIGKILL)
         return pid
 
@@ -242,14 +244,20 @@ class Host:
 
     # -- libvirt ----------------------------------------------------------------------------
     def connect(self) -> Any:
-        """A libvirt connection from the root namespace (unix socket); closed on kill and
-        at teardown."""
+        """A new libvirt connection from the root namespace (unix socket); closed on kill,
+        libvirtd kill and teardown."""
         import libvirt
 
         libvirt.registerErrorHandler(lambda _c, _e: None, None)
         conn = libvirt.open(self.uri)
         self._conns.append(conn)
         return conn
+
+    def conn(self) -> Any:
+        """The host's shared libvirt connection (opened on first use, reopened when dead)."""
+        if self._conn is None or not self._conn.isAlive():
+            self._conn = self.connect()
+        return self._conn
 
     def close_connections(self) -> None:
         for c in self._conns:
@@ -258,14 +266,10 @@ class Host:
             except Exception:
                 pass
         self._conns.clear()
+        self._conn = None
 
     def domain_states(self) -> dict[str, int]:
         """{name: virDomainState} of every domain this host knows (empty if it is down)."""
         if not self.alive():
             return {}
-        conn = self.connect()
-        try:
-            return {d.name(): d.state()[0] for d in conn.listAllDomains(0)}
-        finally:
-            conn.close()
-            self._conns.remove(conn)
+        return {d.name(): d.state()[0] for d in self.conn().listAllDomains(0)}

@@ -23,7 +23,7 @@ def test_hosts_are_separate(mh_cluster: Cluster) -> None:
     uuids = set()
     for h in mh_cluster.hosts:
         assert h.virsh("hostname").stdout.strip() == h.name
-        caps = h.connect().getCapabilities()
+        caps = h.conn().getCapabilities()
         assert f"<uuid>{h.host_uuid}</uuid>" in caps  # migration needs distinct host UUIDs
         uuids.add(h.host_uuid)
         # each host's own libvirtd answers on qemu+tcp at its test address, seen from h1
@@ -69,7 +69,6 @@ def test_libvirtd_crash_and_live_migration(mh_cluster: Cluster) -> None:
     assert qemu is not None
 
     h2.kill_libvirtd()  # the daemon dies, the guest does not
-    h2.close_connections()
     h2.restart_libvirtd()
     assert h2.daemon_pid("qemu-system-x86") == qemu
     assert g.is_running_on(h2)
