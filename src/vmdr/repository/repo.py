@@ -115,6 +115,7 @@ class Repository:
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
         self.cache = Cache(config.id) if use_cache else None
+        self._on_close: list[Callable[[], None]] = []
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
@@ -206,7 +207,13 @@ class Repository:
                 return key, str(doc["slot"])
         raise WrongPassword()
 
+    def release_on_close(self, release: Callable[[], None]) -> None:
+        """Call *release* (e.g. a lock's) when the repository closes, before its backend."""
+        self._on_close.append(release)
+
     def close(self) -> None:
+        while self._on_close:
+            self._on_close.pop()()
         if self.cache:
             self.cache.close()
         self.backend.close()
