@@ -137,8 +137,7 @@ def read_repository(repo: Repository, name: str) -> list[Copy]:
     restores."""
     # one listing tells which snapshots have attachments at all (most have none), so a
     # remote repository is not asked once per snapshot
-    attached = {o.name.split("/")[1] for o in repo.backend.list("attachments")
-                if o.name.count("/") >= 2}
+    attached = repo.snapshots_with_attachments()
     out = []
     for s in repo.list_snapshots():
         if s.meta.get("kind") != "vm":
