@@ -88,7 +88,7 @@ def test_a_concurrent_prune_never_leaves_a_dangling_snapshot(tmp_path: Path,
     else:  # after the re-check found nothing to check, before the manifest lands
         backend.arm(lambda op, name: op == "put" and name.startswith("snapshots/"),
                     _forget_and_prune(path, "a"))
-    with repo, pytest.raises(IntegrityError, match="concurrent prune removed .* --force-read"):
+    with repo, pytest.raises(IntegrityError, match=r"concurrent prune removed .* --force-read"):
         backup_image(repo, b_raw, "b")
     with reopen(path) as after:
         assert after.list_snapshots() == []  # nothing committed, nothing dangling

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from vmdr.cli.common import Globals, emit_json, out, repository
 from vmdr.jobs import mount as job
@@ -23,7 +23,7 @@ def cmd_ls(ns: argparse.Namespace, g: Globals) -> int:
         emit_json(res)
         return 0
     for e in res["entries"]:
-        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e["mtime"]))
+        when = datetime.fromtimestamp(e["mtime"], UTC).strftime("%Y-%m-%d %H:%M")
         name = e["name"] + ("/" if e["type"] == "dir" else "")
         if "target" in e:
             name += f" -> {e['target']}"

@@ -161,7 +161,8 @@ class Repository:
                 raise UsageError("an encrypted repository needs a passphrase")
             key = master or MasterKey.generate()
             doc["mac"] = blake3.blake3(_canonical(doc), key=key.mac_key).hexdigest()
-            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf())
+            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf(),
+                                       clock())
             backend.put(f"keys/{slot}", slot_doc)
         backend.put(CONFIG_NAME, json.dumps(doc, indent=1).encode())
         return cls(backend, cfg, key, slot, clock)
@@ -235,7 +236,8 @@ class Repository:
     def add_key_slot(self, passphrase: str, label: str, kdf: KdfParams | None = None) -> str:
         if self.key is None:
             raise UsageError("the repository is not encrypted; it has no keys")
-        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf())
+        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf(),
+                              self.clock())
         self.backend.put(f"keys/{slot}", doc)
         return slot
 

@@ -36,6 +36,7 @@ from vmdr.hypervisor._compat import lv, parse_xml
 from vmdr.hypervisor.errors import libvirt_errors
 from vmdr.hypervisor.state import require_reachable
 from vmdr.procutil import proc_start_time
+from vmdr.timeutil import utcnow
 
 from .png import PNG_SIGNATURE, ppm_to_png
 from .server import is_nbdkit
@@ -309,7 +310,7 @@ def cleanup_leftovers(conn: Any, scratch_dir: str) -> list[str]:
                 continue
             st = read_state(path)
             if st is None:
-                if time.time() - os.stat(path).st_mtime < 600:
+                if utcnow().timestamp() - os.stat(path).st_mtime < 600:
                     continue  # being set up right now, maybe
                 st = SandboxState(entry, "", pid=0)
             elif st.owner_alive():
