@@ -29,6 +29,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "procutil": frozenset({"errors"}),
     "credentials": frozenset({"errors"}),
     "config": BASE | {"credentials"},
+    "templating": frozenset(),                        # the HTML toolkit (Jinja2)
     # the bottom: bytes in and out
     "storage": SUPPORT,
     "diskio": SUPPORT,
@@ -38,7 +39,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     # the middle: repositories, hypervisors, the estate, tape
     "repository": SUPPORT | {"storage"},
     "hypervisor": SUPPORT,
-    "plan": BASE | {"config", "storage"},
+    "plan": BASE | {"config", "storage", "templating"},
     "tape": SUPPORT | {"config", "storage", "repository"},  # coming
     "ha": BASE | {"config", "plan", "events"},        # coming: pure decisions
     # block-level services over a repository and a hypervisor (NBD export, sandboxes):
@@ -49,10 +50,10 @@ ALLOWED: dict[str, frozenset[str]] = {
                        "hypervisor", "plan", "tape", "serve", "events", "ui", "__init__"},
     "agent": SUPPORT | {"config", "storage", "diskio", "fileaccess", "repository",  # coming
                         "hypervisor", "plan", "tape", "ha", "serve", "events", "ui", "jobs",
-                        "__init__"},
+                        "templating", "__init__"},
     "cli": SUPPORT | {"config", "storage", "diskio", "fileaccess", "repository",
                       "hypervisor", "plan", "tape", "ha", "serve", "events", "ui", "jobs",
-                      "agent", "__init__"},
+                      "agent", "templating", "__init__"},
 }
 COMING = frozenset({"events", "tape", "ha", "agent"})
 """Units with an entry before their code lands (issue 8 and the daemon issues)."""
