@@ -22,9 +22,10 @@ def open_from_repo(ns: argparse.Namespace, g: Globals) -> Repository:
     """The ``--from-repo`` source of ``repo init`` (its passphrase: ``VMDR_FROM_PASSWORD``,
     ``--from-password-file`` or ``VMDR_FROM_PASSWORD_FILE``, else the same as the new
     one's)."""
+    asked = Passphrase(env=None, prompt="Passphrase of the --from-repo repository: ")
     pw = Passphrase(env="VMDR_FROM_PASSWORD",
                     file=ns.from_password_file or os.environ.get("VMDR_FROM_PASSWORD_FILE"),
-                    fallback=g.passphrase)
+                    fallback=g.passphrase if g.passphrase.configured() else asked)
     return open_repository(OpenOptions(ns.from_repo, pw, ns.from_key_file), None)
 
 
