@@ -122,3 +122,15 @@ def test_every_backup_job_commits_through_the_repository() -> None:
     for path in SRC.rglob("*.py"):
         if path.parts[-2] != "repository":
             assert not re.search(r"\.save_snapshot\(", path.read_text()), path
+
+
+def test_only_the_repository_knows_the_layout() -> None:
+    """Object names and raw backend calls stay inside repository/ (and storage/)."""
+    name = re.compile(r"""["'](snapshots|attachments|data|keys|locks|state)/""")
+    raw = re.compile(r"\.backend\.(get|put|list|delete|exists|stat|get_range)\(")
+    for path in SRC.rglob("*.py"):
+        if path.relative_to(SRC).parts[0] in ("repository", "storage"):
+            continue
+        text = path.read_text()
+        assert not name.search(text), f"{path} builds repository object names"
+        assert not raw.search(text), f"{path} calls the repository's backend directly"
