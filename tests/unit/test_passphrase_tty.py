@@ -7,6 +7,7 @@ when none is; ``key passwd``/``key add`` always ask for the *new* passphrase.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -95,6 +96,9 @@ def test_init_in_a_terminal_uses_the_configured_passphrase(tmp_path: Path, how: 
     assert term.wait() == 0, term.seen
     assert "passphrase:" not in term.seen.lower(), term.seen  # nobody was asked
     assert "created repository" in term.seen
+    # made by a CLI process of the suite: a cheap key slot (tests/kdfhook)
+    (slot,) = (tmp_path / "repo" / "keys").iterdir()
+    assert json.loads(slot.read_text())["kdf"]["memory_kib"] == 1024
     # later commands, run by cron with the same file, open it
     run("snapshots", env={"VMDR_REPO": str(tmp_path / "repo"), "VMDR_PASSWORD_FILE": pw})
 
