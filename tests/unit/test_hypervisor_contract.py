@@ -318,3 +318,18 @@ def test_backup_side_is_optional(h: Harness) -> None:
     else:
         assert h.hv.list_checkpoints(info, "vmdr-1") == []
     assert h.hv.read_nvram(info) is None
+
+
+def test_libvirt_block_copy_is_a_full_transient_job() -> None:
+    """libvirt 9 refuses block copy on a persistent domain without TRANSIENT_JOB; no
+    SHALLOW flag: the NBD backing is flattened into the copy."""
+    fl.install()
+    try:
+        fl.add_domain(xml("vm", "vda"), sizes={"vda": 1 << 20})
+        connect().lookup("vm").block_copy("vda", "/images/vm-vda.qcow2", bandwidth=5 << 20)
+        [(disk, dest, params, flags)] = fl.calls("blockCopy")
+        assert disk == "vda" and "/images/vm-vda.qcow2" in dest and "type=\"qcow2\"" in dest
+        assert flags == fl.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        assert params == {fl.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: 5 << 20}
+    finally:
+        fl.uninstall()
