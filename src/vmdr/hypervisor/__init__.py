@@ -89,6 +89,7 @@ from .checkpoints import checkpoint_name, is_ours
 from .connection import DEFAULT_URI, LibvirtHypervisor, cleanup_leftovers, connect
 from .domain import DiskInfo, DomainInfo, parse_disks
 from .driver import (
+    BackupJob,
     BlockCopyJob,
     Console,
     CopyStatus,
@@ -104,6 +105,7 @@ from .xml import domain_name, domain_uuid, parse_xml, random_mac, rewrite_domain
 
 __all__ = [
     "DEFAULT_URI",
+    "BackupJob",
     "BackupSession",
     "BlockCopyJob",
     "Console",

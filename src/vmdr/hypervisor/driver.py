@@ -24,6 +24,8 @@ The surface::
                  guest_ping(); guest_addresses(); console() -> Console;
                  resume_after_io_error(); wait_heartbeat(...)
     BlockCopyJob disk; status() -> CopyStatus; pivot() -> bool; cancel()
+    BackupJob    method, consistency, checkpoint, checkpoint_xml, disks (DiskSource),
+                 skipped, warnings; commit() (a context manager)
     Console      log_path; read_log(); screenshot() -> Screenshot
     Sandbox      domain, network; close() (also a context manager)
 
@@ -40,17 +42,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 from vmdr.errors import HeartbeatTimeout, HypervisorError, HypervisorUnsupported, UsageError
 
-from .domain import DomainInfo, State
+from .domain import DiskInfo, DomainInfo, State
+from .session import DiskSource, Method
 
-if TYPE_CHECKING:
-    from .backup import BackupSession, Method
-
-__all__ = ["BlockCopyJob", "Console", "CopyStatus", "Domain", "Hypervisor", "NetworkInfo",
-           "Sandbox", "Screenshot"]
+__all__ = ["BackupJob", "BlockCopyJob", "Console", "CopyStatus", "Domain", "Hypervisor",
+           "NetworkInfo", "Sandbox", "Screenshot"]
 
 
 @dataclass(frozen=True)
@@ -289,6 +289,46 @@ class Sandbox:
         self.close()
 
 
+class BackupJob(Protocol):
+    """What :meth:`Hypervisor.backup` hands out: a context manager around one backup of one
+    domain (the libvirt driver's is :class:`~vmdr.hypervisor.backup.BackupSession`).
+
+    Leaving it without :meth:`commit` undoes everything the backup put in place."""
+
+    @property
+    def method(self) -> str:
+        """checkpoint | overlay | offline."""
+
+    @property
+    def consistency(self) -> Literal["quiesced", "crash"]: ...
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint this backup creates (the next incremental's base), or None."""
+
+    @property
+    def checkpoint_xml(self) -> str | None:
+        """Its full XML, to save with the snapshot (see ``redefine_checkpoint``)."""
+
+    @property
+    def disks(self) -> list[DiskSource]:
+        """The disks to read: extents and thread-safe reads."""
+
+    @property
+    def skipped(self) -> list[DiskInfo]: ...
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+    def commit(self) -> None:
+        """The data is safely stored: keep the new checkpoint, drop older ones."""
+
+    def __enter__(self) -> BackupJob: ...
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
 class Hypervisor(ABC):
     """One connection to one host. Every error leaves as a :mod:`vmdr.errors` exception."""
 
@@ -376,7 +416,7 @@ class Hypervisor(ABC):
     def backup(self, info: DomainInfo, *, checkpoint_prefix: str, scratch_dir: str,
                disks: Sequence[str] | None = None, incremental_from: str | None = None,
                quiesce: bool = False, method: Method = "auto",
-               now: datetime | None = None) -> BackupSession:
+               now: datetime | None = None) -> BackupJob:
         """A backup session (a context manager); see the package docstring."""
         raise self._unsupported("backup")
 
