@@ -279,7 +279,7 @@ class Sandbox:
             if self.domain.is_persistent():
                 self.domain.undefine()
         except HypervisorError:
-            pass
+            pass  # gone already; else the hypervisor destroys it when the connection closes
 
     def __enter__(self) -> Sandbox:
         return self
