@@ -64,10 +64,11 @@ def check(
     snaps: list[Snapshot] = []
     for sid in sids:
         try:
-            snaps.append(repo.load_snapshot(sid))
+            # from the repository itself: the cache is never the source of truth
+            snaps.append(repo.load_snapshot(sid, use_cache=False))
         except (IntegrityError, UnsupportedFormat) as exc:
-            res.problems.append(Problem("corrupt-snapshot", f"snapshots/{sid}", exc.message,
-                                        [sid[:8]]))
+            res.problems.append(Problem("corrupt-snapshot", f"snapshots/{sid}",
+                                        f"snapshot {sid}: {exc.message}", [sid[:8]]))
     res.snapshots = len(snaps)
     for s in snaps:
         for d in s.disks:

@@ -115,6 +115,8 @@ class Repository:
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
         self.cache = Cache(config.id) if use_cache else None
+        #: snapshot ID -> why its manifest could not be read (filled by list_snapshots)
+        self.damaged: dict[str, str] = {}
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
@@ -316,29 +318,50 @@ class Repository:
             self.cache.put_snapshot(snap.id, plain)
         return snap.id
 
-    def load_snapshot(self, sid: str) -> Snapshot:
-        plain = self.cache.get_snapshot(sid) if self.cache else None
+    def load_snapshot(self, sid: str, use_cache: bool = True) -> Snapshot:
+        """The snapshot *sid*. A cached manifest is used only if it still hashes to its
+        ID; ``use_cache=False`` (``check``) always reads the repository."""
+        plain = self.cache.get_snapshot(sid) if self.cache and use_cache else None
+        if plain is not None and self.codec.object_id(plain).hex() != sid:
+            log.warning("cached manifest of snapshot %s is damaged; reading the repository",
+                        sid[:16])
+            plain = None
         if plain is None:
             try:
                 blob = self.backend.get(f"snapshots/{sid}")
             except ObjectNotFound:
                 raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
             plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
+            snap = manifest.decode(plain, sid)
             if self.cache:
                 self.cache.put_snapshot(sid, plain)
+            return snap
         return manifest.decode(plain, sid)
 
     def snapshot_ids(self) -> list[str]:
         out = []
         for o in self.backend.list("snapshots"):
             sid = o.name.rsplit("/", 1)[-1]
-            if len(sid) == 64:
+            if len(sid) == 64 and all(c in "0123456789abcdef" for c in sid):
                 out.append(sid)
         return out
 
     def list_snapshots(self, name: str | None = None) -> list[Snapshot]:
+        """Every readable snapshot (of *name*), oldest first. A manifest that cannot be
+        read or decoded is skipped with a warning naming its ID, and remembered in
+        :attr:`damaged`; one bad file never hides the others."""
         ids = self.snapshot_ids()
-        snaps = [self.load_snapshot(s) for s in ids]
+        snaps = []
+        for sid in ids:
+            try:
+                snaps.append(self.load_snapshot(sid))
+            except (IntegrityError, UnsupportedFormat, SnapshotNotFound) as exc:
+                if isinstance(exc, SnapshotNotFound):
+                    continue  # deleted since the listing
+                if sid not in self.damaged:
+                    log.warning("snapshot %s is damaged and was skipped: %s (run 'vmdr "
+                                "check')", sid, exc.message)
+                self.damaged[sid] = exc.message
         if self.cache:
             self.cache.forget_snapshots(set(ids))
         if name is not None:
