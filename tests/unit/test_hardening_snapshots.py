@@ -1,18 +1,21 @@
-"""Issue 14, items 2-3: one damaged manifest never hides the others, and the cache never
-hides damage."""
+"""Issue 14, items 2-4: one damaged manifest never hides the others, the cache never
+hides damage, and a snapshot reference never resolves to another name's snapshot."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from vmdr.errors import IntegrityError, SnapshotNotFound, UsageError
 from vmdr.repository.manifest import Snapshot
+from vmdr.repository.resolve import MIN_ID_PREFIX, resolve_ref
 
 from .hardening_helpers import cli_env, image_snapshot, make_repo, vmdr
-from .repofixtures import reopen
+from .repofixtures import FakeClock, reopen
 
 
 @pytest.fixture
@@ -55,6 +58,9 @@ def test_damaged_manifest_with_empty_cache(tmp_path: Path, three: tuple) -> None
     vmdr("image", "restore", snaps[0].id[:12], str(tmp_path / "w1.raw"), env=env)
     assert (tmp_path / "w1.raw").read_bytes() == contents[0]
     vmdr("image", "restore", f"web@{snaps[0].id[:8]}", str(tmp_path / "w1b.raw"), env=env)
+    # the damaged one is named, not "not found"
+    p = vmdr("image", "restore", bad.id[:12], str(tmp_path / "bad.raw"), env=env, code=6)
+    assert bad.id in p.stderr and not (tmp_path / "bad.raw").exists()
     p = vmdr("check", env=env, code=6)
     assert bad.id in p.stdout and "corrupt-snapshot" in p.stdout
 
@@ -85,3 +91,81 @@ def test_poisoned_cache_entry_is_not_trusted(tmp_path: Path, three: tuple) -> No
     db.close()
     with reopen(env["VMDR_REPO"]) as r:
         assert r.load_snapshot(snaps[2].id).name == "db"
+
+
+def _s(name: str, sid: str, minute: int = 0) -> Snapshot:
+    from datetime import UTC, datetime
+
+    s = Snapshot(name, datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minute), 65536)
+    s.id = sid
+    return s
+
+
+SNAPS = [_s("web", "ec884b32" + "0" * 56, 1), _s("web", "ec884b99" + "1" * 56, 2),
+         _s("othervm", "ec88aaaa" + "2" * 56, 3), _s("db", "1234abcd" + "3" * 56, 4),
+         _s("abcd", "9999" + "4" * 60, 5)]
+
+
+def test_resolver_rules() -> None:
+    assert resolve_ref("web", SNAPS) is SNAPS[1]
+    assert resolve_ref("web@latest", SNAPS) is SNAPS[1]
+    assert resolve_ref("web@ec884b32", SNAPS) is SNAPS[0]
+    assert resolve_ref("web@EC884B32", SNAPS) is SNAPS[0]
+    assert resolve_ref("1234abcd", SNAPS) is SNAPS[3]
+    assert resolve_ref("abcd", SNAPS) is SNAPS[4]  # a name wins over an ID prefix
+    assert resolve_ref("othervm@ec88", SNAPS) is SNAPS[2]
+    # NAME@ID never leaves NAME
+    with pytest.raises(SnapshotNotFound, match="no snapshot named 'typo'"):
+        resolve_ref("typo@ec88aaaa", SNAPS)
+    with pytest.raises(SnapshotNotFound):
+        resolve_ref("db@ec88aaaa", SNAPS)
+    # ambiguity lists the candidates
+    with pytest.raises(UsageError, match=r"ambiguous.*web@ec884b320000.*web@ec884b991111"):
+        resolve_ref("web@ec88", SNAPS)
+    with pytest.raises(UsageError, match="othervm@ec88aaaa"):
+        resolve_ref("ec88", SNAPS)
+    # too short, not hex, nothing after @, empty
+    with pytest.raises(UsageError, match=f"at least {MIN_ID_PREFIX}"):
+        resolve_ref("ec8", SNAPS)
+    with pytest.raises(UsageError, match=f"at least {MIN_ID_PREFIX}"):
+        resolve_ref("web@e", SNAPS)
+    with pytest.raises(UsageError, match="hexadecimal"):
+        resolve_ref("web@zzzz", SNAPS)
+    with pytest.raises(UsageError, match="ends in '@'"):
+        resolve_ref("web@", SNAPS)
+    with pytest.raises(UsageError):
+        resolve_ref("", SNAPS)
+    with pytest.raises(UsageError):
+        resolve_ref("@ec88", SNAPS)
+    # a damaged manifest is named when a reference reaches it
+    with pytest.raises(IntegrityError, match="ffff0000"):
+        resolve_ref("ffff", SNAPS, {"ffff0000" + "5" * 56: "MAC check failed"})
+    # a legacy name holding '@' is split at the last '@'
+    legacy = [_s("a@b", "5555" + "6" * 60)]
+    assert resolve_ref("a@b@5555", legacy) is legacy[0]
+    assert resolve_ref("5555", legacy) is legacy[0]
+
+
+def test_cli_typo_name_never_restores_another_vm(tmp_path: Path, three: tuple) -> None:
+    env, snaps, _ = three
+    out = tmp_path / "out.raw"
+    p = vmdr("image", "restore", f"typo@{snaps[2].id[:4]}", str(out), env=env, code=14)
+    assert "typo" in p.stderr and not out.exists()
+    vmdr("image", "restore", "web@", str(out), env=env, code=2)
+    vmdr("image", "restore", "web@ab", str(out), env=env, code=2)
+    assert not out.exists()
+
+
+def test_repository_resolve_uses_the_resolver(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with make_repo(str(tmp_path / "r"), clock=clock) as r:
+        a = Snapshot("a", clock(), r.chunk_size)
+        r.save_snapshot(a)
+        clock.advance(hours=1)
+        b = Snapshot("b", clock(), r.chunk_size)
+        r.save_snapshot(b)
+        with pytest.raises(SnapshotNotFound):
+            r.resolve(f"a@{b.id[:8]}")
+        with pytest.raises(UsageError):
+            r.resolve("a@")
+        assert r.resolve(f"b@{b.id[:8]}").id == b.id

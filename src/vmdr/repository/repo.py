@@ -369,26 +369,11 @@ class Repository:
         return sorted(snaps, key=lambda s: (s.time, s.id))
 
     def resolve(self, ref: str) -> Snapshot:
-        """Resolve ``NAME``, ``NAME@latest``, ``NAME@IDPREFIX`` or ``IDPREFIX``."""
-        name, _, sel = ref.partition("@")
-        if not sel:
-            sel = "latest"
+        """Resolve a snapshot reference (rules in :mod:`vmdr.repository.resolve`)."""
+        from vmdr.repository.resolve import resolve_ref
+
         snaps = self.list_snapshots()
-        named = [s for s in snaps if s.name == name]
-        if sel == "latest":
-            if named:
-                return named[-1]
-            by_id = [s for s in snaps if s.id.startswith(name)] if len(name) >= 4 else []
-            if len(by_id) == 1:
-                return by_id[0]
-            raise SnapshotNotFound(f"no snapshot named {name!r}")
-        pool = named or snaps
-        hits = [s for s in pool if s.id.startswith(sel)]
-        if not hits:
-            raise SnapshotNotFound(f"no snapshot {ref!r}")
-        if len(hits) > 1:
-            raise UsageError(f"snapshot ID prefix {sel!r} is ambiguous; give more digits")
-        return hits[0]
+        return resolve_ref(ref, snaps, dict(self.damaged))
 
     def delete_snapshot(self, sid: str) -> None:
         for a in list(self.backend.list(f"attachments/{sid}")):
