@@ -3,6 +3,12 @@ qemu understands (qcow2, vmdk, …) through ``qemu-nbd`` driven by libnbd.
 
 A source reports its allocated extents, so backups never read holes; a target writes
 sparse output, so restores never write zeros to a file.
+
+A file target is written under a hidden temporary name in the same directory
+(``.NAME.<random>.vmdr-partial``), fsynced, renamed over the final name and the directory
+fsynced: a restore killed at any point (even ``kill -9``) never leaves a partial image
+under the final name, and ``--force`` keeps the old file until the new one is complete.
+Block devices are written in place (they cannot be renamed).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import stat
 import subprocess
 import threading
@@ -20,6 +27,61 @@ from typing import Any
 from vmdr.errors import NoSpace, UsageError, VmdrError
 
 MAX_REQUEST = 32 << 20
+PARTIAL_SUFFIX = ".vmdr-partial"
+
+
+def partial_name(path: str) -> str:
+    """A fresh hidden temporary name next to *path* (same directory, same filesystem)."""
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory *path* (makes a rename or a new file durable)."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: str, path: str) -> None:
+    """fsync *tmp*, rename it over *path* and fsync the directory: after a crash the
+    final name holds either the old file or the whole new one."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise _enospc(exc, path) from None
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write a small file (domain XML, NVRAM) completely or not at all, with *mode*."""
+    tmp = partial_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        commit_file(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def image_info(path: str) -> dict[str, Any]:
@@ -183,7 +245,10 @@ class Target(ABC):
         """Write non-zero data; ranges never written read back as zeros."""
 
     def close(self) -> None:
-        pass
+        """Make the image durable and put it under its final name."""
+
+    def abort(self) -> None:
+        """Give up: remove what was written; an older file at the final name stays."""
 
 
 def _enospc(exc: OSError, path: str) -> Exception:
@@ -201,12 +266,17 @@ class RawTarget(Target):
         self.is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
         if exists and not self.is_block and not overwrite:
             raise UsageError(f"{path} exists; use --force to overwrite it")
+        self.tmp = path if self.is_block else partial_name(path)
         try:
-            flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
-            self.fd = os.open(path, flags, 0o600)
+            flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_EXCL)
+            self.fd = os.open(self.tmp, flags, 0o600)
+        except OSError as exc:
+            raise _enospc(exc, path) from None
+        try:
             if not self.is_block:
                 os.ftruncate(self.fd, size)
         except OSError as exc:
+            self.abort()
             raise _enospc(exc, path) from None
         self.size = size
 
@@ -220,13 +290,28 @@ class RawTarget(Target):
         if self.is_block:
             self.write(offset, bytes(length))
 
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
     def close(self) -> None:
         try:
             os.fsync(self.fd)
         except OSError as exc:
             raise _enospc(exc, self.path) from None
         finally:
-            os.close(self.fd)
+            self._close_fd()
+        if not self.is_block:
+            commit_file(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._close_fd()
+        except OSError:
+            pass
+        if not self.is_block:
+            discard(self.tmp)
 
 
 class NbdTarget(Target):
@@ -235,17 +320,23 @@ class NbdTarget(Target):
     def __init__(self, path: str, size: int, fmt: str, overwrite: bool = False) -> None:
         if os.path.exists(path) and not overwrite:
             raise UsageError(f"{path} exists; use --force to overwrite it")
+        self.path = path
+        self.tmp = partial_name(path)
         opts = ["-o", "subformat=monolithicSparse"] if fmt == "vmdk" else []
         try:
-            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, path, str(size)],
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, self.tmp, str(size)],
                            check=True, capture_output=True, text=True, timeout=60)
+            os.chmod(self.tmp, 0o600)
+            self.h: Any = _nbd_handle(self.tmp, fmt, False)
         except subprocess.CalledProcessError as exc:
+            discard(self.tmp)
             msg = (exc.stderr or "").strip().splitlines()[-1:] or ["qemu-img create failed"]
             if "space" in msg[0].lower():
                 raise NoSpace(f"no space left on device creating {path}") from None
             raise VmdrError(f"{path}: {msg[0]}") from None
-        self.path = path
-        self.h = _nbd_handle(path, fmt, False)
+        except BaseException:
+            discard(self.tmp)
+            raise
 
     def write(self, offset: int, data: bytes) -> None:
         import nbd
@@ -257,6 +348,12 @@ class NbdTarget(Target):
                 raise NoSpace(f"no space left on device writing {self.path}") from None
             raise VmdrError(f"{self.path}: {exc.string}") from None
 
+    def _release(self) -> None:
+        """Close the handle: libnbd waits for its qemu-nbd to exit, so every write has
+        reached the file."""
+        h, self.h = self.h, None
+        del h
+
     def close(self) -> None:
         import nbd
 
@@ -267,6 +364,17 @@ class NbdTarget(Target):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left on device writing {self.path}") from None
             raise VmdrError(f"{self.path}: {exc.string}") from None
+        self._release()
+        commit_file(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.h is not None:
+            try:
+                self.h.shutdown()
+            except Exception:  # already broken: closing is all that is left
+                pass
+            self._release()
+        discard(self.tmp)
 
 
 def open_target(path: str, size: int, fmt: str, overwrite: bool = False) -> Target:
