@@ -41,9 +41,10 @@ def schemes() -> list[Scheme]:
     return sorted(_SCHEMES.values(), key=lambda s: s.name)
 
 
-# query parameters whose value is a secret in itself (pre-signed URLs, tokens, keys)
+# query parameters whose value is a secret in itself (pre-signed URLs, tokens); not
+# "key", which names a key *file* (sftp://…?key=/root/.ssh/id)
 _SECRET_PARAMS = frozenset({
-    "password", "passwd", "pass", "pw", "secret", "token", "key", "apikey", "api_key",
+    "password", "passwd", "pass", "pw", "secret", "token", "apikey", "api_key",
     "access_key", "secret_key", "accesskey", "secretkey", "auth", "authorization",
     "signature", "sig", "credential", "x-amz-signature", "x-amz-credential",
     "x-amz-security-token", "session_token",
