@@ -306,7 +306,15 @@ class Repository:
 
     # ----------------------------------------------------------------- snapshots
     def save_snapshot(self, snap: Snapshot) -> str:
-        """Write the manifest (the atomic commit point of a backup); return its ID."""
+        """Write the manifest (the atomic commit point of a backup); return its ID.
+
+        A new snapshot's name must pass :func:`~vmdr.repository.resolve.check_name`; a
+        copy of an existing snapshot (``meta["copied_from"]``) keeps its name as it is,
+        so an old, badly named snapshot stays reachable by ID."""
+        if "copied_from" not in snap.meta:
+            from vmdr.repository.resolve import check_name
+
+            check_name(snap.name)
         if not snap.host:
             snap.host = socket.gethostname()
         plain = manifest.encode(snap)

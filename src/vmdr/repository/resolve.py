@@ -17,19 +17,42 @@ An ID prefix is hexadecimal and at least :data:`MIN_ID_PREFIX` digits long. A pr
 that matches several snapshots is an error listing them; ``NAME@`` (nothing after the
 ``@``) is an error, never "latest". A name that holds an ``@`` (made by an older vmdr)
 is split at its last ``@``; such snapshots are reachable by ID in any case.
+
+Names (checked when a snapshot is created, :func:`check_name`): not empty, at most
+:data:`MAX_NAME_LEN` characters, no ``@``, no control characters (tabs, newlines, escape
+sequences), no leading or trailing blanks.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 
 from vmdr.errors import IntegrityError, SnapshotNotFound, UsageError
 from vmdr.repository.manifest import Snapshot
 
 MIN_ID_PREFIX = 4
+MAX_NAME_LEN = 128
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _SHOWN = 10
+
+
+def check_name(name: str) -> str:
+    """Return *name* if it may name a new snapshot, else raise ``UsageError``."""
+    if not name or not name.strip():
+        raise UsageError("a snapshot name must not be empty")
+    if len(name) > MAX_NAME_LEN:
+        raise UsageError(f"snapshot name {name[:40]!r}… is too long (at most {MAX_NAME_LEN} "
+                         "characters)")
+    if "@" in name:
+        raise UsageError(f"snapshot name {name!r} must not contain '@' (it separates a name "
+                         "from a snapshot ID)")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        raise UsageError(f"snapshot name {name!r} must not contain control characters")
+    if name != name.strip():
+        raise UsageError(f"snapshot name {name!r} must not start or end with blanks")
+    return name
 
 
 def _candidates(snaps: Sequence[Snapshot], damaged: Sequence[str]) -> str:
