@@ -202,10 +202,20 @@ class Repository:
         if not slots:
             raise WrongPassword("the repository has no key slots; open it with a key file")
         pw = passphrase()
+        damaged: list[IntegrityError] = []
         for doc in slots:
-            key = open_slot(doc, cfg.id, pw)
+            try:
+                key = open_slot(doc, cfg.id, pw)
+            except IntegrityError as exc:
+                log.warning("skipping key slot %s: %s", str(doc.get("slot"))[:16], exc.message)
+                damaged.append(exc)
+                continue
             if key is not None:
                 return key, str(doc["slot"])
+        if damaged:
+            raise IntegrityError(f"no key slot opens with that passphrase, and "
+                                 f"{len(damaged)} key slot(s) are damaged: "
+                                 f"{damaged[0].message}")
         raise WrongPassword()
 
     def close(self) -> None:
