@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import sys
 
-from vmdr.cli.common import Globals, emit_json, out, repository
-from vmdr.errors import UsageError
+from vmdr.cli.common import Globals, emit_json, out, repository, warn
+from vmdr.errors import DomainNotFound, UsageError
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs.vmbackup import VMBackupOptions, backup_many, select_vms
 from vmdr.jobs.vmrestore import RestoreOptions, restore_vm
@@ -27,10 +29,17 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
         raise UsageError("name one or more VMs (globs allowed) or use --all")
     cfg = g.config
     with _connect(_uri(ns, g)) as hv, repository(g, "shared", "backup") as repo:
-        names = select_vms(hv.list_domains(), ns.vms, ns.all, ns.with_tag,
+        domains = hv.list_domains()
+        names = select_vms(domains, ns.vms, ns.all, ns.with_tag,
                            {n: v.tags for n, v in cfg.vms.items()})
+        unmatched = [p for p in ns.vms if any(c in p for c in "*?[")
+                     and not any(fnmatch.fnmatchcase(n, p) for n in domains)]
         if not names:
-            raise UsageError("no VM matches")
+            what = ", ".join(repr(p) for p in ns.vms) if ns.vms else "--all"
+            tags = f" with tags {', '.join(ns.with_tag)}" if ns.with_tag else ""
+            raise DomainNotFound(f"no VM on {hv.uri.split('?', 1)[0]} matches {what}{tags}")
+        for p in unmatched:
+            warn(f"no VM matches {p!r}")
 
         def opts_for(name: str) -> VMBackupOptions:
             vm = cfg.vm(name)
@@ -56,6 +65,8 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
                 out(f"  warning: {w}")
             if r.error:
                 out(f"  error: {r.error}")
+    for r in failed:  # the table is on stdout; scripts and cron mail read stderr
+        sys.stderr.write(f"vmdr: error: {r.vm}: {r.error or 'backup failed'}\n")
         if failed and len(failed) < len(results):
             out(f"partial success: {len(results) - len(failed)} of {len(results)} VMs backed up")
     if not failed:

@@ -17,7 +17,7 @@ TMP_SUFFIX = ".tmp"
 
 
 def _translate(exc: OSError, what: str) -> Exception:
-    if exc.errno == errno.ENOENT:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # ENOTDIR: a parent is a plain file
         return ObjectNotFound(f"no such object: {what}")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"no space left on device writing {what}")
@@ -34,6 +34,8 @@ class FileBackend(Backend):
         return os.path.join(self.root, validate_name(name))
 
     def create(self) -> None:
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"{self.root} exists and is not a directory")
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
