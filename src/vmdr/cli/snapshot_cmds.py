@@ -99,7 +99,9 @@ def cmd_prune(ns: argparse.Namespace, g: Globals) -> int:
         verb = "would delete" if ns.dry_run else "deleted"
         out(f"{verb} {res.deleted} unreferenced chunks ({human_bytes(res.deleted_bytes)}); "
             f"kept {res.kept_young} younger than the safety window; "
-            f"{res.referenced} chunks in use")
+            f"{res.referenced} chunks in use"
+            + (f"; {verb} {res.stale_temps} stale temporary objects" if res.stale_temps
+               else ""))
     return 0
 
 
@@ -124,6 +126,8 @@ def cmd_check(ns: argparse.Namespace, g: Globals) -> int:
         emit_json(res.as_dict())
     else:
         for p in res.problems:
+            out(p.line())
+        for p in res.warnings:
             out(p.line())
         status = "no problems found" if res.ok else f"{len(res.problems)} problems found"
         out(f"checked {res.snapshots} snapshots, {res.chunks_referenced} chunks "

@@ -28,13 +28,15 @@ class PruneResult:
     deleted_bytes: int = 0
     kept_young: int = 0
     orphan_attachments: int = 0
+    stale_temps: int = 0
     dry_run: bool = False
     deleted_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"referenced_chunks": self.referenced, "deleted_chunks": self.deleted,
                 "deleted_bytes": self.deleted_bytes, "kept_young_unreferenced": self.kept_young,
-                "orphan_attachments": self.orphan_attachments, "dry_run": self.dry_run}
+                "orphan_attachments": self.orphan_attachments,
+                "stale_temporaries": self.stale_temps, "dry_run": self.dry_run}
 
 
 def prune(
@@ -82,6 +84,14 @@ def prune(
                 res.orphan_attachments += 1
                 if not dry_run:
                     repo.backend.delete(obj.name)
+        # temporary objects of writes killed before their rename, older than the window
+        for obj in repo.stale_temporaries(safety_window.total_seconds()):
+            res.stale_temps += 1
+            if not dry_run:
+                try:
+                    repo.backend.delete(obj.name)
+                except ObjectNotFound:
+                    pass
         db.close()
         if not dry_run and deleted:
             repo.bump_generation()

@@ -45,7 +45,7 @@ from vmdr.repository.keys import (
 )
 from vmdr.repository.locks import Lock
 from vmdr.repository.manifest import Snapshot
-from vmdr.storage.base import Backend
+from vmdr.storage.base import Backend, ObjectInfo
 from vmdr.timeutil import Clock, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
 GENERATION_NAME = "state/generation"
+TEMP_PREFIXES = ("data", "snapshots", "attachments", "keys", "state")
 PassphraseSource = Callable[[], str]
 
 
@@ -282,6 +283,13 @@ class Repository:
             self.cache.flush()
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
                                    for o in self.backend.list("data"))
+
+    def stale_temporaries(self, older_than: float) -> list[ObjectInfo]:
+        """Temporary objects (``*.tmp``) that killed writers left behind, older than
+        *older_than* seconds (format.md §1): younger ones may belong to a running write."""
+        now = self.clock().timestamp()
+        return [o for prefix in TEMP_PREFIXES for o in self.backend.list_temporary(prefix)
+                if now - o.mtime >= older_than]
 
     def has_chunk(self, oid: bytes) -> bool:
         if oid == HOLE:

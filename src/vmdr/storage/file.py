@@ -106,6 +106,12 @@ class FileBackend(Backend):
         return os.path.exists(self._path(name))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, temporary=False)
+
+    def list_temporary(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, temporary=True)
+
+    def _walk(self, prefix: str, temporary: bool) -> Iterator[ObjectInfo]:
         base = self._path(prefix)
         stack = [base]
         while stack:
@@ -119,7 +125,7 @@ class FileBackend(Backend):
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-                elif e.name.endswith(TMP_SUFFIX):
+                elif e.name.endswith(TMP_SUFFIX) != temporary:
                     continue
                 else:
                     try:
