@@ -52,7 +52,10 @@ def test_damaged_manifest_with_empty_cache(tmp_path: Path, three: tuple) -> None
     p = vmdr("snapshots", "--json", env=env)
     assert sorted(s["id"] for s in json.loads(p.stdout)) == sorted([snaps[0].id, snaps[2].id])
     assert bad.id in p.stderr and "damaged" in p.stderr
-    # undamaged snapshots restore by name and by ID; "web" (latest) is now web@1
+    # undamaged snapshots restore by name and by ID; "web" (latest) is now web@1, with a
+    # warning that a damaged snapshot may be newer
+    p = vmdr("image", "restore", "web", str(tmp_path / "web.raw"), env=env)
+    assert "newest readable" in p.stderr and snaps[0].id[:8] in p.stdout
     vmdr("image", "restore", "db", str(tmp_path / "db.raw"), env=env)
     assert (tmp_path / "db.raw").read_bytes() == contents[2]
     vmdr("image", "restore", snaps[0].id[:12], str(tmp_path / "w1.raw"), env=env)

@@ -399,7 +399,12 @@ class Repository:
         from vmdr.repository.resolve import resolve_ref
 
         snaps = self.list_snapshots()
-        return resolve_ref(ref, snaps, dict(self.damaged))
+        snap = resolve_ref(ref, snaps, dict(self.damaged))
+        if self.damaged and (ref == snap.name or ref.endswith("@latest")):
+            log.warning("%s resolved to %s@%s, the newest readable one; %d damaged "
+                        "snapshot(s) could not be read and may be newer ones of %s",
+                        ref, snap.name, snap.short_id, len(self.damaged), snap.name)
+        return snap
 
     def delete_snapshot(self, sid: str) -> None:
         for a in list(self.backend.list(f"attachments/{sid}")):
