@@ -4,6 +4,7 @@ hides damage, and a snapshot reference never resolves to another name's snapshot
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +67,11 @@ def test_damaged_manifest_with_empty_cache(tmp_path: Path, three: tuple) -> None
     assert bad.id in p.stderr and not (tmp_path / "bad.raw").exists()
     p = vmdr("check", env=env, code=6)
     assert bad.id in p.stdout and "corrupt-snapshot" in p.stdout
+    # prune refuses to guess which chunks the damaged one uses
+    chunks = sum(len(fs) for _, _, fs in os.walk(Path(env["VMDR_REPO"]) / "data"))
+    p = vmdr("prune", "--safety-window", "0", env=env, code=6)
+    assert bad.id in p.stderr and "nothing deleted" in p.stderr
+    assert sum(len(fs) for _, _, fs in os.walk(Path(env["VMDR_REPO"]) / "data")) == chunks
 
 
 @pytest.mark.parametrize("args", [[], ["--read-data"]])

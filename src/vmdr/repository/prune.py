@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from vmdr.errors import ObjectNotFound
+from vmdr.errors import IntegrityError, ObjectNotFound, UnsupportedFormat
 from vmdr.repository.crypto import HOLE
 from vmdr.repository.repo import Repository
 
@@ -55,7 +55,14 @@ def prune(
         db.execute("CREATE TABLE used (id BLOB PRIMARY KEY) WITHOUT ROWID")
         sids = set(repo.snapshot_ids())
         for sid in sids:
-            snap = repo.load_snapshot(sid)
+            try:
+                snap = repo.load_snapshot(sid)  # a cached copy is checked against its ID
+            except (IntegrityError, UnsupportedFormat) as exc:
+                raise IntegrityError(
+                    f"prune stopped, nothing deleted: snapshot {sid} cannot be read "
+                    f"({exc.message}), so the chunks it uses cannot be told from garbage; "
+                    f"copy it back from another repository, or remove snapshots/{sid} "
+                    "by hand if it is lost") from None
             with db:
                 for d in snap.disks:
                     db.executemany("INSERT OR IGNORE INTO used VALUES (?)",
