@@ -91,6 +91,18 @@ def test_vm_exit_codes_and_no_lock_files(tmp_path: Path) -> None:
     assert not locks.exists() or os.listdir(locks) == []
 
 
+def test_vm_with_a_bad_name_fails_before_reading(tmp_path: Path) -> None:
+    _libvirt_test_driver()
+    node = tmp_path / "node.xml"
+    node.write_text("<node><domain type='test'><name>bad@vm</name><memory>65536</memory>"
+                    "<os><type>hvm</type></os></domain></node>")
+    env = cli_env(tmp_path)
+    env.update(VMDR_LOCK_DIR=str(tmp_path / "locks"), VMDR_CONNECT=f"test://{node}")
+    make_repo(env["VMDR_REPO"]).close()
+    p = vmdr("backup", "bad*", env=env, code=2)
+    assert "must not contain '@'" in p.stderr
+
+
 def test_vm_lock_file_removed_and_still_exclusive(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMDR_LOCK_DIR", str(tmp_path))

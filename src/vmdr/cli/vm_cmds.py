@@ -10,8 +10,9 @@ import sys
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import DomainNotFound, UsageError
 from vmdr.hypervisor import Hypervisor, connect
-from vmdr.jobs.vmbackup import VMBackupOptions, backup_many, select_vms
+from vmdr.jobs.vmbackup import VMBackupOptions, VMBackupResult, backup_many, select_vms
 from vmdr.jobs.vmrestore import RestoreOptions, restore_vm
+from vmdr.repository.resolve import check_name
 from vmdr.ui.progress import human_bytes
 
 
@@ -48,8 +49,17 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
                 method=ns.method, tags=list(ns.tag) + vm.tags, scratch_dir=cfg.scratch_dir,
                 workers=cfg.workers, exclude_disks=vm.exclude_disks, hooks=cfg.hooks)
 
-        results = backup_many(hv, repo, names, opts_for, cfg.concurrency,
-                              lambda n: g.progress_for())
+        # a VM whose name cannot name a snapshot fails before any disk is read
+        refused = {}
+        for n in names:
+            try:
+                check_name(n)
+            except UsageError as exc:
+                refused[n] = VMBackupResult(vm=n, error=exc.message, exit_code=exc.exit_code)
+        done = backup_many(hv, repo, [n for n in names if n not in refused], opts_for,
+                           cfg.concurrency, lambda n: g.progress_for())
+        by_vm = {r.vm: r for r in done}
+        results = [refused.get(n) or by_vm[n] for n in names]
     failed = [r for r in results if r.status != "ok"]
     if g.json:
         emit_json({"results": [r.as_dict() for r in results],
