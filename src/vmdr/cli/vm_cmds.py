@@ -75,10 +75,10 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
                 out(f"  warning: {w}")
             if r.error:
                 out(f"  error: {r.error}")
-    for r in failed:  # the table is on stdout; scripts and cron mail read stderr
-        sys.stderr.write(f"vmdr: error: {r.vm}: {r.error or 'backup failed'}\n")
         if failed and len(failed) < len(results):
             out(f"partial success: {len(results) - len(failed)} of {len(results)} VMs backed up")
+    for r in failed:  # the table is on stdout; scripts and cron mail read stderr
+        sys.stderr.write(f"vmdr: error: {r.vm}: {r.error or 'backup failed'}\n")
     if not failed:
         return 0
     if len(results) == 1:
@@ -87,16 +87,16 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
-    opts = RestoreOptions(
-        target_dir=ns.target_dir, name=ns.name, format=ns.format, define=ns.define,
-        start=ns.start, force=ns.force, disks=ns.disk or [],
-        heartbeat=ns.heartbeat or g.config.vm(ns.snapshot.split("@")[0]).heartbeat,
-        timeout=ns.timeout,
-    )
     hv = _connect(_uri(ns, g)) if ns.define else None
     try:
         with repository(g, "shared", "restore") as repo:
             snap = repo.resolve(ns.snapshot)
+            opts = RestoreOptions(
+                target_dir=ns.target_dir, name=ns.name, format=ns.format, define=ns.define,
+                start=ns.start, force=ns.force, disks=ns.disk or [],
+                heartbeat=ns.heartbeat or g.config.vm(snap.name).heartbeat,
+                timeout=ns.timeout,
+            )
             res = restore_vm(repo, snap, opts, hv, g.progress_for())
     finally:
         if hv is not None:
