@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,28 @@ def test_failed_image_restore_with_force_keeps_old_file(tmp_path: Path) -> None:
     restore_image(repo, snap, str(target), "raw", "vdb", overwrite=True)
     assert target.read_bytes() == datas["vdb"]
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".vmdr-partial")]
+
+
+def test_restore_never_renames_over_devices_dirs_or_links(tmp_path: Path) -> None:
+    from vmdr.errors import UsageError
+
+    repo = make_repo(str(tmp_path / "repo"))
+    snap, datas = _two_disk_vm(repo)
+    for bad in ("/dev/null", str(tmp_path), str(tmp_path / "no" / "such" / "dir.raw")):
+        for fmt in ("raw", "qcow2"):
+            with pytest.raises(UsageError):
+                restore_image(repo, snap, bad, fmt, "vda", overwrite=True)
+    assert os.path.exists("/dev/null") and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    # a symlink is followed: the file it names is replaced, the link stays
+    real = tmp_path / "real.raw"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.raw"
+    link.symlink_to(real)
+    restore_image(repo, snap, str(link), "raw", "vda", overwrite=True)
+    assert link.is_symlink() and real.read_bytes() == datas["vda"]
+    # VM restore refuses a disk path that is a link (it would write elsewhere)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x-vda.img").symlink_to(real)
+    with pytest.raises(UsageError, match="not a regular file"):
+        restore_vm(repo, snap, RestoreOptions(str(out), format="raw", force=True), None)

@@ -77,6 +77,32 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def check_target(path: str, overwrite: bool) -> tuple[str, bool]:
+    """Where a restore to *path* really writes, and whether that is a block device.
+
+    A symlink is followed (the file it names is replaced, not the link). Refused with
+    ``UsageError``: an existing file without *overwrite*, a directory, anything that is
+    neither a regular file nor a block device (``/dev/null`` must never be renamed over),
+    and a path whose directory does not exist."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            raise UsageError(f"{path}: directory {parent} does not exist") from None
+        return real, False
+    if stat.S_ISBLK(st.st_mode):
+        return real, True
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is neither a regular file nor a block device")
+    if not overwrite:
+        raise UsageError(f"{path} exists; use --force to overwrite it")
+    return real, False
+
+
 def discard(path: str) -> None:
     try:
         os.unlink(path)
@@ -262,11 +288,8 @@ class RawTarget(Target):
 
     def __init__(self, path: str, size: int, overwrite: bool = False) -> None:
         self.path = path
-        exists = os.path.exists(path)
-        self.is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
-        if exists and not self.is_block and not overwrite:
-            raise UsageError(f"{path} exists; use --force to overwrite it")
-        self.tmp = path if self.is_block else partial_name(path)
+        self.real, self.is_block = check_target(path, overwrite)
+        self.tmp = self.real if self.is_block else partial_name(self.real)
         try:
             flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_EXCL)
             self.fd = os.open(self.tmp, flags, 0o600)
@@ -303,7 +326,7 @@ class RawTarget(Target):
         finally:
             self._close_fd()
         if not self.is_block:
-            commit_file(self.tmp, self.path)
+            commit_file(self.tmp, self.real)
 
     def abort(self) -> None:
         try:
@@ -318,10 +341,11 @@ class NbdTarget(Target):
     """A new qcow2/vmdk image written through ``qemu-nbd``."""
 
     def __init__(self, path: str, size: int, fmt: str, overwrite: bool = False) -> None:
-        if os.path.exists(path) and not overwrite:
-            raise UsageError(f"{path} exists; use --force to overwrite it")
+        self.real, is_block = check_target(path, overwrite)
+        if is_block:
+            raise UsageError(f"{path} is a block device: restore to it with --format raw")
         self.path = path
-        self.tmp = partial_name(path)
+        self.tmp = partial_name(self.real)
         opts = ["-o", "subformat=monolithicSparse"] if fmt == "vmdk" else []
         try:
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, self.tmp, str(size)],
@@ -365,7 +389,7 @@ class NbdTarget(Target):
                 raise NoSpace(f"no space left on device writing {self.path}") from None
             raise VmdrError(f"{self.path}: {exc.string}") from None
         self._release()
-        commit_file(self.tmp, self.path)
+        commit_file(self.tmp, self.real)
 
     def abort(self) -> None:
         if self.h is not None:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmdr.diskio.images import atomic_write, commit_file, discard, partial_name
+from vmdr.diskio.images import atomic_write, check_target, commit_file, discard, partial_name
 from vmdr.errors import DomainNotFound, IntegrityError, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
@@ -74,10 +74,11 @@ def restore_vm(
     os.makedirs(target_dir, exist_ok=True)
     paths = {d.name: os.path.join(target_dir, f"{new_name}-{d.name}.{EXT[opts.format]}")
              for d in disks}
-    if not opts.force:
-        for p in paths.values():
-            if os.path.exists(p):
-                raise UsageError(f"{p} exists; use --force to overwrite it")
+    for d in disks:  # existing targets: refused without --force; only regular files
+        _, is_block = check_target(paths[d.name], opts.force)
+        if is_block or os.path.islink(paths[d.name]):
+            raise UsageError(f"{paths[d.name]} is not a regular file (a link or a device); "
+                             "remove it or pick another --target-dir")
     partial = {d.name for d in disks} != {d.name for d in snap.disks}
     if partial and opts.define:
         raise UsageError("--disk restores single disks; it cannot be combined with --define "
