@@ -101,3 +101,19 @@ def test_restore_never_renames_over_devices_dirs_or_links(tmp_path: Path) -> Non
     (out / "x-vda.img").symlink_to(real)
     with pytest.raises(UsageError, match="not a regular file"):
         restore_vm(repo, snap, RestoreOptions(str(out), format="raw", force=True), None)
+
+
+def test_old_partials_of_killed_restores_are_swept(tmp_path: Path) -> None:
+    repo = make_repo(str(tmp_path / "repo"))
+    snap, datas = _two_disk_vm(repo)
+    target = tmp_path / "d.raw"
+    old = tmp_path / ".d.raw.0badc0de.vmdr-partial"
+    fresh = tmp_path / ".d.raw.12345678.vmdr-partial"
+    other = tmp_path / ".e.raw.0badc0de.vmdr-partial"
+    for p in (old, fresh, other):
+        p.write_bytes(b"partial")
+    os.utime(old, (1, 1))
+    os.utime(other, (1, 1))
+    restore_image(repo, snap, str(target), "raw", "vda")
+    assert not old.exists() and fresh.exists() and other.exists()
+    assert target.read_bytes() == datas["vda"]

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import secrets
 import stat
 import subprocess
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 from vmdr.errors import NoSpace, UsageError, VmdrError
 
 MAX_REQUEST = 32 << 20
+log = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".vmdr-partial"
 
 
@@ -75,6 +78,29 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         discard(tmp)
         raise
+
+
+def sweep_partials(path: str, idle: float = 900.0) -> list[str]:
+    """Remove temporary files that killed restores to *path* left behind, once nothing
+    has written to them for *idle* seconds (a running restore keeps its file fresh)."""
+    d, base = os.path.split(os.path.abspath(path))
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(d))
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        if (e.name.startswith(f".{base}.") and e.name.endswith(PARTIAL_SUFFIX)
+                and e.is_file(follow_symlinks=False)):
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime >= idle:
+                    os.unlink(e.path)
+                    removed.append(e.path)
+                    log.info("removed %s, left by a killed restore", e.path)
+            except OSError:
+                pass
+    return removed
 
 
 def check_target(path: str, overwrite: bool) -> tuple[str, bool]:
@@ -289,6 +315,8 @@ class RawTarget(Target):
     def __init__(self, path: str, size: int, overwrite: bool = False) -> None:
         self.path = path
         self.real, self.is_block = check_target(path, overwrite)
+        if not self.is_block:
+            sweep_partials(self.real)
         self.tmp = self.real if self.is_block else partial_name(self.real)
         try:
             flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_EXCL)
@@ -345,6 +373,7 @@ class NbdTarget(Target):
         if is_block:
             raise UsageError(f"{path} is a block device: restore to it with --format raw")
         self.path = path
+        sweep_partials(self.real)
         self.tmp = partial_name(self.real)
         opts = ["-o", "subformat=monolithicSparse"] if fmt == "vmdk" else []
         try:
