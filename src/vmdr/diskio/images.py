@@ -91,7 +91,9 @@ def sweep_partials(path: str, idle: float = 900.0) -> list[str]:
         return removed
     now = time.time()
     for e in entries:
-        if (e.name.startswith(f".{base}.") and e.name.endswith(PARTIAL_SUFFIX)
+        # ".NAME.<rand>.vmdr-partial", or nested "..NAME.<r1>.vmdr-partial.<r2>.vmdr-partial"
+        if (e.name.startswith(".") and e.name.lstrip(".").startswith(f"{base}.")
+                and e.name.endswith(PARTIAL_SUFFIX)
                 and e.is_file(follow_symlinks=False)):
             try:
                 if now - e.stat(follow_symlinks=False).st_mtime >= idle:

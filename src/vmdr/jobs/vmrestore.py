@@ -22,7 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmdr.diskio.images import atomic_write, check_target, commit_file, discard, partial_name
+from vmdr.diskio.images import (
+    atomic_write,
+    check_target,
+    commit_file,
+    discard,
+    partial_name,
+    sweep_partials,
+)
 from vmdr.errors import DomainNotFound, IntegrityError, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
@@ -96,6 +103,8 @@ def restore_vm(
     # Every disk goes to a temporary name first; only when all of them are complete and
     # fsynced are they renamed into place, so a failed or killed restore never leaves a
     # partial disk under its final name, nor (with --force) destroys the old one.
+    for p in paths.values():
+        sweep_partials(p)
     temps = {d.name: partial_name(paths[d.name]) for d in disks}
     try:
         for d in disks:
