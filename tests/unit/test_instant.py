@@ -3,8 +3,6 @@ the progress renderer, against a small fake domain."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import types
 from collections.abc import Iterator
@@ -13,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from vmdr.cli.instant_cmds import Renderer
 from vmdr.errors import HypervisorError, UsageError, VmdrError
+from vmdr.events import BytesProgress, JobEvents, ListSink, PhaseStarted
 from vmdr.hypervisor import _compat, mirror
 from vmdr.jobs import instant
 from vmdr.repository.manifest import Snapshot
@@ -133,24 +131,26 @@ def test_error_policy_and_nbd_detection() -> None:
 
 def test_migrate_copies_reports_and_pivots(tmp_path: Any) -> None:
     dom = FakeDom({"vda": 300, "vdb": 250})
-    events: list[dict[str, Any]] = []
+    sink = ListSink()
     opts = instant.InstantOptions(name="x", bandwidth=1 << 20, poll=0)
-    instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]), opts, events.append,
-                     FakeServer())
+    instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]), opts,
+                     JobEvents(sink, interval=0), FakeServer())
     assert dom.pivoted == {"vda", "vdb"}
     _disk, xml, params, flags = dom.copies[0]
     assert flags == FAKE.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB  # full copy: not SHALLOW
     assert params == {"bandwidth": 1 << 20} and f"{tmp_path}/vda.qcow2" in xml
-    done = [e for e in events if e["event"] == "copy" and e["disk"] == "vdb"]
-    assert [e["done"] for e in done] == [100, 200, 250]
-    assert [e["event"] for e in events][-1] == "pivoted"
+    done = [e for e in sink.of(BytesProgress) if e.item == "x/vdb"]
+    assert [e.done for e in done] == [100, 200, 250, 250] and done[-1].final
+    assert done[-1].total == 250
+    last = sink.events[-1]
+    assert isinstance(last, PhaseStarted) and last.phase == "pivot"
 
 
 def test_migrate_skips_disks_already_local(tmp_path: Any) -> None:
     dom = FakeDom({"vda": 100, "vdb": 100})
     dom.pivoted.add("vda")
     instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]),
-                     instant.InstantOptions(name="x", poll=0), lambda e: None, FakeServer())
+                     instant.InstantOptions(name="x", poll=0), JobEvents(), FakeServer())
     assert [c[0] for c in dom.copies] == ["vdb"]
 
 
@@ -166,7 +166,7 @@ def test_migrate_stops_on_trouble(tmp_path: Any, case: str,
         monkeypatch.setattr(instant.time, "sleep", lambda s: None)
     with pytest.raises(VmdrError) as ei:
         instant._migrate(dom, _state(str(tmp_path), ["vda"]),
-                         instant.InstantOptions(name="x", poll=0), lambda e: None, server)
+                         instant.InstantOptions(name="x", poll=0), JobEvents(), server)
     assert {"ioerror": "unreachable", "job-gone": "failed",
             "server-dead": "NBD server"}[case] in ei.value.message
     assert not dom.pivoted
@@ -239,21 +239,7 @@ def test_resume_without_state_is_a_usage_error(tmp_path: Any) -> None:
     with pytest.raises(UsageError, match="no unfinished instant restore"):
         instant.instant_resume(Any, "n",  # type: ignore[arg-type]
                                instant.InstantOptions(name="n", target_dir=str(tmp_path)),
-                               FakeHv(), lambda e: None)  # type: ignore[arg-type]
-
-
-def test_renderer_json_and_text() -> None:
-    buf = io.StringIO()
-    r = Renderer(True, False, buf)
-    r({"event": "heartbeat", "vm": "x", "seconds": 3.2})
-    r({"event": "copy", "disk": "vda", "done": 1, "total": 10})  # throttled
-    r({"event": "copy", "disk": "vda", "done": 10, "total": 10})  # final: always shown
-    lines = [json.loads(ln) for ln in buf.getvalue().splitlines()]
-    assert [ln["event"] for ln in lines] == ["heartbeat", "copy"] and lines[1]["done"] == 10
-    buf = io.StringIO()
-    r = Renderer(False, True, buf)
-    r({"event": "pivoted", "disk": "vda", "path": "/d/vda.qcow2"})
-    assert buf.getvalue() == "vmdr: vda now runs on /d/vda.qcow2\n"
+                               FakeHv(), JobEvents())  # type: ignore[arg-type]
 
 
 SRC_XML = ("<domain type='qemu'><name>web</name><os><type>hvm</type></os><devices>"
@@ -286,7 +272,7 @@ def test_failure_before_boot_leaves_nothing(tmp_path: Any,
     target = tmp_path / "t"
     with pytest.raises(HypervisorError, match="bad XML"):
         instant.instant_restore(Any, snap, instant.InstantOptions(  # type: ignore[arg-type]
-            name="web-now", target_dir=str(target)), hv, lambda e: None)
+            name="web-now", target_dir=str(target)), hv, JobEvents())
     assert server.stopped and os.listdir(target) == []
     xml = defined[0]  # what would have been defined: overlays, stop policy, new console log
     assert f"{target}/web-now-vda.overlay.qcow2" in xml and "rerror_policy=\"stop\"" in xml

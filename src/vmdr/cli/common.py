@@ -9,18 +9,18 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmdr import config as configmod
 from vmdr.credentials import read_secret, read_secret_bytes
 from vmdr.errors import UsageError, WrongPassword
+from vmdr.events import JobEvents, Outcome
 from vmdr.repository.repo import Repository
 from vmdr.storage.appendonly import AppendOnlyBackend
 from vmdr.storage.objectlock import with_object_lock
 from vmdr.storage.registry import open_backend
 from vmdr.storage.wrappers import wrap
-from vmdr.ui.progress import Progress, make_progress
 
 
 @dataclass
@@ -34,9 +34,13 @@ class Globals:
     progress: bool
     config: configmod.Config
     append_only: bool = False
+    # the command's job events (vmdr.events); main() starts and ends the job
+    events: JobEvents = field(default_factory=JobEvents)
+    result_doc: Any = None
+    outcome: Outcome | None = None  # "partial": some items failed (default: by exit code)
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> Globals:
+    def from_args(cls, ns: argparse.Namespace, events: JobEvents | None = None) -> Globals:
         cfg = configmod.load(getattr(ns, "config", None))
         return cls(
             repo=getattr(ns, "repo", None) or os.environ.get("VMDR_REPO") or cfg.repository,
@@ -50,6 +54,7 @@ class Globals:
             append_only=(bool(getattr(ns, "append_only", False))
                          or os.environ.get("VMDR_APPEND_ONLY", "") not in ("", "0")
                          or cfg.append_only),
+            events=events or JobEvents(),
         )
 
     def need_repo(self) -> str:
@@ -78,8 +83,12 @@ class Globals:
             raise UsageError("an empty passphrase is not allowed")
         return pw
 
-    def progress_for(self) -> Progress:
-        return make_progress(self.progress and not self.json, self.json)
+    def result(self, doc: Any) -> None:
+        """The command's result document: printed on stdout with ``--json``, and carried
+        by the job's ``end`` event either way."""
+        self.result_doc = doc
+        if self.json:
+            emit_json(doc)
 
 
 def open_repository(
@@ -143,7 +152,13 @@ def common_parser() -> argparse.ArgumentParser:
                    help="open the repository with an exported key file (env VMDR_KEY_FILE)")
     g.add_argument("--config", default=s, metavar="FILE",
                    help="config file (env VMDR_CONFIG, default /etc/vmdr/vmdr.toml)")
-    g.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    g.add_argument("--json", action="store_true", default=s,
+                   help="machine-readable output: the result as one JSON document on stdout")
+    g.add_argument("--json-events", action="store_true", default=s,
+                   help="every job event as one JSON object per line on stderr, and nothing "
+                        "else there (docs/events.md)")
+    g.add_argument("--job-id", default=s, metavar="ID",
+                   help="the job id the events carry (env VMDR_JOB_ID; default random)")
     g.add_argument("--append-only", action="store_true", default=s,
                    help="never delete or replace repository objects (env VMDR_APPEND_ONLY=1)")
     g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")

@@ -12,7 +12,7 @@ import functools
 import os
 from collections.abc import Callable
 
-from vmdr.cli.common import Globals, emit_json, out
+from vmdr.cli.common import Globals, out
 from vmdr.credentials import read_secret, read_secret_bytes
 from vmdr.jobs.copy import CopyOptions, copy_snapshots
 from vmdr.repository.repo import Repository
@@ -80,9 +80,9 @@ def cmd_copy(ns: argparse.Namespace, g: Globals) -> int:
                                             append_only=g.append_only))
         stack.enter_context(src.lock(exclusive=False, command="copy"))
         stack.enter_context(dst.lock(exclusive=False, command="copy"))
-        res = copy_snapshots(src, dst, opts, g.progress_for())
+        res = copy_snapshots(src, dst, opts, g.events)
+    g.result(res.as_dict())
     if g.json:
-        emit_json(res.as_dict())
         return 0
     for s in res.snapshots:
         verb = "copied " if s.status == "copied" else "present"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.cli.common import Globals, out, repository
 from vmdr.errors import UsageError
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs.vmbackup import VMBackupOptions, backup_many, select_vms
@@ -39,13 +39,13 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
                 method=ns.method, tags=list(ns.tag) + vm.tags, scratch_dir=cfg.scratch_dir,
                 workers=cfg.workers, exclude_disks=vm.exclude_disks, hooks=cfg.hooks)
 
-        results = backup_many(hv, repo, names, opts_for, cfg.concurrency,
-                              lambda n: g.progress_for())
+        results = backup_many(hv, repo, names, opts_for, cfg.concurrency, g.events)
     failed = [r for r in results if r.status != "ok"]
-    if g.json:
-        emit_json({"results": [r.as_dict() for r in results],
-                   "ok": len(results) - len(failed), "failed": len(failed)})
-    else:
+    g.result({"results": [r.as_dict() for r in results],
+              "ok": len(results) - len(failed), "failed": len(failed)})
+    if failed and len(failed) < len(results):
+        g.outcome = "partial"
+    if not g.json:
         out(f"{'VM':<20} {'STATUS':<7} {'SNAPSHOT':<9} {'MODE':<12} {'CONSISTENCY':<11} "
             f"{'READ':>10} {'STORED':>10} {'TIME':>7}")
         for r in results:
@@ -76,12 +76,12 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
     try:
         with repository(g, "shared", "restore") as repo:
             snap = repo.resolve(ns.snapshot)
-            res = restore_vm(repo, snap, opts, hv, g.progress_for())
+            res = restore_vm(repo, snap, opts, hv, g.events)
     finally:
         if hv is not None:
             hv.close()
+    g.result(res)
     if g.json:
-        emit_json(res)
         return 0
     out(f"restored {snap.name}@{snap.short_id} as {res['vm']} into {res['target_dir']} "
         f"({human_bytes(res['bytes_written'])} written, {res['restore_s']:.1f}s)")
