@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import logging
 import signal
 import sys
@@ -14,6 +16,7 @@ from vmdr import __version__
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
 from vmdr.events import JobEvents, JobWarning, Outcome, new_job_id
+from vmdr.ui import make_sink
 
 # Command modules, in --help order, and which module registers each command word. Only the
 # module of the command being run is imported, so `vmdr backup` does not pay for the
@@ -128,9 +131,27 @@ class _EventLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _job_events(ns: argparse.Namespace) -> JobEvents:
-    from vmdr.ui import make_sink
+def _parse_for_events(parser: argparse.ArgumentParser,
+                      args: list[str]) -> argparse.Namespace | int:
+    """Parse with --json-events: a usage error becomes a start and an end event (exit 2)
+    instead of argparse's text on stderr."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            return parser.parse_args(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+        if code == 0:
+            return 0  # --help, --version: printed on stdout
+        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+        message = lines[-1].split(": error: ", 1)[-1] if lines else "usage error"
+        events = JobEvents(make_sink(json_events=True), job=new_job_id())
+        events.start(command_word(args) or "")
+        events.finish("failed", code, message)
+        return code
 
+
+def _job_events(ns: argparse.Namespace) -> JobEvents:
     json_events = bool(getattr(ns, "json_events", False))
     bars = not getattr(ns, "no_progress", False) and not getattr(ns, "json", False)
     job = getattr(ns, "job_id", None) or new_job_id()
@@ -141,7 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(command_word(args))
-    ns = parser.parse_args(args)
+    if "--json-events" in args:
+        parsed = _parse_for_events(parser, args)
+        if isinstance(parsed, int):
+            return parsed
+        ns = parsed
+    else:
+        ns = parser.parse_args(args)
     debug = bool(getattr(ns, "debug", False))
     verbose = int(getattr(ns, "verbose", 0) or 0)
     json_events = bool(getattr(ns, "json_events", False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from vmdr.events import EventSink, null_sink
+from vmdr.events import EventSink
 
 
 def make_sink(json_events: bool = False, bars: bool = True,
@@ -14,18 +14,18 @@ def make_sink(json_events: bool = False, bars: bool = True,
 
     * ``--json-events``: every event as a JSON line (and nothing else on stderr);
     * else bars, narration and warnings when *bars* and the stream is a terminal;
-    * else nothing: a pipe or a log file gets no progress noise.
+    * else warnings only: a pipe or a log file gets no progress noise.
     """
     out = stream or sys.stderr
     if json_events:
         from vmdr.ui.jsonlines import JsonLinesRenderer
 
         return JsonLinesRenderer(out)
-    if bars and _isatty(out):
-        from vmdr.ui.terminal import TerminalRenderer
+    from vmdr.ui.terminal import TerminalRenderer, WarningPrinter
 
+    if bars and _isatty(out):
         return TerminalRenderer(out)
-    return null_sink
+    return WarningPrinter(out)
 
 
 def _isatty(stream: TextIO) -> bool:

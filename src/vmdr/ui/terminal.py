@@ -174,3 +174,17 @@ class TerminalRenderer:
 
 def _amount(done: int, total: int) -> str:
     return f"{human_bytes(done)}/{human_bytes(total)}"
+
+
+class WarningPrinter:
+    """For a pipe, a log file, ``--no-progress`` or ``--json``: no bars and no narration,
+    but warnings still reach stderr as ``vmdr: warning: …`` lines."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, JobWarning):
+            who = f"{event.item}: " if event.item else ""
+            self.stream.write(f"vmdr: warning: {who}{event.message}\n")
+            self.stream.flush()
