@@ -135,12 +135,17 @@ class TerminalRenderer:
         self._last_draw = now
         self.stream.flush()
 
+    def _name_width(self, it: _Item) -> int:
+        longest = max([len(i.name) for i in self.items.values()] + [len(it.name)])
+        return max(12, min(32, longest))
+
     def _line(self, it: _Item, now: float, final: bool = False) -> str:
         width = self._width() - 1
         rate = it.done / max(1e-6, now - it.started) if final else it.rate(now)
-        name = it.name if len(it.name) <= 20 else "…" + it.name[-19:]
-        if it.total:
-            frac = min(1.0, it.done / it.total)
+        nw = self._name_width(it)
+        name = _shorten(it.name, nw)
+        if it.total is not None:
+            frac = min(1.0, it.done / it.total) if it.total else 1.0
             amount = _amount(it.done, it.total)
             pct = f"{100 * frac:3.0f}%"
         else:
@@ -153,10 +158,10 @@ class TerminalRenderer:
         else:
             tail = f"{human_seconds(now - it.started)}"
         text = f"{pct} {amount:>21} {human_bytes(rate) + '/s':>12}  {tail}"
-        bar_w = min(40, width - 20 - 4 - 50)  # the same for every line
+        bar_w = min(40, width - nw - 4 - 50)  # the same for every line
         if bar_w < 10:  # a narrow terminal: no bar
-            return f"{name:<20}  {text}"[:width]
-        return f"{name:<20}  {self._bar(frac, bar_w, now)}  {text}"
+            return f"{name:<{nw}}  {text}"[:width]
+        return f"{name:<{nw}}  {self._bar(frac, bar_w, now)}  {text}"
 
     def _bar(self, frac: float, w: int, now: float) -> str:
         """*w* cells: done in colour, the rest dim (``#``/``-`` without unicode)."""
@@ -170,6 +175,15 @@ class TerminalRenderer:
             return full * n + rest * (w - n)
         colour = "32" if frac >= 1 else "35"
         return f"\x1b[{colour}m{full * n}\x1b[0m\x1b[2m{rest * (w - n)}\x1b[0m"
+
+
+def _shorten(name: str, width: int) -> str:
+    """*name* in *width* cells; a long one loses its middle, so ``vm/disk`` keeps both the
+    start of the VM's name and the disk."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep - keep // 2] + "…" + name[len(name) - keep // 2:]
 
 
 def _amount(done: int, total: int) -> str:
