@@ -41,6 +41,8 @@ class Globals:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, events: JobEvents | None = None) -> Globals:
+        global _current_events
+        _current_events = events
         cfg = configmod.load(getattr(ns, "config", None))
         return cls(
             repo=getattr(ns, "repo", None) or os.environ.get("VMDR_REPO") or cfg.repository,
@@ -131,8 +133,16 @@ def out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+_current_events: JobEvents | None = None  # the running command's (set by Globals.from_args)
+
+
 def warn(text: str) -> None:
-    sys.stderr.write(f"vmdr: warning: {text}\n")
+    """A warning of the running command, as a warning event: the renderers print it as
+    ``vmdr: warning: …`` (``--json-events``: a JSON line)."""
+    if _current_events is not None:
+        _current_events.warning(text)
+    else:
+        sys.stderr.write(f"vmdr: warning: {text}\n")
 
 
 Handler = Callable[[argparse.Namespace, Globals], int]
