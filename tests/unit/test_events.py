@@ -184,6 +184,23 @@ def test_terminal_draws_one_bar_per_item_and_cleans_up() -> None:
     assert r.items == {} and r._drawn == 0
 
 
+def test_terminal_keeps_the_bars_of_what_failed() -> None:
+    out = _Tty()
+    r = TerminalRenderer(out, unicode=True)
+    ev = _job(r, interval=0)
+    ev.progress("web1/vda", 100).advance(30)
+    ev.progress("db1/vda", 100).advance(60)
+    ev.error("disk gone", 5, "web1")
+    assert list(r.items) == ["db1/vda"]
+    ev.finish("interrupted", 130, "interrupted")
+    plain = _strip(out.getvalue())
+    assert "vmdr: web1: failed: disk gone" in plain
+    tail = plain.rstrip("\n").splitlines()
+    assert tail[-1].startswith("db1/vda") and " 60%" in tail[-1]  # left where it stopped
+    assert any(ln.startswith("web1/vda") and " 30%" in ln for ln in tail)
+    assert r._drawn == 0
+
+
 def test_terminal_without_total_and_without_unicode() -> None:
     out = _Tty()
     r = TerminalRenderer(out, unicode=False)

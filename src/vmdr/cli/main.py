@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g: Globals | None = None
     code, message = 1, None
     outcome: Outcome = "failed"
-    say = (lambda _text: None) if json_events else sys.stderr.write
+    line = ""  # the error line, printed after the end event has cleared any bars
     try:
         g = Globals.from_args(ns, events)
         code = int(ns.func(ns, g))
@@ -200,11 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except VmdrError as exc:
         code, message = exc.exit_code, exc.message
-        say(f"vmdr: error: {message}\n")
+        line = f"vmdr: error: {message}\n"
         return code
     except KeyboardInterrupt:
         code, message, outcome = EXIT_INTERRUPTED, "interrupted", "interrupted"
-        say("vmdr: interrupted\n")
+        line = "vmdr: interrupted\n"
         return code
     except BrokenPipeError:
         code, message = 1, "broken pipe"
@@ -213,13 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = f"internal error: {type(exc).__name__}: {exc}"
         if debug:
             raise
-        say(f"vmdr: {message} (run with --debug for a traceback and report it)\n")
+        line = f"vmdr: {message} (run with --debug for a traceback and report it)\n"
         return 1
     finally:
         if g is not None and g.outcome is not None and outcome != "interrupted":
             outcome = g.outcome
         events.finish(outcome, code, message, g.result_doc if g is not None else None)
-
+        if line and not json_events:
+            sys.stderr.write(line)
 
 if __name__ == "__main__":
     sys.exit(main())

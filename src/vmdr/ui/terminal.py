@@ -85,9 +85,13 @@ class TerminalRenderer:
             self._print(f"vmdr: warning: {who}{event.message}")
         elif isinstance(event, JobError):
             if event.item:  # a job-level error is printed by the CLI, once
-                self._print(f"vmdr: {event.item}: failed: {event.message}")
+                self._item_failed(event.item, event.message, now)
         elif isinstance(event, JobFinished):
-            self._clear()
+            if event.outcome == "ok" or not self.items:
+                self._clear()
+            else:  # failed or interrupted: leave the bars where they stopped
+                self._redraw(time.monotonic())
+                self._drawn = 0
             self.items.clear()
             self.stream.flush()
 
@@ -101,6 +105,13 @@ class TerminalRenderer:
             self._print(self._line(item, now, final=True))
         elif now - self._last_draw >= REDRAW or len(self.items) != self._drawn:
             self._redraw(now)
+
+    def _item_failed(self, item: str, message: str, now: float) -> None:
+        """The item's bars (a VM's disks) stop where they were, as plain lines."""
+        self._clear()
+        for name in [n for n in self.items if n == item or n.startswith(item + "/")]:
+            self.stream.write(self._line(self.items.pop(name), now) + "\n")
+        self._print(f"vmdr: {item}: failed: {message}")
 
     # -- drawing ----------------------------------------------------------------------
     def _width(self) -> int:
