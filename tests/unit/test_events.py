@@ -238,3 +238,37 @@ def test_fan_out() -> None:
     a, b = ListSink(), ListSink()
     _job(FanOut([a, b])).warning("w")
     assert len(a.events) == len(b.events) == 1
+
+
+def test_a_failed_vm_is_an_item_error_with_its_warnings(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    """backup_many: each VM's warnings and failure are events of that VM; the job goes on."""
+    from vmdr.errors import DomainNotFound
+    from vmdr.jobs.vmbackup import VMBackupOptions, backup_many
+
+    monkeypatch.setenv("VMDR_LOCK_DIR", str(tmp_path))
+
+    class Repo:
+        id = "r" * 32
+
+    class Hv:
+        uri = "test:///default"
+
+        def cleanup_leftovers(self, name: str, prefix: str, scratch: str) -> list[str]:
+            if name == "gone":
+                raise DomainNotFound(f"no domain {name!r}")
+            return ["a stale backup job"]
+
+        def domain(self, name: str) -> Any:
+            raise DomainNotFound(f"{name}: vanished")
+
+    sink = ListSink()
+    res = backup_many(Hv(), Repo(), ["gone", "web1"],  # type: ignore[arg-type]
+                      lambda n: VMBackupOptions(), 2, _job(sink))
+    assert [r.status for r in res] == ["failed", "failed"]
+    errors = {e.item: e for e in sink.of(JobError)}
+    assert errors["gone"].message == "no domain 'gone'" and errors["gone"].exit_code == 11
+    (w,) = sink.of(JobWarning)
+    assert (w.item, w.message) == ("web1", "cleaned up after an interrupted run: a stale "
+                                           "backup job")
+    assert [e.phase for e in sink.of(PhaseStarted) if e.item == "web1"] == ["prepare"]

@@ -105,6 +105,12 @@ def test_maintenance_and_copy_jobs(tmp_path: Path, repo: dict[str, str]) -> None
     assert prog[-1]["item"] == "copy" and prog[-1]["done"] == prog[-1]["total"] > 0
     assert len(evs[-1]["result"]["snapshots"]) == 2
 
+    p = run("verify", "vm1", "--json-events", env=repo)
+    evs = events(p)
+    assert [e["phase"] for e in evs if e["type"] == "phase"] == ["data"]
+    assert [e["final"] for e in evs if e["type"] == "progress"][-1] is True
+    assert evs[-1]["result"]["status"] == "passed"
+
     p = run("check", "--read-data", "--json-events", env=repo)
     evs = events(p)
     assert types(evs)[:3] == ["start", "phase", "progress"] and evs[-1]["result"]["ok"]
