@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -175,7 +174,7 @@ def new_job_id() -> str:
     """The job id from ``VMDR_JOB_ID`` when set (the caller correlates by it), else a
     fresh random one."""
     given = os.environ.get(JOB_ID_ENV, "").strip()
-    return given or uuid.uuid4().hex[:16]
+    return given or os.urandom(8).hex()
 
 
 class JobEvents:
@@ -188,7 +187,7 @@ class JobEvents:
     def __init__(self, sink: EventSink | None = None, job: str | None = None,
                  clock: Clock = utcnow, interval: float = PROGRESS_INTERVAL) -> None:
         self.sink: EventSink = sink or null_sink
-        self.job = job or uuid.uuid4().hex[:16]
+        self.job = job or os.urandom(8).hex()
         self.clock = clock
         self.interval = interval
         self._seq = 0
@@ -197,6 +196,7 @@ class JobEvents:
         self.started = False
         self.ended = False
         self._job_error = False  # an item-less error was emitted
+        self._last_error: str | None = None  # "item: message" of the last item error
 
     def emit(self, make: Callable[..., Event], **fields_: Any) -> None:
         """Build an event of class *make* with the next ``seq`` and hand it on."""
@@ -216,11 +216,14 @@ class JobEvents:
 
     def finish(self, outcome: Outcome, exit_code: int = 0, message: str | None = None,
                result: Any = None) -> None:
-        """Emit ``end`` (once); a failure without an ``error`` event before it gets one."""
+        """Emit ``end`` (once); a failure without an ``error`` event before it gets one.
+        A failure without a *message* takes the last item error's (``VM: message``)."""
         with self._lock:
             if self.ended:
                 return
             self.ended = True
+            if outcome != "ok" and not message:
+                message = self._last_error
             if outcome != "ok" and message and not self._job_error:
                 self.emit(JobError, message=message, exit_code=exit_code)
             self.emit(JobFinished, outcome=outcome, exit_code=exit_code, message=message,
@@ -238,6 +241,8 @@ class JobEvents:
         with self._lock:
             if item is None:
                 self._job_error = True
+            else:
+                self._last_error = f"{item}: {message}"
             self.emit(JobError, message=message, exit_code=exit_code, item=item)
 
     def progress(self, item: str, total: int | None = None) -> ItemProgress:

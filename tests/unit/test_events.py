@@ -69,6 +69,12 @@ def test_a_failure_always_has_an_error_before_the_end() -> None:
     ev.error("vm1 failed", 5, "vm1")
     ev.finish("partial", 1, "1 of 2 VMs failed")
     assert [type(e) for e in sink.events] == [JobError, JobError, JobFinished]
+    sink = ListSink()  # a command that returns its exit code without raising
+    ev = _job(sink)
+    ev.error("no domain 'web1'", 11, "web1")
+    ev.finish("failed", 11)
+    assert sink.events[-1].message == "web1: no domain 'web1'"
+    assert [type(e) for e in sink.events] == [JobError, JobError, JobFinished]
     sink = ListSink()
     ev = _job(sink)
     ev.error("boom", 6)
