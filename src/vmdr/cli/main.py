@@ -182,9 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    # SIGTERM (systemd stop, timeouts) unwinds like Ctrl-C, so every job cleans up:
-    # backup jobs aborted, checkpoints not moved, scratch files removed.
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (systemd stop, timeouts) and SIGHUP (the terminal or ssh session went away)
+    # unwind like Ctrl-C in every command, so every job cleans up: backup jobs aborted,
+    # checkpoints not moved, scratch files removed, sandboxes and NBD servers stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     # the job's start and end events frame everything; the end event comes whatever
     # happens (with the exit code and the error line), so a reader of --json-events
     # always learns the outcome

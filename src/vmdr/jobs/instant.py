@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vmdr.errors import DomainNotFound, HeartbeatTimeout, UsageError, VmdrError
+from vmdr.errors import (
+    DomainNotFound,
+    HeartbeatTimeout,
+    InstantInterrupted,
+    MigrationStopped,
+    UsageError,
+    VmdrError,
+)
 from vmdr.events import ItemProgress, JobEvents
 from vmdr.hypervisor import Domain, Hypervisor, mirror, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
@@ -40,18 +47,6 @@ SOCKET_ROOT = "/run/vmdr/instant"
 STATE_VERSION = 1
 COPY_RETRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
-
-
-class InstantInterrupted(VmdrError):
-    """Instant recovery was interrupted."""
-
-    exit_code = 130
-
-
-class MigrationStopped(VmdrError):
-    """Moving the disks to local storage stopped; the VM is paused."""
-
-    exit_code = 8
 
 
 @dataclass
