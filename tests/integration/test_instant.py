@@ -22,6 +22,7 @@ import pytest
 
 from tests.guest.estate import TestVM, cleanup_stale
 from tests.guest.records import check_records
+from vmdr.errors import MigrationStopped
 
 from .vmtools import VMDR, backup, nbdkit_pids, repo_env, vmdr
 
@@ -180,7 +181,7 @@ def test_interrupt_and_server_lost_mid_migration(
         assert "migrate" in _until_copying(procs[-1])  # resumed
         for pid in nbdkit_pids(f"/run/vmdr/instant/{new}"):
             os.kill(pid, signal.SIGKILL)  # the repository's NBD export is gone
-        _stopped(procs[-1], 8)
+        _stopped(procs[-1], MigrationStopped.exit_code)  # 17
         assert dom.state()[0] == 3
         log = target / f"{new}-console.log"
         n = _beats(log)
