@@ -18,7 +18,8 @@ total (``check --read-data``) a short segment walks along the bar.
 from __future__ import annotations
 
 import collections
-import shutil
+import io
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -114,12 +115,15 @@ class TerminalRenderer:
         self._print(f"vmdr: {item}: failed: {message}")
 
     # -- drawing ----------------------------------------------------------------------
-    def _width(self) -> int:
+    def _size(self) -> os.terminal_size:
+        """The terminal's size (of the stream itself: stdout may be redirected)."""
         try:
-            return shutil.get_terminal_size((100, 24)).columns if self.stream is sys.stderr \
-                else 100
-        except (OSError, ValueError):
-            return 100
+            return os.get_terminal_size(self.stream.fileno())
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return os.terminal_size((100, 24))
+
+    def _width(self) -> int:
+        return self._size().columns
 
     def _clear(self) -> None:
         """Remove the bars; the cursor ends where the first bar was."""
@@ -136,7 +140,7 @@ class TerminalRenderer:
     def _redraw(self, now: float) -> None:
         self._clear()
         lines = [self._line(it, now) for it in self.items.values()]
-        rows = shutil.get_terminal_size((100, 24)).lines
+        rows = self._size().lines
         if len(lines) >= rows:  # keep the block on screen, or the cursor math breaks
             hidden = len(lines) - rows + 2
             lines = [*lines[: rows - 2], f"… and {hidden} more"]
