@@ -142,3 +142,16 @@ def test_log_warnings_become_warning_events() -> None:
         log.removeHandler(handler)
     (w,) = sink.of(JobWarning)
     assert w.message == "could not save cache: disk full"
+
+
+def test_start_args_leave_out_globals_and_passwords() -> None:
+    import argparse
+
+    from vmdr.cli.main import job_args, job_kind
+
+    ns = argparse.Namespace(command="copy", func=print, repo="/srv/r", json=True,
+                            to="sftp://bk:hunter2@vault/srv/r", names=["web*"], latest=None)
+    assert job_kind(ns) == "copy"
+    assert job_args(ns) == {"latest": None, "names": ["web*"],
+                            "to": "sftp://bk:***@vault/srv/r"}
+    assert job_kind(argparse.Namespace(command="repo", subcommand="init")) == "repo init"
