@@ -7,9 +7,9 @@ from datetime import timedelta
 
 from vmdr.cli.common import Globals, emit_json, out, repository
 from vmdr.errors import IntegrityError, UsageError
+from vmdr.jobs.maintenance import check_job, forget_job, prune_job
 from vmdr.repository import retention
-from vmdr.repository.check import check
-from vmdr.repository.prune import DEFAULT_SAFETY_WINDOW, prune
+from vmdr.repository.prune import DEFAULT_SAFETY_WINDOW
 from vmdr.timeutil import format_time
 from vmdr.ui.progress import human_bytes
 
@@ -65,20 +65,11 @@ def _policy(ns: argparse.Namespace) -> retention.Policy:
 def cmd_forget(ns: argparse.Namespace, g: Globals) -> int:
     policy = _policy(ns)
     with repository(g, "exclusive", "forget") as r:
-        snaps = [s for s in r.list_snapshots() if not ns.names or s.name in ns.names]
-        decisions = retention.apply(snaps, policy, r.clock(), lambda s: r.is_protected(s.id),
-                                    allow_empty=ns.allow_empty)
-        removed = [d for d in decisions if not d.keep]
-        if not ns.dry_run:
-            for d in removed:
-                r.delete_snapshot(d.snapshot.id)
-        pruned = None
-        if ns.prune and not ns.dry_run:
-            pruned = prune(r).as_dict()
+        res = forget_job(r, ns.names, policy, ns.dry_run, ns.prune, g.events,
+                         allow_empty=ns.allow_empty)
+    decisions, removed = res.decisions, res.removed
+    g.result(res.as_dict())
     if g.json:
-        emit_json({"dry_run": ns.dry_run, "decisions": [
-            {"id": d.snapshot.id, "name": d.snapshot.name, "time": format_time(d.snapshot.time),
-             "keep": d.keep, "reasons": d.reasons} for d in decisions], "prune": pruned})
         return 0
     verb = "would remove" if ns.dry_run else "removed"
     for d in decisions:
@@ -92,10 +83,9 @@ def cmd_forget(ns: argparse.Namespace, g: Globals) -> int:
 def cmd_prune(ns: argparse.Namespace, g: Globals) -> int:
     window = ns.safety_window if ns.safety_window is not None else DEFAULT_SAFETY_WINDOW
     with repository(g, "exclusive", "prune") as r:
-        res = prune(r, window, dry_run=ns.dry_run)
-    if g.json:
-        emit_json(res.as_dict())
-    else:
+        res = prune_job(r, window, dry_run=ns.dry_run, events=g.events)
+    g.result(res.as_dict())
+    if not g.json:
         verb = "would delete" if ns.dry_run else "deleted"
         out(f"{verb} {res.deleted} unreferenced chunks ({human_bytes(res.deleted_bytes)}); "
             f"kept {res.kept_young} younger than the safety window; "
@@ -121,10 +111,9 @@ def cmd_check(ns: argparse.Namespace, g: Globals) -> int:
         ids = None
         if ns.snapshot:
             ids = [r.resolve(ref).id for ref in ns.snapshot]
-        res = check(r, read_data=ns.read_data or 0.0, snapshot_ids=ids)
-    if g.json:
-        emit_json(res.as_dict())
-    else:
+        res = check_job(r, read_data=ns.read_data or 0.0, snapshot_ids=ids, events=g.events)
+    g.result(res.as_dict())
+    if not g.json:
         for p in res.problems:
             out(p.line())
         for p in res.warnings:

@@ -7,7 +7,7 @@ import fnmatch
 import os
 import sys
 
-from vmdr.cli.common import Globals, emit_json, out, repository, warn
+from vmdr.cli.common import Globals, out, repository, warn
 from vmdr.errors import DomainNotFound, UsageError
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs.vmbackup import VMBackupOptions, VMBackupResult, backup_many, select_vms
@@ -58,14 +58,15 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
             except UsageError as exc:
                 refused[n] = VMBackupResult(vm=n, error=exc.message, exit_code=exc.exit_code)
         done = backup_many(hv, repo, [n for n in names if n not in refused], opts_for,
-                           cfg.concurrency, lambda n: g.progress_for())
+                           cfg.concurrency, g.events)
         by_vm = {r.vm: r for r in done}
         results = [refused.get(n) or by_vm[n] for n in names]
     failed = [r for r in results if r.status != "ok"]
-    if g.json:
-        emit_json({"results": [r.as_dict() for r in results],
-                   "ok": len(results) - len(failed), "failed": len(failed)})
-    else:
+    g.result({"results": [r.as_dict() for r in results],
+              "ok": len(results) - len(failed), "failed": len(failed)})
+    if failed and len(failed) < len(results):
+        g.outcome = "partial"
+    if not g.json:
         out(f"{'VM':<20} {'STATUS':<7} {'SNAPSHOT':<9} {'MODE':<12} {'CONSISTENCY':<11} "
             f"{'READ':>10} {'STORED':>10} {'TIME':>7}")
         for r in results:
@@ -98,12 +99,12 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
                 heartbeat=ns.heartbeat or g.config.vm(snap.name).heartbeat,
                 timeout=ns.timeout,
             )
-            res = restore_vm(repo, snap, opts, hv, g.progress_for())
+            res = restore_vm(repo, snap, opts, hv, g.events)
     finally:
         if hv is not None:
             hv.close()
+    g.result(res)
     if g.json:
-        emit_json(res)
         return 0
     out(f"restored {snap.name}@{snap.short_id} as {res['vm']} into {res['target_dir']} "
         f"({human_bytes(res['bytes_written'])} written, {res['restore_s']:.1f}s)")
