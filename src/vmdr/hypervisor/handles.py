@@ -84,7 +84,8 @@ class LibvirtDomain(Domain):
                     m.VIR_DOMAIN_SHUTDOWN: "VIR_DOMAIN_SHUTDOWN_",
                     m.VIR_DOMAIN_PMSUSPENDED: "VIR_DOMAIN_PMSUSPENDED_"}
         prefix = prefixes.get(state)
-        return const_name(m, prefix, reason) if prefix else ""
+        name = const_name(m, prefix, reason) if prefix else ""
+        return "" if name == "unknown" else name
 
     def reset(self) -> None:
         with libvirt_errors(f"resetting {self._name}"):
