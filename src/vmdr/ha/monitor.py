@@ -200,7 +200,7 @@ class Monitor:
         return list(self.events)[first:]
 
     def _host_down(self, exc: HypervisorError) -> None:
-        if self._down != exc.message:
+        if self._down is None:
             self._record("*", "detected", f"host unreachable: {exc.message}")
             self._down = exc.message
         self._drop_connection()
