@@ -121,7 +121,7 @@ def test_cli_check_and_run_on_libvirt_test_driver(tmp_path: Path,
     assert rep["state"] == "running" and rep["agent"] is False and not rep["ok"]
     assert rep["problems"] == ["guest agent does not answer"]
     assert main([*base, "check", "nosuch", "-c", "test:///default"]) == 11
-    assert main([*base, "run", "--cycles", "2", "-c", "test:///default", "test",
+    assert main([*base, "run", "--cycles", "1", "-c", "test:///default", "test",
                  "--evidence-dir", str(tmp_path)]) == 0
     # never answered since watched, so never judged hung: nothing to report
     assert capsys.readouterr().out.splitlines()[1:] == []

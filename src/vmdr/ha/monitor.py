@@ -113,6 +113,7 @@ class Monitor:
         now = clock()
         self.vms = {s.vm: _Watched(s, Track(since=now)) for s in settings}
         self.events: deque[WatchdogEvent] = deque(maxlen=history)
+        self.received: deque[LifecycleEvent] = deque(maxlen=history)  # from the driver
         self._queue: queue.SimpleQueue[LifecycleEvent] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._hv: Hypervisor | None = None
@@ -125,6 +126,7 @@ class Monitor:
     def _on_event(self, ev: LifecycleEvent) -> None:
         """Runs on the driver's event thread: queue and wake the loop, nothing more."""
         if ev.domain in self.vms:
+            self.received.append(ev)
             self._queue.put(ev)
             self._wake.set()
 
