@@ -285,3 +285,40 @@ def test_host_unreachable_is_reported_once_and_recovers(host: FakeHost) -> None:
     assert mon.cycle() == []
     host.up = True
     assert next(e.reason for e in mon.cycle()).startswith("host reachable again")
+
+
+# -- the libvirt driver's events, on libvirt's own test:/// driver ------------------------------
+
+def test_libvirt_lifecycle_events_are_typed() -> None:
+    libvirt = pytest.importorskip("libvirt")
+    from vmdr.hypervisor import connect
+    from vmdr.hypervisor.events import translate
+
+    ev = translate(libvirt, "web", "u", libvirt.VIR_DOMAIN_EVENT_STOPPED,
+                   libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
+    assert (ev.kind, ev.detail, ev.unexpected) == ("stopped", "failed", True)
+    ev = translate(libvirt, "web", "u", libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
+                   libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR)
+    assert (ev.kind, ev.detail, ev.unexpected) == ("paused", "ioerror", True)
+    ev = translate(libvirt, "web", "u", libvirt.VIR_DOMAIN_EVENT_CRASHED,
+                   libvirt.VIR_DOMAIN_EVENT_CRASHED_PANICKED)
+    assert (ev.kind, ev.detail, ev.unexpected) == ("crashed", "panicked", True)
+    assert not translate(libvirt, "web", "u", libvirt.VIR_DOMAIN_EVENT_STOPPED,
+                         libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED).unexpected
+
+    got: list[LifecycleEvent] = []
+    with connect("test:///default") as hv, hv.subscribe(got.append) as sub, \
+            connect("test:///default") as other:
+        dom = other.lookup("test")
+        dom.suspend()
+        dom.resume()
+        dom.destroy()
+        assert dom.state_reason() == "destroyed"
+        dom.start()
+        deadline = time.monotonic() + 10
+        while len(got) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sub.alive
+    assert [(e.domain, e.kind, e.detail) for e in got] == [
+        ("test", "paused", "paused"), ("test", "resumed", "unpaused"),
+        ("test", "stopped", "destroyed"), ("test", "started", "booted")]
