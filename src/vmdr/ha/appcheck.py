@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmdr.errors import HypervisorError
-from vmdr.hypervisor.driver import Domain, GuestExecResult
 
+from .ports import DomainPort, ExecResultPort
 from .wdsettings import AppCheck
 
 __all__ = ["CheckResult", "listening", "process_running", "restart_app", "run_check"]
@@ -53,11 +53,11 @@ def process_running(comms: str, name: str) -> bool:
     return any(line.strip() == want for line in comms.splitlines())
 
 
-def _sh(dom: Domain, script: str, timeout: float, *, capture: bool = True) -> GuestExecResult:
+def _sh(dom: DomainPort, script: str, timeout: float, *, capture: bool = True) -> ExecResultPort:
     return dom.guest_exec([SHELL, "-c", script], timeout=timeout, capture=capture)
 
 
-def run_check(dom: Domain, check: AppCheck) -> CheckResult:
+def run_check(dom: DomainPort, check: AppCheck) -> CheckResult:
     """Run one check in the guest."""
     try:
         if check.kind == "tcp":
@@ -81,7 +81,7 @@ def run_check(dom: Domain, check: AppCheck) -> CheckResult:
     return CheckResult(check.name, r.ok, f"{check.describe()} exited {r.exitcode}{tail}")
 
 
-def restart_app(dom: Domain, check: AppCheck) -> tuple[bool, str]:
+def restart_app(dom: DomainPort, check: AppCheck) -> tuple[bool, str]:
     """Run the check's restart command in the guest: (worked, what happened). A command
     still running at the timeout counts as started (a service in the foreground)."""
     if not check.restart:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from vmdr.errors import (
@@ -36,9 +36,10 @@ from vmdr.errors import (
     HypervisorUnavailable,
     HypervisorUnsupported,
 )
-from vmdr.hypervisor.driver import Domain, Hypervisor, LifecycleEvent, Screenshot, Subscription
+from vmdr.timeutil import utcnow
 
 from .appcheck import CheckResult, restart_app, run_check
+from .ports import DomainPort, EventPort, HostPort, ScreenshotPort, SubscriptionPort
 from .watchdog import Decision, Observation, Track, decide, note
 from .wdsettings import WatchdogSettings
 
@@ -75,15 +76,11 @@ class WatchdogEvent:
 Escalate = Callable[[str, WatchdogEvent], bool]
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass
 class _Watched:
     settings: WatchdogSettings
     track: Track
-    pending: list[LifecycleEvent] = field(default_factory=list)
+    pending: list[EventPort] = field(default_factory=list)
 
 
 class Monitor:
@@ -96,8 +93,8 @@ class Monitor:
     """
 
     def __init__(
-        self, connect: Callable[[], Hypervisor], settings: Sequence[WatchdogSettings], *,
-        clock: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = _utcnow,
+        self, connect: Callable[[], HostPort], settings: Sequence[WatchdogSettings], *,
+        clock: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow,
         sink: Callable[[WatchdogEvent], None] | None = None, escalate: Escalate | None = None,
         alert: Callable[[WatchdogEvent], None] | None = None, ping_timeout: int = 3,
         screenshot_timeout: float = 10.0, history: int = 1000,
@@ -113,24 +110,24 @@ class Monitor:
         now = clock()
         self.vms = {s.vm: _Watched(s, Track(since=now)) for s in settings}
         self.events: deque[WatchdogEvent] = deque(maxlen=history)
-        self.received: deque[LifecycleEvent] = deque(maxlen=history)  # from the driver
-        self._queue: queue.SimpleQueue[LifecycleEvent] = queue.SimpleQueue()
+        self.received: deque[EventPort] = deque(maxlen=history)  # from the driver
+        self._queue: queue.SimpleQueue[EventPort] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._hv: Hypervisor | None = None
-        self._sub: Subscription | None = None
+        self._hv: HostPort | None = None
+        self._sub: SubscriptionPort | None = None
         self._subscribable = True
         self._down: str | None = None
 
     # -- connection and events -------------------------------------------------------------
 
-    def _on_event(self, ev: LifecycleEvent) -> None:
+    def _on_event(self, ev: EventPort) -> None:
         """Runs on the driver's event thread: queue and wake the loop, nothing more."""
         if ev.domain in self.vms:
             self.received.append(ev)
             self._queue.put(ev)
             self._wake.set()
 
-    def _ensure(self) -> Hypervisor:
+    def _ensure(self) -> HostPort:
         if self._hv is None:
             self._hv = self._connect()
         if self._subscribable and (self._sub is None or not self._sub.alive):
@@ -207,8 +204,8 @@ class Monitor:
             self._down = exc.message
         self._drop_connection()
 
-    def observe(self, hv: Hypervisor, w: _Watched, *, force: bool = False
-                ) -> tuple[Observation, Domain | None]:
+    def observe(self, hv: HostPort, w: _Watched, *, force: bool = False
+                ) -> tuple[Observation, DomainPort | None]:
         """What the VM looks like now; pings and checks only when due (or ``force``)."""
         s, t, now = w.settings, w.track, self._clock()
         events, w.pending = tuple(w.pending), []
@@ -232,7 +229,7 @@ class Monitor:
                     checks.append(run_check(dom, c))
         return Observation(now, state, reason, events, heartbeat, tuple(checks)), dom
 
-    def _one(self, hv: Hypervisor, name: str, w: _Watched) -> None:
+    def _one(self, hv: HostPort, name: str, w: _Watched) -> None:
         obs, dom = self.observe(hv, w)
         note(w.track, obs)
         d = decide(w.settings, w.track, obs)
@@ -258,7 +255,7 @@ class Monitor:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def _app_restart(self, name: str, w: _Watched, dom: Domain, d: Decision) -> None:
+    def _app_restart(self, name: str, w: _Watched, dom: DomainPort, d: Decision) -> None:
         check = next(c for c in w.settings.checks if c.name == d.check)
         a = w.track.apps[check.name]
         a.restarts.append(self._clock())
@@ -287,7 +284,7 @@ class Monitor:
                                            "the VM is left as it is", d)
         self._alert(ev)
 
-    def _vm_action(self, name: str, w: _Watched, dom: Domain, d: Decision) -> None:
+    def _vm_action(self, name: str, w: _Watched, dom: DomainPort, d: Decision) -> None:
         s, t = w.settings, w.track
         evidence: list[str] = []
         kind = {"start": "restarted", "resume": "resumed", "reset": "reset",
@@ -335,8 +332,8 @@ class Monitor:
                                  f"{s.restart_budget} within {s.restart_window_s:g}s)",
                      d, evidence)
 
-    def _screenshot(self, dom: Domain) -> tuple[Screenshot | None, str]:
-        box: list[Screenshot | BaseException] = []
+    def _screenshot(self, dom: DomainPort) -> tuple[ScreenshotPort | None, str]:
+        box: list[ScreenshotPort | BaseException] = []
 
         def grab() -> None:
             try:
@@ -350,12 +347,12 @@ class Monitor:
         if not box:
             return None, f"timed out after {self.screenshot_timeout:g}s"
         got = box[0]
-        if isinstance(got, Screenshot):
-            return got, ""
-        return None, getattr(got, "message", str(got))
+        if isinstance(got, BaseException):
+            return None, getattr(got, "message", str(got))
+        return got, ""
 
-    def _save_evidence(self, s: WatchdogSettings, dom: Domain,
-                       shot: Screenshot | None) -> list[str]:
+    def _save_evidence(self, s: WatchdogSettings, dom: DomainPort,
+                       shot: ScreenshotPort | None) -> list[str]:
         out: list[str] = []
         stamp = self._wall().strftime("%Y%m%dT%H%M%S.%fZ")
         d = os.path.join(s.evidence_dir, s.vm)

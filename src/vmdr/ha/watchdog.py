@@ -32,9 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vmdr.hypervisor.driver import LifecycleEvent
-
 from .appcheck import CheckResult
+from .ports import EventPort
 from .wdsettings import WatchdogSettings
 
 __all__ = ["Action", "Decision", "Observation", "Track", "decide", "note"]
@@ -53,7 +52,7 @@ class Observation:
     now: float
     state: str
     reason: str = ""
-    events: tuple[LifecycleEvent, ...] = ()
+    events: tuple[EventPort, ...] = ()
     heartbeat: bool | None = None  # the agent answered (None: not asked this cycle)
     checks: tuple[CheckResult, ...] = ()
 
