@@ -81,7 +81,8 @@ failures = 1
      "vm.web.watchdog.checks[0].retries"),
     ('[[vm.web.watchdog.checks]]\ncommand = "true"\ntimeout = "1m"\n',
      "vm.web.watchdog.checks"),
-    ('[ha]\nvm_monitor_interval = "30s"\n', "ha.vm_hang_timeout"),
+    ('[ha]\nvm_monitor_interval = "30s"\nvm_hang_timeout = "40s"\n', "ha.vm_hang_timeout"),
+    ('[ha]\nrestart_budget = "many"\n', "ha.restart_budget"),
     ('[plan.tiers.gold.watchdog]\nmin_uptime = "0s"\n[vm.web]\ntier = "gold"\n',
      "plan.tiers.gold.watchdog.min_uptime"),
 ])
@@ -125,3 +126,11 @@ def test_cli_check_and_run_on_libvirt_test_driver(tmp_path: Path,
                  "--evidence-dir", str(tmp_path)]) == 0
     # never answered since watched, so never judged hung: nothing to report
     assert capsys.readouterr().out.splitlines()[1:] == []
+
+
+def test_vms_under_ha_are_watched_unless_switched_off() -> None:
+    text = '[plan.tiers.gold]\nha = true\n[vm.web]\ntier = "gold"\n[vm.db]\ntier = "gold"\n' \
+           '[vm.db.watchdog]\nenabled = false\n[vm.tmp]\n'
+    assert settings(text, "web").enabled
+    assert not settings(text, "db").enabled
+    assert not settings(text, "tmp").enabled

@@ -2,14 +2,16 @@
 
 Where they come from, last one wins::
 
-    built-in defaults (below)
+    built-in defaults (below, the same as vmdr.ha.settings')
     [ha]                          vm_monitor_interval, vm_hang_timeout, app_monitor_interval,
                                   restart_budget, restart_window, on_budget_exhausted
+                                  (parsed and checked by vmdr.ha.settings)
     [plan.tiers.NAME.watchdog]    every key of the table below
     [vm.NAME.watchdog]            every key of the table below
 
     [vm.web.watchdog]
     enabled = true            # default: true when the VM or its tier has a watchdog table
+                              # or is under HA (ha = true)
     heartbeat = true          # guest-agent ping (false: lifecycle events and checks only)
     interval = "10s"          # agent ping interval
     hang_timeout = "30s"      # no answer for this long = hung guest (≥ 2 intervals)
@@ -64,6 +66,8 @@ from vmdr.errors import ConfigError
 from vmdr.plan._toml import T
 from vmdr.plan.inventory import Inventory
 
+from .settings import parse_settings
+
 __all__ = ["AppCheck", "WatchdogSettings", "for_vm", "parse_all"]
 
 Action = Literal["reset", "restart"]
@@ -77,10 +81,6 @@ TABLE_KEYS = {"enabled", "heartbeat", "interval", "hang_timeout", "min_uptime", 
               "app_interval", "checks"}
 CHECK_KEYS = {"name", "tcp", "process", "command", "restart", "failures", "restarts",
               "timeout"}
-# the [ha] keys the watchdog reads (vmdr.ha.settings validates the whole [ha] table)
-HA_KEYS = {"vm_monitor_interval": "interval", "vm_hang_timeout": "hang_timeout",
-           "app_monitor_interval": "app_interval", "restart_budget": "restart_budget",
-           "restart_window": "restart_window", "on_budget_exhausted": "on_budget_exhausted"}
 DEFAULT_EVIDENCE_DIR = "/var/lib/vmdr/watchdog"
 
 
@@ -127,32 +127,26 @@ def _positive(t: T, key: str, default: float) -> float:
     return v
 
 
-def _apply(t: T, s: WatchdogSettings, *, ha: bool = False) -> WatchdogSettings:
-    """``s`` with the keys of table ``t`` (a watchdog table, or ``[ha]`` with its names)."""
-    def key(ours: str) -> str:
-        return next(k for k, v in HA_KEYS.items() if v == ours) if ha else ours
-
+def _apply(t: T, s: WatchdogSettings) -> WatchdogSettings:
+    """``s`` with the keys of the watchdog table ``t``."""
     upd: dict[str, Any] = {}
-    if not ha:
-        if "enabled" in t.t:
-            upd["enabled"] = t.bool_("enabled")
-        if "heartbeat" in t.t:
-            upd["heartbeat"] = t.bool_("heartbeat")
-        if "min_uptime" in t.t:
-            upd["min_uptime_s"] = _positive(t, "min_uptime", s.min_uptime_s)
-        if "action" in t.t:
-            upd["action"] = t.choice("action", ACTIONS, s.action)
-        if "evidence_dir" in t.t:
-            upd["evidence_dir"] = t.str_("evidence_dir")
-    for ours, attr in (("interval", "interval_s"), ("hang_timeout", "hang_timeout_s"),
-                       ("restart_window", "restart_window_s"),
-                       ("app_interval", "app_interval_s")):
-        if key(ours) in t.t:
-            upd[attr] = _positive(t, key(ours), getattr(s, attr))
-    if key("restart_budget") in t.t:
-        upd["restart_budget"] = t.int_(key("restart_budget"), s.restart_budget, 0)
-    if key("on_budget_exhausted") in t.t:
-        upd["on_budget_exhausted"] = t.choice(key("on_budget_exhausted"), ESCALATIONS,
+    if "enabled" in t.t:
+        upd["enabled"] = t.bool_("enabled")
+    if "heartbeat" in t.t:
+        upd["heartbeat"] = t.bool_("heartbeat")
+    if "action" in t.t:
+        upd["action"] = t.choice("action", ACTIONS, s.action)
+    if "evidence_dir" in t.t:
+        upd["evidence_dir"] = t.str_("evidence_dir")
+    for key, attr in (("interval", "interval_s"), ("hang_timeout", "hang_timeout_s"),
+                      ("min_uptime", "min_uptime_s"), ("restart_window", "restart_window_s"),
+                      ("app_interval", "app_interval_s")):
+        if key in t.t:
+            upd[attr] = _positive(t, key, getattr(s, attr))
+    if "restart_budget" in t.t:
+        upd["restart_budget"] = t.int_("restart_budget", s.restart_budget, 0)
+    if "on_budget_exhausted" in t.t:
+        upd["on_budget_exhausted"] = t.choice("on_budget_exhausted", ESCALATIONS,
                                               s.on_budget_exhausted)
     return replace(s, **upd)
 
@@ -213,15 +207,18 @@ def _validate(t: T | None, s: WatchdogSettings, where: str) -> None:
 
 def for_vm(cfg: Config, inv: Inventory, vm: str) -> WatchdogSettings:
     """The effective settings of ``vm`` (ConfigError naming the key on bad input). A VM not
-    in the inventory gets the defaults and ``[ha]``."""
+    in the inventory gets the defaults and ``[ha]``. A VM under HA (``ha = true`` on it or
+    its tier) is watched unless its watchdog table says ``enabled = false``."""
     path, raw = inv.path, cfg.raw
-    s = WatchdogSettings(vm)
-    ha = raw.get("ha", {})
-    if not isinstance(ha, dict):
-        raise ConfigError(f"{path}: ha: expected a table")
-    s = _apply(T(path, "ha.", {k: v for k, v in ha.items() if k in HA_KEYS}), s, ha=True)
-    _validate(None, s, f"{path}: ha.vm_hang_timeout")
+    hs = parse_settings(path, inv.ha_table)  # the whole [ha] table, checked once
+    s = WatchdogSettings(
+        vm, interval_s=hs.vm_monitor_interval, hang_timeout_s=hs.vm_hang_timeout,
+        app_interval_s=hs.app_monitor_interval, restart_budget=hs.restart_budget,
+        restart_window_s=hs.restart_window,
+        on_budget_exhausted=cast(Escalation, hs.on_budget_exhausted))
     plan = inv.vms.get(vm)
+    if plan is not None and inv.ha_enabled(plan):
+        s = replace(s, enabled=True)
     tables: list[T] = []
     if plan is not None and plan.tier:
         tier_raw = raw.get("plan", {}).get("tiers", {}).get(plan.tier, {})
