@@ -304,6 +304,7 @@ class Monitor:
         t.actions.append(self._clock())
         try:
             if action == "start":
+                dom.destroy()  # a crashed domain kept for a dump (on_crash=preserve)
                 dom.start()
             elif action == "resume":
                 dom.resume()
