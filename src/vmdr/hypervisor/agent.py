@@ -79,14 +79,18 @@ def execute(dom: Any, argv: Sequence[str], timeout: float = 30.0, *, capture: bo
     ``timeout`` passes (exitcode None: still running; killed by a signal: 128 + signal)."""
     if not argv:
         raise ValueError("guest exec needs a command")
-    started = command(dom, "guest-exec", 10, {"path": argv[0], "arg": list(argv[1:]),
-                                              "capture-output": bool(capture)})
+    deadline = clock() + timeout
+
+    def budget() -> int:  # each agent call waits no longer than what is left (1-10 s)
+        return int(max(1.0, min(10.0, deadline - clock())))
+
+    started = command(dom, "guest-exec", budget(), {
+        "path": argv[0], "arg": list(argv[1:]), "capture-output": bool(capture)})
     if not isinstance(started, dict) or "pid" not in started:
         raise HypervisorError(f"guest agent guest-exec: bad reply {started!r}")
     pid = int(started["pid"])
-    deadline = clock() + timeout
     while True:
-        st = command(dom, "guest-exec-status", 10, {"pid": pid})
+        st = command(dom, "guest-exec-status", budget(), {"pid": pid})
         if isinstance(st, dict) and st.get("exited"):
             code = st.get("exitcode")
             if code is None:
