@@ -25,7 +25,8 @@ from vmdr.ui import make_sink
 # plan renderers, the NBD server or the file-level tools (tests/unit/test_cli_modules.py
 # keeps this table honest).
 MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
-           "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds"]
+           "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds",
+           "watchdog_cmds"]
 COMMANDS = {
     "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
     "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
@@ -34,6 +35,7 @@ COMMANDS = {
     "serve": "verify_cmds", "verify": "verify_cmds", "instant-restore": "instant_cmds",
     "files": "files_cmds", "mount": "files_cmds", "umount": "files_cmds",
     "ha": "ha_cmds",
+    "watchdog": "watchdog_cmds",
 }
 _VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config", "--job-id"}
 
