@@ -12,9 +12,9 @@ from tests.unit.test_tape_jobs import _setup, repo_with_images  # noqa: F401
 from vmdr import config
 from vmdr.jobs.tape import backup_to_tape
 from vmdr.jobs.tape_media import export_tapes, import_tapes, vault_report
+from vmdr.jobs.tape_plan import catalog_of, tape_copies
 from vmdr.plan import coverage, inventory
 from vmdr.plan.history import Copy
-from vmdr.plan.tapes import catalog_of, tape_copies
 from vmdr.repository.repo import Repository
 
 ESTATE = """

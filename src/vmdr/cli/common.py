@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
+import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmdr import config as configmod
-from vmdr.credentials import read_secret, read_secret_bytes
-from vmdr.errors import UsageError, WrongPassword
+from vmdr.errors import UsageError
+from vmdr.events import JobEvents, Outcome
+from vmdr.repository.opening import LockMode, OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
-from vmdr.storage.appendonly import AppendOnlyBackend
-from vmdr.storage.objectlock import with_object_lock
-from vmdr.storage.registry import open_backend
-from vmdr.storage.wrappers import wrap
-from vmdr.ui.progress import Progress, make_progress
 
 
 @dataclass
@@ -34,9 +29,15 @@ class Globals:
     progress: bool
     config: configmod.Config
     append_only: bool = False
+    # the command's job events (vmdr.events); main() starts and ends the job
+    events: JobEvents = field(default_factory=JobEvents)
+    result_doc: Any = None
+    outcome: Outcome | None = None  # "partial": some items failed (default: by exit code)
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> Globals:
+    def from_args(cls, ns: argparse.Namespace, events: JobEvents | None = None) -> Globals:
+        global _current_events
+        _current_events = events
         cfg = configmod.load(getattr(ns, "config", None))
         return cls(
             repo=getattr(ns, "repo", None) or os.environ.get("VMDR_REPO") or cfg.repository,
@@ -50,6 +51,7 @@ class Globals:
             append_only=(bool(getattr(ns, "append_only", False))
                          or os.environ.get("VMDR_APPEND_ONLY", "") not in ("", "0")
                          or cfg.append_only),
+            events=events or JobEvents(),
         )
 
     def need_repo(self) -> str:
@@ -58,60 +60,29 @@ class Globals:
                              "in the config file")
         return self.repo
 
-    def passphrase(self, prompt: str = "Repository passphrase: ") -> str:
-        if "VMDR_PASSWORD" in os.environ:
-            return os.environ["VMDR_PASSWORD"]
-        if self.password_file:
-            return read_secret(self.password_file)
-        if sys.stdin.isatty():
-            return getpass.getpass(prompt)
-        raise WrongPassword("no passphrase: set VMDR_PASSWORD_FILE (a 0600 file) or "
-                            "VMDR_PASSWORD, or run in a terminal")
+    @functools.cached_property
+    def passphrase(self) -> Passphrase:
+        """The repository passphrase (VMDR_PASSWORD, the password file, else a prompt),
+        looked up at most once per command."""
+        return Passphrase(file=self.password_file)
 
-    def new_passphrase(self, prompt: str = "New passphrase: ") -> str:
-        if not sys.stdin.isatty():
-            return self.passphrase()
-        pw = getpass.getpass(prompt)
-        if pw != getpass.getpass("Repeat: "):
-            raise UsageError("the passphrases do not match")
-        if not pw:
-            raise UsageError("an empty passphrase is not allowed")
-        return pw
+    def open_options(self, url: str | None = None, **kw: Any) -> OpenOptions:
+        """Typed options for :func:`vmdr.repository.opening.open_repository`."""
+        return OpenOptions(url=url or self.need_repo(), passphrase=self.passphrase,
+                           key_file=self.key_file, append_only=self.append_only, **kw)
 
-    def progress_for(self) -> Progress:
-        return make_progress(self.progress and not self.json, self.json)
+    def result(self, doc: Any) -> None:
+        """The command's result document: printed on stdout with ``--json``, and carried
+        by the job's ``end`` event either way."""
+        self.result_doc = doc
+        if self.json:
+            emit_json(doc)
 
 
-def open_repository(
-    g: Globals, url: str | None = None, passphrase: Callable[[], str] | None = None
-) -> Repository:
-    """Open the repository with the standard storage wrappers; *passphrase* overrides
-    where the passphrase comes from (default: environment, file or prompt)."""
-    backend = wrap(with_object_lock(open_backend(url or g.need_repo())))
-    if g.append_only:
-        backend = AppendOnlyBackend(backend)
-    keyfile = read_secret_bytes(g.key_file) if g.key_file else None
-    try:
-        return Repository.open(backend, passphrase=passphrase or g.passphrase, keyfile=keyfile)
-    except BaseException:
-        backend.close()
-        raise
-
-
-@contextlib.contextmanager
-def repository(
-    g: Globals, lock: str | None = "shared", command: str = "", url: str | None = None
-) -> Iterator[Repository]:
-    """Open the repository and hold a lock (``shared``, ``exclusive`` or ``None``)."""
-    repo = open_repository(g, url)
-    try:
-        if lock is None:
-            yield repo
-        else:
-            with repo.lock(exclusive=(lock == "exclusive"), command=command):
-                yield repo
-    finally:
-        repo.close()
+def repository(g: Globals, lock: LockMode = "shared", command: str = "") -> Repository:
+    """Open --repo for a command that needs *lock* (``shared``, ``exclusive`` or None);
+    use it in a ``with`` block: closing releases the lock."""
+    return open_repository(g.open_options(), lock, command)
 
 
 def emit_json(obj: Any) -> None:
@@ -122,8 +93,16 @@ def out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+_current_events: JobEvents | None = None  # the running command's (set by Globals.from_args)
+
+
 def warn(text: str) -> None:
-    sys.stderr.write(f"vmdr: warning: {text}\n")
+    """A warning of the running command, as a warning event: the renderers print it as
+    ``vmdr: warning: …`` (``--json-events``: a JSON line)."""
+    if _current_events is not None:
+        _current_events.warning(text)
+    else:
+        sys.stderr.write(f"vmdr: warning: {text}\n")
 
 
 Handler = Callable[[argparse.Namespace, Globals], int]
@@ -143,7 +122,13 @@ def common_parser() -> argparse.ArgumentParser:
                    help="open the repository with an exported key file (env VMDR_KEY_FILE)")
     g.add_argument("--config", default=s, metavar="FILE",
                    help="config file (env VMDR_CONFIG, default /etc/vmdr/vmdr.toml)")
-    g.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    g.add_argument("--json", action="store_true", default=s,
+                   help="machine-readable output: the result as one JSON document on stdout")
+    g.add_argument("--json-events", action="store_true", default=s,
+                   help="every job event as one JSON object per line on stderr, and nothing "
+                        "else there (docs/events.md)")
+    g.add_argument("--job-id", default=s, metavar="ID",
+                   help="the job id the events carry (env VMDR_JOB_ID; default random)")
     g.add_argument("--append-only", action="store_true", default=s,
                    help="never delete or replace repository objects (env VMDR_APPEND_ONLY=1)")
     g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")

@@ -125,7 +125,7 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
 
     with repository(g, "shared", "tape backup") as r, _library(ns) as lib:
         snaps = select_snapshots(r, ns.vms, ns.all)
-        res = backup_to_tape(r, lib, _store(ns), ns.pool, snaps, g.progress_for())
+        res = backup_to_tape(r, lib, _store(ns), ns.pool, snaps, g.events)
     if g.json:
         emit_json(res.as_dict())
         return 0
@@ -155,7 +155,7 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
             return Repository.open(b, passphrase=g.passphrase, use_cache=False)
     with _library(ns) as lib:
         res = restore_from_tape(lib, _store(ns), open_backend(target), keyfile, ns.media_set,
-                                ns.snapshot, ns.pool_key_file, g.progress_for(), opener)
+                                ns.snapshot, ns.pool_key_file, g.events, opener)
     if g.json:
         emit_json(res.as_dict())
     else:
@@ -238,7 +238,7 @@ def cmd_export(ns: argparse.Namespace, g: Globals) -> int:
         to_stdout = ns.output == "-"
         res = export_snapshot(r, snap, ns.format, ns.output,
                               sys.stdout.buffer if to_stdout else None, ns.disk, ns.force,
-                              None if to_stdout and not g.progress else g.progress_for())
+                              g.events)
     if not to_stdout:
         if g.json:
             emit_json(res)

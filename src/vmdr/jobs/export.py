@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from vmdr.errors import UsageError
+from vmdr.events import ItemProgress, JobEvents
 from vmdr.jobs.image import restore_image
 from vmdr.repository.manifest import DiskRecord, Snapshot
 from vmdr.repository.reader import DiskReader
 from vmdr.repository.repo import Repository
-from vmdr.ui.progress import Progress
 
 FORMATS = ("raw", "qcow2", "tar")
 
@@ -41,9 +41,9 @@ def _pick(snap: Snapshot, disk: str | None) -> DiskRecord:
     return rec
 
 
-def _disk_bytes(repo: Repository, rec: DiskReader, progress: Progress | None
+def _disk_bytes(repo: Repository, rec: DiskReader, progress: ItemProgress
                 ) -> Iterator[bytes]:
-    for i, data in rec.iter_chunks(progress=progress.advance if progress else None):
+    for i, data in rec.iter_chunks(progress=progress.advance):
         yield data if data is not None else bytes(rec.chunk_length(i))
 
 
@@ -71,15 +71,16 @@ class _ChunkStream(io.RawIOBase):
 
 def export_snapshot(repo: Repository, snap: Snapshot, fmt: str, out_path: str | None,
                     out_stream: IO[bytes] | None, disk: str | None = None,
-                    force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+                    force: bool = False, events: JobEvents | None = None) -> dict[str, Any]:
     """Write *snap* to *out_path*, or to *out_stream* (stdout) when the path is ``-``."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r} ({', '.join(FORMATS)})")
     t0 = time.monotonic()
+    ev = events or JobEvents()
     to_stream = out_path in (None, "-")
     if fmt in ("raw", "qcow2") and not to_stream:
         assert out_path is not None
-        res = restore_image(repo, snap, out_path, fmt, _pick(snap, disk).name, force, progress)
+        res = restore_image(repo, snap, out_path, fmt, _pick(snap, disk).name, force, ev)
         return {**res, "snapshot": snap.id, "format": fmt}
     if fmt == "qcow2":
         raise UsageError("qcow2 cannot be written to a pipe: give -o FILE, or use raw or tar")
@@ -88,29 +89,27 @@ def export_snapshot(repo: Repository, snap: Snapshot, fmt: str, out_path: str | 
         if os.path.exists(out_path) and not force:
             raise UsageError(f"{out_path} exists (--force overwrites it)")
         with open(out_path, "wb") as fh:
-            return export_snapshot(repo, snap, fmt, "-", fh, disk, force, progress)
+            return export_snapshot(repo, snap, fmt, "-", fh, disk, force, ev)
     assert out_stream is not None
     if fmt == "raw":
         rec = _pick(snap, disk)
-        if progress:
-            progress.set_total(rec.size, rec.name)
+        progress = ev.progress(rec.name, rec.size)
         for data in _disk_bytes(repo, DiskReader(repo, rec), progress):
             out_stream.write(data)
         out_stream.flush()
         total = rec.size
+        progress.finish()
     else:
+        progress = ev.progress(snap.name, sum(d.size for d in snap.disks))
         total = _write_tar(repo, snap, out_stream, progress)
-    if progress:
         progress.finish()
     return {"snapshot": snap.id, "format": fmt, "path": out_path or "-", "bytes": total,
             "duration_s": round(time.monotonic() - t0, 3)}
 
 
 def _write_tar(repo: Repository, snap: Snapshot, stream: IO[bytes],
-               progress: Progress | None) -> int:
+               progress: ItemProgress) -> int:
     total = 0
-    if progress:
-        progress.set_total(sum(d.size for d in snap.disks), snap.name)
     mtime = snap.time.timestamp()
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         def add(name: str, data: bytes) -> None:

@@ -24,12 +24,19 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmdr.errors import DomainNotFound, HeartbeatTimeout, UsageError, VmdrError
-from vmdr.hypervisor import Hypervisor, mirror, rewrite_domain_xml
+from vmdr.errors import (
+    DomainNotFound,
+    HeartbeatTimeout,
+    InstantInterrupted,
+    MigrationStopped,
+    UsageError,
+    VmdrError,
+)
+from vmdr.events import ItemProgress, JobEvents
+from vmdr.hypervisor import Domain, Hypervisor, mirror, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
 from vmdr.hypervisor.state import blocking_ancestor, qemu_user
 from vmdr.repository.manifest import Snapshot
@@ -40,19 +47,6 @@ SOCKET_ROOT = "/run/vmdr/instant"
 STATE_VERSION = 1
 COPY_RETRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
-Emit = Callable[[dict[str, Any]], None]
-
-
-class InstantInterrupted(VmdrError):
-    """Instant recovery was interrupted."""
-
-    exit_code = 130
-
-
-class MigrationStopped(VmdrError):
-    """Moving the disks to local storage stopped; the VM is paused."""
-
-    exit_code = 8
 
 
 @dataclass
@@ -167,8 +161,14 @@ def _domain_xml(snap: Snapshot, st: dict[str, Any]) -> str:
     return mirror.set_error_policy(xml, st["disks"])
 
 
+def _serving(ev: JobEvents, st: dict[str, Any]) -> None:
+    ev.phase("serve", f"serving snapshot {st['snapshot'][:8]} over NBD", st["vm"],
+             {"exports": {d: i["uri"] for d, i in st["disks"].items()}})
+
+
 def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: Hypervisor,
-                    emit: Emit) -> dict[str, Any]:
+                    events: JobEvents | None = None) -> dict[str, Any]:
+    ev = events or JobEvents()
     t0 = time.monotonic()
     st = _plan(snap, opts, hv)
     created: list[str] = []
@@ -176,8 +176,7 @@ def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: 
     defined = False
     try:
         server = _serve(repo, snap, st, hv)
-        emit({"event": "serving", "vm": st["vm"], "snapshot": snap.id,
-              "exports": {d: i["uri"] for d, i in st["disks"].items()}})
+        _serving(ev, st)
         for info in st["disks"].values():
             _create_overlay(info["overlay"], info["uri"], info["size"])
             created.append(info["overlay"])
@@ -198,12 +197,14 @@ def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: 
         for p in created + ([st["nvram"]] if st.get("nvram") else []):
             _unlink(p)
         raise
-    emit({"event": "started", "vm": st["vm"], "seconds": round(time.monotonic() - t0, 3)})
-    return _run(st, opts, hv, emit, server, t0, boot=True)
+    ev.phase("boot", f"{st['vm']} started on overlays after "
+             f"{time.monotonic() - t0:.1f}s", st["vm"])
+    return _run(st, opts, hv, ev, server, t0, boot=True)
 
 
 def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hypervisor,
-                   emit: Emit) -> dict[str, Any]:
+                   events: JobEvents | None = None) -> dict[str, Any]:
+    ev = events or JobEvents()
     t0 = time.monotonic()
     path = state_file(opts.target_dir, name)
     try:
@@ -219,27 +220,26 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
     snap = repo.load_snapshot(st["snapshot"])
     dom = hv.lookup(name)
     server = _serve(repo, snap, st, hv)
-    emit({"event": "serving", "vm": name, "snapshot": snap.id,
-          "exports": {d: i["uri"] for d, i in st["disks"].items()}})
+    _serving(ev, st)
     boot = False
     try:
-        if not dom.isActive():
-            hv.start(name)
+        if not dom.is_active():
+            dom.start()
             boot = True
-        elif mirror.is_paused(dom):
-            mirror.resume_after_io_error(dom)
-            emit({"event": "resumed", "vm": name})
+        elif dom.state() == "paused":
+            dom.resume_after_io_error()
+            ev.phase("migrate", f"{name} resumed", name)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
         raise InstantInterrupted(f"interrupted; {name} {where}: {_resume_hint(st)}") from None
     except VmdrError as exc:
         where = _stop_safely(hv, st, server)
         raise MigrationStopped(f"{exc.message}; {name} {where}: {_resume_hint(st)}") from None
-    return _run(st, opts, hv, emit, server, t0, boot=boot)
+    return _run(st, opts, hv, ev, server, t0, boot=boot)
 
 
 def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
-         emit: Emit, server: Any, t0: float, boot: bool) -> dict[str, Any]:
+         ev: JobEvents, server: Any, t0: float, boot: bool) -> dict[str, Any]:
     """Heartbeat (after a boot), then migrate; any failure leaves the VM paused-safe.
 
     The caller holds a shared repository lock for the whole run (prune must not delete
@@ -248,8 +248,8 @@ def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
                               "target_dir": st["target_dir"], "heartbeat_s": None}
     try:
         if boot:
-            result["heartbeat_s"] = _heartbeat(hv, st, opts, emit, t0)
-        _migrate(hv.lookup(st["vm"]), st, opts, emit, server)
+            result["heartbeat_s"] = _heartbeat(hv, st, opts, ev, t0)
+        _migrate(hv.lookup(st["vm"]), st, opts, ev, server)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
         raise InstantInterrupted(f"interrupted; {st['vm']} {where}: {_resume_hint(st)}") \
@@ -262,14 +262,13 @@ def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
         _stop_safely(hv, st, server)
         raise
     result["migrated_s"] = round(time.monotonic() - t0, 3)
-    _finish(hv, st, opts, server, emit)
+    _finish(hv, st, opts, server, ev)
     result["disks"] = {d: i["target"] for d, i in st["disks"].items()}
     result["duration_s"] = round(time.monotonic() - t0, 3)
-    emit({"event": "done", **result})
     return result
 
 
-def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, ev: JobEvents,
                t0: float) -> float | None:
     agent = opts.heartbeat in (None, "agent")
     try:
@@ -278,82 +277,83 @@ def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, emit: E
                           console_log=None if agent else st.get("console_log"),
                           timeout=opts.timeout)
     except HeartbeatTimeout as exc:
-        emit({"event": "warning", "message": f"{exc.message}; moving the disks anyway"})
+        ev.warning(f"{exc.message}; moving the disks anyway", st["vm"])
         return None
     seconds = round(time.monotonic() - t0, 3)
-    emit({"event": "heartbeat", "vm": st["vm"], "seconds": seconds})
+    ev.phase("migrate", f"{st['vm']} is up: heartbeat after {seconds:.1f}s", st["vm"],
+             {"heartbeat_s": seconds})
     return seconds
 
 
-def _start_copy(dom: Any, st: dict[str, Any], disk: str, opts: InstantOptions,
-                emit: Emit) -> None:
+def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions,
+                ev: JobEvents) -> ItemProgress:
     target = st["disks"][disk]["target"]
-    mirror.cancel_copy(dom, disk)
+    dom.block_job(disk).cancel()
     _unlink(target)  # a copy a stopped run left behind
-    mirror.start_copy(dom, disk, target, bandwidth=opts.bandwidth)
-    emit({"event": "copy-started", "disk": disk, "target": target})
+    dom.block_copy(disk, target, bandwidth=opts.bandwidth)
+    ev.phase("copy", f"copying {disk} to {target}", f"{st['vm']}/{disk}")
+    return ev.progress(f"{st['vm']}/{disk}")
 
 
-def _migrate(dom: Any, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvents,
              server: Any) -> None:
     """Copy every disk still backed by NBD and pivot onto the copy. A copy that fails is
     restarted up to ``COPY_RETRIES`` times (QEMU's NBD client fails the first read after a
     reconnect, e.g. on --resume); the VM pausing on an I/O error stops everything."""
-    pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.XMLDesc(0))]
+    pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.xml())]
     retries = dict.fromkeys(pending, COPY_RETRIES)
-    for d in pending:
-        _start_copy(dom, st, d, opts, emit)
+    progress = {d: _start_copy(dom, st, d, opts, ev) for d in pending}
     while pending:
-        if not dom.isActive():
+        if not dom.is_active():
             raise VmdrError(f"{st['vm']} stopped while its disks were being moved")
-        if mirror.paused_on_io_error(dom):
+        if dom.paused_on_io_error():
             raise VmdrError(f"{st['vm']} paused on an I/O error: the repository (NBD "
                             "export) is unreachable")
         if not server.alive():
             raise VmdrError("the NBD server stopped")
         for d in list(pending):
-            cs = mirror.copy_status(dom, d)
+            job = dom.block_job(d)
+            cs = job.status()
             if not cs.active:
-                if d not in mirror.nbd_backed_disks(dom.XMLDesc(0)):
+                if d not in mirror.nbd_backed_disks(dom.xml()):
                     pending.remove(d)  # pivoted by someone else
+                    progress[d].finish()
                     continue
                 if retries[d] <= 0:
                     raise VmdrError(f"copying disk {d} failed (reading the repository "
                                     "failed?)")
                 retries[d] -= 1
-                emit({"event": "warning", "message": f"copy of {d} failed; restarting it"})
+                ev.warning(f"copy of {d} failed; restarting it", st["vm"])
                 time.sleep(1.0)
-                _start_copy(dom, st, d, opts, emit)
+                progress[d] = _start_copy(dom, st, d, opts, ev)
                 continue
-            emit({"event": "copy", "disk": d, "done": cs.cur, "total": cs.end})
-            if cs.ready and mirror.pivot(dom, d):
+            progress[d].update(cs.cur, cs.end)
+            if cs.ready and job.pivot():
                 pending.remove(d)
-                emit({"event": "pivoted", "disk": d, "path": st["disks"][d]["target"]})
+                progress[d].finish()
+                ev.phase("pivot", f"{d} now runs on {st['disks'][d]['target']}",
+                         f"{st['vm']}/{d}")
         if pending:
             time.sleep(opts.poll)
 
 
 def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: Any,
-            emit: Emit) -> None:
-    from vmdr.hypervisor._compat import lv
-
+            ev: JobEvents) -> None:
     dom = hv.lookup(st["vm"])
-    live = dom.XMLDesc(0)
-    persistent = dom.XMLDesc(lv().VIR_DOMAIN_XML_INACTIVE)
+    live = dom.xml()
+    persistent = dom.xml(inactive=True)
     left = set(mirror.nbd_backed_disks(live)) | set(mirror.nbd_backed_disks(persistent))
     if left:
         raise VmdrError(f"disks {', '.join(sorted(left))} still read from the repository")
     server.stop()
     _remove_socket_dir(st)
     if st.get("policies"):  # the persistent definition gets the VM's own error policies
-        m = lv()
         try:
-            hv.define(mirror.with_error_policies(
-                dom.XMLDesc(m.VIR_DOMAIN_XML_INACTIVE | m.VIR_DOMAIN_XML_SECURE),
-                st["policies"]))
+            hv.define(mirror.with_error_policies(dom.xml(inactive=True, secure=True),
+                                                 st["policies"]))
         except VmdrError as exc:
-            emit({"event": "warning", "message": "could not restore the disks' error "
-                  f"policy (they keep 'stop'): {exc.message}"})
+            ev.warning("could not restore the disks' error policy (they keep 'stop'): "
+                       f"{exc.message}", st["vm"])
     if not opts.keep_overlays:
         for info in st["disks"].values():
             _unlink(info["overlay"])
@@ -367,9 +367,9 @@ def _stop_safely(hv: Hypervisor, st: dict[str, Any], server: Any) -> str:
     try:
         dom = hv.lookup(st["vm"])
         for d in st["disks"]:
-            mirror.cancel_copy(dom, d)
-        mirror.suspend(dom)
-        if not mirror.is_active(dom):
+            dom.block_job(d).cancel()
+        dom.suspend()
+        if not dom.is_active():
             where = "is shut off, defined on its overlays"
     except VmdrError:
         where = "may be paused"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmdr.errors import IntegrityError, SnapshotNotFound, UsageError
+from vmdr.events import ItemProgress, JobEvents
 from vmdr.repository.crypto import HOLE, TYPE_SNAPSHOT
 from vmdr.repository.keys import parse_keyfile
 from vmdr.repository.manifest import Snapshot
@@ -33,7 +34,6 @@ from vmdr.tape.pool_reader import merge_scan, scan_tape
 from vmdr.tape.pool_writer import PoolWriter, RepoInfo
 from vmdr.tape.ringbuffer import RingBuffer
 from vmdr.timeutil import Clock, format_time, utcnow
-from vmdr.ui.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def select_snapshots(repo: Repository, names: list[str], all_vms: bool) -> list[
 
 
 def backup_to_tape(repo: Repository, lib: Library, store: CatalogStore, pool_name: str,
-                   snaps: list[Snapshot], progress: Progress | None = None,
+                   snaps: list[Snapshot], events: JobEvents | None = None,
                    clock: Clock = utcnow, ring_bytes: int = 256 << 20,
                    archive_size: int = 1 << 30) -> TapeBackupResult:
     if not snaps:
@@ -119,11 +119,12 @@ def backup_to_tape(repo: Repository, lib: Library, store: CatalogStore, pool_nam
     with store.locked() as cat:
         pool = cat.pool(pool_name)
         rot = store.rotation(pool.name) if pool.allocation == "rotation" else None
-        if progress:
-            progress.set_total(0, f"tape {pool_name}")  # stored sizes: unknown up front
+        ev = events or JobEvents()
+        ev.phase("write", f"writing to pool {pool_name}", f"tape {pool_name}")
+        progress: ItemProgress = ev.progress(f"tape {pool_name}")  # stored sizes: no total
         w = PoolWriter(lib, cat, pool, repo_info(repo), mac_key_of(repo), clock,
                        seal_key_of(pool.key_file), archive_size,
-                       progress.advance if progress else None, rot)
+                       progress.advance, rot)
         ms = w.start()
         ring = RingBuffer(_objects(repo, snaps), lambda t: len(t[2]), ring_bytes)
         written = skipped = 0
@@ -142,8 +143,7 @@ def backup_to_tape(repo: Repository, lib: Library, store: CatalogStore, pool_nam
         if rot is not None:
             store.save_rotation(pool.name, rot)
         full = [m.label for m in cat.set_media(ms.uuid) if m.full]
-    if progress:
-        progress.finish()
+    progress.finish()
     return TapeBackupResult(ms.uuid, w.tapes_used, [s.id for s in snaps], written, skipped,
                             w.bytes_written, time.monotonic() - t0, ring.stalls, full)
 
@@ -183,7 +183,7 @@ def _set_to_restore(cat: Catalog, media_set: str | None, snapshot: str | None) -
 def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
                       keyfile: bytes | None, media_set: str | None = None,
                       snapshot: str | None = None, pool_key_file: str | None = None,
-                      progress: Progress | None = None,
+                      events: JobEvents | None = None,
                       open_repo: Callable[[Backend], Repository] | None = None
                       ) -> TapeRestoreResult:
     """Bring a media set's objects into the repository at *target*; when *target* holds
@@ -191,6 +191,8 @@ def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
     t0 = time.monotonic()
     mac_key = mac_key_from_keyfile(keyfile)
     seal = seal_key_of(pool_key_file)
+    ev = events or JobEvents()
+    progress = ev.progress("from tape")
     with store.locked() as cat:
         set_uuid = _set_to_restore(cat, media_set, snapshot)
         tapes = cat.set_media(set_uuid)
@@ -215,8 +217,7 @@ def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
                 repo.backend.put(f"snapshots/{oid.hex()}", blob)
                 snaps.append(oid.hex())
             counts["bytes"] += len(blob)
-            if progress:
-                progress.advance(len(blob))
+            progress.advance(len(blob))
 
         for m in tapes:
             got = lib.load_label(m.label)
@@ -231,6 +232,7 @@ def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
         if repo is not None:
             repo.bump_generation()
             repo.close()
+    progress.finish()
     return TapeRestoreResult(set_uuid, [m.label for m in tapes], counts["chunks"], snaps,
                              counts["bytes"], time.monotonic() - t0)
 

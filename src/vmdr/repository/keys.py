@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from argon2.low_level import Type, hash_secret_raw
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmdr.errors import IntegrityError, UnsupportedFormat, UsageError, WrongPassword
 from vmdr.repository.crypto import MasterKey, b64, unb64
-from vmdr.timeutil import format_time, utcnow
+from vmdr.timeutil import format_time
 
 
 @dataclass(frozen=True)
@@ -31,26 +32,54 @@ class KdfParams:
         return cls(time_cost=1, memory_kib=1024, parallelism=1)
 
 
+DEFAULT_KDF = KdfParams()
+"""What new key slots use unless the caller passes other parameters (tests pass
+``KdfParams.for_tests()``)."""
+
+
 def default_kdf() -> KdfParams:
-    # VMDR_INSECURE_TEST_KDF makes test suites fast; it is documented as unsafe.
-    if os.environ.get("VMDR_INSECURE_TEST_KDF") == "1":
-        return KdfParams.for_tests()
-    return KdfParams()
+    return DEFAULT_KDF
+
+
+# What a key slot may ask for (format.md §3). A tampered slot could otherwise ask for
+# terabytes of memory or years of CPU, or overflow the C libraries' integers.
+ARGON2_LIMITS = {"time_cost": (1, 100), "memory_kib": (8, 4 << 20), "parallelism": (1, 64)}
+SCRYPT_LIMITS = {"n": (2, 1 << 22), "r": (1, 64), "p": (1, 64)}
+
+
+def _bounded(kdf: dict[str, Any], limits: dict[str, tuple[int, int]]) -> dict[str, int]:
+    out = {}
+    for k, (lo, hi) in limits.items():
+        v = kdf[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise IntegrityError(f"a key slot asks for {kdf.get('name')} {k}={v!r}, outside "
+                                 f"{lo}..{hi} (tampered?)")
+        out[k] = v
+    return out
 
 
 def _derive(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
-    salt = unb64(kdf["salt"])
-    if kdf["name"] == "argon2id":
-        return hash_secret_raw(
-            passphrase, salt, time_cost=int(kdf["time_cost"]),
-            memory_cost=int(kdf["memory_kib"]), parallelism=int(kdf["parallelism"]),
-            hash_len=32, type=Type.ID,
-        )
-    if kdf["name"] == "scrypt":
-        return hashlib.scrypt(
-            passphrase, salt=salt, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"]),
-            maxmem=256 << 20, dklen=32,
-        )
+    """The key-encryption key. Raises ``IntegrityError`` for malformed or implausible
+    parameters (never ``OverflowError`` or ``MemoryError``)."""
+    try:
+        salt = unb64(kdf["salt"])
+        name = kdf["name"]
+        if name == "argon2id":
+            a = _bounded(kdf, ARGON2_LIMITS)
+            if a["memory_kib"] < 8 * a["parallelism"]:
+                raise IntegrityError("a key slot asks for less argon2 memory than its "
+                                     "parallelism needs (tampered?)")
+            return hash_secret_raw(
+                passphrase, salt, time_cost=a["time_cost"], memory_cost=a["memory_kib"],
+                parallelism=a["parallelism"], hash_len=32, type=Type.ID,
+            )
+        if name == "scrypt":
+            sc = _bounded(kdf, SCRYPT_LIMITS)
+            return hashlib.scrypt(passphrase, salt=salt, n=sc["n"], r=sc["r"], p=sc["p"],
+                                  maxmem=256 << 20, dklen=32)
+    except (KeyError, TypeError, ValueError, OverflowError, MemoryError) as exc:
+        raise IntegrityError(f"a key slot has unusable KDF parameters ({type(exc).__name__}: "
+                             f"{exc}) (tampered?)") from None
     raise UnsupportedFormat(f"unknown key derivation function {kdf['name']!r}")
 
 
@@ -59,9 +88,11 @@ def _aad(repo_id: str, slot_id: str) -> bytes:
 
 
 def make_slot(
-    master: MasterKey, repo_id: str, passphrase: str, label: str, params: KdfParams
+    master: MasterKey, repo_id: str, passphrase: str, label: str, params: KdfParams,
+    created: datetime,
 ) -> tuple[str, bytes]:
-    """Return (slot_id, JSON bytes) of a new slot wrapping *master* under *passphrase*."""
+    """Return (slot_id, JSON bytes) of a new slot wrapping *master* under *passphrase*,
+    made at *created* (the caller's clock)."""
     slot_id = secrets.token_hex(8)
     kdf: dict[str, Any] = {
         "name": params.name, "time_cost": params.time_cost, "memory_kib": params.memory_kib,
@@ -71,7 +102,7 @@ def make_slot(
     nonce = os.urandom(12)
     wrapped = AESGCM(kek).encrypt(nonce, master.raw, _aad(repo_id, slot_id))
     doc = {
-        "version": 1, "slot": slot_id, "label": label, "created": format_time(utcnow()),
+        "version": 1, "slot": slot_id, "label": label, "created": format_time(created),
         "kdf": kdf, "nonce": b64(nonce), "wrapped": b64(wrapped),
     }
     return slot_id, json.dumps(doc, indent=1).encode()
@@ -88,13 +119,17 @@ def parse_slot(data: bytes) -> dict[str, Any]:
 
 
 def open_slot(doc: dict[str, Any], repo_id: str, passphrase: str) -> MasterKey | None:
-    """Return the master key if *passphrase* opens this slot, else ``None``."""
+    """Return the master key if *passphrase* opens this slot, else ``None``. Raises
+    ``IntegrityError`` for a slot whose KDF parameters are malformed or implausible."""
+    kdf = doc.get("kdf")
+    if not isinstance(kdf, dict):
+        raise IntegrityError(f"key slot {str(doc.get('slot'))[:16]} has no KDF parameters")
+    kek = _derive(passphrase.encode("utf-8"), kdf)
     try:
-        kek = _derive(passphrase.encode("utf-8"), doc["kdf"])
         raw = AESGCM(kek).decrypt(
             unb64(doc["nonce"]), unb64(doc["wrapped"]), _aad(repo_id, doc["slot"])
         )
-    except (InvalidTag, KeyError, ValueError):
+    except (InvalidTag, KeyError, ValueError, TypeError):
         return None
     return MasterKey(raw)
 

@@ -22,6 +22,7 @@ from vmdr.errors import (
     SnapshotNotFound,
     UnsupportedFormat,
     UsageError,
+    VmdrError,
     WrongPassword,
 )
 from vmdr.repository import manifest
@@ -45,7 +46,7 @@ from vmdr.repository.keys import (
 )
 from vmdr.repository.locks import Lock
 from vmdr.repository.manifest import Snapshot
-from vmdr.storage.base import Backend
+from vmdr.storage.base import Backend, ObjectInfo
 from vmdr.timeutil import Clock, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
 GENERATION_NAME = "state/generation"
+TEMP_PREFIXES = ("data", "snapshots", "attachments", "keys", "state")
 PassphraseSource = Callable[[], str]
 
 
@@ -115,6 +117,9 @@ class Repository:
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
         self.cache = Cache(config.id) if use_cache else None
+        #: snapshot ID -> why its manifest could not be read (filled by list_snapshots)
+        self.damaged: dict[str, str] = {}
+        self._on_close: list[Callable[[], None]] = []
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
@@ -159,7 +164,8 @@ class Repository:
                 raise UsageError("an encrypted repository needs a passphrase")
             key = master or MasterKey.generate()
             doc["mac"] = blake3.blake3(_canonical(doc), key=key.mac_key).hexdigest()
-            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf())
+            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf(),
+                                       clock())
             backend.put(f"keys/{slot}", slot_doc)
         backend.put(CONFIG_NAME, json.dumps(doc, indent=1).encode())
         return cls(backend, cfg, key, slot, clock)
@@ -200,13 +206,29 @@ class Repository:
         if not slots:
             raise WrongPassword("the repository has no key slots; open it with a key file")
         pw = passphrase()
+        damaged: list[IntegrityError] = []
         for doc in slots:
-            key = open_slot(doc, cfg.id, pw)
+            try:
+                key = open_slot(doc, cfg.id, pw)
+            except IntegrityError as exc:
+                log.warning("skipping key slot %s: %s", str(doc.get("slot"))[:16], exc.message)
+                damaged.append(exc)
+                continue
             if key is not None:
                 return key, str(doc["slot"])
+        if damaged:
+            raise IntegrityError(f"no key slot opens with that passphrase, and "
+                                 f"{len(damaged)} key slot(s) are damaged: "
+                                 f"{damaged[0].message}")
         raise WrongPassword()
 
+    def release_on_close(self, release: Callable[[], None]) -> None:
+        """Call *release* (e.g. a lock's) when the repository closes, before its backend."""
+        self._on_close.append(release)
+
     def close(self) -> None:
+        while self._on_close:
+            self._on_close.pop()()
         if self.cache:
             self.cache.close()
         self.backend.close()
@@ -227,7 +249,8 @@ class Repository:
     def add_key_slot(self, passphrase: str, label: str, kdf: KdfParams | None = None) -> str:
         if self.key is None:
             raise UsageError("the repository is not encrypted; it has no keys")
-        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf())
+        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf(),
+                              self.clock())
         self.backend.put(f"keys/{slot}", doc)
         return slot
 
@@ -271,6 +294,13 @@ class Repository:
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
                                    for o in self.backend.list("data"))
 
+    def stale_temporaries(self, older_than: float) -> list[ObjectInfo]:
+        """Temporary objects (``*.tmp``) that killed writers left behind, older than
+        *older_than* seconds (format.md §1): younger ones may belong to a running write."""
+        now = self.clock().timestamp()
+        return [o for prefix in TEMP_PREFIXES for o in self.backend.list_temporary(prefix)
+                if now - o.mtime >= older_than]
+
     def has_chunk(self, oid: bytes) -> bool:
         if oid == HOLE:
             return True
@@ -304,7 +334,15 @@ class Repository:
 
     # ----------------------------------------------------------------- snapshots
     def save_snapshot(self, snap: Snapshot) -> str:
-        """Write the manifest (the atomic commit point of a backup); return its ID."""
+        """Write the manifest (the atomic commit point of a backup); return its ID.
+
+        A new snapshot's name must pass :func:`~vmdr.repository.resolve.check_name`; a
+        copy of an existing snapshot (``meta["copied_from"]``) keeps its name as it is,
+        so an old, badly named snapshot stays reachable by ID."""
+        if "copied_from" not in snap.meta:
+            from vmdr.repository.resolve import check_name
+
+            check_name(snap.name)
         if not snap.host:
             snap.host = socket.gethostname()
         plain = manifest.encode(snap)
@@ -316,29 +354,107 @@ class Repository:
             self.cache.put_snapshot(snap.id, plain)
         return snap.id
 
-    def load_snapshot(self, sid: str) -> Snapshot:
-        plain = self.cache.get_snapshot(sid) if self.cache else None
+    def commit_snapshot(self, snap: Snapshot, reused: Iterable[bytes],
+                        hint: str = "run the backup again") -> str:
+        """Commit a backup: write *snap*'s manifest, having made sure that every chunk it
+        *reused* (found already stored instead of uploading it) still exists.
+
+        The prune-generation re-check of format.md §9, in one place so no job can forget
+        it. Prune holds the exclusive lock and backups a shared one, so this only matters
+        when locks were broken by hand: a prune that deleted chunks changed
+        ``state/generation``; if it changed since the repository was opened, the reused
+        chunks are checked before the manifest is written, and if it changed again while
+        checking and writing, they are checked once more and the manifest is taken back.
+        Raises :class:`IntegrityError` (naming *hint*) when a reused chunk is gone.
+        """
+        return self._commit(snap.name, lambda: self.save_snapshot(snap), reused, hint)
+
+    def commit_raw_snapshot(self, sid: str, blob: bytes, name: str, chunks: Iterable[bytes],
+                            hint: str = "run it again") -> str:
+        """Commit an already-encoded manifest (a copy between repositories sharing a key),
+        with the same re-check as :meth:`commit_snapshot` for its *chunks*."""
+        def write() -> str:
+            self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
+            self.backend.put(f"snapshots/{sid}", blob)
+            return sid
+        return self._commit(name, write, chunks, hint)
+
+    def _commit(self, name: str, write: Callable[[], str], reused: Iterable[bytes],
+                hint: str) -> str:
+        ids = set(reused) - {HOLE}
+        seen = self.generation()
+        if seen != self._generation_at_open:
+            self._require_chunks(name, ids, hint)
+            if self.cache:  # its chunk list predates the prune
+                self.cache.sync_generation(seen)
+        sid = write()
+        if self.generation() != seen:  # a prune finished between the check and the write
+            try:
+                self._require_chunks(name, ids, hint)
+            except IntegrityError:
+                try:
+                    self.backend.delete(f"snapshots/{sid}")
+                except VmdrError as exc:  # e.g. append-only: check will name it
+                    log.error("could not take back snapshot %s: %s", sid[:16], exc.message)
+                if self.cache:
+                    self.cache.forget_snapshots(set(self.snapshot_ids()))
+                raise
+        return sid
+
+    def _require_chunks(self, name: str, ids: set[bytes], hint: str) -> None:
+        if len(ids) > 256:  # one listing instead of a request per chunk
+            present = {bytes.fromhex(os.path.basename(o.name)) for o in self.backend.list("data")}
+            missing = len(ids - present)
+        else:
+            missing = sum(1 for oid in ids if not self.backend.exists(chunk_name(oid)))
+        if missing:
+            raise IntegrityError(f"{name}: a concurrent prune removed {missing} chunks "
+                                 f"this snapshot uses; nothing was committed: {hint}")
+
+    def load_snapshot(self, sid: str, use_cache: bool = True) -> Snapshot:
+        """The snapshot *sid*. A cached manifest is used only if it still hashes to its
+        ID; ``use_cache=False`` (``check``) always reads the repository."""
+        plain = self.cache.get_snapshot(sid) if self.cache and use_cache else None
+        if plain is not None and self.codec.object_id(plain).hex() != sid:
+            log.warning("cached manifest of snapshot %s is damaged; reading the repository",
+                        sid[:16])
+            plain = None
         if plain is None:
             try:
                 blob = self.backend.get(f"snapshots/{sid}")
             except ObjectNotFound:
                 raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
             plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
+            snap = manifest.decode(plain, sid)
             if self.cache:
                 self.cache.put_snapshot(sid, plain)
+            return snap
         return manifest.decode(plain, sid)
 
     def snapshot_ids(self) -> list[str]:
         out = []
         for o in self.backend.list("snapshots"):
             sid = o.name.rsplit("/", 1)[-1]
-            if len(sid) == 64:
+            if len(sid) == 64 and all(c in "0123456789abcdef" for c in sid):
                 out.append(sid)
         return out
 
     def list_snapshots(self, name: str | None = None) -> list[Snapshot]:
+        """Every readable snapshot (of *name*), oldest first. A manifest that cannot be
+        read or decoded is skipped with a warning naming its ID, and remembered in
+        :attr:`damaged`; one bad file never hides the others."""
         ids = self.snapshot_ids()
-        snaps = [self.load_snapshot(s) for s in ids]
+        snaps = []
+        for sid in ids:
+            try:
+                snaps.append(self.load_snapshot(sid))
+            except (IntegrityError, UnsupportedFormat, SnapshotNotFound) as exc:
+                if isinstance(exc, SnapshotNotFound):
+                    continue  # deleted since the listing
+                if sid not in self.damaged:
+                    log.warning("snapshot %s is damaged and was skipped: %s (run 'vmdr "
+                                "check')", sid, exc.message)
+                self.damaged[sid] = exc.message
         if self.cache:
             self.cache.forget_snapshots(set(ids))
         if name is not None:
@@ -346,26 +462,16 @@ class Repository:
         return sorted(snaps, key=lambda s: (s.time, s.id))
 
     def resolve(self, ref: str) -> Snapshot:
-        """Resolve ``NAME``, ``NAME@latest``, ``NAME@IDPREFIX`` or ``IDPREFIX``."""
-        name, _, sel = ref.partition("@")
-        if not sel:
-            sel = "latest"
+        """Resolve a snapshot reference (rules in :mod:`vmdr.repository.resolve`)."""
+        from vmdr.repository.resolve import resolve_ref
+
         snaps = self.list_snapshots()
-        named = [s for s in snaps if s.name == name]
-        if sel == "latest":
-            if named:
-                return named[-1]
-            by_id = [s for s in snaps if s.id.startswith(name)] if len(name) >= 4 else []
-            if len(by_id) == 1:
-                return by_id[0]
-            raise SnapshotNotFound(f"no snapshot named {name!r}")
-        pool = named or snaps
-        hits = [s for s in pool if s.id.startswith(sel)]
-        if not hits:
-            raise SnapshotNotFound(f"no snapshot {ref!r}")
-        if len(hits) > 1:
-            raise UsageError(f"snapshot ID prefix {sel!r} is ambiguous; give more digits")
-        return hits[0]
+        snap = resolve_ref(ref, snaps, dict(self.damaged))
+        if self.damaged and (ref == snap.name or ref.endswith("@latest")):
+            log.warning("%s resolved to %s@%s, the newest readable one; %d damaged "
+                        "snapshot(s) could not be read and may be newer ones of %s",
+                        ref, snap.name, snap.short_id, len(self.damaged), snap.name)
+        return snap
 
     def delete_snapshot(self, sid: str) -> None:
         for a in list(self.backend.list(f"attachments/{sid}")):
@@ -395,6 +501,31 @@ class Repository:
             if kind is None or doc.get("kind") == kind:
                 out.append(doc)
         return sorted(out, key=lambda d: parse_time(d["time"]))
+
+    def attachment_ids(self, sid: str) -> list[str]:
+        """The object IDs of *sid*'s attachments (no reading, no decrypting)."""
+        return [o.name.rsplit("/", 1)[-1] for o in self.backend.list(f"attachments/{sid}")]
+
+    def snapshots_with_attachments(self) -> set[str]:
+        """IDs of the snapshots that have any attachment (one listing)."""
+        return {o.name.split("/")[1] for o in self.backend.list("attachments")
+                if o.name.count("/") >= 2}
+
+    def get_raw_snapshot(self, sid: str) -> bytes:
+        """The stored (encoded) manifest of *sid*, for a copy to a repository that shares
+        the key."""
+        try:
+            return self.backend.get(f"snapshots/{sid}")
+        except ObjectNotFound:
+            raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
+
+    def get_raw_attachment(self, sid: str, aid: str) -> bytes:
+        return self.backend.get(f"attachments/{sid}/{aid}")
+
+    def put_raw_attachment(self, sid: str, aid: str, blob: bytes) -> None:
+        """Store an already-encoded attachment (checked with this repository's key)."""
+        self.codec.unpack(TYPE_ATTACHMENT, bytes.fromhex(aid), blob, "attachment")
+        self.backend.put(f"attachments/{sid}/{aid}", blob)
 
     def is_protected(self, sid: str) -> bool:
         recs = self.attachments(sid, "protect")
