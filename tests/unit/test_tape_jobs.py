@@ -161,3 +161,33 @@ def test_vault_report(tmp_path: Path,
     clock.advance(days=31)
     lines = {v.label: v for v in vault_report(store.load(), clock())}
     assert lines[full].action == "recall from vault spandau"
+
+
+def test_seed_rotation_and_cleaning(tmp_path: Path,
+                                    repo_with_images: tuple[Repository, dict[str, bytes]]
+                                    ) -> None:
+    repo, _ = repo_with_images
+    clock = FakeClock()
+    vl = VirtualLibrary.create(tmp_path / "vtl", slots=4, ie_slots=1, capacity=64 * MiB)
+    for i in range(2):
+        vl.add_tape(f"ROT00{i + 1}", i + 1)
+    vl.add_tape("CLN001L1", 4)
+    lib = Library(vl.drive(), vl.changer(), ready_timeout=1)
+    store = CatalogStore(tmp_path / "catalog")
+    add_pool(store, Pool("small", "rotation", "overwrite"), maxslot=2)
+    for slot in (1, 2):
+        label_tape(lib, store, "small", slot=slot, clock=clock)
+        lib.unload()
+    used = []
+    for day in range(3):
+        if day == 1:
+            vl.set_needs_cleaning(True)  # the drive asks: the CLN tape goes in first
+        res = backup_to_tape(repo, lib, store, "small", [repo.resolve("web")], clock=clock)
+        used += res.tapes
+        clock.advance(days=1)
+    assert used == ["ROT001", "ROT002", "ROT001"]
+    rot = store.rotation("small")
+    assert rot.slot == 1 and [s for _, s, _ in rot.history] == [1, 2, 1]
+    assert (store.root / "rotation/small/history").read_text().count("\n") == 3
+    assert vl.tape_meta("CLN001L1")["cleanings"] == 1
+    assert not vl.state()["needs_cleaning"]
