@@ -225,7 +225,8 @@ class ArchiveReader:
         mac = self._s.need(MAC_LEN)
         if _mac(self.mac_key, mac_uuid, self._index, ftype, oid, payload) != mac:
             raise IntegrityError(
-                f"failed its MAC check (frame {self._index}: wrong key, or corrupt)")
+                f"failed its MAC check (frame {self._index}): wrong or missing key — give "
+                "the repository's exported key file with --key-file — or corrupt data")
         self._index += 1
         if flags & F_SEALED:
             if self._aead is None:

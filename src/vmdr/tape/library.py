@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from vmdr.errors import IntegrityError, LabelUnreadable, SlotEmpty, TapeError, UsageError
+from vmdr.errors import (
+    IntegrityError,
+    LabelUnreadable,
+    MediaRefused,
+    SlotEmpty,
+    TapeError,
+    UsageError,
+)
 from vmdr.tape.drive import Changer, Element, TapeDrive
 from vmdr.tape.formats import KIND_LABEL, ArchiveReader, ArchiveWriter
 from vmdr.tape.media import Media
@@ -68,8 +75,6 @@ class Library:
         self.drive.wait_ready(self.ready_timeout)
         st = self.drive.status()
         if st.write_protected:
-            from vmdr.errors import MediaRefused
-
             raise MediaRefused(f"tape {label} is write-protected")
         self.drive.rewind()
         tape_uuid = str(uuid.uuid4())
