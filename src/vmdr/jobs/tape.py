@@ -21,10 +21,10 @@ from typing import Any
 
 from vmdr.errors import IntegrityError, SnapshotNotFound, UsageError
 from vmdr.events import ItemProgress, JobEvents
-from vmdr.repository.crypto import HOLE, TYPE_SNAPSHOT
+from vmdr.repository.crypto import HOLE
 from vmdr.repository.keys import parse_keyfile
 from vmdr.repository.manifest import Snapshot
-from vmdr.repository.repo import CONFIG_NAME, Repository
+from vmdr.repository.repo import Repository
 from vmdr.storage.base import Backend
 from vmdr.tape.catalog import Catalog, CatalogStore
 from vmdr.tape.formats import T_CHUNK, T_SNAPSHOT, pool_key, tape_mac_key
@@ -73,8 +73,8 @@ class TapeBackupResult:
 
 
 def repo_info(repo: Repository) -> RepoInfo:
-    keys = {o.name: repo.backend.get(o.name) for o in repo.backend.list("keys")}
-    return RepoInfo(repo.id, repo.backend.get(CONFIG_NAME), keys)
+    config, keys = repo.raw_metadata()
+    return RepoInfo(repo.id, config, keys)
 
 
 def _objects(repo: Repository, snaps: list[Snapshot], workers: int = 4
@@ -93,7 +93,7 @@ def _objects(repo: Repository, snaps: list[Snapshot], workers: int = 4
         for blob_oid, blob in zip(order, pool.map(repo.get_raw_chunk, order), strict=True):
             yield T_CHUNK, blob_oid, blob
     for s in snaps:
-        yield T_SNAPSHOT, bytes.fromhex(s.id), repo.backend.get(f"snapshots/{s.id}")
+        yield T_SNAPSHOT, bytes.fromhex(s.id), repo.get_raw_snapshot(s.id)
 
 
 def select_snapshots(repo: Repository, names: list[str], all_vms: bool) -> list[Snapshot]:
@@ -213,8 +213,8 @@ def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
                     repo.put_raw_chunk(oid, blob)  # authenticates first
                     counts["chunks"] += 1
             else:
-                repo.codec.unpack(TYPE_SNAPSHOT, oid, blob, "snapshot")
-                repo.backend.put(f"snapshots/{oid.hex()}", blob)
+                # authenticated before it is written; its chunks came first from the set
+                repo.commit_raw_snapshot(oid.hex(), blob, f"snapshot {oid.hex()[:8]}", ())
                 snaps.append(oid.hex())
             counts["bytes"] += len(blob)
             progress.advance(len(blob))
@@ -239,11 +239,8 @@ def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
 
 def _open_target(target: Backend, rdoc: dict[str, Any], keyfile: bytes | None,
                  open_repo: Callable[[Backend], Repository] | None) -> Repository:
-    target.create()
-    if not target.exists(CONFIG_NAME):
-        target.put(CONFIG_NAME, str(rdoc["config"]).encode())
-        for name, data in rdoc.get("keys", {}).items():
-            target.put(name, str(data).encode())
+    Repository.recreate(target, str(rdoc["config"]).encode(),
+                        {str(k): str(v).encode() for k, v in rdoc.get("keys", {}).items()})
     if open_repo is not None:
         repo = open_repo(target)
     else:
