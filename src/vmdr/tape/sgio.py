@@ -88,12 +88,6 @@ def decode_sense(sb: bytes) -> Sense | None:
     return Sense(0, 0, 0)
 
 
-class ScsiError(TapeError):
-    def __init__(self, message: str, sense: Sense | None) -> None:
-        super().__init__(message)
-        self.sense = sense
-
-
 class SgDevice:
     """One SCSI device node, with ``command()`` returning (data, sense)."""
 
@@ -157,7 +151,7 @@ def _error(path: str, what: str, s: Sense) -> TapeError | NoSpace:
         return NoSpace(f"{path}: end of medium ({s.text})")
     if s.key == 5 and s.asc == 0x3B and s.ascq in (0x0E, 0x0D):  # source empty / dest full
         return SlotEmpty(msg) if s.ascq == 0x0E else TapeError(msg)
-    return ScsiError(msg, s)
+    return TapeError(msg)
 
 
 # ------------------------------------------------------------------ the changer (SMC)
