@@ -191,3 +191,29 @@ def test_seed_rotation_and_cleaning(tmp_path: Path,
     assert (store.root / "rotation/small/history").read_text().count("\n") == 3
     assert vl.tape_meta("CLN001L1")["cleanings"] == 1
     assert not vl.state()["needs_cleaning"]
+
+
+def test_quick_rebuild_reads_each_tapes_catalog(tmp_path: Path,
+                                                repo_with_images: tuple[Repository,
+                                                                        dict[str, bytes]]
+                                                ) -> None:
+    repo, _ = repo_with_images
+    clock = FakeClock()
+    _vl, lib, store = _setup(tmp_path, capacity=5 * MiB, tapes=4, clock=clock)
+    backup_to_tape(repo, lib, store, "daily", [repo.resolve("web"), repo.resolve("db")],
+                   clock=clock)
+    before = store.load()
+    keyfile = repo.export_key()
+    os.system(f"rm -rf {tmp_path / 'catalog'}")
+    quick = rebuild_catalog(lib, store, keyfile, full=False)
+    after = store.load()
+    assert quick.bytes_read == 0 and quick.snapshots == 2
+    assert {k: (v.name, v.tape, v.file) for k, v in after.snapshots.items()} == \
+        {k: (v.name, v.tape, v.file) for k, v in before.snapshots.items()}
+    assert after.chunk_locations() == before.chunk_locations()
+    # and without the key, nothing on the tapes is trusted
+    os.system(f"rm -rf {tmp_path / 'catalog'}")
+    from vmdr.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match="key"):
+        rebuild_catalog(lib, store, None)
