@@ -217,3 +217,17 @@ def test_quick_rebuild_reads_each_tapes_catalog(tmp_path: Path,
 
     with pytest.raises(IntegrityError, match="key"):
         rebuild_catalog(lib, store, None)
+
+
+def test_tape_from_another_pool_is_refused(tmp_path: Path,
+                                           repo_with_images: tuple[Repository,
+                                                                   dict[str, bytes]]
+                                           ) -> None:
+    repo, _ = repo_with_images
+    clock = FakeClock()
+    _vl, lib, store = _setup(tmp_path, tapes=1, clock=clock)
+    add_pool(store, Pool("weekly"))
+    with store.locked() as cat:  # the catalog thinks it is weekly's; its label says daily
+        next(iter(cat.media.values())).pool = "weekly"
+    with pytest.raises(MediaRefused, match="from pool 'daily'"):
+        backup_to_tape(repo, lib, store, "weekly", [repo.resolve("web")], clock=clock)
