@@ -25,15 +25,20 @@ def check_private(path: str) -> None:
 
 def read_secret(path: str) -> str:
     """Return the first line of a private credential file."""
-    check_private(path)
-    with open(path, encoding="utf-8") as f:
-        return f.readline().rstrip("\r\n")
+    line = read_secret_bytes(path).split(b"\n", 1)[0]
+    try:
+        return line.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: credential file is not UTF-8 text") from None
 
 
 def read_secret_bytes(path: str) -> bytes:
     check_private(path)
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read credential file: {exc.strerror}") from None
 
 
 def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
