@@ -7,6 +7,7 @@ import importlib
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 from vmdr import __version__
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        # library deprecation notices (e.g. pyOpenSSL's about DSA) are not for the sysadmin
+        warnings.simplefilter("ignore")
     # SIGTERM (systemd stop, timeouts) unwinds like Ctrl-C, so every job cleans up:
     # backup jobs aborted, checkpoints not moved, scratch files removed.
     signal.signal(signal.SIGTERM, _terminate)
