@@ -146,6 +146,8 @@ class Repository:
             raise UsageError("chunk size must be a power of two from 64 KiB to 64 MiB")
         if not 0 <= compression_level <= 22:
             raise UsageError("compression level must be 0 (off) to 22")
+        if encryption != "none" and not passphrase:
+            raise UsageError("an encrypted repository needs a passphrase")
         backend.create()
         if backend.exists(CONFIG_NAME):
             raise RepositoryExists(f"a repository already exists at {backend.display_url}")
