@@ -70,7 +70,8 @@ def restore_vm(
     if not disks:
         raise UsageError(f"snapshot {snap.short_id} has no disks")
     target_dir = os.path.abspath(opts.target_dir)
-    os.makedirs(target_dir, exist_ok=True)
+    if os.path.exists(target_dir) and not os.path.isdir(target_dir):
+        raise UsageError(f"--target-dir {target_dir} is not a directory")
     paths = {d.name: os.path.join(target_dir, f"{new_name}-{d.name}.{EXT[opts.format]}")
              for d in disks}
     if not opts.force:
@@ -88,6 +89,10 @@ def restore_vm(
                                            target_dir)
     if opts.define and hv is not None:
         _check_free_name(hv, new_name, opts.force)
+    try:
+        os.makedirs(target_dir, exist_ok=True)  # only now: a refused restore creates nothing
+    except OSError as exc:
+        raise UsageError(f"--target-dir {target_dir}: {exc.strerror}") from None
     if progress:
         progress.set_total(sum(d.size for d in disks), new_name)
     written = 0
