@@ -45,6 +45,9 @@ class Cache:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("SELECT count(*) FROM meta").fetchone()
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    db.close()
+                    raise sqlite3.DatabaseError("quick_check failed")
                 return db
             except sqlite3.DatabaseError as exc:
                 if attempt == 2:

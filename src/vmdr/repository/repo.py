@@ -198,9 +198,19 @@ class Repository:
             return parse_keyfile(keyfile, cfg.id)[1], None
         if passphrase is None:
             raise WrongPassword("the repository is encrypted: give a passphrase or key file")
-        slots = [parse_slot(backend.get(o.name)) for o in backend.list("keys")]
+        slots, damaged = [], []
+        for o in backend.list("keys"):
+            try:  # one damaged slot must not lock out the passphrases of the others
+                slots.append(parse_slot(backend.get(o.name)))
+            except (IntegrityError, UnsupportedFormat) as exc:
+                damaged.append(f"{o.name}: {exc.message}")
+        if not slots and damaged:
+            raise IntegrityError(f"every key slot is damaged ({'; '.join(damaged)}); open "
+                                 "the repository with a key file")
         if not slots:
             raise WrongPassword("the repository has no key slots; open it with a key file")
+        for d in damaged:
+            log.warning("skipping damaged key slot %s", d)
         pw = passphrase()
         for doc in slots:
             key = open_slot(doc, cfg.id, pw)
@@ -320,6 +330,11 @@ class Repository:
 
     def load_snapshot(self, sid: str) -> Snapshot:
         plain = self.cache.get_snapshot(sid) if self.cache else None
+        if plain is not None and self.codec.object_id(plain).hex() != sid:
+            # the cache is advisory: a manifest that does not hash to its ID is not used
+            log.warning("cached manifest of snapshot %s is damaged; reading the repository",
+                        sid[:8])
+            plain = None
         if plain is None:
             try:
                 blob = self.backend.get(f"snapshots/{sid}")
