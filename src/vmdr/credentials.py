@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
-from vmdr.errors import ConfigError, UsageError
+from vmdr.errors import ConfigError, NoSpace, UsageError
 
 
 def check_private(path: str) -> None:
@@ -50,6 +51,14 @@ def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
         raise UsageError(f"{path} exists; refusing to overwrite it") from None
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        os.unlink(path)  # never a truncated key file
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on device writing {path}") from None
+        raise UsageError(f"{path}: {exc.strerror}") from None
