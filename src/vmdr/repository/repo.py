@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,16 @@ def _read_config(backend: Backend) -> dict[str, Any]:
     return doc
 
 
+def _open_cache(repo_id: str) -> Cache | None:
+    """The local cache, or none when it cannot be opened (a full or read-only disk): it is
+    advisory, so its absence costs speed, never a backup or a restore."""
+    try:
+        return Cache(repo_id)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("working without the local cache (%s)", exc)
+        return None
+
+
 class Repository:
     """An open repository. Thread-safe for chunk and snapshot operations."""
 
@@ -114,7 +125,7 @@ class Repository:
         self.slot = slot
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
-        self.cache = Cache(config.id) if use_cache else None
+        self.cache = _open_cache(config.id) if use_cache else None
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
