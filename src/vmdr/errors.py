@@ -21,6 +21,8 @@
     ├── HypervisorError            exit 10  libvirt / QEMU failures
     │   ├── DomainNotFound         exit 11
     │   ├── HypervisorUnavailable  exit 12
+    │   ├── NetworkNotFound        exit 10
+    │   ├── HypervisorUnsupported  exit 10  the driver or hypervisor lacks the operation
     │   ├── CheckpointMissing      exit 10
     │   ├── GuestAgentUnavailable  exit 10
     │   └── HeartbeatTimeout       exit 10
@@ -187,6 +189,14 @@ EXIT_CODES: list[tuple[int, str]] = [
 
 class CheckpointMissing(HypervisorError):
     """The checkpoint is missing from libvirt or its dirty bitmaps are gone."""
+
+
+class NetworkNotFound(HypervisorError):
+    """No such virtual network."""
+
+
+class HypervisorUnsupported(HypervisorError):
+    """The hypervisor (or its driver in vmdr) does not support this operation."""
 
 
 class GuestAgentUnavailable(HypervisorError):

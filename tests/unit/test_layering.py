@@ -90,3 +90,27 @@ def test_the_scan_sees_imports() -> None:
     assert any(m.startswith("vmdr.hypervisor.") for _, m in imports(SRC / "jobs" / "plan.py"))
     assert "libvirt_qemu" in {m for _, m in imports(SRC / "hypervisor" / "_compat.py")}
     assert len(list(SRC.rglob("*.py"))) > 50
+
+
+# The hypervisor boundary (issue 8 §2): only the driver package talks to libvirt.
+LIBVIRT_MODULES = ("libvirt", "libvirt_qemu", "libvirtmod", "libvirtaio")
+HYPERVISOR_PRIVATE = ("vmdr.hypervisor._compat", "vmdr.hypervisor.errors",
+                      "vmdr.hypervisor.handles", "vmdr.hypervisor.connection")
+
+
+def test_libvirt_is_imported_only_under_hypervisor() -> None:
+    """No module outside src/vmdr/hypervisor/ imports the libvirt bindings, the lazy loader
+    (``_compat``), the libvirtError translation or the libvirt driver's internals; they use
+    the driver interface (``vmdr.hypervisor``) instead."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] == "hypervisor":
+            continue
+        for line, mod in imports(path):
+            if mod.split(".")[0] in LIBVIRT_MODULES or any(
+                    mod == p or mod.startswith(p + ".") for p in HYPERVISOR_PRIVATE):
+                bad.append(f"src/vmdr/{rel}:{line}: imports {mod}")
+    assert not bad, "libvirt outside the hypervisor package:\n" + "\n".join(bad)
+    inside = {m for _, m in imports(SRC / "hypervisor" / "_compat.py")}
+    assert "libvirt" in inside and "libvirt_qemu" in inside  # the scan sees both forms

@@ -20,8 +20,7 @@ from typing import Any
 
 from vmdr.config import HookConfig
 from vmdr.errors import HypervisorError, IntegrityError, UsageError, VmdrError
-from vmdr.hypervisor import DomainInfo, Hypervisor
-from vmdr.hypervisor.backup import BackupSession, DiskSource, Method
+from vmdr.hypervisor import BackupJob, DiskSource, DomainInfo, Hypervisor, Method
 from vmdr.jobs import diskcopy
 from vmdr.jobs.hooks import HookRunner
 from vmdr.jobs.vmlock import VMLock
@@ -194,7 +193,7 @@ def _backup_locked(
     hooks.run("pre-backup")
     if quiesce:
         hooks.run("pre-freeze")
-    session: BackupSession = hv.backup(
+    session: BackupJob = hv.backup(
         info, checkpoint_prefix=prefix, scratch_dir=scratch, disks=None,
         incremental_from=inc_from, quiesce=quiesce, method=opts.method,
     )
@@ -248,7 +247,7 @@ def _backup_locked(
     hooks.run("post-backup", snap.id, "ok")
 
 
-def _skipped(s: BackupSession) -> list[tuple[str, str]]:
+def _skipped(s: BackupJob) -> list[tuple[str, str]]:
     return [(d.target, d.skip_reason or "") for d in s.skipped]
 
 
