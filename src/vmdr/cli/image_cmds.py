@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 
 from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.errors import UsageError
 from vmdr.jobs.image import backup_image, restore_image
+from vmdr.repository.resolve import check_name
 from vmdr.ui.progress import human_bytes
+
+
+def snapshot_name(text: str) -> str:
+    """argparse type: a valid new snapshot name (README "Names")."""
+    try:
+        return check_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
@@ -43,7 +53,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                      description="Read a raw/qcow2/... image or block device (allocated "
                                  "extents only) into a new snapshot.")
     p.add_argument("path", help="image file or block device")
-    p.add_argument("--name", required=True, help="snapshot name (e.g. the VM or volume)")
+    p.add_argument("--name", required=True, type=snapshot_name,
+                   help="snapshot name (e.g. the VM or volume): up to 128 characters, no "
+                        "'@', no control characters")
     p.add_argument("--tag", action="append", default=[], help="add a tag; repeatable")
     p.add_argument("--force-read", action="store_true",
                    help="read the image even if it looks unchanged since the last snapshot "

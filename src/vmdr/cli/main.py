@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from vmdr import __version__
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
+from vmdr.storage.registry import redact_text
 
 # Command modules, in --help order, and which module registers each command word. Only the
 # module of the command being run is imported, so `vmdr backup` does not pay for the
@@ -81,6 +82,17 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+class _RedactingFilter(logging.Filter):
+    """Hides URL passwords in every log line, whoever logs it (ours, botocore, paramiko)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -96,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="vmdr: %(levelname)s: %(message)s", stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactingFilter())
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
@@ -109,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = ns.func(ns, g)
         return code
     except VmdrError as exc:
-        sys.stderr.write(f"vmdr: error: {exc.message}\n")
+        sys.stderr.write(f"vmdr: error: {redact_text(exc.message)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("vmdr: interrupted\n")
@@ -119,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        sys.stderr.write(f"vmdr: internal error: {type(exc).__name__}: {exc} "
+        sys.stderr.write(f"vmdr: internal error: {type(exc).__name__}: {redact_text(str(exc))} "
                          "(run with --debug for a traceback and report it)\n")
         return 1
 

@@ -5,7 +5,6 @@ Shared by image backup/restore and by VM backup/restore.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,8 +56,9 @@ def restore(
     """Write *disk* to a new sparse image at *path*; return bytes written (non-zero data).
 
     Raw targets are written by the fetching threads themselves (``pwrite`` at independent
-    offsets), so decryption, decompression and writing overlap across cores. A partly
-    written file is removed on failure, so nothing half-restored is left behind.
+    offsets), so decryption, decompression and writing overlap across cores. The image is
+    written under a temporary name and renamed into place when complete (see
+    :mod:`vmdr.diskio.images`): nothing half-restored ever sits at *path*.
     """
     target: Target = open_target(path, disk.size, fmt, overwrite)
     reader = DiskReader(repo, disk, workers=workers)
@@ -89,12 +89,7 @@ def restore(
         return written
     finally:
         if not ok:
-            try:
-                target.close()
-            except VmdrError:
-                pass
-            if os.path.isfile(path):
-                os.unlink(path)
+            target.abort()  # removes the temporary file; an older file at path stays
 
 
 def _parallel(items: Iterable[int], fn: Callable[[int], int], workers: int) -> int:

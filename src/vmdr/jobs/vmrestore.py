@@ -22,6 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmdr.diskio.images import (
+    atomic_write,
+    check_target,
+    commit_file,
+    discard,
+    partial_name,
+    sweep_partials,
+)
 from vmdr.errors import DomainNotFound, IntegrityError, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
@@ -74,10 +82,11 @@ def restore_vm(
         raise UsageError(f"--target-dir {target_dir} is not a directory")
     paths = {d.name: os.path.join(target_dir, f"{new_name}-{d.name}.{EXT[opts.format]}")
              for d in disks}
-    if not opts.force:
-        for p in paths.values():
-            if os.path.exists(p):
-                raise UsageError(f"{p} exists; use --force to overwrite it")
+    for d in disks if os.path.isdir(target_dir) else ():  # existing targets: refused
+        _, is_block = check_target(paths[d.name], opts.force)  # without --force
+        if is_block or os.path.islink(paths[d.name]):
+            raise UsageError(f"{paths[d.name]} is not a regular file (a link or a device); "
+                             "remove it or pick another --target-dir")
     partial = {d.name for d in disks} != {d.name for d in snap.disks}
     if partial and opts.define:
         raise UsageError("--disk restores single disks; it cannot be combined with --define "
@@ -96,24 +105,27 @@ def restore_vm(
     if progress:
         progress.set_total(sum(d.size for d in disks), new_name)
     written = 0
-    done: list[str] = []
+    # Every disk goes to a temporary name first; only when all of them are complete and
+    # fsynced are they renamed into place, so a failed or killed restore never leaves a
+    # partial disk under its final name, nor (with --force) destroys the old one.
+    for p in paths.values():
+        sweep_partials(p)
+    temps = {d.name: partial_name(paths[d.name]) for d in disks}
     try:
         for d in disks:
-            written += diskcopy.restore(repo, d, paths[d.name], opts.format, opts.force,
-                                        progress)
-            done.append(paths[d.name])
+            written += diskcopy.restore(repo, d, temps[d.name], opts.format, False, progress)
+        for d in disks:
+            commit_file(temps[d.name], paths[d.name])
     except BaseException:
-        for p in done:
-            os.unlink(p)
+        for t in temps.values():
+            discard(t)
         raise
     if nvram_path:
-        with open(nvram_path, "wb") as f:
-            f.write(base64.b64decode(cfg["nvram"]))
+        atomic_write(nvram_path, base64.b64decode(cfg["nvram"]))
     xml_path = None
     if xml is not None:
         xml_path = os.path.join(target_dir, f"{new_name}.xml")
-        with open(xml_path, "w", encoding="utf-8") as f:
-            f.write(xml)
+        atomic_write(xml_path, xml.encode("utf-8"))  # 0600: it may hold secrets
     result: dict[str, Any] = {
         "snapshot": snap.id, "vm": new_name, "target_dir": target_dir, "format": opts.format,
         "disks": paths, "xml": xml_path, "bytes_written": written, "defined": False,
