@@ -192,6 +192,11 @@ class Repository:
         except (KeyError, ValueError, TypeError):
             raise IntegrityError("the repository config is malformed") from None
         if cfg.encryption == "none":
+            if next(iter(backend.list("keys")), None) is not None:
+                # the config is MAC'd only when encrypted: "none" next to key slots is a
+                # downgrade (later backups would be stored in plaintext), never trusted
+                raise IntegrityError("the repository config says it is unencrypted, but it "
+                                     "has key slots (tampered?)")
             return cls(backend, cfg, None, None, clock, use_cache)
         if cfg.encryption != "aes-256-gcm":
             raise UnsupportedFormat(f"unknown repository encryption {cfg.encryption!r}")
