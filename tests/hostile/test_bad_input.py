@@ -35,13 +35,13 @@ def outcomes(request: pytest.FixtureRequest, world: World,
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
-def test_case(case: Case, outcomes: dict[str, Outcome]) -> None:
+def test_case(case: Case, outcomes: dict[str, Outcome], world: World) -> None:
     out = outcomes[case.id]
     res = out.result
     assert_clean_failure(res, case.exit, strict_one_line=not case.ok_lines)
     if case.err:
-        assert re.search(case.err, res.stderr, re.I), f"stderr lacks /{case.err}/\n" \
-            + res.describe()
+        err = world.fill(case.err, Path("/nonexistent"))
+        assert re.search(err, res.stderr, re.I), f"stderr lacks /{err}/\n" + res.describe()
     for s in case.absent:
         assert s not in res.stdout + res.stderr, f"{s!r} was printed\n" + res.describe()
     assert not out.changed, "a failed command changed things:\n" + "\n".join(out.changed) \

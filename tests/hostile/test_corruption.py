@@ -16,6 +16,12 @@ from .corrupt import DAMAGES, chunk_ids_of, chunk_path, copy_world_repo
 from .world import World, image_bytes
 
 
+def fails(res: Result, code: int) -> None:
+    """Damage may add ``vmdr: warning:`` lines (skipped slots, manifests) before the one
+    error line."""
+    assert_clean_failure(res, code, strict_one_line=False)
+
+
 class Repo:
     """A damaged-to-be copy of the world's main repository and a cold cache."""
 
@@ -66,16 +72,16 @@ def test_damaged_chunk_is_named_and_others_restore(repo: Repo, how: str) -> None
     DAMAGES[how](p, _other_chunk(repo, oid))
 
     res = repo.run("check", "--read-data")
-    assert_clean_failure(res, 6)
+    fails(res, 6)
     assert oid[:16] in res.stdout, res.describe()
     assert f"othervm@{repo.v['o1_8']}" in res.stdout, res.describe()
     assert f"vm1@{repo.v['a2_8']}" not in res.stdout, res.describe()
     if how == "delete":  # a structural check finds a missing chunk without reading data
-        assert_clean_failure(repo.run("check"), 6)
+        fails(repo.run("check"), 6)
 
     out = repo.tmp / "bad.raw"
     res = repo.run("image", "restore", f"othervm@{repo.v['o1']}", str(out))
-    assert_clean_failure(res, 6)
+    fails(res, 6)
     assert not out.exists(), "a failed restore left a file under its final name"
     res = repo.run("verify", f"othervm@{repo.v['o1']}", "--no-record")
     assert res.code in (6, 16) and "Traceback" not in res.stderr, res.describe()
@@ -107,7 +113,7 @@ def test_damaged_manifest_is_skipped_and_named(repo: Repo, how: str) -> None:
     repo.restores(repo.v["a2"], 2, "bare-id.raw")
     repo.ok("image", "restore", "othervm", str(repo.tmp / "latest.raw"))  # xtwin, undamaged
     res = repo.run("check")
-    assert_clean_failure(res, 6)
+    fails(res, 6)
     assert repo.v["o1_8"] in res.stdout, res.describe()
     res = repo.run("image", "restore", f"othervm@{repo.v['o1_8']}", str(repo.tmp / "x.raw"))
     assert res.code in (6, 14) and "Traceback" not in res.stderr, res.describe()
@@ -117,7 +123,7 @@ def test_damaged_manifest_is_skipped_and_named(repo: Repo, how: str) -> None:
 def test_deleted_manifest_is_just_gone(repo: Repo) -> None:
     repo.snapshot_path("o1").unlink()
     res = repo.run("image", "restore", f"othervm@{repo.v['o1_8']}", str(repo.tmp / "x.raw"))
-    assert_clean_failure(res, 14)
+    fails(res, 14)
     repo.ok("check")  # its chunks are unreferenced now, not damaged
     repo.restores(f"vm1@{repo.v['a2_8']}", 2, "a2.raw")
 
@@ -129,7 +135,7 @@ def test_warm_cache_does_not_hide_manifest_damage(repo: Repo, how: str) -> None:
     DAMAGES[how](repo.snapshot_path("o1"), None)
     for argv in (["check"], ["check", "--read-data"]):
         res = repo.run(*argv)
-        assert_clean_failure(res, 6, strict_one_line=False)
+        fails(res, 6)
         assert repo.v["o1_8"] in res.stdout, res.describe()
     res = repo.run("verify", f"othervm@{repo.v['o1']}", "--no-record")
     assert res.code in (6, 14, 16), res.describe()
@@ -141,7 +147,7 @@ def test_warm_cache_does_not_hide_manifest_damage(repo: Repo, how: str) -> None:
 def test_damaged_config_is_refused(repo: Repo, how: str, code: int) -> None:
     DAMAGES[how](repo.path / "vmdr-repo", None)
     for argv in (["snapshots"], ["check"], ["image", "restore", "vm1", "o.raw"]):
-        assert_clean_failure(repo.run(*argv), code)
+        fails(repo.run(*argv), code)
     assert not (repo.tmp / "o.raw").exists()
 
 
@@ -157,13 +163,13 @@ def test_tampered_config_field(repo: Repo, field: str, value: object, code: int)
     doc[field] = value
     p.write_text(json.dumps(doc))
     res = repo.run("snapshots")
-    assert_clean_failure(res, code)
+    fails(res, code)
     assert "hunter" not in res.stderr
 
 
 def test_config_replaced_by_another_repositorys(repo: Repo, world: World) -> None:
     (repo.path / "vmdr-repo").write_bytes((world.root / "templates/repo2/vmdr-repo").read_bytes())
-    assert_clean_failure(repo.run("snapshots"), 4)  # no key slot here opens that repo ID
+    fails(repo.run("snapshots"), 4)  # no key slot here opens that repo ID
 
 
 # ---------------------------------------------------------------- key slots
@@ -183,7 +189,7 @@ def _flip_wrapped(p: Path, other: Path | None = None) -> None:
                                       ("empty", 6)])
 def test_damaged_only_key_slot(repo: Repo, world: World, how: str, code: int) -> None:
     {**DAMAGES, "flip-wrapped": _flip_wrapped}[how](_slot(repo), None)
-    assert_clean_failure(repo.run("snapshots"), code)
+    fails(repo.run("snapshots"), code)
     # the exported key file still opens it, and everything is there
     res = repo.ok("snapshots", "--json", "--key-file", str(world.root / "keyfile"),
                   VMDR_PASSWORD_FILE=str(world.root / "pw"))
@@ -194,7 +200,7 @@ def test_slot_from_another_repository(repo: Repo, world: World) -> None:
     slot = _slot(repo)
     (other,) = (world.root / "templates/repo2/keys").iterdir()
     slot.write_bytes(other.read_bytes())
-    assert_clean_failure(repo.run("snapshots"), 4)
+    fails(repo.run("snapshots"), 4)
 
 
 @pytest.mark.parametrize("param,value", [("memory_kib", 1 << 62), ("time_cost", 1 << 62),
@@ -210,7 +216,7 @@ def test_tampered_kdf_parameters(repo: Repo, param: str, value: object) -> None:
     res = run_vmdr(["snapshots"], repo.env, timeout=30)
     assert not res.timed_out, res.describe()
     assert res.code in (4, 6, 7), res.describe()
-    assert_clean_failure(res, res.code)
+    fails(res, res.code)
 
 
 def test_one_bad_slot_does_not_lock_out_the_others(repo: Repo, world: World) -> None:
@@ -245,7 +251,7 @@ def test_damaged_attachment(repo: Repo, how: str) -> None:
     assert res.code in (0, 6) and "Traceback" not in res.stderr, res.describe()
     assert repo.v["a3_8"] in res.stderr + res.stdout
     res = repo.run("check")
-    assert_clean_failure(res, 6)
+    fails(res, 6)
     assert repo.v["a3_8"] in res.stdout, res.describe()
     res = repo.run("forget", "vm1", "--keep-last", "1")
     assert res.code in (0, 6), res.describe()
@@ -288,7 +294,7 @@ def test_poisoned_cache_manifest_never_restores_the_wrong_data(repo: Repo) -> No
     if res.code == 0:
         assert out.read_bytes() == image_bytes(2), "restored another snapshot's data"
     else:
-        assert_clean_failure(res, 6, strict_one_line=False)
+        fails(res, 6)
     res = repo.run("snapshots", "--json")
     if res.code == 0:
         names = {s["id"]: s["name"] for s in json.loads(res.stdout)}
@@ -302,7 +308,7 @@ def test_cache_of_another_repository_is_not_trusted(repo: Repo, world: World) ->
     oid = chunk_ids_of(repo.env, f"othervm@{repo.v['o1']}")[0]
     chunk_path(repo.path, oid).unlink()
     res = repo.run("check")
-    assert_clean_failure(res, 6)
+    fails(res, 6)
     assert oid[:16] in res.stdout
 
 
