@@ -233,8 +233,6 @@ def _protect_attachment(repo: Repo) -> Path:
     return att
 
 
-@pytest.mark.xfail(strict=True, reason="one damaged attachment makes 'vmdr snapshots' fail "
-                   "for every snapshot (exit 6), and 'vmdr check' does not read attachments")
 @pytest.mark.parametrize("how", ["truncate", "flip", "replace"])
 def test_damaged_attachment(repo: Repo, how: str) -> None:
     """The protect record of vm1@a3 is damaged: check names it, restores still work,
