@@ -93,6 +93,12 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+def one_line(text: str) -> str:
+    """*text* with every control character escaped: an error is one line, whatever a
+    name, path or URL in it holds (a newline, an escape sequence)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = ns.func(ns, g)
         return code
     except VmdrError as exc:
-        sys.stderr.write(f"vmdr: error: {redact_text(exc.message)}\n")
+        sys.stderr.write(f"vmdr: error: {one_line(redact_text(exc.message))}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("vmdr: interrupted\n")
@@ -133,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        sys.stderr.write(f"vmdr: internal error: {type(exc).__name__}: {redact_text(str(exc))} "
+        what = one_line(redact_text(str(exc)))
+        sys.stderr.write(f"vmdr: internal error: {type(exc).__name__}: {what} "
                          "(run with --debug for a traceback and report it)\n")
         return 1
 
