@@ -7,6 +7,7 @@ it). The selected cases run concurrently once per session; each test checks one.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def test_case(case: Case, outcomes: dict[str, Outcome], world: World) -> None:
     if case.err:
         err = world.fill(case.err, Path("/nonexistent"))
         assert re.search(err, res.stderr, re.I), f"stderr lacks /{err}/\n" + res.describe()
+    if "--json" in case.argv and res.stdout.strip():
+        json.loads(res.stdout)  # stdout stays machine-readable even when the command fails
     for s in case.absent:
         assert s not in res.stdout + res.stderr, f"{s!r} was printed\n" + res.describe()
     assert not out.changed, "a failed command changed things:\n" + "\n".join(out.changed) \

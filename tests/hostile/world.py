@@ -169,6 +169,7 @@ def build_world(root: Path) -> World:
                         "domain_xml": WEB_XML}})
         key = repo.export_key()
         v["slot"] = str(repo.slot)
+        v["slot_4"] = str(repo.slot)[:4]
     for label, s in (("web", web), ("a1", a1), ("a2", a2), ("a3", a3), ("twin", twin), ("o1", o1),
                      ("xtwin", xtwin), ("m1", m1)):
         v[label] = s.id
