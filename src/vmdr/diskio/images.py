@@ -21,12 +21,12 @@ import secrets
 import stat
 import subprocess
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
 from vmdr.errors import NoSpace, UsageError, VmdrError
+from vmdr.timeutil import utcnow
 
 MAX_REQUEST = 32 << 20
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def sweep_partials(path: str, idle: float = 900.0) -> list[str]:
         entries = list(os.scandir(d))
     except OSError:
         return removed
-    now = time.time()
+    now = utcnow().timestamp()  # compared with file mtimes
     for e in entries:
         # ".NAME.<rand>.vmdr-partial", or nested "..NAME.<r1>.vmdr-partial.<r2>.vmdr-partial"
         if (e.name.startswith(".") and e.name.lstrip(".").startswith(f"{base}.")

@@ -28,7 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmdr.errors import DomainNotFound, HeartbeatTimeout, UsageError, VmdrError
+from vmdr.errors import (
+    DomainNotFound,
+    HeartbeatTimeout,
+    InstantInterrupted,
+    MigrationStopped,
+    UsageError,
+    VmdrError,
+)
 from vmdr.hypervisor import Domain, Hypervisor, mirror, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
 from vmdr.hypervisor.state import blocking_ancestor, qemu_user
@@ -41,18 +48,6 @@ STATE_VERSION = 1
 COPY_RETRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
 Emit = Callable[[dict[str, Any]], None]
-
-
-class InstantInterrupted(VmdrError):
-    """Instant recovery was interrupted."""
-
-    exit_code = 130
-
-
-class MigrationStopped(VmdrError):
-    """Moving the disks to local storage stopped; the VM is paused."""
-
-    exit_code = 8
 
 
 @dataclass

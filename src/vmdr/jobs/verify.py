@@ -34,6 +34,7 @@ from vmdr.serve import sandbox as sb
 from vmdr.serve import start_server
 from vmdr.serve.checks import Check, check_ports, run_script, wait_heartbeats
 from vmdr.serve.png import png_size
+from vmdr.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
@@ -302,7 +303,7 @@ def _keep_evidence(repo: Repository, snap: Snapshot, png: bytes, opts: VerifyOpt
                           "height": h, "bytes": len(png), "path": None, "attachment": None}
     if opts.evidence_dir:
         os.makedirs(opts.evidence_dir, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
         path = os.path.join(opts.evidence_dir, f"{snap.name}-{snap.short_id}-{stamp}.png")
         with open(path, "wb") as f:
             f.write(png)

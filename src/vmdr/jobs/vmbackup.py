@@ -25,7 +25,7 @@ from vmdr.jobs import diskcopy
 from vmdr.jobs.hooks import HookRunner
 from vmdr.jobs.vmlock import VMLock
 from vmdr.repository.manifest import DiskRecord, Snapshot
-from vmdr.repository.repo import Repository, chunk_name
+from vmdr.repository.repo import Repository
 from vmdr.repository.writer import WriteStats
 from vmdr.ui.progress import Progress
 
@@ -234,12 +234,7 @@ def _backup_locked(
                   "warnings": list(res.warnings)},
             stats=stats.as_dict(),
         )
-        if repo.generation_changed():
-            missing = [o for o in stats.reused_ids if not repo.backend.exists(chunk_name(o))]
-            if missing:
-                raise IntegrityError(f"{name}: a concurrent prune removed {len(missing)} chunks "
-                                     "this backup reuses; run it again with --mode full")
-        repo.save_snapshot(snap)
+        repo.commit_snapshot(snap, stats.reused_ids, hint="run it again with --mode full")
         s.commit()
     res.snapshot = snap.id
     res.mode = "incremental" if incremental else "full"

@@ -33,6 +33,7 @@ from vmdr.errors import DomainNotFound, HypervisorError, VmdrError
 from vmdr.hypervisor import Domain, Hypervisor, parse_xml, random_mac, rewrite_domain_xml
 from vmdr.hypervisor.state import require_reachable
 from vmdr.procutil import proc_start_time
+from vmdr.timeutil import utcnow
 
 from .png import PNG_SIGNATURE, ppm_to_png
 from .server import is_nbdkit
@@ -283,7 +284,7 @@ def cleanup_leftovers(hv: Hypervisor | None, scratch_dir: str) -> list[str]:
                 continue
             st = read_state(path)
             if st is None:
-                if time.time() - os.stat(path).st_mtime < 600:
+                if utcnow().timestamp() - os.stat(path).st_mtime < 600:
                     continue  # being set up right now, maybe
                 st = SandboxState(entry, "", pid=0)
             elif st.owner_alive():
