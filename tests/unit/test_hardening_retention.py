@@ -11,7 +11,7 @@ import pytest
 from vmdr.errors import UsageError
 from vmdr.repository import retention
 from vmdr.repository.manifest import Snapshot
-from vmdr.timeutil import parse_duration
+from vmdr.repository.retention import parse_duration
 
 from .hardening_helpers import cli_env, empty_snapshot, make_repo, vmdr
 from .repofixtures import FakeClock

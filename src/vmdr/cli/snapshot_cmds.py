@@ -10,7 +10,7 @@ from vmdr.errors import IntegrityError, UsageError
 from vmdr.repository import retention
 from vmdr.repository.check import check
 from vmdr.repository.prune import DEFAULT_SAFETY_WINDOW, prune
-from vmdr.timeutil import format_time, parse_duration
+from vmdr.timeutil import format_time
 from vmdr.ui.progress import human_bytes
 
 
@@ -53,7 +53,7 @@ def positive_int(text: str) -> int:
 def duration(text: str) -> timedelta:
     """argparse type: a duration such as ``30s``, ``12h``, ``7d``, ``1y6M`` (or ``0``)."""
     try:
-        return parse_duration(text)
+        return retention.parse_duration(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
 

@@ -13,6 +13,7 @@ from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs.vmbackup import VMBackupOptions, VMBackupResult, backup_many, select_vms
 from vmdr.jobs.vmrestore import RestoreOptions, restore_vm
 from vmdr.repository.resolve import check_name
+from vmdr.storage.registry import redact
 from vmdr.ui.progress import human_bytes
 
 
@@ -38,7 +39,7 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
         if not names:
             what = ", ".join(repr(p) for p in ns.vms) if ns.vms else "--all"
             tags = f" with tags {', '.join(ns.with_tag)}" if ns.with_tag else ""
-            raise DomainNotFound(f"no VM on {hv.uri.split('?', 1)[0]} matches {what}{tags}")
+            raise DomainNotFound(f"no VM on {redact(hv.uri)} matches {what}{tags}")
         for p in unmatched:
             warn(f"no VM matches {p!r}")
 
@@ -111,7 +112,7 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
     if res["xml"]:
         out(f"  domain XML: {res['xml']}")
     if res["defined"]:
-        out(f"  defined on {_uri(ns, g)}")
+        out(f"  defined on {redact(_uri(ns, g))}")
     if res["started"]:
         out(f"  booted: heartbeat after {res['heartbeat_s']:.1f}s")
     return 0

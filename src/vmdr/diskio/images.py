@@ -89,7 +89,7 @@ def sweep_partials(path: str, idle: float = 900.0) -> list[str]:
         entries = list(os.scandir(d))
     except OSError:
         return removed
-    now = utcnow().timestamp()  # compared with file mtimes
+    now = utcnow().timestamp()
     for e in entries:
         # ".NAME.<rand>.vmdr-partial", or nested "..NAME.<r1>.vmdr-partial.<r2>.vmdr-partial"
         if (e.name.startswith(".") and e.name.lstrip(".").startswith(f"{base}.")

@@ -8,16 +8,40 @@ unless ``allow_empty`` is given (borg and restic refuse this too).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from vmdr.errors import UsageError
 from vmdr.repository.manifest import Snapshot
-from vmdr.timeutil import MAX_DURATION
-from vmdr.timeutil import parse_duration as parse_duration
 
 COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+_DURATION = re.compile(r"([0-9]{1,12})([yMwdhms])")  # ASCII digits only
+_UNIT_SECONDS = {"y": 365 * 86400, "M": 30 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600,
+                 "m": 60, "s": 1}
+#: The longest duration vmdr accepts anywhere (retention, safety windows): 1000 years.
+MAX_DURATION = timedelta(days=1000 * 365)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``1y2M3w4d5h6m7s`` (years of 365 days, months of 30 days, weeks, days, hours,
+    minutes, seconds). A bare ``0`` is zero. Durations longer than 1000 years are refused
+    with ``UsageError`` (never ``OverflowError``)."""
+    if text.strip() == "0":
+        return timedelta(0)
+    pos, seconds = 0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        seconds += int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise UsageError(f"invalid duration {text!r} (e.g. 30s, 15m, 12h, 7d, 2w, 1y6M)")
+    if seconds > MAX_DURATION.total_seconds():
+        raise UsageError(f"duration {text!r} is too long (at most 1000y)")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
