@@ -310,9 +310,6 @@ def test_cache_of_another_repository_is_not_trusted(repo: Repo, world: World) ->
     assert oid[:16] in res.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="a repository rolled back to an older copy of itself "
-                   "(same ID, never pruned) under a warm cache: the next backup trusts the "
-                   "cache's chunk list and writes a snapshot whose chunks are missing")
 def test_rolled_back_repository_under_a_warm_cache(repo: Repo, world: World) -> None:
     """E.g. the repository disk restored from last week's copy: the cache remembers
     chunks the repository no longer has; a backup must not reference them unchecked."""

@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,8 @@ class Repository:
         #: snapshot ID -> why its manifest could not be read (filled by list_snapshots)
         self.damaged: dict[str, str] = {}
         self._on_close: list[Callable[[], None]] = []
+        self._chunk_list_checked = False
+        self._chunk_check_lock = threading.Lock()
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
@@ -312,6 +315,28 @@ class Repository:
         if self.cache and not self.cache.chunks_complete:
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
                                    for o in self.backend.list("data"))
+        else:
+            self._chunk_list_usable()
+
+    def _chunk_list_usable(self) -> bool:
+        """Whether the cache's chunk list may answer ``has_chunk``: it is complete, and
+        (checked once per open) no snapshot the cache knew has vanished from the
+        repository. A vanished one means a forget, or a repository rolled back to an
+        older copy of itself (same ID, same prune generation) whose chunks the cache
+        still lists: the list is rebuilt from a listing before any backup trusts it."""
+        if not (self.cache and self.cache.chunks_complete):
+            return False
+        if self._chunk_list_checked:
+            return True
+        with self._chunk_check_lock:
+            if not self._chunk_list_checked:
+                self._chunk_list_checked = True
+                ids = set(self.snapshot_ids())
+                if self.cache.snapshot_ids() - ids:
+                    log.info("snapshots this cache knew are gone; re-listing the chunks")
+                    self.refresh_chunk_index()
+                    self.cache.forget_snapshots(ids)
+        return True
 
     def refresh_chunk_index(self) -> None:
         """Rebuild the cache's chunk list from a fresh listing of ``data/`` (e.g. after a
@@ -331,7 +356,7 @@ class Repository:
     def has_chunk(self, oid: bytes) -> bool:
         if oid == HOLE:
             return True
-        if self.cache and self.cache.chunks_complete:
+        if self.cache is not None and self._chunk_list_usable():
             return self.cache.has_chunk(oid)
         return self.backend.exists(chunk_name(oid))
 
