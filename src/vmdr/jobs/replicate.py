@@ -346,6 +346,7 @@ def _prepare_disks(site: Site, st: ReplicaState, paths: dict[str, str],
                    sizes: dict[str, int]) -> set[str]:
     """Create the standby disks that do not exist yet; the targets created."""
     fresh = set()
+    site.make_dir(st.directory)
     for t, path in paths.items():
         known = st.disks.get(t)
         if known is not None and int(known.get("size", -1)) != sizes[t]:

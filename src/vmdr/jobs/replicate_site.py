@@ -140,6 +140,9 @@ class Site:
             raise HypervisorError(f"cannot tell the free space of {directory} on "
                                   f"{self.where}") from None
 
+    def make_dir(self, directory: str) -> None:
+        self.run('mkdir -p -m 0755 -- "$1"', directory)
+
     def need_space(self, directory: str, needed: int) -> None:
         """NoSpace (exit 9) unless ``needed`` bytes (plus 1 % and 64 MiB for qcow2
         metadata) fit in ``directory`` at the target."""
