@@ -27,6 +27,7 @@ never overlap):
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import Sequence
@@ -217,9 +218,10 @@ def _new_state(spec: ReplicaSpec, source_uri: str, source_uuid: str) -> ReplicaS
 
 
 def _standby_xml(src_xml: str, spec: ReplicaSpec, st: ReplicaState, paths: dict[str, str],
-                 networks: dict[str, str]) -> str:
+                 networks: dict[str, str], nvram: str | None) -> str:
     xml = rewrite_domain_xml(src_xml, new_name=spec.standby, new_uuid=True, new_macs=False,
-                             disk_paths={t: (p, "qcow2") for t, p in paths.items()})
+                             disk_paths={t: (p, "qcow2") for t, p in paths.items()},
+                             nvram_path=nvram)
     xml = set_uuid(map_networks(xml, networks), st.standby_uuid)
     return relocate_console_logs(xml, spec.directory, spec.standby)
 
@@ -233,7 +235,12 @@ def _define(target: Hypervisor, xml: str) -> None:
 
 def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
             res: CycleResult, when: datetime, paths: dict[str, str], defined: bool,
-            src_xml: str, networks: dict[str, str], **point: Any) -> None:
+            src_xml: str, networks: dict[str, str], nvram: bytes | None,
+            **point: Any) -> None:
+    nvram_path = None
+    if nvram is not None:  # UEFI variables: copied every cycle (a few hundred KiB)
+        nvram_path = f"{spec.directory}/{spec.standby}_VARS.fd"
+        site.write(nvram_path, nvram)
     tag = unique_point(point_name(when), [p.name for p in st.points])
     for p in paths.values():
         site.add_snapshot(p, tag)
@@ -245,7 +252,7 @@ def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
     st.points = [q for q in [*st.points, new] if q not in old]
     res.rotated = [o.name for o in old]
     if not defined:
-        _define(target, _standby_xml(src_xml, spec, st, paths, networks))
+        _define(target, _standby_xml(src_xml, spec, st, paths, networks, nvram_path))
         res.defined = True
     st.keep, st.rpo_target_s, st.feed, st.network_map = (spec.keep, spec.rpo_target_s,
                                                          spec.feed, networks)
@@ -333,13 +340,21 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site,
                                d.info.target in fresh, res)
                 st.checkpoint, st.checkpoint_xml = s.checkpoint, s.checkpoint_xml
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
-                        networks, checkpoint=s.checkpoint)
+                        networks, _nvram(hv, info, res.warnings), checkpoint=s.checkpoint)
             except VmdrError as exc:
                 _record(site, st, res, started, t0, exc.message)
                 raise
             _record(site, st, res, started, t0, None)
             s.commit()
     return res
+
+
+def _nvram(hv: Hypervisor, info: Any, warnings: list[str]) -> bytes | None:
+    try:
+        return hv.read_nvram(info)
+    except VmdrError as exc:
+        warnings.append(f"could not read the UEFI variables: {exc.message}")
+        return None
 
 
 def _prepare_disks(site: Site, st: ReplicaState, paths: dict[str, str],
@@ -451,8 +466,9 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
                 _apply_chunks(site, repo, d, paths[d.name], todo[d.name], res)
                 site.write(_chunks_path(spec, d.name), d.chunks.tobytes())
             st.snapshot, st.repository, st.checkpoint = snap.id, repo.id, None
+            nvram = base64.b64decode(cfg["nvram"]) if cfg.get("nvram") else None
             _finish(site, target, spec, st, res, snap.time, paths, defined, src_xml,
-                    networks, snapshot=snap.id)
+                    networks, nvram, snapshot=snap.id)
         except VmdrError as exc:
             _record(site, st, res, started, t0, exc.message)
             raise
