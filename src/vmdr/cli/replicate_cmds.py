@@ -15,6 +15,7 @@ from vmdr.jobs.replicate import (
     CycleResult,
     ReplicaSpec,
     load_state,
+    redact_uri,
     replicate_direct,
     replicate_from_repository,
 )
@@ -97,7 +98,9 @@ def _one(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec) -> CycleResult:
     try:
         target = connect(spec.target_uri)
     except HypervisorUnavailable as exc:
-        raise HypervisorUnavailable(f"DR host unreachable: {exc.message}") from None
+        shown = redact_uri(spec.target_uri)
+        why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
+        raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
     try:
         with Site(spec.target_uri) as site:
             if spec.feed == "repository":
@@ -196,7 +199,7 @@ def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
     if scan:
         sites.setdefault(_resolve_host(g, ns.to, ns.dir).uri, [])
     for uri, items in sites.items():
-        shown = uri.split("?", 1)[0]
+        shown = redact_uri(uri)
         try:
             with Site(uri) as site:
                 if scan:

@@ -71,6 +71,7 @@ from vmdr.repository.crypto import HOLE
 from vmdr.repository.manifest import DiskRecord, Snapshot
 from vmdr.repository.reader import DiskReader
 from vmdr.repository.repo import Repository
+from vmdr.storage.registry import redact
 from vmdr.timeutil import utcnow
 
 FEEDS = ("direct", "repository")
@@ -124,8 +125,9 @@ class CycleResult:
                 for k, v in self.__dict__.items()}
 
 
-def _redact(uri: str) -> str:
-    return uri.split("?", 1)[0]
+def redact_uri(uri: str) -> str:
+    """A URI for messages and the state: no password, no query (key file paths)."""
+    return redact(uri.split("?", 1)[0])
 
 
 def _disk_path(spec: ReplicaSpec, target: str) -> str:
@@ -147,7 +149,7 @@ class _Locks:
     replica's own lock; VMLocked (exit 13) names what holds it."""
 
     def __init__(self, spec: ReplicaSpec, source_uri: str | None) -> None:
-        self.locks = [VMLock(f"replica:{_redact(spec.target_uri)}:{spec.directory}", spec.vm)]
+        self.locks = [VMLock(f"replica:{redact_uri(spec.target_uri)}:{spec.directory}", spec.vm)]
         if source_uri is not None:
             self.locks.insert(0, VMLock(source_uri, spec.vm))
 
@@ -185,7 +187,7 @@ def check_networks(target: Hypervisor, xml: str, mapping: dict[str, str]) -> dic
             how = f"mapped from source network {net!r}" if net in mapping else \
                 f"source network {net!r} has no mapping (--network-map {net}=DR-NETWORK)"
             raise NetworkNotFound(f"network {dst!r} does not exist on the DR host "
-                                  f"{_redact(target.uri)} ({how})") from None
+                                  f"{redact_uri(target.uri)} ({how})") from None
         used[net] = dst
     return used
 
@@ -198,10 +200,10 @@ def _check_standby(target: Hypervisor, spec: ReplicaSpec, st: ReplicaState | Non
     except DomainNotFound:
         return False
     if st is None or dom.uuid != st.standby_uuid:
-        raise UsageError(f"a domain named {spec.standby!r} exists on {_redact(target.uri)} and "
+        raise UsageError(f"a domain named {spec.standby!r} exists on {redact_uri(target.uri)} and "
                          "is not this replica's standby; choose another --standby-name")
     if dom.is_active():
-        raise UsageError(f"the standby {spec.standby!r} is running on {_redact(target.uri)} "
+        raise UsageError(f"the standby {spec.standby!r} is running on {redact_uri(target.uri)} "
                          "(failed over?): a replica cycle never writes under a running VM")
     return True
 
@@ -210,9 +212,9 @@ def _new_state(spec: ReplicaSpec, source_uri: str, source_uuid: str) -> ReplicaS
     import uuid as uuidlib
 
     return ReplicaState(
-        vm=spec.vm, source_uri=_redact(source_uri), source_uuid=source_uuid,
+        vm=spec.vm, source_uri=redact_uri(source_uri), source_uuid=source_uuid,
         standby=spec.standby, standby_uuid=str(uuidlib.uuid4()),
-        target_uri=_redact(spec.target_uri), directory=spec.directory,
+        target_uri=redact_uri(spec.target_uri), directory=spec.directory,
         prefix=replica_prefix(spec.target_uri, spec.directory), feed=spec.feed,
         keep=spec.keep, rpo_target_s=spec.rpo_target_s)
 
@@ -296,7 +298,7 @@ def _incremental_from(hv: Hypervisor, info: Any, st: ReplicaState | None,
 def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site,
                      spec: ReplicaSpec) -> CycleResult:
     """One direct-feed cycle (see the module docstring). Raises VmdrError on failure."""
-    res = CycleResult(spec.vm, spec.standby, _redact(spec.target_uri), "direct")
+    res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "direct")
     t0 = time.monotonic()
     with _Locks(spec, hv.uri):
         info = hv.domain(spec.vm)  # DomainNotFound: exit 11
@@ -422,7 +424,7 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
                               spec: ReplicaSpec, ref: str | None = None) -> CycleResult:
     """One repository-feed cycle: the newest snapshot of the VM into the standby, moving
     only the chunks that differ from the standby's current content."""
-    res = CycleResult(spec.vm, spec.standby, _redact(spec.target_uri), "repository")
+    res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "repository")
     t0 = time.monotonic()
     snap = newest_snapshot(repo, spec.vm, ref)
     cfg = snap.meta.get("config") or {}
