@@ -44,7 +44,8 @@ from vmdr.plan.inventory import replica_decls
 
 BLOCK = 64 << 10
 SIZE = 64 * BLOCK  # 4 MiB
-XML = """<domain type='kvm'><name>web</name><memory>1024</memory><vcpu>1</vcpu><devices>
+XML = """<domain type='kvm'><name>web</name><memory>1024</memory><vcpu>1</vcpu>
+<os><type>hvm</type></os><devices>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
 <source file='/src/web.qcow2'/><target dev='vda' bus='virtio'/></disk>
 <interface type='network'><mac address='52:54:00:00:00:01'/><source network='prod'/></interface>
@@ -401,3 +402,31 @@ def test_inventory_replicas() -> None:
         replica_decls(_cfg({"replicas": {"speed": 1}}, {}))
     with pytest.raises(ConfigError, match="to"):
         replica_decls(_cfg({"replicas": {"vms": ["a"]}}, {}))
+
+
+def test_site_over_ssh_compresses_and_refuses_tcp() -> None:
+    site = Site("qemu+ssh://root@dr1:2222/system?keyfile=/k/id&known_hosts=/k/kh")
+    assert not site.local and "root@dr1:2222" in site.where
+    argv = site._host.target.argv() if site._host else []
+    assert "Compression=yes" in argv and "/k/id" in argv and "UserKnownHostsFile=/k/kh" in argv
+    with pytest.raises(UsageError, match="ssh"):
+        Site("qemu+tcp://dr1/system")
+    assert Site("qemu:///system").local
+
+
+def test_standby_xml_maps_networks_keeps_macs_and_its_uuid() -> None:
+    src, _target, _site, spec = _env()
+    st = rep._new_state(spec, src.uri, "u")
+    xml = rep._standby_xml(XML, spec, st, {"vda": "/dr/web/web-replica-vda.qcow2"},
+                           {"prod": "dr-net"}, "/dr/web/web-replica_VARS.fd")
+    assert "<name>web-replica</name>" in xml and f"<uuid>{st.standby_uuid}</uuid>" in xml
+    assert "network=\"dr-net\"" in xml or "network='dr-net'" in xml
+    assert "52:54:00:00:00:01" in xml and "/dr/web/web-replica-vda.qcow2" in xml
+
+
+def test_uefi_variables_travel_with_the_standby(monkeypatch: pytest.MonkeyPatch) -> None:
+    src, target, site, spec = _env()
+    monkeypatch.setattr(src, "read_nvram", lambda info: b"VARS")
+    rep.replicate_direct(src, target, site, spec)
+    assert site.files["/dr/web/web-replica_VARS.fd"] == b"VARS"
+    assert "/dr/web/web-replica_VARS.fd" in target.lookup("web-replica").xml()

@@ -221,9 +221,13 @@ def _new_state(spec: ReplicaSpec, source_uri: str, source_uuid: str) -> ReplicaS
 
 def _standby_xml(src_xml: str, spec: ReplicaSpec, st: ReplicaState, paths: dict[str, str],
                  networks: dict[str, str], nvram: str | None) -> str:
-    xml = rewrite_domain_xml(src_xml, new_name=spec.standby, new_uuid=True, new_macs=False,
-                             disk_paths={t: (p, "qcow2") for t, p in paths.items()},
-                             nvram_path=nvram)
+    try:
+        xml = rewrite_domain_xml(src_xml, new_name=spec.standby, new_uuid=True,
+                                 new_macs=False, nvram_path=nvram,
+                                 disk_paths={t: (p, "qcow2") for t, p in paths.items()})
+    except ValueError as exc:
+        raise UsageError(f"{spec.vm}: cannot define a standby from its definition ({exc})") \
+            from None
     xml = set_uuid(map_networks(xml, networks), st.standby_uuid)
     return relocate_console_logs(xml, spec.directory, spec.standby)
 
@@ -330,6 +334,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site,
             need = sum(e.length for exts in plan.values() for e in exts if e.is_data)
             site.need_space(spec.directory, need)  # NoSpace: exit 9, nothing written
             paths = {d.info.target: _disk_path(spec, d.info.target) for d in sources}
+            _standby_xml(src_xml, spec, st, paths, networks, None)  # fails before writing
             fresh = _prepare_disks(site, st, paths, {d.info.target: d.size for d in sources})
             res.disk_bytes = sum(d.size for d in sources)
             res.mode = ("seed" if not st.points else
@@ -452,6 +457,7 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
         disks = [d for d in snap.disks]
         paths = {d.name: _disk_path(spec, d.name) for d in disks}
         known_ok = (st.feed == "repository" and st.repository == repo.id and not st.writing)
+        _standby_xml(src_xml, spec, st, paths, networks, None)  # fails before writing
         fresh = _prepare_disks(site, st, paths, {d.name: d.size for d in disks})
         res.disk_bytes = sum(d.size for d in disks)
         res.mode = "seed" if not st.points else "incremental"
