@@ -145,6 +145,14 @@ def test_replica_cycles_points_backup_coexistence_and_boot(
     assert rc.consistent and rc.count > 0, rc.problems
     again = _replicate(env, vm, *rdir)
     assert again["bytes_moved"] == 0 and again["mode"] == "none"
+    # seeded from the repository, continued by the direct feed: the first direct cycle
+    # hashes the VM's chunks here and sends only those the standby lacks
+    ddir = ("--to", URI, "--dir", str(dr / "from-repo"), "--standby-name", f"{vm}-rrepo")
+    d1 = _replicate(env, vm, *ddir)
+    assert d1["feed"] == "direct" and d1["mode"] == "full"
+    assert 0 < d1["bytes_moved"] < r1["bytes_moved"] / 4, (d1, r1)
+    d2 = _replicate(env, vm, *ddir)
+    assert d2["mode"] == "incremental"
 
     _boot_copy(standby, f"{vm}-copy", dr / "copy")
     assert guest.is_active()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,13 @@ from vmdr.jobs.replicate import (
     load_state,
     redact_uri,
     replicate_direct,
-    replicate_from_repository,
 )
+from vmdr.jobs.replicate_repo import replicate_from_repository
 from vmdr.jobs.replicate_site import Site, check_dir
 from vmdr.jobs.replicate_state import ReplicaState, parse_network_map, sla
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
+from vmdr.repository.repo import Repository
 from vmdr.timeutil import utcnow
 
 DEFAULT_ROOT = "/var/lib/libvirt/images/vmdr-replicas"
@@ -107,10 +109,15 @@ def _one(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec) -> CycleResult:
                 with repository(g, "shared", "replicate") as repo:
                     return replicate_from_repository(repo, target, site, spec, ns.snapshot)
             hv = connect(_source_uri(ns, g))
-            try:
-                return replicate_direct(hv, target, site, spec)
-            finally:
-                hv.close()
+            with contextlib.ExitStack() as stack:
+                def seed_repo() -> Repository:
+                    return stack.enter_context(repository(g, "shared", "replicate"))
+
+                try:
+                    return replicate_direct(hv, target, site, spec,
+                                            seed_repo if g.repo else None)
+                finally:
+                    hv.close()
     finally:
         target.close()
 

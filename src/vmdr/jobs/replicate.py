@@ -27,10 +27,9 @@ never overlap):
 
 from __future__ import annotations
 
-import base64
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,7 +37,6 @@ from typing import Any
 from vmdr.errors import (
     DomainNotFound,
     NetworkNotFound,
-    SnapshotNotFound,
     UsageError,
     VmdrError,
     VMLocked,
@@ -59,7 +57,6 @@ from vmdr.jobs.replicate_state import (
     Cycle,
     ReplicaState,
     RestorePoint,
-    changed_chunks,
     pieces,
     point_name,
     replica_prefix,
@@ -68,8 +65,7 @@ from vmdr.jobs.replicate_state import (
 )
 from vmdr.jobs.vmlock import VMLock
 from vmdr.repository.crypto import HOLE
-from vmdr.repository.manifest import DiskRecord, Snapshot
-from vmdr.repository.reader import DiskReader
+from vmdr.repository.manifest import chunk_count
 from vmdr.repository.repo import Repository
 from vmdr.storage.registry import redact
 from vmdr.timeutil import utcnow
@@ -132,6 +128,11 @@ def redact_uri(uri: str) -> str:
 
 def _disk_path(spec: ReplicaSpec, target: str) -> str:
     return f"{spec.directory}/{spec.standby}-{target}.qcow2"
+
+
+def chunks_path(spec: ReplicaSpec, disk: str) -> str:
+    """The chunk IDs (repository feed) of a standby disk's content, 32 bytes each."""
+    return f"{spec.directory}/{spec.standby}-{disk}.chunks"
 
 
 def load_state(site: Site, directory: str) -> ReplicaState | None:
@@ -299,9 +300,15 @@ def _incremental_from(hv: Hypervisor, info: Any, st: ReplicaState | None,
     return None
 
 
-def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site,
-                     spec: ReplicaSpec) -> CycleResult:
-    """One direct-feed cycle (see the module docstring). Raises VmdrError on failure."""
+def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: ReplicaSpec,
+                     seed_repo: Callable[[], Repository] | None = None) -> CycleResult:
+    """One direct-feed cycle (see the module docstring). Raises VmdrError on failure.
+
+    A standby seeded from a repository (the repository feed) switches to the direct feed
+    without sending everything again when ``seed_repo`` opens a repository with the same
+    chunk-ID key (the seed's, or a ``vmdr copy`` of it that shares its key): the first
+    direct cycle reads the whole VM here, hashes each 4 MiB chunk and sends only the
+    chunks whose ID differs from the list saved with the standby."""
     res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "direct")
     t0 = time.monotonic()
     with _Locks(spec, hv.uri):
@@ -339,12 +346,16 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site,
             res.disk_bytes = sum(d.size for d in sources)
             res.mode = ("seed" if not st.points else
                         "incremental" if all(d.incremental for d in sources) else "full")
+            known = _seeded_ids(site, spec, st, sources, fresh, seed_repo, res.warnings)
             st.writing = True
             _save(site, st)
             try:
                 for d in sources:
-                    _copy_disk(site, d, plan[d.info.target], paths[d.info.target],
-                               d.info.target in fresh, res)
+                    t = d.info.target
+                    if t in known:
+                        _copy_by_chunks(site, d, plan[t], paths[t], known[t], res)
+                    else:
+                        _copy_disk(site, d, plan[t], paths[t], t in fresh, res)
                 st.checkpoint, st.checkpoint_xml = s.checkpoint, s.checkpoint_xml
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
                         networks, _nvram(hv, info, res.warnings), checkpoint=s.checkpoint)
@@ -381,6 +392,66 @@ def _prepare_disks(site: Site, st: ReplicaState, paths: dict[str, str],
     return fresh
 
 
+@dataclass
+class _Known:
+    ids: list[bytes]
+    repo: Repository
+
+
+def _seeded_ids(site: Site, spec: ReplicaSpec, st: ReplicaState, sources: list[DiskSource],
+                fresh: set[str], seed_repo: Callable[[], Repository] | None,
+                warnings: list[str]) -> dict[str, _Known]:
+    """Per disk read in full over a standby that the repository feed wrote last: the chunk
+    IDs of the standby's content, when a repository to compute IDs with is at hand."""
+    if st.feed != "repository" or st.writing or not st.repository:
+        return {}
+    todo = [d for d in sources if not d.incremental and d.info.target not in fresh]
+    if not todo:
+        return {}
+    if seed_repo is None:
+        warnings.append("the standby was written by the repository feed: give --repo (the "
+                        "repository it came from, or a copy sharing its key) to send only "
+                        "the chunks that differ; sending everything")
+        return {}
+    repo = seed_repo()
+    out = {}
+    for d in todo:
+        saved = site.read(chunks_path(spec, d.info.target))
+        n = chunk_count(d.size, repo.chunk_size)
+        if saved is not None and len(saved) == n * len(HOLE):
+            out[d.info.target] = _Known([saved[i * 32:(i + 1) * 32] for i in range(n)], repo)
+    return out
+
+
+def _copy_by_chunks(site: Site, d: DiskSource, extents: Sequence[Any], path: str,
+                    known: _Known, res: CycleResult) -> None:
+    cs = known.repo.chunk_size
+    with_data: set[int] = set()
+    for e in extents:
+        if e.is_data:
+            with_data.update(range(e.offset // cs, (e.offset + e.length - 1) // cs + 1))
+    zero = bytes(cs)
+    w = site.writer(path)
+    ok = False
+    try:
+        for i, old in enumerate(known.ids):
+            off = i * cs
+            ln = min(cs, d.size - off)
+            data = d.read(off, ln) if i in with_data else None
+            oid = HOLE if data is None or data == zero[:ln] else known.repo.codec.object_id(data)
+            if oid == old:
+                continue  # the standby already holds this chunk
+            if data is None or oid == HOLE:
+                w.zero(off, ln)
+                res.bytes_zeroed += ln
+            else:
+                w.write(off, data)
+                res.bytes_moved += ln
+        ok = True
+    finally:
+        w.close(flush=ok)
+
+
 def _copy_disk(site: Site, d: DiskSource, extents: Sequence[Any], path: str, fresh: bool,
                res: CycleResult) -> None:
     zero = bytes(CHUNK)
@@ -401,130 +472,6 @@ def _copy_disk(site: Site, d: DiskSource, extents: Sequence[Any], path: str, fre
                 else:
                     w.write(off, data)
                     res.bytes_moved += ln
-        ok = True
-    finally:
-        w.close(flush=ok)
-
-
-# -- repository feed ---------------------------------------------------------------------------
-
-
-def newest_snapshot(repo: Repository, vm: str, ref: str | None = None) -> Snapshot:
-    if ref:
-        snap = repo.resolve(ref)
-        if snap.name != vm:
-            raise UsageError(f"snapshot {snap.short_id} is of {snap.name}, not {vm}")
-        return snap
-    snaps = [s for s in repo.list_snapshots(vm) if s.meta.get("kind") == "vm"]
-    if not snaps:
-        raise SnapshotNotFound(f"no snapshot of {vm} in the repository")
-    return snaps[-1]
-
-
-def _chunks_path(spec: ReplicaSpec, disk: str) -> str:
-    return f"{spec.directory}/{spec.standby}-{disk}.chunks"
-
-
-def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
-                              spec: ReplicaSpec, ref: str | None = None) -> CycleResult:
-    """One repository-feed cycle: the newest snapshot of the VM into the standby, moving
-    only the chunks that differ from the standby's current content."""
-    res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "repository")
-    t0 = time.monotonic()
-    snap = newest_snapshot(repo, spec.vm, ref)
-    cfg = snap.meta.get("config") or {}
-    src_xml = str(cfg.get("domain_xml") or "")
-    if not src_xml:
-        raise UsageError(f"snapshot {snap.short_id} holds no domain XML")
-    with _Locks(spec, None):
-        st = load_state(site, spec.directory)
-        uuid = str(cfg.get("uuid") or "")
-        if st is not None and uuid and st.source_uuid != uuid:
-            raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
-                             f"({st.vm}); use another --dir")
-        defined = _check_standby(target, spec, st)
-        networks = check_networks(target, src_xml, spec.network_map)
-        if st is not None and st.snapshot == snap.id and not st.writing and defined:
-            res.points = [p.name for p in st.points]
-            res.point = st.newest.name if st.newest else None
-            res.warnings.append(f"the standby already holds snapshot {snap.short_id}: "
-                                "nothing to do (a replica from a repository is only as fresh "
-                                "as the last copy)")
-            _record(site, st, res, utcnow(), t0, None)
-            return res
-        st = st or _new_state(spec, str(snap.meta.get("uri") or "repository"), uuid)
-        started = utcnow()
-        disks = [d for d in snap.disks]
-        paths = {d.name: _disk_path(spec, d.name) for d in disks}
-        known_ok = (st.feed == "repository" and st.repository == repo.id and not st.writing)
-        _standby_xml(src_xml, spec, st, paths, networks, None)  # fails before writing
-        fresh = _prepare_disks(site, st, paths, {d.name: d.size for d in disks})
-        res.disk_bytes = sum(d.size for d in disks)
-        res.mode = "seed" if not st.points else "incremental"
-        st.writing = True
-        _save(site, st)
-        try:
-            olds = {d.name: _old_ids(site, repo, spec, d, paths[d.name], d.name in fresh,
-                                     known_ok) for d in disks}
-            todo = {d.name: changed_chunks(olds[d.name], list(d.chunks)) for d in disks}
-            need = sum(repo.chunk_size for d in disks for i in todo[d.name]
-                       if d.chunks[i] != HOLE)
-            site.need_space(spec.directory, need)
-            for d in disks:
-                _apply_chunks(site, repo, d, paths[d.name], todo[d.name], res)
-                site.write(_chunks_path(spec, d.name), d.chunks.tobytes())
-            st.snapshot, st.repository, st.checkpoint = snap.id, repo.id, None
-            nvram = base64.b64decode(cfg["nvram"]) if cfg.get("nvram") else None
-            _finish(site, target, spec, st, res, snap.time, paths, defined, src_xml,
-                    networks, nvram, snapshot=snap.id)
-        except VmdrError as exc:
-            _record(site, st, res, started, t0, exc.message)
-            raise
-        _record(site, st, res, started, t0, None)
-    return res
-
-
-def _old_ids(site: Site, repo: Repository, spec: ReplicaSpec, d: DiskRecord, path: str,
-             fresh: bool, known_ok: bool) -> list[bytes] | None:
-    """The chunk IDs of the standby disk's current content: all holes for a new disk, the
-    list saved by the last repository cycle, else computed by reading the standby."""
-    n = len(d.chunks)
-    if fresh:
-        return [HOLE] * n
-    if known_ok:
-        saved = site.read(_chunks_path(spec, d.name))
-        if saved is not None and len(saved) == n * len(HOLE):
-            return [saved[i * 32:(i + 1) * 32] for i in range(n)]
-    w = site.writer(path)  # hash the standby where it is (the repository feed runs at the
-    try:                   # DR site, so this read stays local there)
-        zero = bytes(repo.chunk_size)
-        out = []
-        for i in range(n):
-            ln = min(repo.chunk_size, d.size - i * repo.chunk_size)
-            data = w.read(i * repo.chunk_size, ln)
-            out.append(HOLE if data == zero[:ln] else repo.codec.object_id(data))
-        return out
-    finally:
-        w.close(flush=False)
-
-
-def _apply_chunks(site: Site, repo: Repository, d: DiskRecord, path: str, todo: list[int],
-                  res: CycleResult) -> None:
-    if not todo:
-        return
-    reader = DiskReader(repo, d)
-    w = site.writer(path)
-    ok = False
-    try:
-        for i, data in reader.iter_chunks(iter(todo)):
-            off = i * repo.chunk_size
-            if data is None:
-                ln = reader.chunk_length(i)
-                w.zero(off, ln)
-                res.bytes_zeroed += ln
-            else:
-                w.write(off, data)
-                res.bytes_moved += len(data)
         ok = True
     finally:
         w.close(flush=ok)
