@@ -23,8 +23,9 @@ MEDIA = ("disk", "object", "tape")
 DEFAULT_THROUGHPUT = {"disk": 200.0 * (1 << 20), "object": 100.0 * (1 << 20),
                       "tape": 150.0 * (1 << 20)}
 # [vm.NAME] keys other parts of vmdr own (verify_*: vmdr verify; copy_*: vmdr copy;
+# watchdog: vmdr.ha.wdsettings, which also checks [plan.tiers.NAME.watchdog];
 # replica_*: vmdr replicate)
-OTHER_VM_PREFIXES = ("verify_", "copy_", "replica_")
+OTHER_VM_PREFIXES = ("verify_", "copy_", "watchdog", "replica_")
 REPLICA_KEYS = {"to", "points", "dir", "feed", "rpo", "network_map", "standby", "vms"}
 REPLICA_FEEDS = ("direct", "repository")
 VM_KEYS = {"host", "owner", "contact", "tier", "rpo", "rto", "depends_on", "boot_group",
@@ -292,7 +293,7 @@ def _settings(path: str, raw: dict[str, Any]) -> tuple[Settings, dict[str, Tier]
         tt.prefix = f"plan.tiers.{name}."
         tiers[name] = Tier(name, tt.duration("rpo"), tt.duration("rto"),
                            _levels(tt, "must_survive"), tt.bool_("ha"))
-        tt.finish({"rpo", "rto", "must_survive", "ha"})
+        tt.finish({"rpo", "rto", "must_survive", "ha", "watchdog"})
     t.finish({"title", "organisation", "scope", "verify_max_age", "test_interval",
               "boot_time", "cpu_overcommit", "cache_file", "throughput", "tiers", "ignore_vms"})
     return s, tiers
