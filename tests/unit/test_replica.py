@@ -430,3 +430,61 @@ def test_uefi_variables_travel_with_the_standby(monkeypatch: pytest.MonkeyPatch)
     rep.replicate_direct(src, target, site, spec)
     assert site.files["/dr/web/web-replica_VARS.fd"] == b"VARS"
     assert "/dr/web/web-replica_VARS.fd" in target.lookup("web-replica").xml()
+
+
+ESTATE = """
+[locations.west]
+kind = "building"
+name = "West"
+[hosts.dr1]
+location = "west"
+uri = "qemu+ssh://root@dr1/system"
+target_dir = "/srv/images"
+[replicas]
+to = "dr1"
+rpo = "15m"
+vms = ["web"]
+network_map = { prod = "dr-net" }
+[vm.web]
+rpo = "1h"
+replica_points = 5
+[vm.db]
+rpo = "30m"
+replica_to = "qemu:///system"
+"""
+
+
+def _ns(**kw: Any) -> Any:
+    import argparse
+
+    base = {"all": False, "to": None, "dir": None, "standby_name": None, "points": None,
+            "feed": None, "network_map": None, "rpo": None, "consistency": "auto"}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_cli_resolves_inventory_replicas(tmp_path: Any) -> None:
+    from vmdr import config
+    from vmdr.cli.common import Globals
+    from vmdr.cli.replicate_cmds import _specs
+
+    p = tmp_path / "estate.toml"
+    p.write_text(ESTATE)
+    g = Globals(repo=None, password_file=None, key_file=None, json=True, progress=False,
+                config=config.load(str(p)))
+    specs = {s.vm: s for s in _specs(_ns(all=True), g, [])}
+    assert specs["web"].target_uri == "qemu+ssh://root@dr1/system"
+    assert specs["web"].directory == "/srv/images/vmdr-replicas/web"
+    assert specs["web"].keep == 5 and specs["web"].rpo_target_s == 900
+    assert specs["web"].network_map == {"prod": "dr-net"}
+    # [replicas] rpo is every replica's default; the VM's plan rpo only without one
+    assert specs["db"].target_uri == "qemu:///system" and specs["db"].rpo_target_s == 900
+    assert specs["db"].directory == "/var/lib/libvirt/images/vmdr-replicas/db"
+    one = _specs(_ns(to="dr1", points=2, rpo="5m", network_map=["prod=other"]), g, ["web"])[0]
+    assert one.keep == 2 and one.rpo_target_s == 300 and one.network_map == {"prod": "other"}
+    with pytest.raises(UsageError, match="unknown DR host 'dr9'"):
+        _specs(_ns(to="dr9"), g, ["web"])
+    with pytest.raises(UsageError, match="no DR host"):
+        _specs(_ns(), g, ["other"])
+    p.write_text(ESTATE.replace('rpo = "15m"\n', ""))
+    g.config = config.load(str(p))
+    assert _specs(_ns(), g, ["db"])[0].rpo_target_s == 1800  # the plan's rpo
