@@ -83,6 +83,7 @@ class Site:
         self.local = is_local_uri(uri)
         self._host: RemoteHost | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._forwards = 0
         if not self.local:
             target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
             self._host = RemoteHost(replace(target, compression=True))
@@ -212,7 +213,8 @@ class Site:
         remote_sock = text[len("ready "):]
         sock = remote_sock
         if self._host is not None:
-            name = f"w{len(self._procs)}-{os.getpid()}.sock"
+            self._forwards += 1
+            name = f"w{self._forwards}.sock"  # in this session's private 0700 directory
             sock = self._host.forward(name, remote_sock)
         return DiskWriter(sock, path, self.where, lambda: self._stop(proc))
 
