@@ -27,7 +27,7 @@ from vmdr.ui import make_sink
 # keeps this table honest).
 MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
            "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds",
-           "watchdog_cmds"]
+           "watchdog_cmds", "replicate_cmds"]
 COMMANDS = {
     "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
     "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
@@ -37,6 +37,7 @@ COMMANDS = {
     "files": "files_cmds", "mount": "files_cmds", "umount": "files_cmds",
     "ha": "ha_cmds",
     "watchdog": "watchdog_cmds",
+    "replicate": "replicate_cmds",
 }
 _VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config", "--job-id"}
 
