@@ -16,7 +16,9 @@ APT_PACKAGES=(
   # SFTP integration tests: a real sshd on loopback
   openssh-server openssh-client
   # DR plan: PDF (WeasyPrint needs pango) and the headless-browser test of the HTML plan
-  libpango-1.0-0 libpangoft2-1.0-0 chromium
+  libpango-1.0-0 libpangoft2-1.0-0 chromium chromium-driver
+  # the agent: fleet history and coordination (tests start their own instances)
+  postgresql etcd-server etcd-client
   # peers for side-by-side benchmarks
   borgbackup restic virtnbdbackup time
   make git ca-certificates procps iproute2

@@ -1,0 +1,249 @@
+"""The agent's loop: one decision pass per second, each decision logged with its reason.
+
+Per cycle (Patroni's ``run_cycle`` shape): renew membership and ask the coordination store
+whether this agent leads; if it does, fire due schedules into queued jobs; then start the
+queued jobs of this host that the limits allow. Every minute: RPO check, history retention.
+Jobs run as subprocesses (vmdr.agent.runner), so nothing a job does can stop this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmdr import config as configmod
+from vmdr.agent import scheduler as sched
+from vmdr.agent.alerts import Alerter
+from vmdr.agent.coord import Coordinator, Embedded, Member
+from vmdr.agent.history import History, Job, new_job_id
+from vmdr.agent.inventory import LibvirtVMs, VMSource
+from vmdr.agent.runner import Runner, job_command
+from vmdr.config import Config
+
+log = logging.getLogger("vmdr.agent")
+
+
+def local_tz() -> dt.tzinfo:
+    tz = dt.datetime.now().astimezone().tzinfo
+    assert tz is not None
+    return tz
+
+
+class Agent:
+    """Everything the daemon, the API and the dashboard share."""
+
+    def __init__(self, cfg: Config, history: History | None = None,
+                 vms: VMSource | None = None, coordinator: Coordinator | None = None,
+                 clock: Callable[[], float] = time.time,
+                 command: Callable[[Job], list[str]] | None = None) -> None:
+        self.cfg = cfg
+        self.schedules = sched.schedules(cfg)  # CalendarError (exit 2) on a bad schedule
+        self.host = cfg.agent.host or socket.gethostname()
+        self.clock = clock
+        self.history = history or History.open(cfg.agent.state, cfg.agent.database)
+        self.vm_source = vms or LibvirtVMs(cfg, self.host)
+        self.coord = coordinator or Embedded(self.history)
+        self.runner = Runner(self.history, command or (lambda j: job_command(self.cfg, j)),
+                             clock)
+        self.runner.listeners.append(self._job_finished)
+        self.alerter = Alerter(cfg.agent.alerts, self.history, clock)
+        self.started = clock()
+        self.leader = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = asyncio.Event()
+        self._last_minute = 0.0
+        self.scheduling_note: str | None = None
+
+    # -- start-up -----------------------------------------------------------------------
+    def recover(self) -> None:
+        """Jobs this host left running when it died are marked interrupted."""
+        ids = self.history.mark_interrupted(self.host, self.clock())
+        for i in ids:
+            log.warning("job %s was running when the agent stopped: marked interrupted", i)
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run(self, period: float = 1.0) -> None:
+        self.recover()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.vm_source.refresh)
+        log.info("agent on %s: %d policies, %d VMs, history in %s, coordination %s",
+                 self.host, len(self.cfg.policies), len(self.vm_source.vms()),
+                 self.history.dialect, self.coord.name)
+        while not self.stopping.is_set():
+            t0 = time.monotonic()
+            try:
+                await self.cycle()
+            except Exception:
+                log.exception("agent cycle failed; continuing")
+            # wake at the next whole second so calendar times are met within ~1 s
+            delay = max(0.05, period - (time.monotonic() - t0)
+                        - (self.clock() % 1.0 if period >= 1.0 else 0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+        await self.runner.stop_all()
+        for t in list(self.tasks):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(t, 5)
+        self.coord.close()
+
+    async def cycle(self) -> None:
+        now = self.clock()
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, self.vm_source.refresh)
+        info = self.vm_source.host_info()
+        me = Member(self.host, self.cfg.agent.listen, info.cpus, info.memory_mib,
+                    [v.name for v in self.vm_source.vms() if v.running])
+        was = self.leader
+        try:
+            self.leader = await loop.run_in_executor(None, self.coord.tick, me, now)
+            self.scheduling_note = None
+        except Exception as exc:
+            self.leader = False
+            self.scheduling_note = f"coordination store unreachable: {exc}"
+            log.warning("%s: not scheduling", self.scheduling_note)
+        if self.leader != was:
+            log.info("%s the leader", "became" if self.leader else "is no longer")
+        if self.leader:
+            self.schedule(now)
+        self.dispatch(now)
+        if now - self._last_minute >= 60:
+            self._last_minute = now
+            await loop.run_in_executor(None, self.minutely, now)
+
+    def schedule(self, now: float) -> list[Job]:
+        """Fire due schedules (first sight: start counting from now) and queue their jobs."""
+        state = self.coord.schedule_state()
+        created: list[Job] = []
+        for s in self.schedules:
+            if s.key not in state:
+                self.coord.advance(s.key, None, now)
+        when = dt.datetime.fromtimestamp(now, local_tz())
+        for f in sched.due(self.schedules, state, when):
+            if not self.coord.advance(f.schedule.key, f.previous, now):
+                log.info("schedule %s: already handled by another agent", f.schedule.key)
+                continue
+            specs = sched.expand(self.cfg, f, self.vm_source.vms() if self.coord.name ==
+                                 "embedded" else self.fleet_vms(), self.host)
+            log.info("schedule %s fired for %s%s: %d job(s)", f.schedule.key,
+                     dt.datetime.fromtimestamp(f.due, local_tz()).isoformat(timespec="seconds"),
+                     " (catching up once for missed runs)" if f.catch_up else "", len(specs))
+            for spec in specs:
+                j = self.enqueue(spec.type, spec.vm, spec.repository, spec.policy, spec.host,
+                                 dict(spec.args, not_before=spec.not_before), f.due, "schedule")
+                if j:
+                    created.append(j)
+        return created
+
+    def fleet_vms(self) -> list[sched.VMInfo]:
+        """Every VM the members report (fleet mode); this host's otherwise."""
+        return self.vm_source.vms()
+
+    def enqueue(self, type_: str, vm: str | None, repository: str, policy: str | None,
+                host: str | None, args: dict[str, Any], scheduled_for: float | None,
+                requested_by: str) -> Job | None:
+        """Queue a job, unless the same kind is already queued for that VM (coalesced)."""
+        if vm is not None:
+            for j in self.history.active_jobs():
+                if j.vm == vm and j.type == type_ and j.state == "queued":
+                    log.info("%s of %s already queued as %s; not queueing another", type_, vm,
+                             j.id)
+                    return None
+        now = self.clock()
+        args.setdefault("not_before", now)
+        job = Job(id=new_job_id(), type=type_, vm=vm, state="queued", created=now,
+                  policy=policy, repository=repository, host=host or self.host,
+                  scheduled_for=scheduled_for, requested_by=requested_by, args=args)
+        self.history.add_job(job)
+        return job
+
+    def dispatch(self, now: float) -> list[Job]:
+        active = self.history.active_jobs(self.host)
+        running = [j for j in active if j.state == "running"]
+        queued = [j for j in active if j.state == "queued"]
+        go = sched.startable(queued, running, now, self.cfg.agent.max_jobs,
+                             self.cfg.agent.repository_jobs)
+        for j in go:
+            t = asyncio.get_running_loop().create_task(self.runner.run(j))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+        return go
+
+    def _job_finished(self, job: Job) -> None:
+        key = f"job:{job.type}:{job.vm or job.repository}"
+        if job.state == "ok":
+            self.alerter.resolve(key, f"{job.type} of {job.vm or job.repository} succeeded")
+            if job.type == "backup":
+                for to in job.args.get("copy", []) or []:
+                    self.enqueue("copy", job.vm, str(job.repository), job.policy, job.host,
+                                 {"to": to}, None, f"after {job.id}")
+        else:
+            kind = "verify_failed" if job.type == "verify" else "job_failed"
+            self.alerter.fire(key, kind, f"{job.type} of {job.vm or job.repository} "
+                                         f"{job.state}: {job.error or ''} (job {job.id})")
+
+    # -- every minute -------------------------------------------------------------------
+    def minutely(self, now: float) -> None:
+        self.check_rpo(now)
+        self.history.expire(now - self.cfg.agent.history_days * 86400)
+
+    def protection(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Per VM: its policy, last backup, achieved RPO against its target, last verify."""
+        now = self.clock() if now is None else now
+        when = dt.datetime.fromtimestamp(now, local_tz())
+        backups = self.history.last_success("backup")
+        verifies = self.history.last_success("verify")
+        out = []
+        for vm in self.vm_source.vms():
+            pol = sched.policy_of(self.cfg, vm)
+            last = backups.get(vm.name, (None, None))[0]
+            target = sched.rpo_target(self.cfg, vm, pol, when) if pol else None
+            rpo = now - last if last else None
+            out.append({
+                "name": vm.name, "host": vm.host, "running": vm.running, "tier": vm.tier,
+                "policy": pol.name if pol else None,
+                "repository": pol.repository if pol else None,
+                "last_backup": last, "rpo_s": rpo, "rpo_target_s": target,
+                "rpo_ok": None if target is None else (rpo is not None and rpo <= target),
+                "last_verified": verifies.get(vm.name, (None, None))[0],
+            })
+        return out
+
+    def check_rpo(self, now: float) -> None:
+        for p in self.protection(now):
+            if p["rpo_target_s"] is None:
+                continue
+            key = f"rpo:{p['name']}"
+            age = p["rpo_s"] if p["rpo_s"] is not None else now - self.started
+            if age > p["rpo_target_s"]:
+                self.alerter.fire(key, "rpo_breach",
+                                  f"{p['name']}: achieved RPO {age / 3600:.1f} h is past its "
+                                  f"target {p['rpo_target_s'] / 3600:.1f} h")
+            else:
+                self.alerter.resolve(key, f"{p['name']}: RPO back within target")
+
+    # -- reload -------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config; on any error keep the old one and say why."""
+        try:
+            cfg = configmod.load(self.cfg.path)
+            schedules = sched.schedules(cfg)
+        except Exception as exc:
+            log.error("reload failed, keeping the old config: %s", exc)
+            return False
+        self.cfg, self.schedules = cfg, schedules
+        self.alerter.cfg = cfg.agent.alerts
+        log.info("config reloaded: %d policies", len(cfg.policies))
+        return True
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, self.stopping.set)
