@@ -28,6 +28,7 @@ from vmdr.agent.runner import Runner, job_command
 from vmdr.config import Config
 
 log = logging.getLogger("vmdr.agent")
+STATS_EVERY = 600.0  # seconds between repository size measurements
 
 
 def local_tz() -> dt.tzinfo:
@@ -59,6 +60,7 @@ class Agent:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
         self._last_minute = 0.0
+        self._last_stats = 0.0
         self.scheduling_note: str | None = None
 
     # -- start-up -----------------------------------------------------------------------
@@ -192,6 +194,25 @@ class Agent:
     def minutely(self, now: float) -> None:
         self.check_rpo(now)
         self.history.expire(now - self.cfg.agent.history_days * 86400)
+        if now - self._last_stats >= STATS_EVERY:
+            self._last_stats = now
+            self.measure_repositories(now)
+
+    def measure_repositories(self, now: float) -> None:
+        """Stored bytes per repository (the growth chart, the metric), and the
+        repository-unreachable alert with its resolve."""
+        from vmdr.agent.views import repo_stats
+
+        for name in sorted(self.cfg.repositories):
+            st, err = repo_stats(self.cfg, name)
+            key = f"repo:{name}"
+            if st is None:
+                self.alerter.fire(key, "repository_unreachable",
+                                  f"repository {name} cannot be read: {err}")
+                continue
+            self.alerter.resolve(key, f"repository {name} is readable again")
+            self.history.add_repo_stat(name, now, int(st.get("stored_bytes", 0)),
+                                       int(st.get("snapshots", 0)))
 
     def protection(self, now: float | None = None) -> list[dict[str, Any]]:
         """Per VM: its policy, last backup, achieved RPO against its target, last verify."""

@@ -50,6 +50,12 @@ def _ago(secs: float | None) -> str:
     return f"{s}s"
 
 
+def _dur(secs: float | None) -> str:
+    if secs is None:
+        return ""
+    return f"{secs:.1f}s" if secs < 60 else _ago(secs)
+
+
 def _bytes(n: float | None) -> str:
     if n is None:
         return "—"
@@ -60,7 +66,7 @@ def _bytes(n: float | None) -> str:
     return str(n)
 
 
-env.filters.update(when=_when, ago=_ago, bytes=_bytes)
+env.filters.update(when=_when, ago=_ago, bytes=_bytes, dur=_dur)
 
 
 def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
