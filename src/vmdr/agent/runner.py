@@ -239,8 +239,10 @@ class Runner:
         outcome = str(end.get("outcome", "ok" if code == 0 else "failed"))
         if code == 0 and outcome in ("ok", "success", "succeeded"):
             return Outcome("ok", 0, None, result, nbytes, snap)
-        err = errors[-1] if errors else (str(end.get("error")) if end.get("error")
-                                         else f"exit code {code}")
+        err = (str(end["message"]) if end.get("message") else errors[-1] if errors
+               else f"exit code {code}")
+        if code == 0:  # exit 0 but not ok: e.g. a "partial" outcome
+            err = f"{outcome}: {err}"
         return Outcome("failed", code, err, result, nbytes, snap)
 
     def cancel(self, job_id: str) -> bool:
