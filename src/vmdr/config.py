@@ -65,6 +65,7 @@ class AgentConfig:
     state: str = "/var/lib/vmdr/agent.db"
     database: str | None = None  # postgresql://… for a fleet
     etcd: list[str] = field(default_factory=list)
+    etcd_prefix: str = "/vmdr/"  # several fleets can share one etcd
     host: str | None = None  # default: the system hostname
     jitter_s: float = 0.0
     max_jobs: int = 2  # per host
@@ -302,6 +303,9 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
                                                    "sqlite://")):
         raise a._err("database", "a postgresql:// URL")
     ag.etcd = a.strlist("etcd")
+    ag.etcd_prefix = a.text("etcd_prefix", ag.etcd_prefix) or ag.etcd_prefix
+    if not ag.etcd_prefix.startswith("/") or not ag.etcd_prefix.endswith("/"):
+        raise a._err("etcd_prefix", "a key prefix like /vmdr/")
     ag.host = a.text("host")
     ag.jitter_s = a.duration("jitter", 0.0) or 0.0
     ag.max_jobs = a.integer("max_jobs", ag.max_jobs, 1)

@@ -32,11 +32,12 @@ class Member:
     running_vms: list[str] = field(default_factory=list)
     leader: bool = False
     seen: float = 0.0
+    vms: list[dict[str, Any]] = field(default_factory=list)  # name, running, tier
 
     def as_dict(self) -> dict[str, Any]:
         return {"host": self.host, "api": self.api, "cpus": self.cpus,
                 "memory_mib": self.memory_mib, "running_vms": self.running_vms,
-                "leader": self.leader, "seen": self.seen}
+                "leader": self.leader, "seen": self.seen, "vms": self.vms}
 
 
 class Coordinator(ABC):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import signal
 import socket
@@ -29,6 +30,21 @@ from vmdr.config import Config
 
 log = logging.getLogger("vmdr.agent")
 STATS_EVERY = 600.0  # seconds between repository size measurements
+
+
+def make_coordinator(cfg: Config, history: History) -> Coordinator:
+    if cfg.agent.etcd:
+        from vmdr.agent.coord_etcd import EtcdCoordinator
+
+        return EtcdCoordinator(cfg.agent.etcd, cfg.agent.lease_ttl_s, cfg.agent.etcd_prefix)
+    return Embedded(history)
+
+
+def scheduled_id(key: str, vm: str | None, due: float) -> str:
+    """The same id for the same run of a schedule on every agent: a second leader that
+    fires the same occurrence again inserts nothing."""
+    h = hashlib.sha256(f"{key}\0{vm}\0{due:.3f}".encode()).hexdigest()[:8]
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(due)) + "-" + h
 
 
 def local_tz() -> dt.tzinfo:
@@ -50,7 +66,7 @@ class Agent:
         self.clock = clock
         self.history = history or History.open(cfg.agent.state, cfg.agent.database)
         self.vm_source = vms or LibvirtVMs(cfg, self.host)
-        self.coord = coordinator or Embedded(self.history)
+        self.coord = coordinator or make_coordinator(cfg, self.history)
         self.runner = Runner(self.history, command or (lambda j: job_command(self.cfg, j)),
                              clock)
         self.runner.listeners.append(self._job_finished)
@@ -100,8 +116,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         loop.run_in_executor(None, self.vm_source.refresh)
         info = self.vm_source.host_info()
+        local = self.vm_source.vms()
         me = Member(self.host, self.cfg.agent.listen, info.cpus, info.memory_mib,
-                    [v.name for v in self.vm_source.vms() if v.running])
+                    [v.name for v in local if v.running],
+                    vms=[{"name": v.name, "running": v.running, "tier": v.tier}
+                         for v in local])
         was = self.leader
         try:
             self.leader = await loop.run_in_executor(None, self.coord.tick, me, now)
@@ -114,6 +133,8 @@ class Agent:
             log.info("%s the leader", "became" if self.leader else "is no longer")
         if self.leader:
             self.schedule(now)
+            if self.coord.name != "embedded":
+                self.reassign_lost(now)
         self.dispatch(now)
         if now - self._last_minute >= 60:
             self._last_minute = now
@@ -131,25 +152,57 @@ class Agent:
             if not self.coord.advance(f.schedule.key, f.previous, now):
                 log.info("schedule %s: already handled by another agent", f.schedule.key)
                 continue
-            specs = sched.expand(self.cfg, f, self.vm_source.vms() if self.coord.name ==
-                                 "embedded" else self.fleet_vms(), self.host)
+            specs = sched.expand(self.cfg, f, self.all_vms(), self.host)
             log.info("schedule %s fired for %s%s: %d job(s)", f.schedule.key,
                      dt.datetime.fromtimestamp(f.due, local_tz()).isoformat(timespec="seconds"),
                      " (catching up once for missed runs)" if f.catch_up else "", len(specs))
             for spec in specs:
                 j = self.enqueue(spec.type, spec.vm, spec.repository, spec.policy, spec.host,
-                                 dict(spec.args, not_before=spec.not_before), f.due, "schedule")
+                                 dict(spec.args, not_before=spec.not_before), f.due, "schedule",
+                                 job_id=scheduled_id(f.schedule.key, spec.vm, f.due))
                 if j:
                     created.append(j)
         return created
 
-    def fleet_vms(self) -> list[sched.VMInfo]:
-        """Every VM the members report (fleet mode); this host's otherwise."""
-        return self.vm_source.vms()
+    def all_vms(self) -> list[sched.VMInfo]:
+        """Every VM the fleet's members report (fleet mode), else this host's. A VM known
+        to several hosts (shared storage) belongs to the one where it runs."""
+        if self.coord.name == "embedded":
+            return self.vm_source.vms()
+        out: dict[str, sched.VMInfo] = {}
+        for m in self.coord.members():
+            for v in m.vms:
+                vm = sched.VMInfo(str(v["name"]), m.host, bool(v.get("running")),
+                                  v.get("tier") if isinstance(v.get("tier"), str) else None)
+                if vm.name not in out or (vm.running and not out[vm.name].running):
+                    out[vm.name] = vm
+        return sorted(out.values(), key=lambda v: v.name)
+
+    def reassign_lost(self, now: float) -> None:
+        """Jobs of hosts that left the fleet: running ones are reported interrupted, queued
+        ones move to the host where their VM now is, or wait and are reported."""
+        live = {m.host for m in self.coord.members()}
+        where = {v.name: v.host for v in self.all_vms()}
+        for j in self.history.active_jobs():
+            if j.host in live:
+                continue
+            key = f"host:{j.host}"
+            if j.state == "running":
+                self.history.update_job(j.id, state="interrupted", ended=now,
+                                        error=f"host {j.host} left the fleet")
+                self.alerter.fire(key, "host_lost", f"host {j.host} left the fleet; job "
+                                                    f"{j.id} ({j.type} {j.vm}) interrupted")
+            elif j.vm and where.get(j.vm) in live:
+                self.history.update_job(j.id, host=where[j.vm])
+                log.info("job %s: host %s is gone, %s now on %s: job moved", j.id, j.host,
+                         j.vm, where[j.vm])
+            else:
+                self.alerter.fire(key, "host_lost", f"host {j.host} left the fleet; job "
+                                                    f"{j.id} waits for it")
 
     def enqueue(self, type_: str, vm: str | None, repository: str, policy: str | None,
                 host: str | None, args: dict[str, Any], scheduled_for: float | None,
-                requested_by: str) -> Job | None:
+                requested_by: str, job_id: str | None = None) -> Job | None:
         """Queue a job, unless the same kind is already queued for that VM (coalesced)."""
         if vm is not None:
             for j in self.history.active_jobs():
@@ -159,10 +212,12 @@ class Agent:
                     return None
         now = self.clock()
         args.setdefault("not_before", now)
-        job = Job(id=new_job_id(), type=type_, vm=vm, state="queued", created=now,
+        job = Job(id=job_id or new_job_id(), type=type_, vm=vm, state="queued", created=now,
                   policy=policy, repository=repository, host=host or self.host,
                   scheduled_for=scheduled_for, requested_by=requested_by, args=args)
-        self.history.add_job(job)
+        if not self.history.add_job(job):
+            log.info("job %s already queued (by an earlier leader); not again", job.id)
+            return None
         return job
 
     def dispatch(self, now: float) -> list[Job]:
@@ -221,7 +276,7 @@ class Agent:
         backups = self.history.last_success("backup")
         verifies = self.history.last_success("verify")
         out = []
-        for vm in self.vm_source.vms():
+        for vm in self.all_vms():
             pol = sched.policy_of(self.cfg, vm)
             last = backups.get(vm.name, (None, None))[0]
             target = sched.rpo_target(self.cfg, vm, pol, when) if pol else None

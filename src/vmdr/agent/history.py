@@ -201,12 +201,17 @@ class History:
         self.engine.dispose()
 
     # -- jobs ---------------------------------------------------------------------------
-    def add_job(self, job: Job) -> None:
+    def add_job(self, job: Job) -> bool:
+        """Insert *job*; False if a job with its id exists (a re-fired schedule)."""
         d = asdict(job)
         d["args"] = json.dumps(job.args)
         d["result"] = json.dumps(job.result) if job.result is not None else None
-        with self.engine.begin() as c:
-            c.execute(jobs_t.insert().values(**d))
+        try:
+            with self.engine.begin() as c:
+                c.execute(jobs_t.insert().values(**d))
+        except sa.exc.IntegrityError:
+            return False
+        return True
 
     def update_job(self, job_id: str, **values: Any) -> None:
         if "result" in values and values["result"] is not None:
