@@ -51,6 +51,7 @@ class AlertConfig:
     smtp_starttls: bool = True
     smtp_user: str | None = None
     smtp_password_file: str | None = None
+    smtp_cafile: str | None = None  # trust this CA for STARTTLS (default: the system's)
     mail_from: str = "vmdr@localhost"
     mail_to: list[str] = field(default_factory=list)
 
@@ -321,6 +322,7 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
     ac.smtp_starttls = al.boolean("smtp_starttls", True)
     ac.smtp_user = al.text("smtp_user")
     ac.smtp_password_file = al.text("smtp_password_file")
+    ac.smtp_cafile = al.text("smtp_cafile")
     ac.mail_from = al.text("mail_from", ac.mail_from) or ac.mail_from
     ac.mail_to = al.strlist("mail_to")
     al.finish()

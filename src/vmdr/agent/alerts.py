@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import smtplib
 import ssl
 import threading
@@ -44,7 +45,9 @@ class Alerter:
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg, self.history, self.clock = cfg, history, clock
         self.sent: list[dict[str, Any]] = []  # what went out (tests, the dashboard)
-        self._threads: list[threading.Thread] = []
+        # one delivery thread, so a "resolved" never overtakes its "firing"
+        self._queue: queue.Queue[tuple[str, str, str, str, dict[str, Any]]] = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def fire(self, key: str, kind: str, message: str) -> bool:
         """Raise *key*; True when this is news (it was not already firing)."""
@@ -68,16 +71,25 @@ class Alerter:
     def _send(self, status: str, kind: str, key: str, message: str) -> None:
         body = payload(self.cfg.webhook_format, status, kind, key, message, self.clock())
         self.sent.append(body)
-        t = threading.Thread(target=self._deliver, args=(status, kind, key, message, body),
-                             daemon=True, name="vmdr-alert")
-        self._threads.append(t)
-        t.start()
+        self._queue.put((status, kind, key, message, body))
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._drain, daemon=True,
+                                            name="vmdr-alerts")
+            self._worker.start()
 
-    def wait(self, timeout: float = 10.0) -> None:
-        """Wait for deliveries in flight (tests, shutdown)."""
-        for t in list(self._threads):
-            t.join(timeout)
-        self._threads = [t for t in self._threads if t.is_alive()]
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                self._deliver(*item)
+            finally:
+                self._queue.task_done()
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Wait until every queued alert was delivered or given up (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _deliver(self, status: str, kind: str, key: str, message: str,
                  body: dict[str, Any]) -> None:
@@ -108,7 +120,7 @@ class Alerter:
         assert c.smtp_host is not None
         with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=15) as s:
             if c.smtp_starttls:
-                s.starttls(context=ssl.create_default_context())
+                s.starttls(context=ssl.create_default_context(cafile=c.smtp_cafile))
             if c.smtp_user:
                 pw = read_secret(c.smtp_password_file) if c.smtp_password_file else ""
                 s.login(c.smtp_user, pw)
