@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from vmdr.errors import UsageError
+from vmdr.errors import CalendarError
+
+__all__ = ["CalendarError", "CalendarEvent", "parse"]
 
 _DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _LONG_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
@@ -41,10 +43,6 @@ _SHORTHANDS: dict[str, tuple[str, str, str]] = {
 _TIME_ALLOWED = {"daily", "weekly", "monthly", "quarterly", "semiannually", "yearly", "annually"}
 # systemd searches this far for a match; leap days need up to 8 years (2096 -> 2104)
 _HORIZON_DAYS = 366 * 9
-
-
-class CalendarError(UsageError):
-    """Invalid calendar event."""
 
 
 def _field(text: str, lo: int, hi: int, what: str, event: str) -> frozenset[int]:
