@@ -216,6 +216,7 @@ def queue_restore(request: Request, name: str, body: dict[str, Any]) -> Job:
 def _starter(fn: Callable[[Request, str, dict[str, Any]], Job]
              ) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def endpoint(request: Request) -> JSONResponse:
+        need(request, "operator")  # credentials before looking at the input
         name = _vm(request)
         body = await _body(request)
         job = await asyncio.to_thread(fn, request, name, body)
