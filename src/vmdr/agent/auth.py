@@ -24,9 +24,17 @@ from vmdr.errors import UsageError
 
 ROLES = ("auditor", "operator", "admin")
 _RANK = {r: i for i, r in enumerate(ROLES)}
-_hasher = PasswordHasher()
-# a fixed hash to verify against when the user does not exist: same time either way
-_DUMMY = _hasher.hash("vmdr-no-such-user")
+# OWASP's Argon2id minimum (19 MiB, 2 passes): the agent's idle budget is 60 MB, and the
+# default (64 MiB) would hold that much per concurrent login
+_hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+_dummy: list[str] = []
+
+
+def _dummy_hash() -> str:
+    """A fixed hash to verify against when the user does not exist: same time either way."""
+    if not _dummy:
+        _dummy.append(_hasher.hash("vmdr-no-such-user"))
+    return _dummy[0]
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ def add_user(history: History, name: str, role: str, password: str) -> None:
 def check_user(history: History, name: str, password: str) -> Principal | None:
     row = history.user(name) if name else None
     try:
-        _hasher.verify(row["hash"] if row else _DUMMY, password)
+        _hasher.verify(row["hash"] if row else _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
     return Principal(name, str(row["role"]), "user") if row else None

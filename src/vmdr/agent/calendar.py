@@ -19,6 +19,7 @@ fields are compared in ``now``'s time zone.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 
 from vmdr.errors import CalendarError
@@ -154,8 +155,10 @@ class CalendarEvent:
         return self.text
 
 
+@functools.lru_cache(maxsize=256)
 def parse(text: str) -> CalendarEvent:
-    """Parse *text* (CalendarError, exit 2, naming the event, if it is not valid)."""
+    """Parse *text* (CalendarError, exit 2, naming the event, if it is not valid). Events
+    are immutable, so a parsed one is kept for the next caller."""
     event = text
     words = text.strip().split()
     if not words:

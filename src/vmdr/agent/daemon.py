@@ -15,6 +15,7 @@ import hashlib
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from vmdr.config import Config
 
 log = logging.getLogger("vmdr.agent")
 STATS_EVERY = 600.0  # seconds between repository size measurements
+PROTECTION_TTL = 2.0  # seconds a computed protection table is served again
 
 
 def make_coordinator(cfg: Config, history: History) -> Coordinator:
@@ -77,6 +79,8 @@ class Agent:
         self.stopping = asyncio.Event()
         self._last_minute = 0.0
         self._last_stats = 0.0
+        self._prot: tuple[float, list[dict[str, Any]]] | None = None
+        self._prot_lock = threading.Lock()
         self.scheduling_note: str | None = None
 
     # -- start-up -----------------------------------------------------------------------
@@ -100,9 +104,12 @@ class Agent:
                 await self.cycle()
             except Exception:
                 log.exception("agent cycle failed; continuing")
-            # wake at the next whole second so calendar times are met within ~1 s
-            delay = max(0.05, period - (time.monotonic() - t0)
-                        - (self.clock() % 1.0 if period >= 1.0 else 0))
+            # wake just after the next whole second, so a calendar time is seen as due in
+            # the first cycle after it (timers may fire a little early)
+            if period >= 1.0:
+                delay = 1.0 - self.clock() % 1.0 + 0.02
+            else:
+                delay = max(0.05, period - (time.monotonic() - t0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
         await self.runner.stop_all()
@@ -270,16 +277,36 @@ class Agent:
                                        int(st.get("snapshots", 0)))
 
     def protection(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Per VM: its policy, last backup, achieved RPO against its target, last verify."""
-        now = self.clock() if now is None else now
+        """Per VM: its policy, last backup, achieved RPO against its target, last verify.
+        Computed at most every PROTECTION_TTL seconds and shared (the API and dashboard
+        ask for it on every request)."""
+        t = self.clock() if now is None else now
+        with self._prot_lock:
+            cached = self._prot
+            if now is None and cached is not None and 0 <= t - cached[0] < PROTECTION_TTL:
+                return cached[1]
+            rows = self._protection(t)
+            if now is None:
+                self._prot = (t, rows)
+            return rows
+
+    def _protection(self, now: float) -> list[dict[str, Any]]:
         when = dt.datetime.fromtimestamp(now, local_tz())
         backups = self.history.last_success("backup")
         verifies = self.history.last_success("verify")
+        period: dict[str, float] = {}  # policy -> 2 × its schedule's period (default target)
         out = []
         for vm in self.all_vms():
             pol = sched.policy_of(self.cfg, vm)
             last = backups.get(vm.name, (None, None))[0]
-            target = sched.rpo_target(self.cfg, vm, pol, when) if pol else None
+            target = None
+            if pol is not None:
+                target = pol.rpo_s if pol.rpo_s is not None else sched.vm_rpo(self.cfg, vm)
+                if target is None:
+                    if pol.name not in period:
+                        period[pol.name] = sched.rpo_target(self.cfg, sched.VMInfo("", ""),
+                                                            pol, when)
+                    target = period[pol.name]
             rpo = now - last if last else None
             out.append({
                 "name": vm.name, "host": vm.host, "running": vm.running, "tier": vm.tier,

@@ -197,13 +197,14 @@ def startable(queued: list[Job], running: list[Job], now: float, max_jobs: int,
 def rpo_target(cfg: Config, vm: VMInfo, policy: PolicyConfig, now: dt.datetime) -> float:
     """The RPO a VM must meet: the policy's ``rpo``, the VM's or its tier's ``rpo`` in the
     inventory, else twice the backup schedule's period."""
-    for src in (policy.rpo_s, _vm_rpo(cfg, vm)):
+    for src in (policy.rpo_s, vm_rpo(cfg, vm)):
         if src is not None:
             return src
     return 2 * interval(calendar.parse(policy.schedule), now)
 
 
-def _vm_rpo(cfg: Config, vm: VMInfo) -> float | None:
+def vm_rpo(cfg: Config, vm: VMInfo) -> float | None:
+    """The VM's own ``rpo``, or its tier's, from the inventory."""
     raw = cfg.vm(vm.name).extra.get("rpo")
     if raw is None and vm.tier:
         plan = cfg.raw.get("plan")
