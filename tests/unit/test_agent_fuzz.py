@@ -3,6 +3,8 @@ nothing answered without a token, and no write passes with an auditor's token.""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +22,7 @@ from vmdr.agent.server import RateLimit, build_app  # noqa: E402
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     _tmp = Path(tempfile.mkdtemp(prefix="vmdr-fuzz-"))
+    atexit.register(shutil.rmtree, _tmp, True)
     AGENT = make_agent(_tmp, ["vm1", "vm2"])
     APP = build_app(AGENT)
     APP.state.limiter = RateLimit(limit=10**9)  # rate limits have their own test

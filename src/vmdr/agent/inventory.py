@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 from vmdr.agent.scheduler import VMInfo
 from vmdr.config import Config
+from vmdr.storage.registry import redact
 
 log = logging.getLogger("vmdr.agent")
 
@@ -58,7 +60,11 @@ class StaticVMs(VMSource):
 
 
 class LibvirtVMs(VMSource):
-    """The domains libvirt knows on ``connect``, refreshed every *ttl* seconds at most."""
+    """The domains libvirt knows on ``connect``, refreshed every *ttl* seconds at most.
+
+    Read with ``virsh`` (libvirt-clients) rather than the Python binding: the agent lists
+    domains a few times a minute, and not loading libvirt keeps ~10 MB out of its RSS.
+    """
 
     def __init__(self, cfg: Config, host: str, ttl: float = 15.0) -> None:
         self.uri, self.host, self.ttl = cfg.connect, host, ttl
@@ -79,28 +85,37 @@ class LibvirtVMs(VMSource):
     def error(self) -> str | None:
         return self._error
 
+    def _virsh(self, *args: str) -> str:
+        p = subprocess.run(["virsh", "-r", "-q", "-c", self.uri, *args], capture_output=True,
+                           text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise RuntimeError((p.stderr.strip().splitlines() or ["virsh failed"])[-1])
+        return p.stdout
+
     def refresh(self) -> None:
         if not self._lock.acquire(blocking=False):
             return
         try:
             if time.monotonic() - self._at < self.ttl and self._vms:
                 return
-            from vmdr.hypervisor import connect
-
             try:
-                with connect(self.uri, readonly=True) as hv:
-                    doms = [(d.name(), bool(d.isActive())) for d in hv.conn.listAllDomains(0)]
-                    info = hv.conn.getInfo()
-            except Exception as exc:
+                every = [n for n in self._virsh("list", "--all", "--name").split() if n]
+                running = set(self._virsh("list", "--name").split())
+                info = dict(line.split(":", 1) for line in self._virsh("nodeinfo").splitlines()
+                            if ":" in line)
+            except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
                 if self._error is None:
-                    log.warning("cannot list VMs on %s: %s", self.uri, exc)
+                    log.warning("cannot list VMs on %s: %s", redact(self.uri), exc)
                 self._error = str(exc)
                 return
             self._error = None
             tiers = {n: v.extra.get("tier") for n, v in self.cfg.vms.items()}
-            self._vms = [VMInfo(n, self.host, running, _str(tiers.get(n)))
-                         for n, running in sorted(doms)]
-            self._info = HostInfo(self.host, int(info[2]), int(info[1]))
+            self._vms = [VMInfo(n, self.host, n in running, _str(tiers.get(n)))
+                         for n in sorted(every)]
+            cpus = info.get("CPU(s)", "0").strip()
+            mem = info.get("Memory size", "0 KiB").strip().split()[0]
+            self._info = HostInfo(self.host, int(cpus) if cpus.isdigit() else 0,
+                                  int(mem) // 1024 if mem.isdigit() else 0)
             self._at = time.monotonic()
         finally:
             self._lock.release()

@@ -17,17 +17,18 @@ import secrets
 import sys
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmdr.agent import api, metrics, web
 from vmdr.agent.auth import Principal, check_token
@@ -89,48 +90,100 @@ class RateLimit:
         self._f[who].append(time.monotonic())
 
 
-class AuthMiddleware(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request,
-                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; "
+                                 b"style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"),
+]
+TOKEN_CACHE_S = 5.0  # a revoked token stops working within this
+
+
+class AuthMiddleware:
+    """Plain ASGI (no per-request task or stream copies): credentials → scope state,
+    CSRF on session form posts, security headers on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._tokens: dict[str, tuple[float, Principal | None]] = {}
+
+    async def _token(self, st: Any, token: str) -> Principal | None:
+        now = time.monotonic()
+        hit = self._tokens.get(token)
+        if hit and now - hit[0] < TOKEN_CACHE_S:
+            return hit[1]
+        p = await asyncio.to_thread(check_token, st.agent.history, token)
+        if len(self._tokens) > 1000:
+            self._tokens.clear()
+        if p is not None:
+            self._tokens[token] = (now, p)
+        return p
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
         st = request.app.state
-        request.state.principal = None
-        request.state.session = None
+        state = scope.setdefault("state", {})
+        state["principal"] = None
+        state["session"] = None
         auth = request.headers.get("authorization", "")
+
+        async def send_secure(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (k, v) for k, v in _SECURITY_HEADERS if k not in names]
+            await send(message)
+
         if auth:
             who = api.client_addr(request)
             if st.limiter.blocked(who):
-                return JSONResponse({"error": "too many failed attempts; wait a minute"},
-                                    status_code=429, headers={"Retry-After": "60"})
+                await JSONResponse({"error": "too many failed attempts; wait a minute"},
+                                   status_code=429, headers={"Retry-After": "60"}
+                                   )(scope, receive, send_secure)
+                return
             scheme, _, token = auth.partition(" ")
-            p = (await asyncio.to_thread(check_token, st.agent.history, token.strip())
-                 if scheme.lower() == "bearer" else None)
+            p = await self._token(st, token.strip()) if scheme.lower() == "bearer" else None
             if p is None:
                 st.limiter.failed(who)
-                return JSONResponse({"error": "invalid or expired token"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-            request.state.principal = p
+                await JSONResponse({"error": "invalid or expired token"}, status_code=401,
+                                   headers={"WWW-Authenticate": "Bearer"}
+                                   )(scope, receive, send_secure)
+                return
+            state["principal"] = p
         else:
-            s = st.sessions.get(request.cookies.get(SESSION_COOKIE))
-            if s is not None:
+            sess = st.sessions.get(request.cookies.get(SESSION_COOKIE))
+            if sess is not None:
                 if request.method not in ("GET", "HEAD", "OPTIONS"):
                     sent = request.headers.get("x-csrf-token")
                     if sent is None and request.headers.get("content-type", "").startswith(
-                            ("application/x-www-form-urlencoded", "multipart/form-data")):
-                        form = await request.form()
-                        sent = str(form.get("csrf", ""))
-                    if not sent or not secrets.compare_digest(sent, s.csrf):
-                        return PlainTextResponse("CSRF token missing or wrong", 403)
-                request.state.principal = s.principal
-                request.state.session = s
-        resp = await call_next(request)
-        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        resp.headers.setdefault("X-Frame-Options", "DENY")
-        resp.headers.setdefault("Referrer-Policy", "no-referrer")
-        resp.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-            "frame-ancestors 'none'")
-        return resp
+                            "application/x-www-form-urlencoded"):
+                        body = await request.body()
+                        sent = parse_qs(body.decode("latin-1")).get("csrf", [""])[0]
+                        receive = _replay(body)
+                    if not sent or not secrets.compare_digest(sent, sess.csrf):
+                        await PlainTextResponse("CSRF token missing or wrong", 403
+                                                )(scope, receive, send_secure)
+                        return
+                state["principal"] = sess.principal
+                state["session"] = sess
+        await self.app(scope, receive, send_secure)
+
+
+def _replay(body: bytes) -> Receive:
+    """A receive() that hands the already-read *body* to the app once more."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -206,7 +259,10 @@ class _Server:
         self.server.capture_signals = no_signals  # type: ignore[method-assign]
 
     async def serve(self) -> None:
-        await self.server.serve()
+        try:
+            await self.server.serve()
+        except SystemExit:  # uvicorn's way of saying it could not start (e.g. port in use)
+            raise OSError("the HTTP server did not start (address in use?)") from None
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -218,17 +274,16 @@ async def serve(agent: Agent, ready: Callable[[str], None] | None = None) -> Non
     srv = _Server(app, host, port, agent.cfg)
     agent.install_signals()
     http = asyncio.create_task(srv.serve())
-    loop_task = asyncio.create_task(agent.run())
     url = f"{'https' if tls else 'http'}://{host}:{port}/"
-    for _ in range(100):
+    for _ in range(200):
         if srv.server.started or http.done():
             break
         await asyncio.sleep(0.05)
-    if http.done():
-        agent.stopping.set()
-        await loop_task
-        exc = http.exception()
-        raise UsageError(f"cannot listen on {agent.cfg.agent.listen}: {exc or 'failed'}")
+    if http.done() or not srv.server.started:
+        srv.stop()
+        exc = http.exception() if http.done() else None
+        raise UsageError(f"cannot listen on {agent.cfg.agent.listen}: {exc or 'timed out'}")
+    loop_task = asyncio.create_task(agent.run())
     log.info("serving the API and dashboard on %s", url)
     if ready:
         ready(url)

@@ -120,11 +120,23 @@ async def logout(request: Request) -> Response:
 
 def _screenshot(a: Agent, vm: str) -> str | None:
     """The newest boot-verification screenshot of *vm* the agent keeps, as a URL."""
-    job = a.history.last_job(vm, "verify")
-    if job is None:
-        return None
-    shots = sorted(glob.glob(os.path.join(evidence_dir(a), job.id, "*.png")))
-    return f"/evidence/{job.id}/{os.path.basename(shots[-1])}" if shots else None
+    return screenshots(a).get(vm)
+
+
+def screenshots(a: Agent) -> dict[str, str]:
+    """VM → URL of its newest boot screenshot (saved by verify jobs under evidence/JOB/)."""
+    root = evidence_dir(a)
+    try:
+        ids = sorted(os.listdir(root))
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for job_id in ids:  # ids sort by time: newer ones overwrite
+        job = a.history.job(job_id)
+        shots = sorted(glob.glob(os.path.join(root, job_id, "*.png")))
+        if job and job.vm and job.state == "ok" and shots:
+            out[job.vm] = f"/evidence/{job_id}/{os.path.basename(shots[-1])}"
+    return out
 
 
 def evidence_dir(a: Agent) -> str:
@@ -149,10 +161,15 @@ def overview(request: Request) -> Response:
     repos = repositories(a)
     for r in repos:
         r["chart"] = growth_svg(r["growth"])
-    shots = {p["name"]: _screenshot(a, p["name"]) for p in prot}
+    shots = screenshots(a)
     ok = sum(1 for p in prot if p["rpo_ok"])
     tracked = sum(1 for p in prot if p["rpo_ok"] is not None)
-    return page(request, "overview.html", prot=prot, levels=levels, heat=heat,
+    # at a glance: the VMs that need attention, not a fleet's whole table (that is /vms)
+    attention = [p for p in prot if p["rpo_ok"] is False
+                 or (p["policy"] and not p["last_backup"])]
+    shown = attention[:50] if len(prot) > 50 else prot
+    return page(request, "overview.html", prot=shown, total=len(prot),
+                attention=len(attention), levels=levels, heat=heat[:100],
                 cov_err=cov_err, running=running, failed=failed, repos=repos, shots=shots,
                 rpo_ok=ok, rpo_tracked=tracked, alerts=a.history.alerts("firing"),
                 recent=a.history.jobs(limit=15),

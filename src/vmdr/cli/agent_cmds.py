@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 
 from vmdr.cli.common import Globals, emit_json, out
@@ -17,9 +18,19 @@ def _history(g: Globals):  # type: ignore[no-untyped-def]
 
 
 def cmd_agent(ns: argparse.Namespace, g: Globals) -> int:
-    from vmdr.agent.server import run_agent
+    """Check everything that can be checked here (one-line errors, exit 2), then exec the
+    lean agent process (vmdr.agent.__main__) under the same PID."""
+    from vmdr.agent.scheduler import schedules
+    from vmdr.agent.server import listen_address
 
-    return run_agent(g.config)
+    schedules(g.config)
+    listen_address(g.config)
+    argv = [sys.executable, "-m", "vmdr.agent"]
+    if g.config.path:
+        argv += ["--config", g.config.path]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, dict(os.environ, MALLOC_ARENA_MAX="2"))  # noqa: S606
 
 
 def cmd_token_create(ns: argparse.Namespace, g: Globals) -> int:
