@@ -156,6 +156,8 @@ def test_the_history_schema_is_the_same_on_postgresql(postgres_url: str,  # noqa
         assert not h.add_job(Job(id=f"{tag}-0", type="backup", vm="x", state="ok",
                                  created=1.0))
         h.add_event(f"{tag}-0", {"type": "end", "outcome": "ok"}, 111.0)
+        h.record_success(f"{tag}-vm", "backup", 112.0, f"{tag}-2")
+        h.record_success(f"{tag}-vm", "backup", 110.0, f"{tag}-0")  # older: ignored
         key = f"{tag}:backup"
         cas = [h.advance_schedule(key, None, 1.5), h.advance_schedule(key, None, 2.0),
                h.advance_schedule(key, 1.5, 2.5), h.advance_schedule(key, 1.5, 3.0)]
@@ -164,4 +166,5 @@ def test_the_history_schema_is_the_same_on_postgresql(postgres_url: str,  # noqa
             h.last_success("backup").get(f"{tag}-vm"),
             [e for _, e in h.events(f"{tag}-0")], cas, h.schedule_state()[key]))
     assert answers[0] == answers[1]
+    assert answers[0][1] == (112.0, f"{tag}-2")
     assert answers[0][3] == [True, False, True, False]

@@ -76,6 +76,14 @@ schedule_t = sa.Table(
     sa.Column("key", sa.String(255), primary_key=True),
     sa.Column("last_due", sa.Float, nullable=False),
 )
+# the newest successful job per (VM, type): the protection table reads this, not the jobs
+vm_last_t = sa.Table(
+    "vm_last", meta,
+    sa.Column("vm", sa.String(255), primary_key=True),
+    sa.Column("type", sa.String(16), primary_key=True),
+    sa.Column("ended", sa.Float, nullable=False),
+    sa.Column("job_id", sa.String(32), nullable=False),
+)
 tokens_t = sa.Table(
     "tokens", meta,
     sa.Column("id", sa.String(16), primary_key=True),
@@ -269,13 +277,33 @@ class History:
         return ids
 
     def last_success(self, type_: str) -> dict[str, tuple[float, str | None]]:
-        """VM → (end time, snapshot) of its newest successful job of *type_*."""
-        q = (sa.select(jobs_t.c.vm, sa.func.max(jobs_t.c.ended))
-             .where(jobs_t.c.type == type_, jobs_t.c.state == "ok", jobs_t.c.vm.is_not(None))
-             .group_by(jobs_t.c.vm))
+        """VM → (end time, job id) of its newest successful job of *type_*."""
+        q = (sa.select(vm_last_t.c.vm, vm_last_t.c.ended, vm_last_t.c.job_id)
+             .where(vm_last_t.c.type == type_))
         with self.engine.connect() as c:
-            ends = {r[0]: r[1] for r in c.execute(q)}
-        return {vm: (t, None) for vm, t in ends.items() if t is not None}
+            return {r[0]: (r[1], r[2]) for r in c.execute(q)}
+
+    def record_success(self, vm: str, type_: str, ended: float, job_id: str) -> None:
+        """Keep vm_last current (called when a job ends ok); newer ends win."""
+        for _ in range(3):
+            with self.engine.begin() as c:
+                r = c.execute(vm_last_t.update()
+                              .where(vm_last_t.c.vm == vm, vm_last_t.c.type == type_,
+                                     vm_last_t.c.ended < ended)
+                              .values(ended=ended, job_id=job_id))
+                if r.rowcount:
+                    return
+                exists = c.execute(sa.select(vm_last_t.c.ended).where(
+                    vm_last_t.c.vm == vm, vm_last_t.c.type == type_)).first()
+                if exists is not None:
+                    return  # a newer one is recorded
+            try:
+                with self.engine.begin() as c:
+                    c.execute(vm_last_t.insert().values(vm=vm, type=type_, ended=ended,
+                                                        job_id=job_id))
+                return
+            except sa.exc.IntegrityError:
+                continue  # another agent inserted it first: compare again
 
     def last_job(self, vm: str, type_: str, state: str | None = "ok") -> Job | None:
         q = jobs_t.select().where(jobs_t.c.vm == vm, jobs_t.c.type == type_)
@@ -433,6 +461,14 @@ class History:
         return int(n or 0)
 
     def bulk_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert many job rows at once (benchmarks and migrations)."""
+        """Insert many job rows at once (benchmarks and migrations), vm_last included."""
         with self.engine.begin() as c:
             c.execute(jobs_t.insert(), list(rows))
+        newest: dict[tuple[str, str], tuple[float, str]] = {}
+        for r in rows:
+            if r.get("state") == "ok" and r.get("vm") and r.get("ended"):
+                k = (r["vm"], r["type"])
+                if k not in newest or newest[k][0] < r["ended"]:
+                    newest[k] = (r["ended"], r["id"])
+        for (vm, t), (ended, jid) in newest.items():
+            self.record_success(vm, t, ended, jid)

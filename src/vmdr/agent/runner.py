@@ -168,10 +168,13 @@ class Runner:
         finally:
             self.procs.pop(job.id, None)
         outcome = self._outcome(code, end, errors, out)
-        self.history.update_job(job.id, state=outcome.state, ended=self.clock(),
+        ended = self.clock()
+        self.history.update_job(job.id, state=outcome.state, ended=ended,
                                 exit_code=outcome.exit_code, error=outcome.error,
                                 result=outcome.result, bytes=outcome.bytes,
                                 snapshot=outcome.snapshot)
+        if outcome.state == "ok" and job.vm:
+            self.history.record_success(job.vm, job.type, ended, job.id)
         log.info("job %s: %s %s %s%s", job.id, job.type, job.vm or "", outcome.state,
                  f": {outcome.error}" if outcome.error else "")
         return self._finished(job.id)
