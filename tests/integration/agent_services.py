@@ -33,8 +33,15 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster (trust auth on 127.0.0.1), as a SQLAlchemy URL."""
+def postgres_url(postgres: tuple[str, str]) -> str:
+    """The throwaway cluster's URL over TCP on 127.0.0.1."""
+    return postgres[0]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[tuple[str, str]]:
+    """A throwaway PostgreSQL cluster (trust auth): (URL over 127.0.0.1, URL over its unix
+    socket in /tmp — reachable from the multi-host harness's host namespaces too)."""
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins or shutil.which("runuser") is None:
         pytest.skip("Debian postgresql is not installed")
@@ -56,7 +63,8 @@ def postgres_url() -> Iterator[str]:
     with open(os.path.join(d, "log")) as f:
         assert p.returncode == 0, p.stderr + f.read()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield (f"postgresql://postgres@127.0.0.1:{port}/postgres",
+               f"postgresql://postgres@/postgres?host={d}&port={port}")
     finally:
         as_pg(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(d, ignore_errors=True)

@@ -24,7 +24,7 @@ import pytest
 from vmdr.agent.coord_etcd import EtcdCoordinator
 from vmdr.agent.history import History
 
-from .agent_services import Etcd, etcd_cluster, postgres_url  # noqa: F401
+from .agent_services import Etcd, etcd_cluster, postgres, postgres_url  # noqa: F401
 
 pytestmark = [pytest.mark.etcd, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parents[2]
