@@ -48,18 +48,28 @@ class Alerter:
         # one delivery thread, so a "resolved" never overtakes its "firing"
         self._queue: queue.Queue[tuple[str, str, str, str, dict[str, Any]]] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._volatile: dict[str, str] = {}  # alerts raised while the history was unwritable
 
     def fire(self, key: str, kind: str, message: str) -> bool:
         """Raise *key*; True when this is news (it was not already firing)."""
-        if self.history.alert_state(key) == "firing":
-            return False
-        self.history.set_alert(key, kind, "firing", message, self.clock())
+        try:
+            if self.history.alert_state(key) == "firing":
+                return False
+            self.history.set_alert(key, kind, "firing", message, self.clock())
+        except Exception as exc:  # the history itself is the problem (disk full): remember
+            if key in self._volatile:  # in memory and still send
+                return False
+            self._volatile[key] = kind
+            log.error("alert %s not recorded in the history: %s", kind, exc)
         log.warning("alert %s: %s", kind, message)
         self._send("firing", kind, key, message)
         return True
 
     def resolve(self, key: str, message: str) -> bool:
         """End *key*; True when it was firing (a "resolved" is sent)."""
+        if key in self._volatile:
+            self._send("resolved", self._volatile.pop(key), key, message)
+            return True
         if self.history.alert_state(key) != "firing":
             return False
         kind = next((a["kind"] for a in self.history.alerts("firing") if a["key"] == key), "")

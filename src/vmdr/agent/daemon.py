@@ -79,6 +79,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self._last_minute = 0.0
         self._last_stats = 0.0
+        self._state_broken = False
         self._prot: tuple[float, list[dict[str, Any]]] | None = None
         self._prot_lock = threading.Lock()
         self.scheduling_note: str | None = None
@@ -102,8 +103,18 @@ class Agent:
             t0 = time.monotonic()
             try:
                 await self.cycle()
-            except Exception:
-                log.exception("agent cycle failed; continuing")
+                if self._state_broken:
+                    self._state_broken = False
+                    self.alerter.resolve("state:history", "the agent's history is writable")
+            except Exception as exc:
+                if "full" in str(exc).lower() or "disk i/o" in str(exc).lower():
+                    # SQLite refuses the write and keeps the database intact; say so once
+                    self._state_broken = True
+                    where = "its database" if self.cfg.agent.database else self.cfg.agent.state
+                    self.alerter.fire("state:history", "state_disk",
+                                      f"the agent cannot write its history ({where}): {exc}")
+                else:
+                    log.exception("agent cycle failed; continuing")
             # wake just after the next whole second, so a calendar time is seen as due in
             # the first cycle after it (timers may fire a little early)
             if period >= 1.0:
