@@ -18,7 +18,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,7 +50,7 @@ jobs_t = sa.Table(
     sa.Column("requested_by", sa.String(255)),
     sa.Column("args", sa.Text),  # JSON: the job's parameters (never secrets)
     sa.Column("result", sa.Text),  # JSON: the end event's result
-    sa.Index("ix_jobs_created", "created"),
+    sa.Index("ix_jobs_created", "created", "id"),  # the listing's ORDER BY, no sort step
     sa.Index("ix_jobs_vm_type_state", "vm", "type", "state", "ended"),
     sa.Index("ix_jobs_state", "state"),
 )
@@ -145,10 +145,13 @@ class Job:
     result: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f: getattr(self, f) for f in _JOB_FIELDS}  # shallow: asdict() deep-copies
         d["duration_s"] = (round(self.ended - self.started, 3)
                            if self.ended and self.started else None)
         return d
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
 
 
 def new_job_id() -> str:
