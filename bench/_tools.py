@@ -64,7 +64,7 @@ class Vmdr(Tool):
     force_read = False  # does `vmdr image backup` know --force-read?
 
     def make_env(self) -> dict[str, str]:
-        # VMDR_INSECURE_TEST_KDF is *not* set: default argon2id on init and every open.
+        # the real default argon2id on init and every open (no test hook on PYTHONPATH)
         return clean_env(VMDR_PASSWORD=PASSPHRASE, VMDR_CACHE_DIR=str(self.cache),
                          PYTHONPATH=self.code)
 

@@ -120,7 +120,6 @@ def main() -> None:
     pw.write_text("bench instant passphrase\n")
     pw.chmod(0o600)
     env = dict(os.environ, VMDR_REPO=str(tmp / "repo"), VMDR_PASSWORD_FILE=str(pw))
-    env.pop("VMDR_INSECURE_TEST_KDF", None)
     figures: dict[str, list[float]] = {"original": [], "restore": [], "instant": [],
                                        "instant_migrated": []}
     tmp_target: Path | None = None

@@ -242,9 +242,8 @@ class Bench:
             "- vmdr: `vmdr repo init` (AES-256-GCM, zstd level 3, 4 MiB chunks), `vmdr image "
             "backup` (reads only allocated extents, found with SEEK_DATA/SEEK_HOLE), `vmdr "
             "image restore --format raw` (sparse output). A real passphrase with the default "
-            "argon2id key slot (t=3, 64 MiB, p=2) — `VMDR_INSECURE_TEST_KDF` is not set, so "
-            "each command pays one KDF (time and 64 MiB of memory) when it opens the "
-            "repository.",
+            "argon2id key slot (t=3, 64 MiB, p=2), so each command pays one KDF (time and "
+            "64 MiB of memory) when it opens the repository.",
             "- borg: `borg init --encryption repokey-blake2`, `borg create --compression zstd,3 "
             "--chunker-params fixed,4194304`, `borg extract`.",
             "- restic: `restic init --repository-version 2` (compression `auto`), `restic "

@@ -22,6 +22,8 @@ APT_PACKAGES=(
   # peers for side-by-side benchmarks
   borgbackup restic virtnbdbackup time
   make git ca-certificates procps iproute2
+  # the multi-host harness (tests/multihost): hosts in network namespaces, a 3-member etcd
+  etcd-server etcd-client
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

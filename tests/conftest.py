@@ -1,13 +1,24 @@
-"""Test-wide settings: cheap KDF, a private cache dir, and the slow-test switch."""
+"""Test-wide settings: cheap key slots (in subprocesses too), a private cache dir and the
+slow-test switch."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-os.environ["VMDR_INSECURE_TEST_KDF"] = "1"
+# Cheap key slots, in this process and in every vmdr process the tests start (through
+# PYTHONPATH: tests/kdfhook/sitecustomize.py). Production code has no such switch.
+_KDFHOOK = str(Path(__file__).resolve().parent / "kdfhook")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_KDFHOOK, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+sys.path.insert(0, _KDFHOOK)
+import vmdr_test_kdf  # noqa: E402
+
+vmdr_test_kdf.install()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

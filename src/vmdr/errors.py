@@ -22,14 +22,22 @@
     ├── HypervisorError            exit 10  libvirt / QEMU failures
     │   ├── DomainNotFound         exit 11
     │   ├── HypervisorUnavailable  exit 12
+    │   ├── NetworkNotFound        exit 10
+    │   ├── HypervisorUnsupported  exit 10  the driver or hypervisor lacks the operation
     │   ├── CheckpointMissing      exit 10
     │   ├── GuestAgentUnavailable  exit 10
-    │   └── HeartbeatTimeout       exit 10
+    │   ├── HeartbeatTimeout       exit 10
+    │   └── RemoteFailed           exit 10  a script on a remote host failed
     ├── VMLocked                   exit 13  another backup of that VM is running
     ├── SnapshotNotFound           exit 14
     ├── HookFailed                 exit 15
-    └── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
-    Interrupted (KeyboardInterrupt) → exit 130
+    ├── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
+    ├── MigrationStopped           exit 17  instant restore's disk move stopped; VM paused
+    ├── ServeError                 exit 1   the NBD server could not be started
+    ├── BusyMount                  exit 1   the mounted filesystem is in use
+    ├── UnsupportedFilesystem      exit 2   no filesystem vmdr can read at that place
+    └── InstantInterrupted         exit 130 instant recovery interrupted (resumable)
+    Interrupted (KeyboardInterrupt; SIGTERM and SIGHUP too) → exit 130
 
 The table in ``docs/operations.md`` and ``vmdr --help`` lists the same codes.
 """
@@ -186,12 +194,21 @@ EXIT_CODES: list[tuple[int, str]] = [
     (14, "snapshot not found"),
     (15, "a hook script failed"),
     (16, "a snapshot failed verification"),
-    (130, "interrupted"),
+    (17, "instant restore's disk move stopped; the VM is paused (resume it)"),
+    (130, "interrupted (also SIGTERM and SIGHUP)"),
 ]
 
 
 class CheckpointMissing(HypervisorError):
     """The checkpoint is missing from libvirt or its dirty bitmaps are gone."""
+
+
+class NetworkNotFound(HypervisorError):
+    """No such virtual network."""
+
+
+class HypervisorUnsupported(HypervisorError):
+    """The hypervisor (or its driver in vmdr) does not support this operation."""
 
 
 class GuestAgentUnavailable(HypervisorError):
@@ -210,3 +227,37 @@ class VerificationFailed(VmdrError):
     """A snapshot failed verification."""
 
     exit_code = 16
+
+
+class UnsupportedFilesystem(VmdrError):
+    """No filesystem vmdr can read there."""
+
+    exit_code = 2
+
+
+class RemoteFailed(HypervisorError):
+    """A remote script exited with an error (``returncode`` tells which)."""
+
+    def __init__(self, message: str, returncode: int | None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+class MigrationStopped(VmdrError):
+    """Moving the disks to local storage stopped; the VM is paused."""
+
+    exit_code = 17
+
+
+class ServeError(VmdrError):
+    """The NBD server could not be started."""
+
+
+class BusyMount(VmdrError):
+    """The filesystem is in use."""
+
+
+class InstantInterrupted(VmdrError):
+    """Instant recovery was interrupted."""
+
+    exit_code = 130

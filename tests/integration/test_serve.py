@@ -81,12 +81,12 @@ def test_servers_die_with_their_process(tmp_path: Path) -> None:
     vmdr(env, "image", "backup", str(tmp_path / "d.raw"), "--name", "k")
     code = textwrap.dedent(f"""
         import json, os, sys, threading, time
-        from vmdr.cli.common import Globals, open_repository
+        from vmdr.cli.common import Globals, repository
         from vmdr.config import Config
         from vmdr.serve import start_server
         g = Globals(repo={str(tmp_path / 'repo')!r}, password_file=os.environ["VMDR_PASSWORD_FILE"],
                     key_file=None, json=True, progress=False, config=Config())
-        repo = open_repository(g)
+        repo = repository(g, None)
         box = {{}}
         t = threading.Thread(target=lambda: box.update(s=start_server(repo, repo.resolve("k"))))
         t.start(); t.join()

@@ -22,6 +22,8 @@ VIR_ERR_INVALID_ARG = 8
 VIR_ERR_SYSTEM_ERROR = 38
 VIR_ERR_RPC = 39
 VIR_ERR_NO_DOMAIN = 42
+VIR_ERR_NO_NETWORK = 43
+VIR_ERR_ARGUMENT_UNSUPPORTED = 74
 VIR_ERR_OPERATION_INVALID = 55
 VIR_ERR_AUTH_FAILED = 45
 VIR_ERR_OPERATION_UNSUPPORTED = 84
@@ -44,6 +46,14 @@ VIR_DOMAIN_SHUTDOWN = 4
 VIR_DOMAIN_SHUTOFF = 5
 VIR_DOMAIN_CRASHED = 6
 VIR_DOMAIN_PMSUSPENDED = 7
+VIR_DOMAIN_PAUSED_USER = 1
+VIR_DOMAIN_PAUSED_IOERROR = 5
+VIR_DOMAIN_START_AUTODESTROY = 2
+VIR_DOMAIN_BLOCK_COPY_BANDWIDTH = "bandwidth"
+VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB = 4
+VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE = 0
+VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT = 1
+VIR_IP_ADDR_TYPE_IPV4 = 0
 VIR_DOMAIN_XML_SECURE = 1
 VIR_DOMAIN_XML_INACTIVE = 2
 VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE = 1
@@ -149,15 +159,92 @@ def add_domain(xml: str, *, uri: str = "qemu:///system", active: bool = True,
     return dom
 
 
-class virConnect:
+def add_network(name: str, *, forward: bool = False, active: bool = True,
+                uri: str = "qemu:///system") -> virNetwork:
+    """A virtual network on a fake host (``forward``: it has a <forward mode='nat'/>)."""
+    net = virNetwork(name, forward, active)
+    host(uri).networks[name] = net
+    return net
+
+
+class Failing:
+    """Mixin: ``obj.fail["methodName"] = libvirtError(...)`` makes that method raise it."""
+
+    fail: dict[str, libvirtError]
+
+    def __getattribute__(self, name: str) -> Any:
+        fail = object.__getattribute__(self, "__dict__").get("fail") or {}
+        if name in fail:
+            def raiser(*_a: Any, **_k: Any) -> Any:
+                raise fail[name]
+            return raiser
+        return object.__getattribute__(self, name)
+
+
+class virNetwork:
+    def __init__(self, name: str, forward: bool, active: bool) -> None:
+        self._name = name
+        self.forward = forward
+        self.active = active
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        fwd = "<forward mode='nat'/>" if self.forward else ""
+        return f"<network><name>{self._name}</name>{fwd}<bridge name='virbr9'/></network>"
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+
+class virStream:
+    def __init__(self, conn: virConnect) -> None:
+        self.conn = conn
+        self.data = b""
+        self.state = "open"
+
+    def recvAll(self, handler: Any, opaque: Any) -> None:
+        for i in range(0, len(self.data), 7):  # in pieces, like a real stream
+            handler(self, self.data[i:i + 7], opaque)
+
+    def finish(self) -> None:
+        self.state = "finished"
+
+    def abort(self) -> None:
+        self.state = "aborted"
+
+
+class virConnect(Failing):
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.domains: dict[str, virDomain] = {}
+        self.networks: dict[str, virNetwork] = {}
         self.closed = False
+        self.fail: dict[str, libvirtError] = {}
 
     def close(self) -> int:
         self.closed = True
+        for name, dom in list(self.domains.items()):
+            if dom.autodestroy:
+                del self.domains[name]
         return 0
+
+    def networkLookupByName(self, name: str) -> virNetwork:
+        if name not in self.networks:
+            raise libvirtError(f"Network not found: no network with matching name '{name}'",
+                               VIR_ERR_NO_NETWORK)
+        return self.networks[name]
+
+    def createXML(self, xml: str, flags: int = 0) -> virDomain:
+        CALLS.append(("createXML", (xml, flags)))
+        dom = virDomain(self, xml, active=True, sizes={})
+        if dom.name() in self.domains:
+            raise libvirtError(f"domain '{dom.name()}' already exists", VIR_ERR_OPERATION_INVALID)
+        dom.persistent = False
+        dom.autodestroy = bool(flags & VIR_DOMAIN_START_AUTODESTROY)
+        self.domains[dom.name()] = dom
+        return dom
+
+    def newStream(self, flags: int = 0) -> virStream:
+        return virStream(self)
 
     def getURI(self) -> str:
         return self.uri
@@ -222,11 +309,17 @@ class virDomainCheckpoint:
         return 0
 
 
-class virDomain:
+class virDomain(Failing):
     def __init__(self, conn: virConnect, xml: str, *, active: bool, sizes: dict[str, int]) -> None:
+        self.fail: dict[str, libvirtError] = {}
         self.conn = conn
         self.active = active
+        self.paused: int | None = None  # a VIR_DOMAIN_PAUSED_* reason while paused
         self.persistent = True
+        self.autodestroy = False
+        self.screen: tuple[str, bytes] | None = None  # (mime, data) of the display
+        self.addresses: dict[int, dict[str, Any]] = {}  # source -> interfaceAddresses reply
+        self.copies: dict[str, list[Any]] = {}  # target -> [dest xml, params, flags, cur, end]
         self.sizes = sizes
         self.checkpoints: dict[str, virDomainCheckpoint] = {}
         self.broken_bitmaps: set[tuple[str, str]] = set()
@@ -264,7 +357,49 @@ class virDomain:
         return int(self.persistent)
 
     def state(self, flags: int = 0) -> list[int]:
+        if self.active and self.paused is not None:
+            return [VIR_DOMAIN_PAUSED, self.paused]
         return [VIR_DOMAIN_RUNNING if self.active else VIR_DOMAIN_SHUTOFF, 1]
+
+    def suspend(self) -> int:
+        if not self.active:
+            raise libvirtError("Requested operation is not valid: domain is not running",
+                               VIR_ERR_OPERATION_INVALID)
+        self.paused = VIR_DOMAIN_PAUSED_USER
+        return 0
+
+    def resume(self) -> int:
+        if not self.active or self.paused is None:
+            raise libvirtError("Requested operation is not valid: domain is not paused",
+                               VIR_ERR_OPERATION_INVALID)
+        self.paused = None
+        return 0
+
+    def screenshot(self, stream: virStream, screen: int, flags: int = 0) -> str:
+        if not self.active or self.screen is None:
+            raise libvirtError("Requested operation is not valid: no screen",
+                               VIR_ERR_OPERATION_INVALID)
+        stream.data = self.screen[1]
+        return self.screen[0]
+
+    def interfaceAddresses(self, source: int, flags: int = 0) -> dict[str, Any]:
+        if source not in self.addresses:
+            raise libvirtError("QEMU guest agent is not connected", VIR_ERR_AGENT_UNRESPONSIVE)
+        return self.addresses[source]
+
+    def blockCopy(self, disk: str, destxml: str, params: Any = None, flags: int = 0) -> int:
+        CALLS.append(("blockCopy", (disk, destxml, params, flags)))
+        if not self.active:
+            raise libvirtError("domain is not running", VIR_ERR_OPERATION_INVALID)
+        if disk in self.block_jobs or disk in self.copies:
+            raise libvirtError(f"block copy still active: disk '{disk}' already in active "
+                               "block job", VIR_ERR_BLOCK_COPY_ACTIVE)
+        self.copies[disk] = [destxml, params, flags, 0, self.sizes.get(disk, 1 << 20)]
+        return 0
+
+    def copy_progress(self, disk: str, cur: int) -> None:
+        """Test helper: the copy of ``disk`` has reached ``cur`` bytes."""
+        self.copies[disk][3] = cur
 
     def info(self) -> list[int]:
         return [self.state()[0], 1048576, 1048576, 2, 0]
@@ -368,12 +503,24 @@ class virDomain:
         return 0
 
     def blockJobInfo(self, disk: str, flags: int = 0) -> dict[str, int]:
+        if disk in self.copies:
+            c = self.copies[disk]
+            return {"type": 2, "bandwidth": 0, "cur": c[3], "end": c[4]}
         if disk in self.block_jobs:
             return {"type": 4, "bandwidth": 0, "cur": 10, "end": 10}
         return {}
 
     def blockJobAbort(self, disk: str, flags: int = 0) -> int:
         CALLS.append(("blockJobAbort", (disk, flags)))
+        if disk in self.copies:
+            dest, _params, _flags, cur, end = self.copies[disk]
+            if flags & VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
+                if cur < end:
+                    raise libvirtError("block copy still active: disk not ready for pivot yet",
+                                       VIR_ERR_BLOCK_COPY_ACTIVE)
+                self._repoint(disk, ET.fromstring(dest))
+            del self.copies[disk]
+            return 0
         self.block_jobs.pop(disk, None)
         orig = self.block_jobs.pop("orig:" + disk, None)
         if flags & VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT and orig:
@@ -394,18 +541,45 @@ class virDomain:
             raise libvirtError("QEMU guest agent is not connected", VIR_ERR_AGENT_UNRESPONSIVE)
         return 0
 
+    def _repoint(self, disk: str, dest: ET.Element) -> None:
+        """After a pivot: ``disk`` reads the copy (live and persistent definition)."""
+        for attr in ("xml", "inactive_xml"):
+            root = ET.fromstring(getattr(self, attr))
+            for d in root.findall("./devices/disk"):
+                if d.find("target").get("dev") != disk:  # type: ignore[union-attr]
+                    continue
+                for child in d.findall("source") + d.findall("backingStore"):
+                    d.remove(child)
+                d.insert(0, dest.find("source"))  # type: ignore[arg-type]
+            setattr(self, attr, ET.tostring(root, encoding="unicode"))
+
     def create(self) -> int:
+        if self.active:
+            raise libvirtError("Requested operation is not valid: domain is already running",
+                               VIR_ERR_OPERATION_INVALID)
         self.active = True
         return 0
 
     def destroy(self) -> int:
+        if self.name() not in self.conn.domains:
+            raise libvirtError("Domain not found", VIR_ERR_NO_DOMAIN)
         self.active = False
+        self.paused = None
         self.job = None
+        self.copies.clear()
+        if not self.persistent:
+            self.conn.domains.pop(self.name(), None)
         return 0
 
     def undefineFlags(self, flags: int = 0) -> int:
-        self.conn.domains.pop(self.name(), None)
+        if self.active:
+            self.persistent = False
+        else:
+            self.conn.domains.pop(self.name(), None)
         return 0
+
+    def undefine(self) -> int:
+        return self.undefineFlags(0)
 
 
 def _agent_command(dom: virDomain, cmd: str, timeout: int, flags: int) -> str:

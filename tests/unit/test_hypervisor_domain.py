@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit import fakelibvirt as fl
 from vmdr.errors import DomainNotFound, HypervisorUnavailable, UsageError
-from vmdr.hypervisor import Hypervisor, connect, parse_disks
+from vmdr.hypervisor import LibvirtHypervisor, connect, parse_disks
 from vmdr.hypervisor.domain import parse_nvram, parse_tpm_dir
 
 
@@ -112,6 +112,6 @@ def test_read_nvram_and_tpm_state(fake: Any, tmp_path: Any) -> None:
         assert member is not None and member.read() == b"state"
     nv.unlink()
     assert hv.read_nvram(info) is None
-    remote = Hypervisor(fl.host(), "qemu+tcp://far/system")
+    remote = LibvirtHypervisor(fl.host(), "qemu+tcp://far/system")
     with pytest.raises(UsageError, match=r"reading TPM state: .*qemu\+ssh://"):
         remote.read_tpm_state(info)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.unit import fakelibvirt as fl
 from vmdr.errors import HeartbeatTimeout, HypervisorError
-from vmdr.hypervisor import connect, lifecycle, rewrite_domain_xml
+from vmdr.hypervisor import connect, rewrite_domain_xml
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +22,7 @@ def fake() -> Iterator[Any]:
 def test_wait_heartbeat_agent_and_console(tmp_path: Path) -> None:
     dom = fl.add_domain(fl.domain_xml("r", ""))
     hv = connect()
+    handle = hv.lookup("r")
     now = [0.0]
     answers = iter([None, None, {}])
 
@@ -34,17 +35,17 @@ def test_wait_heartbeat_agent_and_console(tmp_path: Path) -> None:
     def sleep(s: float) -> None:
         now[0] += s
 
-    took = lifecycle.wait_heartbeat(dom, timeout=10, poll=2, clock=lambda: now[0], sleep=sleep)
+    took = handle.wait_heartbeat(timeout=10, poll=2, clock=lambda: now[0], sleep=sleep)
     assert took == 4.0
 
     log = tmp_path / "console.log"
     log.write_text("booting\nvmdr-guest: heartbeat 1\n")
     dom.agent = None
-    took = lifecycle.wait_heartbeat(dom, agent_ping=False, console_pattern=r"heartbeat \d+",
+    took = handle.wait_heartbeat(agent=False, console_pattern=r"heartbeat \d+",
                                     console_log=str(log), clock=lambda: now[0], sleep=sleep)
     assert took == 0.0
     with pytest.raises(HeartbeatTimeout):
-        lifecycle.wait_heartbeat(dom, timeout=3, poll=1, clock=lambda: now[0], sleep=sleep)
+        handle.wait_heartbeat(timeout=3, poll=1, clock=lambda: now[0], sleep=sleep)
     dom.active = False
     with pytest.raises(HypervisorError, match="stopped before"):
         hv.wait_heartbeat("r", timeout=3)

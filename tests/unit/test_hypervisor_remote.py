@@ -14,7 +14,7 @@ import pytest
 
 from tests.unit import fakelibvirt as fl
 from vmdr.errors import UsageError, VMLocked
-from vmdr.hypervisor import Hypervisor, connect
+from vmdr.hypervisor import LibvirtHypervisor, connect
 from vmdr.hypervisor import backup as backup_mod
 from vmdr.hypervisor import cleanup as cleanup_mod
 from vmdr.hypervisor import state as st
@@ -147,7 +147,7 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, A
         return Stub()
 
     monkeypatch.setattr(backup_mod, "unix_export", unix_export)
-    monkeypatch.setattr(Hypervisor, "files", lambda self, what="": _remote_files())
+    monkeypatch.setattr(LibvirtHypervisor, "files", lambda self, what="": _remote_files())
     dom = fl.add_domain(fl.domain_xml("web", fl.disk_xml("vda", "/img/a.qcow2")),
                         uri="qemu+ssh://hv/session", sizes={"vda": 1 << 30})
     hv = connect("qemu+ssh://hv/session")

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import types
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,29 +14,10 @@ import pytest
 
 from vmdr.cli.instant_cmds import Renderer
 from vmdr.errors import HypervisorError, UsageError, VmdrError
-from vmdr.hypervisor import _compat, mirror
+from vmdr.hypervisor import Domain, mirror
+from vmdr.hypervisor.fake import FakeDomainRecord, FakeFleet
 from vmdr.jobs import instant
 from vmdr.repository.manifest import Snapshot
-
-
-class LvError(Exception):
-    def __init__(self, msg: str, code: int) -> None:
-        super().__init__(msg)
-        self.code = code
-
-    def get_error_code(self) -> int:
-        return self.code
-
-    def get_int1(self) -> int:
-        return -1
-
-
-FAKE = types.SimpleNamespace(
-    libvirtError=LvError, VIR_ERR_BLOCK_COPY_ACTIVE=83, VIR_ERR_OPERATION_INVALID=55,
-    VIR_ERR_INTERNAL_ERROR=1, VIR_ERR_NO_DOMAIN=42,
-    VIR_DOMAIN_BLOCK_COPY_BANDWIDTH="bandwidth", VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB=4,
-    VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT=2, VIR_DOMAIN_RUNNING=1, VIR_DOMAIN_PAUSED=3,
-    VIR_DOMAIN_PAUSED_IOERROR=5, VIR_DOMAIN_XML_INACTIVE=2)
 
 NBD_DISK = """<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
 <source file='/d/{t}.overlay.qcow2'/><backingStore type='network'><format type='raw'/>
@@ -53,57 +33,13 @@ def _xml(**disks: str) -> str:
     return f"<domain><name>x</name><devices>{body}</devices></domain>"
 
 
-@pytest.fixture(autouse=True)
-def fake_libvirt() -> Iterator[None]:
-    _compat.install(FAKE)
-    yield
-    _compat._libvirt = None
-    _compat._libvirt_qemu = None
-
-
-class FakeDom:
-    """A domain whose copy jobs advance by ``step`` bytes per blockJobInfo call."""
-
-    def __init__(self, sizes: dict[str, int], step: int = 100) -> None:
-        self.sizes = sizes
-        self.step = step
-        self.jobs: dict[str, int] = {}
-        self.pivoted: set[str] = set()
-        self.state_ = [1, 0]
-        self.copies: list[tuple[str, str, Any, int]] = []
-        self.fail_job: str | None = None
-
-    def name(self) -> str:
-        return "x"
-
-    def isActive(self) -> int:
-        return 1
-
-    def state(self, _flags: int = 0) -> list[int]:
-        return self.state_
-
-    def XMLDesc(self, _flags: int = 0) -> str:
-        return _xml(**{d: "local" if d in self.pivoted else "nbd" for d in self.sizes})
-
-    def blockCopy(self, disk: str, xml: str, params: Any, flags: int) -> None:
-        self.copies.append((disk, xml, params, flags))
-        self.jobs[disk] = 0
-
-    def blockJobInfo(self, disk: str, _flags: int) -> dict[str, int]:
-        if disk not in self.jobs or disk == self.fail_job:
-            return {}
-        self.jobs[disk] = min(self.sizes[disk], self.jobs[disk] + self.step)
-        return {"cur": self.jobs[disk], "end": self.sizes[disk], "type": 2, "bandwidth": 0}
-
-    def blockJobAbort(self, disk: str, flags: int) -> None:
-        if flags & 2:
-            if self.jobs[disk] < self.sizes[disk]:
-                raise LvError("not ready", 83)
-            self.pivoted.add(disk)
-        del self.jobs[disk]
-
-    def suspend(self) -> None:
-        self.state_ = [3, 1]
+def _dom(sizes: dict[str, int], step: int | None = 100) -> tuple[FakeDomainRecord, Domain]:
+    """A running domain of the fake driver whose copy jobs advance ``step`` bytes per
+    status call."""
+    hv = FakeFleet.simulated(1).connect("fake://host01/system")
+    rec = hv.host.add_domain(_xml(**dict.fromkeys(sizes, "nbd")), active=True, sizes=sizes)
+    rec.copy_step = step
+    return rec, hv.lookup("x")
 
 
 class FakeServer:
@@ -132,80 +68,75 @@ def test_error_policy_and_nbd_detection() -> None:
 
 
 def test_migrate_copies_reports_and_pivots(tmp_path: Any) -> None:
-    dom = FakeDom({"vda": 300, "vdb": 250})
+    rec, dom = _dom({"vda": 300, "vdb": 250})
     events: list[dict[str, Any]] = []
     opts = instant.InstantOptions(name="x", bandwidth=1 << 20, poll=0)
     instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]), opts, events.append,
                      FakeServer())
-    assert dom.pivoted == {"vda", "vdb"}
-    _disk, xml, params, flags = dom.copies[0]
-    assert flags == FAKE.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB  # full copy: not SHALLOW
-    assert params == {"bandwidth": 1 << 20} and f"{tmp_path}/vda.qcow2" in xml
+    assert mirror.nbd_backed_disks(dom.xml()) == []  # both pivoted onto their copies
+    assert mirror.disk_sources(dom.xml(inactive=True)) == {
+        "vda": f"{tmp_path}/vda.qcow2", "vdb": f"{tmp_path}/vdb.qcow2"}
     done = [e for e in events if e["event"] == "copy" and e["disk"] == "vdb"]
     assert [e["done"] for e in done] == [100, 200, 250]
     assert [e["event"] for e in events][-1] == "pivoted"
+    assert not rec.copies
 
 
 def test_migrate_skips_disks_already_local(tmp_path: Any) -> None:
-    dom = FakeDom({"vda": 100, "vdb": 100})
-    dom.pivoted.add("vda")
+    rec, dom = _dom({"vda": 100, "vdb": 100})
+    rec.xml = _xml(vda="local", vdb="nbd")
+    started = [e["disk"] for e in _events_of_migrate(dom, tmp_path) if
+               e["event"] == "copy-started"]
+    assert started == ["vdb"]
+
+
+def _events_of_migrate(dom: Domain, tmp_path: Any) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
     instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]),
-                     instant.InstantOptions(name="x", poll=0), lambda e: None, FakeServer())
-    assert [c[0] for c in dom.copies] == ["vdb"]
+                     instant.InstantOptions(name="x", poll=0), events.append, FakeServer())
+    return events
 
 
 @pytest.mark.parametrize("case", ["ioerror", "job-gone", "server-dead"])
 def test_migrate_stops_on_trouble(tmp_path: Any, case: str,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    dom = FakeDom({"vda": 10_000})
+    rec, dom = _dom({"vda": 10_000})
     server = FakeServer(alive=case != "server-dead")
     if case == "ioerror":
-        dom.state_ = [3, 5]
+        rec.pause_on_io_error()
+    events: list[dict[str, Any]] = []
     if case == "job-gone":
-        dom.fail_job = "vda"
+        rec.failing_copies.add("vda")
         monkeypatch.setattr(instant.time, "sleep", lambda s: None)
     with pytest.raises(VmdrError) as ei:
         instant._migrate(dom, _state(str(tmp_path), ["vda"]),
-                         instant.InstantOptions(name="x", poll=0), lambda e: None, server)
+                         instant.InstantOptions(name="x", poll=0), events.append, server)
     assert {"ioerror": "unreachable", "job-gone": "failed",
             "server-dead": "NBD server"}[case] in ei.value.message
-    assert not dom.pivoted
+    assert mirror.nbd_backed_disks(dom.xml()) == ["vda"]  # not pivoted
     if case == "job-gone":  # restarted COPY_RETRIES times before giving up
-        assert len(dom.copies) == 1 + instant.COPY_RETRIES
+        started = [e for e in events if e["event"] == "copy-started"]
+        assert len(started) == 1 + instant.COPY_RETRIES
 
 
-def test_resume_after_io_error_retries_until_it_stays_up() -> None:
-    states = iter([[3, 5], [3, 5], [1, 0], [1, 0]])
-    dom = types.SimpleNamespace(resumed=0)
-    cur = {"s": [3, 5]}
+def test_migrate_failures_of_the_hypervisor_are_vmdr_errors(tmp_path: Any) -> None:
+    """A libvirt failure while moving disks (here isActive/XMLDesc) is a HypervisorError
+    with its message, not an internal error."""
+    from tests.unit import fakelibvirt as fl
+    from vmdr.hypervisor import connect
 
-    def state(_f: int = 0) -> list[int]:
-        return cur["s"]
-
-    def resume() -> None:
-        dom.resumed += 1
-        cur["s"] = next(states)
-
-    dom.state, dom.resume, dom.name = state, resume, lambda: "x"
-    mirror.resume_after_io_error(dom, sleep=lambda s: None)
-    assert dom.resumed >= 2 and cur["s"] == [1, 0]
-    cur["s"] = [3, 5]
-    dom.resume = lambda: None  # never comes back
-    with pytest.raises(HypervisorError, match="still unreachable"):
-        mirror.resume_after_io_error(dom, attempts=3, sleep=lambda s: None)
-
-
-def test_pivot_not_ready_is_false_other_errors_raise() -> None:
-    dom = FakeDom({"vda": 1000})
-    dom.jobs["vda"] = 0
-    assert mirror.pivot(dom, "vda") is False
-
-    def boom(_d: str, _f: int) -> None:
-        raise LvError("disk gone", 1)
-
-    dom.blockJobAbort = boom  # type: ignore[method-assign]
-    with pytest.raises(HypervisorError, match="pivoting disk vda: disk gone"):
-        mirror.pivot(dom, "vda")
+    fl.install()
+    try:
+        raw = fl.add_domain(_xml(vda="nbd"), sizes={"vda": 100})
+        dom = connect().lookup("x")
+        for method in ("isActive", "XMLDesc"):
+            raw.fail = {method: fl.libvirtError(f"{method}: cannot reach QEMU",
+                                                fl.VIR_ERR_INTERNAL_ERROR)}
+            with pytest.raises(HypervisorError, match=f"{method}: cannot reach QEMU") as ei:
+                _events_of_migrate(dom, tmp_path)
+            assert ei.value.exit_code == 10
+    finally:
+        fl.uninstall()
 
 
 class FakeHv:

@@ -1,38 +1,67 @@
-"""The layering rule of docs/architecture.md, checked on the source: imports only go
-downward (cli → jobs → repository / hypervisor / plan → storage), never sideways.
+"""The layering rule of docs/architecture.md, checked on the source, stated positively:
+each package and top-level module lists the vmdr packages and modules it may import, and
+every module under src/vmdr belongs to one of them.
 
-Every module under src/vmdr is parsed with ``ast``; every import counts, also inside
-functions and under ``TYPE_CHECKING``, and so does ``importlib.import_module("…")`` with a
-literal name.
+Every module is parsed with ``ast``; every import counts, also inside functions and
+under ``TYPE_CHECKING``, and so does ``importlib.import_module("…")`` with a literal name.
+Imports within a package are always allowed.
 """
 
 from __future__ import annotations
 
 import ast
+import graphlib
 from collections.abc import Iterator
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vmdr"
 
-# package -> the vmdr packages it must not import from
-FORBIDDEN: dict[str, frozenset[str]] = {
-    "storage": frozenset({"repository", "hypervisor", "plan", "jobs", "cli", "serve",
-                          "fileaccess", "agent"}),
-    "repository": frozenset({"hypervisor", "plan", "jobs", "cli", "serve", "agent"}),
-    "hypervisor": frozenset({"repository", "plan", "jobs", "cli", "agent"}),
-    "plan": frozenset({"repository", "hypervisor", "jobs", "cli", "agent"}),
-    "jobs": frozenset({"cli", "agent"}),
-    # serve and fileaccess sit at the jobs level
-    "serve": frozenset({"cli", "agent"}),
-    "fileaccess": frozenset({"cli", "agent"}),
-    # the agent sits above jobs and runs them as `vmdr` processes; it never imports the CLI
-    "agent": frozenset({"cli"}),
-}
+BASE = frozenset({"errors", "timeutil"})
+"""What everything may use: the exception tree and the one wall-clock reader."""
+SUPPORT = BASE | {"procutil", "credentials"}
 
-# Known violations, each "path under src/vmdr: imported module", to be fixed by the
-# module's owner (then remove the entry: test_known_exceptions_still_exist insists).
-# None today.
-KNOWN: frozenset[str] = frozenset()
+# unit (a package, or a top-level module by its name; "__init__" is vmdr/__init__.py) ->
+# the units it may import
+ALLOWED: dict[str, frozenset[str]] = {
+    "__init__": frozenset(),
+    "errors": frozenset(),
+    "timeutil": frozenset(),
+    "procutil": frozenset({"errors"}),
+    "credentials": frozenset({"errors"}),
+    "config": BASE | {"credentials"},
+    "templating": frozenset(),                        # the HTML toolkit (Jinja2)
+    # the bottom: bytes in and out
+    "storage": SUPPORT,
+    "diskio": SUPPORT,
+    "fileaccess": SUPPORT | {"diskio"},
+    "events": BASE,                                   # coming: the typed job events
+    "ui": BASE | {"events"},                          # renders events; imports no job
+    # the middle: repositories, hypervisors, the estate, tape
+    "repository": SUPPORT | {"storage"},
+    "hypervisor": SUPPORT,
+    "plan": BASE | {"config", "storage", "templating"},
+    "tape": SUPPORT | {"config", "storage", "repository"},  # coming
+    "ha": BASE | {"config", "plan", "events"},        # coming: pure decisions
+    # block-level services over a repository and a hypervisor (NBD export, sandboxes):
+    # used by jobs, never using them
+    "serve": SUPPORT | {"storage", "repository", "hypervisor", "diskio"},
+    # orchestration
+    "jobs": SUPPORT | {"config", "storage", "diskio", "fileaccess", "repository",
+                       "hypervisor", "plan", "tape", "serve", "events", "ui", "__init__"},
+    "agent": SUPPORT | {"config", "storage", "diskio", "fileaccess", "repository",  # coming
+                        "hypervisor", "plan", "tape", "ha", "serve", "events", "ui", "jobs",
+                        "templating", "__init__"},
+    "cli": SUPPORT | {"config", "storage", "diskio", "fileaccess", "repository",
+                      "hypervisor", "plan", "tape", "ha", "serve", "events", "ui", "jobs",
+                      "agent", "templating", "__init__"},
+}
+COMING = frozenset({"events", "tape", "ha", "agent"})
+"""Units with an entry before their code lands (issue 8 and the daemon issues)."""
+
+
+def unit_of(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
 def module_name(path: Path) -> str:
@@ -62,27 +91,43 @@ def imports(path: Path) -> Iterator[tuple[int, str]]:
             yield node.lineno, node.args[0].value
 
 
-def violations() -> dict[str, str]:
-    """"path: module" -> "path:line: package imports module" for every forbidden import."""
-    out = {}
+def target_of(mod: str) -> str | None:
+    """The unit an absolute import lands in (None: not vmdr); ``from vmdr import x`` with
+    x not a package or module is a name from vmdr/__init__.py."""
+    parts = mod.split(".")
+    if parts[0] != "vmdr":
+        return None
+    if len(parts) > 1 and ((SRC / parts[1]).is_dir() or (SRC / f"{parts[1]}.py").is_file()):
+        return parts[1]
+    return "__init__"
+
+
+def violations() -> list[str]:
+    """"path:line: unit imports module" for every import its unit may not make."""
+    out = []
     for path in sorted(SRC.rglob("*.py")):
-        rel = path.relative_to(SRC)
-        forbidden = FORBIDDEN.get(rel.parts[0], frozenset()) if len(rel.parts) > 1 else set()
+        unit = unit_of(path)
+        allowed = ALLOWED.get(unit, frozenset()) | {unit}
         for line, mod in imports(path):
-            parts = mod.split(".")
-            if parts[0] == "vmdr" and len(parts) > 1 and parts[1] in forbidden:
-                out.setdefault(f"{rel}: {mod}", f"src/vmdr/{rel}:{line}: {rel.parts[0]} "
-                                                f"imports {mod}")
+            target = target_of(mod)
+            if target is not None and target not in allowed:
+                out.append(f"src/vmdr/{path.relative_to(SRC)}:{line}: {unit} imports {mod}")
     return out
 
 
-def test_imports_only_go_downward() -> None:
-    new = [v for k, v in violations().items() if k not in KNOWN]
-    assert not new, "imports against the layering (docs/architecture.md):\n" + "\n".join(new)
+def test_every_module_belongs_to_a_listed_unit() -> None:
+    units = {unit_of(p) for p in SRC.rglob("*.py")}
+    assert not units - set(ALLOWED), "add these to ALLOWED (docs/architecture.md)"
+    assert set(ALLOWED) - units <= COMING, "listed but gone: remove from ALLOWED"
 
 
-def test_known_exceptions_still_exist() -> None:
-    assert not KNOWN - set(violations()), "fixed: remove from KNOWN"
+def test_imports_only_what_is_allowed() -> None:
+    bad = violations()
+    assert not bad, "imports against the layering (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_the_layers_have_no_cycle() -> None:
+    graphlib.TopologicalSorter(ALLOWED).static_order()  # raises CycleError
 
 
 def test_the_scan_sees_imports() -> None:
@@ -92,3 +137,30 @@ def test_the_scan_sees_imports() -> None:
     assert any(m.startswith("vmdr.hypervisor.") for _, m in imports(SRC / "jobs" / "plan.py"))
     assert "libvirt_qemu" in {m for _, m in imports(SRC / "hypervisor" / "_compat.py")}
     assert len(list(SRC.rglob("*.py"))) > 50
+    assert target_of("vmdr.__version__") == "__init__"
+    assert target_of("vmdr.repository.repo.Repository") == "repository"
+    assert target_of("vmdr.timeutil.utcnow") == "timeutil" and target_of("os.path") is None
+
+
+# The hypervisor boundary (issue 8 §2): only the driver package talks to libvirt.
+LIBVIRT_MODULES = ("libvirt", "libvirt_qemu", "libvirtmod", "libvirtaio")
+HYPERVISOR_PRIVATE = ("vmdr.hypervisor._compat", "vmdr.hypervisor.errors",
+                      "vmdr.hypervisor.handles", "vmdr.hypervisor.connection")
+
+
+def test_libvirt_is_imported_only_under_hypervisor() -> None:
+    """No module outside src/vmdr/hypervisor/ imports the libvirt bindings, the lazy loader
+    (``_compat``), the libvirtError translation or the libvirt driver's internals; they use
+    the driver interface (``vmdr.hypervisor``) instead."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] == "hypervisor":
+            continue
+        for line, mod in imports(path):
+            if mod.split(".")[0] in LIBVIRT_MODULES or any(
+                    mod == p or mod.startswith(p + ".") for p in HYPERVISOR_PRIVATE):
+                bad.append(f"src/vmdr/{rel}:{line}: imports {mod}")
+    assert not bad, "libvirt outside the hypervisor package:\n" + "\n".join(bad)
+    inside = {m for _, m in imports(SRC / "hypervisor" / "_compat.py")}
+    assert "libvirt" in inside and "libvirt_qemu" in inside  # the scan sees both forms

@@ -140,11 +140,15 @@ def test_check_as_dict_rounds() -> None:
 
 
 class _Dom:
-    def __init__(self, active: bool = True) -> None:
+    def __init__(self, active: bool = True, addresses: list[str] | None = None) -> None:
         self.active = active
+        self.addresses = addresses or []
 
-    def isActive(self) -> bool:
+    def is_active(self) -> bool:
         return self.active
+
+    def guest_addresses(self) -> list[str]:
+        return self.addresses
 
 
 def test_heartbeats_console_pass_fatal_and_timeout(tmp_path: Path) -> None:
@@ -180,11 +184,11 @@ def test_port_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     port = srv.getsockname()[1]
-    monkeypatch.setattr(checks, "guest_addresses", lambda dom: ["127.0.0.1"])
+    guest = _Dom(addresses=["127.0.0.1"])
     try:
-        ok = checks.check_ports(_Dom(), [port], t0=0, deadline=1e12, has_network=True)
+        ok = checks.check_ports(guest, [port], t0=0, deadline=1e12, has_network=True)
     finally:
         srv.close()
     assert ok[0].status == "passed" and ok[0].detail == f"127.0.0.1:{port}"
-    bad = checks.check_ports(_Dom(), [port], t0=0, deadline=0, has_network=True)
+    bad = checks.check_ports(guest, [port], t0=0, deadline=0, has_network=True)
     assert bad[0].status == "failed"

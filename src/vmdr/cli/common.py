@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
+import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vmdr import config as configmod
-from vmdr.credentials import read_secret, read_secret_bytes
-from vmdr.errors import UsageError, WrongPassword
+from vmdr.errors import UsageError
+from vmdr.repository.opening import LockMode, OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
-from vmdr.storage.appendonly import AppendOnlyBackend
-from vmdr.storage.objectlock import with_object_lock
-from vmdr.storage.registry import open_backend
-from vmdr.storage.wrappers import wrap
 from vmdr.ui.progress import Progress, make_progress
 
 
@@ -58,60 +53,25 @@ class Globals:
                              "in the config file")
         return self.repo
 
-    def passphrase(self, prompt: str = "Repository passphrase: ") -> str:
-        if "VMDR_PASSWORD" in os.environ:
-            return os.environ["VMDR_PASSWORD"]
-        if self.password_file:
-            return read_secret(self.password_file)
-        if sys.stdin.isatty():
-            return getpass.getpass(prompt)
-        raise WrongPassword("no passphrase: set VMDR_PASSWORD_FILE (a 0600 file) or "
-                            "VMDR_PASSWORD, or run in a terminal")
+    @functools.cached_property
+    def passphrase(self) -> Passphrase:
+        """The repository passphrase (VMDR_PASSWORD, the password file, else a prompt),
+        looked up at most once per command."""
+        return Passphrase(file=self.password_file)
 
-    def new_passphrase(self, prompt: str = "New passphrase: ") -> str:
-        if not sys.stdin.isatty():
-            return self.passphrase()
-        pw = getpass.getpass(prompt)
-        if pw != getpass.getpass("Repeat: "):
-            raise UsageError("the passphrases do not match")
-        if not pw:
-            raise UsageError("an empty passphrase is not allowed")
-        return pw
+    def open_options(self, url: str | None = None, **kw: Any) -> OpenOptions:
+        """Typed options for :func:`vmdr.repository.opening.open_repository`."""
+        return OpenOptions(url=url or self.need_repo(), passphrase=self.passphrase,
+                           key_file=self.key_file, append_only=self.append_only, **kw)
 
     def progress_for(self) -> Progress:
         return make_progress(self.progress and not self.json, self.json)
 
 
-def open_repository(
-    g: Globals, url: str | None = None, passphrase: Callable[[], str] | None = None
-) -> Repository:
-    """Open the repository with the standard storage wrappers; *passphrase* overrides
-    where the passphrase comes from (default: environment, file or prompt)."""
-    backend = wrap(with_object_lock(open_backend(url or g.need_repo())))
-    if g.append_only:
-        backend = AppendOnlyBackend(backend)
-    keyfile = read_secret_bytes(g.key_file) if g.key_file else None
-    try:
-        return Repository.open(backend, passphrase=passphrase or g.passphrase, keyfile=keyfile)
-    except BaseException:
-        backend.close()
-        raise
-
-
-@contextlib.contextmanager
-def repository(
-    g: Globals, lock: str | None = "shared", command: str = "", url: str | None = None
-) -> Iterator[Repository]:
-    """Open the repository and hold a lock (``shared``, ``exclusive`` or ``None``)."""
-    repo = open_repository(g, url)
-    try:
-        if lock is None:
-            yield repo
-        else:
-            with repo.lock(exclusive=(lock == "exclusive"), command=command):
-                yield repo
-    finally:
-        repo.close()
+def repository(g: Globals, lock: LockMode = "shared", command: str = "") -> Repository:
+    """Open --repo for a command that needs *lock* (``shared``, ``exclusive`` or None);
+    use it in a ``with`` block: closing releases the lock."""
+    return open_repository(g.open_options(), lock, command)
 
 
 def emit_json(obj: Any) -> None:

@@ -1,85 +1,47 @@
 """``vmdr copy --to REPO2 [NAME...]``: offsite copies between any two repositories.
 
-Also the helpers ``vmdr repo init --from-repo`` / ``--object-lock-days`` use to open the
-source repository and prepare an Object Lock bucket.
+Also the helper ``vmdr repo init --from-repo`` uses to open its source repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
-from collections.abc import Callable
 
 from vmdr.cli.common import Globals, emit_json, out
-from vmdr.credentials import read_secret, read_secret_bytes
 from vmdr.jobs.copy import CopyOptions, copy_snapshots
+from vmdr.repository.opening import OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
-from vmdr.storage.appendonly import AppendOnlyBackend
-from vmdr.storage.base import Backend
-from vmdr.storage.file import FileBackend
-from vmdr.storage.objectlock import with_object_lock
-from vmdr.storage.registry import open_backend, redact
-from vmdr.storage.throttle import ThrottlingBackend, TokenBucket, parse_rate
-from vmdr.storage.wrappers import wrap
+from vmdr.storage.registry import redact
+from vmdr.storage.throttle import TokenBucket, parse_rate
 from vmdr.ui.progress import human_bytes
 
 
-def open_with(
-    url: str, passphrase: Callable[[], str], key_file: str | None,
-    bucket: TokenBucket | None = None, append_only: bool = False,
-) -> Repository:
-    """Open the repository at *url* through the standard wrappers, plus a bandwidth
-    limit (not applied to local directories) and append-only mode when asked."""
-    raw: Backend = open_backend(url)
-    try:
-        raw = with_object_lock(raw)
-        if bucket is not None and not isinstance(raw, FileBackend):
-            raw = ThrottlingBackend(raw, bucket)
-        backend = wrap(raw)
-        if append_only:
-            backend = AppendOnlyBackend(backend)
-        keyfile = read_secret_bytes(key_file) if key_file else None
-        return Repository.open(backend, passphrase=passphrase, keyfile=keyfile)
-    except BaseException:
-        raw.close()
-        raise
-
-
-def _env_passphrase(flag: str | None, env_pw: str, env_file: str,
-                    fallback: Callable[[], str]) -> Callable[[], str]:
-    def get() -> str:
-        if env_pw in os.environ:
-            return os.environ[env_pw]
-        path = flag or os.environ.get(env_file)
-        return read_secret(path) if path else fallback()
-
-    return get
-
-
 def open_from_repo(ns: argparse.Namespace, g: Globals) -> Repository:
-    """The ``--from-repo`` source of ``repo init`` (its passphrase: ``--from-password-file``,
-    ``VMDR_FROM_PASSWORD_FILE``, ``VMDR_FROM_PASSWORD``, else the same as the new one's)."""
-    pw = _env_passphrase(ns.from_password_file, "VMDR_FROM_PASSWORD",
-                         "VMDR_FROM_PASSWORD_FILE",
-                         lambda: g.passphrase("Passphrase of the --from-repo repository: "))
-    return open_with(ns.from_repo, pw, ns.from_key_file)
+    """The ``--from-repo`` source of ``repo init`` (its passphrase: ``VMDR_FROM_PASSWORD``,
+    ``--from-password-file`` or ``VMDR_FROM_PASSWORD_FILE``, else the same as the new
+    one's)."""
+    asked = Passphrase(env=None, prompt="Passphrase of the --from-repo repository: ")
+    pw = Passphrase(env="VMDR_FROM_PASSWORD",
+                    file=ns.from_password_file or os.environ.get("VMDR_FROM_PASSWORD_FILE"),
+                    fallback=g.passphrase if g.passphrase.configured() else asked)
+    return open_repository(OpenOptions(ns.from_repo, pw, ns.from_key_file), None)
 
 
 def cmd_copy(ns: argparse.Namespace, g: Globals) -> int:
-    src_pw = functools.cache(g.passphrase)
-    dst_pw = _env_passphrase(ns.to_password_file, "VMDR_TO_PASSWORD", "VMDR_TO_PASSWORD_FILE",
-                             src_pw)
+    dst_pw = Passphrase(env="VMDR_TO_PASSWORD",
+                        file=ns.to_password_file or os.environ.get("VMDR_TO_PASSWORD_FILE"),
+                        fallback=g.passphrase)
     dst_key = ns.to_key_file or os.environ.get("VMDR_TO_KEY_FILE")
     bucket = TokenBucket(parse_rate(ns.bwlimit)) if ns.bwlimit else None
     opts = CopyOptions(names=ns.names, latest=ns.latest, workers=ns.workers)
     with contextlib.ExitStack() as stack:
-        src = stack.enter_context(open_with(g.need_repo(), src_pw, g.key_file, bucket))
-        dst = stack.enter_context(open_with(ns.to, dst_pw, dst_key, bucket,
-                                            append_only=g.append_only))
-        stack.enter_context(src.lock(exclusive=False, command="copy"))
-        stack.enter_context(dst.lock(exclusive=False, command="copy"))
+        src = stack.enter_context(open_repository(
+            g.open_options(bandwidth=bucket), "shared", "copy"))
+        dst = stack.enter_context(open_repository(
+            OpenOptions(ns.to, dst_pw, dst_key, append_only=g.append_only, bandwidth=bucket),
+            "shared", "copy"))
         res = copy_snapshots(src, dst, opts, g.progress_for())
     if g.json:
         emit_json(res.as_dict())

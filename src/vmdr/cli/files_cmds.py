@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
-from vmdr.cli.common import Globals, emit_json, open_repository, out, repository
+from vmdr.cli.common import Globals, emit_json, out, repository
 from vmdr.jobs import mount as job
 from vmdr.repository.repo import Repository
 from vmdr.ui.progress import human_bytes
@@ -23,7 +23,7 @@ def cmd_ls(ns: argparse.Namespace, g: Globals) -> int:
         emit_json(res)
         return 0
     for e in res["entries"]:
-        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e["mtime"]))
+        when = datetime.fromtimestamp(e["mtime"], UTC).strftime("%Y-%m-%d %H:%M")
         name = e["name"] + ("/" if e["type"] == "dir" else "")
         if "target" in e:
             name += f" -> {e['target']}"
@@ -57,15 +57,9 @@ def cmd_partitions(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def _opener(g: Globals) -> Callable[[], Repository]:
-    """Open the repository again in the mount holder, with the passphrase asked once here."""
-    secret: list[str] = []
-
-    def passphrase() -> str:
-        if not secret:
-            secret.append(g.passphrase())
-        return secret[0]
-
-    return lambda: open_repository(g, passphrase=passphrase)
+    """Open the repository again in the mount holder (which takes its own lock); the
+    passphrase is asked once here (``g.passphrase`` remembers it)."""
+    return lambda: repository(g, None)
 
 
 def cmd_mount(ns: argparse.Namespace, g: Globals) -> int:

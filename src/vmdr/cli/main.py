@@ -18,7 +18,7 @@ from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
 # plan renderers, the NBD server or the file-level tools (tests/unit/test_cli_modules.py
 # keeps this table honest).
 MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
-           "verify_cmds", "instant_cmds", "files_cmds", "agent_cmds", "jobs_cmds"]
+           "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds", "agent_cmds", "jobs_cmds"]
 COMMANDS = {
     "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
     "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
@@ -26,7 +26,7 @@ COMMANDS = {
     "unprotect": "snapshot_cmds", "copy": "copy_cmds", "plan": "plan_cmds",
     "serve": "verify_cmds", "verify": "verify_cmds", "instant-restore": "instant_cmds",
     "files": "files_cmds", "mount": "files_cmds", "umount": "files_cmds",
-    "agent": "agent_cmds", "jobs": "jobs_cmds",
+    "ha": "ha_cmds", "agent": "agent_cmds", "jobs": "jobs_cmds",
 }
 _VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config"}
 
@@ -99,9 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    # SIGTERM (systemd stop, timeouts) unwinds like Ctrl-C, so every job cleans up:
-    # backup jobs aborted, checkpoints not moved, scratch files removed.
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (systemd stop, timeouts) and SIGHUP (the terminal or ssh session went away)
+    # unwind like Ctrl-C in every command, so every job cleans up: backup jobs aborted,
+    # checkpoints not moved, scratch files removed, sandboxes and NBD servers stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         g = Globals.from_args(ns)
         code: int = ns.func(ns, g)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from vmdr.cli import copy_cmds
 from vmdr.cli.common import Globals, emit_json, out, repository
-from vmdr.credentials import read_secret_bytes, write_private
+from vmdr.credentials import read_secret, read_secret_bytes, write_private
 from vmdr.errors import UsageError
 from vmdr.repository import locks as lockmod
 from vmdr.repository.keys import parse_keyfile
+from vmdr.repository.opening import open_backend_stack, open_repository, prompt_new_passphrase
 from vmdr.repository.repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
 from vmdr.repository.stats import stats
 from vmdr.storage import objectlock
-from vmdr.storage.registry import open_backend, redact
-from vmdr.storage.wrappers import wrap
+from vmdr.storage.base import Backend
+from vmdr.storage.registry import redact
 from vmdr.ui.progress import human_bytes
 
 
@@ -30,13 +32,15 @@ def _size(text: str) -> int:
 
 
 def cmd_init(ns: argparse.Namespace, g: Globals) -> int:
-    url = g.need_repo()
-    raw = open_backend(url)
     extra: dict[str, object] = {}
-    if ns.object_lock_days:
-        raw, extra["object_lock"] = objectlock.for_new_repository(
+
+    def new_object_lock(raw: Backend) -> Backend:
+        if not ns.object_lock_days:
+            return raw
+        locked, extra["object_lock"] = objectlock.for_new_repository(
             raw, ns.object_lock_mode, ns.object_lock_days)
-    backend = wrap(raw)
+        return locked
+
     master, encryption, chunk_size, level = None, ns.encryption, ns.chunk_size, \
         ns.compression_level
     if ns.from_repo:  # share the source's master key: copies move stored bytes (format §10)
@@ -44,7 +48,10 @@ def cmd_init(ns: argparse.Namespace, g: Globals) -> int:
             master, chunk_size = src.key, src.chunk_size
             encryption = src.config.encryption
             level = src.config.compression_level
-    pw = None if encryption == "none" else g.new_passphrase("New repository passphrase: ")
+    # the configured passphrase (VMDR_PASSWORD, --password-file, VMDR_PASSWORD_FILE, the
+    # config) whenever one is set: later commands will open the repository with it
+    pw = None if encryption == "none" else g.passphrase.for_new_repository()
+    backend = open_backend_stack(g.open_options(), object_lock=new_object_lock)
     with Repository.init(backend, passphrase=pw, encryption=encryption, master=master,
                          chunk_size=chunk_size, compression_level=level,
                          extra_config=extra) as r:
@@ -86,11 +93,8 @@ def cmd_stats(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_unlock(ns: argparse.Namespace, g: Globals) -> int:
-    backend = wrap(open_backend(g.need_repo()))
-    with backend:
-        Repository.open(backend, passphrase=g.passphrase, use_cache=False,
-                        keyfile=read_secret_bytes(g.key_file) if g.key_file else None)
-        removed = lockmod.unlock(backend, remove_all=ns.remove_all)
+    with open_repository(g.open_options(use_cache=False), None) as r:  # proves the key
+        removed = lockmod.unlock(r.backend, remove_all=ns.remove_all)
     if g.json:
         emit_json({"removed": [li.describe() for li in removed]})
     else:
@@ -117,19 +121,20 @@ def cmd_key_list(ns: argparse.Namespace, g: Globals) -> int:
 
 def cmd_key_add(ns: argparse.Namespace, g: Globals) -> int:
     with repository(g, "exclusive", "key add") as r:
-        pw = g.new_passphrase("Passphrase for the new key slot: ") if not ns.new_password_file \
-            else _read_pw(ns.new_password_file)
+        pw = _new_passphrase(ns, "Passphrase for the new key slot: ")
         slot = r.add_key_slot(pw, ns.label)
     out(f"added key slot {slot} ({ns.label})") if not g.json else emit_json({"slot": slot})
     return 0
 
 
-def _read_pw(path: str) -> str:
-    from vmdr.credentials import read_secret
-
-    pw = read_secret(path)
+def _new_passphrase(ns: argparse.Namespace, prompt: str = "New passphrase: ") -> str:
+    """A new key slot's passphrase: from --new-password-file, else asked twice (never the
+    configured passphrase, which is the one that opened the repository)."""
+    if not ns.new_password_file:
+        return prompt_new_passphrase(prompt)
+    pw = read_secret(ns.new_password_file)
     if not pw:
-        raise UsageError(f"{path}: empty passphrase")
+        raise UsageError(f"{ns.new_password_file}: empty passphrase")
     return pw
 
 
@@ -140,7 +145,7 @@ def cmd_key_passwd(ns: argparse.Namespace, g: Globals) -> int:
         old = r.slot
         label = next((d.get("label", "operator") for d in r.key_slots() if d["slot"] == old),
                      "operator")
-        pw = _read_pw(ns.new_password_file) if ns.new_password_file else g.new_passphrase()
+        pw = _new_passphrase(ns)
         new = r.add_key_slot(pw, label)
         r.remove_key_slot(old)
     out(f"passphrase changed (slot {old} replaced by {new})") if not g.json else \
@@ -166,10 +171,9 @@ def cmd_key_import(ns: argparse.Namespace, g: Globals) -> int:
     """Regain passphrase access with a key file: adds a new passphrase slot."""
     data = read_secret_bytes(ns.file)
     parse_keyfile(data)
-    backend = wrap(open_backend(g.need_repo()))
-    with Repository.open(backend, keyfile=data) as r, r.lock(True, "key import"):
-        pw = _read_pw(ns.new_password_file) if ns.new_password_file else g.new_passphrase()
-        slot = r.add_key_slot(pw, ns.label)
+    opts = dataclasses.replace(g.open_options(), passphrase=None, key_file=None, key_data=data)
+    with open_repository(opts, "exclusive", "key import") as r:
+        slot = r.add_key_slot(_new_passphrase(ns), ns.label)
     out(f"key file accepted; added passphrase slot {slot} ({ns.label})")
     return 0
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import UsageError, VerificationFailed
@@ -23,27 +19,13 @@ from vmdr.jobs.verify import (
 from vmdr.serve import start_server
 
 
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM/SIGHUP end a long command like Ctrl-C does, so teardown runs."""
-    def handler(_sig: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def _uri(ns: argparse.Namespace, g: Globals) -> str:
     return str(getattr(ns, "connect", None) or os.environ.get("VMDR_CONNECT")
                or g.config.connect)
 
 
 def cmd_serve(ns: argparse.Namespace, g: Globals) -> int:
-    with _sigterm_interrupts(), repository(g, "shared", "serve") as repo:
+    with repository(g, "shared", "serve") as repo:
         snap = repo.resolve(ns.snapshot)
         srv = start_server(repo, snap, disks=ns.disk or None, socket_dir=ns.socket_dir,
                            socket_path=ns.socket, port=ns.port, listen=ns.listen,
@@ -98,7 +80,7 @@ def cmd_verify(ns: argparse.Namespace, g: Globals) -> int:
     try:
         if not ns.boot:
             cleanup_sandboxes(base.scratch_dir, None)  # --boot does it with libvirt
-        with _sigterm_interrupts(), repository(g, "shared", "verify") as repo:
+        with repository(g, "shared", "verify") as repo:
             snaps = select_snapshots(repo, ns.snapshots, ns.all, ns.latest, ns.boot)
             if not snaps:
                 raise UsageError("no snapshot to verify")

@@ -15,10 +15,12 @@ symlinks out of its filesystem).
 
 from __future__ import annotations
 
+from vmdr.errors import UnsupportedFilesystem
+
 from .diskfile import DiskFile
 from .guestpath import copy_out, list_path, resolve
 from .mounts import Mounted, mount_partition
-from .partitions import SUPPORTED, Partition, UnsupportedFilesystem, choose, read_partitions
+from .partitions import SUPPORTED, Partition, choose, read_partitions
 
 __all__ = [
     "SUPPORTED",

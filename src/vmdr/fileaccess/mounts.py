@@ -6,15 +6,9 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from vmdr.errors import VmdrError
+from vmdr.errors import BusyMount, VmdrError
 
 from .partitions import Partition
-
-
-class BusyMount(VmdrError):
-    """The filesystem is in use."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

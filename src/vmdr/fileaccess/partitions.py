@@ -6,7 +6,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 
-from vmdr.errors import UsageError, VmdrError
+from vmdr.errors import UnsupportedFilesystem, UsageError, VmdrError
 
 # filesystem type -> mount options that never write to the image (no journal replay)
 SUPPORTED: dict[str, str] = {
@@ -18,12 +18,6 @@ SUPPORTED: dict[str, str] = {
     "vfat": "ro",
 }
 SAFE = "nodev,nosuid,noexec"
-
-
-class UnsupportedFilesystem(VmdrError):
-    """No filesystem vmdr can read there."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""Everything vmdr needs from libvirt/QEMU for live backup and restore.
+"""Everything vmdr needs from a hypervisor host, behind one driver interface.
 
 This layer knows nothing about chunks or repositories; ``vmdr.jobs`` orchestrates it.
-Every ``libvirt.libvirtError`` leaves it as a :mod:`vmdr.errors` exception
-(``DomainNotFound``, ``HypervisorUnavailable``, ``CheckpointMissing``, ``HypervisorError``...).
+:mod:`.driver` is the interface (``Hypervisor`` and the handles it hands out: ``Domain``,
+``BlockCopyJob``, ``Console``, ``Sandbox``); :func:`connect` gives the libvirt driver and
+:mod:`.fake` an in-memory one. Nothing outside this package imports ``libvirt`` or sees a
+libvirt object: every ``libvirt.libvirtError`` leaves as a :mod:`vmdr.errors` exception,
+matched on its ``VIR_ERR_*`` name (``DomainNotFound``, ``NetworkNotFound``,
+``HypervisorUnavailable``, ``HypervisorUnsupported``, ``CheckpointMissing``,
+``HypervisorError``...).
 
 Backup::
 
@@ -51,11 +56,13 @@ alive (:mod:`.hostfiles`). Method "overlay" is refused over ssh. Other remote tr
 After a full backup, this prefix's bitmaps whose libvirt checkpoint was lost are removed
 (:mod:`.bitmaps`; running domains via QMP, stopped ones with ``qemu-img bitmap``).
 
-Modules: connection (connect, Hypervisor), domain (DomainInfo, DiskInfo), backup
-(BackupSession), session (DiskSource, BackupOptions, job XML), checkpoints, bitmaps, nbd
-(readers), overlay, agent, cleanup, state, hostfiles (local/ssh file access), remote (URI
-parsing, ssh master and forwarding), lifecycle (define/start/heartbeat), xml
-(rewrite_domain_xml), errors (libvirtError translation).
+Modules: driver (the interface and its handles), connection (connect, LibvirtHypervisor),
+handles (the libvirt handles), fake (FakeFleet, FakeHypervisor), domain (DomainInfo,
+DiskInfo), backup (BackupSession), session (DiskSource, BackupOptions, job XML),
+checkpoints, bitmaps, nbd (readers), overlay, agent, cleanup, state, hostfiles (local/ssh
+file access), remote (URI parsing, ssh master and forwarding), mirror and console (domain
+XML for block copy and console logs), xml (rewrite_domain_xml), errors (libvirtError
+translation), _compat (the lazily imported bindings; private).
 
 Restore::
 
@@ -63,27 +70,57 @@ Restore::
                              disk_paths={"vda": ("/var/lib/libvirt/images/web.qcow2", "qcow2")})
     name = hv.define(xml); hv.start(name)
     seconds = hv.wait_heartbeat(name, agent=True, timeout=300)
+
+Instant recovery and boot verification::
+
+    dom = hv.lookup(name)                                # Domain (DomainNotFound)
+    job = dom.block_copy("vda", "/images/web-vda.qcow2", bandwidth=None)
+    while not job.status().ready: ...
+    job.pivot()                                          # False: not in sync yet
+    with hv.start_sandbox(xml, network="isolated") as sb:   # transient, auto-destroyed
+        sb.domain.wait_heartbeat(agent=True, timeout=60)
+        png = sb.domain.console().screenshot()
 """
 
 from __future__ import annotations
 
 from .backup import BackupSession, DiskSource, Method
 from .checkpoints import checkpoint_name, is_ours
-from .connection import DEFAULT_URI, Hypervisor, cleanup_leftovers, connect
+from .connection import DEFAULT_URI, LibvirtHypervisor, cleanup_leftovers, connect
 from .domain import DiskInfo, DomainInfo, parse_disks
+from .driver import (
+    BackupJob,
+    BlockCopyJob,
+    Console,
+    CopyStatus,
+    Domain,
+    Hypervisor,
+    NetworkInfo,
+    Sandbox,
+    Screenshot,
+)
 from .nbd import Extent
 from .remote import SshTarget, is_local_uri, parse_ssh_uri
-from .xml import domain_name, domain_uuid, random_mac, rewrite_domain_xml
+from .xml import domain_name, domain_uuid, parse_xml, random_mac, rewrite_domain_xml
 
 __all__ = [
     "DEFAULT_URI",
+    "BackupJob",
     "BackupSession",
+    "BlockCopyJob",
+    "Console",
+    "CopyStatus",
     "DiskInfo",
     "DiskSource",
+    "Domain",
     "DomainInfo",
     "Extent",
     "Hypervisor",
+    "LibvirtHypervisor",
     "Method",
+    "NetworkInfo",
+    "Sandbox",
+    "Screenshot",
     "SshTarget",
     "checkpoint_name",
     "cleanup_leftovers",
@@ -94,6 +131,7 @@ __all__ = [
     "is_ours",
     "parse_disks",
     "parse_ssh_uri",
+    "parse_xml",
     "random_mac",
     "rewrite_domain_xml",
 ]

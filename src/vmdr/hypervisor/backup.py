@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
 from vmdr.errors import HypervisorError, UsageError
+from vmdr.timeutil import utcnow
 
 from . import agent, bitmaps, checkpoints, overlay, state
 from ._compat import lv, parse_xml
@@ -228,7 +229,7 @@ class BackupSession:
         self.warnings.append(f"disk {disk.target} skipped: {reason}")
 
     def _now(self) -> datetime:
-        return self.opts.now or datetime.now(UTC)
+        return self.opts.now or utcnow()
 
     # -- checkpoint (pull mode) --------------------------------------------------------------
 

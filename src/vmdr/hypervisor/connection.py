@@ -1,20 +1,23 @@
-"""Open a libvirt connection and offer vmdr's hypervisor operations on it."""
+"""The libvirt driver: :func:`connect` opens a connection, :class:`LibvirtHypervisor`
+implements :class:`~vmdr.hypervisor.driver.Hypervisor` on it. The connection and its
+``virDomain`` objects stay private to this package."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from vmdr.errors import HypervisorError, UsageError
 
-from . import checkpoints, cleanup, domain, lifecycle, state
-from ._compat import lv
+from . import checkpoints, cleanup, state
+from ._compat import lv, parse_xml
 from .backup import BackupOptions, BackupSession, Method
 from .domain import DomainInfo
+from .driver import Domain, Hypervisor, NetworkInfo
 from .errors import libvirt_errors
+from .handles import LibvirtDomain
 from .hostfiles import HostFiles, LocalFiles, RemoteFiles
 from .remote import is_local_uri, parse_ssh_uri
 
@@ -26,7 +29,7 @@ def _silence(_ctx: Any, _err: Any) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
 
 
-__all__ = ["DEFAULT_URI", "Hypervisor", "cleanup_leftovers", "connect", "is_local_uri"]
+__all__ = ["DEFAULT_URI", "LibvirtHypervisor", "cleanup_leftovers", "connect", "is_local_uri"]
 
 
 def connect(uri: str | None = None, *, readonly: bool = False) -> Hypervisor:
@@ -38,52 +41,59 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Hypervisor:
         conn = m.openReadOnly(uri) if readonly else m.open(uri)
     if conn is None:
         raise HypervisorError(f"cannot connect to {uri}")
-    return Hypervisor(conn, uri)
+    return LibvirtHypervisor(conn, uri)
 
 
-class Hypervisor:
+class LibvirtHypervisor(Hypervisor):
     """One libvirt connection; every libvirt error leaves as a vmdr error."""
 
     def __init__(self, conn: Any, uri: str) -> None:
-        self.conn = conn
+        self._conn = conn
         self.uri = uri
         self.local = is_local_uri(uri)
         self.system = urlparse(uri).path.rstrip("/") == "/system"
 
-    def __enter__(self) -> Hypervisor:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (libvirt destroys the transient domains it started)."""
         try:
-            self.conn.close()
+            self._conn.close()
         except lv().libvirtError:
-            pass
+            pass  # closing a dead connection: nothing left to release
 
     # -- inspection --------------------------------------------------------------------------
 
-    def lookup(self, name: str) -> Any:
+    def _lookup(self, name: str) -> Any:
         """The raw virDomain for a name or UUID (DomainNotFound)."""
         with libvirt_errors(f"domain {name}"):
             if len(name) == 36 and name.count("-") == 4:
                 try:
-                    return self.conn.lookupByUUIDString(name)
+                    return self._conn.lookupByUUIDString(name)
                 except lv().libvirtError:
-                    pass
-            return self.conn.lookupByName(name)
+                    pass  # not a UUID of a domain: maybe a name that looks like one
+            return self._conn.lookupByName(name)
 
-    def domain(self, name: str) -> DomainInfo:
-        """Inspect a domain (DomainNotFound if there is none)."""
-        return domain.inspect(self.lookup(name), system=self.system)
+    def lookup(self, name: str) -> Domain:
+        return LibvirtDomain(self._lookup(name), system=self.system)
 
     def list_domains(self) -> list[str]:
-        """Names of all domains, running or not."""
         with libvirt_errors("listing domains"):
-            return sorted(d.name() for d in self.conn.listAllDomains(0))
+            return sorted(str(d.name()) for d in self._conn.listAllDomains(0))
+
+    def define(self, xml: str) -> str:
+        with libvirt_errors("defining domain"):
+            return str(self._conn.defineXML(xml).name())
+
+    def create_transient(self, xml: str) -> Domain:
+        with libvirt_errors("starting a transient domain"):
+            dom = self._conn.createXML(xml, lv().VIR_DOMAIN_START_AUTODESTROY)
+        return LibvirtDomain(dom, system=self.system)
+
+    def network(self, name: str) -> NetworkInfo:
+        with libvirt_errors(f"network {name}"):
+            net = self._conn.networkLookupByName(name)
+            xml = str(net.XMLDesc(0))
+            active = bool(net.isActive())
+        return NetworkInfo(name, active, parse_xml(xml).find("forward") is not None)
 
     def read_nvram(self, info: DomainInfo) -> bytes | None:
         """The UEFI NVRAM file's bytes, or None if the domain has none (ssh ``cat`` for
@@ -141,19 +151,19 @@ class Hypervisor:
             checkpoint_prefix=checkpoint_prefix, scratch_dir=scratch_dir, disks=disks,
             incremental_from=incremental_from, quiesce=quiesce, method=method, now=now,
             qemu_user=user)
-        return BackupSession(self.lookup(info.uuid), info, opts, local=self.local, files=files)
+        return BackupSession(self._lookup(info.uuid), info, opts, local=self.local, files=files)
 
     def list_checkpoints(self, info: DomainInfo, prefix: str) -> list[str]:
         """This prefix's checkpoint names, oldest first."""
-        return checkpoints.list_ours(self.lookup(info.uuid), prefix)
+        return checkpoints.list_ours(self._lookup(info.uuid), prefix)
 
     def checkpoint_xml(self, info: DomainInfo, name: str) -> str:
         """A checkpoint's full XML (what :meth:`redefine_checkpoint` takes)."""
-        return checkpoints.full_xml(self.lookup(info.uuid), name)
+        return checkpoints.full_xml(self._lookup(info.uuid), name)
 
     def redefine_checkpoint(self, info: DomainInfo, saved_checkpoint_xml: str) -> str:
         """Recreate lost checkpoint metadata; validated against the bitmaps when running."""
-        dom = self.lookup(info.uuid)
+        dom = self._lookup(info.uuid)
         with libvirt_errors("checking domain"):
             running = bool(dom.isActive())
         return checkpoints.redefine(dom, saved_checkpoint_xml, validate=running)
@@ -161,38 +171,13 @@ class Hypervisor:
     def delete_checkpoint(self, info: DomainInfo, name: str) -> bool:
         """Delete one checkpoint; False if it did not exist."""
         with libvirt_errors(f"deleting checkpoint {name}"):
-            return checkpoints.delete(self.lookup(info.uuid), name)
+            return checkpoints.delete(self._lookup(info.uuid), name)
 
     def cleanup_leftovers(self, name: str, checkpoint_prefix: str, scratch_dir: str) -> list[str]:
         """Undo an interrupted backup of ``name`` (see :mod:`.cleanup`); what was done."""
-        dom = self.lookup(name)
+        dom = self._lookup(name)
         return self._with_files("backup", lambda fs: cleanup.cleanup_domain(
             dom, checkpoint_prefix, scratch_dir, fs))
-
-    # -- restore -----------------------------------------------------------------------------
-
-    def define(self, xml: str) -> str:
-        """Define a domain from XML; its name."""
-        return lifecycle.define(self.conn, xml)
-
-    def start(self, name: str) -> None:
-        """Start a defined domain."""
-        lifecycle.start(self.lookup(name))
-
-    def destroy(self, name: str) -> None:
-        """Power a domain off (no error if already off)."""
-        lifecycle.destroy(self.lookup(name))
-
-    def undefine(self, name: str) -> None:
-        """Remove a domain definition (with NVRAM and checkpoint metadata)."""
-        lifecycle.undefine(self.lookup(name))
-
-    def wait_heartbeat(self, name: str, *, agent: bool = True, console_pattern: str | None = None,
-                       console_log: str | None = None, timeout: float = 300.0) -> float:
-        """Seconds until the guest shows life (agent ping or console regex)."""
-        return lifecycle.wait_heartbeat(self.lookup(name), agent_ping=agent,
-                                        console_pattern=console_pattern,
-                                        console_log=console_log, timeout=timeout)
 
 
 def cleanup_leftovers(conn: Hypervisor, domain_name: str, checkpoint_prefix: str,

@@ -162,7 +162,7 @@ def parse_tpm_dir(xml: str, uuid: str, system: bool) -> str | None:
     return f"/var/lib/libvirt/swtpm/{uuid}" if system else None
 
 
-def _state_name(code: int) -> State:
+def state_name(code: int) -> State:
     m = lv()
     if code in (m.VIR_DOMAIN_RUNNING, m.VIR_DOMAIN_BLOCKED):
         return "running"
@@ -200,7 +200,7 @@ def inspect(dom: Any, *, system: bool = True) -> DomainInfo:
     return DomainInfo(
         name=name,
         uuid=uuid,
-        state=_state_name(state),
+        state=state_name(state),
         vcpus=int(info[3]),
         memory_kib=int(info[1]),
         xml=inactive_xml,

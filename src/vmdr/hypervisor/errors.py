@@ -1,6 +1,7 @@
 """Translate ``libvirt.libvirtError`` into the vmdr exception tree at the boundary.
 
 Matching is on ``VIR_ERR_*`` names (looked up on the loaded module), never raw numbers.
+A code not in the table is a plain ``HypervisorError`` (exit 10), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from vmdr.errors import (
     GuestAgentUnavailable,
     HypervisorError,
     HypervisorUnavailable,
+    HypervisorUnsupported,
+    NetworkNotFound,
     NoSpace,
     VmdrError,
 )
@@ -23,10 +26,15 @@ from ._compat import lv
 
 _BY_NAME: dict[str, type[HypervisorError]] = {
     "VIR_ERR_NO_DOMAIN": DomainNotFound,
+    "VIR_ERR_NO_NETWORK": NetworkNotFound,
+    "VIR_ERR_NO_SUPPORT": HypervisorUnsupported,
+    "VIR_ERR_OPERATION_UNSUPPORTED": HypervisorUnsupported,
+    "VIR_ERR_ARGUMENT_UNSUPPORTED": HypervisorUnsupported,
     "VIR_ERR_NO_DOMAIN_CHECKPOINT": CheckpointMissing,
     "VIR_ERR_CHECKPOINT_INCONSISTENT": CheckpointMissing,
     "VIR_ERR_AGENT_UNRESPONSIVE": GuestAgentUnavailable,
     "VIR_ERR_AGENT_UNSYNCED": GuestAgentUnavailable,
+    "VIR_ERR_AGENT_COMMAND_TIMEOUT": GuestAgentUnavailable,
     "VIR_ERR_NO_CONNECT": HypervisorUnavailable,
     "VIR_ERR_AUTH_FAILED": HypervisorUnavailable,
     "VIR_ERR_AUTH_CANCELLED": HypervisorUnavailable,

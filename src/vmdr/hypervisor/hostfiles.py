@@ -28,12 +28,12 @@ import tarfile
 from collections.abc import Sequence
 from typing import Any
 
-from vmdr.errors import VMLocked
+from vmdr.errors import RemoteFailed, VMLocked
 
 from . import remote, state
 from .domain import DiskInfo
 from .nbd import BASE_ALLOCATION, NbdReader, Reader
-from .remote import RemoteFailed, RemoteHost, SshTarget
+from .remote import RemoteHost, SshTarget
 
 LEASE_HELD = 75  # flock -E: lock held by someone else
 

@@ -1,47 +1,24 @@
-"""Moving a running domain's disks with libvirt block copy (QEMU drive-mirror) and pivot.
+"""Domain XML for moving a running domain's disks (block copy and pivot).
 
 Used by instant recovery: the domain boots from local qcow2 overlays whose backing is an
 NBD export of a snapshot; each disk is then copied *in full* (not shallow, so the NBD
-backing is flattened into the copy) to a local qcow2, and libvirt pivots onto the copy.
-
-libvirt 9.0 refuses ``virDomainBlockCopy`` on a persistent domain unless the flag
-``VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB`` is given ("domain is not transient"): the flag
-says the job need not survive a libvirtd restart. With it, the pivot updates both the
-live and the persistent definition, so the domain stays defined on its new disks.
+backing is flattened into the copy) to a local qcow2 with
+:meth:`~vmdr.hypervisor.driver.Domain.block_copy`, and the job pivots onto the copy.
 
 Disks that read from a remote backing are given ``error_policy='stop'`` and
 ``rerror_policy='stop'``: when the backing becomes unreachable QEMU pauses the guest
 (state paused, reason I/O error) instead of passing errors to it. After the backing is
-back, :func:`resume_after_io_error` resumes it; QEMU's NBD client reconnects to the same
-socket path on the retried request (sometimes only on the second try).
+back, :meth:`~vmdr.hypervisor.driver.Domain.resume_after_io_error` resumes it; QEMU's NBD
+client reconnects to the same socket path on the retried request (sometimes only on the
+second try).
 """
 
 from __future__ import annotations
 
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
 
-from vmdr.errors import HypervisorError
-
-from ._compat import lv, parse_xml
-from .errors import is_code, libvirt_errors
-
-
-@dataclass(frozen=True)
-class CopyStatus:
-    """One disk's block-copy job: bytes copied of the bytes to copy."""
-
-    disk: str
-    cur: int
-    end: int
-    active: bool
-
-    @property
-    def ready(self) -> bool:
-        return self.active and self.end > 0 and self.cur == self.end
+from ._compat import parse_xml
 
 
 def _disks(root: ET.Element) -> Iterable[tuple[str, ET.Element]]:
@@ -115,104 +92,3 @@ def disk_sources(xml: str) -> dict[str, str]:
         if src is not None:
             out[dev] = src.get("file") or src.get("dev") or src.get("name") or ""
     return out
-
-
-def _dest_xml(path: str, fmt: str) -> str:
-    disk = ET.Element("disk", type="file")
-    ET.SubElement(disk, "source", file=path)
-    ET.SubElement(disk, "driver", type=fmt)
-    return ET.tostring(disk, encoding="unicode")
-
-
-def start_copy(dom: Any, disk: str, dest: str, *, fmt: str = "qcow2",
-               bandwidth: int | None = None) -> None:
-    """Start a full (flattening) copy of ``disk`` to a new file ``dest`` that libvirt creates.
-
-    ``bandwidth`` limits the copy in bytes/s (None: unlimited).
-    """
-    m = lv()
-    params: dict[str, int] = {}
-    if bandwidth:
-        params[m.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = int(bandwidth)
-    with libvirt_errors(f"copying disk {disk} to {dest}"):
-        dom.blockCopy(disk, _dest_xml(dest, fmt), params or None,
-                      m.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
-
-
-def copy_status(dom: Any, disk: str) -> CopyStatus:
-    """The copy job's progress; ``active=False`` when no job runs on ``disk``."""
-    with libvirt_errors(f"block job of {disk}"):
-        info = dom.blockJobInfo(disk, 0)
-    if not info:
-        return CopyStatus(disk, 0, 0, False)
-    return CopyStatus(disk, int(info.get("cur", 0)), int(info.get("end", 0)), True)
-
-
-def pivot(dom: Any, disk: str) -> bool:
-    """Switch ``disk`` onto its copy; False if the job is not ready yet (try again later)."""
-    m = lv()
-    try:
-        dom.blockJobAbort(disk, m.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-        return True
-    except m.libvirtError as exc:
-        if is_code(exc, "VIR_ERR_BLOCK_COPY_ACTIVE", "VIR_ERR_OPERATION_INVALID"):
-            return False
-        with libvirt_errors(f"pivoting disk {disk}"):
-            raise
-
-
-def cancel_copy(dom: Any, disk: str) -> None:
-    """Abandon a copy job (the domain stays on its current disk); no error if none runs."""
-    m = lv()
-    try:
-        if dom.blockJobInfo(disk, 0):
-            dom.blockJobAbort(disk, 0)
-    except m.libvirtError:
-        pass
-
-
-def paused_on_io_error(dom: Any) -> bool:
-    """True if QEMU paused the domain because a disk returned an I/O error."""
-    m = lv()
-    with libvirt_errors("domain state"):
-        state, reason = dom.state(0)
-    return bool(state == m.VIR_DOMAIN_PAUSED and reason == m.VIR_DOMAIN_PAUSED_IOERROR)
-
-
-def is_active(dom: Any) -> bool:
-    with libvirt_errors("domain state"):
-        return bool(dom.isActive())
-
-
-def is_paused(dom: Any) -> bool:
-    m = lv()
-    with libvirt_errors("domain state"):
-        return bool(dom.state(0)[0] == m.VIR_DOMAIN_PAUSED)
-
-
-def suspend(dom: Any) -> None:
-    """Pause a running domain (no error if it is already paused or off)."""
-    m = lv()
-    with libvirt_errors("pausing domain"):
-        if dom.isActive() and dom.state(0)[0] == m.VIR_DOMAIN_RUNNING:
-            dom.suspend()
-
-
-def resume_after_io_error(
-    dom: Any, *, attempts: int = 10, settle: float = 1.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> None:
-    """Resume a paused domain and make sure it stays running (retrying the failed I/O).
-
-    QEMU's NBD client reconnects in the background after the first retried request fails,
-    so the guest may pause again once; we resume until it stays up for ``settle`` seconds.
-    """
-    for _ in range(attempts):
-        if is_paused(dom):
-            with libvirt_errors("resuming domain"):
-                dom.resume()
-        sleep(settle)
-        if not is_paused(dom):
-            return
-    raise HypervisorError(f"{dom.name()} pauses again on I/O errors: its disks' backing "
-                          "is still unreachable")

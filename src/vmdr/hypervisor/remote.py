@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
-from vmdr.errors import HypervisorError, HypervisorUnavailable, UsageError
+from vmdr.errors import HypervisorError, HypervisorUnavailable, RemoteFailed, UsageError
 
 SSH_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2"})
 LOCAL_TRANSPORTS = frozenset({"", "unix"})
@@ -109,14 +109,6 @@ class SshTarget:
         if control:
             out += ["-S", control]
         return [*out, "--", self.host]
-
-
-class RemoteFailed(HypervisorError):
-    """A remote script exited with an error (``returncode`` tells which)."""
-
-    def __init__(self, message: str, returncode: int | None) -> None:
-        super().__init__(message)
-        self.returncode = returncode
 
 
 def _flag(value: str) -> bool:

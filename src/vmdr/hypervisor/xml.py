@@ -7,7 +7,7 @@ import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 
-from ._compat import parse_xml
+from ._compat import parse_xml as parse_xml  # re-exported: the one safe domain-XML parser
 
 # Runtime-only attributes that libvirt adds to a live or status XML.
 _RUNTIME_ATTRS = {"source": ("index",), "backingStore": ("index",)}

@@ -29,11 +29,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from vmdr.errors import IntegrityError, SnapshotNotFound, UsageError
+from vmdr.errors import SnapshotNotFound, UsageError
 from vmdr.jobs.copymap import ChunkMap
-from vmdr.repository.crypto import HOLE, TYPE_ATTACHMENT, TYPE_CHUNK, TYPE_SNAPSHOT
+from vmdr.repository.crypto import HOLE, TYPE_CHUNK
 from vmdr.repository.manifest import ChunkList, DiskRecord, Snapshot
-from vmdr.repository.repo import Repository, chunk_name
+from vmdr.repository.repo import Repository
 from vmdr.timeutil import format_time
 from vmdr.ui.progress import Progress
 
@@ -218,20 +218,15 @@ class _Copier:
 
         workers = max(1, self.opts.workers)
         _bounded(pool, self._chunk, todo, workers * 2, handle)
-        if self.dst.generation_changed():  # pruned meanwhile: trust no cached "present"
-            for oid in lengths:
-                if not self.dst.backend.exists(chunk_name(self.done[oid])):
-                    raise IntegrityError(f"chunk {self.done[oid].hex()[:16]} vanished from "
-                                         "the destination while copying (pruned?); run again")
 
     def _write_manifest(self, snap: Snapshot, present: dict[str, str]) -> str:
+        """The commit point: the destination re-checks the chunks if it was pruned
+        meanwhile (it trusts no cached "present")."""
         src, dst = self.src, self.dst
+        used = {self.done[oid] for d in snap.disks for oid in d.chunks.ids() if oid != HOLE}
         if self.raw:
-            name = f"snapshots/{snap.id}"
-            blob = src.backend.get(name)
-            dst.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(snap.id), blob, "snapshot")
-            dst.backend.put(name, blob)
-            return snap.id
+            return dst.commit_raw_snapshot(snap.id, src.get_raw_snapshot(snap.id), snap.name,
+                                           used)
         disks = []
         for d in snap.disks:
             buf = bytearray()
@@ -243,21 +238,17 @@ class _Copier:
                        tags=list(snap.tags), host=snap.host,
                        parent=present.get(snap.parent) if snap.parent else None,
                        meta=meta, stats=dict(snap.stats))
-        return dst.save_snapshot(new)
+        return dst.commit_snapshot(new, used, hint="run it again")
 
     def _attachments(self, sid: str, dst_sid: str) -> int:
         src, dst = self.src, self.dst
         n = 0
         if self.raw:
-            have = {o.name for o in dst.backend.list(f"attachments/{sid}")}
-            for o in src.backend.list(f"attachments/{sid}"):
-                if o.name in have:
-                    continue
-                blob = src.backend.get(o.name)
-                aid = bytes.fromhex(o.name.rsplit("/", 1)[-1])
-                dst.codec.unpack(TYPE_ATTACHMENT, aid, blob, "attachment")
-                dst.backend.put(o.name, blob)
-                n += 1
+            have = set(dst.attachment_ids(sid))
+            for aid in src.attachment_ids(sid):
+                if aid not in have:
+                    dst.put_raw_attachment(sid, aid, src.get_raw_attachment(sid, aid))
+                    n += 1
             return n
 
         def canon(doc: dict[str, Any]) -> str:

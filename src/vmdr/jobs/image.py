@@ -67,6 +67,7 @@ def backup_image(
                                  "chunks_new": 0, "chunks_dedup": len(rec.chunks.ids()),
                                  "chunks_zero": 0}
         meta_extra = {"unchanged_since": parent.id}
+        reused = rec.chunks.ids()
     else:
         with open_source(path) as src:
             extents = list(src.extents())
@@ -76,12 +77,13 @@ def backup_image(
                                           src.read, progress=progress, workers=workers)
         stats = wstats.as_dict()
         meta_extra = {}
+        reused = wstats.reused_ids
         if key_before is not None and _stat_key(source) != key_before:
             key_before = None  # changed while we read it: never trust this snapshot's stat
     meta = {"kind": "image", "source": source, "stat": key_before, **meta_extra}
     snap = Snapshot(name=name, time=repo.clock(), chunk_size=repo.chunk_size, disks=[rec],
                     tags=list(tags or []), meta=meta, stats=stats)
-    repo.save_snapshot(snap)
+    repo.commit_snapshot(snap, reused, hint="run it again with --force-read")
     if progress:
         progress.finish()
     return ImageBackupResult(snap, time.monotonic() - t0, stats)

@@ -28,8 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmdr.errors import DomainNotFound, HeartbeatTimeout, UsageError, VmdrError
-from vmdr.hypervisor import Hypervisor, mirror, rewrite_domain_xml
+from vmdr.errors import (
+    DomainNotFound,
+    HeartbeatTimeout,
+    InstantInterrupted,
+    MigrationStopped,
+    UsageError,
+    VmdrError,
+)
+from vmdr.hypervisor import Domain, Hypervisor, mirror, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
 from vmdr.hypervisor.state import blocking_ancestor, qemu_user
 from vmdr.repository.manifest import Snapshot
@@ -41,18 +48,6 @@ STATE_VERSION = 1
 COPY_RETRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
 Emit = Callable[[dict[str, Any]], None]
-
-
-class InstantInterrupted(VmdrError):
-    """Instant recovery was interrupted."""
-
-    exit_code = 130
-
-
-class MigrationStopped(VmdrError):
-    """Moving the disks to local storage stopped; the VM is paused."""
-
-    exit_code = 8
 
 
 @dataclass
@@ -223,11 +218,11 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
           "exports": {d: i["uri"] for d, i in st["disks"].items()}})
     boot = False
     try:
-        if not dom.isActive():
-            hv.start(name)
+        if not dom.is_active():
+            dom.start()
             boot = True
-        elif mirror.is_paused(dom):
-            mirror.resume_after_io_error(dom)
+        elif dom.state() == "paused":
+            dom.resume_after_io_error()
             emit({"event": "resumed", "vm": name})
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
@@ -285,36 +280,37 @@ def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, emit: E
     return seconds
 
 
-def _start_copy(dom: Any, st: dict[str, Any], disk: str, opts: InstantOptions,
+def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions,
                 emit: Emit) -> None:
     target = st["disks"][disk]["target"]
-    mirror.cancel_copy(dom, disk)
+    dom.block_job(disk).cancel()
     _unlink(target)  # a copy a stopped run left behind
-    mirror.start_copy(dom, disk, target, bandwidth=opts.bandwidth)
+    dom.block_copy(disk, target, bandwidth=opts.bandwidth)
     emit({"event": "copy-started", "disk": disk, "target": target})
 
 
-def _migrate(dom: Any, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, emit: Emit,
              server: Any) -> None:
     """Copy every disk still backed by NBD and pivot onto the copy. A copy that fails is
     restarted up to ``COPY_RETRIES`` times (QEMU's NBD client fails the first read after a
     reconnect, e.g. on --resume); the VM pausing on an I/O error stops everything."""
-    pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.XMLDesc(0))]
+    pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.xml())]
     retries = dict.fromkeys(pending, COPY_RETRIES)
     for d in pending:
         _start_copy(dom, st, d, opts, emit)
     while pending:
-        if not dom.isActive():
+        if not dom.is_active():
             raise VmdrError(f"{st['vm']} stopped while its disks were being moved")
-        if mirror.paused_on_io_error(dom):
+        if dom.paused_on_io_error():
             raise VmdrError(f"{st['vm']} paused on an I/O error: the repository (NBD "
                             "export) is unreachable")
         if not server.alive():
             raise VmdrError("the NBD server stopped")
         for d in list(pending):
-            cs = mirror.copy_status(dom, d)
+            job = dom.block_job(d)
+            cs = job.status()
             if not cs.active:
-                if d not in mirror.nbd_backed_disks(dom.XMLDesc(0)):
+                if d not in mirror.nbd_backed_disks(dom.xml()):
                     pending.remove(d)  # pivoted by someone else
                     continue
                 if retries[d] <= 0:
@@ -326,7 +322,7 @@ def _migrate(dom: Any, st: dict[str, Any], opts: InstantOptions, emit: Emit,
                 _start_copy(dom, st, d, opts, emit)
                 continue
             emit({"event": "copy", "disk": d, "done": cs.cur, "total": cs.end})
-            if cs.ready and mirror.pivot(dom, d):
+            if cs.ready and job.pivot():
                 pending.remove(d)
                 emit({"event": "pivoted", "disk": d, "path": st["disks"][d]["target"]})
         if pending:
@@ -335,22 +331,18 @@ def _migrate(dom: Any, st: dict[str, Any], opts: InstantOptions, emit: Emit,
 
 def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: Any,
             emit: Emit) -> None:
-    from vmdr.hypervisor._compat import lv
-
     dom = hv.lookup(st["vm"])
-    live = dom.XMLDesc(0)
-    persistent = dom.XMLDesc(lv().VIR_DOMAIN_XML_INACTIVE)
+    live = dom.xml()
+    persistent = dom.xml(inactive=True)
     left = set(mirror.nbd_backed_disks(live)) | set(mirror.nbd_backed_disks(persistent))
     if left:
         raise VmdrError(f"disks {', '.join(sorted(left))} still read from the repository")
     server.stop()
     _remove_socket_dir(st)
     if st.get("policies"):  # the persistent definition gets the VM's own error policies
-        m = lv()
         try:
-            hv.define(mirror.with_error_policies(
-                dom.XMLDesc(m.VIR_DOMAIN_XML_INACTIVE | m.VIR_DOMAIN_XML_SECURE),
-                st["policies"]))
+            hv.define(mirror.with_error_policies(dom.xml(inactive=True, secure=True),
+                                                 st["policies"]))
         except VmdrError as exc:
             emit({"event": "warning", "message": "could not restore the disks' error "
                   f"policy (they keep 'stop'): {exc.message}"})
@@ -367,9 +359,9 @@ def _stop_safely(hv: Hypervisor, st: dict[str, Any], server: Any) -> str:
     try:
         dom = hv.lookup(st["vm"])
         for d in st["disks"]:
-            mirror.cancel_copy(dom, d)
-        mirror.suspend(dom)
-        if not mirror.is_active(dom):
+            dom.block_job(d).cancel()
+        dom.suspend()
+        if not dom.is_active():
             where = "is shut off, defined on its overlays"
     except VmdrError:
         where = "may be paused"

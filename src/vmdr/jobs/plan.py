@@ -26,8 +26,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from vmdr.config import Config
-from vmdr.credentials import read_secret, read_secret_bytes
-from vmdr.errors import DomainNotFound, UsageError, VmdrError, WrongPassword
+from vmdr.errors import DomainNotFound, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.plan import cache, coverage, discovery, history, inventory
 from vmdr.plan.coverage import Coverage
@@ -35,8 +34,9 @@ from vmdr.plan.discovery import DiscoveredVM, HostState
 from vmdr.plan.history import Copy, RepoState
 from vmdr.plan.inventory import Inventory, RepoDecl
 from vmdr.repository.cache import cache_root
+from vmdr.repository.opening import OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
-from vmdr.storage.registry import open_backend, schemes
+from vmdr.storage.registry import schemes
 
 Connector = Callable[[str], Hypervisor]
 Opener = Callable[[RepoDecl], Repository]
@@ -118,27 +118,17 @@ def discover(inv: Inventory, connector: Connector | None, now: datetime,
 # ------------------------------------------------------------------------ repositories
 def repository_opener(key_file: str | None, password_file: str | None) -> Opener:
     """Open a declared repository with its own ``key_file``/``password_file``, else with
-    these (the global options), else ``VMDR_PASSWORD``. Never prompts."""
+    these (the global options) or ``VMDR_PASSWORD``; no lock, never prompts."""
     schemes()  # load every backend now: the registry's lazy loading is not thread-safe
 
     def open_repo(decl: RepoDecl) -> Repository:
         kfile = decl.key_file or (None if decl.password_file else key_file)
-        pw_file = decl.password_file or password_file
-
-        def passphrase() -> str:
-            if pw_file:
-                return read_secret(pw_file)
-            if "VMDR_PASSWORD" in os.environ:
-                return os.environ["VMDR_PASSWORD"]
-            raise WrongPassword(f"repository {decl.name}: no password_file in the inventory, "
-                                "--password-file or VMDR_PASSWORD")
-        keyfile = read_secret_bytes(kfile) if kfile else None
-        backend = open_backend(decl.url)
-        try:
-            return Repository.open(backend, passphrase=passphrase, keyfile=keyfile)
-        except BaseException:
-            backend.close()
-            raise
+        # a repository's own password_file wins over the environment
+        pw = Passphrase(env=None if decl.password_file else "VMDR_PASSWORD",
+                        file=decl.password_file or password_file, prompt=None,
+                        sources=f"password_file for repository {decl.name} in the "
+                                "inventory, --password-file or VMDR_PASSWORD")
+        return open_repository(OpenOptions(decl.url, pw, kfile), None)
     return open_repo
 
 
@@ -147,8 +137,7 @@ def read_repository(repo: Repository, name: str) -> list[Copy]:
     restores."""
     # one listing tells which snapshots have attachments at all (most have none), so a
     # remote repository is not asked once per snapshot
-    attached = {o.name.split("/")[1] for o in repo.backend.list("attachments")
-                if o.name.count("/") >= 2}
+    attached = repo.snapshots_with_attachments()
     out = []
     for s in repo.list_snapshots():
         if s.meta.get("kind") != "vm":

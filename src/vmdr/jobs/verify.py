@@ -25,7 +25,7 @@ from typing import Any
 
 from vmdr.config import VMConfig
 from vmdr.errors import ConfigError, HypervisorError, UsageError, VmdrError
-from vmdr.hypervisor import Hypervisor
+from vmdr.hypervisor import Domain, Hypervisor
 from vmdr.hypervisor.state import qemu_user
 from vmdr.repository.check import check
 from vmdr.repository.manifest import Snapshot
@@ -34,6 +34,7 @@ from vmdr.serve import sandbox as sb
 from vmdr.serve import start_server
 from vmdr.serve.checks import Check, check_ports, run_script, wait_heartbeats
 from vmdr.serve.png import png_size
+from vmdr.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
@@ -153,7 +154,7 @@ def select_snapshots(repo: Repository, refs: list[str], all_: bool, latest: bool
 def cleanup_sandboxes(scratch_dir: str, hv: Hypervisor | None) -> list[str]:
     """Tear down sandboxes left by a killed vmdr (every verify run does this first)."""
     try:
-        done = sb.cleanup_leftovers(hv.conn if hv is not None else None, scratch_dir)
+        done = sb.cleanup_leftovers(hv, scratch_dir)
     except (OSError, VmdrError) as exc:
         log.warning("cannot clean up old verification sandboxes: %s", exc)
         return []
@@ -205,10 +206,9 @@ def _boot(repo: Repository, snap: Snapshot, opts: VerifyOptions, hv: Hypervisor,
           res: VerifyResult) -> bytes | None:
     if not hv.local:
         raise UsageError(f"boot verification needs a local libvirt, not {hv.uri}")
-    conn = hv.conn
     cleanup_sandboxes(opts.scratch_dir, hv)
     if opts.network:
-        _check_isolated(conn, opts.network)
+        hv.isolated_network(opts.network)  # before any work: UsageError if it forwards
     name = _SAFE.sub("-", f"{sb.NAME_PREFIX}{snap.name}-{snap.short_id}")[:60]
     user = qemu_user() if hv.system else None
     path = os.path.join(sb.verify_root(opts.scratch_dir), name)
@@ -248,11 +248,11 @@ def _boot(repo: Repository, snap: Snapshot, opts: VerifyOptions, hv: Hypervisor,
         t0 = time.monotonic()
         deadline = t0 + opts.timeout
         try:
-            dom = sb.start_transient(conn, xml)
+            dom = hv.start_sandbox(xml, network=opts.network).domain
         except HypervisorError as exc:
             res.checks.append(Check("start", "failed", time.monotonic() - t0, exc.message))
             return None
-        st.uuid = dom.UUIDString()
+        st.uuid = dom.uuid
         sb.write_state(sandbox, st)
         res.checks.append(Check("start", "passed", time.monotonic() - t0))
         beats = wait_heartbeats(dom, t0=t0, deadline=deadline, agent_ping=agent,
@@ -276,39 +276,24 @@ def _boot(repo: Repository, snap: Snapshot, opts: VerifyOptions, hv: Hypervisor,
             res.checks.append(run_script(script, env, max(10.0, deadline - time.monotonic()),
                                          t0))
         try:
-            if dom.isActive():
-                png = sb.screenshot_png(conn, dom)
+            if dom.is_active():
+                png = sb.screenshot_png(dom)
         except VmdrError as exc:
             res.warnings.append(f"no screenshot: {exc.message}")
     finally:
-        sb.destroy_domain(conn, st)  # first: nbdkit waits for its client to go
+        sb.destroy_domain(hv, st)  # first: nbdkit waits for its client to go
         if server is not None:
             server.stop()
-        sb.teardown(conn, st, sandbox)
+        sb.teardown(hv, st, sandbox)
     return png
 
 
-def _still_running(dom: Any, t0: float, wait: float) -> Check:
+def _still_running(dom: Domain, t0: float, wait: float) -> Check:
     time.sleep(max(0.0, t0 + wait - time.monotonic()))
-    ok = bool(dom.isActive())
+    ok = dom.is_active()
     return Check("running", "passed" if ok else "failed", time.monotonic() - t0,
                  "no guest agent or console pattern configured: only checked that the "
                  f"domain kept running for {wait:.0f}s")
-
-
-def _check_isolated(conn: Any, network: str) -> None:
-    from vmdr.hypervisor._compat import parse_xml
-    from vmdr.hypervisor.errors import libvirt_errors
-
-    with libvirt_errors(f"network {network}"):
-        net = conn.networkLookupByName(network)
-        xml = net.XMLDesc(0)
-        active = bool(net.isActive())
-    if parse_xml(xml).find("forward") is not None:
-        raise UsageError(f"libvirt network {network!r} forwards traffic; verification needs "
-                         "an isolated network (no <forward>)")
-    if not active:
-        raise UsageError(f"libvirt network {network!r} is not active")
 
 
 def _keep_evidence(repo: Repository, snap: Snapshot, png: bytes, opts: VerifyOptions,
@@ -318,7 +303,7 @@ def _keep_evidence(repo: Repository, snap: Snapshot, png: bytes, opts: VerifyOpt
                           "height": h, "bytes": len(png), "path": None, "attachment": None}
     if opts.evidence_dir:
         os.makedirs(opts.evidence_dir, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
         path = os.path.join(opts.evidence_dir, f"{snap.name}-{snap.short_id}-{stamp}.png")
         with open(path, "wb") as f:
             f.write(png)

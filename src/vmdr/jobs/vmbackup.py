@@ -20,13 +20,12 @@ from typing import Any
 
 from vmdr.config import HookConfig
 from vmdr.errors import HypervisorError, IntegrityError, UsageError, VmdrError
-from vmdr.hypervisor import DomainInfo, Hypervisor
-from vmdr.hypervisor.backup import BackupSession, DiskSource, Method
+from vmdr.hypervisor import BackupJob, DiskSource, DomainInfo, Hypervisor, Method
 from vmdr.jobs import diskcopy
 from vmdr.jobs.hooks import HookRunner
 from vmdr.jobs.vmlock import VMLock
 from vmdr.repository.manifest import DiskRecord, Snapshot
-from vmdr.repository.repo import Repository, chunk_name
+from vmdr.repository.repo import Repository
 from vmdr.repository.writer import WriteStats
 from vmdr.ui.progress import Progress
 
@@ -194,7 +193,7 @@ def _backup_locked(
     hooks.run("pre-backup")
     if quiesce:
         hooks.run("pre-freeze")
-    session: BackupSession = hv.backup(
+    session: BackupJob = hv.backup(
         info, checkpoint_prefix=prefix, scratch_dir=scratch, disks=None,
         incremental_from=inc_from, quiesce=quiesce, method=opts.method,
     )
@@ -235,12 +234,7 @@ def _backup_locked(
                   "warnings": list(res.warnings)},
             stats=stats.as_dict(),
         )
-        if repo.generation_changed():
-            missing = [o for o in stats.reused_ids if not repo.backend.exists(chunk_name(o))]
-            if missing:
-                raise IntegrityError(f"{name}: a concurrent prune removed {len(missing)} chunks "
-                                     "this backup reuses; run it again with --mode full")
-        repo.save_snapshot(snap)
+        repo.commit_snapshot(snap, stats.reused_ids, hint="run it again with --mode full")
         s.commit()
     res.snapshot = snap.id
     res.mode = "incremental" if incremental else "full"
@@ -248,7 +242,7 @@ def _backup_locked(
     hooks.run("post-backup", snap.id, "ok")
 
 
-def _skipped(s: BackupSession) -> list[tuple[str, str]]:
+def _skipped(s: BackupJob) -> list[tuple[str, str]]:
     return [(d.target, d.skip_reason or "") for d in s.skipped]
 
 

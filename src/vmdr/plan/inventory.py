@@ -9,6 +9,7 @@ problem, e.g. ``estate.toml: hosts.hv3.location: unknown location 'rack-z9'``.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,12 @@ DEFAULT_THROUGHPUT = {"disk": 200.0 * (1 << 20), "object": 100.0 * (1 << 20),
 OTHER_VM_PREFIXES = ("verify_", "copy_")
 VM_KEYS = {"host", "owner", "contact", "tier", "rpo", "rto", "depends_on", "boot_group",
            "must_survive", "vcpus", "memory", "target_dir", "notes"}
+# [vm.NAME] keys of high availability (vmdr.ha reads them; `vmdr ha validate` checks them
+# against the [ha] table). Restart priority is boot_group: one order for restores and
+# failovers, already checked against depends_on.
+HA_VM_KEYS = {"ha", "anti_affinity", "hosts", "hosts_rule", "ready_check", "ready_delay"}
+HOSTS_RULES = ("must", "should")
+READY_CHECK_RE = re.compile(r"^(agent|none|tcp:\d{1,5}|exec:.+)$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Tier:
     rpo_s: float | None = None
     rto_s: float | None = None
     must_survive: tuple[str, ...] = ()
+    ha: bool = False  # every VM of the tier is under HA unless it says ha = false
 
 
 @dataclass
@@ -107,6 +115,13 @@ class VMPlan:
     target_dir: str | None = None
     notes: str = ""
     declared: bool = True  # False: found by discovery only, not in the config
+    # high availability (vmdr.ha)
+    ha: bool | None = None  # None: the tier's setting
+    anti_affinity: str | None = None  # group: its VMs never share a host (or rack)
+    affinity_hosts: tuple[str, ...] = ()  # `hosts = [...]`
+    hosts_rule: str = "must"  # must: only those hosts; should: preferred
+    ready_check: str | None = None  # agent | none | tcp:PORT | exec:COMMAND; None: [ha]
+    ready_delay_s: float | None = None  # None: [ha] ready_delay
 
 
 @dataclass
@@ -136,6 +151,14 @@ class Inventory:
     tiers: dict[str, Tier]
     vms: dict[str, VMPlan]
     warnings: list[str] = field(default_factory=list)
+    ha_table: dict[str, Any] = field(default_factory=dict)  # [ha], parsed by vmdr.ha
+
+    def ha_enabled(self, vm: VMPlan) -> bool:
+        """``ha`` of the VM, else of its tier, else off."""
+        if vm.ha is not None:
+            return vm.ha
+        t = self.vm_tier(vm)
+        return bool(t and t.ha)
 
     # ---------------------------------------------------------------- the hierarchy
     def chain(self, loc: str) -> list[Location]:
@@ -250,8 +273,8 @@ def _settings(path: str, raw: dict[str, Any]) -> tuple[Settings, dict[str, Tier]
     for name, tt in _tables(path, t.t, "tiers").items():
         tt.prefix = f"plan.tiers.{name}."
         tiers[name] = Tier(name, tt.duration("rpo"), tt.duration("rto"),
-                           _levels(tt, "must_survive"))
-        tt.finish({"rpo", "rto", "must_survive"})
+                           _levels(tt, "must_survive"), tt.bool_("ha"))
+        tt.finish({"rpo", "rto", "must_survive", "ha"})
     t.finish({"title", "organisation", "scope", "verify_max_age", "test_interval",
               "boot_time", "cpu_overcommit", "cache_file", "throughput", "tiers", "ignore_vms"})
     return s, tiers
@@ -292,6 +315,10 @@ def from_config(cfg: Config) -> Inventory:
                           t.strs("restores"), t.strs("duties"))
         t.finish({"title", "person", "contact", "declares", "restores", "duties"})
     inv = Inventory(path, settings, locations, hosts, repos, vaults, roles, tiers, {})
+    ha = raw.get("ha", {})
+    if not isinstance(ha, dict):
+        raise ConfigError(f"{path}: ha: expected a table")
+    inv.ha_table = ha
     for name, vc in cfg.vms.items():
         inv.vms[name] = _vm(inv, name, _T(path, f"vm.{name}.", vc.extra))
     check_dependencies(inv)
@@ -337,11 +364,31 @@ def _vm(inv: Inventory, name: str, t: _T) -> VMPlan:
         t.int_("boot_group", 1, 0) or 0, _levels(t, "must_survive"),
         t.int_("vcpus", None, 1), t.size("memory"), t.str_("target_dir"),
         t.str_("notes", "") or "")
-    for key in sorted(set(t.t) - VM_KEYS):
+    _vm_ha(inv, vm, t)
+    for key in sorted(set(t.t) - VM_KEYS - HA_VM_KEYS):
         if not key.startswith(OTHER_VM_PREFIXES):
             inv.warnings.append(f"{inv.path}: vm.{name}.{key}: not a plan setting (ignored "
                                 f"by the plan; known: {', '.join(sorted(VM_KEYS))})")
     return vm
+
+
+def _vm_ha(inv: Inventory, vm: VMPlan, t: _T) -> None:
+    """The HA keys of one VM: ha, anti_affinity, hosts (+ hosts_rule), ready_check/_delay."""
+    if "ha" in t.t:
+        vm.ha = t.bool_("ha")
+    vm.anti_affinity = t.str_("anti_affinity")
+    vm.affinity_hosts = t.strs("hosts")
+    for h in vm.affinity_hosts:
+        if h not in inv.hosts:
+            raise t.err("hosts", f"unknown host {h!r}")
+    vm.hosts_rule = t.choice("hosts_rule", HOSTS_RULES, "must")
+    if "hosts_rule" in t.t and not vm.affinity_hosts:
+        raise t.err("hosts_rule", "without hosts = [...]")
+    vm.ready_check = t.str_("ready_check")
+    if vm.ready_check is not None and not READY_CHECK_RE.match(vm.ready_check):
+        raise t.err("ready_check", f"expected agent, none, tcp:PORT or exec:COMMAND, got "
+                                   f"{vm.ready_check!r}")
+    vm.ready_delay_s = t.duration("ready_delay")
 
 
 def check_dependencies(inv: Inventory) -> None:

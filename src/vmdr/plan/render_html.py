@@ -2,14 +2,18 @@
 
 At the top, what people look at: a coverage heatmap (VMs × disaster levels), RPO and RTO
 against targets, and copies by location. Below, the full written plan (the Markdown
-rendering of :mod:`render_md`, converted here; it uses a small, known subset).
+rendering of :mod:`render_md`, parsed here into blocks; it uses a small, known subset).
+
+This module computes data (geometry, states, labels); the markup is in Jinja2 templates
+under ``vmdr/plan/templates`` (autoescaped, :mod:`vmdr.templating`).
 """
 
 from __future__ import annotations
 
-import html
 import re
+from typing import Any
 
+from vmdr import templating
 from vmdr.plan import render_md, report, taxonomy
 from vmdr.plan.coverage import LevelCoverage
 from vmdr.plan.runbook import Plan
@@ -22,84 +26,50 @@ LEGEND = [("OK", "covered (required)"), ("ok", "covered (not required)"),
           ("!!", "covered, target missed"), ("stale", "covered by a stale reading"),
           ("XX", "required, not covered"), ("??", "required, copies unknown"),
           ("--", "not covered (not required)")]
-CSS = """
-body{font-family:'DejaVu Sans',Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;
- font-size:14px;line-height:1.45}
-h1{font-size:26px;margin-bottom:4px}h2{border-bottom:2px solid #2c7bb6;padding-bottom:4px;
- margin-top:36px}h3{margin-top:26px;color:#2c7bb6}h4{margin:14px 0 4px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:12.5px}
-th,td{border:1px solid #ccc;padding:4px 7px;vertical-align:top;text-align:left}
-th{background:#f0f4f8}pre{background:#f6f8fa;border:1px solid #ddd;padding:8px;
- white-space:pre-wrap;word-break:break-all;font-size:12px}
-code{background:#f3f3f3;padding:1px 3px;border-radius:3px;font-size:12px}
-blockquote{border-left:5px solid #d73027;background:#fff4f2;margin:10px 0;padding:6px 14px}
-.cards{display:flex;gap:14px;flex-wrap:wrap;margin:16px 0}
-.card{border-radius:8px;padding:12px 18px;min-width:150px;color:#fff}
-.card b{display:block;font-size:28px}.good{background:#1a9850}.bad{background:#d73027}
-.warn{background:#f46d43}.info{background:#2c7bb6}
-.panel{border:1px solid #ddd;border-radius:8px;padding:12px 16px;margin:16px 0;
- background:#fcfcfc}.muted{color:#666;font-size:12px}
-.chip{display:inline-block;border-radius:10px;padding:1px 8px;margin:2px;font-size:12px;
- color:#fff}
-svg{max-width:100%;height:auto}
-@media print{.panel,tr,pre{break-inside:avoid}h2{break-before:page}}
-"""
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
+MARKS = {"OK": "✓", "ok": "✓", "!!": "!", "XX": "✗", "--": "", "stale": "✓", "??": "?"}
 
 def _state(lc: LevelCoverage) -> str:
     c = report.cell(lc)
     return "stale" if lc.stale and c in ("OK", "ok") else c
 
 
-def heatmap(plan: Plan) -> str:
+def heatmap(plan: Plan) -> dict[str, Any]:
+    """Geometry and content of the coverage heatmap (drawn by heatmap.svg)."""
     cov = plan.coverage
     names = list(cov.vms)
     keys = taxonomy.LEVEL_KEYS
     left, top, cw, ch = 150, 130, 62, 34
     w = max(left + cw * len(keys) + 110, 40 + sum(30 + 7 * len(t) for _, t in LEGEND))
-    h = top + ch * len(names) + 70
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" id="heatmap" width="{w}" height="{h}" '
-           f'viewBox="0 0 {w} {h}" role="img" aria-label="coverage heatmap">']
-    for j, k in enumerate(keys):
-        x = left + j * cw + cw / 2
-        out.append(f'<text x="{x}" y="{top - 8}" transform="rotate(-40 {x} {top - 8})" '
-                   f'font-size="12">{_e(taxonomy.level(k).title)}</text>')
+    columns = [{"x": left + j * cw + cw / 2, "y": top - 8, "text": taxonomy.level(k).title}
+               for j, k in enumerate(keys)]
+    rows = []
     for i, n in enumerate(names):
         y = top + i * ch
-        out.append(f'<text x="{left - 8}" y="{y + ch / 2 + 4}" text-anchor="end" '
-                   f'font-size="13" font-weight="bold">{_e(n)}</text>')
+        cells = []
         for j, k in enumerate(keys):
             lc = cov.vms[n].levels[k]
             st = _state(lc)
-            tip = lc.gap or (f"covered: {len(lc.copies)} copies, RPO "
-                             f"{fmt_duration(lc.rpo_s)}, RTO ≈ "
-                             f"{fmt_duration(lc.rto_estimate_s)}" if lc.covered else "")
             x = left + j * cw
-            out.append(f'<rect x="{x + 1}" y="{y + 1}" width="{cw - 2}" height="{ch - 2}" '
-                       f'rx="4" fill="{COLOURS[st]}"><title>{_e(n)} / {_e(k)}: {_e(tip)}'
-                       f'</title></rect>')
-            mark = {"OK": "✓", "ok": "✓", "!!": "!", "XX": "✗", "--": "", "stale": "✓",
-                    "??": "?"}[st]
-            colour = "#fff" if st in ("OK", "XX", "??") else "#333"
-            out.append(f'<text x="{x + cw / 2}" y="{y + ch / 2 + 5}" text-anchor="middle" '
-                       f'font-size="15" fill="{colour}">{mark}</text>')
+            cells.append({
+                "x": x + 1, "y": y + 1, "w": cw - 2, "h": ch - 2, "fill": COLOURS[st],
+                "level": k, "tip": lc.gap or (
+                    f"covered: {len(lc.copies)} copies, RPO {fmt_duration(lc.rpo_s)}, RTO ≈ "
+                    f"{fmt_duration(lc.rto_estimate_s)}" if lc.covered else ""),
+                "tx": x + cw / 2, "ty": y + ch / 2 + 5, "mark": MARKS[st],
+                "colour": "#fff" if st in ("OK", "XX", "??") else "#333"})
+        rows.append({"name": n, "x": left - 8, "y": y + ch / 2 + 4, "cells": cells})
+    legend = []
     ly, lx = top + ch * len(names) + 22.0, 10.0
     for st, label in LEGEND:
-        out.append(f'<rect x="{lx}" y="{ly}" width="16" height="16" rx="3" '
-                   f'fill="{COLOURS[st]}"/><text x="{lx + 22}" y="{ly + 13}" '
-                   f'font-size="12">{_e(label)}</text>')
+        legend.append({"x": lx, "y": ly, "fill": COLOURS[st], "label": label})
         lx += 30 + 7 * len(label)
-    out.append("</svg>")
-    return "".join(out)
+    return {"width": w, "height": top + ch * len(names) + 70, "columns": columns,
+            "rows": rows, "legend": legend}
 
 
-def targets_chart(plan: Plan) -> str:
+def targets_chart(plan: Plan) -> dict[str, Any]:
     """Achieved RPO and estimated RTO as bars against each VM's targets: the worst of the
-    levels the VM must survive (the VM level when it names none)."""
+    levels the VM must survive (the VM level when it names none). Drawn by targets.svg."""
     cov, inv = plan.coverage, plan.inv
     rows = []
     for n, vc in cov.vms.items():
@@ -114,18 +84,8 @@ def targets_chart(plan: Plan) -> str:
         rows.append((f"{n} RTO ({worst_rto.level})", worst_rto.rto_estimate_s,
                      inv.rto_target(vc.vm)))
     left, bw, rh = 210, 520, 20
-    w, h = left + bw + 260, 40 + rh * len(rows)
-    mid = left + bw / 2
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" id="targets" width="{w}" height="{h}" '
-           f'viewBox="0 0 {w} {h}" role="img" aria-label="RPO and RTO against targets">',
-           f'<text x="{mid}" y="14" text-anchor="middle" font-size="12">target</text>',
-           f'<text x="{left + bw}" y="14" text-anchor="end" font-size="12">2× target</text>']
+    bars = []
     for i, (what, value, target) in enumerate(rows):
-        y = 24 + i * rh
-        out.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end" font-size="12">'
-                   f'{_e(what)}</text>')
-        out.append(f'<rect x="{left}" y="{y + 2}" width="{bw}" height="{rh - 4}" '
-                   f'fill="#f0f0f0"/>')
         width: float
         if value is None:
             label, width, colour = "no copy", bw, "#d73027"
@@ -136,15 +96,13 @@ def targets_chart(plan: Plan) -> str:
             width = bw * min(ratio, 2.0) / 2
             colour = "#1a9850" if ratio <= 1 else "#d73027"
             label = f"{fmt_duration(value)} of {fmt_duration(target)}"
-        out.append(f'<rect x="{left}" y="{y + 2}" width="{max(width, 2):.1f}" '
-                   f'height="{rh - 4}" fill="{colour}"/>')
-        out.append(f'<text x="{left + bw + 8}" y="{y + 13}" font-size="12">{_e(label)}</text>')
-    out.append(f'<line x1="{mid}" y1="18" x2="{mid}" y2="{h}" stroke="#333" '
-               f'stroke-dasharray="4 3"/></svg>')
-    return "".join(out)
+        bars.append({"y": 24 + i * rh, "what": what, "width": max(width, 2),
+                     "colour": colour, "label": label})
+    return {"width": left + bw + 260, "height": 40 + rh * len(rows), "left": left, "bw": bw,
+            "bh": rh - 4, "mid": left + bw / 2, "right": left + bw, "rows": bars}
 
 
-def copies_by_location(plan: Plan) -> str:
+def copies_by_location(plan: Plan) -> list[dict[str, Any]]:
     cov, inv = plan.coverage, plan.inv
     rows = []
     for r in inv.repositories.values():
@@ -153,31 +111,16 @@ def copies_by_location(plan: Plan) -> str:
         for n in cov.vms:
             mine = [c for c in st.copies if c.vm == n]
             if mine:
-                age = (cov.now - max(c.time for c in mine)).total_seconds()
-                chips.append(f'<span class="chip" style="background:#2c7bb6">{_e(n)} '
-                             f'×{len(mine)}, newest {fmt_duration(age)} ago</span>')
-        state = "" if st.reachable else (
-            ' <span class="chip" style="background:#f46d43">stale</span>' if st.stale else
-            ' <span class="chip" style="background:#d73027">not readable</span>')
-        kind = r.media + (", immutable" if r.immutable else "")
-        rows.append(f"<tr><td>{_e(inv.label(r.location))}</td><td><b>{_e(r.name)}</b> "
-                    f"({_e(kind)}){state}</td><td>{''.join(chips) or '—'}</td></tr>")
-    return ("<table><tr><th>Location</th><th>Repository</th><th>Copies (VM × snapshots)</th>"
-            "</tr>" + "".join(rows) + "</table>")
+                chips.append({"vm": n, "count": len(mine),
+                              "age": (cov.now - max(c.time for c in mine)).total_seconds()})
+        state = "ok" if st.reachable else "stale" if st.stale else "unreadable"
+        rows.append({"location": inv.label(r.location), "name": r.name, "state": state,
+                     "kind": r.media + (", immutable" if r.immutable else ""),
+                     "chips": chips})
+    return rows
 
 
-def banner(plan: Plan) -> str:
-    """Say first, in red, what the page could not see."""
-    lines = report.source_lines(plan.coverage)
-    if not lines:
-        return ""
-    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
-    return (f"<blockquote><b>Based on incomplete information</b> — {len(lines)} source(s) "
-            f"could not be read now; check before relying on this page:<ul>{items}</ul>"
-            "</blockquote>")
-
-
-def cards(plan: Plan) -> str:
+def cards(plan: Plan) -> list[dict[str, str]]:
     cov = plan.coverage
     req = [lc for vc in cov.vms.values() for lc in vc.levels.values() if lc.required]
     ok = sum(1 for lc in req if report.cell(lc) == "OK")
@@ -189,25 +132,14 @@ def cards(plan: Plan) -> str:
               "good" if rule == len(cov.vms) else "warn"),
              ("yes" if n1 else "no", "N+1 hosts", "good" if n1 else "bad"),
              (str(len(cov.vms)), "VMs", "info")]
-    return '<div class="cards">' + "".join(
-        f'<div class="card {cls}"><b>{_e(v)}</b>{_e(label)}</div>'
-        for v, label, cls in items) + "</div>"
+    return [{"value": v, "label": label, "cls": cls} for v, label, cls in items]
 
 
-_INLINE = [(re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
-           (re.compile(r"\*\*([^*]+)\*\*"), r"<b>\1</b>")]
-
-
-def _inline(text: str) -> str:
-    out = _e(text).replace("&#x27;", "'")
-    for rx, rep in _INLINE:
-        out = rx.sub(rep, out)
-    return out
-
-
-def markdown_to_html(md: str) -> str:
-    """The subset render_md writes: headings, tables, lists, code blocks, quotes."""
-    out: list[str] = []
+def markdown_blocks(md: str) -> list[dict[str, Any]]:
+    """The subset render_md writes, as blocks for markdown.html: headings, tables, list
+    items, code blocks, quotes, paragraphs (inline text stays Markdown: the template's
+    ``inline`` filter escapes it and renders `code` and **bold**)."""
+    out: list[dict[str, Any]] = []
     lines = md.splitlines()
     i = 0
     while i < len(lines):
@@ -219,7 +151,7 @@ def markdown_to_html(md: str) -> str:
             while j < len(lines) and not lines[j].strip().startswith("```"):
                 code.append(lines[j].strip())
                 j += 1
-            out.append(f"<pre>{_e(chr(10).join(code))}</pre>")
+            out.append({"kind": "pre", "text": "\n".join(code)})
             i = j + 1
             continue
         if s.startswith("|"):
@@ -228,44 +160,38 @@ def markdown_to_html(md: str) -> str:
                 rows.append(lines[i].strip())
                 i += 1
             cells = [re.split(r"(?<!\\)\|", r.strip("|")) for r in rows if "---|" not in r]
-            out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{t}>{_inline(c.strip().replace(chr(92) + '|', '|'))}</{t}>"
-                                 for c in row) + "</tr>"
-                for n, row in enumerate(cells) for t in ["th" if n == 0 else "td"]) + "</table>")
+            out.append({"kind": "table", "rows": [[c.strip().replace("\\|", "|") for c in row]
+                                                  for row in cells]})
             continue
         m = re.match(r"^(#{1,4}) (.*)$", s)
         if m:
-            level = len(m.group(1))
-            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
+            out.append({"kind": "heading", "level": len(m.group(1)), "text": m.group(2)})
         elif s.startswith(">"):
             quote = []
             while i < len(lines) and lines[i].startswith(">"):
                 quote.append(lines[i][1:].strip())
                 i += 1
-            items = "".join(f"<li>{_inline(q[2:])}</li>" for q in quote if q.startswith("- "))
-            head = "".join(_inline(q) for q in quote if q and not q.startswith("- "))
-            out.append(f"<blockquote>{head}<ul>{items}</ul></blockquote>")
+            out.append({"kind": "quote",
+                        "head": [q for q in quote if q and not q.startswith("- ")],
+                        "items": [q[2:] for q in quote if q.startswith("- ")]})
             continue
         elif re.match(r"^\s*(- |\d+\. )", line):
-            depth = (len(line) - len(line.lstrip())) // 2
-            text = re.sub(r"^(- |\d+\. )", "", s)
-            out.append(f'<div style="margin-left:{depth * 18 + 4}px">• {_inline(text)}</div>')
+            out.append({"kind": "item", "depth": (len(line) - len(line.lstrip())) // 2,
+                        "text": re.sub(r"^(- |\d+\. )", "", s)})
         elif s:
-            out.append(f"<p>{_inline(s)}</p>")
+            out.append({"kind": "paragraph", "text": s})
         i += 1
-    return "\n".join(out)
+    return out
 
 
 def render(plan: Plan) -> str:
     s = plan.inv.settings
     body = render_md.render(plan, banner=False).split("\n", 1)[1]  # the title is drawn below
-    gen = format_time(plan.generated)[:16].replace("T", " ")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(s.title)}'
-            f'</title><style>{CSS}</style></head><body><h1>{_e(s.title)}</h1>'
-            f'<div class="muted">{_e(s.organisation + " — " if s.organisation else "")}generated '
-            f'{gen} UTC from {_e(plan.inv.path)}</div>'
-            f'{banner(plan)}{cards(plan)}<div class="panel"><h3>Coverage by disaster level</h3>'
-            f'{heatmap(plan)}</div><div class="panel"><h3>RPO and RTO against targets '
-            f'(worst required level)</h3>{targets_chart(plan)}</div>'
-            f'<div class="panel"><h3>Copies by location</h3>{copies_by_location(plan)}</div>'
-            f'{markdown_to_html(body)}</body></html>\n')
+    env = templating.environment("vmdr.plan")
+    env.filters.setdefault("duration", fmt_duration)
+    return env.get_template("plan.html").render(
+        title=s.title, organisation=s.organisation, source=plan.inv.path,
+        generated=format_time(plan.generated)[:16].replace("T", " "),
+        banner=report.source_lines(plan.coverage), cards=cards(plan), heat=heatmap(plan),
+        bars=targets_chart(plan), locations=copies_by_location(plan),
+        blocks=markdown_blocks(body))

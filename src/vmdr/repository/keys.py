@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from argon2.low_level import Type, hash_secret_raw
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmdr.errors import IntegrityError, UnsupportedFormat, UsageError, WrongPassword
 from vmdr.repository.crypto import MasterKey, b64, unb64
-from vmdr.timeutil import format_time, utcnow
+from vmdr.timeutil import format_time
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,13 @@ class KdfParams:
         return cls(time_cost=1, memory_kib=1024, parallelism=1)
 
 
+DEFAULT_KDF = KdfParams()
+"""What new key slots use unless the caller passes other parameters (tests pass
+``KdfParams.for_tests()``)."""
+
+
 def default_kdf() -> KdfParams:
-    # VMDR_INSECURE_TEST_KDF makes test suites fast; it is documented as unsafe.
-    if os.environ.get("VMDR_INSECURE_TEST_KDF") == "1":
-        return KdfParams.for_tests()
-    return KdfParams()
+    return DEFAULT_KDF
 
 
 def _derive(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
@@ -59,9 +62,11 @@ def _aad(repo_id: str, slot_id: str) -> bytes:
 
 
 def make_slot(
-    master: MasterKey, repo_id: str, passphrase: str, label: str, params: KdfParams
+    master: MasterKey, repo_id: str, passphrase: str, label: str, params: KdfParams,
+    created: datetime,
 ) -> tuple[str, bytes]:
-    """Return (slot_id, JSON bytes) of a new slot wrapping *master* under *passphrase*."""
+    """Return (slot_id, JSON bytes) of a new slot wrapping *master* under *passphrase*,
+    made at *created* (the caller's clock)."""
     slot_id = secrets.token_hex(8)
     kdf: dict[str, Any] = {
         "name": params.name, "time_cost": params.time_cost, "memory_kib": params.memory_kib,
@@ -71,7 +76,7 @@ def make_slot(
     nonce = os.urandom(12)
     wrapped = AESGCM(kek).encrypt(nonce, master.raw, _aad(repo_id, slot_id))
     doc = {
-        "version": 1, "slot": slot_id, "label": label, "created": format_time(utcnow()),
+        "version": 1, "slot": slot_id, "label": label, "created": format_time(created),
         "kdf": kdf, "nonce": b64(nonce), "wrapped": b64(wrapped),
     }
     return slot_id, json.dumps(doc, indent=1).encode()

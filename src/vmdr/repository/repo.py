@@ -22,6 +22,7 @@ from vmdr.errors import (
     SnapshotNotFound,
     UnsupportedFormat,
     UsageError,
+    VmdrError,
     WrongPassword,
 )
 from vmdr.repository import manifest
@@ -115,6 +116,7 @@ class Repository:
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
         self.cache = Cache(config.id) if use_cache else None
+        self._on_close: list[Callable[[], None]] = []
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
@@ -159,7 +161,8 @@ class Repository:
                 raise UsageError("an encrypted repository needs a passphrase")
             key = master or MasterKey.generate()
             doc["mac"] = blake3.blake3(_canonical(doc), key=key.mac_key).hexdigest()
-            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf())
+            slot, slot_doc = make_slot(key, cfg.id, passphrase, label, kdf or default_kdf(),
+                                       clock())
             backend.put(f"keys/{slot}", slot_doc)
         backend.put(CONFIG_NAME, json.dumps(doc, indent=1).encode())
         return cls(backend, cfg, key, slot, clock)
@@ -206,7 +209,13 @@ class Repository:
                 return key, str(doc["slot"])
         raise WrongPassword()
 
+    def release_on_close(self, release: Callable[[], None]) -> None:
+        """Call *release* (e.g. a lock's) when the repository closes, before its backend."""
+        self._on_close.append(release)
+
     def close(self) -> None:
+        while self._on_close:
+            self._on_close.pop()()
         if self.cache:
             self.cache.close()
         self.backend.close()
@@ -227,7 +236,8 @@ class Repository:
     def add_key_slot(self, passphrase: str, label: str, kdf: KdfParams | None = None) -> str:
         if self.key is None:
             raise UsageError("the repository is not encrypted; it has no keys")
-        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf())
+        slot, doc = make_slot(self.key, self.id, passphrase, label, kdf or default_kdf(),
+                              self.clock())
         self.backend.put(f"keys/{slot}", doc)
         return slot
 
@@ -316,6 +326,63 @@ class Repository:
             self.cache.put_snapshot(snap.id, plain)
         return snap.id
 
+    def commit_snapshot(self, snap: Snapshot, reused: Iterable[bytes],
+                        hint: str = "run the backup again") -> str:
+        """Commit a backup: write *snap*'s manifest, having made sure that every chunk it
+        *reused* (found already stored instead of uploading it) still exists.
+
+        The prune-generation re-check of format.md §9, in one place so no job can forget
+        it. Prune holds the exclusive lock and backups a shared one, so this only matters
+        when locks were broken by hand: a prune that deleted chunks changed
+        ``state/generation``; if it changed since the repository was opened, the reused
+        chunks are checked before the manifest is written, and if it changed again while
+        checking and writing, they are checked once more and the manifest is taken back.
+        Raises :class:`IntegrityError` (naming *hint*) when a reused chunk is gone.
+        """
+        return self._commit(snap.name, lambda: self.save_snapshot(snap), reused, hint)
+
+    def commit_raw_snapshot(self, sid: str, blob: bytes, name: str, chunks: Iterable[bytes],
+                            hint: str = "run it again") -> str:
+        """Commit an already-encoded manifest (a copy between repositories sharing a key),
+        with the same re-check as :meth:`commit_snapshot` for its *chunks*."""
+        def write() -> str:
+            self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
+            self.backend.put(f"snapshots/{sid}", blob)
+            return sid
+        return self._commit(name, write, chunks, hint)
+
+    def _commit(self, name: str, write: Callable[[], str], reused: Iterable[bytes],
+                hint: str) -> str:
+        ids = set(reused) - {HOLE}
+        seen = self.generation()
+        if seen != self._generation_at_open:
+            self._require_chunks(name, ids, hint)
+            if self.cache:  # its chunk list predates the prune
+                self.cache.sync_generation(seen)
+        sid = write()
+        if self.generation() != seen:  # a prune finished between the check and the write
+            try:
+                self._require_chunks(name, ids, hint)
+            except IntegrityError:
+                try:
+                    self.backend.delete(f"snapshots/{sid}")
+                except VmdrError as exc:  # e.g. append-only: check will name it
+                    log.error("could not take back snapshot %s: %s", sid[:16], exc.message)
+                if self.cache:
+                    self.cache.forget_snapshots(set(self.snapshot_ids()))
+                raise
+        return sid
+
+    def _require_chunks(self, name: str, ids: set[bytes], hint: str) -> None:
+        if len(ids) > 256:  # one listing instead of a request per chunk
+            present = {bytes.fromhex(os.path.basename(o.name)) for o in self.backend.list("data")}
+            missing = len(ids - present)
+        else:
+            missing = sum(1 for oid in ids if not self.backend.exists(chunk_name(oid)))
+        if missing:
+            raise IntegrityError(f"{name}: a concurrent prune removed {missing} chunks "
+                                 f"this snapshot uses; nothing was committed: {hint}")
+
     def load_snapshot(self, sid: str) -> Snapshot:
         plain = self.cache.get_snapshot(sid) if self.cache else None
         if plain is None:
@@ -395,6 +462,31 @@ class Repository:
             if kind is None or doc.get("kind") == kind:
                 out.append(doc)
         return sorted(out, key=lambda d: parse_time(d["time"]))
+
+    def attachment_ids(self, sid: str) -> list[str]:
+        """The object IDs of *sid*'s attachments (no reading, no decrypting)."""
+        return [o.name.rsplit("/", 1)[-1] for o in self.backend.list(f"attachments/{sid}")]
+
+    def snapshots_with_attachments(self) -> set[str]:
+        """IDs of the snapshots that have any attachment (one listing)."""
+        return {o.name.split("/")[1] for o in self.backend.list("attachments")
+                if o.name.count("/") >= 2}
+
+    def get_raw_snapshot(self, sid: str) -> bytes:
+        """The stored (encoded) manifest of *sid*, for a copy to a repository that shares
+        the key."""
+        try:
+            return self.backend.get(f"snapshots/{sid}")
+        except ObjectNotFound:
+            raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
+
+    def get_raw_attachment(self, sid: str, aid: str) -> bytes:
+        return self.backend.get(f"attachments/{sid}/{aid}")
+
+    def put_raw_attachment(self, sid: str, aid: str, blob: bytes) -> None:
+        """Store an already-encoded attachment (checked with this repository's key)."""
+        self.codec.unpack(TYPE_ATTACHMENT, bytes.fromhex(aid), blob, "attachment")
+        self.backend.put(f"attachments/{sid}/{aid}", blob)
 
     def is_protected(self, sid: str) -> bool:
         recs = self.attachments(sid, "protect")

@@ -46,6 +46,8 @@ overlays backed by these exports), :mod:`.checks` and :mod:`.png`.
 
 from __future__ import annotations
 
-from .server import NbdServer, ServeError, repo_url, start_server
+from vmdr.errors import ServeError
+
+from .server import NbdServer, repo_url, start_server
 
 __all__ = ["NbdServer", "ServeError", "repo_url", "start_server"]

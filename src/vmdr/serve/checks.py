@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmdr.hypervisor import agent
-from vmdr.hypervisor._compat import lv
+from vmdr.hypervisor import Domain
 
 Clock = Callable[[], float]
 
@@ -54,7 +53,7 @@ FATAL_CONSOLE = r"No bootable device|Kernel panic - not syncing"
 
 
 def wait_heartbeats(
-    dom: Any, *, t0: float, deadline: float, agent_ping: bool, console_pattern: str | None,
+    dom: Domain, *, t0: float, deadline: float, agent_ping: bool, console_pattern: str | None,
     console_log: str, clock: Clock = time.monotonic, poll: float = 1.0,
     fatal_pattern: str | None = FATAL_CONSOLE,
 ) -> list[Check]:
@@ -63,7 +62,7 @@ def wait_heartbeats(
     fatal = re.compile(fatal_pattern, re.M) if fatal_pattern else None
     pending: dict[str, Callable[[], bool]] = {}
     if agent_ping:
-        pending["agent"] = lambda: agent.ping(dom, timeout=2)
+        pending["agent"] = lambda: dom.guest_ping(timeout=2)
     if console_pattern:
         rx = re.compile(console_pattern, re.M)
         pending["console"] = lambda: rx.search(_console_text(console_log)) is not None
@@ -75,7 +74,7 @@ def wait_heartbeats(
                 del pending[name]
         if not pending:
             break
-        stopped = not dom.isActive()
+        stopped = not dom.is_active()
         m = fatal.search(_console_text(console_log)) if fatal else None
         if stopped or m or clock() > deadline:
             why = ("the domain stopped" if stopped else f"the console shows {m.group(0)!r}"
@@ -90,25 +89,8 @@ def wait_heartbeats(
     return [done[n] for n in order if n in done]
 
 
-def guest_addresses(dom: Any) -> list[str]:
-    """IPv4 addresses of the guest (guest agent first, then DHCP leases)."""
-    m = lv()
-    for src in (m.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
-                m.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE):
-        try:
-            ifaces = dom.interfaceAddresses(src, 0) or {}
-        except m.libvirtError:
-            continue
-        out = [a["addr"] for name, info in ifaces.items() if name != "lo"
-               for a in (info.get("addrs") or []) if a.get("type") == m.VIR_IP_ADDR_TYPE_IPV4
-               and not str(a.get("addr", "")).startswith("127.")]
-        if out:
-            return out
-    return []
-
-
 def check_ports(
-    dom: Any, ports: list[int], *, t0: float, deadline: float, has_network: bool,
+    dom: Domain, ports: list[int], *, t0: float, deadline: float, has_network: bool,
     clock: Clock = time.monotonic,
 ) -> list[Check]:
     if not ports:
@@ -121,7 +103,7 @@ def check_ports(
     for port in ports:
         ok = False
         while clock() <= deadline and not ok:
-            addrs = addrs or guest_addresses(dom)
+            addrs = addrs or dom.guest_addresses()
             for a in addrs:
                 try:
                     with socket.create_connection((a, port), timeout=2):

@@ -60,14 +60,13 @@ def thread_model() -> int:
 
 
 def _open() -> tuple[Any, Any]:
-    from vmdr.repository.repo import Repository
-    from vmdr.storage.registry import open_backend
-    from vmdr.storage.wrappers import wrap
+    from vmdr.repository.opening import OpenOptions, open_repository
 
     keyfile = _setup.get("keyfile")
-    backend = wrap(open_backend(str(_setup["url"])))
-    repo = Repository.open(backend, keyfile=base64.b64decode(keyfile) if keyfile else None,
-                           use_cache=False)
+    # no lock: the process that started nbdkit holds a shared one while it serves
+    repo = open_repository(OpenOptions(str(_setup["url"]),
+                                       key_data=base64.b64decode(keyfile) if keyfile else None,
+                                       use_cache=False), None)
     snap = repo.load_snapshot(str(_setup["snapshot"]))
     disks = {d.name: d for d in snap.disks}
     name = str(_setup["disk"])

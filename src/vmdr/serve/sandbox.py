@@ -28,14 +28,12 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from vmdr.errors import HypervisorError
-from vmdr.hypervisor import random_mac, rewrite_domain_xml
-from vmdr.hypervisor._compat import lv, parse_xml
-from vmdr.hypervisor.errors import libvirt_errors
+from vmdr.errors import DomainNotFound, HypervisorError, VmdrError
+from vmdr.hypervisor import Domain, Hypervisor, parse_xml, random_mac, rewrite_domain_xml
 from vmdr.hypervisor.state import require_reachable
 from vmdr.procutil import proc_start_time
+from vmdr.timeutil import utcnow
 
 from .png import PNG_SIGNATURE, ppm_to_png
 from .server import is_nbdkit
@@ -223,62 +221,39 @@ def _set_console(devices: ET.Element, console_log: str) -> None:
             devices.remove(con)
 
 
-def start_transient(conn: Any, xml: str) -> Any:
-    """Create and start a transient domain destroyed when *conn* closes."""
-    with libvirt_errors("starting the sandbox domain"):
-        return conn.createXML(xml, lv().VIR_DOMAIN_START_AUTODESTROY)
-
-
-def screenshot_png(conn: Any, dom: Any) -> bytes:
+def screenshot_png(dom: Domain) -> bytes:
     """The domain's screen as PNG (HypervisorError if it has no display)."""
-    with libvirt_errors("taking a screenshot"):
-        stream = conn.newStream(0)
-        try:
-            mime = str(dom.screenshot(stream, 0, 0) or "")
-            parts: list[bytes] = []
-            stream.recvAll(lambda _st, data, acc: acc.append(data) or len(data), parts)
-            stream.finish()
-        except BaseException:
-            try:
-                stream.abort()
-            except lv().libvirtError:
-                pass
-            raise
-    data = b"".join(parts)
-    if data.startswith(PNG_SIGNATURE):
-        return data  # QEMU ≥ 7.1 may hand out PNG already
+    shot = dom.console().screenshot()
+    if shot.data.startswith(PNG_SIGNATURE):
+        return shot.data  # QEMU ≥ 7.1 may hand out PNG already
     try:
-        return ppm_to_png(data)
+        return ppm_to_png(shot.data)
     except ValueError as exc:
-        raise HypervisorError(f"screenshot ({mime or 'unknown type'}): {exc}") from None
+        raise HypervisorError(f"screenshot ({shot.mime or 'unknown type'}): {exc}") from None
 
 
-def destroy_domain(conn: Any, st: SandboxState) -> list[str]:
+def destroy_domain(hv: Hypervisor | None, st: SandboxState) -> list[str]:
     """Destroy (and undefine, if someone made it persistent) the sandbox domain."""
-    if conn is None:
-        return []
-    try:
-        dom = (conn.lookupByUUIDString(st.uuid) if st.uuid
-               else conn.lookupByName(st.domain) if st.domain.startswith(NAME_PREFIX)
-               else None)
-    except lv().libvirtError:
+    if hv is None or not (st.uuid or st.domain.startswith(NAME_PREFIX)):
         return []
     done = []
-    if dom is not None:
-        try:
-            if dom.isActive():
-                dom.destroy()
-                done.append(f"destroyed {st.domain}")
-            if dom.isPersistent():
-                dom.undefine()
-        except lv().libvirtError:
-            pass
+    try:
+        dom = hv.lookup(st.uuid or st.domain)
+        if dom.is_active():
+            dom.destroy()
+            done.append(f"destroyed {st.domain}")
+        if dom.is_persistent():
+            dom.undefine()
+    except DomainNotFound:
+        pass  # gone with its connection (autodestroy): the usual case
+    except VmdrError:
+        pass  # libvirt destroys it when our connection closes; cleanup retries later
     return done
 
 
-def teardown(conn: Any, st: SandboxState, sandbox: str) -> list[str]:
+def teardown(hv: Hypervisor | None, st: SandboxState, sandbox: str) -> list[str]:
     """Destroy the domain, kill nbdkit, remove the files; what was done."""
-    done = destroy_domain(conn, st)
+    done = destroy_domain(hv, st)
     for pid in st.nbd_pids:
         if is_nbdkit(pid):
             os.kill(pid, signal.SIGTERM)
@@ -298,7 +273,7 @@ def teardown(conn: Any, st: SandboxState, sandbox: str) -> list[str]:
     return done
 
 
-def cleanup_leftovers(conn: Any, scratch_dir: str) -> list[str]:
+def cleanup_leftovers(hv: Hypervisor | None, scratch_dir: str) -> list[str]:
     """Remove sandboxes whose vmdr process is gone (domains, nbdkit, files)."""
     done: list[str] = []
     root = verify_root(scratch_dir)
@@ -309,33 +284,31 @@ def cleanup_leftovers(conn: Any, scratch_dir: str) -> list[str]:
                 continue
             st = read_state(path)
             if st is None:
-                if time.time() - os.stat(path).st_mtime < 600:
+                if utcnow().timestamp() - os.stat(path).st_mtime < 600:
                     continue  # being set up right now, maybe
                 st = SandboxState(entry, "", pid=0)
             elif st.owner_alive():
                 continue
-            done += teardown(conn, st, path)
-    if conn is not None:
-        done += _orphan_domains(conn)
+            done += teardown(hv, st, path)
+    if hv is not None:
+        done += _orphan_domains(hv)
     return done
 
 
-def _orphan_domains(conn: Any) -> list[str]:
+def _orphan_domains(hv: Hypervisor) -> list[str]:
     done = []
-    with libvirt_errors("listing domains"):
-        doms = conn.listAllDomains(0)
-    for dom in doms:
+    for name in hv.list_domains():
+        if not name.startswith(NAME_PREFIX):
+            continue
         try:
-            if not dom.name().startswith(NAME_PREFIX):
-                continue
-            el = parse_xml(dom.XMLDesc(0)).find(f"metadata/{{{META_NS}}}sandbox")
+            dom = hv.lookup(name)
+            el = parse_xml(dom.xml()).find(f"metadata/{{{META_NS}}}sandbox")
             if el is None or proc_start_time(int(el.get("pid", "0"))) is not None:
                 continue
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
+            dom.destroy()
+            if dom.is_persistent():
                 dom.undefine()
-            done.append(f"destroyed orphan {dom.name()}")
-        except lv().libvirtError:
-            continue
+            done.append(f"destroyed orphan {name}")
+        except VmdrError:
+            continue  # gone meanwhile, or not ours to touch
     return done

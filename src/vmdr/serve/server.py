@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from vmdr.errors import UsageError, VmdrError
+from vmdr.errors import ServeError, UsageError
 from vmdr.procutil import pid_alive
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository
@@ -32,10 +32,6 @@ PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
 RUN_DIR = "/run/vmdr"
 START_TIMEOUT = 60.0
 OWNER_FILE = "owner.json"
-
-
-class ServeError(VmdrError):
-    """The NBD server could not be started."""
 
 
 class NbdServer:

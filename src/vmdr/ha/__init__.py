@@ -1,0 +1,13 @@
+"""High availability: decisions as pure functions of (inventory, cluster state, now).
+
+* :mod:`~vmdr.ha.settings` — the ``[ha]`` table, its defaults and the fencing timing
+  argument;
+* :mod:`~vmdr.ha.model` — the HA policy from the one inventory, and the cluster state;
+* :mod:`~vmdr.ha.placement` — where restarted VMs go (capacity, anti-affinity, affinity);
+* :mod:`~vmdr.ha.boot` — restart order: priority groups, dependencies, readiness;
+* :mod:`~vmdr.ha.admission` — N+k admission control;
+* :mod:`~vmdr.ha.failover` — a host failure decided, and the fencing timeline.
+
+This package sits at the level of ``plan``: it reads the inventory and knows nothing of
+libvirt, etcd or repositories. The agent executes its decisions.
+"""

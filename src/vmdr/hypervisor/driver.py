@@ -1,0 +1,449 @@
+"""The hypervisor driver interface: what vmdr asks of a host, and the handles it hands out.
+
+Two drivers implement it: :class:`~vmdr.hypervisor.connection.LibvirtHypervisor` (libvirt
+and QEMU, local or over ssh; :func:`vmdr.hypervisor.connect`) and
+:class:`~vmdr.hypervisor.fake.FakeHypervisor` (in memory, for unit tests and simulated
+fleets). ``tests/unit/test_hypervisor_contract.py`` runs one contract suite against both.
+
+Everything a driver raises is a :mod:`vmdr.errors` exception (``DomainNotFound``,
+``NetworkNotFound``, ``HypervisorUnavailable``, ``HypervisorUnsupported``,
+``HypervisorError``...): no library error and no library object crosses this interface.
+
+The surface::
+
+    Hypervisor   uri, local, system; close(); list_domains(); lookup(name|uuid) -> Domain;
+                 domain(name) -> DomainInfo; define(xml); start/destroy/undefine(name);
+                 wait_heartbeat(name, ...); network(name) -> NetworkInfo;
+                 create_transient(xml) -> Domain; start_sandbox(xml, network) -> Sandbox;
+                 backup side (optional: HypervisorUnsupported by default): backup(...),
+                 list/checkpoint_xml/redefine/delete_checkpoint, cleanup_leftovers,
+                 read_nvram, read_tpm_state
+    Domain       name, uuid; info(); xml(inactive, secure); is_active(); is_persistent();
+                 state(); paused_on_io_error(); start(); destroy(); undefine(); suspend();
+                 resume(); block_copy(disk, dest) -> BlockCopyJob; block_job(disk);
+                 guest_ping(); guest_addresses(); console() -> Console;
+                 resume_after_io_error(); wait_heartbeat(...)
+    BlockCopyJob disk; status() -> CopyStatus; pivot() -> bool; cancel()
+    BackupJob    method, consistency, checkpoint, checkpoint_xml, disks (DiskSource),
+                 skipped, warnings; commit() (a context manager)
+    Console      log_path; read_log(); screenshot() -> Screenshot
+    Sandbox      domain, network; close() (also a context manager)
+
+Handles hold no state worth keeping: look a domain up again rather than caching one across
+a long wait (a handle whose domain went away raises ``DomainNotFound``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Literal, Protocol
+
+from vmdr.errors import HeartbeatTimeout, HypervisorError, HypervisorUnsupported, UsageError
+
+from .domain import DiskInfo, DomainInfo, State
+from .session import DiskSource, Method
+
+__all__ = ["BackupJob", "BlockCopyJob", "Console", "CopyStatus", "Domain", "Hypervisor",
+           "NetworkInfo", "Sandbox", "Screenshot"]
+
+
+@dataclass(frozen=True)
+class CopyStatus:
+    """One disk's block-copy job: bytes copied of the bytes to copy."""
+
+    disk: str
+    cur: int
+    end: int
+    active: bool
+
+    @property
+    def ready(self) -> bool:
+        """The copy is in sync: a pivot will succeed."""
+        return self.active and self.end > 0 and self.cur == self.end
+
+
+@dataclass(frozen=True)
+class Screenshot:
+    """The domain's screen as the hypervisor hands it out (``image/x-portable-pixmap`` from
+    QEMU before 7.1, PNG after)."""
+
+    mime: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """A virtual network of the host."""
+
+    name: str
+    active: bool
+    forwards: bool  # has a <forward>: guests on it reach beyond the host
+
+    @property
+    def isolated(self) -> bool:
+        return not self.forwards
+
+
+class BlockCopyJob(ABC):
+    """A full (flattening) copy of one disk of a running domain to a new local image.
+
+    Created by :meth:`Domain.block_copy`, found again by :meth:`Domain.block_job`."""
+
+    def __init__(self, disk: str) -> None:
+        self.disk = disk
+
+    @abstractmethod
+    def status(self) -> CopyStatus:
+        """Progress; ``active=False`` when no job runs on the disk (never started, pivoted,
+        cancelled, or failed)."""
+
+    @abstractmethod
+    def pivot(self) -> bool:
+        """Switch the disk onto its copy (live and persistent definition); False if the
+        copy is not in sync yet (try again later)."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Abandon the copy; the domain stays on its current disk. No error if none runs."""
+
+
+class Console(ABC):
+    """A domain's serial console log and its screen."""
+
+    def __init__(self, log_path: str | None) -> None:
+        self.log_path = log_path
+
+    def read_log(self) -> str:
+        """The console log so far ('' if there is none yet)."""
+        if not self.log_path:
+            return ""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    @abstractmethod
+    def screenshot(self) -> Screenshot:
+        """The screen now (HypervisorError if the domain has no display or is off)."""
+
+
+class Domain(ABC):
+    """One domain (virtual machine) of a host."""
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def uuid(self) -> str: ...
+
+    @abstractmethod
+    def info(self) -> DomainInfo:
+        """Inspect the domain: state, vCPUs, memory, disks with sizes, NVRAM and TPM."""
+
+    @abstractmethod
+    def xml(self, *, inactive: bool = False, secure: bool = False) -> str:
+        """The live definition, or (``inactive``) the persistent one; ``secure`` includes
+        passwords (never log it)."""
+
+    @abstractmethod
+    def is_active(self) -> bool:
+        """A QEMU process exists (running or paused)."""
+
+    @abstractmethod
+    def is_persistent(self) -> bool:
+        """Defined (False: transient, gone when it stops)."""
+
+    @abstractmethod
+    def state(self) -> State:
+        """running | paused | stopped | other."""
+
+    @abstractmethod
+    def paused_on_io_error(self) -> bool:
+        """Paused because a disk returned an I/O error (error_policy='stop')."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Boot a defined domain."""
+
+    @abstractmethod
+    def destroy(self) -> None:
+        """Power off hard; no error if it is not running. A transient domain is gone after."""
+
+    @abstractmethod
+    def undefine(self) -> None:
+        """Remove the definition with its NVRAM and checkpoint/snapshot metadata."""
+
+    @abstractmethod
+    def suspend(self) -> None:
+        """Pause a running domain; no error if it is already paused or off."""
+
+    @abstractmethod
+    def resume(self) -> None:
+        """Continue a paused domain."""
+
+    @abstractmethod
+    def block_copy(self, disk: str, dest: str, *, fmt: str = "qcow2",
+                   bandwidth: int | None = None) -> BlockCopyJob:
+        """Start a full copy of ``disk`` into a new file ``dest`` (created by the
+        hypervisor); ``bandwidth`` in bytes/s, None: unlimited."""
+
+    @abstractmethod
+    def block_job(self, disk: str) -> BlockCopyJob:
+        """The copy job of ``disk`` (its ``status().active`` says whether one runs)."""
+
+    @abstractmethod
+    def guest_ping(self, timeout: int = 3) -> bool:
+        """The guest agent answers within ``timeout`` seconds."""
+
+    @abstractmethod
+    def guest_addresses(self) -> list[str]:
+        """The guest's IPv4 addresses (guest agent first, then DHCP leases; no loopback);
+        [] when none is known."""
+
+    @abstractmethod
+    def console(self) -> Console:
+        """The serial console log and screen."""
+
+    # -- composed from the above ---------------------------------------------------------------
+
+    def resume_after_io_error(self, *, attempts: int = 10, settle: float = 1.0,
+                              sleep: Callable[[float], None] = time.sleep) -> None:
+        """Resume a paused domain and make sure it stays running (retrying the failed I/O).
+
+        QEMU's NBD client reconnects in the background after the first retried request
+        fails, so the guest may pause again once; resume until it stays up for ``settle``
+        seconds."""
+        for _ in range(attempts):
+            if self.state() == "paused":
+                self.resume()
+            sleep(settle)
+            if self.state() != "paused":
+                return
+        raise HypervisorError(f"{self.name} pauses again on I/O errors: its disks' backing "
+                              "is still unreachable")
+
+    def wait_heartbeat(
+        self, *, agent: bool = True, console_pattern: str | None = None,
+        console_log: str | None = None, timeout: float = 300.0, poll: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> float:
+        """Seconds until the guest agent answers or ``console_pattern`` shows in
+        ``console_log`` (HeartbeatTimeout; HypervisorError if the domain stops)."""
+        if not agent and not (console_pattern and console_log):
+            raise ValueError("wait_heartbeat needs agent or console_pattern + console_log")
+        pattern = re.compile(console_pattern) if console_pattern else None
+        t0 = clock()
+        while True:
+            if not self.is_active():
+                raise HypervisorError(f"{self.name} stopped before its heartbeat")
+            if pattern is not None and console_log and _log_matches(console_log, pattern):
+                return clock() - t0
+            if agent and self.guest_ping(timeout=max(1, int(min(poll * 2, 5)))):
+                return clock() - t0
+            if clock() - t0 > timeout:
+                raise HeartbeatTimeout(f"{self.name}: no heartbeat within {timeout:.0f}s")
+            sleep(poll)
+
+
+def _log_matches(path: str, pattern: re.Pattern[str]) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return pattern.search(f.read()) is not None
+    except FileNotFoundError:
+        return False
+
+
+class Sandbox:
+    """A transient domain that the hypervisor destroys when the connection closes (even if
+    vmdr is killed), optionally with one NIC on an isolated network. Close it when done."""
+
+    def __init__(self, domain: Domain, network: NetworkInfo | None) -> None:
+        self.domain = domain
+        self.network = network
+
+    def close(self) -> None:
+        """Destroy the domain (and undefine it, if someone made it persistent); no error if
+        it is gone already."""
+        try:
+            self.domain.destroy()
+            if self.domain.is_persistent():
+                self.domain.undefine()
+        except HypervisorError:
+            pass  # gone already; else the hypervisor destroys it when the connection closes
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class BackupJob(Protocol):
+    """What :meth:`Hypervisor.backup` hands out: a context manager around one backup of one
+    domain (the libvirt driver's is :class:`~vmdr.hypervisor.backup.BackupSession`).
+
+    Leaving it without :meth:`commit` undoes everything the backup put in place."""
+
+    @property
+    def method(self) -> str:
+        """checkpoint | overlay | offline."""
+
+    @property
+    def consistency(self) -> Literal["quiesced", "crash"]: ...
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint this backup creates (the next incremental's base), or None."""
+
+    @property
+    def checkpoint_xml(self) -> str | None:
+        """Its full XML, to save with the snapshot (see ``redefine_checkpoint``)."""
+
+    @property
+    def disks(self) -> list[DiskSource]:
+        """The disks to read: extents and thread-safe reads."""
+
+    @property
+    def skipped(self) -> list[DiskInfo]: ...
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+    def commit(self) -> None:
+        """The data is safely stored: keep the new checkpoint, drop older ones."""
+
+    def __enter__(self) -> BackupJob: ...
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+class Hypervisor(ABC):
+    """One connection to one host. Every error leaves as a :mod:`vmdr.errors` exception."""
+
+    uri: str
+    local: bool  # the host is this machine (files and sockets are reachable directly)
+    system: bool  # a system instance (guests run as the QEMU user, not as us)
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection; transient domains created through it are destroyed."""
+
+    @abstractmethod
+    def list_domains(self) -> list[str]:
+        """Names of all domains, running or not, sorted."""
+
+    @abstractmethod
+    def lookup(self, name: str) -> Domain:
+        """The domain with this name or UUID (DomainNotFound)."""
+
+    @abstractmethod
+    def define(self, xml: str) -> str:
+        """Define (persist) a domain, or update the definition of one with that name; its
+        name."""
+
+    @abstractmethod
+    def create_transient(self, xml: str) -> Domain:
+        """Create and start a transient domain destroyed when this connection closes."""
+
+    @abstractmethod
+    def network(self, name: str) -> NetworkInfo:
+        """A virtual network (NetworkNotFound)."""
+
+    # -- composed from the above ---------------------------------------------------------------
+
+    def domain(self, name: str) -> DomainInfo:
+        """Inspect a domain (DomainNotFound if there is none)."""
+        return self.lookup(name).info()
+
+    def start(self, name: str) -> None:
+        self.lookup(name).start()
+
+    def destroy(self, name: str) -> None:
+        """Power a domain off (no error if already off)."""
+        self.lookup(name).destroy()
+
+    def undefine(self, name: str) -> None:
+        self.lookup(name).undefine()
+
+    def wait_heartbeat(self, name: str, *, agent: bool = True,
+                       console_pattern: str | None = None, console_log: str | None = None,
+                       timeout: float = 300.0) -> float:
+        """Seconds until the guest shows life (agent ping or console regex)."""
+        return self.lookup(name).wait_heartbeat(agent=agent, console_pattern=console_pattern,
+                                                console_log=console_log, timeout=timeout)
+
+    def isolated_network(self, name: str) -> NetworkInfo:
+        """The network, if it is active and forwards nothing (else UsageError)."""
+        net = self.network(name)
+        if net.forwards:
+            raise UsageError(f"network {name!r} forwards traffic; a sandbox needs an isolated "
+                             "network (no <forward>)")
+        if not net.active:
+            raise UsageError(f"network {name!r} is not active")
+        return net
+
+    def start_sandbox(self, xml: str, *, network: str | None = None) -> Sandbox:
+        """Start ``xml`` as a transient, auto-destroyed domain. With ``network``, that
+        network must be isolated and active (UsageError), and the XML's NIC should use it."""
+        net = self.isolated_network(network) if network else None
+        return Sandbox(self.create_transient(xml), net)
+
+    # -- backup side: optional, HypervisorUnsupported unless a driver offers it ---------------
+
+    def _unsupported(self, what: str) -> HypervisorUnsupported:
+        return HypervisorUnsupported(f"{what} is not supported by the {type(self).__name__} "
+                                     f"driver ({self.uri})")
+
+    def backup(self, info: DomainInfo, *, checkpoint_prefix: str, scratch_dir: str,
+               disks: Sequence[str] | None = None, incremental_from: str | None = None,
+               quiesce: bool = False, method: Method = "auto",
+               now: datetime | None = None) -> BackupJob:
+        """A backup session (a context manager); see the package docstring."""
+        raise self._unsupported("backup")
+
+    def list_checkpoints(self, info: DomainInfo, prefix: str) -> list[str]:
+        """This prefix's checkpoint names, oldest first."""
+        raise self._unsupported("checkpoints")
+
+    def checkpoint_xml(self, info: DomainInfo, name: str) -> str:
+        """A checkpoint's full XML (what :meth:`redefine_checkpoint` takes)."""
+        raise self._unsupported("checkpoints")
+
+    def redefine_checkpoint(self, info: DomainInfo, saved_checkpoint_xml: str) -> str:
+        """Recreate lost checkpoint metadata; validated against the bitmaps when running."""
+        raise self._unsupported("checkpoints")
+
+    def delete_checkpoint(self, info: DomainInfo, name: str) -> bool:
+        """Delete one checkpoint; False if it did not exist."""
+        raise self._unsupported("checkpoints")
+
+    def cleanup_leftovers(self, name: str, checkpoint_prefix: str, scratch_dir: str) -> list[str]:
+        """Undo an interrupted backup of ``name``; what was done."""
+        raise self._unsupported("backup")
+
+    def read_nvram(self, info: DomainInfo) -> bytes | None:
+        """The UEFI NVRAM file's bytes, or None if the domain has none."""
+        raise self._unsupported("reading NVRAM")
+
+    def read_tpm_state(self, info: DomainInfo) -> bytes | None:
+        """The swtpm state directory as an uncompressed tar, or None if there is none."""
+        raise self._unsupported("reading TPM state")
