@@ -89,7 +89,7 @@ def test_token_is_stored_as_a_hash_only(agent: Agent, tmp_path: Path) -> None:
     token = create_token(agent.history, "admin", "ci")
     agent.history.close()
     raw = (tmp_path / "agent.db").read_bytes()
-    assert token.encode() not in raw and token.split("_")[2].encode() not in raw
+    assert token.encode() not in raw and token.split("_", 2)[2].encode() not in raw
 
 
 def test_openapi_document_covers_every_api_route(client: TestClient) -> None:

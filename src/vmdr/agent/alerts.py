@@ -20,6 +20,7 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
+from vmdr.agent.clock import iso, wall
 from vmdr.agent.history import History
 from vmdr.config import AlertConfig
 from vmdr.credentials import read_secret
@@ -37,12 +38,12 @@ def payload(fmt: str, status: str, kind: str, key: str, message: str,
     if fmt == "gotify":
         return {"title": title, "message": message, "priority": 8 if status == "firing" else 2}
     return {"status": status, "kind": kind, "key": key, "message": message,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))}
+            "time": iso(when)}
 
 
 class Alerter:
     def __init__(self, cfg: AlertConfig, history: History,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = wall) -> None:
         self.cfg, self.history, self.clock = cfg, history, clock
         self.sent: list[dict[str, Any]] = []  # what went out (tests, the dashboard)
         # one delivery thread, so a "resolved" never overtakes its "firing"

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -304,7 +303,7 @@ def cancel_job(request: Request) -> JSONResponse:
     if j is None:
         raise ApiError(404, "no such job")
     if j.state == "queued":
-        a.history.update_job(j.id, state="failed", ended=time.time(), error="cancelled")
+        a.history.update_job(j.id, state="failed", ended=a.clock(), error="cancelled")
         return JSONResponse({"cancelled": True})
     return JSONResponse({"cancelled": a.runner.cancel(j.id)})
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from vmdr.agent.clock import wall
 from vmdr.agent.history import History
 from vmdr.errors import UsageError
 
@@ -57,7 +57,7 @@ def create_token(history: History, role: str, name: str | None = None,
         raise UsageError(f"role must be one of {', '.join(ROLES)}")
     tid = secrets.token_hex(4)
     token = f"vmdr_{tid}_{secrets.token_urlsafe(32)}"
-    now = time.time()
+    now = wall()
     history.add_token(tid, name or f"{role}-{tid}", role, digest(token), now,
                       now + ttl_s if ttl_s else None)
     return token
@@ -69,7 +69,7 @@ def check_token(history: History, token: str, now: float | None = None) -> Princ
     row = history.token_by_hash(digest(token))
     if row is None or not hmac.compare_digest(row["hash"], digest(token)):
         return None
-    if row["expires"] is not None and (now or time.time()) >= row["expires"]:
+    if row["expires"] is not None and (now or wall()) >= row["expires"]:
         return None
     return Principal(str(row["name"]), str(row["role"]), "token")
 
@@ -82,7 +82,7 @@ def add_user(history: History, name: str, role: str, password: str) -> None:
         raise UsageError("user names are letters, digits, '-', '_' and '.'")
     if len(password) < 8:
         raise UsageError("a password needs at least 8 characters")
-    history.set_user(name, role, _hasher.hash(password), time.time())
+    history.set_user(name, role, _hasher.hash(password), wall())
 
 
 def check_user(history: History, name: str, password: str) -> Principal | None:

@@ -23,11 +23,13 @@ from typing import Any
 from vmdr import config as configmod
 from vmdr.agent import scheduler as sched
 from vmdr.agent.alerts import Alerter
+from vmdr.agent.clock import stamp, wall
 from vmdr.agent.coord import Coordinator, Embedded, Member
 from vmdr.agent.history import History, Job, new_job_id
 from vmdr.agent.inventory import LibvirtVMs, VMSource
 from vmdr.agent.runner import Runner, job_command
 from vmdr.config import Config
+from vmdr.timeutil import utcnow
 
 log = logging.getLogger("vmdr.agent")
 STATS_EVERY = 600.0  # seconds between repository size measurements
@@ -46,11 +48,11 @@ def scheduled_id(key: str, vm: str | None, due: float) -> str:
     """The same id for the same run of a schedule on every agent: a second leader that
     fires the same occurrence again inserts nothing."""
     h = hashlib.sha256(f"{key}\0{vm}\0{due:.3f}".encode()).hexdigest()[:8]
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime(due)) + "-" + h
+    return stamp(due) + "-" + h
 
 
 def local_tz() -> dt.tzinfo:
-    tz = dt.datetime.now().astimezone().tzinfo
+    tz = utcnow().astimezone().tzinfo  # the host's zone: calendar times are local
     assert tz is not None
     return tz
 
@@ -60,7 +62,7 @@ class Agent:
 
     def __init__(self, cfg: Config, history: History | None = None,
                  vms: VMSource | None = None, coordinator: Coordinator | None = None,
-                 clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = wall,
                  command: Callable[[Job], list[str]] | None = None) -> None:
         self.cfg = cfg
         self.schedules = sched.schedules(cfg)  # CalendarError (exit 2) on a bad schedule

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 
+from vmdr.agent.clock import stamp, wall
 from vmdr.errors import UsageError
 
 meta = sa.MetaData()
@@ -155,7 +155,7 @@ _JOB_FIELDS = tuple(f.name for f in fields(Job))
 
 
 def new_job_id() -> str:
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    return stamp(wall()) + "-" + secrets.token_hex(4)
 
 
 def _row_job(r: Any) -> Job:

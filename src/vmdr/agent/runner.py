@@ -16,11 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vmdr.agent.clock import wall
 from vmdr.agent.history import History, Job
 from vmdr.config import Config, RepositoryRef
 from vmdr.storage.registry import redact
@@ -129,7 +129,7 @@ class Runner:
     """Runs jobs as subprocesses and records what they say. One per agent."""
 
     def __init__(self, history: History, command: Callable[[Job], list[str]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = wall) -> None:
         self.history, self.command, self.clock = history, command, clock
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.listeners: list[Callable[[Job], None]] = []

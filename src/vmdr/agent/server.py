@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmdr.agent import api, metrics, web
 from vmdr.agent.auth import Principal, check_token
+from vmdr.agent.clock import wall
 from vmdr.agent.daemon import Agent
 from vmdr.config import Config
 from vmdr.errors import UsageError
@@ -57,13 +58,13 @@ class Sessions:
 
     def create(self, p: Principal) -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
-        s = Session(p, secrets.token_urlsafe(24), time.time() + SESSION_TTL)
+        s = Session(p, secrets.token_urlsafe(24), wall() + SESSION_TTL)
         self._s[sid] = s
         return sid, s
 
     def get(self, sid: str | None) -> Session | None:
         s = self._s.get(sid or "")
-        if s is None or s.expires < time.time():
+        if s is None or s.expires < wall():
             self._s.pop(sid or "", None)
             return None
         return s

@@ -73,7 +73,7 @@ def repo_stats(cfg: Config, repo: str) -> tuple[dict[str, Any] | None, str | Non
 
 def repositories(a: Agent) -> list[dict[str, Any]]:
     out = []
-    since = time.time() - 30 * 86400
+    since = a.clock() - 30 * 86400
     for name, ref in sorted(a.cfg.repositories.items()):
         growth = [{"time": r["time"], "stored_bytes": r["stored_bytes"],
                    "snapshots": r["snapshots"]} for r in a.history.repo_stats(name, since)]

@@ -11,7 +11,6 @@ import asyncio
 import datetime as dt
 import glob
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +172,7 @@ def overview(request: Request) -> Response:
                 cov_err=cov_err, running=running, failed=failed, repos=repos, shots=shots,
                 rpo_ok=ok, rpo_tracked=tracked, alerts=a.history.alerts("firing"),
                 recent=a.history.jobs(limit=15),
-                now=time.time())
+                now=a.clock())
 
 
 def growth_svg(points: list[dict[str, Any]], w: int = 320, h: int = 80) -> str:
@@ -191,7 +190,7 @@ def growth_svg(points: list[dict[str, Any]], w: int = 320, h: int = 80) -> str:
 def vms(request: Request) -> Response:
     _need(request, "auditor")
     a: Agent = request.app.state.agent
-    return page(request, "vms.html", prot=a.protection(), now=time.time())
+    return page(request, "vms.html", prot=a.protection(), now=a.clock())
 
 
 def vm_page(request: Request) -> Response:
@@ -205,7 +204,7 @@ def vm_page(request: Request) -> Response:
     snaps, err = snapshots(a.cfg, repo, name) if repo else ([], "no repository")
     return page(request, "vm.html", vm=row, snaps=snaps, snap_err=err,
                 jobs=a.history.jobs(limit=20, vm=name), repos=sorted(a.cfg.repositories),
-                shot=_screenshot(a, name), now=time.time())
+                shot=_screenshot(a, name), now=a.clock())
 
 
 async def vm_action(request: Request) -> Response:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import time
+from datetime import datetime
 
 from vmdr.cli.common import Globals, emit_json, out
 from vmdr.errors import UsageError
@@ -11,7 +11,7 @@ from vmdr.ui.progress import human_bytes
 
 
 def _t(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
 def cmd_jobs(ns: argparse.Namespace, g: Globals) -> int:
