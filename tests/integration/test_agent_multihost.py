@@ -94,11 +94,11 @@ repository = "shared"
         time.sleep(2 * PERIOD + 5)
         t_kill = time.time()
         h1.kill()
-        handover = None
+        handover, new_leader = None, ""
         while time.time() - t_kill < TTL + 10:
             now = leader()
             if now and now != "h1":
-                handover = time.time() - t_kill
+                handover, new_leader = time.time() - t_kill, now
                 break
             time.sleep(0.2)
         assert handover is not None, logs()
@@ -123,4 +123,4 @@ repository = "shared"
     ok = [j for j in jobs if j.state == "ok"]
     assert len(ok) >= len(dues) - 1, [(j.state, j.error) for j in jobs]
     assert all(j.host == "h2" for j in jobs)
-    print(f"h1 killed; {leader() or '?'} leads after {handover:.1f}s; {len(ok)} backups")
+    print(f"h1 killed; {new_leader} leads after {handover:.1f}s; {len(ok)} backups")
