@@ -111,3 +111,52 @@ def test_the_daemon_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path
             proc.kill()
     assert proc.returncode == 0, err
     assert "reload failed, keeping the old config" in err and "sometimes" in err
+
+
+def test_https_with_tls_cert_and_secure_cookie(tmp_path: Path) -> None:
+    """With tls_cert/tls_key the agent serves HTTPS only, and its session cookie is Secure."""
+    import http.client
+    import socket
+    import ssl
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = Path(write(tmp_path, listen=f"127.0.0.1:{port}"))
+    cfg.write_text(cfg.read_text().replace(
+        "[agent]\n", f'[agent]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'))
+    token = run("--config", str(cfg), "agent", "token", "create", "--role", "auditor"
+                ).stdout.splitlines()[-1]
+    proc = subprocess.Popen([*VMDR, "--config", str(cfg), "agent"], stderr=subprocess.PIPE,
+                            text=True)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        for _ in range(150):
+            try:
+                c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+                c.request("GET", "/api/v1/health")
+                assert c.getresponse().status == 200
+                break
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.1)
+        c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+        c.request("POST", "/login", body=f"token={token}",
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+        r = c.getresponse()
+        assert r.status == 303
+        cookie = r.getheader("set-cookie") or ""
+        assert "vmdr_session=" in cookie and "Secure" in cookie and "HttpOnly" in cookie
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            plain.request("GET", "/api/v1/health")
+            status = plain.getresponse().status
+        except (OSError, http.client.HTTPException):
+            status = 0
+        assert status in (0, 400)  # no plain HTTP answer
+    finally:
+        proc.terminate()
+        proc.wait(30)
