@@ -235,3 +235,52 @@ def test_jobs_cli_lists_the_history(tmp_path: Path, n: int, capsys: pytest.Captu
     assert main(["--config", cfgfile, "jobs", "show", "nope"]) == 2
     assert main(["--config", cfgfile, "jobs"]) == 0
     assert "vm1" in capsys.readouterr().out
+
+
+def test_coordination_store_down_keeps_own_policies_and_never_doubles(tmp_path: Path) -> None:
+    """etcd unreachable: the host's own policy (hosts = [this host]) goes on from its last
+    known state and says so; the fleet's policy waits; when the store is back, the same
+    occurrence is not queued twice."""
+    from vmdr.agent.coord import Embedded, Member
+
+    class Flaky(Embedded):
+        name = "flaky"
+        broken = False
+
+        def tick(self, me: Member, now: float) -> bool:
+            if self.broken:
+                raise ConnectionError("etcd: connection refused")
+            return super().tick(me, now)
+
+    base = (time.time() // 60) * 60 + 30  # xx:xx:30
+    t = [base]
+    a = make_agent(tmp_path, ["vm1", "vm2"], clock=lambda: t[0], extra="""
+[policies.own]
+vms = ["vm1"]
+hosts = ["h1"]
+schedule = "minutely"
+repository = "local"
+""")
+    a.cfg.policies["demo"].vms = ["vm2"]
+    coord = Flaky(a.history)
+    a.coord = coord
+
+    async def scenario() -> None:
+        await a.cycle()  # records both schedules at xx:xx:30
+        coord.broken = True
+        t[0] = base + 35  # past the next minute
+        await a.cycle()
+        assert a.scheduling_note and "own" in a.scheduling_note
+        assert "demo" not in a.scheduling_note.split(";")[1]
+        coord.broken = False
+        t[0] = base + 40
+        await a.cycle()
+        await asyncio.gather(*a.tasks)
+
+    asyncio.run(scenario())
+    jobs = [j for j in a.history.jobs() if j.type == "backup"]
+    own = [j for j in jobs if j.policy == "own"]
+    fleet = [j for j in jobs if j.policy == "demo"]
+    assert len(own) == 1 and own[0].scheduled_for == base + 30  # once, while isolated
+    assert own[0].created == base + 35
+    assert len(fleet) == 1 and fleet[0].created == base + 40  # after the store came back

@@ -82,6 +82,7 @@ class Agent:
         self._last_minute = 0.0
         self._last_stats = 0.0
         self._state_broken = False
+        self._known_state: dict[str, float] | None = None  # last schedule state seen
         self._prot: tuple[float, list[dict[str, Any]]] | None = None
         self._prot_lock = threading.Lock()
         self.scheduling_note: str | None = None
@@ -142,16 +143,23 @@ class Agent:
                     vms=[{"name": v.name, "running": v.running, "tier": v.tier}
                          for v in local])
         was = self.leader
+        isolated = False
         try:
             self.leader = await loop.run_in_executor(None, self.coord.tick, me, now)
             self.scheduling_note = None
         except Exception as exc:
-            self.leader = False
+            self.leader, isolated = False, True
+            own = sorted({x.policy for x in self.local_schedules()})
             self.scheduling_note = f"coordination store unreachable: {exc}"
-            log.warning("%s: not scheduling", self.scheduling_note)
+            if own and self._known_state is not None:
+                self.scheduling_note += (f"; running this host's own policies ({', '.join(own)}) "
+                                         "on their last known schedule")
+            log.warning("%s; not scheduling the fleet", self.scheduling_note)
         if self.leader != was:
             log.info("%s the leader", "became" if self.leader else "is no longer")
-        if self.leader:
+        if isolated:
+            self.schedule_isolated(now)
+        elif self.leader:
             self.schedule(now)
             if self.coord.name != "embedded":
                 self.reassign_lost(now)
@@ -160,16 +168,48 @@ class Agent:
             self._last_minute = now
             await loop.run_in_executor(None, self.minutely, now)
 
+    def local_schedules(self) -> list[sched.Schedule]:
+        """Schedules of policies bound to this host alone (``hosts = ["<this host>"]``)."""
+        return [s for s in self.schedules if self.cfg.policies[s.policy].hosts == [self.host]]
+
+    def schedule_isolated(self, now: float) -> list[Job]:
+        """The coordination store is unreachable: this host's own policies go on from the
+        last schedule state it saw (kept in memory); the fleet's wait for a leader. Their
+        jobs keep their deterministic ids, so a leader that later fires the same occurrence
+        queues nothing twice."""
+        known = self._known_state
+        if known is None:
+            return []
+
+        def advance(key: str, expected: float | None, new: float) -> bool:
+            known[key] = new
+            return True
+
+        return self._fire(self.local_schedules(), dict(known), advance, now)
+
     def schedule(self, now: float) -> list[Job]:
         """Fire due schedules (first sight: start counting from now) and queue their jobs."""
         state = self.coord.schedule_state()
-        created: list[Job] = []
         for s in self.schedules:
             if s.key not in state:
                 self.coord.advance(s.key, None, now)
+                state[s.key] = now
+        self._known_state = dict(state)
+
+        def advance(key: str, expected: float | None, new: float) -> bool:
+            ok = self.coord.advance(key, expected, new)
+            if ok and self._known_state is not None:
+                self._known_state[key] = new
+            return ok
+
+        return self._fire(self.schedules, state, advance, now)
+
+    def _fire(self, scheds: list[sched.Schedule], state: dict[str, float],
+              advance: Callable[[str, float | None, float], bool], now: float) -> list[Job]:
+        created: list[Job] = []
         when = dt.datetime.fromtimestamp(now, local_tz())
-        for f in sched.due(self.schedules, state, when):
-            if not self.coord.advance(f.schedule.key, f.previous, now):
+        for f in sched.due(scheds, state, when):
+            if not advance(f.schedule.key, f.previous, now):
                 log.info("schedule %s: already handled by another agent", f.schedule.key)
                 continue
             specs = sched.expand(self.cfg, f, self.all_vms(), self.host)
