@@ -287,7 +287,7 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         t = _Reader(path, table, f"repositories.{name}.")
         url = t.text("url")
         if not url:
-            raise ConfigError(f"{path}: repositories.{name}.url: missing")
+            raise ConfigError(f"{path}: repositories.{name}.url: missing (required)")
         cfg.repositories[name] = RepositoryRef(name, url, t.text("password_file"),
                                                t.text("key_file"))
     a = _Reader(path, r.table_("agent"), "agent.")
