@@ -191,6 +191,10 @@ def test_job_command_names_files_never_secrets(tmp_path: Path) -> None:
     c = Job(id="y", type="copy", vm="vm1", state="queued", created=0.0, repository="local",
             args={"to": "offsite"})
     assert "--to" in job_command(cfg, c)
+    v = Job(id="v1", type="verify", vm="vm1", state="queued", created=0.0,
+            repository="local", args={"boot": True})
+    argv = job_command(cfg, v)
+    assert argv[argv.index("--evidence-dir") + 1] == f"{tmp_path}/evidence/v1"
     p = Job(id="z", type="prune", vm=None, state="queued", created=0.0, repository="local",
             args={"keep": {"daily": 7}})
     assert job_command(cfg, p)[-3:] == ["--prune", "--keep-daily", "7"]

@@ -71,7 +71,10 @@ def job_command(cfg: Config, job: Job) -> list[str]:
     if job.type == "verify":
         cmd = ["verify", f"{job.vm}@{a.get('snapshot') or 'latest'}"]
         if a.get("boot"):
-            cmd += ["--boot", "--connect", cfg.connect]
+            # the console screenshot lands where the dashboard shows it from
+            evidence = os.path.join(os.path.dirname(os.path.abspath(cfg.agent.state)),
+                                    "evidence", job.id)
+            cmd += ["--boot", "--connect", cfg.connect, "--evidence-dir", evidence]
         return base + cmd
     if job.type == "copy":
         to = cfg.repositories[str(a["to"])]
