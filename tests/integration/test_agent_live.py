@@ -172,3 +172,46 @@ def test_dashboard_login_backup_now_and_history(
     finally:
         b.quit()
     print(f"screenshots in {shots}", file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_boot_verification_screenshot_on_the_dashboard(
+        live_vm: TestVM, agent_setup: tuple[str, Path, dict[str, str]]) -> None:
+    """A boot verification queued through the API ends ok, and the overview shows its
+    console screenshot, served by the agent."""
+    url, tmp, env = agent_setup
+    token = subprocess.run([*VMDR, "agent", "token", "create", "--role", "operator"],
+                           env=env, capture_output=True, text=True, timeout=60
+                           ).stdout.splitlines()[-1]
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    req = urllib.request.Request(f"{url}/api/v1/vms/{live_vm.name}/verify", method="POST",
+                                 data=json.dumps({"boot": True}).encode(), headers=auth)
+    job = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    deadline = time.monotonic() + 400
+    state = "queued"
+    while time.monotonic() < deadline and state in ("queued", "running"):
+        time.sleep(3)
+        r = urllib.request.Request(f"{url}/api/v1/jobs/{job['id']}", headers=auth)
+        got = json.loads(urllib.request.urlopen(r, timeout=30).read())
+        state = got["state"]
+    assert state == "ok", got
+    shots = list((tmp / "evidence" / job["id"]).glob("*.png"))
+    assert shots, "no screenshot saved"
+    from selenium.webdriver.common.by import By
+
+    b = _browser()
+    try:
+        b.get(url + "/login")
+        b.find_element(By.ID, "token").send_keys(token)
+        b.find_element(By.ID, "login").click()
+        imgs = [i.get_attribute("src") for i in b.find_elements(By.CSS_SELECTOR, "img.shot-small")]
+        assert any(job["id"] in (s or "") for s in imgs), imgs
+        ok = b.execute_script(
+            "const i = document.querySelector('img.shot-small');"
+            "return i.complete && i.naturalWidth > 0;")
+        assert ok, "the screenshot did not load"
+        shots_dir = Path(os.environ.get("VMDR_AGENT_SHOTS", str(tmp / "shots")))
+        shots_dir.mkdir(parents=True, exist_ok=True)
+        b.save_screenshot(str(shots_dir / "6-verified-boot.png"))
+    finally:
+        b.quit()
