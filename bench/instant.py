@@ -73,14 +73,15 @@ def _instant(env: dict[str, str], vm: TestVM, target: Path, n: int) -> tuple[flo
     name = f"{vm.name}-i{n}"
     t0 = time.monotonic()
     proc = subprocess.Popen([*VMDR, "instant-restore", vm.name, "--name", name,
-                             "--target-dir", str(target), "--heartbeat", BEAT, "--json"],
+                             "--target-dir", str(target), "--heartbeat", BEAT, "--json-events"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     beat = None
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if line.startswith("{") and json.loads(line)["event"] == "heartbeat":
+            ev = json.loads(line)
+            if ev["type"] == "phase" and ev["phase"] == "migrate" and beat is None:
                 beat = time.monotonic() - t0
         if proc.wait() != 0 or beat is None:
             raise SystemExit(f"instant-restore failed (exit {proc.returncode})")

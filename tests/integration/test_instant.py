@@ -22,6 +22,7 @@ import pytest
 
 from tests.guest.estate import TestVM, cleanup_stale
 from tests.guest.records import check_records
+from vmdr.errors import MigrationStopped
 
 from .vmtools import VMDR, backup, nbdkit_pids, repo_env, vmdr
 
@@ -69,7 +70,13 @@ def _wait_beats(log: Path, more_than: int, timeout: float = 60) -> int:
 
 
 def _events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in stderr.splitlines() if ln.startswith("{")]
+    """The --json-events stream: every line of stderr is one event."""
+    return [json.loads(ln) for ln in stderr.splitlines()]
+
+
+def _label(event: dict[str, Any]) -> str:
+    """A phase event by its phase name, any other event by its type."""
+    return str(event["phase"] if event["type"] == "phase" else event["type"])
 
 
 def test_files_from_guest_data_disk(source: tuple[TestVM, dict[str, str]],
@@ -93,10 +100,12 @@ def test_instant_restore_then_repository_gone(source: tuple[TestVM, dict[str, st
     away = repo.with_name("repo.away")
     try:
         p = vmdr(env, "instant-restore", vm.name, "--name", new, "--target-dir", str(target),
-                 "--json")
+                 "--json", "--json-events")
         res = json.loads(p.stdout)
-        kinds = [e["event"] for e in _events(p.stderr)]
-        assert "heartbeat" in kinds and kinds.count("pivoted") == 2 and "copy" in kinds
+        events = _events(p.stderr)
+        kinds = [_label(e) for e in events]
+        assert kinds[0] == "start" and kinds[-1] == "end" and events[-1]["result"] == res
+        assert "migrate" in kinds and kinds.count("pivot") == 2 and "progress" in kinds
         assert res["heartbeat_s"] > 0
         conn = _conn()
         dom = conn.lookupByName(new)
@@ -125,7 +134,7 @@ def test_instant_restore_then_repository_gone(source: tuple[TestVM, dict[str, st
 
 
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*VMDR, "instant-restore", *args, "--json"], env=env,
+    return subprocess.Popen([*VMDR, "instant-restore", *args, "--json-events"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -134,10 +143,9 @@ def _until_copying(proc: subprocess.Popen[str]) -> list[str]:
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
-        if line.startswith("{"):
-            seen.append(json.loads(line)["event"])
-            if seen[-1] == "copy":
-                return seen
+        seen.append(_label(json.loads(line)))
+        if seen[-1] == "progress":
+            return seen
     rest = proc.stderr.read()
     raise AssertionError(f"no copy started (exit {proc.wait()}): {seen} {rest}")
 
@@ -162,7 +170,7 @@ def test_interrupt_and_server_lost_mid_migration(
     conn = _conn()
     try:
         procs.append(_start(env, vm.name, "--name", new, "--target-dir", str(target), *slow))
-        assert "heartbeat" in _until_copying(procs[-1])
+        assert "migrate" in _until_copying(procs[-1])  # after the heartbeat
         procs[-1].send_signal(signal.SIGINT)  # Ctrl-C
         _stopped(procs[-1], 130)
         dom = conn.lookupByName(new)
@@ -170,10 +178,10 @@ def test_interrupt_and_server_lost_mid_migration(
         assert (target / f"{new}.instant.json").exists()
 
         procs.append(_start(env, "--resume", new, "--target-dir", str(target), *slow))
-        assert "resumed" in _until_copying(procs[-1])
+        assert "migrate" in _until_copying(procs[-1])  # resumed
         for pid in nbdkit_pids(f"/run/vmdr/instant/{new}"):
             os.kill(pid, signal.SIGKILL)  # the repository's NBD export is gone
-        _stopped(procs[-1], 8)
+        _stopped(procs[-1], MigrationStopped.exit_code)  # 17
         assert dom.state()[0] == 3
         log = target / f"{new}-console.log"
         n = _beats(log)

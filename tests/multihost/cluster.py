@@ -26,8 +26,11 @@ FIRST_HOST_OCTET = 11  # h1 = .11, h2 = .12, ...
 
 class Cluster:
     def __init__(self, hosts: int = 3, *, etcd: bool = True, sshd: bool = False,
-                 root_leg: bool = True) -> None:
+                 root_leg: bool = True, lockd: bool = False) -> None:
+        """``lockd``: every host guards disks with virtlockd leases in ``shared/lockspace``
+        (``lock_manager = "lockd"``), so two hosts cannot run the same disk."""
         self.n_hosts, self.with_etcd, self.with_sshd = hosts, etcd, sshd
+        self.with_lockd = lockd
         self.net = TestNet(root_leg=root_leg)
         self.hosts: list[Host] = []
         self.etcd: EtcdCluster | None = None
@@ -49,9 +52,12 @@ class Cluster:
             os.chmod(self.shared, 0o777)
             if self.with_sshd:
                 self._ssh_keys()
+            lockspace = self.shared / "lockspace" if self.with_lockd else None
+            if lockspace is not None:
+                lockspace.mkdir()
             for i in range(self.n_hosts):
                 node = self.net.add_node(f"h{i + 1}", FIRST_HOST_OCTET + i)
-                host = Host(self.net, node, sshd=self.with_sshd)
+                host = Host(self.net, node, sshd=self.with_sshd, lockspace=lockspace)
                 host.prepare()
                 if self.with_sshd:
                     self._sshd_config(host)

@@ -135,7 +135,12 @@ class EtcdCluster:
             time.sleep(0.1)
 
     def log_tail(self, name: str) -> str:
+        """The member's fatal/panic message if it logged one, else the log's tail."""
         try:
-            return (self.dir / f"{name}.log").read_text()[-1500:]
+            text = (self.dir / f"{name}.log").read_text()
         except OSError:
             return ""
+        for line in text.splitlines():
+            if '"level":"panic"' in line or '"level":"fatal"' in line:
+                return line[:1500]
+        return text[-1500:]

@@ -57,12 +57,17 @@ class Host:
     """One libvirt host: ``name`` (h1, h2...) on ``node`` of ``net``, files under ``dir``."""
 
     def __init__(self, net: TestNet, node: Node, *, sshd: bool = False,
-                 qemu_conf: dict[str, str] | None = None) -> None:
+                 qemu_conf: dict[str, str] | None = None,
+                 lockspace: Path | None = None) -> None:
         self.net, self.node, self.name = net, node, node.name
         self.dir = net.dir / node.name
         self.host_uuid = str(uuid.uuid4())
         self.sshd = sshd
         self.qemu_conf = {**_QEMU_CONF, **(qemu_conf or {})}
+        # disk guard: virtlockd leases in a lockspace on the shared storage
+        self.lockspace = lockspace
+        if lockspace is not None:
+            self.qemu_conf["lock_manager"] = '"lockd"'
         self.init: subprocess.Popen[bytes] | None = None
         self._conns: list[Any] = []
         self._conn: Any = None
@@ -106,6 +111,10 @@ class Host:
                     {**_LIBVIRTD_CONF, "listen_addr": f'"{self.addr}"',
                      "host_uuid": f'"{self.host_uuid}"'})
         _write_conf(Path("/etc/libvirt/qemu.conf"), etc / "qemu.conf", self.qemu_conf)
+        if self.lockspace is not None:
+            _write_conf(Path("/etc/libvirt/qemu-lockd.conf"), etc / "qemu-lockd.conf",
+                        {"auto_disk_leases": "1", "require_lease_for_disks": "1",
+                         "file_lockspace_dir": f'"{self.lockspace}"'})
         # QEMU's capability cache from the system libvirtd (same binaries): saves the ~4 s
         # probe per fresh host. libvirt re-probes on its own if the cache does not match.
         caps = Path("/var/cache/libvirt/qemu/capabilities")

@@ -1,10 +1,8 @@
 """Instant recovery without a hypervisor: XML helpers, the block-copy loop, validation and
-the progress renderer, against a small fake domain."""
+the events it reports, against a small fake domain."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import types
 from datetime import UTC, datetime
@@ -12,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from vmdr.cli.instant_cmds import Renderer
 from vmdr.errors import HypervisorError, UsageError, VmdrError
+from vmdr.events import BytesProgress, JobEvents, ListSink, PhaseStarted
 from vmdr.hypervisor import Domain, mirror
 from vmdr.hypervisor.fake import FakeDomainRecord, FakeFleet
 from vmdr.jobs import instant
@@ -69,32 +67,34 @@ def test_error_policy_and_nbd_detection() -> None:
 
 def test_migrate_copies_reports_and_pivots(tmp_path: Any) -> None:
     rec, dom = _dom({"vda": 300, "vdb": 250})
-    events: list[dict[str, Any]] = []
+    sink = ListSink()
     opts = instant.InstantOptions(name="x", bandwidth=1 << 20, poll=0)
-    instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]), opts, events.append,
-                     FakeServer())
+    instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]), opts,
+                     JobEvents(sink, interval=0), FakeServer())
     assert mirror.nbd_backed_disks(dom.xml()) == []  # both pivoted onto their copies
     assert mirror.disk_sources(dom.xml(inactive=True)) == {
         "vda": f"{tmp_path}/vda.qcow2", "vdb": f"{tmp_path}/vdb.qcow2"}
-    done = [e for e in events if e["event"] == "copy" and e["disk"] == "vdb"]
-    assert [e["done"] for e in done] == [100, 200, 250]
-    assert [e["event"] for e in events][-1] == "pivoted"
+    done = [e for e in sink.of(BytesProgress) if e.item == "x/vdb"]
+    assert [e.done for e in done] == [100, 200, 250, 250] and done[-1].final
+    assert done[-1].total == 250
+    last = sink.events[-1]
+    assert isinstance(last, PhaseStarted) and last.phase == "pivot"
     assert not rec.copies
 
 
 def test_migrate_skips_disks_already_local(tmp_path: Any) -> None:
     rec, dom = _dom({"vda": 100, "vdb": 100})
     rec.xml = _xml(vda="local", vdb="nbd")
-    started = [e["disk"] for e in _events_of_migrate(dom, tmp_path) if
-               e["event"] == "copy-started"]
-    assert started == ["vdb"]
+    started = [e.item for e in _events_of_migrate(dom, tmp_path).of(PhaseStarted)
+               if e.phase == "copy"]
+    assert started == ["x/vdb"]
 
 
-def _events_of_migrate(dom: Domain, tmp_path: Any) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
+def _events_of_migrate(dom: Domain, tmp_path: Any) -> ListSink:
+    sink = ListSink()
     instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]),
-                     instant.InstantOptions(name="x", poll=0), events.append, FakeServer())
-    return events
+                     instant.InstantOptions(name="x", poll=0), JobEvents(sink), FakeServer())
+    return sink
 
 
 @pytest.mark.parametrize("case", ["ioerror", "job-gone", "server-dead"])
@@ -104,18 +104,18 @@ def test_migrate_stops_on_trouble(tmp_path: Any, case: str,
     server = FakeServer(alive=case != "server-dead")
     if case == "ioerror":
         rec.pause_on_io_error()
-    events: list[dict[str, Any]] = []
+    sink = ListSink()
     if case == "job-gone":
         rec.failing_copies.add("vda")
         monkeypatch.setattr(instant.time, "sleep", lambda s: None)
     with pytest.raises(VmdrError) as ei:
         instant._migrate(dom, _state(str(tmp_path), ["vda"]),
-                         instant.InstantOptions(name="x", poll=0), events.append, server)
+                         instant.InstantOptions(name="x", poll=0), JobEvents(sink), server)
     assert {"ioerror": "unreachable", "job-gone": "failed",
             "server-dead": "NBD server"}[case] in ei.value.message
     assert mirror.nbd_backed_disks(dom.xml()) == ["vda"]  # not pivoted
     if case == "job-gone":  # restarted COPY_RETRIES times before giving up
-        started = [e for e in events if e["event"] == "copy-started"]
+        started = [e for e in sink.of(PhaseStarted) if e.phase == "copy"]
         assert len(started) == 1 + instant.COPY_RETRIES
 
 
@@ -170,21 +170,7 @@ def test_resume_without_state_is_a_usage_error(tmp_path: Any) -> None:
     with pytest.raises(UsageError, match="no unfinished instant restore"):
         instant.instant_resume(Any, "n",  # type: ignore[arg-type]
                                instant.InstantOptions(name="n", target_dir=str(tmp_path)),
-                               FakeHv(), lambda e: None)  # type: ignore[arg-type]
-
-
-def test_renderer_json_and_text() -> None:
-    buf = io.StringIO()
-    r = Renderer(True, False, buf)
-    r({"event": "heartbeat", "vm": "x", "seconds": 3.2})
-    r({"event": "copy", "disk": "vda", "done": 1, "total": 10})  # throttled
-    r({"event": "copy", "disk": "vda", "done": 10, "total": 10})  # final: always shown
-    lines = [json.loads(ln) for ln in buf.getvalue().splitlines()]
-    assert [ln["event"] for ln in lines] == ["heartbeat", "copy"] and lines[1]["done"] == 10
-    buf = io.StringIO()
-    r = Renderer(False, True, buf)
-    r({"event": "pivoted", "disk": "vda", "path": "/d/vda.qcow2"})
-    assert buf.getvalue() == "vmdr: vda now runs on /d/vda.qcow2\n"
+                               FakeHv(), JobEvents())  # type: ignore[arg-type]
 
 
 SRC_XML = ("<domain type='qemu'><name>web</name><os><type>hvm</type></os><devices>"
@@ -217,7 +203,7 @@ def test_failure_before_boot_leaves_nothing(tmp_path: Any,
     target = tmp_path / "t"
     with pytest.raises(HypervisorError, match="bad XML"):
         instant.instant_restore(Any, snap, instant.InstantOptions(  # type: ignore[arg-type]
-            name="web-now", target_dir=str(target)), hv, lambda e: None)
+            name="web-now", target_dir=str(target)), hv, JobEvents())
     assert server.stopped and os.listdir(target) == []
     xml = defined[0]  # what would have been defined: overlays, stop policy, new console log
     assert f"{target}/web-now-vda.overlay.qcow2" in xml and "rerror_policy=\"stop\"" in xml

@@ -8,14 +8,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmdr import config as configmod
 from vmdr.errors import UsageError
+from vmdr.events import JobEvents, Outcome
 from vmdr.repository.opening import LockMode, OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
-from vmdr.ui.progress import Progress, make_progress
 
 
 @dataclass
@@ -29,9 +29,15 @@ class Globals:
     progress: bool
     config: configmod.Config
     append_only: bool = False
+    # the command's job events (vmdr.events); main() starts and ends the job
+    events: JobEvents = field(default_factory=JobEvents)
+    result_doc: Any = None
+    outcome: Outcome | None = None  # "partial": some items failed (default: by exit code)
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> Globals:
+    def from_args(cls, ns: argparse.Namespace, events: JobEvents | None = None) -> Globals:
+        global _current_events
+        _current_events = events
         cfg = configmod.load(getattr(ns, "config", None))
         return cls(
             repo=getattr(ns, "repo", None) or os.environ.get("VMDR_REPO") or cfg.repository,
@@ -45,6 +51,7 @@ class Globals:
             append_only=(bool(getattr(ns, "append_only", False))
                          or os.environ.get("VMDR_APPEND_ONLY", "") not in ("", "0")
                          or cfg.append_only),
+            events=events or JobEvents(),
         )
 
     def need_repo(self) -> str:
@@ -64,8 +71,12 @@ class Globals:
         return OpenOptions(url=url or self.need_repo(), passphrase=self.passphrase,
                            key_file=self.key_file, append_only=self.append_only, **kw)
 
-    def progress_for(self) -> Progress:
-        return make_progress(self.progress and not self.json, self.json)
+    def result(self, doc: Any) -> None:
+        """The command's result document: printed on stdout with ``--json``, and carried
+        by the job's ``end`` event either way."""
+        self.result_doc = doc
+        if self.json:
+            emit_json(doc)
 
 
 def repository(g: Globals, lock: LockMode = "shared", command: str = "") -> Repository:
@@ -82,8 +93,16 @@ def out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+_current_events: JobEvents | None = None  # the running command's (set by Globals.from_args)
+
+
 def warn(text: str) -> None:
-    sys.stderr.write(f"vmdr: warning: {text}\n")
+    """A warning of the running command, as a warning event: the renderers print it as
+    ``vmdr: warning: …`` (``--json-events``: a JSON line)."""
+    if _current_events is not None:
+        _current_events.warning(text)
+    else:
+        sys.stderr.write(f"vmdr: warning: {text}\n")
 
 
 Handler = Callable[[argparse.Namespace, Globals], int]
@@ -103,7 +122,13 @@ def common_parser() -> argparse.ArgumentParser:
                    help="open the repository with an exported key file (env VMDR_KEY_FILE)")
     g.add_argument("--config", default=s, metavar="FILE",
                    help="config file (env VMDR_CONFIG, default /etc/vmdr/vmdr.toml)")
-    g.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    g.add_argument("--json", action="store_true", default=s,
+                   help="machine-readable output: the result as one JSON document on stdout")
+    g.add_argument("--json-events", action="store_true", default=s,
+                   help="every job event as one JSON object per line on stderr, and nothing "
+                        "else there (docs/events.md)")
+    g.add_argument("--job-id", default=s, metavar="ID",
+                   help="the job id the events carry (env VMDR_JOB_ID; default random)")
     g.add_argument("--append-only", action="store_true", default=s,
                    help="never delete or replace repository objects (env VMDR_APPEND_ONLY=1)")
     g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")

@@ -9,7 +9,7 @@ import argparse
 import contextlib
 import os
 
-from vmdr.cli.common import Globals, emit_json, out
+from vmdr.cli.common import Globals, out
 from vmdr.jobs.copy import CopyOptions, copy_snapshots
 from vmdr.repository.opening import OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
@@ -42,9 +42,9 @@ def cmd_copy(ns: argparse.Namespace, g: Globals) -> int:
         dst = stack.enter_context(open_repository(
             OpenOptions(ns.to, dst_pw, dst_key, append_only=g.append_only, bandwidth=bucket),
             "shared", "copy"))
-        res = copy_snapshots(src, dst, opts, g.progress_for())
+        res = copy_snapshots(src, dst, opts, g.events)
+    g.result(res.as_dict())
     if g.json:
-        emit_json(res.as_dict())
         return 0
     for s in res.snapshots:
         verb = "copied " if s.status == "copied" else "present"

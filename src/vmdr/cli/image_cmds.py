@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.cli.common import Globals, out, repository
+from vmdr.errors import UsageError
 from vmdr.jobs.image import backup_image, restore_image
+from vmdr.repository.resolve import check_name
 from vmdr.ui.progress import human_bytes
+
+
+def snapshot_name(text: str) -> str:
+    """argparse type: a valid new snapshot name (README "Names")."""
+    try:
+        return check_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
     with repository(g, "shared", "image backup") as r:
-        res = backup_image(r, ns.path, ns.name, ns.tag, g.progress_for(), g.config.workers,
+        res = backup_image(r, ns.path, ns.name, ns.tag, g.events, g.config.workers,
                            force_read=ns.force_read)
-    if g.json:
-        emit_json(res.as_dict())
-    else:
+    g.result(res.as_dict())
+    if not g.json:
         st = res.stats
         out(f"snapshot {res.snapshot.name}@{res.snapshot.short_id}: read "
             f"{human_bytes(st['bytes_read'])}, new {human_bytes(st['bytes_new'])}, stored "
@@ -26,10 +35,9 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
 def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
     with repository(g, "shared", "image restore") as r:
         snap = r.resolve(ns.snapshot)
-        res = restore_image(r, snap, ns.path, ns.format, ns.disk, ns.force, g.progress_for())
-    if g.json:
-        emit_json(res)
-    else:
+        res = restore_image(r, snap, ns.path, ns.format, ns.disk, ns.force, g.events)
+    g.result(res)
+    if not g.json:
         out(f"restored {snap.name}@{snap.short_id}:{res['disk']} to {ns.path} "
             f"({ns.format}, {human_bytes(res['size'])}) in {res['duration_s']:.1f}s")
     return 0
@@ -43,7 +51,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                      description="Read a raw/qcow2/... image or block device (allocated "
                                  "extents only) into a new snapshot.")
     p.add_argument("path", help="image file or block device")
-    p.add_argument("--name", required=True, help="snapshot name (e.g. the VM or volume)")
+    p.add_argument("--name", required=True, type=snapshot_name,
+                   help="snapshot name (e.g. the VM or volume): up to 128 characters, no "
+                        "'@', no control characters")
     p.add_argument("--tag", action="append", default=[], help="add a tag; repeatable")
     p.add_argument("--force-read", action="store_true",
                    help="read the image even if it looks unchanged since the last snapshot "

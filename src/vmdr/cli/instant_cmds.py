@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-import threading
-import time
-from typing import Any, TextIO
 
-from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.cli.common import Globals, out, repository
 from vmdr.errors import UsageError
 from vmdr.hypervisor import connect
 from vmdr.jobs.instant import DEFAULT_DIR, InstantOptions, instant_restore, instant_resume
-from vmdr.ui.progress import human_bytes
 
 DESCRIPTION = """\
 Boot a VM at once from a snapshot: the repository serves the disks over NBD, the new
@@ -25,58 +19,6 @@ At the end it is an ordinary VM on local disks that no longer needs the reposito
 The NBD server lives in this process: the command runs in the foreground until the disks
 are moved. Ctrl-C (or an unreachable repository) leaves the VM paused with its data safe
 in the overlays; 'vmdr instant-restore --resume NAME --target-dir DIR' continues."""
-
-
-class Renderer:
-    """Turns job events into a text status line or JSON lines (both on stderr)."""
-
-    def __init__(self, json_mode: bool, bar: bool, stream: TextIO = sys.stderr) -> None:
-        self.json = json_mode
-        self.bar = bar and stream.isatty()
-        self.stream = stream
-        self.copies: dict[str, tuple[int, int]] = {}
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        with self._lock:
-            if self.json:
-                now = time.monotonic()
-                final = ev.get("done") == ev.get("total")
-                if ev["event"] == "copy" and not final and now - self._last < 0.5:
-                    self.copies[ev["disk"]] = (ev["done"], ev["total"])
-                    return
-                self._last = now
-                self.stream.write(json.dumps(ev) + "\n")
-            else:
-                self._text(ev)
-            self.stream.flush()
-
-    def _text(self, ev: dict[str, Any]) -> None:
-        kind = ev["event"]
-        if kind == "copy":
-            self.copies[ev["disk"]] = (ev["done"], ev["total"])
-            now = time.monotonic()
-            if not self.bar or now - self._last < 0.5:
-                return
-            self._last = now
-            parts = [f"{d} {100 * c / t if t else 0:5.1f}% {human_bytes(c)}/{human_bytes(t)}"
-                     for d, (c, t) in sorted(self.copies.items())]
-            self.stream.write("\rmoving disks: " + " | ".join(parts) + "   ")
-            return
-        if self.bar and self.copies:
-            self.stream.write("\n")
-        lines = {
-            "serving": lambda: f"serving snapshot {str(ev.get('snapshot'))[:8]} over NBD",
-            "started": lambda: f"{ev['vm']} started on overlays after {ev['seconds']:.1f}s",
-            "heartbeat": lambda: f"{ev['vm']} is up: heartbeat after {ev['seconds']:.1f}s",
-            "resumed": lambda: f"{ev['vm']} resumed",
-            "copy-started": lambda: f"copying {ev['disk']} to {ev['target']}",
-            "pivoted": lambda: f"{ev['disk']} now runs on {ev['path']}",
-            "warning": lambda: f"warning: {ev['message']}",
-        }
-        if kind in lines:
-            self.stream.write(f"vmdr: {lines[kind]()}\n")
 
 
 def _uri(ns: argparse.Namespace, g: Globals) -> str:
@@ -95,14 +37,13 @@ def cmd_instant(ns: argparse.Namespace, g: Globals) -> int:
         timeout=ns.timeout,
         bandwidth=int(ns.bandwidth * (1 << 20)) if ns.bandwidth else None,
         keep_overlays=ns.keep_overlays)
-    emit = Renderer(g.json, g.progress)
     with connect(_uri(ns, g)) as hv, repository(g, "shared", "instant-restore") as repo:
         if ns.resume:
-            res = instant_resume(repo, name, opts, hv, emit)
+            res = instant_resume(repo, name, opts, hv, g.events)
         else:
-            res = instant_restore(repo, repo.resolve(ns.vm), opts, hv, emit)
+            res = instant_restore(repo, repo.resolve(ns.vm), opts, hv, g.events)
+    g.result(res)
     if g.json:
-        emit_json(res)
         return 0
     hb = res.get("heartbeat_s")
     out(f"{res['vm']} runs on local disks ({res['duration_s']:.1f}s"

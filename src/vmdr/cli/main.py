@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
+import io
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vmdr import __version__
 from vmdr.cli.common import Globals, common_parser
 from vmdr.errors import EXIT_CODES, EXIT_INTERRUPTED, VmdrError
+from vmdr.events import Event, EventSink, JobEvents, JobWarning, Outcome, new_job_id
+from vmdr.storage.registry import redact_text
+from vmdr.ui import make_sink
 
 # Command modules, in --help order, and which module registers each command word. Only the
 # module of the command being run is imported, so `vmdr backup` does not pay for the
 # plan renderers, the NBD server or the file-level tools (tests/unit/test_cli_modules.py
 # keeps this table honest).
 MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
-           "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds", "agent_cmds", "jobs_cmds"]
+           "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds",
+           "watchdog_cmds", "agent_cmds", "jobs_cmds"]
 COMMANDS = {
     "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
     "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
@@ -26,9 +34,10 @@ COMMANDS = {
     "unprotect": "snapshot_cmds", "copy": "copy_cmds", "plan": "plan_cmds",
     "serve": "verify_cmds", "verify": "verify_cmds", "instant-restore": "instant_cmds",
     "files": "files_cmds", "mount": "files_cmds", "umount": "files_cmds",
-    "ha": "ha_cmds", "agent": "agent_cmds", "jobs": "jobs_cmds",
+    "ha": "ha_cmds",
+    "watchdog": "watchdog_cmds", "agent": "agent_cmds", "jobs": "jobs_cmds",
 }
-_VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config"}
+_VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config", "--job-id"}
 
 
 def command_word(args: Sequence[str]) -> str | None:
@@ -81,21 +90,127 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+class _RedactingFilter(logging.Filter):
+    """Hides URL passwords in every log line, whoever logs it (ours, botocore, paramiko)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+# options that are not the job's own parameters (the start event's "args")
+_NOT_ARGS = {"repo", "password_file", "key_file", "config", "json", "json_events", "job_id",
+             "append_only", "no_progress", "verbose", "debug", "command", "subcommand",
+             "plan_command", "func"}
+
+
+def job_kind(ns: argparse.Namespace) -> str:
+    """The command path: ``backup``, ``image backup``, ``repo init``…"""
+    words = [str(ns.command)]
+    words += [str(v) for v in (getattr(ns, "subcommand", None),
+                               getattr(ns, "plan_command", None)) if v]
+    return " ".join(words)
+
+
+def job_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The command's own options for the start event, URLs without their passwords."""
+    from vmdr.storage.registry import redact
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact(v) if "://" in v else v
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v if v is None or isinstance(v, bool | int | float) else str(v)
+
+    return {k: clean(v) for k, v in sorted(vars(ns).items()) if k not in _NOT_ARGS}
+
+
+class _EventLogHandler(logging.Handler):
+    """With --json-events, log warnings become warning events (stderr holds only JSON)."""
+
+    def __init__(self, events: JobEvents) -> None:
+        super().__init__(logging.WARNING)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.events.emit(JobWarning, message=record.getMessage(), item=None)
+        except Exception:
+            self.handleError(record)
+
+
+def _parse_for_events(parser: argparse.ArgumentParser,
+                      args: list[str]) -> argparse.Namespace | int:
+    """Parse with --json-events: a usage error becomes a start and an end event (exit 2)
+    instead of argparse's text on stderr."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            return parser.parse_args(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+        if code == 0:
+            return 0  # --help, --version: printed on stdout
+        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+        message = lines[-1].split(": error: ", 1)[-1] if lines else "usage error"
+        events = JobEvents(make_sink(json_events=True), job=new_job_id())
+        events.start(command_word(args) or "")
+        events.finish("failed", code, message)
+        return code
+
+
+def _job_events(ns: argparse.Namespace) -> JobEvents:
+    json_events = bool(getattr(ns, "json_events", False))
+    bars = not getattr(ns, "no_progress", False) and not getattr(ns, "json", False)
+    job = getattr(ns, "job_id", None) or new_job_id()
+    return JobEvents(_redacting(make_sink(json_events, bars)), job=job)
+
+
+def _redacting(sink: EventSink) -> EventSink:
+    """Every message that reaches a renderer has URL passwords hidden (README "Security")."""
+
+    def redacted(event: Event) -> None:
+        msg = getattr(event, "message", None)
+        if isinstance(msg, str):
+            clean = redact_text(msg)
+            if clean != msg:
+                event = dataclasses.replace(event, message=clean)  # type: ignore[call-arg]
+        sink(event)
+
+    return redacted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(command_word(args))
-    ns = parser.parse_args(args)
+    if "--json-events" in args:
+        parsed = _parse_for_events(parser, args)
+        if isinstance(parsed, int):
+            return parsed
+        ns = parsed
+    else:
+        ns = parser.parse_args(args)
     debug = bool(getattr(ns, "debug", False))
     verbose = int(getattr(ns, "verbose", 0) or 0)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
-        format="vmdr: %(levelname)s: %(message)s", stream=sys.stderr,
-    )
+    json_events = bool(getattr(ns, "json_events", False))
+    events = _job_events(ns)
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    if json_events:
+        logging.basicConfig(level=logging.WARNING, handlers=[_EventLogHandler(events)])
+    else:
+        logging.basicConfig(level=level, format="vmdr: %(levelname)s: %(message)s",
+                            stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactingFilter())
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
@@ -104,25 +219,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     # checkpoints not moved, scratch files removed, sandboxes and NBD servers stopped.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
+    # the job's start and end events frame everything; the end event comes whatever
+    # happens (with the exit code and the error line), so a reader of --json-events
+    # always learns the outcome
+    events.start(job_kind(ns), **job_args(ns))
+    g: Globals | None = None
+    code, message = 1, None
+    outcome: Outcome = "failed"
+    line = ""  # the error line, printed after the end event has cleared any bars
     try:
-        g = Globals.from_args(ns)
-        code: int = ns.func(ns, g)
+        g = Globals.from_args(ns, events)
+        code = int(ns.func(ns, g))
+        outcome = "ok" if code == 0 else "failed"
         return code
     except VmdrError as exc:
-        sys.stderr.write(f"vmdr: error: {exc.message}\n")
-        return exc.exit_code
+        code, message = exc.exit_code, redact_text(exc.message)
+        line = f"vmdr: error: {message}\n"
+        return code
     except KeyboardInterrupt:
-        sys.stderr.write("vmdr: interrupted\n")
-        return EXIT_INTERRUPTED
+        code, message, outcome = EXIT_INTERRUPTED, "interrupted", "interrupted"
+        line = "vmdr: interrupted\n"
+        return code
     except BrokenPipeError:
-        return 1
+        code, message = 1, "broken pipe"
+        return code
     except Exception as exc:
+        message = f"internal error: {type(exc).__name__}: {redact_text(str(exc))}"
         if debug:
             raise
-        sys.stderr.write(f"vmdr: internal error: {type(exc).__name__}: {exc} "
-                         "(run with --debug for a traceback and report it)\n")
+        line = f"vmdr: {message} (run with --debug for a traceback and report it)\n"
         return 1
-
+    finally:
+        if g is not None and g.outcome is not None and outcome != "interrupted":
+            outcome = g.outcome
+        events.finish(outcome, code, message, g.result_doc if g is not None else None)
+        if line and not json_events:
+            sys.stderr.write(line)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 
 from vmdr.cli.common import Globals, emit_json, out, repository
-from vmdr.errors import IntegrityError
+from vmdr.errors import IntegrityError, UsageError
+from vmdr.jobs.maintenance import check_job, forget_job, prune_job
 from vmdr.repository import retention
-from vmdr.repository.check import check
-from vmdr.repository.prune import DEFAULT_SAFETY_WINDOW, prune
+from vmdr.repository.prune import DEFAULT_SAFETY_WINDOW
 from vmdr.timeutil import format_time
 from vmdr.ui.progress import human_bytes
 
@@ -34,31 +35,41 @@ def cmd_snapshots(ns: argparse.Namespace, g: Globals) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (1 or more)")
+    return v
+
+
+def duration(text: str) -> timedelta:
+    """argparse type: a duration such as ``30s``, ``12h``, ``7d``, ``1y6M`` (or ``0``)."""
+    try:
+        return retention.parse_duration(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _policy(ns: argparse.Namespace) -> retention.Policy:
     return retention.Policy(
-        last=ns.keep_last, hourly=ns.keep_hourly, daily=ns.keep_daily,
-        weekly=ns.keep_weekly, monthly=ns.keep_monthly, yearly=ns.keep_yearly,
-        within=retention.parse_duration(ns.keep_within) if ns.keep_within else None,
-        tags=tuple(ns.tag or ()),
+        last=ns.keep_last or 0, hourly=ns.keep_hourly or 0, daily=ns.keep_daily or 0,
+        weekly=ns.keep_weekly or 0, monthly=ns.keep_monthly or 0, yearly=ns.keep_yearly or 0,
+        within=ns.keep_within, tags=tuple(ns.tag or ()),
     )
 
 
 def cmd_forget(ns: argparse.Namespace, g: Globals) -> int:
     policy = _policy(ns)
     with repository(g, "exclusive", "forget") as r:
-        snaps = [s for s in r.list_snapshots() if not ns.names or s.name in ns.names]
-        decisions = retention.apply(snaps, policy, r.clock(), lambda s: r.is_protected(s.id))
-        removed = [d for d in decisions if not d.keep]
-        if not ns.dry_run:
-            for d in removed:
-                r.delete_snapshot(d.snapshot.id)
-        pruned = None
-        if ns.prune and not ns.dry_run:
-            pruned = prune(r).as_dict()
+        res = forget_job(r, ns.names, policy, ns.dry_run, ns.prune, g.events,
+                         allow_empty=ns.allow_empty)
+    decisions, removed = res.decisions, res.removed
+    g.result(res.as_dict())
     if g.json:
-        emit_json({"dry_run": ns.dry_run, "decisions": [
-            {"id": d.snapshot.id, "name": d.snapshot.name, "time": format_time(d.snapshot.time),
-             "keep": d.keep, "reasons": d.reasons} for d in decisions], "prune": pruned})
         return 0
     verb = "would remove" if ns.dry_run else "removed"
     for d in decisions:
@@ -70,17 +81,17 @@ def cmd_forget(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_prune(ns: argparse.Namespace, g: Globals) -> int:
-    window = retention.parse_duration(ns.safety_window) if ns.safety_window else \
-        DEFAULT_SAFETY_WINDOW
+    window = ns.safety_window if ns.safety_window is not None else DEFAULT_SAFETY_WINDOW
     with repository(g, "exclusive", "prune") as r:
-        res = prune(r, window, dry_run=ns.dry_run)
-    if g.json:
-        emit_json(res.as_dict())
-    else:
+        res = prune_job(r, window, dry_run=ns.dry_run, events=g.events)
+    g.result(res.as_dict())
+    if not g.json:
         verb = "would delete" if ns.dry_run else "deleted"
         out(f"{verb} {res.deleted} unreferenced chunks ({human_bytes(res.deleted_bytes)}); "
             f"kept {res.kept_young} younger than the safety window; "
-            f"{res.referenced} chunks in use")
+            f"{res.referenced} chunks in use"
+            + (f"; {verb} {res.stale_temps} stale temporary objects" if res.stale_temps
+               else ""))
     return 0
 
 
@@ -100,11 +111,12 @@ def cmd_check(ns: argparse.Namespace, g: Globals) -> int:
         ids = None
         if ns.snapshot:
             ids = [r.resolve(ref).id for ref in ns.snapshot]
-        res = check(r, read_data=ns.read_data or 0.0, snapshot_ids=ids)
-    if g.json:
-        emit_json(res.as_dict())
-    else:
+        res = check_job(r, read_data=ns.read_data or 0.0, snapshot_ids=ids, events=g.events)
+    g.result(res.as_dict())
+    if not g.json:
         for p in res.problems:
+            out(p.line())
+        for p in res.warnings:
             out(p.line())
         status = "no problems found" if res.ok else f"{len(res.problems)} problems found"
         out(f"checked {res.snapshots} snapshots, {res.chunks_referenced} chunks "
@@ -133,23 +145,27 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                                    "are never forgotten. Chunks are freed by 'vmdr prune'.")
     p.add_argument("names", nargs="*", help="only these names (default all)")
     for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
-        p.add_argument(f"--keep-{k}", type=int, default=0, metavar="N",
+        p.add_argument(f"--keep-{k}", type=positive_int, default=0, metavar="N",
                        help=f"keep the {k} N snapshots" if k == "last" else
                        f"keep the newest snapshot of each of the last N {k} periods")
-    p.add_argument("--keep-within", metavar="DURATION",
-                   help="keep everything younger than DURATION (e.g. 7d, 2w, 1y6M)")
+    p.add_argument("--keep-within", type=duration, metavar="DURATION",
+                   help="keep everything younger than DURATION (e.g. 12h, 7d, 2w, 1y6M)")
     p.add_argument("--tag", action="append", metavar="TAG",
                    help="apply only to snapshots with this tag (e.g. tier=critical)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.add_argument("--prune", action="store_true", help="run prune afterwards")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="allow the policy to forget every snapshot of a name (refused "
+                        "otherwise)")
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("prune", parents=parents, help="delete unreferenced chunks",
                        description="Mark-and-sweep garbage collection. Unreferenced chunks "
                                    "younger than the safety window are kept, so a backup "
                                    "running elsewhere never loses data.")
-    p.add_argument("--safety-window", metavar="DURATION",
-                   help="keep unreferenced chunks younger than this (default 6h)")
+    p.add_argument("--safety-window", type=duration, metavar="DURATION",
+                   help="keep unreferenced chunks younger than this (default 6h; e.g. 0, "
+                        "30s, 15m, 2h)")
     p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     p.set_defaults(func=cmd_prune)
 

@@ -86,7 +86,7 @@ def cmd_verify(ns: argparse.Namespace, g: Globals) -> int:
                 raise UsageError("no snapshot to verify")
             for snap in snaps:
                 opts = options_for(base, cfg.vm(snap.name), f"vm.{snap.name}.")
-                res = verify_snapshot(repo, snap, opts, hv)
+                res = verify_snapshot(repo, snap, opts, hv, g.events)
                 results.append(res)
                 if not g.json:
                     _print(res)
@@ -94,13 +94,14 @@ def cmd_verify(ns: argparse.Namespace, g: Globals) -> int:
         if hv is not None:
             hv.close()
     failed = [r for r in results if r.status != "passed"]
-    if g.json:
-        if len(results) == 1 and not ns.all:
-            emit_json(results[0].as_dict())
-        else:
-            emit_json({"status": "failed" if failed else "passed",
-                       "passed": len(results) - len(failed), "failed": len(failed),
-                       "results": [r.as_dict() for r in results]})
+    if len(results) == 1 and not ns.all:
+        g.result(results[0].as_dict())
+    else:
+        g.result({"status": "failed" if failed else "passed",
+                  "passed": len(results) - len(failed), "failed": len(failed),
+                  "results": [r.as_dict() for r in results]})
+    if failed and len(failed) < len(results):
+        g.outcome = "partial"
     if failed:
         names = ", ".join(f"{r.snapshot.name}@{r.snapshot.short_id} "
                           f"({', '.join(r.failed_checks())})" for r in failed[:3])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import sys
 
-from vmdr.cli.common import Globals, emit_json, out, repository
-from vmdr.errors import UsageError
+from vmdr.cli.common import Globals, out, repository, warn
+from vmdr.errors import DomainNotFound, UsageError
 from vmdr.hypervisor import Hypervisor, connect
-from vmdr.jobs.vmbackup import VMBackupOptions, backup_many, select_vms
+from vmdr.jobs.vmbackup import VMBackupOptions, VMBackupResult, backup_many, select_vms
 from vmdr.jobs.vmrestore import RestoreOptions, restore_vm
+from vmdr.repository.resolve import check_name
+from vmdr.storage.registry import redact
 from vmdr.ui.progress import human_bytes
 
 
@@ -27,10 +31,17 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
         raise UsageError("name one or more VMs (globs allowed) or use --all")
     cfg = g.config
     with _connect(_uri(ns, g)) as hv, repository(g, "shared", "backup") as repo:
-        names = select_vms(hv.list_domains(), ns.vms, ns.all, ns.with_tag,
+        domains = hv.list_domains()
+        names = select_vms(domains, ns.vms, ns.all, ns.with_tag,
                            {n: v.tags for n, v in cfg.vms.items()})
+        unmatched = [p for p in ns.vms if any(c in p for c in "*?[")
+                     and not any(fnmatch.fnmatchcase(n, p) for n in domains)]
         if not names:
-            raise UsageError("no VM matches")
+            what = ", ".join(repr(p) for p in ns.vms) if ns.vms else "--all"
+            tags = f" with tags {', '.join(ns.with_tag)}" if ns.with_tag else ""
+            raise DomainNotFound(f"no VM on {redact(hv.uri)} matches {what}{tags}")
+        for p in unmatched:
+            warn(f"no VM matches {p!r}")
 
         def opts_for(name: str) -> VMBackupOptions:
             vm = cfg.vm(name)
@@ -39,13 +50,23 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
                 method=ns.method, tags=list(ns.tag) + vm.tags, scratch_dir=cfg.scratch_dir,
                 workers=cfg.workers, exclude_disks=vm.exclude_disks, hooks=cfg.hooks)
 
-        results = backup_many(hv, repo, names, opts_for, cfg.concurrency,
-                              lambda n: g.progress_for())
+        # a VM whose name cannot name a snapshot fails before any disk is read
+        refused = {}
+        for n in names:
+            try:
+                check_name(n)
+            except UsageError as exc:
+                refused[n] = VMBackupResult(vm=n, error=exc.message, exit_code=exc.exit_code)
+        done = backup_many(hv, repo, [n for n in names if n not in refused], opts_for,
+                           cfg.concurrency, g.events)
+        by_vm = {r.vm: r for r in done}
+        results = [refused.get(n) or by_vm[n] for n in names]
     failed = [r for r in results if r.status != "ok"]
-    if g.json:
-        emit_json({"results": [r.as_dict() for r in results],
-                   "ok": len(results) - len(failed), "failed": len(failed)})
-    else:
+    g.result({"results": [r.as_dict() for r in results],
+              "ok": len(results) - len(failed), "failed": len(failed)})
+    if failed and len(failed) < len(results):
+        g.outcome = "partial"
+    if not g.json:
         out(f"{'VM':<20} {'STATUS':<7} {'SNAPSHOT':<9} {'MODE':<12} {'CONSISTENCY':<11} "
             f"{'READ':>10} {'STORED':>10} {'TIME':>7}")
         for r in results:
@@ -58,6 +79,8 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
                 out(f"  error: {r.error}")
         if failed and len(failed) < len(results):
             out(f"partial success: {len(results) - len(failed)} of {len(results)} VMs backed up")
+    for r in failed:  # the table is on stdout; scripts and cron mail read stderr
+        sys.stderr.write(f"vmdr: error: {r.vm}: {r.error or 'backup failed'}\n")
     if not failed:
         return 0
     if len(results) == 1:
@@ -66,22 +89,22 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
-    opts = RestoreOptions(
-        target_dir=ns.target_dir, name=ns.name, format=ns.format, define=ns.define,
-        start=ns.start, force=ns.force, disks=ns.disk or [],
-        heartbeat=ns.heartbeat or g.config.vm(ns.snapshot.split("@")[0]).heartbeat,
-        timeout=ns.timeout,
-    )
     hv = _connect(_uri(ns, g)) if ns.define else None
     try:
         with repository(g, "shared", "restore") as repo:
             snap = repo.resolve(ns.snapshot)
-            res = restore_vm(repo, snap, opts, hv, g.progress_for())
+            opts = RestoreOptions(
+                target_dir=ns.target_dir, name=ns.name, format=ns.format, define=ns.define,
+                start=ns.start, force=ns.force, disks=ns.disk or [],
+                heartbeat=ns.heartbeat or g.config.vm(snap.name).heartbeat,
+                timeout=ns.timeout,
+            )
+            res = restore_vm(repo, snap, opts, hv, g.events)
     finally:
         if hv is not None:
             hv.close()
+    g.result(res)
     if g.json:
-        emit_json(res)
         return 0
     out(f"restored {snap.name}@{snap.short_id} as {res['vm']} into {res['target_dir']} "
         f"({human_bytes(res['bytes_written'])} written, {res['restore_s']:.1f}s)")
@@ -90,7 +113,7 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
     if res["xml"]:
         out(f"  domain XML: {res['xml']}")
     if res["defined"]:
-        out(f"  defined on {_uri(ns, g)}")
+        out(f"  defined on {redact(_uri(ns, g))}")
     if res["started"]:
         out(f"  booted: heartbeat after {res['heartbeat_s']:.1f}s")
     return 0

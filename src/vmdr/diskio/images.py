@@ -3,13 +3,21 @@ qemu understands (qcow2, vmdk, …) through ``qemu-nbd`` driven by libnbd.
 
 A source reports its allocated extents, so backups never read holes; a target writes
 sparse output, so restores never write zeros to a file.
+
+A file target is written under a hidden temporary name in the same directory
+(``.NAME.<random>.vmdr-partial``), fsynced, renamed over the final name and the directory
+fsynced: a restore killed at any point (even ``kill -9``) never leaves a partial image
+under the final name, and ``--force`` keeps the old file until the new one is complete.
+Block devices are written in place (they cannot be renamed).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import secrets
 import stat
 import subprocess
 import threading
@@ -18,8 +26,116 @@ from collections.abc import Iterator
 from typing import Any
 
 from vmdr.errors import NoSpace, UsageError, VmdrError
+from vmdr.timeutil import utcnow
 
 MAX_REQUEST = 32 << 20
+log = logging.getLogger(__name__)
+PARTIAL_SUFFIX = ".vmdr-partial"
+
+
+def partial_name(path: str) -> str:
+    """A fresh hidden temporary name next to *path* (same directory, same filesystem)."""
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory *path* (makes a rename or a new file durable)."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: str, path: str) -> None:
+    """fsync *tmp*, rename it over *path* and fsync the directory: after a crash the
+    final name holds either the old file or the whole new one."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise _enospc(exc, path) from None
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write a small file (domain XML, NVRAM) completely or not at all, with *mode*."""
+    tmp = partial_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        commit_file(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def sweep_partials(path: str, idle: float = 900.0) -> list[str]:
+    """Remove temporary files that killed restores to *path* left behind, once nothing
+    has written to them for *idle* seconds (a running restore keeps its file fresh)."""
+    d, base = os.path.split(os.path.abspath(path))
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(d))
+    except OSError:
+        return removed
+    now = utcnow().timestamp()
+    for e in entries:
+        # ".NAME.<rand>.vmdr-partial", or nested "..NAME.<r1>.vmdr-partial.<r2>.vmdr-partial"
+        if (e.name.startswith(".") and e.name.lstrip(".").startswith(f"{base}.")
+                and e.name.endswith(PARTIAL_SUFFIX)
+                and e.is_file(follow_symlinks=False)):
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime >= idle:
+                    os.unlink(e.path)
+                    removed.append(e.path)
+                    log.info("removed %s, left by a killed restore", e.path)
+            except OSError:
+                pass
+    return removed
+
+
+def check_target(path: str, overwrite: bool) -> tuple[str, bool]:
+    """Where a restore to *path* really writes, and whether that is a block device.
+
+    A symlink is followed (the file it names is replaced, not the link). Refused with
+    ``UsageError``: an existing file without *overwrite*, a directory, anything that is
+    neither a regular file nor a block device (``/dev/null`` must never be renamed over),
+    and a path whose directory does not exist."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            raise UsageError(f"{path}: directory {parent} does not exist") from None
+        return real, False
+    if stat.S_ISBLK(st.st_mode):
+        return real, True
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is neither a regular file nor a block device")
+    if not overwrite:
+        raise UsageError(f"{path} exists; use --force to overwrite it")
+    return real, False
+
+
+def discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def image_info(path: str) -> dict[str, Any]:
@@ -183,7 +299,10 @@ class Target(ABC):
         """Write non-zero data; ranges never written read back as zeros."""
 
     def close(self) -> None:
-        pass
+        """Make the image durable and put it under its final name."""
+
+    def abort(self) -> None:
+        """Give up: remove what was written; an older file at the final name stays."""
 
 
 def _enospc(exc: OSError, path: str) -> Exception:
@@ -197,16 +316,20 @@ class RawTarget(Target):
 
     def __init__(self, path: str, size: int, overwrite: bool = False) -> None:
         self.path = path
-        exists = os.path.exists(path)
-        self.is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
-        if exists and not self.is_block and not overwrite:
-            raise UsageError(f"{path} exists; use --force to overwrite it")
+        self.real, self.is_block = check_target(path, overwrite)
+        if not self.is_block:
+            sweep_partials(self.real)
+        self.tmp = self.real if self.is_block else partial_name(self.real)
         try:
-            flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
-            self.fd = os.open(path, flags, 0o600)
+            flags = os.O_WRONLY | (0 if self.is_block else os.O_CREAT | os.O_EXCL)
+            self.fd = os.open(self.tmp, flags, 0o600)
+        except OSError as exc:
+            raise _enospc(exc, path) from None
+        try:
             if not self.is_block:
                 os.ftruncate(self.fd, size)
         except OSError as exc:
+            self.abort()
             raise _enospc(exc, path) from None
         self.size = size
 
@@ -220,32 +343,55 @@ class RawTarget(Target):
         if self.is_block:
             self.write(offset, bytes(length))
 
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
     def close(self) -> None:
         try:
             os.fsync(self.fd)
         except OSError as exc:
             raise _enospc(exc, self.path) from None
         finally:
-            os.close(self.fd)
+            self._close_fd()
+        if not self.is_block:
+            commit_file(self.tmp, self.real)
+
+    def abort(self) -> None:
+        try:
+            self._close_fd()
+        except OSError:
+            pass
+        if not self.is_block:
+            discard(self.tmp)
 
 
 class NbdTarget(Target):
     """A new qcow2/vmdk image written through ``qemu-nbd``."""
 
     def __init__(self, path: str, size: int, fmt: str, overwrite: bool = False) -> None:
-        if os.path.exists(path) and not overwrite:
-            raise UsageError(f"{path} exists; use --force to overwrite it")
+        self.real, is_block = check_target(path, overwrite)
+        if is_block:
+            raise UsageError(f"{path} is a block device: restore to it with --format raw")
+        self.path = path
+        sweep_partials(self.real)
+        self.tmp = partial_name(self.real)
         opts = ["-o", "subformat=monolithicSparse"] if fmt == "vmdk" else []
         try:
-            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, path, str(size)],
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, self.tmp, str(size)],
                            check=True, capture_output=True, text=True, timeout=60)
+            os.chmod(self.tmp, 0o600)
+            self.h: Any = _nbd_handle(self.tmp, fmt, False)
         except subprocess.CalledProcessError as exc:
+            discard(self.tmp)
             msg = (exc.stderr or "").strip().splitlines()[-1:] or ["qemu-img create failed"]
             if "space" in msg[0].lower():
                 raise NoSpace(f"no space left on device creating {path}") from None
             raise VmdrError(f"{path}: {msg[0]}") from None
-        self.path = path
-        self.h = _nbd_handle(path, fmt, False)
+        except BaseException:
+            discard(self.tmp)
+            raise
 
     def write(self, offset: int, data: bytes) -> None:
         import nbd
@@ -257,6 +403,12 @@ class NbdTarget(Target):
                 raise NoSpace(f"no space left on device writing {self.path}") from None
             raise VmdrError(f"{self.path}: {exc.string}") from None
 
+    def _release(self) -> None:
+        """Close the handle: libnbd waits for its qemu-nbd to exit, so every write has
+        reached the file."""
+        h, self.h = self.h, None
+        del h
+
     def close(self) -> None:
         import nbd
 
@@ -267,6 +419,17 @@ class NbdTarget(Target):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left on device writing {self.path}") from None
             raise VmdrError(f"{self.path}: {exc.string}") from None
+        self._release()
+        commit_file(self.tmp, self.real)
+
+    def abort(self) -> None:
+        if self.h is not None:
+            try:
+                self.h.shutdown()
+            except Exception:  # already broken: closing is all that is left
+                pass
+            self._release()
+        discard(self.tmp)
 
 
 def open_target(path: str, size: int, fmt: str, overwrite: bool = False) -> Target:

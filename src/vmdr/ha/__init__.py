@@ -6,7 +6,11 @@
 * :mod:`~vmdr.ha.placement` — where restarted VMs go (capacity, anti-affinity, affinity);
 * :mod:`~vmdr.ha.boot` — restart order: priority groups, dependencies, readiness;
 * :mod:`~vmdr.ha.admission` — N+k admission control;
-* :mod:`~vmdr.ha.failover` — a host failure decided, and the fencing timeline.
+* :mod:`~vmdr.ha.failover` — a host failure decided, and the fencing timeline;
+* :mod:`~vmdr.ha.wdsettings`, :mod:`~vmdr.ha.watchdog`, :mod:`~vmdr.ha.appcheck`,
+  :mod:`~vmdr.ha.monitor` — the application and VM watchdogs of one host: settings,
+  decisions, checks, and the loop the agent hosts (it reaches the host only through the
+  structural types of :mod:`~vmdr.ha.ports`, which the hypervisor driver satisfies).
 
 This package sits at the level of ``plan``: it reads the inventory and knows nothing of
 libvirt, etcd or repositories. The agent executes its decisions.

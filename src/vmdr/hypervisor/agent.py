@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmdr.errors import GuestAgentUnavailable, HypervisorError
 
 from ._compat import lv, lvq
+from .driver import GuestExecResult
 from .errors import translate
 
 
@@ -60,3 +64,39 @@ def frozen(dom: Any, timeout: int = 5) -> bool:
         return bool(command(dom, "guest-fsfreeze-status", timeout) == "frozen")
     except HypervisorError:
         return False
+
+
+def _text(b64: Any) -> str:
+    if not isinstance(b64, str) or not b64:
+        return ""
+    return base64.b64decode(b64).decode("utf-8", errors="replace")
+
+
+def execute(dom: Any, argv: Sequence[str], timeout: float = 30.0, *, capture: bool = True,
+            poll: float = 0.2, clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep) -> GuestExecResult:
+    """``guest-exec`` of ``argv`` in the guest, then ``guest-exec-status`` until it exits or
+    ``timeout`` passes (exitcode None: still running; killed by a signal: 128 + signal)."""
+    if not argv:
+        raise ValueError("guest exec needs a command")
+    deadline = clock() + timeout
+
+    def budget() -> int:  # each agent call waits no longer than what is left (1-10 s)
+        return int(max(1.0, min(10.0, deadline - clock())))
+
+    started = command(dom, "guest-exec", budget(), {
+        "path": argv[0], "arg": list(argv[1:]), "capture-output": bool(capture)})
+    if not isinstance(started, dict) or "pid" not in started:
+        raise HypervisorError(f"guest agent guest-exec: bad reply {started!r}")
+    pid = int(started["pid"])
+    while True:
+        st = command(dom, "guest-exec-status", budget(), {"pid": pid})
+        if isinstance(st, dict) and st.get("exited"):
+            code = st.get("exitcode")
+            if code is None:
+                code = 128 + int(st.get("signal", 0))
+            return GuestExecResult(pid, int(code), _text(st.get("out-data")),
+                                   _text(st.get("err-data")))
+        if clock() >= deadline:
+            return GuestExecResult(pid, None)
+        sleep(poll)

@@ -15,8 +15,9 @@ from . import checkpoints, cleanup, state
 from ._compat import lv, parse_xml
 from .backup import BackupOptions, BackupSession, Method
 from .domain import DomainInfo
-from .driver import Domain, Hypervisor, NetworkInfo
+from .driver import Domain, Hypervisor, LifecycleEvent, NetworkInfo, Subscription
 from .errors import libvirt_errors
+from .events import LibvirtSubscription
 from .handles import LibvirtDomain
 from .hostfiles import HostFiles, LocalFiles, RemoteFiles
 from .remote import is_local_uri, parse_ssh_uri
@@ -94,6 +95,11 @@ class LibvirtHypervisor(Hypervisor):
             xml = str(net.XMLDesc(0))
             active = bool(net.isActive())
         return NetworkInfo(name, active, parse_xml(xml).find("forward") is not None)
+
+    def subscribe(self, callback: Callable[[LifecycleEvent], None]) -> Subscription:
+        """Lifecycle events of every domain, on a connection of their own (see
+        :mod:`.events`)."""
+        return LibvirtSubscription(self.uri, callback)
 
     def read_nvram(self, info: DomainInfo) -> bytes | None:
         """The UEFI NVRAM file's bytes, or None if the domain has none (ssh ``cat`` for

@@ -15,6 +15,7 @@ The surface::
                  domain(name) -> DomainInfo; define(xml); start/destroy/undefine(name);
                  wait_heartbeat(name, ...); network(name) -> NetworkInfo;
                  create_transient(xml) -> Domain; start_sandbox(xml, network) -> Sandbox;
+                 subscribe(callback) -> Subscription (lifecycle events; optional);
                  backup side (optional: HypervisorUnsupported by default): backup(...),
                  list/checkpoint_xml/redefine/delete_checkpoint, cleanup_leftovers,
                  read_nvram, read_tpm_state
@@ -22,7 +23,10 @@ The surface::
                  state(); paused_on_io_error(); start(); destroy(); undefine(); suspend();
                  resume(); block_copy(disk, dest) -> BlockCopyJob; block_job(disk);
                  guest_ping(); guest_addresses(); console() -> Console;
-                 resume_after_io_error(); wait_heartbeat(...)
+                 resume_after_io_error(); wait_heartbeat(...);
+                 optional (HypervisorUnsupported by default): state_reason(); reset();
+                 guest_exec(argv, ...) -> GuestExecResult
+    Subscription close() (also a context manager); hands LifecycleEvent to its callback
     BlockCopyJob disk; status() -> CopyStatus; pivot() -> bool; cancel()
     BackupJob    method, consistency, checkpoint, checkpoint_xml, disks (DiskSource),
                  skipped, warnings; commit() (a context manager)
@@ -49,8 +53,9 @@ from vmdr.errors import HeartbeatTimeout, HypervisorError, HypervisorUnsupported
 from .domain import DiskInfo, DomainInfo, State
 from .session import DiskSource, Method
 
-__all__ = ["BackupJob", "BlockCopyJob", "Console", "CopyStatus", "Domain", "Hypervisor",
-           "NetworkInfo", "Sandbox", "Screenshot"]
+__all__ = ["BackupJob", "BlockCopyJob", "Console", "CopyStatus", "Domain", "EventKind",
+           "GuestExecResult", "Hypervisor", "LifecycleEvent", "NetworkInfo", "Sandbox",
+           "Screenshot", "Subscription"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,72 @@ class Screenshot:
 
     mime: str
     data: bytes
+
+
+EventKind = Literal["defined", "undefined", "started", "paused", "resumed", "stopped",
+                   "shutdown", "pmsuspended", "crashed", "other"]
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """A domain changed state, as the hypervisor reported it (libvirt's lifecycle event).
+
+    ``detail`` is the hypervisor's reason in lower case: for ``stopped`` one of shutdown,
+    destroyed, crashed, migrated, saved, failed (the QEMU process died); for ``paused``
+    paused, migrated, ioerror, watchdog, api-error...; for ``crashed`` panicked."""
+
+    domain: str  # name
+    uuid: str
+    kind: EventKind
+    detail: str = ""
+
+    @property
+    def unexpected(self) -> bool:
+        """Nobody asked for it: a crash, a QEMU process that died, a pause on an I/O error
+        or by the emulated watchdog device."""
+        if self.kind == "crashed":
+            return True
+        if self.kind == "stopped":
+            return self.detail in ("crashed", "failed")
+        if self.kind == "paused":
+            return self.detail in ("ioerror", "watchdog", "api-error")
+        return False
+
+
+class Subscription(ABC):
+    """Lifecycle events flowing to a callback until :meth:`close`. The callback runs on the
+    driver's event thread: it must return quickly (hand the event to a queue)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the events; no error if already closed."""
+
+    @property
+    def alive(self) -> bool:
+        """Events still flow (False once the connection behind it was lost: resubscribe)."""
+        return True
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class GuestExecResult:
+    """A command run in the guest through its agent (``guest-exec``). ``exitcode`` is None
+    when it was still running at the timeout (it keeps running in the guest)."""
+
+    pid: int
+    exitcode: int | None
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exitcode == 0
 
 
 @dataclass(frozen=True)
@@ -212,6 +283,25 @@ class Domain(ABC):
     @abstractmethod
     def console(self) -> Console:
         """The serial console log and screen."""
+
+    # -- optional: HypervisorUnsupported unless a driver offers it ---------------------------
+
+    def state_reason(self) -> str:
+        """Why the domain is in its state, in lower case: for a stopped domain shutdown,
+        destroyed, crashed, failed...; for a paused one ioerror, user...; '' if unknown."""
+        return ""
+
+    def reset(self) -> None:
+        """Hard-reset the guest (the reset button: no shutdown, the QEMU process stays)."""
+        raise HypervisorUnsupported(f"resetting {self.name} is not supported by "
+                                    f"the {type(self).__name__} driver")
+
+    def guest_exec(self, argv: Sequence[str], *, timeout: float = 30.0,
+                   capture: bool = True) -> GuestExecResult:
+        """Run ``argv`` in the guest through its agent and wait up to ``timeout`` seconds
+        for it to exit (GuestAgentUnavailable when the agent does not answer)."""
+        raise HypervisorUnsupported(f"guest-exec is not supported by "
+                                    f"the {type(self).__name__} driver")
 
     # -- composed from the above ---------------------------------------------------------------
 
@@ -406,6 +496,11 @@ class Hypervisor(ABC):
         network must be isolated and active (UsageError), and the XML's NIC should use it."""
         net = self.isolated_network(network) if network else None
         return Sandbox(self.create_transient(xml), net)
+
+    def subscribe(self, callback: Callable[[LifecycleEvent], None]) -> Subscription:
+        """Deliver every domain lifecycle event of this host to ``callback`` (on the driver's
+        event thread) until the subscription is closed."""
+        raise self._unsupported("lifecycle events")
 
     # -- backup side: optional, HypervisorUnsupported unless a driver offers it ---------------
 

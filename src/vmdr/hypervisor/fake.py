@@ -14,7 +14,11 @@ libvirt driver (``tests/unit/test_hypervisor_contract.py``) for what it models:
 * guest agent (``agent``), guest addresses, the screen, pausing on an I/O error
   (:meth:`FakeDomainRecord.pause_on_io_error`);
 * networks, and whole hosts going down (``host.up = False``: every call through a
-  connection to it raises ``HypervisorUnavailable``).
+  connection to it raises ``HypervisorUnavailable``);
+* lifecycle events (:meth:`FakeHypervisor.subscribe`): start, destroy, suspend, resume
+  and reset emit them, and a test injects failures with :meth:`FakeHost.crash`,
+  :meth:`FakeHost.io_error` and :meth:`FakeHost.emit`; ``guest-exec`` answers through a
+  record's ``exec_handler`` (a function of argv), or ``GuestAgentUnavailable``.
 
 Backups and checkpoints are not modelled: they raise ``HypervisorUnsupported``. Every
 host has its own lock, so simulations may drive many hosts from many threads.
@@ -25,12 +29,13 @@ from __future__ import annotations
 import threading
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from vmdr.errors import (
     DomainNotFound,
+    GuestAgentUnavailable,
     HypervisorError,
     HypervisorUnavailable,
     NetworkNotFound,
@@ -39,7 +44,19 @@ from vmdr.errors import (
 from ._compat import parse_xml
 from .console import console_log
 from .domain import DomainInfo, State, parse_disks, parse_nvram, parse_tpm_dir
-from .driver import BlockCopyJob, Console, CopyStatus, Domain, Hypervisor, NetworkInfo, Screenshot
+from .driver import (
+    BlockCopyJob,
+    Console,
+    CopyStatus,
+    Domain,
+    EventKind,
+    GuestExecResult,
+    Hypervisor,
+    LifecycleEvent,
+    NetworkInfo,
+    Screenshot,
+    Subscription,
+)
 
 __all__ = ["FakeDomainRecord", "FakeFleet", "FakeHost", "FakeHypervisor"]
 
@@ -72,6 +89,9 @@ class FakeDomainRecord:
     copy_step: int | None = None
     failing_copies: set[str] = field(default_factory=set)
     owner: FakeHypervisor | None = None  # a transient domain dies with this connection
+    reason: str = ""  # state_reason(): crashed, failed, destroyed, ioerror...
+    resets: int = 0  # times reset() was called
+    exec_handler: Callable[[list[str]], GuestExecResult] | None = None  # guest-exec
 
     @property
     def name(self) -> str:
@@ -108,6 +128,7 @@ class FakeHost:
         self.domains: dict[str, FakeDomainRecord] = {}
         self.networks: dict[str, NetworkInfo] = {}
         self.lock = threading.RLock()
+        self.subscribers: list[FakeSubscription] = []
 
     def add_domain(self, xml: str, *, active: bool = False, persistent: bool = True,
                    sizes: dict[str, int] | None = None) -> FakeDomainRecord:
@@ -118,6 +139,30 @@ class FakeHost:
         with self.lock:
             self.domains[rec.name] = rec
         return rec
+
+    def emit(self, name: str, kind: EventKind, detail: str = "") -> None:
+        """Deliver a lifecycle event of domain ``name`` to every subscriber."""
+        rec = self.domains.get(name)
+        ev = LifecycleEvent(name, rec.uuid if rec else "", kind, detail)
+        for sub in list(self.subscribers):
+            sub.deliver(ev)
+
+    def crash(self, name: str, detail: str = "failed") -> None:
+        """The QEMU process of ``name`` dies (``failed``) or the guest panics with
+        on_crash=destroy (``crashed``): stopped, and the event says so."""
+        with self.lock:
+            rec = self.domains[name]
+            rec.state, rec.reason, rec.io_error, rec.xml = ("stopped", detail, False,
+                                                            rec.inactive_xml)
+            self.emit(name, "stopped", detail)
+
+    def io_error(self, name: str) -> None:
+        """A disk of ``name`` fails (error_policy='stop'): paused, with its event."""
+        with self.lock:
+            rec = self.domains[name]
+            rec.pause_on_io_error()
+            rec.reason = "ioerror"
+            self.emit(name, "paused", "ioerror")
 
     def add_network(self, name: str, *, forwards: bool = False,
                     active: bool = True) -> NetworkInfo:
@@ -234,11 +279,40 @@ class FakeHypervisor(Hypervisor):
             raise NetworkNotFound(f"network {name}: no network with matching name '{name}'")
         return net
 
+    def subscribe(self, callback: Callable[[LifecycleEvent], None]) -> Subscription:
+        with self._locked() as h:
+            sub = FakeSubscription(h, callback)
+            h.subscribers.append(sub)
+            return sub
+
     def read_nvram(self, info: DomainInfo) -> bytes | None:
         return None  # the fake keeps no files
 
     def read_tpm_state(self, info: DomainInfo) -> bytes | None:
         return None
+
+
+class FakeSubscription(Subscription):
+    """Events of one fake host; dead once the host goes down (``host.up = False``)."""
+
+    def __init__(self, host: FakeHost, callback: Callable[[LifecycleEvent], None]) -> None:
+        self._host = host
+        self._callback = callback
+        self._closed = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._host.up
+
+    def deliver(self, ev: LifecycleEvent) -> None:
+        if self.alive:
+            self._callback(ev)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._host.lock:
+            if self in self._host.subscribers:
+                self._host.subscribers.remove(self)
 
 
 class FakeDomain(Domain):
@@ -298,11 +372,32 @@ class FakeDomain(Domain):
         with self._rec() as r:
             return r.state == "paused" and r.io_error
 
+    def state_reason(self) -> str:
+        with self._rec() as r:
+            return r.reason
+
+    def reset(self) -> None:
+        with self._rec() as r:
+            if not r.active:
+                raise HypervisorError(f"resetting {self._name}: domain is not running")
+            r.resets += 1
+            self._hv.host.emit(r.name, "other", "reset")
+
+    def guest_exec(self, argv: Sequence[str], *, timeout: float = 30.0,
+                   capture: bool = True) -> GuestExecResult:
+        with self._rec() as r:
+            handler = r.exec_handler if r.state == "running" and r.agent else None
+        if handler is None:
+            raise GuestAgentUnavailable(f"guest agent guest-exec: the agent of {self._name} "
+                                        "is not connected")
+        return handler(list(argv))
+
     def start(self) -> None:
         with self._rec() as r:
             if r.active:
                 raise HypervisorError(f"starting {self._name}: domain is already running")
-            r.state, r.xml = "running", r.inactive_xml
+            r.state, r.xml, r.reason = "running", r.inactive_xml, "booted"
+            self._hv.host.emit(r.name, "started", "booted")
 
     def destroy(self) -> None:
         with self._hv._locked() as h:
@@ -310,8 +405,11 @@ class FakeDomain(Domain):
                 r = self._hv._record(self._uuid)
             except DomainNotFound:
                 return  # a transient domain that is gone already
-            r.state, r.io_error = "stopped", False
+            was_active = r.active
+            r.state, r.io_error, r.reason = "stopped", False, "destroyed"
             r.copies.clear()
+            if was_active:
+                h.emit(r.name, "stopped", "destroyed")
             if not r.persistent:
                 h.domains.pop(r.name, None)
             else:
@@ -328,13 +426,15 @@ class FakeDomain(Domain):
     def suspend(self) -> None:
         with self._rec() as r:
             if r.state == "running":
-                r.state = "paused"
+                r.state, r.reason = "paused", "user"
+                self._hv.host.emit(r.name, "paused", "paused")
 
     def resume(self) -> None:
         with self._rec() as r:
             if r.state != "paused":
                 raise HypervisorError(f"resuming {self._name}: domain is not paused")
-            r.state, r.io_error = "running", False
+            r.state, r.io_error, r.reason = "running", False, "unpaused"
+            self._hv.host.emit(r.name, "resumed", "unpaused")
 
     def block_copy(self, disk: str, dest: str, *, fmt: str = "qcow2",
                    bandwidth: int | None = None) -> BlockCopyJob:

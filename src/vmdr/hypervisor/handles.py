@@ -13,14 +13,16 @@ new disks.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from typing import Any
 
 from . import agent, domain
 from ._compat import lv
 from .console import console_log
 from .domain import DomainInfo, State, state_name
-from .driver import BlockCopyJob, Console, CopyStatus, Domain, Screenshot
+from .driver import BlockCopyJob, Console, CopyStatus, Domain, GuestExecResult, Screenshot
 from .errors import is_code, libvirt_errors
+from .events import const_name
 
 
 class LibvirtDomain(Domain):
@@ -71,6 +73,27 @@ class LibvirtDomain(Domain):
         m = lv()
         state, reason = self._state()
         return bool(state == m.VIR_DOMAIN_PAUSED and reason == m.VIR_DOMAIN_PAUSED_IOERROR)
+
+    def state_reason(self) -> str:
+        m = lv()
+        state, reason = self._state()
+        prefixes = {m.VIR_DOMAIN_SHUTOFF: "VIR_DOMAIN_SHUTOFF_",
+                    m.VIR_DOMAIN_PAUSED: "VIR_DOMAIN_PAUSED_",
+                    m.VIR_DOMAIN_CRASHED: "VIR_DOMAIN_CRASHED_",
+                    m.VIR_DOMAIN_RUNNING: "VIR_DOMAIN_RUNNING_",
+                    m.VIR_DOMAIN_SHUTDOWN: "VIR_DOMAIN_SHUTDOWN_",
+                    m.VIR_DOMAIN_PMSUSPENDED: "VIR_DOMAIN_PMSUSPENDED_"}
+        prefix = prefixes.get(state)
+        name = const_name(m, prefix, reason) if prefix else ""
+        return "" if name == "unknown" else name
+
+    def reset(self) -> None:
+        with libvirt_errors(f"resetting {self._name}"):
+            self._dom.reset(0)
+
+    def guest_exec(self, argv: Sequence[str], *, timeout: float = 30.0,
+                   capture: bool = True) -> GuestExecResult:
+        return agent.execute(self._dom, argv, timeout, capture=capture)
 
     def start(self) -> None:
         with libvirt_errors(f"starting {self._name}"):

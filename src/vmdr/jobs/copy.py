@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from vmdr.errors import SnapshotNotFound, UsageError
+from vmdr.events import ItemProgress, JobEvents
 from vmdr.jobs.copymap import ChunkMap
 from vmdr.repository.crypto import HOLE, TYPE_CHUNK
 from vmdr.repository.manifest import ChunkList, DiskRecord, Snapshot
 from vmdr.repository.repo import Repository
 from vmdr.timeutil import format_time
-from vmdr.ui.progress import Progress
 
 log = logging.getLogger(__name__)
 PROBE = b"vmdr-probe"
@@ -169,8 +169,9 @@ def _bounded(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],
 
 class _Copier:
     def __init__(self, src: Repository, dst: Repository, opts: CopyOptions,
-                 progress: Progress) -> None:
-        self.src, self.dst, self.opts, self.progress = src, dst, opts, progress
+                 events: JobEvents) -> None:
+        self.src, self.dst, self.opts, self.events = src, dst, opts, events
+        self.progress: ItemProgress = events.progress("copy")
         self.raw = shares_key(src, dst)
         self.map = None if self.raw else ChunkMap(src.id, dst.id)
         self.done: dict[bytes, bytes] = {}  # source ID → destination ID, handled this run
@@ -280,7 +281,7 @@ class _Copier:
         lengths = {}
         for s in todo:
             lengths.update(_chunk_lengths(s))
-        self.progress.set_total(sum(lengths.values()), "copy")
+        self.progress.set_total(sum(lengths.values()))
         try:
             with ThreadPoolExecutor(max(1, self.opts.workers), "vmdr-copy") as pool:
                 for s in snaps:
@@ -297,6 +298,7 @@ class _Copier:
                              "present" if s.id in present else "copied")
         if entry.status == "copied":
             log.info("copying %s@%s", s.name, s.short_id)
+            self.events.phase("copy", "", f"{s.name}@{s.short_id}")
             self._send_chunks(pool, entry, _chunk_lengths(s))
             entry.id = self._write_manifest(s, present)  # the commit point, last
             present[s.id] = entry.id
@@ -305,9 +307,9 @@ class _Copier:
 
 
 def copy_snapshots(src: Repository, dst: Repository, opts: CopyOptions | None = None,
-                   progress: Progress | None = None) -> CopyResult:
+                   events: JobEvents | None = None) -> CopyResult:
     """Copy the selected snapshots of *src* (with chunks and attachments) into *dst*.
 
     The caller holds a shared lock on both repositories.
     """
-    return _Copier(src, dst, opts or CopyOptions(), progress or Progress()).run()
+    return _Copier(src, dst, opts or CopyOptions(), events or JobEvents()).run()

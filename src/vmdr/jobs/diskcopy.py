@@ -5,37 +5,40 @@ Shared by image backup/restore and by VM backup/restore.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from vmdr.diskio.images import RawTarget, Target, open_target
 from vmdr.errors import VmdrError
+from vmdr.events import ItemProgress
 from vmdr.repository.manifest import ChunkList, DiskRecord
 from vmdr.repository.reader import DiskReader
 from vmdr.repository.repo import Repository
 from vmdr.repository.writer import DiskWriter, WriteStats, chunk_ranges
-from vmdr.ui.progress import Progress
 
 ReadFn = Callable[[int, int], bytes]
 
 
 def ingest(
     repo: Repository, name: str, size: int, fmt: str, extents: Iterable[tuple[int, int]],
-    read: ReadFn, base: ChunkList | None = None, progress: Progress | None = None,
+    read: ReadFn, base: ChunkList | None = None, progress: ItemProgress | None = None,
     workers: int = 3, meta: dict[str, object] | None = None,
 ) -> tuple[DiskRecord, WriteStats]:
     """Read *extents* (rounded out to whole chunks) with *read* into a new disk record.
 
     With *base*, chunks outside the extents keep the base's IDs (an incremental that is
-    a synthetic full); without, they are holes.
+    a synthetic full); without, they are holes. *progress* counts the bytes read (its
+    total: the extents rounded out to chunks) and gets its final event on success.
     """
+    ranges = list(chunk_ranges(extents, repo.chunk_size, size))
+    if progress:
+        progress.set_total(sum(n for _, n in ranges))
     writer = DiskWriter(repo, name, size, fmt, base=base, workers=workers,
                         progress=progress.advance if progress else None, meta=meta)
     try:
         piece = repo.chunk_size  # one chunk per read keeps memory small
-        for off, length in chunk_ranges(extents, repo.chunk_size, size):
+        for off, length in ranges:
             end = off + length
             while off < end:
                 n = min(piece, end - off)
@@ -44,7 +47,10 @@ def ingest(
                     raise VmdrError(f"disk {name}: short read at offset {off}")
                 writer.write(off, data)
                 off += n
-        return writer.finish(), writer.stats
+        done = writer.finish(), writer.stats
+        if progress:
+            progress.finish()
+        return done
     except BaseException:
         writer.abort()
         raise
@@ -52,14 +58,18 @@ def ingest(
 
 def restore(
     repo: Repository, disk: DiskRecord, path: str, fmt: str = "raw", overwrite: bool = False,
-    progress: Progress | None = None, workers: int = 4,
+    progress: ItemProgress | None = None, workers: int = 4,
 ) -> int:
     """Write *disk* to a new sparse image at *path*; return bytes written (non-zero data).
 
     Raw targets are written by the fetching threads themselves (``pwrite`` at independent
-    offsets), so decryption, decompression and writing overlap across cores. A partly
-    written file is removed on failure, so nothing half-restored is left behind.
+    offsets), so decryption, decompression and writing overlap across cores. The image is
+    written under a temporary name and renamed into place when complete (see
+    :mod:`vmdr.diskio.images`): nothing half-restored ever sits at *path*.
+    *progress* counts the disk's bytes (its total: the disk size) and ends on success.
     """
+    if progress:
+        progress.set_total(disk.size)
     target: Target = open_target(path, disk.size, fmt, overwrite)
     reader = DiskReader(repo, disk, workers=workers)
     zero = bytes(repo.chunk_size)
@@ -86,15 +96,12 @@ def restore(
             written = sum(put(i, data) for i, data in reader.iter_chunks())
         target.close()
         ok = True
+        if progress:
+            progress.finish()
         return written
     finally:
         if not ok:
-            try:
-                target.close()
-            except VmdrError:
-                pass
-            if os.path.isfile(path):
-                os.unlink(path)
+            target.abort()  # removes the temporary file; an older file at path stays
 
 
 def _parallel(items: Iterable[int], fn: Callable[[int], int], workers: int) -> int:

@@ -11,10 +11,10 @@ from typing import Any
 
 from vmdr.diskio.images import open_source
 from vmdr.errors import UsageError
+from vmdr.events import JobEvents
 from vmdr.jobs import diskcopy
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository
-from vmdr.ui.progress import Progress
 
 
 @dataclass
@@ -51,17 +51,20 @@ def _unchanged_parent(repo: Repository, name: str, source: str,
 
 def backup_image(
     repo: Repository, path: str, name: str, tags: list[str] | None = None,
-    progress: Progress | None = None, workers: int = 3, force_read: bool = False,
+    events: JobEvents | None = None, workers: int = 3, force_read: bool = False,
 ) -> ImageBackupResult:
     """Back up one image file or block device. An image file whose device, inode, size,
     mtime and ctime equal the previous snapshot's is not read again (``force_read`` reads
     it anyway); its chunk list is reused."""
+    ev = events or JobEvents()
     t0 = time.monotonic()
     source = os.path.abspath(path)
     disk_name = os.path.basename(path) or "disk"
     key_before = _stat_key(source) if os.path.exists(source) else None
     parent = None if force_read else _unchanged_parent(repo, name, source, key_before)
     if parent is not None:
+        ev.phase("unchanged", f"{name}: {source} is unchanged since snapshot "
+                 f"{parent.short_id}; not reading it again", name)
         rec = parent.disks[0]
         stats: dict[str, int] = {"bytes_read": 0, "bytes_new": 0, "bytes_stored": 0,
                                  "chunks_new": 0, "chunks_dedup": len(rec.chunks.ids()),
@@ -71,10 +74,10 @@ def backup_image(
     else:
         with open_source(path) as src:
             extents = list(src.extents())
-            if progress:
-                progress.set_total(sum(n for _, n in extents), f"{name}")
+            ev.phase("read", "", name)
             rec, wstats = diskcopy.ingest(repo, disk_name, src.size, src.format, extents,
-                                          src.read, progress=progress, workers=workers)
+                                          src.read, progress=ev.progress(name),
+                                          workers=workers)
         stats = wstats.as_dict()
         meta_extra = {}
         reused = wstats.reused_ids
@@ -83,16 +86,16 @@ def backup_image(
     meta = {"kind": "image", "source": source, "stat": key_before, **meta_extra}
     snap = Snapshot(name=name, time=repo.clock(), chunk_size=repo.chunk_size, disks=[rec],
                     tags=list(tags or []), meta=meta, stats=stats)
+    ev.phase("commit", "", name)
     repo.commit_snapshot(snap, reused, hint="run it again with --force-read")
-    if progress:
-        progress.finish()
     return ImageBackupResult(snap, time.monotonic() - t0, stats)
 
 
 def restore_image(
     repo: Repository, snap: Snapshot, path: str, fmt: str = "raw", disk: str | None = None,
-    overwrite: bool = False, progress: Progress | None = None,
+    overwrite: bool = False, events: JobEvents | None = None,
 ) -> dict[str, Any]:
+    ev = events or JobEvents()
     t0 = time.monotonic()
     if disk is None:
         if len(snap.disks) != 1:
@@ -104,11 +107,8 @@ def restore_image(
         if found is None:
             raise UsageError(f"snapshot {snap.short_id} has no disk {disk!r}")
         rec = found
-    if progress:
-        progress.set_total(rec.size, rec.name)
-    written = diskcopy.restore(repo, rec, path, fmt, overwrite, progress)
-    if progress:
-        progress.finish()
+    ev.phase("write", "", rec.name)
+    written = diskcopy.restore(repo, rec, path, fmt, overwrite, ev.progress(rec.name))
     return {"snapshot": snap.id, "disk": rec.name, "path": path, "format": fmt,
             "size": rec.size, "bytes_written": written,
             "duration_s": round(time.monotonic() - t0, 3)}

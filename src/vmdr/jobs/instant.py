@@ -24,7 +24,6 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from vmdr.errors import (
     UsageError,
     VmdrError,
 )
+from vmdr.events import ItemProgress, JobEvents
 from vmdr.hypervisor import Domain, Hypervisor, mirror, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
 from vmdr.hypervisor.state import blocking_ancestor, qemu_user
@@ -47,7 +47,6 @@ SOCKET_ROOT = "/run/vmdr/instant"
 STATE_VERSION = 1
 COPY_RETRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
-Emit = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -162,8 +161,14 @@ def _domain_xml(snap: Snapshot, st: dict[str, Any]) -> str:
     return mirror.set_error_policy(xml, st["disks"])
 
 
+def _serving(ev: JobEvents, st: dict[str, Any]) -> None:
+    ev.phase("serve", f"serving snapshot {st['snapshot'][:8]} over NBD", st["vm"],
+             {"exports": {d: i["uri"] for d, i in st["disks"].items()}})
+
+
 def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: Hypervisor,
-                    emit: Emit) -> dict[str, Any]:
+                    events: JobEvents | None = None) -> dict[str, Any]:
+    ev = events or JobEvents()
     t0 = time.monotonic()
     st = _plan(snap, opts, hv)
     created: list[str] = []
@@ -171,8 +176,7 @@ def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: 
     defined = False
     try:
         server = _serve(repo, snap, st, hv)
-        emit({"event": "serving", "vm": st["vm"], "snapshot": snap.id,
-              "exports": {d: i["uri"] for d, i in st["disks"].items()}})
+        _serving(ev, st)
         for info in st["disks"].values():
             _create_overlay(info["overlay"], info["uri"], info["size"])
             created.append(info["overlay"])
@@ -193,12 +197,14 @@ def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: 
         for p in created + ([st["nvram"]] if st.get("nvram") else []):
             _unlink(p)
         raise
-    emit({"event": "started", "vm": st["vm"], "seconds": round(time.monotonic() - t0, 3)})
-    return _run(st, opts, hv, emit, server, t0, boot=True)
+    ev.phase("boot", f"{st['vm']} started on overlays after "
+             f"{time.monotonic() - t0:.1f}s", st["vm"])
+    return _run(st, opts, hv, ev, server, t0, boot=True)
 
 
 def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hypervisor,
-                   emit: Emit) -> dict[str, Any]:
+                   events: JobEvents | None = None) -> dict[str, Any]:
+    ev = events or JobEvents()
     t0 = time.monotonic()
     path = state_file(opts.target_dir, name)
     try:
@@ -214,8 +220,7 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
     snap = repo.load_snapshot(st["snapshot"])
     dom = hv.lookup(name)
     server = _serve(repo, snap, st, hv)
-    emit({"event": "serving", "vm": name, "snapshot": snap.id,
-          "exports": {d: i["uri"] for d, i in st["disks"].items()}})
+    _serving(ev, st)
     boot = False
     try:
         if not dom.is_active():
@@ -223,18 +228,18 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
             boot = True
         elif dom.state() == "paused":
             dom.resume_after_io_error()
-            emit({"event": "resumed", "vm": name})
+            ev.phase("migrate", f"{name} resumed", name)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
         raise InstantInterrupted(f"interrupted; {name} {where}: {_resume_hint(st)}") from None
     except VmdrError as exc:
         where = _stop_safely(hv, st, server)
         raise MigrationStopped(f"{exc.message}; {name} {where}: {_resume_hint(st)}") from None
-    return _run(st, opts, hv, emit, server, t0, boot=boot)
+    return _run(st, opts, hv, ev, server, t0, boot=boot)
 
 
 def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
-         emit: Emit, server: Any, t0: float, boot: bool) -> dict[str, Any]:
+         ev: JobEvents, server: Any, t0: float, boot: bool) -> dict[str, Any]:
     """Heartbeat (after a boot), then migrate; any failure leaves the VM paused-safe.
 
     The caller holds a shared repository lock for the whole run (prune must not delete
@@ -243,8 +248,8 @@ def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
                               "target_dir": st["target_dir"], "heartbeat_s": None}
     try:
         if boot:
-            result["heartbeat_s"] = _heartbeat(hv, st, opts, emit, t0)
-        _migrate(hv.lookup(st["vm"]), st, opts, emit, server)
+            result["heartbeat_s"] = _heartbeat(hv, st, opts, ev, t0)
+        _migrate(hv.lookup(st["vm"]), st, opts, ev, server)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
         raise InstantInterrupted(f"interrupted; {st['vm']} {where}: {_resume_hint(st)}") \
@@ -257,14 +262,13 @@ def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
         _stop_safely(hv, st, server)
         raise
     result["migrated_s"] = round(time.monotonic() - t0, 3)
-    _finish(hv, st, opts, server, emit)
+    _finish(hv, st, opts, server, ev)
     result["disks"] = {d: i["target"] for d, i in st["disks"].items()}
     result["duration_s"] = round(time.monotonic() - t0, 3)
-    emit({"event": "done", **result})
     return result
 
 
-def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, ev: JobEvents,
                t0: float) -> float | None:
     agent = opts.heartbeat in (None, "agent")
     try:
@@ -273,31 +277,32 @@ def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, emit: E
                           console_log=None if agent else st.get("console_log"),
                           timeout=opts.timeout)
     except HeartbeatTimeout as exc:
-        emit({"event": "warning", "message": f"{exc.message}; moving the disks anyway"})
+        ev.warning(f"{exc.message}; moving the disks anyway", st["vm"])
         return None
     seconds = round(time.monotonic() - t0, 3)
-    emit({"event": "heartbeat", "vm": st["vm"], "seconds": seconds})
+    ev.phase("migrate", f"{st['vm']} is up: heartbeat after {seconds:.1f}s", st["vm"],
+             {"heartbeat_s": seconds})
     return seconds
 
 
 def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions,
-                emit: Emit) -> None:
+                ev: JobEvents) -> ItemProgress:
     target = st["disks"][disk]["target"]
     dom.block_job(disk).cancel()
     _unlink(target)  # a copy a stopped run left behind
     dom.block_copy(disk, target, bandwidth=opts.bandwidth)
-    emit({"event": "copy-started", "disk": disk, "target": target})
+    ev.phase("copy", f"copying {disk} to {target}", f"{st['vm']}/{disk}")
+    return ev.progress(f"{st['vm']}/{disk}")
 
 
-def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, emit: Emit,
+def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvents,
              server: Any) -> None:
     """Copy every disk still backed by NBD and pivot onto the copy. A copy that fails is
     restarted up to ``COPY_RETRIES`` times (QEMU's NBD client fails the first read after a
     reconnect, e.g. on --resume); the VM pausing on an I/O error stops everything."""
     pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.xml())]
     retries = dict.fromkeys(pending, COPY_RETRIES)
-    for d in pending:
-        _start_copy(dom, st, d, opts, emit)
+    progress = {d: _start_copy(dom, st, d, opts, ev) for d in pending}
     while pending:
         if not dom.is_active():
             raise VmdrError(f"{st['vm']} stopped while its disks were being moved")
@@ -312,25 +317,28 @@ def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, emit: Emit,
             if not cs.active:
                 if d not in mirror.nbd_backed_disks(dom.xml()):
                     pending.remove(d)  # pivoted by someone else
+                    progress[d].finish()
                     continue
                 if retries[d] <= 0:
                     raise VmdrError(f"copying disk {d} failed (reading the repository "
                                     "failed?)")
                 retries[d] -= 1
-                emit({"event": "warning", "message": f"copy of {d} failed; restarting it"})
+                ev.warning(f"copy of {d} failed; restarting it", st["vm"])
                 time.sleep(1.0)
-                _start_copy(dom, st, d, opts, emit)
+                progress[d] = _start_copy(dom, st, d, opts, ev)
                 continue
-            emit({"event": "copy", "disk": d, "done": cs.cur, "total": cs.end})
+            progress[d].update(cs.cur, cs.end)
             if cs.ready and job.pivot():
                 pending.remove(d)
-                emit({"event": "pivoted", "disk": d, "path": st["disks"][d]["target"]})
+                progress[d].finish()
+                ev.phase("pivot", f"{d} now runs on {st['disks'][d]['target']}",
+                         f"{st['vm']}/{d}")
         if pending:
             time.sleep(opts.poll)
 
 
 def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: Any,
-            emit: Emit) -> None:
+            ev: JobEvents) -> None:
     dom = hv.lookup(st["vm"])
     live = dom.xml()
     persistent = dom.xml(inactive=True)
@@ -344,8 +352,8 @@ def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: An
             hv.define(mirror.with_error_policies(dom.xml(inactive=True, secure=True),
                                                  st["policies"]))
         except VmdrError as exc:
-            emit({"event": "warning", "message": "could not restore the disks' error "
-                  f"policy (they keep 'stop'): {exc.message}"})
+            ev.warning("could not restore the disks' error policy (they keep 'stop'): "
+                       f"{exc.message}", st["vm"])
     if not opts.keep_overlays:
         for info in st["disks"].values():
             _unlink(info["overlay"])

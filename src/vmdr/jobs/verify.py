@@ -24,7 +24,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vmdr.config import VMConfig
-from vmdr.errors import ConfigError, HypervisorError, UsageError, VmdrError
+from vmdr.errors import (
+    ConfigError,
+    HypervisorError,
+    UsageError,
+    VerificationFailed,
+    VmdrError,
+)
+from vmdr.events import JobEvents
 from vmdr.hypervisor import Domain, Hypervisor
 from vmdr.hypervisor.state import qemu_user
 from vmdr.repository.check import check
@@ -163,9 +170,14 @@ def cleanup_sandboxes(scratch_dir: str, hv: Hypervisor | None) -> list[str]:
     return done
 
 
-def data_check(repo: Repository, snap: Snapshot, read_data: bool) -> Check:
+def data_check(repo: Repository, snap: Snapshot, read_data: bool,
+               events: JobEvents | None = None) -> Check:
     t0 = time.monotonic()
-    res = check(repo, read_data=1.0 if read_data else 0.0, snapshot_ids=[snap.id])
+    progress = (events or JobEvents()).progress(f"{snap.name}@{snap.short_id}")
+    res = check(repo, read_data=1.0 if read_data else 0.0, snapshot_ids=[snap.id],
+                progress=progress.advance if read_data else None)
+    if read_data:
+        progress.finish()
     name = "data" if read_data else "chunks"
     if res.ok:
         what = f"{res.chunks_read} chunks read" if read_data else \
@@ -177,11 +189,15 @@ def data_check(repo: Repository, snap: Snapshot, read_data: bool) -> Check:
 
 
 def verify_snapshot(repo: Repository, snap: Snapshot, opts: VerifyOptions,
-                    hv: Hypervisor | None = None) -> VerifyResult:
+                    hv: Hypervisor | None = None,
+                    events: JobEvents | None = None) -> VerifyResult:
     """Verify one snapshot and (unless ``opts.record`` is off) attach the result."""
+    ev = events or JobEvents()
+    ref = f"{snap.name}@{snap.short_id}"
     t0 = time.monotonic()
     res = VerifyResult(snap, opts.boot)
-    res.checks.append(data_check(repo, snap, read_data=not opts.boot))
+    ev.phase("data", "", ref)
+    res.checks.append(data_check(repo, snap, read_data=not opts.boot, events=ev))
     png: bytes | None = None
     if opts.boot:
         if snap.meta.get("kind") != "vm" or not (snap.meta.get("config") or {}).get(
@@ -193,12 +209,18 @@ def verify_snapshot(repo: Repository, snap: Snapshot, opts: VerifyOptions,
         if res.checks[-1].status == "failed":
             res.checks.append(Check("boot", "skipped", None, "chunks are missing"))
         else:
+            ev.phase("boot", f"{ref}: booting it in a sandbox", ref)
             png = _boot(repo, snap, opts, hv, res)
     res.duration_s = time.monotonic() - t0
     if png is not None:
         _keep_evidence(repo, snap, png, opts, res)
     if opts.record:
         res.attachment = repo.add_attachment(snap.id, res.record_doc())
+    for w in res.warnings:
+        ev.warning(w, ref)
+    if res.status != "passed":
+        ev.error(f"verification failed: {', '.join(res.failed_checks())}",
+                 VerificationFailed.exit_code, ref)
     return res
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from vmdr.config import HookConfig
 from vmdr.errors import HypervisorError, IntegrityError, UsageError, VmdrError
+from vmdr.events import ItemProgress, JobEvents
 from vmdr.hypervisor import BackupJob, DiskSource, DomainInfo, Hypervisor, Method
 from vmdr.jobs import diskcopy
 from vmdr.jobs.hooks import HookRunner
@@ -27,7 +28,6 @@ from vmdr.jobs.vmlock import VMLock
 from vmdr.repository.manifest import DiskRecord, Snapshot
 from vmdr.repository.repo import Repository
 from vmdr.repository.writer import WriteStats
-from vmdr.ui.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _vm_config(hv: Hypervisor, info: DomainInfo, warnings: list[str]) -> dict[st
 
 
 def _ingest_disk(
-    repo: Repository, d: DiskSource, parent: Snapshot | None, progress: Progress | None,
+    repo: Repository, d: DiskSource, parent: Snapshot | None, progress: ItemProgress | None,
     workers: int,
 ) -> tuple[DiskRecord, WriteStats]:
     base = None
@@ -148,15 +148,17 @@ def _ingest_disk(
 
 def backup_vm(
     hv: Hypervisor, repo: Repository, name: str, opts: VMBackupOptions,
-    progress: Progress | None = None,
+    events: JobEvents | None = None,
 ) -> VMBackupResult:
-    """Back up one VM. Errors are returned in the result, not raised."""
+    """Back up one VM. Errors are returned in the result (and as an ``error`` event of
+    item *name*), not raised."""
     res = VMBackupResult(vm=name)
+    ev = _VMEvents(events or JobEvents(), name, res)
     t0 = time.monotonic()
     hooks = HookRunner(opts.hooks, name)
     try:
         with VMLock(hv.uri, name):
-            _backup_locked(hv, repo, name, opts, res, hooks, progress)
+            _backup_locked(hv, repo, name, opts, res, hooks, ev)
         res.status = "ok"
     except VmdrError as exc:
         res.error, res.exit_code = exc.message, exc.exit_code
@@ -166,6 +168,9 @@ def backup_vm(
     finally:
         res.duration_s = time.monotonic() - t0
         res.warnings.extend(w for w in hooks.warnings if w not in res.warnings)
+        ev.flush()
+        if res.error is not None:
+            ev.events.error(res.error, res.exit_code or 1, name)
         if res.status != "ok":
             try:
                 hooks.run("post-backup", "", "failed")
@@ -174,10 +179,29 @@ def backup_vm(
     return res
 
 
+class _VMEvents:
+    """The job's events for one VM: its warnings (collected in the result by the layers
+    below) go out as ``warning`` events as soon as a step ends."""
+
+    def __init__(self, events: JobEvents, vm: str, res: VMBackupResult) -> None:
+        self.events, self.vm, self.res = events, vm, res
+        self._sent = 0
+
+    def flush(self) -> None:
+        for w in self.res.warnings[self._sent:]:
+            self.events.warning(w, self.vm)
+        self._sent = len(self.res.warnings)
+
+    def phase(self, phase: str, message: str = "") -> None:
+        self.flush()
+        self.events.phase(phase, message, self.vm)
+
+
 def _backup_locked(
     hv: Hypervisor, repo: Repository, name: str, opts: VMBackupOptions, res: VMBackupResult,
-    hooks: HookRunner, progress: Progress | None,
+    hooks: HookRunner, ev: _VMEvents,
 ) -> None:
+    ev.phase("prepare")
     prefix = checkpoint_prefix(repo)
     scratch = os.path.join(opts.scratch_dir, repo.id[:12])
     for what in hv.cleanup_leftovers(name, prefix, scratch):
@@ -190,6 +214,7 @@ def _backup_locked(
     parent = _parent(repo, name)
     inc_from = _pick_incremental(hv, info, parent, prefix, opts.mode, res.warnings)
     quiesce = opts.consistency != "crash" and info.running
+    ev.phase("snapshot")
     hooks.run("pre-backup")
     if quiesce:
         hooks.run("pre-freeze")
@@ -206,15 +231,17 @@ def _backup_locked(
         res.consistency, res.method = s.consistency, s.method
         res.warnings.extend(s.warnings)
         sources = [d for d in s.disks if d.info.target in wanted]
-        if progress:
-            progress.set_total(sum(d.size for d in sources), name)
+        mode = "incremental" if any(d.incremental for d in sources) else "full"
+        ev.phase("read", f"{name}: reading {len(sources)} disk{'s' if len(sources) != 1 else ''}"
+                 f" ({mode}, {s.method}, {s.consistency})")
         stats = WriteStats()
         parallel = max(1, min(opts.disk_parallel, len(sources)))
         # disks in parallel share the CPU: split the chunk threads between them, so
         # memory (chunks in flight) stays what one disk would use
         per_disk = max(2, -(-opts.workers // parallel))
         with ThreadPoolExecutor(parallel) as pool:
-            futs = [pool.submit(_ingest_disk, repo, d, parent, progress, per_disk)
+            futs = [pool.submit(_ingest_disk, repo, d, parent,
+                                ev.events.progress(f"{name}/{d.info.target}"), per_disk)
                     for d in sources]
             records = []
             for f in futs:
@@ -234,6 +261,7 @@ def _backup_locked(
                   "warnings": list(res.warnings)},
             stats=stats.as_dict(),
         )
+        ev.phase("commit")
         repo.commit_snapshot(snap, stats.reused_ids, hint="run it again with --mode full")
         s.commit()
     res.snapshot = snap.id
@@ -267,13 +295,11 @@ def select_vms(all_names: list[str], patterns: list[str], everything: bool,
 
 def backup_many(
     hv: Hypervisor, repo: Repository, names: list[str], opts_for: Any,
-    concurrency: int = 1, progress_for: Any = None,
+    concurrency: int = 1, events: JobEvents | None = None,
 ) -> list[VMBackupResult]:
     """Back up *names* in order, at most *concurrency* at once; never raises per VM."""
     if concurrency <= 1 or len(names) <= 1:
-        return [backup_vm(hv, repo, n, opts_for(n), progress_for(n) if progress_for else None)
-                for n in names]
+        return [backup_vm(hv, repo, n, opts_for(n), events) for n in names]
     with ThreadPoolExecutor(concurrency) as pool:
-        futs = [pool.submit(backup_vm, hv, repo, n, opts_for(n),
-                            progress_for(n) if progress_for else None) for n in names]
+        futs = [pool.submit(backup_vm, hv, repo, n, opts_for(n), events) for n in names]
         return [f.result() for f in futs]

@@ -22,13 +22,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmdr.diskio.images import (
+    atomic_write,
+    check_target,
+    commit_file,
+    discard,
+    partial_name,
+    sweep_partials,
+)
 from vmdr.errors import DomainNotFound, IntegrityError, UsageError, VmdrError
+from vmdr.events import Event, JobEvents, JobWarning
 from vmdr.hypervisor import Hypervisor, rewrite_domain_xml
 from vmdr.hypervisor.console import console_log, relocate_console_logs
 from vmdr.jobs import diskcopy
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository
-from vmdr.ui.progress import Progress
 
 EXT = {"qcow2": "qcow2", "raw": "img", "vmdk": "vmdk"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
@@ -50,8 +58,9 @@ class RestoreOptions:
 
 def restore_vm(
     repo: Repository, snap: Snapshot, opts: RestoreOptions, hv: Hypervisor | None,
-    progress: Progress | None = None,
+    events: JobEvents | None = None,
 ) -> dict[str, Any]:
+    ev = events or JobEvents()
     t0 = time.monotonic()
     if snap.meta.get("kind") != "vm":
         raise UsageError(f"{snap.name}@{snap.short_id} is an image snapshot; use "
@@ -73,10 +82,11 @@ def restore_vm(
     os.makedirs(target_dir, exist_ok=True)
     paths = {d.name: os.path.join(target_dir, f"{new_name}-{d.name}.{EXT[opts.format]}")
              for d in disks}
-    if not opts.force:
-        for p in paths.values():
-            if os.path.exists(p):
-                raise UsageError(f"{p} exists; use --force to overwrite it")
+    for d in disks:  # existing targets: refused without --force; only regular files
+        _, is_block = check_target(paths[d.name], opts.force)
+        if is_block or os.path.islink(paths[d.name]):
+            raise UsageError(f"{paths[d.name]} is not a regular file (a link or a device); "
+                             "remove it or pick another --target-dir")
     partial = {d.name for d in disks} != {d.name for d in snap.disks}
     if partial and opts.define:
         raise UsageError("--disk restores single disks; it cannot be combined with --define "
@@ -88,27 +98,31 @@ def restore_vm(
                                            target_dir)
     if opts.define and hv is not None:
         _check_free_name(hv, new_name, opts.force)
-    if progress:
-        progress.set_total(sum(d.size for d in disks), new_name)
+    ev.phase("write", f"restoring {len(disks)} disk{'s' if len(disks) != 1 else ''} of "
+             f"{snap.name}@{snap.short_id} into {target_dir}", new_name)
     written = 0
-    done: list[str] = []
+    # Every disk goes to a temporary name first; only when all of them are complete and
+    # fsynced are they renamed into place, so a failed or killed restore never leaves a
+    # partial disk under its final name, nor (with --force) destroys the old one.
+    for p in paths.values():
+        sweep_partials(p)
+    temps = {d.name: partial_name(paths[d.name]) for d in disks}
     try:
         for d in disks:
-            written += diskcopy.restore(repo, d, paths[d.name], opts.format, opts.force,
-                                        progress)
-            done.append(paths[d.name])
+            written += diskcopy.restore(repo, d, temps[d.name], opts.format, False,
+                                        ev.progress(f"{new_name}/{d.name}"))
+        for d in disks:
+            commit_file(temps[d.name], paths[d.name])
     except BaseException:
-        for p in done:
-            os.unlink(p)
+        for t in temps.values():
+            discard(t)
         raise
     if nvram_path:
-        with open(nvram_path, "wb") as f:
-            f.write(base64.b64decode(cfg["nvram"]))
+        atomic_write(nvram_path, base64.b64decode(cfg["nvram"]))
     xml_path = None
     if xml is not None:
         xml_path = os.path.join(target_dir, f"{new_name}.xml")
-        with open(xml_path, "w", encoding="utf-8") as f:
-            f.write(xml)
+        atomic_write(xml_path, xml.encode("utf-8"))  # 0600: it may hold secrets
     result: dict[str, Any] = {
         "snapshot": snap.id, "vm": new_name, "target_dir": target_dir, "format": opts.format,
         "disks": paths, "xml": xml_path, "bytes_written": written, "defined": False,
@@ -116,9 +130,11 @@ def restore_vm(
     }
     result["restore_s"] = round(time.monotonic() - t0, 3)
     if opts.define and hv is not None and xml is not None:
+        ev.phase("define", f"defining {new_name} on {hv.uri}", new_name)
         hv.define(xml)
         result["defined"] = True
         if opts.start:
+            ev.phase("boot", f"booting {new_name}, waiting for its heartbeat", new_name)
             t1 = time.monotonic()
             hv.start(new_name)
             result["started"] = True
@@ -136,12 +152,13 @@ def restore_vm(
     result["attachment"] = record_restore(repo, snap, {
         "kind": "restore", "bytes_written": written, "size": sum(d.size for d in disks),
         "restore_s": result["restore_s"], "heartbeat_s": result["heartbeat_s"],
-        "target": target, "format": opts.format, "repository": repo.id})
+        "target": target, "format": opts.format, "repository": repo.id}, events)
     return result
 
 
-def record_restore(repo: Repository, snap: Snapshot, doc: dict[str, Any]) -> str | None:
-    """Attach *doc* to the snapshot; on failure log a warning and return None.
+def record_restore(repo: Repository, snap: Snapshot, doc: dict[str, Any],
+                   events: JobEvents | None = None) -> str | None:
+    """Attach *doc* to the snapshot; on failure emit a warning and return None.
 
     The restore has already succeeded: a read-only, full or unreachable repository must
     not turn it into a failure. (The attachment is a new object, like a verification
@@ -151,9 +168,15 @@ def record_restore(repo: Repository, snap: Snapshot, doc: dict[str, Any]) -> str
         return repo.add_attachment(snap.id, doc)
     except Exception as exc:  # any failure to record: the restore itself stands
         why = exc.message if isinstance(exc, VmdrError) else f"{type(exc).__name__}: {exc}"
-        log.warning("restored %s@%s, but could not record the restore in the repository: %s",
-                    snap.name, snap.short_id, why)
+        (events or JobEvents(_log_sink)).warning(
+            f"restored {snap.name}@{snap.short_id}, but could not record the restore in the "
+            f"repository: {why}")
         return None
+
+
+def _log_sink(event: Event) -> None:
+    if isinstance(event, JobWarning):
+        log.warning("%s", event.message)
 
 
 def _domain_xml(

@@ -22,8 +22,9 @@ from vmdr.plan._toml import tables as _tables
 MEDIA = ("disk", "object", "tape")
 DEFAULT_THROUGHPUT = {"disk": 200.0 * (1 << 20), "object": 100.0 * (1 << 20),
                       "tape": 150.0 * (1 << 20)}
-# [vm.NAME] keys other parts of vmdr own (verify_*: vmdr verify; copy_*: vmdr copy)
-OTHER_VM_PREFIXES = ("verify_", "copy_")
+# [vm.NAME] keys other parts of vmdr own (verify_*: vmdr verify; copy_*: vmdr copy;
+# watchdog: vmdr.ha.wdsettings, which also checks [plan.tiers.NAME.watchdog])
+OTHER_VM_PREFIXES = ("verify_", "copy_", "watchdog")
 VM_KEYS = {"host", "owner", "contact", "tier", "rpo", "rto", "depends_on", "boot_group",
            "must_survive", "vcpus", "memory", "target_dir", "notes"}
 # [vm.NAME] keys of high availability (vmdr.ha reads them; `vmdr ha validate` checks them
@@ -274,7 +275,7 @@ def _settings(path: str, raw: dict[str, Any]) -> tuple[Settings, dict[str, Tier]
         tt.prefix = f"plan.tiers.{name}."
         tiers[name] = Tier(name, tt.duration("rpo"), tt.duration("rto"),
                            _levels(tt, "must_survive"), tt.bool_("ha"))
-        tt.finish({"rpo", "rto", "must_survive", "ha"})
+        tt.finish({"rpo", "rto", "must_survive", "ha", "watchdog"})
     t.finish({"title", "organisation", "scope", "verify_max_age", "test_interval",
               "boot_time", "cpu_overcommit", "cache_file", "throughput", "tiers", "ignore_vms"})
     return s, tiers

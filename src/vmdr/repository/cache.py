@@ -24,6 +24,19 @@ CREATE TABLE IF NOT EXISTS snaps (id TEXT PRIMARY KEY, data BLOB);
 """
 
 
+def _private(path: str) -> None:
+    """Create the database file 0600 before SQLite does (its WAL and shared-memory files
+    take the database's mode); tighten files an older vmdr left readable. The cache holds
+    decoded manifests, domain XML included."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            if os.stat(path + suffix).st_mode & 0o077:
+                os.chmod(path + suffix, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def cache_root() -> str:
     return os.environ.get("VMDR_CACHE_DIR") or platformdirs.user_cache_dir("vmdr")
 
@@ -40,6 +53,7 @@ class Cache:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         for attempt in (1, 2):
             try:
+                _private(self.path)
                 db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
                 db.executescript(_SCHEMA)
                 db.execute("PRAGMA journal_mode=WAL")

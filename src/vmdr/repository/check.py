@@ -3,6 +3,10 @@
 Structure: config, key slots, every manifest decrypts and parses, every referenced chunk
 exists. ``read_data``: every selected chunk is fetched, authenticated, decompressed and
 re-hashed. Each problem names the snapshots (and disks) it damages.
+
+Temporary objects left by killed writers (``*.tmp``, older than :data:`STALE_TEMP_AGE`)
+are reported as warnings of kind ``stale-temp``: they waste space but damage nothing,
+so they do not fail the check; ``vmdr prune`` removes them.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from vmdr.errors import IntegrityError, ObjectNotFoundInRepo, StorageError, UnsupportedFormat
 from vmdr.repository.crypto import HOLE
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository, chunk_name
+
+STALE_TEMP_AGE = timedelta(hours=1)  # no single object write takes this long
 
 
 @dataclass
@@ -41,6 +48,7 @@ class CheckResult:
     chunks_referenced: int = 0
     chunks_read: int = 0
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # harmless: stale-temp
 
     @property
     def ok(self) -> bool:
@@ -49,7 +57,8 @@ class CheckResult:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "snapshots": self.snapshots,
                 "chunks_referenced": self.chunks_referenced, "chunks_read": self.chunks_read,
-                "problems": [p.as_dict() for p in self.problems]}
+                "problems": [p.as_dict() for p in self.problems],
+                "warnings": [p.as_dict() for p in self.warnings]}
 
 
 def check(
@@ -64,11 +73,17 @@ def check(
     snaps: list[Snapshot] = []
     for sid in sids:
         try:
-            snaps.append(repo.load_snapshot(sid))
+            # from the repository itself: the cache is never the source of truth
+            snaps.append(repo.load_snapshot(sid, use_cache=False))
         except (IntegrityError, UnsupportedFormat) as exc:
-            res.problems.append(Problem("corrupt-snapshot", f"snapshots/{sid}", exc.message,
-                                        [sid[:8]]))
+            res.problems.append(Problem("corrupt-snapshot", f"snapshots/{sid}",
+                                        f"snapshot {sid}: {exc.message}", [sid[:8]]))
     res.snapshots = len(snaps)
+    if snapshot_ids is None:
+        for o in repo.stale_temporaries(STALE_TEMP_AGE.total_seconds()):
+            res.warnings.append(Problem("stale-temp", o.name, f"stale temporary object "
+                                        f"{o.name} ({o.size} bytes) left by a killed write; "
+                                        "'vmdr prune' removes it"))
     for s in snaps:
         for d in s.disks:
             label = f"{s.name}@{s.short_id}:{d.name}"

@@ -41,19 +41,45 @@ def default_kdf() -> KdfParams:
     return DEFAULT_KDF
 
 
+# What a key slot may ask for (format.md §3). A tampered slot could otherwise ask for
+# terabytes of memory or years of CPU, or overflow the C libraries' integers.
+ARGON2_LIMITS = {"time_cost": (1, 100), "memory_kib": (8, 4 << 20), "parallelism": (1, 64)}
+SCRYPT_LIMITS = {"n": (2, 1 << 22), "r": (1, 64), "p": (1, 64)}
+
+
+def _bounded(kdf: dict[str, Any], limits: dict[str, tuple[int, int]]) -> dict[str, int]:
+    out = {}
+    for k, (lo, hi) in limits.items():
+        v = kdf[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise IntegrityError(f"a key slot asks for {kdf.get('name')} {k}={v!r}, outside "
+                                 f"{lo}..{hi} (tampered?)")
+        out[k] = v
+    return out
+
+
 def _derive(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
-    salt = unb64(kdf["salt"])
-    if kdf["name"] == "argon2id":
-        return hash_secret_raw(
-            passphrase, salt, time_cost=int(kdf["time_cost"]),
-            memory_cost=int(kdf["memory_kib"]), parallelism=int(kdf["parallelism"]),
-            hash_len=32, type=Type.ID,
-        )
-    if kdf["name"] == "scrypt":
-        return hashlib.scrypt(
-            passphrase, salt=salt, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"]),
-            maxmem=256 << 20, dklen=32,
-        )
+    """The key-encryption key. Raises ``IntegrityError`` for malformed or implausible
+    parameters (never ``OverflowError`` or ``MemoryError``)."""
+    try:
+        salt = unb64(kdf["salt"])
+        name = kdf["name"]
+        if name == "argon2id":
+            a = _bounded(kdf, ARGON2_LIMITS)
+            if a["memory_kib"] < 8 * a["parallelism"]:
+                raise IntegrityError("a key slot asks for less argon2 memory than its "
+                                     "parallelism needs (tampered?)")
+            return hash_secret_raw(
+                passphrase, salt, time_cost=a["time_cost"], memory_cost=a["memory_kib"],
+                parallelism=a["parallelism"], hash_len=32, type=Type.ID,
+            )
+        if name == "scrypt":
+            sc = _bounded(kdf, SCRYPT_LIMITS)
+            return hashlib.scrypt(passphrase, salt=salt, n=sc["n"], r=sc["r"], p=sc["p"],
+                                  maxmem=256 << 20, dklen=32)
+    except (KeyError, TypeError, ValueError, OverflowError, MemoryError) as exc:
+        raise IntegrityError(f"a key slot has unusable KDF parameters ({type(exc).__name__}: "
+                             f"{exc}) (tampered?)") from None
     raise UnsupportedFormat(f"unknown key derivation function {kdf['name']!r}")
 
 
@@ -93,13 +119,17 @@ def parse_slot(data: bytes) -> dict[str, Any]:
 
 
 def open_slot(doc: dict[str, Any], repo_id: str, passphrase: str) -> MasterKey | None:
-    """Return the master key if *passphrase* opens this slot, else ``None``."""
+    """Return the master key if *passphrase* opens this slot, else ``None``. Raises
+    ``IntegrityError`` for a slot whose KDF parameters are malformed or implausible."""
+    kdf = doc.get("kdf")
+    if not isinstance(kdf, dict):
+        raise IntegrityError(f"key slot {str(doc.get('slot'))[:16]} has no KDF parameters")
+    kek = _derive(passphrase.encode("utf-8"), kdf)
     try:
-        kek = _derive(passphrase.encode("utf-8"), doc["kdf"])
         raw = AESGCM(kek).decrypt(
             unb64(doc["nonce"]), unb64(doc["wrapped"]), _aad(repo_id, doc["slot"])
         )
-    except (InvalidTag, KeyError, ValueError):
+    except (InvalidTag, KeyError, ValueError, TypeError):
         return None
     return MasterKey(raw)
 

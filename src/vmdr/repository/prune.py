@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from vmdr.errors import ObjectNotFound
+from vmdr.errors import IntegrityError, ObjectNotFound, UnsupportedFormat
 from vmdr.repository.crypto import HOLE
 from vmdr.repository.repo import Repository
 
@@ -28,13 +28,15 @@ class PruneResult:
     deleted_bytes: int = 0
     kept_young: int = 0
     orphan_attachments: int = 0
+    stale_temps: int = 0
     dry_run: bool = False
     deleted_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"referenced_chunks": self.referenced, "deleted_chunks": self.deleted,
                 "deleted_bytes": self.deleted_bytes, "kept_young_unreferenced": self.kept_young,
-                "orphan_attachments": self.orphan_attachments, "dry_run": self.dry_run}
+                "orphan_attachments": self.orphan_attachments,
+                "stale_temporaries": self.stale_temps, "dry_run": self.dry_run}
 
 
 def prune(
@@ -53,7 +55,14 @@ def prune(
         db.execute("CREATE TABLE used (id BLOB PRIMARY KEY) WITHOUT ROWID")
         sids = set(repo.snapshot_ids())
         for sid in sids:
-            snap = repo.load_snapshot(sid)
+            try:
+                snap = repo.load_snapshot(sid)  # a cached copy is checked against its ID
+            except (IntegrityError, UnsupportedFormat) as exc:
+                raise IntegrityError(
+                    f"prune stopped, nothing deleted: snapshot {sid} cannot be read "
+                    f"({exc.message}), so the chunks it uses cannot be told from garbage; "
+                    f"copy it back from another repository, or remove snapshots/{sid} "
+                    "by hand if it is lost") from None
             with db:
                 for d in snap.disks:
                     db.executemany("INSERT OR IGNORE INTO used VALUES (?)",
@@ -82,6 +91,14 @@ def prune(
                 res.orphan_attachments += 1
                 if not dry_run:
                     repo.backend.delete(obj.name)
+        # temporary objects of writes killed before their rename, older than the window
+        for obj in repo.stale_temporaries(safety_window.total_seconds()):
+            res.stale_temps += 1
+            if not dry_run:
+                try:
+                    repo.backend.delete(obj.name)
+                except ObjectNotFound:
+                    pass
         db.close()
         if not dry_run and deleted:
             repo.bump_generation()

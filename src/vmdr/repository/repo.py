@@ -46,7 +46,7 @@ from vmdr.repository.keys import (
 )
 from vmdr.repository.locks import Lock
 from vmdr.repository.manifest import Snapshot
-from vmdr.storage.base import Backend
+from vmdr.storage.base import Backend, ObjectInfo
 from vmdr.timeutil import Clock, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
 GENERATION_NAME = "state/generation"
+TEMP_PREFIXES = ("data", "snapshots", "attachments", "keys", "state")
 PassphraseSource = Callable[[], str]
 
 
@@ -116,6 +117,8 @@ class Repository:
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
         self.cache = Cache(config.id) if use_cache else None
+        #: snapshot ID -> why its manifest could not be read (filled by list_snapshots)
+        self.damaged: dict[str, str] = {}
         self._on_close: list[Callable[[], None]] = []
         self._generation_at_open = self.generation()
         if self.cache:
@@ -203,10 +206,20 @@ class Repository:
         if not slots:
             raise WrongPassword("the repository has no key slots; open it with a key file")
         pw = passphrase()
+        damaged: list[IntegrityError] = []
         for doc in slots:
-            key = open_slot(doc, cfg.id, pw)
+            try:
+                key = open_slot(doc, cfg.id, pw)
+            except IntegrityError as exc:
+                log.warning("skipping key slot %s: %s", str(doc.get("slot"))[:16], exc.message)
+                damaged.append(exc)
+                continue
             if key is not None:
                 return key, str(doc["slot"])
+        if damaged:
+            raise IntegrityError(f"no key slot opens with that passphrase, and "
+                                 f"{len(damaged)} key slot(s) are damaged: "
+                                 f"{damaged[0].message}")
         raise WrongPassword()
 
     def release_on_close(self, release: Callable[[], None]) -> None:
@@ -281,6 +294,13 @@ class Repository:
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
                                    for o in self.backend.list("data"))
 
+    def stale_temporaries(self, older_than: float) -> list[ObjectInfo]:
+        """Temporary objects (``*.tmp``) that killed writers left behind, older than
+        *older_than* seconds (format.md §1): younger ones may belong to a running write."""
+        now = self.clock().timestamp()
+        return [o for prefix in TEMP_PREFIXES for o in self.backend.list_temporary(prefix)
+                if now - o.mtime >= older_than]
+
     def has_chunk(self, oid: bytes) -> bool:
         if oid == HOLE:
             return True
@@ -314,7 +334,15 @@ class Repository:
 
     # ----------------------------------------------------------------- snapshots
     def save_snapshot(self, snap: Snapshot) -> str:
-        """Write the manifest (the atomic commit point of a backup); return its ID."""
+        """Write the manifest (the atomic commit point of a backup); return its ID.
+
+        A new snapshot's name must pass :func:`~vmdr.repository.resolve.check_name`; a
+        copy of an existing snapshot (``meta["copied_from"]``) keeps its name as it is,
+        so an old, badly named snapshot stays reachable by ID."""
+        if "copied_from" not in snap.meta:
+            from vmdr.repository.resolve import check_name
+
+            check_name(snap.name)
         if not snap.host:
             snap.host = socket.gethostname()
         plain = manifest.encode(snap)
@@ -383,29 +411,50 @@ class Repository:
             raise IntegrityError(f"{name}: a concurrent prune removed {missing} chunks "
                                  f"this snapshot uses; nothing was committed: {hint}")
 
-    def load_snapshot(self, sid: str) -> Snapshot:
-        plain = self.cache.get_snapshot(sid) if self.cache else None
+    def load_snapshot(self, sid: str, use_cache: bool = True) -> Snapshot:
+        """The snapshot *sid*. A cached manifest is used only if it still hashes to its
+        ID; ``use_cache=False`` (``check``) always reads the repository."""
+        plain = self.cache.get_snapshot(sid) if self.cache and use_cache else None
+        if plain is not None and self.codec.object_id(plain).hex() != sid:
+            log.warning("cached manifest of snapshot %s is damaged; reading the repository",
+                        sid[:16])
+            plain = None
         if plain is None:
             try:
                 blob = self.backend.get(f"snapshots/{sid}")
             except ObjectNotFound:
                 raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
             plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
+            snap = manifest.decode(plain, sid)
             if self.cache:
                 self.cache.put_snapshot(sid, plain)
+            return snap
         return manifest.decode(plain, sid)
 
     def snapshot_ids(self) -> list[str]:
         out = []
         for o in self.backend.list("snapshots"):
             sid = o.name.rsplit("/", 1)[-1]
-            if len(sid) == 64:
+            if len(sid) == 64 and all(c in "0123456789abcdef" for c in sid):
                 out.append(sid)
         return out
 
     def list_snapshots(self, name: str | None = None) -> list[Snapshot]:
+        """Every readable snapshot (of *name*), oldest first. A manifest that cannot be
+        read or decoded is skipped with a warning naming its ID, and remembered in
+        :attr:`damaged`; one bad file never hides the others."""
         ids = self.snapshot_ids()
-        snaps = [self.load_snapshot(s) for s in ids]
+        snaps = []
+        for sid in ids:
+            try:
+                snaps.append(self.load_snapshot(sid))
+            except (IntegrityError, UnsupportedFormat, SnapshotNotFound) as exc:
+                if isinstance(exc, SnapshotNotFound):
+                    continue  # deleted since the listing
+                if sid not in self.damaged:
+                    log.warning("snapshot %s is damaged and was skipped: %s (run 'vmdr "
+                                "check')", sid, exc.message)
+                self.damaged[sid] = exc.message
         if self.cache:
             self.cache.forget_snapshots(set(ids))
         if name is not None:
@@ -413,26 +462,16 @@ class Repository:
         return sorted(snaps, key=lambda s: (s.time, s.id))
 
     def resolve(self, ref: str) -> Snapshot:
-        """Resolve ``NAME``, ``NAME@latest``, ``NAME@IDPREFIX`` or ``IDPREFIX``."""
-        name, _, sel = ref.partition("@")
-        if not sel:
-            sel = "latest"
+        """Resolve a snapshot reference (rules in :mod:`vmdr.repository.resolve`)."""
+        from vmdr.repository.resolve import resolve_ref
+
         snaps = self.list_snapshots()
-        named = [s for s in snaps if s.name == name]
-        if sel == "latest":
-            if named:
-                return named[-1]
-            by_id = [s for s in snaps if s.id.startswith(name)] if len(name) >= 4 else []
-            if len(by_id) == 1:
-                return by_id[0]
-            raise SnapshotNotFound(f"no snapshot named {name!r}")
-        pool = named or snaps
-        hits = [s for s in pool if s.id.startswith(sel)]
-        if not hits:
-            raise SnapshotNotFound(f"no snapshot {ref!r}")
-        if len(hits) > 1:
-            raise UsageError(f"snapshot ID prefix {sel!r} is ambiguous; give more digits")
-        return hits[0]
+        snap = resolve_ref(ref, snaps, dict(self.damaged))
+        if self.damaged and (ref == snap.name or ref.endswith("@latest")):
+            log.warning("%s resolved to %s@%s, the newest readable one; %d damaged "
+                        "snapshot(s) could not be read and may be newer ones of %s",
+                        ref, snap.name, snap.short_id, len(self.damaged), snap.name)
+        return snap
 
     def delete_snapshot(self, sid: str) -> None:
         for a in list(self.backend.list(f"attachments/{sid}")):

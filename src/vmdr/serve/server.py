@@ -283,11 +283,22 @@ def _check_nbdkit() -> None:
                          "run vmdr with the system Python")
 
 
+# The plugin opens the repository with the key in its private setup file; it needs no
+# passphrase, so none is handed down (nbdkit, and anything it runs, would inherit it).
+_WITHHELD = ("VMDR_PASSWORD", "VMDR_PASSWORD_FILE", "VMDR_KEY_FILE", "VMDR_NEW_PASSWORD",
+             "VMDR_NEW_PASSWORD_FILE")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for nbdkit: ours without any vmdr passphrase or key setting."""
+    return {k: v for k, v in os.environ.items() if k not in _WITHHELD}
+
+
 def _spawn(argv: list[str], logf: IO[bytes], detach: bool) -> subprocess.Popen[bytes]:
     """Start nbdkit. ``--exit-with-parent`` tracks the *thread* that forked it, so the
     fork happens in a keeper thread that lives exactly as long as nbdkit does."""
     kw: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": logf, "stderr": logf,
-                          "close_fds": True, "umask": 0o077}
+                          "close_fds": True, "umask": 0o077, "env": child_env()}
     if detach:
         return subprocess.Popen(argv, start_new_session=True, **kw)
     box: dict[str, Any] = {}

@@ -112,6 +112,12 @@ class Backend(ABC):
         """Yield every object whose name starts with ``prefix + '/'`` (recursively), in
         no particular order. A prefix with no objects yields nothing (no error)."""
 
+    def list_temporary(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Yield the temporary objects (``*.tmp``, full names) that writers killed before
+        their rename left under ``prefix + '/'``; ``delete`` removes one. Default: none
+        (a backend whose writes are a single atomic call, like S3, leaves none)."""
+        return iter(())
+
     def close(self) -> None:
         """Release connections. The backend must not be used afterwards."""
 

@@ -85,5 +85,9 @@ class FaultyBackend(Backend):
         self._check("list", prefix)
         return self.inner.list(prefix)
 
+    def list_temporary(self, prefix: str) -> Iterator[ObjectInfo]:
+        self._check("list", prefix)
+        return self.inner.list_temporary(prefix)
+
     def close(self) -> None:
         self.inner.close()

@@ -17,7 +17,7 @@ TMP_SUFFIX = ".tmp"
 
 
 def _translate(exc: OSError, what: str) -> Exception:
-    if exc.errno == errno.ENOENT:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # ENOTDIR: a parent is a plain file
         return ObjectNotFound(f"no such object: {what}")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"no space left on device writing {what}")
@@ -34,6 +34,8 @@ class FileBackend(Backend):
         return os.path.join(self.root, validate_name(name))
 
     def create(self) -> None:
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"{self.root} exists and is not a directory")
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
@@ -104,6 +106,12 @@ class FileBackend(Backend):
         return os.path.exists(self._path(name))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, temporary=False)
+
+    def list_temporary(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, temporary=True)
+
+    def _walk(self, prefix: str, temporary: bool) -> Iterator[ObjectInfo]:
         base = self._path(prefix)
         stack = [base]
         while stack:
@@ -117,7 +125,7 @@ class FileBackend(Backend):
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-                elif e.name.endswith(TMP_SUFFIX):
+                elif e.name.endswith(TMP_SUFFIX) != temporary:
                     continue
                 else:
                     try:

@@ -7,6 +7,7 @@ prints or logs them.
 
 from __future__ import annotations
 
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -40,19 +41,51 @@ def schemes() -> list[Scheme]:
     return sorted(_SCHEMES.values(), key=lambda s: s.name)
 
 
+# query parameters whose value is a secret in itself (pre-signed URLs, tokens); not
+# "key", which names a key *file* (sftp://…?key=/root/.ssh/id)
+_SECRET_PARAMS = frozenset({
+    "password", "passwd", "pass", "pw", "secret", "token", "apikey", "api_key",
+    "access_key", "secret_key", "accesskey", "secretkey", "auth", "authorization",
+    "signature", "sig", "credential", "x-amz-signature", "x-amz-credential",
+    "x-amz-security-token", "session_token",
+})
+# user:password@ inside any URL in free text
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:'\"<>]*):"
+                       r"(?P<pw>[^\s/@'\"<>]*)@")
+
+
 def redact(url: str) -> str:
-    """Return *url* with any password replaced by ``***``."""
+    """Return *url* with every password replaced by ``***``: the one in its own user
+    part, those of URLs in its query (``?endpoint=http://user:secret@host``) and the
+    values of secret-looking query parameters (``token=``, ``X-Amz-Signature=``)."""
     try:
         parts = urllib.parse.urlsplit(url)
+        password = parts.password
+        host = parts.hostname or ""
+        port = parts.port
     except ValueError:
         return "<unparsable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    if password is not None:
+        if port:
+            host = f"{host}:{port}"
+        netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        clean = [(k, "***" if k.lower() in _SECRET_PARAMS and v else
+                  redact(v) if "://" in v else v) for k, v in pairs]
+        if clean != pairs:
+            parts = parts._replace(query=urllib.parse.urlencode(clean, safe=":/*@"))
+    return urllib.parse.urlunsplit(parts) if parts.geturl() != url else url
+
+
+def redact_text(text: str) -> str:
+    """*text* (an error or log message) with the password of every URL in it replaced
+    by ``***``: the last line of defence for messages from libraries (botocore,
+    paramiko) that quote the URL they were given."""
+    if "://" not in text:
+        return text
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def parse(url: str) -> urllib.parse.SplitResult:

@@ -29,7 +29,7 @@ from vmdr.errors import (
     UsageError,
 )
 from vmdr.storage.base import Backend, ObjectInfo, validate_name
-from vmdr.storage.registry import redact, register
+from vmdr.storage.registry import redact, redact_text, register
 
 T = TypeVar("T")
 TMP_SUFFIX = ".tmp"
@@ -46,7 +46,8 @@ _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split()) or "unknown error"
+    """A library's message on one line, with any URL password (endpoint, proxy) hidden."""
+    return redact_text(" ".join(str(text).split())) or "unknown error"
 
 
 class S3Backend(Backend):
@@ -96,7 +97,8 @@ class S3Backend(Backend):
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _where(self) -> str:
-        return f"bucket {self.bucket!r}" + (f" at {self.endpoint}" if self.endpoint else "")
+        return f"bucket {self.bucket!r}" + (f" at {redact(self.endpoint)}" if self.endpoint
+                                            else "")
 
     def _translate(self, exc: Exception, what: str) -> Exception:
         import botocore.exceptions as be

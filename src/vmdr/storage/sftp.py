@@ -366,6 +366,12 @@ class SFTPBackend(Backend):
         return ObjectInfo(name, st.st_size or 0, float(st.st_mtime or 0))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, temporary=False)
+
+    def list_temporary(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, temporary=True)
+
+    def _walk(self, prefix: str, temporary: bool) -> Iterator[ObjectInfo]:
         stack = [self._path(prefix)]
         while stack:
             d = stack.pop()
@@ -377,7 +383,7 @@ class SFTPBackend(Backend):
                 full = posixpath.join(d, e.filename)
                 if stat.S_ISDIR(e.st_mode or 0):
                     stack.append(full)
-                elif not e.filename.endswith(TMP_SUFFIX):
+                elif e.filename.endswith(TMP_SUFFIX) == temporary:
                     rel = posixpath.relpath(full, self.root)
                     yield ObjectInfo(rel, e.st_size or 0, float(e.st_mtime or 0))
 

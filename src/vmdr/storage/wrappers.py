@@ -58,6 +58,9 @@ class DelegatingBackend(Backend):
         # Listings are materialised so that a retry restarts cleanly.
         return iter(self._call(lambda: list(self.inner.list(prefix))))
 
+    def list_temporary(self, prefix: str) -> Iterator[ObjectInfo]:
+        return iter(self._call(lambda: list(self.inner.list_temporary(prefix))))
+
     def close(self) -> None:
         self.inner.close()
 
