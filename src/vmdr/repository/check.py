@@ -28,7 +28,7 @@ STALE_TEMP_AGE = timedelta(hours=1)  # no single object write takes this long
 
 @dataclass
 class Problem:
-    kind: str  # "missing-chunk", "corrupt-chunk", "corrupt-snapshot", "stale-temp"
+    kind: str  # missing-chunk, corrupt-chunk, corrupt-snapshot, corrupt-attachment, stale-temp
     object: str
     message: str
     damages: list[str] = field(default_factory=list)  # "name@shortid:disk"
@@ -91,6 +91,12 @@ def check(
                 lst = users.setdefault(oid, [])
                 if not lst or lst[-1] != label:
                     lst.append(label)
+    for s in snaps:  # attachments: protection and verification records
+        try:
+            repo.attachments(s.id)
+        except (IntegrityError, UnsupportedFormat) as exc:
+            res.problems.append(Problem("corrupt-attachment", f"attachments/{s.id}",
+                                        exc.message, [f"{s.name}@{s.short_id}"]))
     users.pop(HOLE, None)
     res.chunks_referenced = len(users)
     present = {bytes.fromhex(o.name.rsplit("/", 1)[-1]) for o in repo.backend.list("data")}
