@@ -14,6 +14,8 @@
    snapshot to a tape, the tape to the vault, the tape catalog lost, rebuilt from the tape
    with the exported key alone, restored into a fresh repository, the VM booted from it.
 8. Writes the DR plan for this one-host estate (Markdown and HTML) and shows coverage.
+   Then starts the agent for a minute: a minutely policy backs the VM up by itself and the
+   dashboard (URL and a login token printed) shows it.
 9. Cleans the restored copy away and stops the demo VM (it stays defined for next time).
 """
 
@@ -134,6 +136,7 @@ def main() -> int:
     sh(*VMDR, "plan", "coverage", env=penv)
     sh(*VMDR, "plan", "write", "-o", str(HOME / "dr-plan.md"), env=penv)
     sh(*VMDR, "plan", "write", "-o", str(HOME / "dr-plan.html"), env=penv)
+    run_agent(penv)
     virsh("shutdown", VM)
     virsh("destroy", VM)
     say(f"done: backed up live, restored, booted, verified; plan in {HOME}/dr-plan.html")
@@ -174,6 +177,29 @@ def tape_drill(env: dict[str, str]) -> None:
     virsh("destroy", name)
     virsh("undefine", name)
     shutil.rmtree(IMAGES / "tape", ignore_errors=True)
+
+
+def run_agent(env: dict[str, str], seconds: float = 60) -> None:
+    """The agent with a minutely policy on the demo VM, for a minute (or until it ran)."""
+    say("the agent: a minutely policy backs the VM up by itself; the dashboard is live")
+    token = sh(*VMDR, "agent", "token", "create", "--role", "admin", "--name", "demo",
+               env=env).splitlines()[-1]
+    agent = subprocess.Popen([*VMDR, "agent"], env=env)
+    print(f"\n    dashboard: http://127.0.0.1:8780/   (log in with the token {token})\n",
+          flush=True)
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 150:  # a minute, and until the first run is done
+            time.sleep(5)
+            out = subprocess.run([*VMDR, "jobs", "--json", "--state", "ok"], env=env,
+                                 capture_output=True, text=True).stdout
+            done = f'"vm": "{VM}"' in out
+            if done and time.monotonic() - start >= seconds:
+                break
+        sh(*VMDR, "jobs", env=env)
+    finally:
+        agent.terminate()
+        agent.wait(60)
 
 
 ESTATE = """# The demo estate: one host in one rack; the repository on the same host.
@@ -219,6 +245,15 @@ host = "localhost"
 owner = "root"
 tier = "demo"
 boot_group = 1
+
+[agent]
+listen = "127.0.0.1:8780"
+state = "/var/lib/vmdr-demo/agent.db"
+
+[policies.demo]
+vms = ["{vm}"]
+schedule = "minutely"
+repository = "local"
 """
 
 

@@ -19,7 +19,9 @@ APT_PACKAGES=(
   # through an LD_PRELOAD library built by the tests (tests/tape/) against libiscsi
   tgt libiscsi-bin libiscsi-dev mtx mt-st sg3-utils
   # DR plan: PDF (WeasyPrint needs pango) and the headless-browser test of the HTML plan
-  libpango-1.0-0 libpangoft2-1.0-0 chromium
+  libpango-1.0-0 libpangoft2-1.0-0 chromium chromium-driver
+  # the agent: fleet history and coordination (tests start their own instances)
+  postgresql etcd-server etcd-client
   # peers for side-by-side benchmarks
   borgbackup restic virtnbdbackup time
   make git ca-certificates procps iproute2

@@ -5,6 +5,7 @@
     VmdrError                      exit 1   (a job failed)
     ├── UsageError                 exit 2   bad arguments or configuration
     │   └── ConfigError            exit 2
+    │       └── CalendarError      exit 2   a schedule that is not a calendar event
     ├── RepositoryNotFound         exit 3
     ├── RepositoryExists           exit 3
     ├── WrongPassword              exit 4   no key slot opens with that passphrase / key file
@@ -71,6 +72,10 @@ class UsageError(VmdrError):
 
 class ConfigError(UsageError):
     """Invalid configuration."""
+
+
+class CalendarError(ConfigError):
+    """Invalid calendar event (systemd.time(7) syntax, e.g. "daily 02:00", "*:0/15")."""
 
 
 class RepositoryNotFound(VmdrError):
