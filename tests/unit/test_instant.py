@@ -131,7 +131,7 @@ def test_migrate_stops_on_trouble(tmp_path: Any, case: str,
     sink = ListSink()
     if case == "job-gone":
         rec.failing_copies.add("vda")
-        monkeypatch.setattr(instant.time, "sleep", lambda s: None)
+        monkeypatch.setattr("vmdr.jobs.instant.time.sleep", lambda s: None)
     with pytest.raises(VmdrError) as ei:
         instant._migrate(dom, _state(str(tmp_path), ["vda"]),
                          instant.InstantOptions(name="x", poll=0), JobEvents(sink), server)
@@ -260,7 +260,7 @@ def test_final_name_appears_only_when_the_copy_is_complete(
     def poll(_: float) -> None:
         seen.append((os.path.exists(target), os.path.exists(temp), rec.copies["vda"].cur))
 
-    monkeypatch.setattr(instant.time, "sleep", poll)
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", poll)
     instant._migrate(hv.lookup("x"), st, instant.InstantOptions(name="x", poll=0),
                      JobEvents(), FakeServer())
     assert len(seen) == 9 and seen[-1][2] == 900  # polled 9 times while copying
