@@ -44,6 +44,7 @@ from vmdr.diskio.images import fsync_dir
 from vmdr.errors import (
     DomainNotFound,
     HeartbeatTimeout,
+    HypervisorError,
     InstantInterrupted,
     MigrationStopped,
     UsageError,
@@ -260,11 +261,19 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
     _serving(ev, st)
     boot = False
     try:
+        if dom.is_active():  # a killed run's copies still read the dead export: drop them
+            for d in st["disks"]:
+                dom.block_job(d).cancel()
         if not dom.is_active():
             dom.start()
             boot = True
         elif dom.state() == "paused":
-            dom.resume_after_io_error()
+            try:
+                dom.resume_after_io_error()
+            except HypervisorError:
+                # after a kill -9 QEMU's NBD client may need longer than one round to
+                # reconnect (seen with libvirt 9 / QEMU 7.2): one more round
+                dom.resume_after_io_error()
             ev.phase("migrate", f"{name} resumed", name)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
