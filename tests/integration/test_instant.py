@@ -24,7 +24,7 @@ from tests.guest.estate import TestVM, cleanup_stale
 from tests.guest.records import check_records
 from vmdr.errors import MigrationStopped
 
-from .vmtools import VMDR, backup, nbdkit_pids, repo_env, vmdr
+from .vmtools import VMDR, backup, domain_disk_sources, nbdkit_pids, repo_env, vmdr
 
 pytestmark = pytest.mark.vm
 BEAT = re.compile(r"VMDR-HEARTBEAT (\d+)")
@@ -112,11 +112,18 @@ def test_instant_restore_then_repository_gone(source: tuple[TestVM, dict[str, st
         assert dom.isActive() and dom.UUIDString() != vm.dom.UUIDString()
         for xml in (dom.XMLDesc(0), dom.XMLDesc(2)):  # live and persistent (INACTIVE)
             assert "protocol='nbd'" not in xml and "overlay" not in xml
-            assert all(path in xml for path in res["disks"].values())
+        # the next boot uses the final names; the running QEMU keeps the hidden names it
+        # copied to, which are hard links to the same files
+        assert all(path in dom.XMLDesc(2) for path in res["disks"].values())
+        assert sorted(res["hidden"]) == sorted(domain_disk_sources(dom).values())
+        for disk, path in res["disks"].items():
+            assert os.path.samefile(path, domain_disk_sources(dom)[disk])
         # the VM's own error policy again from its next boot on; 'stop' until then
         assert "error_policy" not in dom.XMLDesc(2)
         assert "error_policy='stop'" in dom.XMLDesc(0)
-        assert not list(target.glob("*.overlay.qcow2")) and not list(target.glob("*.json"))
+        assert not list(target.glob("*.overlay.qcow2"))
+        state = json.loads((target / f"{new}.instant.json").read_text())
+        assert state["moved"]  # kept for the hidden names, until the VM's next start
         assert not os.path.exists(f"/run/vmdr/instant/{new}")
         repo.rename(away)  # the repository is gone: the VM must not care
         log = target / f"{new}-console.log"
@@ -160,8 +167,9 @@ def _stopped(proc: subprocess.Popen[str], code: int) -> str:
 
 def test_interrupt_and_server_lost_mid_migration(
         source: tuple[TestVM, dict[str, str]]) -> None:
-    """Ctrl-C, then the NBD server dying, while disks are copied: each time the VM is left
-    paused (never corrupt) with a --resume hint, and --resume finishes the move."""
+    """Ctrl-C, then the NBD server dying, then vmdr killed (-9) while disks are copied:
+    each time the VM is left paused (never corrupt) or running, no final disk name exists
+    before its copy is complete, and --resume finishes the move."""
     vm, env = source
     new = f"{vm.name}-m"
     target = vm.images.vms_dir / f"{vm.name}-mid"
@@ -183,16 +191,44 @@ def test_interrupt_and_server_lost_mid_migration(
             os.kill(pid, signal.SIGKILL)  # the repository's NBD export is gone
         _stopped(procs[-1], MigrationStopped.exit_code)  # 17
         assert dom.state()[0] == 3
+
+        # kill -9 mid-copy (issue 14 item 5): the copies only ever had hidden names
+        procs.append(_start(env, "--resume", new, "--target-dir", str(target), *slow))
+        assert "migrate" in _until_copying(procs[-1])
+        finals = [target / f"{new}-{d}.qcow2" for d in ("vda", "vdb")]
+        hidden = list(target.glob(f".{new}-*.qcow2.*.vmdr-instant"))
+        assert len(hidden) == 2 and not any(f.exists() for f in finals)
+        procs[-1].kill()
+        procs[-1].wait(30)
+        assert not any(f.exists() for f in finals)
         log = target / f"{new}-console.log"
         n = _beats(log)
-        res = json.loads(vmdr(env, "instant-restore", "--resume", new, "--target-dir",
-                              str(target), "--json").stdout)
+        for _ in range(3):  # QEMU's NBD client may need a second round (docs)
+            p = subprocess.run([*VMDR, "instant-restore", "--resume", new, "--target-dir",
+                                str(target), "--json"], capture_output=True, text=True,
+                               env=env, timeout=600)
+            assert "Traceback" not in p.stderr
+            if p.returncode == 0:
+                break
+            assert p.returncode == MigrationStopped.exit_code, p.stderr
+            assert not any(f.exists() for f in finals)
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)
         _wait_beats(log, n)
+        assert dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
+        assert all(f.exists() for f in finals)
+        assert sorted(res["disks"].values()) == sorted(map(str, finals))
         for xml in (dom.XMLDesc(0), dom.XMLDesc(2)):
             assert "protocol='nbd'" not in xml
         dom.destroy()
         rc = check_records(res["disks"]["vdb"], "qcow2")
         assert rc.consistent, rc.problems
+        # off now, so the hidden names are unused: --resume removes them and the state file
+        res = json.loads(vmdr(env, "instant-restore", "--resume", new, "--target-dir",
+                              str(target), "--json").stdout)
+        assert res["hidden"] == [] and not list(target.glob(".*.vmdr-instant"))
+        assert not (target / f"{new}.instant.json").exists()
+        assert all(f.exists() for f in finals)
     finally:
         for p in procs:
             if p.poll() is None:

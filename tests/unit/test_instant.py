@@ -3,6 +3,7 @@ the events it reports, against a small fake domain."""
 
 from __future__ import annotations
 
+import json
 import os
 import types
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ import pytest
 from vmdr.errors import HypervisorError, UsageError, VmdrError
 from vmdr.events import BytesProgress, JobEvents, ListSink, PhaseStarted
 from vmdr.hypervisor import Domain, mirror
-from vmdr.hypervisor.fake import FakeDomainRecord, FakeFleet
+from vmdr.hypervisor.fake import FakeDomain, FakeDomainRecord, FakeFleet
 from vmdr.jobs import instant
 from vmdr.repository.manifest import Snapshot
 
@@ -40,12 +41,32 @@ def _dom(sizes: dict[str, int], step: int | None = 100) -> tuple[FakeDomainRecor
     return rec, hv.lookup("x")
 
 
+@pytest.fixture(autouse=True)
+def copies_create_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like libvirt (without REUSE_EXT), a block copy creates its destination file at once;
+    the fake driver only records it. Each status call then appends a few bytes to it."""
+    block_copy = FakeDomain.block_copy
+
+    def create(self: FakeDomain, disk: str, dest: str, **kw: Any) -> Any:
+        job = block_copy(self, disk, dest, **kw)
+        if os.path.isdir(os.path.dirname(dest)):
+            with open(dest, "xb") as f:
+                f.write(b"QFI\xfb")
+        return job
+
+    monkeypatch.setattr(FakeDomain, "block_copy", create)
+
+
 class FakeServer:
     def __init__(self, alive: bool = True) -> None:
         self._alive = alive
+        self.stopped = False
 
     def alive(self) -> bool:
         return self._alive
+
+    def stop(self) -> None:
+        self.stopped = True
 
 
 def _state(tmp: str, disks: list[str]) -> dict[str, Any]:
@@ -72,8 +93,11 @@ def test_migrate_copies_reports_and_pivots(tmp_path: Any) -> None:
     instant._migrate(dom, _state(str(tmp_path), ["vda", "vdb"]), opts,
                      JobEvents(sink, interval=0), FakeServer())
     assert mirror.nbd_backed_disks(dom.xml()) == []  # both pivoted onto their copies
-    assert mirror.disk_sources(dom.xml(inactive=True)) == {
-        "vda": f"{tmp_path}/vda.qcow2", "vdb": f"{tmp_path}/vdb.qcow2"}
+    hidden = mirror.disk_sources(dom.xml(inactive=True))
+    for d in ("vda", "vdb"):  # running on the hidden copy, its final name a hard link to it
+        assert os.path.basename(hidden[d]).startswith(f".{d}.qcow2.")
+        assert hidden[d].endswith(instant.TEMP_SUFFIX)
+        assert os.path.samefile(hidden[d], f"{tmp_path}/{d}.qcow2")
     done = [e for e in sink.of(BytesProgress) if e.item == "x/vdb"]
     assert [e.done for e in done] == [100, 200, 250, 250] and done[-1].final
     assert done[-1].total == 250
@@ -107,7 +131,7 @@ def test_migrate_stops_on_trouble(tmp_path: Any, case: str,
     sink = ListSink()
     if case == "job-gone":
         rec.failing_copies.add("vda")
-        monkeypatch.setattr(instant.time, "sleep", lambda s: None)
+        monkeypatch.setattr("vmdr.jobs.instant.time.sleep", lambda s: None)
     with pytest.raises(VmdrError) as ei:
         instant._migrate(dom, _state(str(tmp_path), ["vda"]),
                          instant.InstantOptions(name="x", poll=0), JobEvents(sink), server)
@@ -208,3 +232,93 @@ def test_failure_before_boot_leaves_nothing(tmp_path: Any,
     xml = defined[0]  # what would have been defined: overlays, stop policy, new console log
     assert f"{target}/web-now-vda.overlay.qcow2" in xml and "rerror_policy=\"stop\"" in xml
     assert f"{target}/web-now-console.log" in xml and "<name>web-now</name>" in xml
+
+
+def _moving(tmp_path: Any, size: int = 1000) -> tuple[Any, FakeDomainRecord, dict[str, Any]]:
+    """A fake hypervisor with domain x on NBD, and the state a fresh run plans for it."""
+    hv = FakeFleet.simulated(1).connect("fake://host01/system")
+    rec = hv.host.add_domain(_xml(vda="nbd"), active=True, sizes={"vda": size})
+    rec.copy_step = 100
+    target = f"{tmp_path}/x-vda.qcow2"
+    st = {"version": instant.STATE_VERSION, "vm": "x", "snapshot": "ab" * 32,
+          "target_dir": str(tmp_path), "state_file": instant.state_file(str(tmp_path), "x"),
+          "socket_dir": f"{tmp_path}/run",
+          "disks": {"vda": {"target": target, "temp": instant.temp_name(target),
+                            "overlay": f"{tmp_path}/x-vda.overlay.qcow2"}}}
+    instant._write_state(st)
+    return hv, rec, st
+
+
+def test_final_name_appears_only_when_the_copy_is_complete(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14 item 5: while the copy runs only the hidden name exists; after the pivot the
+    final name is the same file, and the state file names the hidden copy."""
+    hv, rec, st = _moving(tmp_path)
+    target, temp = st["disks"]["vda"]["target"], st["disks"]["vda"]["temp"]
+    seen: list[tuple[bool, bool, int]] = []
+
+    def poll(_: float) -> None:
+        seen.append((os.path.exists(target), os.path.exists(temp), rec.copies["vda"].cur))
+
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", poll)
+    instant._migrate(hv.lookup("x"), st, instant.InstantOptions(name="x", poll=0),
+                     JobEvents(), FakeServer())
+    assert len(seen) == 9 and seen[-1][2] == 900  # polled 9 times while copying
+    assert all(not final and hidden for final, hidden, _ in seen)
+    assert os.path.samefile(target, temp)
+    assert mirror.disk_sources(hv.lookup("x").xml()) == {"vda": temp}  # QEMU keeps its path
+    with open(st["state_file"], encoding="utf-8") as f:
+        assert json.load(f)["disks"]["vda"]["temp"] == temp
+
+
+def test_killed_copy_restarts_from_scratch_and_never_names_it(tmp_path: Any) -> None:
+    """A run killed mid-copy left the hidden copy: --resume's copy deletes and redoes it;
+    a file someone put at the final name meanwhile is refused, not overwritten."""
+    hv, _rec, st = _moving(tmp_path)
+    target, temp = st["disks"]["vda"]["target"], st["disks"]["vda"]["temp"]
+    with open(temp, "wb") as f:
+        f.write(b"stale partial copy")
+    with open(target, "wb") as f:
+        f.write(b"foreign")
+    opts = instant.InstantOptions(name="x", poll=0)
+    with pytest.raises(VmdrError, match="appeared while vda was still being copied"):
+        instant._migrate(hv.lookup("x"), st, opts, JobEvents(), FakeServer())
+    os.unlink(target)
+    instant._migrate(hv.lookup("x"), st, opts, JobEvents(), FakeServer())
+    with open(target, "rb") as f:
+        assert f.read() == b"QFI\xfb"  # the new copy, not the stale one
+
+
+def test_pivoted_but_unnamed_copy_is_named_by_resume(tmp_path: Any) -> None:
+    """Killed between the pivot and the link: the next _migrate only links."""
+    hv, rec, st = _moving(tmp_path)
+    target, temp = st["disks"]["vda"]["target"], st["disks"]["vda"]["temp"]
+    dom = hv.lookup("x")
+    dom.block_copy("vda", temp)
+    rec.copies["vda"].cur = rec.copies["vda"].end
+    assert dom.block_job("vda").pivot() and not os.path.exists(target)
+    instant._migrate(dom, st, instant.InstantOptions(name="x", poll=0), JobEvents(),
+                     FakeServer())
+    assert os.path.samefile(target, temp)
+
+
+def test_finish_defines_final_names_and_resume_tidies_after_restart(tmp_path: Any) -> None:
+    """The persistent domain boots from the final names; the hidden link and the state file
+    stay while the running VM uses them, and --resume removes them after a cold start."""
+    hv, _rec, st = _moving(tmp_path)
+    target, temp = st["disks"]["vda"]["target"], st["disks"]["vda"]["temp"]
+    opts = instant.InstantOptions(name="x", poll=0, target_dir=str(tmp_path))
+    res = instant._run(st, opts, hv, JobEvents(), FakeServer(), 0.0, boot=False)
+    dom = hv.lookup("x")
+    assert res["hidden"] == [temp] and res["disks"] == {"vda": target}
+    assert mirror.disk_sources(dom.xml()) == {"vda": temp}
+    assert mirror.disk_sources(dom.xml(inactive=True)) == {"vda": target}
+    with open(st["state_file"], encoding="utf-8") as f:
+        assert json.load(f)["moved"] is True
+    again = instant.instant_resume(Any, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
+    assert again["hidden"] == [temp] and os.path.exists(temp)  # still in use: kept
+    dom.destroy()
+    dom.start()  # a cold start: now on the final name
+    again = instant.instant_resume(Any, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
+    assert again["hidden"] == [] and not os.path.exists(temp)
+    assert os.path.exists(target) and not os.path.exists(st["state_file"])

@@ -9,6 +9,18 @@
    copy, and pivot onto it when the copy is in sync. Then the domain no longer needs the
    repository: the server stops and the overlays are deleted.
 
+The final name ``<name>-<disk>.qcow2`` never holds a partial copy, even after ``kill -9``:
+the copy goes to a hidden name in the same directory, ``.<name>-<disk>.qcow2.<random>
+.vmdr-instant`` (recorded in the state file; not a ``.vmdr-partial`` name, so the restore
+sweeper never removes it under a running VM). Only once the copy is in sync, pivoted and
+fsynced does the final name appear, as a hard link to the same file (``os.link`` + fsync of
+the directory), and the persistent definition is pointed at it. The running QEMU keeps the
+hidden path in its live XML (libvirt may reopen a disk by path, e.g. for an external
+snapshot), so that link stays while the VM runs on it; the state file stays too, marked
+``moved``, and ``--resume`` after the VM's next cold start (or shutdown) removes the hidden
+link — only when no live XML names it and it is the same inode as the final name — and the
+state file. A hidden copy left by a killed run is deleted and copied again by ``--resume``.
+
 The NBD server lives in this process, so the command runs until step 3 ends. A state file
 ``<target-dir>/<name>.instant.json`` describes an unfinished migration. If anything stops
 it (Ctrl-C, the repository unreachable, a failed copy) the VM is paused — a guest whose
@@ -22,14 +34,17 @@ import base64
 import json
 import os
 import re
+import secrets
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from vmdr.diskio.images import fsync_dir
 from vmdr.errors import (
     DomainNotFound,
     HeartbeatTimeout,
+    HypervisorError,
     InstantInterrupted,
     MigrationStopped,
     UsageError,
@@ -46,6 +61,7 @@ DEFAULT_DIR = "/var/lib/libvirt/images"
 SOCKET_ROOT = "/run/vmdr/instant"
 STATE_VERSION = 1
 COPY_RETRIES = 3
+TEMP_SUFFIX = ".vmdr-instant"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
 
 
@@ -74,7 +90,23 @@ def _write_state(st: dict[str, Any]) -> None:
 def _resume_hint(st: dict[str, Any]) -> str:
     return (f"run 'vmdr instant-restore --resume {st['vm']} --target-dir {st['target_dir']}' "
             "(same repository) to continue, or 'virsh destroy "
-            f"{st['vm']}; virsh undefine {st['vm']}' to discard it")
+            f"{st['vm']}; virsh undefine {st['vm']}' and delete {st['target_dir']}/"
+            f"{st['vm']}* and .{st['vm']}-*{TEMP_SUFFIX} to discard it")
+
+
+def temp_name(target: str) -> str:
+    """The hidden name a disk is copied to before it may appear as *target*."""
+    d, base = os.path.split(target)
+    return os.path.join(d, f".{base}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _temp(st: dict[str, Any], disk: str) -> str:
+    info = st["disks"][disk]
+    if not info.get("temp"):  # a state file written before hidden copies
+        info["temp"] = temp_name(info["target"])
+        if "state_file" in st:
+            _write_state(st)
+    return str(info["temp"])
 
 
 def _serve(repo: Repository, snap: Snapshot, st: dict[str, Any], hv: Hypervisor) -> Any:
@@ -129,7 +161,7 @@ def _plan(snap: Snapshot, opts: InstantOptions, hv: Hypervisor) -> dict[str, Any
     for d in snap.disks:
         base = os.path.join(target_dir, f"{opts.name}-{d.name}")
         disks[d.name] = {"overlay": base + ".overlay.qcow2", "target": base + ".qcow2",
-                         "size": d.size, "uri": None}
+                         "temp": temp_name(base + ".qcow2"), "size": d.size, "uri": None}
     st: dict[str, Any] = {
         "version": STATE_VERSION, "vm": opts.name, "snapshot": snap.id, "source": snap.name,
         "target_dir": target_dir, "socket_dir": os.path.join(SOCKET_ROOT, opts.name),
@@ -217,17 +249,31 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
         raise VmdrError(f"{path} is not an instant-restore state file") from None
     if st.get("version") != STATE_VERSION:
         raise VmdrError(f"{path}: unknown state version {st.get('version')}")
+    if st.get("moved"):  # only hidden names of the moved disks are left to remove
+        hidden = _tidy(hv, st)
+        return {"vm": name, "snapshot": st["snapshot"], "target_dir": st["target_dir"],
+                "heartbeat_s": None, "hidden": hidden,
+                "disks": {d: i["target"] for d, i in st["disks"].items()},
+                "duration_s": round(time.monotonic() - t0, 3)}
     snap = repo.load_snapshot(st["snapshot"])
     dom = hv.lookup(name)
     server = _serve(repo, snap, st, hv)
     _serving(ev, st)
     boot = False
     try:
+        if dom.is_active():  # a killed run's copies still read the dead export: drop them
+            for d in st["disks"]:
+                dom.block_job(d).cancel()
         if not dom.is_active():
             dom.start()
             boot = True
         elif dom.state() == "paused":
-            dom.resume_after_io_error()
+            try:
+                dom.resume_after_io_error()
+            except HypervisorError:
+                # after a kill -9 QEMU's NBD client may need longer than one round to
+                # reconnect (seen with libvirt 9 / QEMU 7.2): one more round
+                dom.resume_after_io_error()
             ev.phase("migrate", f"{name} resumed", name)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
@@ -262,7 +308,7 @@ def _run(st: dict[str, Any], opts: InstantOptions, hv: Hypervisor,
         _stop_safely(hv, st, server)
         raise
     result["migrated_s"] = round(time.monotonic() - t0, 3)
-    _finish(hv, st, opts, server, ev)
+    result["hidden"] = _finish(hv, st, opts, server, ev)
     result["disks"] = {d: i["target"] for d, i in st["disks"].items()}
     result["duration_s"] = round(time.monotonic() - t0, 3)
     return result
@@ -287,11 +333,18 @@ def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, ev: Job
 
 def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions,
                 ev: JobEvents) -> ItemProgress:
-    target = st["disks"][disk]["target"]
+    info = st["disks"][disk]
+    legacy = not info.get("temp")
+    temp = _temp(st, disk)
     dom.block_job(disk).cancel()
-    _unlink(target)  # a copy a stopped run left behind
-    dom.block_copy(disk, target, bandwidth=opts.bandwidth)
-    ev.phase("copy", f"copying {disk} to {target}", f"{st['vm']}/{disk}")
+    if legacy:
+        _unlink(info["target"])  # a partial copy an older vmdr left under the final name
+    elif os.path.lexists(info["target"]):
+        raise VmdrError(f"{info['target']} appeared while {disk} was still being copied; "
+                        "move it away, then --resume")
+    _unlink(temp)  # a copy a stopped run left behind
+    dom.block_copy(disk, temp, bandwidth=opts.bandwidth)
+    ev.phase("copy", f"copying {disk} to {info['target']}", f"{st['vm']}/{disk}")
     return ev.progress(f"{st['vm']}/{disk}")
 
 
@@ -331,14 +384,44 @@ def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvent
             if cs.ready and job.pivot():
                 pending.remove(d)
                 progress[d].finish()
+                _publish(dom, st, d)
                 ev.phase("pivot", f"{d} now runs on {st['disks'][d]['target']}",
                          f"{st['vm']}/{d}")
         if pending:
             time.sleep(opts.poll)
+    for d in sorted(st["disks"]):  # pivoted by a run killed before it named the copy
+        _publish(dom, st, d)
+
+
+def _publish(dom: Domain, st: dict[str, Any], disk: str) -> None:
+    """Give a pivoted copy its final name: fsync it, hard-link the final name to it and
+    fsync the directory. Nothing to do unless the domain runs on the hidden copy."""
+    info = st["disks"][disk]
+    temp, target = info.get("temp"), info["target"]
+    if not temp or mirror.disk_sources(dom.xml()).get(disk) != temp:
+        return
+    try:
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, target)
+        except FileExistsError:
+            if not os.path.samefile(temp, target):
+                raise VmdrError(f"{target} exists and is not the copy of {disk} ({temp}); "
+                                "move it away, then --resume") from None
+        fsync_dir(os.path.dirname(target))
+    except OSError as exc:
+        raise VmdrError(f"cannot name the copy of {disk} {target}: "
+                        f"{exc.strerror or exc}") from None
 
 
 def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: Any,
-            ev: JobEvents) -> None:
+            ev: JobEvents) -> list[str]:
+    """Stop serving, point the persistent domain at the final names, drop the overlays.
+    The hidden copy names the running VM still uses (kept, with the state file)."""
     dom = hv.lookup(st["vm"])
     live = dom.xml()
     persistent = dom.xml(inactive=True)
@@ -347,17 +430,56 @@ def _finish(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, server: An
         raise VmdrError(f"disks {', '.join(sorted(left))} still read from the repository")
     server.stop()
     _remove_socket_dir(st)
-    if st.get("policies"):  # the persistent definition gets the VM's own error policies
+    # the persistent definition: the final names, and the VM's own error policies
+    persistent = dom.xml(inactive=True, secure=True)
+    on_temp = mirror.disk_sources(persistent)
+    paths = {d: (i["target"], "qcow2") for d, i in st["disks"].items()
+             if i.get("temp") and on_temp.get(d) == i["temp"]}
+    if paths or st.get("policies"):
+        xml = rewrite_domain_xml(persistent, new_uuid=False, new_macs=False,
+                                 disk_paths=paths) if paths else persistent
         try:
-            hv.define(mirror.with_error_policies(dom.xml(inactive=True, secure=True),
-                                                 st["policies"]))
+            hv.define(mirror.with_error_policies(xml, st.get("policies") or {}))
         except VmdrError as exc:
-            ev.warning("could not restore the disks' error policy (they keep 'stop'): "
-                       f"{exc.message}", st["vm"])
+            ev.warning("could not redefine the domain on its final disk names (it boots "
+                       f"from the hidden copies; error policies stay 'stop'): {exc.message}",
+                       st["vm"])
     if not opts.keep_overlays:
         for info in st["disks"].values():
             _unlink(info["overlay"])
-    _unlink(st["state_file"])
+    st["moved"] = True
+    return _tidy(hv, st)
+
+
+def _tidy(hv: Hypervisor, st: dict[str, Any]) -> list[str]:
+    """Remove the hidden names of moved disks that the domain no longer uses (neither its
+    live nor its persistent XML names them) and whose final name is the same file; the
+    state file goes with the last of them. The hidden names left."""
+    try:
+        dom = hv.lookup(st["vm"])
+        used = set(mirror.disk_sources(dom.xml()).values()) | set(
+            mirror.disk_sources(dom.xml(inactive=True)).values())
+    except DomainNotFound:
+        used = set()
+    left = []
+    for info in st["disks"].values():
+        temp = info.get("temp")
+        if not temp or not os.path.lexists(temp):
+            continue
+        try:
+            same = os.path.samefile(temp, info["target"])
+        except OSError:
+            same = False
+        if temp in used or not same:
+            left.append(temp)
+            continue
+        _unlink(temp)
+        fsync_dir(os.path.dirname(temp))
+    if left:
+        _write_state(st)
+    else:
+        _unlink(st["state_file"])
+    return left
 
 
 def _stop_safely(hv: Hypervisor, st: dict[str, Any], server: Any) -> str:
