@@ -57,8 +57,14 @@ class Run:
     rc: int
 
 
+READY = ".scale-ready"  # marks a complete, not yet pruned generated repository
+
+
 def generate(path: Path, chunks: int, snapshots: int) -> None:
-    """Build the synthetic repository at *path* (removed first)."""
+    """Build the synthetic repository at *path* (removed first), unless a complete one
+    from ``--generate-only`` is waiting there."""
+    if (path / READY).exists():
+        return
     shutil.rmtree(path, ignore_errors=True)
     backend = open_backend(str(path))
     repo = Repository.init(backend, passphrase=PASSWORD, kdf=KdfParams.for_tests())
@@ -90,6 +96,7 @@ def generate(path: Path, chunks: int, snapshots: int) -> None:
                         chunk_size=repo.chunk_size)
         repo.save_snapshot(snap)
     repo.close()
+    (path / READY).write_text(f"{chunks} {snapshots}\n")
 
 
 def timed(args: list[str], env: dict[str, str]) -> Run:
@@ -121,6 +128,7 @@ def measure(work: Path, chunks: int, snapshots: int) -> dict[str, Run]:
     subprocess.run([vmdr, "repo", "init", "--from-repo", str(src), "-r", str(dst)], env=env,
                    check=True, capture_output=True)
     out["copy"] = timed([vmdr, "copy", "--to", str(dst)], env)
+    (src / READY).unlink()  # forget and prune change it
     out["forget"] = timed([vmdr, "forget", "--keep-last", "1"], env)
     out["prune"] = timed([vmdr, "prune", "--safety-window", "0s"], env)
     shutil.rmtree(src, ignore_errors=True)
@@ -135,10 +143,18 @@ def main() -> int:
     ap.add_argument("--snapshots", type=int, default=20)
     ap.add_argument("--work", default="/var/tmp/vmdr-scale")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="only build the repositories (a later run times them)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in a.sizes.split(",")]
+    if a.generate_only:
+        for n in sizes:
+            t0 = time.monotonic()
+            generate(work / f"src-{n}", n, a.snapshots)
+            print(f"generated {n} chunks in {time.monotonic() - t0:.0f} s", flush=True)
+        return 0
     results: dict[int, dict[str, Run]] = {}
     for n in sizes:
         print(f"{n} chunks:", flush=True)

@@ -71,6 +71,30 @@ class ChunkList:
         return {oid for oid in self if oid != HOLE}
 
 
+class UnloadedChunks(ChunkList):
+    """The chunk list of a snapshot listed without its chunk lists
+    (``decode(..., chunks=False)``): any use of it is a bug, and fails loudly."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:  # no buffer on purpose
+        pass
+
+    def _unloaded(self) -> Any:
+        raise RuntimeError("chunk list not loaded: load the snapshot itself")
+
+    __len__ = __iter__ = tobytes = ids = _unloaded  # type: ignore[assignment]
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._unloaded()  # type: ignore[no-any-return]
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
 @dataclass
 class DiskRecord:
     name: str
@@ -131,7 +155,9 @@ def encode(s: Snapshot) -> bytes:
     return b"".join(parts)
 
 
-def decode(data: bytes, sid: str = "") -> Snapshot:
+def decode(data: bytes, sid: str = "", chunks: bool = True) -> Snapshot:
+    """The snapshot in *data*; with ``chunks=False`` its disks' chunk lists are left
+    out (:class:`UnloadedChunks`): a listing of a million-chunk repository stays small."""
     if len(data) < _PRE.size:
         raise IntegrityError(f"snapshot {sid[:8]} manifest is truncated")
     magic, version, hlen = _PRE.unpack_from(data)
@@ -154,7 +180,8 @@ def decode(data: bytes, sid: str = "") -> Snapshot:
             if end > len(data):
                 raise ValueError("short chunk list")
             disks.append(DiskRecord(
-                str(dj["name"]), int(dj["size"]), ChunkList(data[pos:end]),
+                str(dj["name"]), int(dj["size"]),
+                ChunkList(data[pos:end]) if chunks else UnloadedChunks(),
                 str(dj.get("format", "raw")), dict(dj.get("meta") or {}),
             ))
             pos = end

@@ -365,6 +365,7 @@ class Repository:
         ``state/generation``; if it changed since the repository was opened, the reused
         chunks are checked before the manifest is written, and if it changed again while
         checking and writing, they are checked once more and the manifest is taken back.
+        *reused* is iterated again for each re-check (a set, or a re-iterable view).
         Raises :class:`IntegrityError` (naming *hint*) when a reused chunk is gone.
         """
         return self._commit(snap.name, lambda: self.save_snapshot(snap), reused, hint)
@@ -381,16 +382,17 @@ class Repository:
 
     def _commit(self, name: str, write: Callable[[], str], reused: Iterable[bytes],
                 hint: str) -> str:
-        ids = set(reused) - {HOLE}
+        # *reused* may be a re-iterable view of millions of IDs (copy): it becomes a set
+        # only in the rare case that a prune ran meanwhile
         seen = self.generation()
         if seen != self._generation_at_open:
-            self._require_chunks(name, ids, hint)
+            self._require_chunks(name, set(reused) - {HOLE}, hint)
             if self.cache:  # its chunk list predates the prune
                 self.cache.sync_generation(seen)
         sid = write()
         if self.generation() != seen:  # a prune finished between the check and the write
             try:
-                self._require_chunks(name, ids, hint)
+                self._require_chunks(name, set(reused) - {HOLE}, hint)
             except IntegrityError:
                 try:
                     self.backend.delete(f"snapshots/{sid}")
@@ -411,9 +413,10 @@ class Repository:
             raise IntegrityError(f"{name}: a concurrent prune removed {missing} chunks "
                                  f"this snapshot uses; nothing was committed: {hint}")
 
-    def load_snapshot(self, sid: str, use_cache: bool = True) -> Snapshot:
+    def load_snapshot(self, sid: str, use_cache: bool = True, chunks: bool = True) -> Snapshot:
         """The snapshot *sid*. A cached manifest is used only if it still hashes to its
-        ID; ``use_cache=False`` (``check``) always reads the repository."""
+        ID; ``use_cache=False`` (``check``) always reads the repository. ``chunks=False``
+        leaves the chunk lists out (see :func:`manifest.decode`)."""
         plain = self.cache.get_snapshot(sid) if self.cache and use_cache else None
         if plain is not None and self.codec.object_id(plain).hex() != sid:
             log.warning("cached manifest of snapshot %s is damaged; reading the repository",
@@ -425,11 +428,11 @@ class Repository:
             except ObjectNotFound:
                 raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
             plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
-            snap = manifest.decode(plain, sid)
+            snap = manifest.decode(plain, sid, chunks)
             if self.cache:
                 self.cache.put_snapshot(sid, plain)
             return snap
-        return manifest.decode(plain, sid)
+        return manifest.decode(plain, sid, chunks)
 
     def snapshot_ids(self) -> list[str]:
         out = []
@@ -439,15 +442,17 @@ class Repository:
                 out.append(sid)
         return out
 
-    def list_snapshots(self, name: str | None = None) -> list[Snapshot]:
+    def list_snapshots(self, name: str | None = None, chunks: bool = True) -> list[Snapshot]:
         """Every readable snapshot (of *name*), oldest first. A manifest that cannot be
         read or decoded is skipped with a warning naming its ID, and remembered in
-        :attr:`damaged`; one bad file never hides the others."""
+        :attr:`damaged`; one bad file never hides the others. ``chunks=False`` leaves the
+        chunk lists out (32 bytes a chunk reference): for listings that only need the
+        headers, memory stays flat however large the snapshots are."""
         ids = self.snapshot_ids()
         snaps = []
         for sid in ids:
             try:
-                snaps.append(self.load_snapshot(sid))
+                snaps.append(self.load_snapshot(sid, chunks=chunks))
             except (IntegrityError, UnsupportedFormat, SnapshotNotFound) as exc:
                 if isinstance(exc, SnapshotNotFound):
                     continue  # deleted since the listing
@@ -465,8 +470,8 @@ class Repository:
         """Resolve a snapshot reference (rules in :mod:`vmdr.repository.resolve`)."""
         from vmdr.repository.resolve import resolve_ref
 
-        snaps = self.list_snapshots()
-        snap = resolve_ref(ref, snaps, dict(self.damaged))
+        snaps = self.list_snapshots(chunks=False)  # the headers decide; then load one
+        snap = self.load_snapshot(resolve_ref(ref, snaps, dict(self.damaged)).id)
         if self.damaged and (ref == snap.name or ref.endswith("@latest")):
             log.warning("%s resolved to %s@%s, the newest readable one; %d damaged "
                         "snapshot(s) could not be read and may be newer ones of %s",
