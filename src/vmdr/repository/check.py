@@ -141,7 +141,7 @@ def check(
                                             "write; 'vmdr prune' removes it"))
         res.chunks_referenced = len(used)
         present.add_many(bytes.fromhex(o.name.rsplit("/", 1)[-1])
-                         for o in repo.backend.list("data"))
+                         for o in repo.list_chunks())
         missing = used.missing_from(present)
         bad: list[tuple[str, bytes, str]] = [
             ("missing-chunk", oid, f"chunk {oid.hex()[:16]} is missing") for oid in missing]

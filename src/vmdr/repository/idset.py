@@ -15,7 +15,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 
-CACHE_KIB = 16 * 1024  # SQLite page cache per table file: the memory bound
+CACHE_KIB = 8 * 1024  # SQLite page cache per table file: the memory bound
 _BATCH = 4096
 
 

@@ -27,7 +27,7 @@ class ChunkList:
 
     __slots__ = ("_buf",)
 
-    def __init__(self, buf: bytes | bytearray) -> None:
+    def __init__(self, buf: bytes | bytearray | memoryview) -> None:
         if len(buf) % ID_LEN:
             raise IntegrityError("chunk list length is not a multiple of 32")
         self._buf = bytearray(buf)
@@ -181,7 +181,8 @@ def decode(data: bytes, sid: str = "", chunks: bool = True) -> Snapshot:
                 raise ValueError("short chunk list")
             disks.append(DiskRecord(
                 str(dj["name"]), int(dj["size"]),
-                ChunkList(data[pos:end]) if chunks else UnloadedChunks(),
+                # a view, not a slice: one copy of a chunk list (16 MB at 500k chunks)
+                ChunkList(memoryview(data)[pos:end]) if chunks else UnloadedChunks(),
                 str(dj.get("format", "raw")), dict(dj.get("meta") or {}),
             ))
             pos = end

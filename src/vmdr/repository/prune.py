@@ -60,7 +60,7 @@ def prune(
                 used.add_many(oid for oid in d.chunks if oid != HOLE)
             del snap  # one manifest in memory at a time
         res.referenced = len(used)
-        for obj in repo.backend.list("data"):
+        for obj in repo.list_chunks():
             oid = bytes.fromhex(obj.name.rsplit("/", 1)[-1])
             if oid in used:
                 continue

@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,11 +280,18 @@ class Repository:
     def bump_generation(self) -> None:
         self.backend.put(GENERATION_NAME, secrets.token_hex(16).encode())
 
+    def list_chunks(self) -> Iterator[ObjectInfo]:
+        """Every stored chunk object, one ``data/XX/`` shard listing at a time: a storage
+        wrapper materialises each listing (to retry it cleanly), and 256 small lists
+        stay small where one list of a million chunks would take 300 MB."""
+        for shard in range(256):
+            yield from self.backend.list(f"data/{shard:02x}")
+
     def ensure_chunk_index(self) -> None:
         """Make the cache's chunk list complete (one listing of ``data/``)."""
         if self.cache and not self.cache.chunks_complete:
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
-                                   for o in self.backend.list("data"))
+                                   for o in self.list_chunks())
 
     def refresh_chunk_index(self) -> None:
         """Rebuild the cache's chunk list from a fresh listing of ``data/`` (e.g. after a
@@ -292,7 +299,7 @@ class Repository:
         if self.cache:
             self.cache.flush()
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
-                                   for o in self.backend.list("data"))
+                                   for o in self.list_chunks())
 
     def stale_temporaries(self, older_than: float) -> list[ObjectInfo]:
         """Temporary objects (``*.tmp``) that killed writers left behind, older than
@@ -405,7 +412,7 @@ class Repository:
 
     def _require_chunks(self, name: str, ids: set[bytes], hint: str) -> None:
         if len(ids) > 256:  # one listing instead of a request per chunk
-            present = {bytes.fromhex(os.path.basename(o.name)) for o in self.backend.list("data")}
+            present = {bytes.fromhex(os.path.basename(o.name)) for o in self.list_chunks()}
             missing = len(ids - present)
         else:
             missing = sum(1 for oid in ids if not self.backend.exists(chunk_name(oid)))
@@ -429,7 +436,7 @@ class Repository:
                 raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
             plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
             snap = manifest.decode(plain, sid, chunks)
-            if self.cache:
+            if self.cache and use_cache:  # check (no cache) reads each manifest once
                 self.cache.put_snapshot(sid, plain)
             return snap
         return manifest.decode(plain, sid, chunks)
