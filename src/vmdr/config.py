@@ -55,7 +55,7 @@ _CONSISTENCY = ("auto", "quiesce", "crash")
 _PHASES = ("pre-freeze", "post-thaw", "pre-backup", "post-backup")
 # Sections other issues' modules read on their own (validated there).
 _PASSTHROUGH = {"plan", "locations", "hosts", "repositories", "vaults", "roles", "verify",
-                "ha"}
+                "ha", "replicas"}
 
 
 class _Reader:

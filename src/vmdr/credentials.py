@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
-from vmdr.errors import ConfigError, UsageError
+from vmdr.errors import ConfigError, NoSpace, UsageError
 
 
 def check_private(path: str) -> None:
@@ -25,15 +26,20 @@ def check_private(path: str) -> None:
 
 def read_secret(path: str) -> str:
     """Return the first line of a private credential file."""
-    check_private(path)
-    with open(path, encoding="utf-8") as f:
-        return f.readline().rstrip("\r\n")
+    line = read_secret_bytes(path).split(b"\n", 1)[0]
+    try:
+        return line.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: credential file is not UTF-8 text") from None
 
 
 def read_secret_bytes(path: str) -> bytes:
     check_private(path)
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read credential file: {exc.strerror}") from None
 
 
 def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
@@ -45,6 +51,14 @@ def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
         raise UsageError(f"{path} exists; refusing to overwrite it") from None
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        os.unlink(path)  # never a truncated key file
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on device writing {path}") from None
+        raise UsageError(f"{path}: {exc.strerror}") from None

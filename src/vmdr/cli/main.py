@@ -10,6 +10,7 @@ import io
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from vmdr.ui import make_sink
 # keeps this table honest).
 MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
            "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds",
-           "watchdog_cmds"]
+           "watchdog_cmds", "replicate_cmds"]
 COMMANDS = {
     "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
     "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
@@ -36,6 +37,7 @@ COMMANDS = {
     "files": "files_cmds", "mount": "files_cmds", "umount": "files_cmds",
     "ha": "ha_cmds",
     "watchdog": "watchdog_cmds",
+    "replicate": "replicate_cmds",
 }
 _VALUE_OPTIONS = {"-r", "--repo", "--password-file", "--key-file", "--config", "--job-id"}
 
@@ -99,6 +101,12 @@ class _RedactingFilter(logging.Filter):
         if clean != msg:
             record.msg, record.args = clean, None
         return True
+
+
+def one_line(text: str) -> str:
+    """*text* with every control character escaped: an error is one line, whatever a
+    name, path or URL in it holds (a newline, an escape sequence)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -214,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         # paramiko logs dropped connections at ERROR; our own errors say it in one line
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        # library deprecation notices (e.g. pyOpenSSL's about DSA) are not for the sysadmin
+        warnings.simplefilter("ignore")
     # SIGTERM (systemd stop, timeouts) and SIGHUP (the terminal or ssh session went away)
     # unwind like Ctrl-C in every command, so every job cleans up: backup jobs aborted,
     # checkpoints not moved, scratch files removed, sandboxes and NBD servers stopped.
@@ -233,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = "ok" if code == 0 else "failed"
         return code
     except VmdrError as exc:
-        code, message = exc.exit_code, redact_text(exc.message)
+        code, message = exc.exit_code, one_line(redact_text(exc.message))
         line = f"vmdr: error: {message}\n"
         return code
     except KeyboardInterrupt:
@@ -244,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = 1, "broken pipe"
         return code
     except Exception as exc:
-        message = f"internal error: {type(exc).__name__}: {redact_text(str(exc))}"
+        message = f"internal error: {type(exc).__name__}: {one_line(redact_text(str(exc)))}"
         if debug:
             raise
         line = f"vmdr: {message} (run with --debug for a traceback and report it)\n"

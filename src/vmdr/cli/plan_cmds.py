@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from vmdr.cli.common import Globals, emit_json, out
-from vmdr.errors import UsageError
+from vmdr.errors import NoSpace, UsageError
 from vmdr.jobs import plan as planjob
 from vmdr.plan import report, runbook
 from vmdr.plan.coverage import Coverage
@@ -62,6 +63,10 @@ def cmd_write(ns: argparse.Namespace, g: Globals) -> int:
         with open(ns.output, "wb") as f:
             f.write(data)
     except OSError as exc:
+        if os.path.isfile(ns.output):
+            os.unlink(ns.output)  # no truncated plan left to be mistaken for the real one
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on device writing {ns.output}") from None
         raise UsageError(f"{ns.output}: cannot write: {exc.strerror}") from None
     if g.json:
         emit_json({"output": ns.output, "format": fmt, "bytes": len(data),

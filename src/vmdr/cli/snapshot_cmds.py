@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from datetime import timedelta
 
-from vmdr.cli.common import Globals, emit_json, out, repository
+from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import IntegrityError, UsageError
 from vmdr.jobs.maintenance import check_job, forget_job, prune_job
 from vmdr.repository import retention
@@ -20,9 +20,13 @@ def cmd_snapshots(ns: argparse.Namespace, g: Globals) -> int:
         rows = []
         for s in snaps:
             d = s.summary()
-            d["protected"] = r.is_protected(s.id)
-            ver = r.attachments(s.id, "verification")
-            d["verification"] = ver[-1] if ver else None
+            try:
+                d["protected"] = r.is_protected(s.id)
+                ver = r.attachments(s.id, "verification")
+                d["verification"] = ver[-1] if ver else None
+            except IntegrityError as exc:  # one bad record hides nothing else
+                warn(f"snapshot {s.name}@{s.short_id}: {exc.message} (run 'vmdr check')")
+                d["protected"], d["verification"] = None, None
             rows.append(d)
     if g.json:
         emit_json(rows)

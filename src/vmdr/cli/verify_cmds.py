@@ -24,7 +24,19 @@ def _uri(ns: argparse.Namespace, g: Globals) -> str:
                or g.config.connect)
 
 
+def _check_listen(addr: str) -> None:
+    import socket
+
+    try:
+        socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--listen {addr!r}: not an address this host can listen on "
+                         f"({exc})") from None
+
+
 def cmd_serve(ns: argparse.Namespace, g: Globals) -> int:
+    if ns.port is not None:
+        _check_listen(ns.listen)
     with repository(g, "shared", "serve") as repo:
         snap = repo.resolve(ns.snapshot)
         srv = start_server(repo, snap, disks=ns.disk or None, socket_dir=ns.socket_dir,

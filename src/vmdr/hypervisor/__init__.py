@@ -101,7 +101,16 @@ from .driver import (
 )
 from .nbd import Extent
 from .remote import SshTarget, is_local_uri, parse_ssh_uri
-from .xml import domain_name, domain_uuid, parse_xml, random_mac, rewrite_domain_xml
+from .xml import (
+    domain_name,
+    domain_uuid,
+    interface_networks,
+    map_networks,
+    parse_xml,
+    random_mac,
+    rewrite_domain_xml,
+    set_uuid,
+)
 
 __all__ = [
     "DEFAULT_URI",
@@ -127,11 +136,14 @@ __all__ = [
     "connect",
     "domain_name",
     "domain_uuid",
+    "interface_networks",
     "is_local_uri",
     "is_ours",
+    "map_networks",
     "parse_disks",
     "parse_ssh_uri",
     "parse_xml",
     "random_mac",
     "rewrite_domain_xml",
+    "set_uuid",
 ]

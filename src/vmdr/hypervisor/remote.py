@@ -81,6 +81,7 @@ class SshTarget:
     accept_new: bool = False  # libssh ``known_hosts_verify=auto``
     command: str = "ssh"
     transport: str = "ssh"
+    compression: bool = False  # ``-o Compression=yes`` (replica feeds: data crosses a WAN)
 
     def __str__(self) -> str:
         """``user@host:port`` for messages and the state file."""
@@ -106,6 +107,8 @@ class SshTarget:
             out += ["-o", "StrictHostKeyChecking=no"]
         elif self.accept_new:
             out += ["-o", "StrictHostKeyChecking=accept-new"]
+        if self.compression:
+            out += ["-o", "Compression=yes"]
         if control:
             out += ["-S", control]
         return [*out, "--", self.host]

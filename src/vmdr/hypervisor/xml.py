@@ -143,3 +143,42 @@ def rewrite_domain_xml(
         nv.attrib.pop("type", None)
         nv.text = nvram_path
     return ET.tostring(root, encoding="unicode")
+
+
+def interface_networks(xml: str) -> list[str]:
+    """The virtual networks the domain's ``<interface type='network'>`` NICs use, in order,
+    each once."""
+    out: list[str] = []
+    for iface in parse_xml(xml).findall("./devices/interface"):
+        src = iface.find("source")
+        net = src.get("network") if src is not None and iface.get("type") == "network" else None
+        if net and net not in out:
+            out.append(net)
+    return out
+
+
+def map_networks(xml: str, mapping: Mapping[str, str]) -> str:
+    """The domain XML with each ``<interface type='network'>`` moved from network ``a`` to
+    ``mapping[a]`` (networks not in ``mapping`` stay as they are)."""
+    root = parse_xml(xml)
+    for iface in root.findall("./devices/interface"):
+        src = iface.find("source")
+        if iface.get("type") == "network" and src is not None:
+            net = src.get("network") or ""
+            if net in mapping:
+                src.set("network", mapping[net])
+                src.attrib.pop("portid", None)
+                src.attrib.pop("bridge", None)
+    return ET.tostring(root, encoding="unicode")
+
+
+def set_uuid(xml: str, uuid: str) -> str:
+    """The domain XML with ``<uuid>`` set to ``uuid`` (a standby keeps its own UUID when
+    it is defined again)."""
+    root = parse_xml(xml)
+    u = root.find("uuid")
+    if u is None:
+        u = ET.Element("uuid")
+        root.insert(1, u)
+    u.text = uuid
+    return ET.tostring(root, encoding="unicode")

@@ -110,8 +110,9 @@ def select(src: Repository, names: Sequence[str], latest: int | None) -> list[Sn
             hits = [s for s in snaps if fnmatch.fnmatchcase(s.name, pat)]
             if not hits and re.fullmatch(r"[0-9a-f]{4,64}", pat):  # an ID prefix
                 hits = [src.resolve(pat)]
-            if not hits and not any(c in pat for c in "*?["):
-                raise SnapshotNotFound(f"no snapshot named {pat!r} in {src.backend.display_url}")
+            if not hits:  # a glob that matches nothing is a typo too, not "nothing to do"
+                what = "matches" if any(c in pat for c in "*?[") else "named"
+                raise SnapshotNotFound(f"no snapshot {what} {pat!r} in {src.backend.display_url}")
             chosen.update((s.id, s) for s in hits)
         snaps = sorted(chosen.values(), key=lambda s: (s.time, s.id))
     if latest is not None:

@@ -79,11 +79,12 @@ def restore_vm(
     if not disks:
         raise UsageError(f"snapshot {snap.short_id} has no disks")
     target_dir = os.path.abspath(opts.target_dir)
-    os.makedirs(target_dir, exist_ok=True)
+    if os.path.exists(target_dir) and not os.path.isdir(target_dir):
+        raise UsageError(f"--target-dir {target_dir} is not a directory")
     paths = {d.name: os.path.join(target_dir, f"{new_name}-{d.name}.{EXT[opts.format]}")
              for d in disks}
-    for d in disks:  # existing targets: refused without --force; only regular files
-        _, is_block = check_target(paths[d.name], opts.force)
+    for d in disks if os.path.isdir(target_dir) else ():  # existing targets: refused
+        _, is_block = check_target(paths[d.name], opts.force)  # without --force
         if is_block or os.path.islink(paths[d.name]):
             raise UsageError(f"{paths[d.name]} is not a regular file (a link or a device); "
                              "remove it or pick another --target-dir")
@@ -98,6 +99,10 @@ def restore_vm(
                                            target_dir)
     if opts.define and hv is not None:
         _check_free_name(hv, new_name, opts.force)
+    try:
+        os.makedirs(target_dir, exist_ok=True)  # only now: a refused restore creates nothing
+    except OSError as exc:
+        raise UsageError(f"--target-dir {target_dir}: {exc.strerror}") from None
     ev.phase("write", f"restoring {len(disks)} disk{'s' if len(disks) != 1 else ''} of "
              f"{snap.name}@{snap.short_id} into {target_dir}", new_name)
     written = 0

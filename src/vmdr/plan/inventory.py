@@ -23,8 +23,11 @@ MEDIA = ("disk", "object", "tape")
 DEFAULT_THROUGHPUT = {"disk": 200.0 * (1 << 20), "object": 100.0 * (1 << 20),
                       "tape": 150.0 * (1 << 20)}
 # [vm.NAME] keys other parts of vmdr own (verify_*: vmdr verify; copy_*: vmdr copy;
-# watchdog: vmdr.ha.wdsettings, which also checks [plan.tiers.NAME.watchdog])
-OTHER_VM_PREFIXES = ("verify_", "copy_", "watchdog")
+# watchdog: vmdr.ha.wdsettings, which also checks [plan.tiers.NAME.watchdog];
+# replica_*: vmdr replicate)
+OTHER_VM_PREFIXES = ("verify_", "copy_", "watchdog", "replica_")
+REPLICA_KEYS = {"to", "points", "dir", "feed", "rpo", "network_map", "standby", "vms"}
+REPLICA_FEEDS = ("direct", "repository")
 VM_KEYS = {"host", "owner", "contact", "tier", "rpo", "rto", "depends_on", "boot_group",
            "must_survive", "vcpus", "memory", "target_dir", "notes"}
 # [vm.NAME] keys of high availability (vmdr.ha reads them; `vmdr ha validate` checks them
@@ -125,6 +128,20 @@ class VMPlan:
     ready_delay_s: float | None = None  # None: [ha] ready_delay
 
 
+@dataclass(frozen=True)
+class ReplicaDecl:
+    """A VM's replica (``[replicas]`` defaults, ``[vm.NAME] replica_*`` overrides)."""
+
+    vm: str
+    to: str  # an inventory host name or a libvirt URI
+    points: int = 3
+    directory: str | None = None  # default: <host target_dir>/vmdr-replicas/<vm>
+    feed: str = "direct"
+    rpo_s: float | None = None  # default: the VM's plan RPO
+    network_map: tuple[tuple[str, str], ...] = ()
+    standby: str | None = None
+
+
 @dataclass
 class Settings:
     title: str = "Disaster recovery and business continuity plan"
@@ -152,6 +169,7 @@ class Inventory:
     tiers: dict[str, Tier]
     vms: dict[str, VMPlan]
     warnings: list[str] = field(default_factory=list)
+    replicas: dict[str, ReplicaDecl] = field(default_factory=dict)
     ha_table: dict[str, Any] = field(default_factory=dict)  # [ha], parsed by vmdr.ha
 
     def ha_enabled(self, vm: VMPlan) -> bool:
@@ -323,7 +341,54 @@ def from_config(cfg: Config) -> Inventory:
     for name, vc in cfg.vms.items():
         inv.vms[name] = _vm(inv, name, _T(path, f"vm.{name}.", vc.extra))
     check_dependencies(inv)
+    inv.replicas = replica_decls(cfg)
     return inv
+
+
+def _network_map(t: _T, key: str) -> tuple[tuple[str, str], ...]:
+    raw = t.t.get(key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise t.err(key, "expected a table of source network = \"DR network\"")
+    return tuple(sorted((str(k), str(v)) for k, v in raw.items()))
+
+
+def replica_decls(cfg: Config) -> dict[str, ReplicaDecl]:
+    """The replicas the config declares: every VM named in ``[replicas] vms`` or with a
+    ``replica_to``; per-VM ``replica_<key>`` overrides the ``[replicas]`` default."""
+    path, raw = cfg.path or "<config>", cfg.raw
+    base = _T(path, "replicas.", raw.get("replicas", {}))
+    base.finish(REPLICA_KEYS)
+    listed = base.strs("vms")
+    out: dict[str, ReplicaDecl] = {}
+    for name in sorted(set(listed) | {n for n, vc in cfg.vms.items()
+                                      if "replica_to" in vc.extra}):
+        vc = cfg.vms.get(name)
+        own = {k[len("replica_"):]: v for k, v in (vc.extra if vc else {}).items()
+               if k.startswith("replica_")}
+        t = _T(path, f"vm.{name}.replica_", own)
+        unknown = sorted(set(own) - (REPLICA_KEYS - {"vms"}))
+        if unknown:
+            raise t.err(unknown[0], f"unknown replica setting (known: replica_"
+                                    f"{', replica_'.join(sorted(REPLICA_KEYS - {'vms'}))})")
+
+        def pick(key: str, t: _T = t) -> _T:
+            return t if key in t.t else base
+
+        to = pick("to").str_("to")
+        if not to:
+            raise t.err("to", "missing: set [replicas] to or [vm.NAME] replica_to (a host "
+                              "name or a libvirt URI)")
+        out[name] = ReplicaDecl(
+            vm=name, to=to, points=pick("points").int_("points", 3, 1) or 3,
+            directory=pick("dir").str_("dir"),
+            feed=pick("feed").choice("feed", REPLICA_FEEDS, "direct"),
+            rpo_s=pick("rpo").duration("rpo"),
+            network_map=tuple(sorted({**dict(_network_map(base, "network_map")),
+                                      **dict(_network_map(t, "network_map"))}.items())),
+            standby=pick("standby").str_("standby"))
+    return out
 
 
 def _repo(name: str, t: _T, locations: dict[str, Location], hosts: dict[str, Host],

@@ -2,8 +2,10 @@
 
 It remembers which chunk IDs the repository holds, so a backup to S3 or SFTP does not
 ask the server about every chunk, and the decoded manifests of snapshots. It is never
-the source of truth: it is dropped when the repository's prune generation changes, and
-rebuilt when it is missing or corrupt.
+the source of truth: its chunk list is dropped when the repository's prune generation
+changes or a snapshot it knew has vanished (a forget, or a repository rolled back to an
+older copy of itself), a manifest is used only if it hashes to its ID, and the whole
+database is rebuilt when it is missing or corrupt.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class Cache:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("SELECT count(*) FROM meta").fetchone()
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    db.close()
+                    raise sqlite3.DatabaseError("quick_check failed")
                 return db
             except sqlite3.DatabaseError as exc:
                 if attempt == 2:
@@ -138,6 +143,10 @@ class Cache:
     def put_snapshot(self, sid: str, data: bytes) -> None:
         with self._lock, self._db:
             self._db.execute("INSERT OR REPLACE INTO snaps VALUES (?,?)", (sid, data))
+
+    def snapshot_ids(self) -> set[str]:
+        with self._lock:
+            return {str(r[0]) for r in self._db.execute("SELECT id FROM snaps")}
 
     def forget_snapshots(self, keep: set[str]) -> None:
         with self._lock, self._db:

@@ -37,7 +37,7 @@ STALE_TEMP_AGE = timedelta(hours=1)  # no single object write takes this long
 
 @dataclass
 class Problem:
-    kind: str  # "missing-chunk", "corrupt-chunk", "corrupt-snapshot", "stale-temp"
+    kind: str  # missing-chunk, corrupt-chunk, corrupt-snapshot, corrupt-attachment, stale-temp
     object: str
     message: str
     damages: list[str] = field(default_factory=list)  # "name@shortid:disk"
@@ -120,6 +120,7 @@ def check(
     res = CheckResult()
     sids = snapshot_ids if snapshot_ids is not None else repo.snapshot_ids()
     readable: list[str] = []
+    labels: list[str] = []  # "name@shortid" of each readable snapshot
     with IdTable("vmdr-check-used-") as used, IdTable("vmdr-check-present-") as present:
         for sid in sids:
             try:
@@ -130,10 +131,17 @@ def check(
                                             f"snapshot {sid}: {exc.message}", [sid[:8]]))
                 continue
             readable.append(sid)
+            labels.append(f"{snap.name}@{snap.short_id}")
             for d in snap.disks:
                 used.add_many(oid for oid in d.chunks if oid != HOLE)
             del snap
         res.snapshots = len(readable)
+        for sid, label in zip(readable, labels, strict=True):  # protection, verification
+            try:
+                repo.attachments(sid)
+            except (IntegrityError, UnsupportedFormat) as exc:
+                res.problems.append(Problem("corrupt-attachment", f"attachments/{sid}",
+                                            exc.message, [label]))
         if snapshot_ids is None:
             for o in repo.stale_temporaries(STALE_TEMP_AGE.total_seconds()):
                 res.warnings.append(Problem("stale-temp", o.name, f"stale temporary object "

@@ -27,6 +27,7 @@ a fallback, then (only in a terminal, and only if the caller allows it) a prompt
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vmdr.credentials import read_secret, read_secret_bytes
-from vmdr.errors import UsageError, WrongPassword
+from vmdr.errors import NoSpace, UsageError, WrongPassword
 from vmdr.repository.repo import Repository
 from vmdr.storage.appendonly import AppendOnlyBackend
 from vmdr.storage.base import Backend
@@ -43,6 +44,8 @@ from vmdr.storage.objectlock import with_object_lock
 from vmdr.storage.registry import open_backend
 from vmdr.storage.throttle import ThrottlingBackend, TokenBucket
 from vmdr.storage.wrappers import wrap
+
+log = logging.getLogger(__name__)
 
 LockMode = Literal["shared", "exclusive"] | None
 
@@ -167,6 +170,15 @@ def open_repository(
     if lock is not None:
         try:
             held = repo.lock(exclusive=(lock == "exclusive"), command=command, wait=wait)
+        except NoSpace as exc:
+            if lock != "shared":
+                repo.close()
+                raise
+            # A repository full to the last byte must still restore. Without room for a
+            # lock nothing can take the exclusive one either, so no prune runs meanwhile;
+            # a write this command attempts fails with NoSpace as it would have anyway.
+            log.warning("%s: working without a repository lock", exc.message)
+            return repo
         except BaseException:
             repo.close()
             raise

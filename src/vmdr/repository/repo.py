@@ -7,6 +7,8 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +105,16 @@ def _read_config(backend: Backend) -> dict[str, Any]:
     return doc
 
 
+def _open_cache(repo_id: str) -> Cache | None:
+    """The local cache, or none when it cannot be opened (a full or read-only disk): it is
+    advisory, so its absence costs speed, never a backup or a restore."""
+    try:
+        return Cache(repo_id)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("working without the local cache (%s)", exc)
+        return None
+
+
 class Repository:
     """An open repository. Thread-safe for chunk and snapshot operations."""
 
@@ -116,10 +128,12 @@ class Repository:
         self.slot = slot
         self.clock = clock
         self.codec = ObjectCodec(key, config.compression_level)
-        self.cache = Cache(config.id) if use_cache else None
+        self.cache = _open_cache(config.id) if use_cache else None
         #: snapshot ID -> why its manifest could not be read (filled by list_snapshots)
         self.damaged: dict[str, str] = {}
         self._on_close: list[Callable[[], None]] = []
+        self._chunk_list_checked = False
+        self._chunk_check_lock = threading.Lock()
         self._generation_at_open = self.generation()
         if self.cache:
             self.cache.sync_generation(self._generation_at_open)
@@ -151,6 +165,8 @@ class Repository:
             raise UsageError("chunk size must be a power of two from 64 KiB to 64 MiB")
         if not 0 <= compression_level <= 22:
             raise UsageError("compression level must be 0 (off) to 22")
+        if encryption != "none" and not passphrase:
+            raise UsageError("an encrypted repository needs a passphrase")
         backend.create()
         if backend.exists(CONFIG_NAME):
             raise RepositoryExists(f"a repository already exists at {backend.display_url}")
@@ -182,6 +198,11 @@ class Repository:
         except (KeyError, ValueError, TypeError):
             raise IntegrityError("the repository config is malformed") from None
         if cfg.encryption == "none":
+            if next(iter(backend.list("keys")), None) is not None:
+                # the config is MAC'd only when encrypted: "none" next to key slots is a
+                # downgrade (later backups would be stored in plaintext), never trusted
+                raise IntegrityError("the repository config says it is unencrypted, but it "
+                                     "has key slots (tampered?)")
             return cls(backend, cfg, None, None, clock, use_cache)
         if cfg.encryption != "aes-256-gcm":
             raise UnsupportedFormat(f"unknown repository encryption {cfg.encryption!r}")
@@ -202,11 +223,20 @@ class Repository:
             return parse_keyfile(keyfile, cfg.id)[1], None
         if passphrase is None:
             raise WrongPassword("the repository is encrypted: give a passphrase or key file")
-        slots = [parse_slot(backend.get(o.name)) for o in backend.list("keys")]
+        slots: list[dict[str, Any]] = []
+        damaged: list[IntegrityError] = []
+        for o in backend.list("keys"):
+            try:  # one damaged slot must not lock out the passphrases of the others
+                slots.append(parse_slot(backend.get(o.name)))
+            except (IntegrityError, UnsupportedFormat) as exc:
+                log.warning("skipping damaged key slot %s: %s", o.name, exc.message)
+                damaged.append(IntegrityError(f"{o.name}: {exc.message}"))
+        if not slots and damaged:
+            raise IntegrityError(f"every key slot is damaged ({damaged[0].message}); open "
+                                 "the repository with a key file")
         if not slots:
             raise WrongPassword("the repository has no key slots; open it with a key file")
         pw = passphrase()
-        damaged: list[IntegrityError] = []
         for doc in slots:
             try:
                 key = open_slot(doc, cfg.id, pw)
@@ -292,6 +322,28 @@ class Repository:
         if self.cache and not self.cache.chunks_complete:
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
                                    for o in self.list_chunks())
+        else:
+            self._chunk_list_usable()
+
+    def _chunk_list_usable(self) -> bool:
+        """Whether the cache's chunk list may answer ``has_chunk``: it is complete, and
+        (checked once per open) no snapshot the cache knew has vanished from the
+        repository. A vanished one means a forget, or a repository rolled back to an
+        older copy of itself (same ID, same prune generation) whose chunks the cache
+        still lists: the list is rebuilt from a listing before any backup trusts it."""
+        if not (self.cache and self.cache.chunks_complete):
+            return False
+        if self._chunk_list_checked:
+            return True
+        with self._chunk_check_lock:
+            if not self._chunk_list_checked:
+                self._chunk_list_checked = True
+                ids = set(self.snapshot_ids())
+                if self.cache.snapshot_ids() - ids:
+                    log.info("snapshots this cache knew are gone; re-listing the chunks")
+                    self.refresh_chunk_index()
+                    self.cache.forget_snapshots(ids)
+        return True
 
     def refresh_chunk_index(self) -> None:
         """Rebuild the cache's chunk list from a fresh listing of ``data/`` (e.g. after a
@@ -311,7 +363,7 @@ class Repository:
     def has_chunk(self, oid: bytes) -> bool:
         if oid == HOLE:
             return True
-        if self.cache and self.cache.chunks_complete:
+        if self.cache is not None and self._chunk_list_usable():
             return self.cache.has_chunk(oid)
         return self.backend.exists(chunk_name(oid))
 

@@ -18,7 +18,7 @@ from vmdr.repository.manifest import Snapshot
 
 COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
-_DURATION = re.compile(r"(\d{1,12})([yMwdhms])")
+_DURATION = re.compile(r"([0-9]{1,12})([yMwdhms])")  # ASCII digits only
 _UNIT_SECONDS = {"y": 365 * 86400, "M": 30 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600,
                  "m": 60, "s": 1}
 #: The longest duration vmdr accepts anywhere (retention, safety windows): 1000 years.

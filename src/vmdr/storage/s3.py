@@ -281,6 +281,14 @@ def _factory(parts: urllib.parse.SplitResult) -> Backend:
         or os.environ.get("AWS_ENDPOINT_URL")
         or None
     )
+    if endpoint:
+        try:
+            ok = urllib.parse.urlsplit(endpoint).scheme in ("http", "https")
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"invalid S3 endpoint {redact(endpoint)!r}: expected http://… "
+                             "or https://…")
     try:
         timeout = float(query.get("timeout", 60))
     except ValueError:

@@ -169,13 +169,13 @@ class SFTPBackend(Backend):
         try:
             return paramiko.PKey.from_path(path)
         except paramiko.PasswordRequiredException:
-            raise StorageError(
+            raise UsageError(
                 f"sftp: key file {path} is encrypted; load it into ssh-agent instead"
             ) from None
-        except OSError as exc:
-            raise StorageError(f"sftp: cannot read key file {path}: {exc.strerror}") from None
+        except OSError as exc:  # a wrong ?key= or VMDR_SFTP_KEY: configuration, not storage
+            raise UsageError(f"sftp: cannot read key file {path}: {exc.strerror}") from None
         except (paramiko.SSHException, ValueError) as exc:
-            raise StorageError(f"sftp: unusable key file {path}: {_one_line(exc)}") from None
+            raise UsageError(f"sftp: unusable key file {path}: {_one_line(exc)}") from None
 
     def _transport_active(self) -> bool:
         client = self._client

@@ -1,0 +1,294 @@
+"""``vmdr replicate`` (standby replicas at a DR site) and ``vmdr replicate status``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from vmdr.cli.common import Globals, emit_json, out, repository, warn
+from vmdr.errors import HypervisorUnavailable, UsageError, VmdrError
+from vmdr.hypervisor import connect
+from vmdr.jobs.replicate import (
+    FEEDS,
+    CycleResult,
+    ReplicaSpec,
+    load_state,
+    redact_uri,
+    replicate_direct,
+)
+from vmdr.jobs.replicate_repo import replicate_from_repository
+from vmdr.jobs.replicate_site import Site, check_dir
+from vmdr.jobs.replicate_state import ReplicaState, parse_network_map, sla
+from vmdr.plan import inventory as invmod
+from vmdr.plan.units import parse_duration
+from vmdr.repository.repo import Repository
+from vmdr.timeutil import utcnow
+
+DEFAULT_ROOT = "/var/lib/libvirt/images/vmdr-replicas"
+
+
+@dataclass
+class _Where:
+    uri: str
+    root: str
+
+
+def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
+    return str(getattr(ns, "connect", None) or os.environ.get("VMDR_CONNECT")
+               or g.config.connect)
+
+
+def _resolve_host(g: Globals, to: str, root: str | None) -> _Where:
+    """A libvirt URI as it is; an inventory host name by its ``uri`` and ``target_dir``."""
+    if "://" in to:
+        return _Where(to, check_dir(root or DEFAULT_ROOT))
+    inv = invmod.from_config(g.config)
+    host = inv.hosts.get(to)
+    if host is None:
+        known = ", ".join(sorted(inv.hosts)) or "none in [hosts]"
+        raise UsageError(f"unknown DR host {to!r}: give a libvirt URI (qemu+ssh://HOST/system) "
+                         f"or a host of the inventory ({known})")
+    if not host.uri:
+        raise UsageError(f"inventory host {to!r} has no uri")
+    return _Where(host.uri, check_dir(root or f"{host.target_dir.rstrip('/')}/vmdr-replicas"))
+
+
+def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSpec]:
+    decls = invmod.replica_decls(g.config)
+    if ns.all:
+        vms = sorted(set(vms) | set(decls))
+    if not vms:
+        raise UsageError("name a VM to replicate (or --all for the inventory's replicas)")
+    try:
+        cli_map = parse_network_map(ns.network_map or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    rpo = parse_duration(ns.rpo) if ns.rpo else None
+    plan_rpo: dict[str, float | None] = {}
+    out_: list[ReplicaSpec] = []
+    for vm in vms:
+        d = decls.get(vm)
+        to = ns.to or (d.to if d else None)
+        if not to:
+            raise UsageError(f"{vm}: no DR host: use --to HOST (a libvirt URI or an "
+                             "inventory host) or set [replicas] to / replica_to")
+        where = _resolve_host(g, to, ns.dir or (d.directory if d else None))
+        if vm in g.config.vms and not plan_rpo:
+            try:
+                inv = invmod.from_config(g.config)
+                plan_rpo = {n: inv.rpo_target(v) for n, v in inv.vms.items()}
+            except VmdrError:
+                plan_rpo = {}
+        out_.append(ReplicaSpec(
+            vm=vm, target_uri=where.uri, directory=f"{where.root}/{vm}",
+            standby=ns.standby_name or (d.standby if d and d.standby else ""),
+            keep=ns.points or (d.points if d else 3),
+            feed=ns.feed or (d.feed if d else "direct"),
+            rpo_target_s=rpo if rpo is not None else (d.rpo_s if d and d.rpo_s is not None
+                                                      else plan_rpo.get(vm)),
+            network_map={**(dict(d.network_map) if d else {}), **cli_map},
+            consistency=ns.consistency, scratch_dir=g.config.scratch_dir))
+    if ns.standby_name and len(out_) > 1:
+        raise UsageError("--standby-name names one standby: replicate one VM at a time")
+    return out_
+
+
+def _one(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec) -> CycleResult:
+    try:
+        target = connect(spec.target_uri)
+    except HypervisorUnavailable as exc:
+        shown = redact_uri(spec.target_uri)
+        why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
+        raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
+    try:
+        with Site(spec.target_uri) as site:
+            if spec.feed == "repository":
+                with repository(g, "shared", "replicate") as repo:
+                    return replicate_from_repository(repo, target, site, spec, ns.snapshot)
+            hv = connect(_source_uri(ns, g))
+            with contextlib.ExitStack() as stack:
+                def seed_repo() -> Repository:
+                    return stack.enter_context(repository(g, "shared", "replicate"))
+
+                try:
+                    return replicate_direct(hv, target, site, spec,
+                                            seed_repo if g.repo else None)
+                finally:
+                    hv.close()
+    finally:
+        target.close()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
+    vms = list(ns.vms or [])
+    if vms[:1] == ["status"]:
+        return cmd_status(ns, g, vms[1:])
+    specs = _specs(ns, g, vms)
+    results: list[dict[str, Any]] = []
+    code = 0
+    for spec in specs:
+        try:
+            r = _one(ns, g, spec)
+        except VmdrError as exc:
+            if len(specs) == 1:
+                raise
+            code = code or exc.exit_code
+            results.append({"vm": spec.vm, "status": "failed", "error": exc.message,
+                            "exit_code": exc.exit_code})
+            warn(f"{spec.vm}: {exc.message}")
+            continue
+        results.append({"status": "ok", **r.as_dict()})
+        if not g.json:
+            for w in r.warnings:
+                warn(f"{r.vm}: {w}")
+            out(f"{r.vm} → {r.standby} on {r.target} ({r.feed}): {r.mode}, "
+                f"{_mib(r.bytes_moved)} moved of {_mib(r.disk_bytes)}, point {r.point} "
+                f"({len(r.points)} kept) in {r.duration_s:.1f}s")
+    if g.json:
+        emit_json({"results": results})
+    return code
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def _row(st: ReplicaState | None, vm: str, target: str, error: str | None = None,
+         rpo: float | None = None) -> dict[str, Any]:
+    now = utcnow()
+    if st is not None and rpo is not None:
+        st.rpo_target_s = rpo
+    state, age = sla(st, now)
+    row: dict[str, Any] = {"vm": vm, "target": target, "sla": state if error is None
+                           else "unknown", "rpo_achieved_s": None if age is None
+                           else round(age, 1), "rpo_target_s": st.rpo_target_s if st else rpo,
+                           "error": error}
+    if st is not None:
+        last = st.cycles[-1] if st.cycles else None
+        row.update({
+            "standby": st.standby, "standby_uuid": st.standby_uuid, "feed": st.feed,
+            "directory": st.directory,
+            "newest_point": st.newest.name if st.newest else None,
+            "newest_point_time": st.newest.time if st.newest else None,
+            "points": [p.name for p in st.points], "keep": st.keep,
+            "writing": st.writing,
+            "last_cycle": None if last is None else {
+                "started": last.started, "mode": last.mode, "bytes_moved": last.bytes_moved,
+                "duration_s": last.duration_s, "error": last.error},
+            "bytes_moved_per_cycle": [c.bytes_moved for c in st.cycles[-10:]],
+        })
+    return row
+
+
+def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
+    decls = invmod.replica_decls(g.config)
+    wanted: list[tuple[str, _Where]] = []
+    if ns.to:
+        where = _resolve_host(g, ns.to, ns.dir)
+        wanted += [(vm, where) for vm in vms]
+    else:
+        for vm in vms or sorted(decls):
+            d = decls.get(vm)
+            if d is None:
+                raise UsageError(f"{vm}: not a replica of the inventory; add --to HOST")
+            wanted.append((vm, _resolve_host(g, d.to, ns.dir or d.directory)))
+    rows: list[dict[str, Any]] = []
+    scan = ns.to and not vms
+    sites: dict[str, list[tuple[str, _Where]]] = {}
+    for vm, w in wanted:
+        sites.setdefault(w.uri, []).append((vm, w))
+    if scan:
+        sites.setdefault(_resolve_host(g, ns.to, ns.dir).uri, [])
+    for uri, items in sites.items():
+        shown = redact_uri(uri)
+        try:
+            with Site(uri) as site:
+                if scan:
+                    root = _resolve_host(g, ns.to, ns.dir).root
+                    for f in site.state_files(root):
+                        st = load_state(site, f.rsplit("/", 1)[0])
+                        if st is not None:
+                            rows.append(_row(st, st.vm, shown))
+                for vm, w in items:
+                    dec = decls.get(vm)
+                    st = load_state(site, f"{w.root}/{vm}")
+                    rows.append(_row(st, vm, shown, None if st else "no replica at the target",
+                                     dec.rpo_s if dec else None))
+        except VmdrError as exc:
+            for vm, _w in items:
+                rows.append(_row(None, vm, shown, exc.message))
+    if g.json:
+        emit_json({"replicas": rows})
+        return 0
+    if not rows:
+        out("no replicas")
+        return 0
+    out(f"{'VM':<20} {'SLA':<16} {'RPO now':>9} {'target':>8} {'newest point':<22} "
+        f"{'points':>6} {'last moved':>11}")
+    for r in rows:
+        age = "-" if r["rpo_achieved_s"] is None else _dur(r["rpo_achieved_s"])
+        tgt = "-" if r.get("rpo_target_s") is None else _dur(r["rpo_target_s"])
+        last = r.get("last_cycle") or {}
+        moved = _mib(last["bytes_moved"]) if last else "-"
+        out(f"{r['vm']:<20} {r['sla']:<16} {age:>9} {tgt:>8} "
+            f"{(r.get('newest_point') or '-'):<22} {len(r.get('points') or []):>6} "
+            f"{moved:>11}" + (f"  ({r['error']})" if r.get("error") else "")
+            + (f"  last cycle failed: {last['error']}" if last.get("error") else ""))
+    return 0
+
+
+def _dur(s: float) -> str:
+    s = float(s)
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "replicate", parents=parents,
+        help="keep a standby copy of a VM at a DR site (vmdr replicate status: their state)",
+        description="Run one replica cycle per VM: read what changed since the last cycle "
+                    "(direct: the VM's dirty bitmaps, its own checkpoint chain; repository: "
+                    "the newest snapshot at the DR site), write only that into the standby's "
+                    "disks at the DR host, keep N restore points (qcow2 internal snapshots) "
+                    "and a defined, stopped standby domain (new UUID, DR networks). "
+                    "'vmdr replicate status [--to HOST] [VM...]' shows each replica's newest "
+                    "point, achieved RPO against its target and SLA state, read from the "
+                    "state kept at the target.",
+        epilog="exit codes: 9 no space at the target, 10 a DR network is missing, 11 no such "
+               "VM, 12 the DR host is unreachable, 13 another job holds the VM's lock",
+    )
+    p.add_argument("vms", nargs="*", metavar="VM",
+                   help="VMs to replicate; 'status' as the first word shows the replicas")
+    p.add_argument("--to", metavar="HOST",
+                   help="DR host: a libvirt URI (qemu+ssh://root@dr1/system, qemu:///system) "
+                        "or an inventory host name")
+    p.add_argument("--all", action="store_true", help="every replica of the inventory")
+    p.add_argument("--points", type=int, metavar="N", help="restore points kept (default 3)")
+    p.add_argument("--dir", metavar="DIR",
+                   help=f"replica root at the DR host; the standby of VM is in DIR/VM "
+                        f"(default {DEFAULT_ROOT}, or <host target_dir>/vmdr-replicas)")
+    p.add_argument("--standby-name", metavar="NAME",
+                   help="the standby domain's name (default VM-replica)")
+    p.add_argument("--feed", choices=FEEDS,
+                   help="direct (host to host over ssh) or repository (newest snapshot of "
+                        "--repo, at the DR site)")
+    p.add_argument("--snapshot", metavar="REF", help="repository feed: this snapshot, not "
+                   "the newest")
+    p.add_argument("--network-map", action="append", metavar="SRC=DR",
+                   help="map the VM's source network to a DR network (repeatable)")
+    p.add_argument("--rpo", metavar="DURATION", help="RPO target, e.g. 15m (default: the "
+                   "inventory's)")
+    p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
+                   help="auto: freeze the guest's filesystems if its agent answers")
+    p.add_argument("-c", "--connect", metavar="URI", help="the source's libvirt URI")
+    p.set_defaults(func=cmd_replicate)

@@ -1,0 +1,477 @@
+"""``vmdr replicate``: keep a standby copy of a VM at another site, N restore points deep.
+
+One **cycle**, under the VM's lock (and the replica's own, so two cycles of one replica
+never overlap):
+
+1. check the input before touching anything: the VM exists (exit 11), the DR host
+   answers (12), every network the VM uses maps to a network that exists there (10), the
+   standby is not running;
+2. read what changed:
+
+   * **direct feed**: an incremental of the running VM through the same pull-mode backup
+     job and dirty bitmaps as ``vmdr backup``, from the replica's *own* checkpoint chain
+     (prefix ``vmdr-replica-<12 hex>``, see :func:`.replicate_state.replica_prefix`); the
+     first cycle (or a lost checkpoint) reads everything;
+   * **repository feed**: the newest snapshot of the VM in a repository at the DR site;
+     only chunks whose ID differs from the standby's current content move;
+
+3. check the space at the target (exit 9), write the changed ranges into the standby's
+   qcow2 disks through a writable NBD export at the target (over ssh for a remote
+   target: compressed, key-authenticated), zeroes as NBD zero requests;
+4. take a restore point (a qcow2 internal snapshot ``rp-<time>`` on every disk), drop
+   the points beyond N, define the standby domain if it is not (new UUID, network
+   mapping applied, never started), write the state file at the target;
+5. only then commit the source checkpoint (direct feed): an interrupted cycle leaves the
+   previous checkpoint in place and the next cycle re-reads everything since it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from vmdr.errors import (
+    DomainNotFound,
+    NetworkNotFound,
+    UsageError,
+    VmdrError,
+    VMLocked,
+)
+from vmdr.hypervisor import (
+    DiskSource,
+    Hypervisor,
+    interface_networks,
+    map_networks,
+    rewrite_domain_xml,
+    set_uuid,
+)
+from vmdr.hypervisor.console import relocate_console_logs
+from vmdr.jobs.replicate_site import DiskWriter, Site, check_dir
+from vmdr.jobs.replicate_state import (
+    CHUNK,
+    STATE_FILE,
+    Cycle,
+    ReplicaState,
+    RestorePoint,
+    pieces,
+    point_name,
+    replica_prefix,
+    to_rotate,
+    unique_point,
+)
+from vmdr.jobs.vmlock import VMLock
+from vmdr.repository.crypto import HOLE
+from vmdr.repository.manifest import chunk_count
+from vmdr.repository.repo import Repository
+from vmdr.storage.registry import redact
+from vmdr.timeutil import utcnow
+
+FEEDS = ("direct", "repository")
+
+
+@dataclass
+class ReplicaSpec:
+    """One replica: which VM, where, how deep."""
+
+    vm: str
+    target_uri: str
+    directory: str  # the standby's directory at the target
+    standby: str = ""  # the standby domain's name (default ``<vm>-replica``)
+    keep: int = 3  # restore points kept
+    feed: str = "direct"
+    rpo_target_s: float | None = None
+    network_map: dict[str, str] = field(default_factory=dict)
+    consistency: str = "auto"  # auto (quiesce if the agent answers) | crash
+    scratch_dir: str = "/var/lib/libvirt/qemu/vmdr"
+
+    def __post_init__(self) -> None:
+        self.directory = check_dir(self.directory)
+        self.standby = self.standby or f"{self.vm}-replica"
+        if self.keep < 1:
+            raise UsageError("--points must be at least 1")
+        if self.feed not in FEEDS:
+            raise UsageError(f"unknown replica feed {self.feed!r} (direct or repository)")
+
+
+@dataclass
+class CycleResult:
+    vm: str
+    standby: str
+    target: str
+    feed: str
+    mode: str = "none"  # seed | incremental | full | none
+    point: str | None = None
+    point_time: str | None = None
+    bytes_moved: int = 0  # data written into the standby (before ssh compression)
+    bytes_zeroed: int = 0  # ranges cleared with NBD zero requests (no data moved)
+    disk_bytes: int = 0  # the standby disks' virtual size
+    points: list[str] = field(default_factory=list)
+    rotated: list[str] = field(default_factory=list)
+    defined: bool = False  # the standby domain was (re)defined in this cycle
+    duration_s: float = 0.0
+    consistency: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in self.__dict__.items()}
+
+
+def redact_uri(uri: str) -> str:
+    """A URI for messages and the state: no password, no query (key file paths)."""
+    return redact(uri.split("?", 1)[0])
+
+
+def _disk_path(spec: ReplicaSpec, target: str) -> str:
+    return f"{spec.directory}/{spec.standby}-{target}.qcow2"
+
+
+def chunks_path(spec: ReplicaSpec, disk: str) -> str:
+    """The chunk IDs (repository feed) of a standby disk's content, 32 bytes each."""
+    return f"{spec.directory}/{spec.standby}-{disk}.chunks"
+
+
+def load_state(site: Site, directory: str) -> ReplicaState | None:
+    path = f"{directory}/{STATE_FILE}"
+    data = site.read(path)
+    return None if data is None else ReplicaState.from_json(data, f"{site.where}:{path}")
+
+
+def _save(site: Site, st: ReplicaState) -> None:
+    site.write(f"{st.directory}/{STATE_FILE}", st.to_json())
+
+
+class _Locks:
+    """The source VM's lock (direct feed: the same one ``vmdr backup`` takes) and the
+    replica's own lock; VMLocked (exit 13) names what holds it."""
+
+    def __init__(self, spec: ReplicaSpec, source_uri: str | None) -> None:
+        self.locks = [VMLock(f"replica:{redact_uri(spec.target_uri)}:{spec.directory}", spec.vm)]
+        if source_uri is not None:
+            self.locks.insert(0, VMLock(source_uri, spec.vm))
+
+    def __enter__(self) -> _Locks:
+        taken: list[VMLock] = []
+        try:
+            for lk in self.locks:
+                lk.acquire()
+                taken.append(lk)
+        except VMLocked as exc:
+            for lk in taken:
+                lk.release()
+            raise VMLocked(f"{exc.message.split(':', 1)[0]}: another vmdr job (a backup or a "
+                           "replica cycle) is running for it; try again when it is done") \
+                from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lk in reversed(self.locks):
+            lk.release()
+
+
+# -- checks before anything is touched -----------------------------------------------------
+
+
+def check_networks(target: Hypervisor, xml: str, mapping: dict[str, str]) -> dict[str, str]:
+    """The mapping for the VM's networks (identity where none is given); NetworkNotFound
+    (exit 10) if a DR network does not exist at the target."""
+    used = {}
+    for net in interface_networks(xml):
+        dst = mapping.get(net, net)
+        try:
+            target.network(dst)
+        except NetworkNotFound:
+            how = f"mapped from source network {net!r}" if net in mapping else \
+                f"source network {net!r} has no mapping (--network-map {net}=DR-NETWORK)"
+            raise NetworkNotFound(f"network {dst!r} does not exist on the DR host "
+                                  f"{redact_uri(target.uri)} ({how})") from None
+        used[net] = dst
+    return used
+
+
+def _check_standby(target: Hypervisor, spec: ReplicaSpec, st: ReplicaState | None) -> bool:
+    """True if the standby domain is defined at the target. Refuses a running standby
+    (failed over, or someone started it) and a domain of that name that is not ours."""
+    try:
+        dom = target.lookup(spec.standby)
+    except DomainNotFound:
+        return False
+    if st is None or dom.uuid != st.standby_uuid:
+        raise UsageError(f"a domain named {spec.standby!r} exists on {redact_uri(target.uri)} and "
+                         "is not this replica's standby; choose another --standby-name")
+    if dom.is_active():
+        raise UsageError(f"the standby {spec.standby!r} is running on {redact_uri(target.uri)} "
+                         "(failed over?): a replica cycle never writes under a running VM")
+    return True
+
+
+def _new_state(spec: ReplicaSpec, source_uri: str, source_uuid: str) -> ReplicaState:
+    import uuid as uuidlib
+
+    return ReplicaState(
+        vm=spec.vm, source_uri=redact_uri(source_uri), source_uuid=source_uuid,
+        standby=spec.standby, standby_uuid=str(uuidlib.uuid4()),
+        target_uri=redact_uri(spec.target_uri), directory=spec.directory,
+        prefix=replica_prefix(spec.target_uri, spec.directory), feed=spec.feed,
+        keep=spec.keep, rpo_target_s=spec.rpo_target_s)
+
+
+def _standby_xml(src_xml: str, spec: ReplicaSpec, st: ReplicaState, paths: dict[str, str],
+                 networks: dict[str, str], nvram: str | None) -> str:
+    try:
+        xml = rewrite_domain_xml(src_xml, new_name=spec.standby, new_uuid=True,
+                                 new_macs=False, nvram_path=nvram,
+                                 disk_paths={t: (p, "qcow2") for t, p in paths.items()})
+    except ValueError as exc:
+        raise UsageError(f"{spec.vm}: cannot define a standby from its definition ({exc})") \
+            from None
+    xml = set_uuid(map_networks(xml, networks), st.standby_uuid)
+    return relocate_console_logs(xml, spec.directory, spec.standby)
+
+
+def _define(target: Hypervisor, xml: str) -> None:
+    target.define(xml)
+
+
+# -- the common end of a cycle ---------------------------------------------------------------
+
+
+def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
+            res: CycleResult, when: datetime, paths: dict[str, str], defined: bool,
+            src_xml: str, networks: dict[str, str], nvram: bytes | None,
+            **point: Any) -> None:
+    nvram_path = None
+    if nvram is not None:  # UEFI variables: copied every cycle (a few hundred KiB)
+        nvram_path = f"{spec.directory}/{spec.standby}_VARS.fd"
+        site.write(nvram_path, nvram)
+    tag = unique_point(point_name(when), [p.name for p in st.points])
+    for p in paths.values():
+        site.add_snapshot(p, tag)
+    new = RestorePoint(name=tag, time=when.isoformat(), feed=spec.feed, mode=res.mode,
+                       bytes_moved=res.bytes_moved, **point)
+    old = to_rotate([*st.points, new], spec.keep)
+    for p in paths.values():
+        site.delete_snapshots(p, [o.name for o in old if o.name in site.snapshots(p)])
+    st.points = [q for q in [*st.points, new] if q not in old]
+    res.rotated = [o.name for o in old]
+    if not defined:
+        _define(target, _standby_xml(src_xml, spec, st, paths, networks, nvram_path))
+        res.defined = True
+    st.keep, st.rpo_target_s, st.feed, st.network_map = (spec.keep, spec.rpo_target_s,
+                                                         spec.feed, networks)
+    st.writing = False
+    res.point, res.point_time = tag, new.time
+    res.points = [q.name for q in st.points]
+
+
+def _record(site: Site, st: ReplicaState, res: CycleResult, started: datetime, t0: float,
+            error: str | None) -> None:
+    res.duration_s = time.monotonic() - t0
+    st.add_cycle(Cycle(started=started.isoformat(), duration_s=round(res.duration_s, 3),
+                       feed=res.feed, mode=res.mode, bytes_moved=res.bytes_moved,
+                       bytes_zeroed=res.bytes_zeroed, point=res.point, error=error))
+    _save(site, st)
+
+
+# -- direct feed -------------------------------------------------------------------------------
+
+
+def _incremental_from(hv: Hypervisor, info: Any, st: ReplicaState | None,
+                      warnings: list[str]) -> str | None:
+    if st is None or st.feed != "direct" or st.checkpoint is None or not info.running:
+        return None
+    if st.writing:
+        warnings.append("the last cycle was interrupted while writing: re-reading everything")
+        return None
+    if st.checkpoint in hv.list_checkpoints(info, st.prefix):
+        return st.checkpoint
+    if st.checkpoint_xml:
+        try:
+            hv.redefine_checkpoint(info, st.checkpoint_xml)
+            warnings.append(f"libvirt had lost checkpoint {st.checkpoint}; redefined it")
+            return st.checkpoint
+        except VmdrError as exc:
+            warnings.append(f"checkpoint {st.checkpoint} cannot be redefined ({exc.message})")
+    warnings.append(f"checkpoint {st.checkpoint} is gone: reading everything")
+    return None
+
+
+def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: ReplicaSpec,
+                     seed_repo: Callable[[], Repository] | None = None) -> CycleResult:
+    """One direct-feed cycle (see the module docstring). Raises VmdrError on failure.
+
+    A standby seeded from a repository (the repository feed) switches to the direct feed
+    without sending everything again when ``seed_repo`` opens a repository with the same
+    chunk-ID key (the seed's, or a ``vmdr copy`` of it that shares its key): the first
+    direct cycle reads the whole VM here, hashes each 4 MiB chunk and sends only the
+    chunks whose ID differs from the list saved with the standby."""
+    res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "direct")
+    t0 = time.monotonic()
+    with _Locks(spec, hv.uri):
+        info = hv.domain(spec.vm)  # DomainNotFound: exit 11
+        st = load_state(site, spec.directory)
+        if st is not None and st.source_uuid != info.uuid:
+            raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
+                             f"({st.vm}, {st.source_uuid}); use another --dir")
+        defined = _check_standby(target, spec, st)
+        src_xml = hv.lookup(spec.vm).xml(inactive=True)
+        networks = check_networks(target, src_xml, spec.network_map)
+        prefix = replica_prefix(spec.target_uri, spec.directory)
+        scratch = os.path.join(spec.scratch_dir, "replica-" + prefix[-12:])
+        for what in hv.cleanup_leftovers(spec.vm, prefix, scratch):
+            res.warnings.append(f"cleaned up after an interrupted cycle: {what}")
+        wanted = [d.target for d in info.disks if d.device in ("disk", "lun") and d.imageable]
+        if not wanted:
+            raise UsageError(f"{spec.vm}: has no disks that can be replicated")
+        st = st or _new_state(spec, hv.uri, info.uuid)
+        inc_from = _incremental_from(hv, info, st, res.warnings)
+        quiesce = spec.consistency != "crash" and info.running
+        started = utcnow()
+        session = hv.backup(info, checkpoint_prefix=prefix, scratch_dir=scratch,
+                            disks=wanted, incremental_from=inc_from, quiesce=quiesce)
+        with session as s:
+            res.consistency = s.consistency
+            res.warnings.extend(s.warnings)
+            sources = [d for d in s.disks if d.info.target in wanted]
+            plan = {d.info.target: list(d.extents()) for d in sources}
+            need = sum(e.length for exts in plan.values() for e in exts if e.is_data)
+            site.need_space(spec.directory, need)  # NoSpace: exit 9, nothing written
+            paths = {d.info.target: _disk_path(spec, d.info.target) for d in sources}
+            _standby_xml(src_xml, spec, st, paths, networks, None)  # fails before writing
+            fresh = _prepare_disks(site, st, paths, {d.info.target: d.size for d in sources})
+            res.disk_bytes = sum(d.size for d in sources)
+            res.mode = ("seed" if not st.points else
+                        "incremental" if all(d.incremental for d in sources) else "full")
+            known = _seeded_ids(site, spec, st, sources, fresh, seed_repo, res.warnings)
+            st.writing = True
+            _save(site, st)
+            try:
+                for d in sources:
+                    t = d.info.target
+                    if t in known:
+                        _copy_by_chunks(site, d, plan[t], paths[t], known[t], res)
+                    else:
+                        _copy_disk(site, d, plan[t], paths[t], t in fresh, res)
+                st.checkpoint, st.checkpoint_xml = s.checkpoint, s.checkpoint_xml
+                _finish(site, target, spec, st, res, started, paths, defined, src_xml,
+                        networks, _nvram(hv, info, res.warnings), checkpoint=s.checkpoint)
+            except VmdrError as exc:
+                _record(site, st, res, started, t0, exc.message)
+                raise
+            _record(site, st, res, started, t0, None)
+            s.commit()
+    return res
+
+
+def _nvram(hv: Hypervisor, info: Any, warnings: list[str]) -> bytes | None:
+    try:
+        return hv.read_nvram(info)
+    except VmdrError as exc:
+        warnings.append(f"could not read the UEFI variables: {exc.message}")
+        return None
+
+
+def _prepare_disks(site: Site, st: ReplicaState, paths: dict[str, str],
+                   sizes: dict[str, int]) -> set[str]:
+    """Create the standby disks that do not exist yet; the targets created."""
+    fresh = set()
+    site.make_dir(st.directory)
+    for t, path in paths.items():
+        known = st.disks.get(t)
+        if known is not None and int(known.get("size", -1)) != sizes[t]:
+            raise UsageError(f"disk {t} changed size since the replica was seeded; remove "
+                             f"{st.directory} and the standby, then seed again")
+        if known is None or known.get("path") != path:
+            site.create_image(path, sizes[t])
+            fresh.add(t)
+        st.disks[t] = {"path": path, "size": sizes[t]}
+    return fresh
+
+
+@dataclass
+class _Known:
+    ids: list[bytes]
+    repo: Repository
+
+
+def _seeded_ids(site: Site, spec: ReplicaSpec, st: ReplicaState, sources: list[DiskSource],
+                fresh: set[str], seed_repo: Callable[[], Repository] | None,
+                warnings: list[str]) -> dict[str, _Known]:
+    """Per disk read in full over a standby that the repository feed wrote last: the chunk
+    IDs of the standby's content, when a repository to compute IDs with is at hand."""
+    if st.feed != "repository" or st.writing or not st.repository:
+        return {}
+    todo = [d for d in sources if not d.incremental and d.info.target not in fresh]
+    if not todo:
+        return {}
+    if seed_repo is None:
+        warnings.append("the standby was written by the repository feed: give --repo (the "
+                        "repository it came from, or a copy sharing its key) to send only "
+                        "the chunks that differ; sending everything")
+        return {}
+    repo = seed_repo()
+    out = {}
+    for d in todo:
+        saved = site.read(chunks_path(spec, d.info.target))
+        n = chunk_count(d.size, repo.chunk_size)
+        if saved is not None and len(saved) == n * len(HOLE):
+            out[d.info.target] = _Known([saved[i * 32:(i + 1) * 32] for i in range(n)], repo)
+    return out
+
+
+def _copy_by_chunks(site: Site, d: DiskSource, extents: Sequence[Any], path: str,
+                    known: _Known, res: CycleResult) -> None:
+    cs = known.repo.chunk_size
+    with_data: set[int] = set()
+    for e in extents:
+        if e.is_data:
+            with_data.update(range(e.offset // cs, (e.offset + e.length - 1) // cs + 1))
+    zero = bytes(cs)
+    w = site.writer(path)
+    ok = False
+    try:
+        for i, old in enumerate(known.ids):
+            off = i * cs
+            ln = min(cs, d.size - off)
+            data = d.read(off, ln) if i in with_data else None
+            oid = HOLE if data is None or data == zero[:ln] else known.repo.codec.object_id(data)
+            if oid == old:
+                continue  # the standby already holds this chunk
+            if data is None or oid == HOLE:
+                w.zero(off, ln)
+                res.bytes_zeroed += ln
+            else:
+                w.write(off, data)
+                res.bytes_moved += ln
+        ok = True
+    finally:
+        w.close(flush=ok)
+
+
+def _copy_disk(site: Site, d: DiskSource, extents: Sequence[Any], path: str, fresh: bool,
+               res: CycleResult) -> None:
+    zero = bytes(CHUNK)
+    w: DiskWriter = site.writer(path)
+    ok = False
+    try:
+        for e in extents:
+            if not e.is_data:
+                if not d.incremental and not fresh:  # a full over old content: clear holes
+                    w.zero(e.offset, e.length)
+                    res.bytes_zeroed += e.length
+                continue
+            for off, ln in pieces([(e.offset, e.length)]):
+                data = d.read(off, ln)
+                if data == zero[:ln]:
+                    w.zero(off, ln)
+                    res.bytes_zeroed += ln
+                else:
+                    w.write(off, data)
+                    res.bytes_moved += ln
+        ok = True
+    finally:
+        w.close(flush=ok)
