@@ -153,6 +153,9 @@ million-chunk point alone takes a quarter of an hour).
   shard by shard (`data/XX/`), and `snapshots`/`forget` read manifest headers only.
 - `copy`'s floor of ~95 MB at every size is the destination's key slot being opened:
   the memory-hard KDF takes 64 MiB for a moment, before any chunk is touched.
+- At a million chunks each manifest holds 500k references (16 MB); reading one (the
+  stored object, its plaintext, the chunk list) is most of the ~100 MB of `snapshots`,
+  `check` and `prune` there: memory grows with the largest snapshot, not the repository.
 - **slope** is the wall time added per 100k unique chunks between two sizes; similar
   slopes for the two intervals mean the time grows linearly.
 """
