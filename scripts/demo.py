@@ -10,8 +10,13 @@
 5. Checks the restored data disk holds a consistent prefix of the writer's records.
 6. Proves the latest snapshot boots: `vmdr verify --boot` in an isolated sandbox,
    straight from the repository, with a screenshot as evidence.
-7. Writes the DR plan for this one-host estate (Markdown and HTML) and shows coverage.
-8. Cleans the restored copy away and stops the demo VM (it stays defined for next time).
+7. Tape drill with the file-backed virtual library (a demo back end, not hardware): the
+   snapshot to a tape, the tape to the vault, the tape catalog lost, rebuilt from the tape
+   with the exported key alone, restored into a fresh repository, the VM booted from it.
+8. Writes the DR plan for this one-host estate (Markdown and HTML) and shows coverage.
+   Then starts the agent for a minute: a minutely policy backs the VM up by itself and the
+   dashboard (URL and a login token printed) shows it.
+9. Cleans the restored copy away and stops the demo VM (it stays defined for next time).
 """
 
 from __future__ import annotations
@@ -123,6 +128,7 @@ def main() -> int:
     say("proof of recovery: boot the latest snapshot in a sandbox, from the repository")
     sh(*VMDR, "verify", VM, "--boot", "--timeout", "240", "--evidence-dir", str(HOME),
        env=env)
+    tape_drill(env)
     say("the written DR plan for this estate")
     cfg = HOME / "estate.toml"
     cfg.write_text(ESTATE.format(repo=HOME / "repo", pw=pw, vm=VM))
@@ -130,10 +136,70 @@ def main() -> int:
     sh(*VMDR, "plan", "coverage", env=penv)
     sh(*VMDR, "plan", "write", "-o", str(HOME / "dr-plan.md"), env=penv)
     sh(*VMDR, "plan", "write", "-o", str(HOME / "dr-plan.html"), env=penv)
+    run_agent(penv)
     virsh("shutdown", VM)
     virsh("destroy", VM)
     say(f"done: backed up live, restored, booted, verified; plan in {HOME}/dr-plan.html")
     return 0
+
+
+def tape_drill(env: dict[str, str]) -> None:
+    """Snapshot → tape → vault; lose the catalog; rebuild from the tape; restore; boot."""
+    say("tape drill: a virtual tape library (demo back end), a pool, a labelled tape")
+    for d in ("vtl", "tape", "from-tape"):
+        shutil.rmtree(HOME / d, ignore_errors=True)
+    tenv = dict(env, VMDR_TAPE_DIR=str(HOME / "tape"),
+                VMDR_TAPE_LIBRARY=f"virtual:{HOME / 'vtl'}")
+    sh(*VMDR, "tape", "virtual-create", str(HOME / "vtl"), "--tapes", "2", "--capacity", "4G",
+       env=tenv)
+    sh(*VMDR, "tape", "pool", "add", "weekly", "--vault", "bunker", "--retention", "8w",
+       env=tenv)
+    sh(*VMDR, "tape", "label", "--pool", "weekly", "--slot", "1", env=tenv)
+    sh(*VMDR, "tape", "backup", "--pool", "weekly", VM, "--no-progress", env=tenv)
+    key = HOME / "exported.key"
+    if not key.exists():
+        sh(*VMDR, "key", "export", str(key), env=tenv)
+    sh(*VMDR, "tape", "export", "VMD001L8", "--vault", "bunker", env=tenv)
+    sh(*VMDR, "tape", "vault", env=tenv)
+    say("disaster: the tape catalog is gone; the tape comes back from the vault")
+    shutil.rmtree(HOME / "tape")
+    sh(*VMDR, "tape", "import", "VMD001L8", env=tenv)
+    sh(*VMDR, "tape", "catalog", "--rebuild", "--key-file", str(key), env=tenv)
+    renv = dict(tenv, VMDR_REPO=str(HOME / "from-tape"))
+    sh(*VMDR, "tape", "restore", VM, "--key-file", str(key), "--no-progress", env=renv)
+    say("restore the VM from the repository rebuilt from tape, and boot it")
+    name = f"{VM}-tape"
+    virsh("destroy", name)
+    virsh("undefine", name)
+    sh(*VMDR, "restore", VM, "--name", name, "--target-dir", str(IMAGES / "tape"),
+       "--define", "--start", "--force", "--timeout", "180", "--key-file", str(key),
+       "--no-progress", env=renv)
+    virsh("destroy", name)
+    virsh("undefine", name)
+    shutil.rmtree(IMAGES / "tape", ignore_errors=True)
+
+
+def run_agent(env: dict[str, str], seconds: float = 60) -> None:
+    """The agent with a minutely policy on the demo VM, for a minute (or until it ran)."""
+    say("the agent: a minutely policy backs the VM up by itself; the dashboard is live")
+    token = sh(*VMDR, "agent", "token", "create", "--role", "admin", "--name", "demo",
+               env=env).splitlines()[-1]
+    agent = subprocess.Popen([*VMDR, "agent"], env=env)
+    print(f"\n    dashboard: http://127.0.0.1:8780/   (log in with the token {token})\n",
+          flush=True)
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 150:  # a minute, and until the first run is done
+            time.sleep(5)
+            out = subprocess.run([*VMDR, "jobs", "--json", "--state", "ok"], env=env,
+                                 capture_output=True, text=True).stdout
+            done = f'"vm": "{VM}"' in out
+            if done and time.monotonic() - start >= seconds:
+                break
+        sh(*VMDR, "jobs", env=env)
+    finally:
+        agent.terminate()
+        agent.wait(60)
 
 
 ESTATE = """# The demo estate: one host in one rack; the repository on the same host.
@@ -179,6 +245,15 @@ host = "localhost"
 owner = "root"
 tier = "demo"
 boot_group = 1
+
+[agent]
+listen = "127.0.0.1:8780"
+state = "/var/lib/vmdr-demo/agent.db"
+
+[policies.demo]
+vms = ["{vm}"]
+schedule = "minutely"
+repository = "local"
 """
 
 

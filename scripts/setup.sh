@@ -15,8 +15,13 @@ APT_PACKAGES=(
   e2fsprogs xfsprogs dosfstools fdisk parted cpio kmod gcc libc6-dev zstd
   # SFTP integration tests: a real sshd on loopback
   openssh-server openssh-client
+  # tape: tgt emulates a tape library on loopback; the real mtx, mt and sg3_utils reach it
+  # through an LD_PRELOAD library built by the tests (tests/tape/) against libiscsi
+  tgt libiscsi-bin libiscsi-dev mtx mt-st sg3-utils
   # DR plan: PDF (WeasyPrint needs pango) and the headless-browser test of the HTML plan
-  libpango-1.0-0 libpangoft2-1.0-0 chromium
+  libpango-1.0-0 libpangoft2-1.0-0 chromium chromium-driver
+  # the agent: fleet history and coordination (tests start their own instances)
+  postgresql etcd-server etcd-client
   # peers for side-by-side benchmarks
   borgbackup restic virtnbdbackup time
   make git ca-certificates procps iproute2

@@ -5,6 +5,7 @@
     VmdrError                      exit 1   (a job failed)
     ├── UsageError                 exit 2   bad arguments or configuration
     │   └── ConfigError            exit 2
+    │       └── CalendarError      exit 2   a schedule that is not a calendar event
     ├── RepositoryNotFound         exit 3
     ├── RepositoryExists           exit 3
     ├── WrongPassword              exit 4   no key slot opens with that passphrase / key file
@@ -35,7 +36,13 @@
     ├── ServeError                 exit 1   the NBD server could not be started
     ├── BusyMount                  exit 1   the mounted filesystem is in use
     ├── UnsupportedFilesystem      exit 2   no filesystem vmdr can read at that place
-    └── InstantInterrupted         exit 130 instant recovery interrupted (resumable)
+    ├── InstantInterrupted         exit 130 instant recovery interrupted (resumable)
+    └── TapeError                  exit 30  a tape drive or changer failed
+        ├── MediaRefused           exit 31  write-protected, another pool, retention, WORM
+        ├── DriveNotReady          exit 32  the drive did not become ready in time
+        ├── SlotEmpty              exit 33  no tape in that slot / no such tape
+        ├── LabelUnreadable        exit 34  not a vmdr tape, or its label fails its check
+        └── NoWritableMedia        exit 35  the pool has no tape it may write
     Interrupted (KeyboardInterrupt; SIGTERM and SIGHUP too) → exit 130
 
 The table in ``docs/operations.md`` and ``vmdr --help`` lists the same codes.
@@ -65,6 +72,10 @@ class UsageError(VmdrError):
 
 class ConfigError(UsageError):
     """Invalid configuration."""
+
+
+class CalendarError(ConfigError):
+    """Invalid calendar event (systemd.time(7) syntax, e.g. "daily 02:00", "*:0/15")."""
 
 
 class RepositoryNotFound(VmdrError):
@@ -190,6 +201,12 @@ EXIT_CODES: list[tuple[int, str]] = [
     (15, "a hook script failed"),
     (16, "a snapshot failed verification"),
     (17, "instant restore's disk move stopped; the VM is paused (resume it)"),
+    (30, "tape drive or changer error"),
+    (31, "tape refused: write-protected, another pool, retention or WORM"),
+    (32, "tape drive not ready before the timeout"),
+    (33, "changer slot empty or tape not found"),
+    (34, "tape label unreadable (not a vmdr tape or failed its check)"),
+    (35, "no writable tape in the pool"),
     (130, "interrupted (also SIGTERM and SIGHUP)"),
 ]
 
@@ -256,3 +273,39 @@ class InstantInterrupted(VmdrError):
     """Instant recovery was interrupted."""
 
     exit_code = 130
+
+
+class TapeError(VmdrError):
+    """The tape drive or changer failed."""
+
+    exit_code = 30
+
+
+class MediaRefused(TapeError):
+    """The tape may not be written (write-protected, another pool, retention or WORM)."""
+
+    exit_code = 31
+
+
+class DriveNotReady(TapeError):
+    """The tape drive did not become ready before the timeout."""
+
+    exit_code = 32
+
+
+class SlotEmpty(TapeError):
+    """The changer slot is empty, or no such tape is in the library."""
+
+    exit_code = 33
+
+
+class LabelUnreadable(TapeError):
+    """The tape label is unreadable: not a vmdr tape, or it failed its check."""
+
+    exit_code = 34
+
+
+class NoWritableMedia(TapeError):
+    """The pool has no tape it may write: label or free a tape."""
+
+    exit_code = 35

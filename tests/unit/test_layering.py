@@ -40,7 +40,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "repository": SUPPORT | {"storage"},
     "hypervisor": SUPPORT,
     "plan": BASE | {"config", "storage", "templating"},
-    "tape": SUPPORT | {"config", "storage", "repository"},  # coming
+    "tape": SUPPORT | {"config", "storage", "repository"},
     "ha": BASE | {"config", "plan", "events"},        # coming: pure decisions
     # block-level services over a repository and a hypervisor (NBD export, sandboxes):
     # used by jobs, never using them
@@ -55,7 +55,7 @@ ALLOWED: dict[str, frozenset[str]] = {
                       "hypervisor", "plan", "tape", "ha", "serve", "events", "ui", "jobs",
                       "agent", "templating", "__init__"},
 }
-COMING = frozenset({"tape", "ha", "agent"})
+COMING = frozenset({"ha", "agent"})
 """Units with an entry before their code lands (issue 8 and the daemon issues)."""
 
 

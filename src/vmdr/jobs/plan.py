@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from vmdr.config import Config
 from vmdr.errors import DomainNotFound, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, connect
+from vmdr.jobs import tape_plan as tapes
 from vmdr.plan import cache, coverage, discovery, history, inventory
 from vmdr.plan.coverage import Coverage
 from vmdr.plan.discovery import DiscoveredVM, HostState
@@ -159,6 +160,10 @@ def load_repositories(inv: Inventory, opener: Opener, now: datetime, timeout: fl
     """Read every declared repository (in parallel, each within *timeout* seconds)."""
     def reader(decl: RepoDecl) -> Callable[[], RepoState]:
         def read() -> RepoState:
+            if tapes.is_tape_url(decl.url):  # tapes: their copies from the tape catalog
+                cat, pool = tapes.catalog_of(decl.url)
+                return RepoState(decl.name, True, now, None,
+                                 tapes.tape_copies(cat, decl.name, decl.vault, pool))
             with opener(decl) as repo:
                 copies = read_repository(repo, decl.name)
             return RepoState(decl.name, True, now, None, copies)

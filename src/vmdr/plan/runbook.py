@@ -106,6 +106,16 @@ def restore_command(inv: Inventory, copy: Copy, host: str | None, vm: str) -> st
     uri = (h.uri if h and h.uri else f"qemu+ssh://root@{host or 'REPLACEMENT-HOST'}/system")
     target_dir = inv.vms[vm].target_dir or (h.target_dir if h else "/var/lib/libvirt/images")
     parts = ["vmdr", "restore", f"{vm}@{copy.snapshot[:12]}", "--repo", redact(decl.url)]
+    if decl.url.startswith("tape:"):
+        # tapes: first back into a scratch repository (vmdr tape restore), then restore
+        key = decl.key_file or "KEY-FILE"
+        pre = ["vmdr", "tape", "restore", f"{vm}@{copy.snapshot[:12]}", "--to",
+               "/var/tmp/vmdr-from-tape", "--key-file", key]
+        parts = ["vmdr", "restore", f"{vm}@{copy.snapshot[:12]}", "--repo",
+                 "/var/tmp/vmdr-from-tape", "--key-file", key, "--target-dir", target_dir,
+                 "--define", "--start", "--connect", uri]
+        return " ".join(shlex.quote(p) for p in pre) + " && " + " ".join(
+            shlex.quote(p) for p in parts)
     if decl.password_file:
         parts += ["--password-file", decl.password_file]
     if decl.key_file:
@@ -177,7 +187,9 @@ def _tasks(inv: Inventory, sc: Scenario) -> list[Task]:
             tasks.append(Task(f"{tid}a", f"Retrieve the tapes of {r} from vault {vault.name} "
                               f"({inv.label(vault.location)})", ", ".join(restorers), ["T1"],
                               vault.retrieval_s))
-        cmd = f"vmdr snapshots --repo {shlex.quote(redact(decl.url))}" + (
+        cmd = (f"vmdr tape catalog --rebuild --key-file {shlex.quote(decl.key_file or 'KEY-FILE')}"
+               if decl.url.startswith("tape:") else
+               f"vmdr snapshots --repo {shlex.quote(redact(decl.url))}") + (
             f" --password-file {shlex.quote(decl.password_file)}" if decl.password_file else "")
         tasks.append(Task(tid, f"Check that repository {r} opens and lists the snapshots",
                           ", ".join(restorers),

@@ -272,6 +272,27 @@ class Repository:
     def lock(self, exclusive: bool, command: str = "", wait: float = 0.0) -> Lock:
         return Lock(self.backend, exclusive, command, self.clock).acquire(wait)
 
+    # ----------------------------------------------------------------- metadata copies
+    def raw_metadata(self) -> tuple[bytes, dict[str, bytes]]:
+        """The config object and every key slot object, verbatim: what a tape carries so
+        the repository can be recreated from tape alone (``recreate``)."""
+        keys = {o.name: self.backend.get(o.name) for o in self.backend.list("keys")}
+        return self.backend.get(CONFIG_NAME), keys
+
+    @staticmethod
+    def recreate(backend: Backend, config: bytes, keys: dict[str, bytes]) -> None:
+        """Write a config and key slots from ``raw_metadata`` into an empty *backend*
+        (the same repository id and keys); a backend that holds a repository is left as
+        it is. Open it afterwards: the config's MAC is checked then."""
+        backend.create()
+        if backend.exists(CONFIG_NAME):
+            return
+        for name, data in keys.items():
+            if not name.startswith("keys/") or "/" in name[5:]:
+                raise IntegrityError(f"bad key slot name {name!r}")
+            backend.put(name, data)
+        backend.put(CONFIG_NAME, config)
+
     # ----------------------------------------------------------------- keys
     def key_slots(self) -> list[dict[str, Any]]:
         return [parse_slot(self.backend.get(o.name)) for o in self.backend.list("keys")]
