@@ -16,7 +16,7 @@ from vmdr.ui.progress import human_bytes
 
 def cmd_snapshots(ns: argparse.Namespace, g: Globals) -> int:
     with repository(g, "shared", "snapshots") as r:
-        snaps = r.list_snapshots(ns.name)
+        snaps = r.list_snapshots(ns.name, chunks=False)
         rows = []
         for s in snaps:
             d = s.summary()

@@ -24,15 +24,16 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from vmdr.errors import SnapshotNotFound, UsageError
 from vmdr.events import ItemProgress, JobEvents
 from vmdr.jobs.copymap import ChunkMap
 from vmdr.repository.crypto import HOLE, TYPE_CHUNK
+from vmdr.repository.idset import IdTable
 from vmdr.repository.manifest import ChunkList, DiskRecord, Snapshot
 from vmdr.repository.repo import Repository
 from vmdr.timeutil import format_time
@@ -96,8 +97,9 @@ def shares_key(src: Repository, dst: Repository) -> bool:
 
 
 def select(src: Repository, names: Sequence[str], latest: int | None) -> list[Snapshot]:
-    """The source snapshots to copy, oldest first."""
-    snaps = src.list_snapshots()
+    """The source snapshots to copy, oldest first: headers only (their chunk lists are
+    loaded one snapshot at a time, when it is copied)."""
+    snaps = src.list_snapshots(chunks=False)
     if names:
         chosen: dict[str, Snapshot] = {}
         for pat in names:
@@ -127,26 +129,40 @@ def select(src: Repository, names: Sequence[str], latest: int | None) -> list[Sn
 def _present_index(src: Repository, dst: Repository) -> dict[str, str]:
     """Source snapshot ID → destination snapshot ID, for snapshots already copied."""
     out: dict[str, str] = {}
-    for s in dst.list_snapshots():
+    for s in dst.list_snapshots(chunks=False):
         out[s.id] = s.id  # identical ID: shared keys
         cf = s.meta.get("copied_from")
         if isinstance(cf, dict) and cf.get("repository") == src.id and cf.get("snapshot"):
             out[str(cf["snapshot"])] = s.id
-    for s in src.list_snapshots():  # a snapshot that came from the destination originally
+    # a snapshot that came from the destination originally
+    for s in src.list_snapshots(chunks=False):
         cf = s.meta.get("copied_from")
         if isinstance(cf, dict) and cf.get("repository") == dst.id and cf.get("snapshot") in out:
             out.setdefault(s.id, str(cf["snapshot"]))
     return out
 
 
-def _chunk_lengths(snap: Snapshot) -> dict[bytes, int]:
-    out: dict[bytes, int] = {}
+def _chunk_lengths(snap: Snapshot) -> Iterator[tuple[bytes, int]]:
+    """(chunk ID, plain length) of every non-hole reference of *snap*, repeats included."""
     cs = snap.chunk_size
     for d in snap.disks:
         for i, oid in enumerate(d.chunks):
-            if oid != HOLE and oid not in out:
-                out[oid] = min(cs, d.size - i * cs)
-    return out
+            if oid != HOLE:
+                yield oid, min(cs, d.size - i * cs)
+
+
+class _Mapped:
+    """The destination IDs of a snapshot's chunks, re-iterable and never held as a set:
+    the commit re-checks them only when a prune ran meanwhile."""
+
+    def __init__(self, snap: Snapshot, done: IdTable) -> None:
+        self.snap, self.done = snap, done
+
+    def __iter__(self) -> Iterator[bytes]:
+        for d in self.snap.disks:
+            for oid in d.chunks:
+                if oid != HOLE:
+                    yield cast(bytes, self.done.get(oid))
 
 
 def _bounded(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], limit: int,
@@ -175,7 +191,9 @@ class _Copier:
         self.progress: ItemProgress = events.progress("copy")
         self.raw = shares_key(src, dst)
         self.map = None if self.raw else ChunkMap(src.id, dst.id)
-        self.done: dict[bytes, bytes] = {}  # source ID → destination ID, handled this run
+        # source ID → destination ID (None: the same) of every chunk handled this run; on
+        # disk, so a copy of a million chunks does not keep 150 MB of IDs in memory
+        self.done: IdTable  # made by run()
         self.result = CopyResult(src.backend.display_url, dst.backend.display_url,
                                  "raw" if self.raw else "re-encrypt")
 
@@ -202,13 +220,22 @@ class _Copier:
         dst.put_raw_chunk(new, blob)  # verified with the destination key before it is stored
         return new, len(blob)
 
+    def _dst_id(self, oid: bytes) -> bytes:
+        return cast(bytes | None, self.done.get(oid)) or oid
+
     # -- one snapshot -----------------------------------------------------------------
-    def _send_chunks(self, pool: ThreadPoolExecutor, entry: SnapshotCopy,
-                     lengths: dict[bytes, int]) -> None:
-        todo = [oid for oid in lengths if oid not in self.done]
+    def _send_chunks(self, pool: ThreadPoolExecutor, entry: SnapshotCopy, snap: Snapshot) -> None:
+        inflight: dict[bytes, int] = {}  # submitted, not yet handled: a few per worker
+
+        def todo() -> Iterator[bytes]:
+            for oid, n in _chunk_lengths(snap):
+                if oid not in inflight and oid not in self.done:
+                    inflight[oid] = n
+                    yield oid
 
         def handle(oid: bytes, res: tuple[bytes, int]) -> None:
-            self.done[oid] = res[0]
+            self.done.add(oid, None if res[0] == oid else res[0])
+            length = inflight.pop(oid)
             if res[1]:
                 entry.chunks_sent += 1
                 entry.bytes_sent += res[1]
@@ -216,16 +243,16 @@ class _Copier:
                 self.result.bytes_sent += res[1]
             else:
                 self.result.chunks_present += 1
-            self.progress.advance(lengths[oid])
+            self.progress.advance(length)
 
         workers = max(1, self.opts.workers)
-        _bounded(pool, self._chunk, todo, workers * 2, handle)
+        _bounded(pool, self._chunk, todo(), workers * 2, handle)
 
     def _write_manifest(self, snap: Snapshot, present: dict[str, str]) -> str:
         """The commit point: the destination re-checks the chunks if it was pruned
         meanwhile (it trusts no cached "present")."""
         src, dst = self.src, self.dst
-        used = {self.done[oid] for d in snap.disks for oid in d.chunks.ids() if oid != HOLE}
+        used = _Mapped(snap, self.done)
         if self.raw:
             return dst.commit_raw_snapshot(snap.id, src.get_raw_snapshot(snap.id), snap.name,
                                            used)
@@ -233,7 +260,7 @@ class _Copier:
         for d in snap.disks:
             buf = bytearray()
             for oid in d.chunks:
-                buf += HOLE if oid == HOLE else self.done[oid]
+                buf += HOLE if oid == HOLE else self._dst_id(oid)
             disks.append(DiskRecord(d.name, d.size, ChunkList(buf), d.format, dict(d.meta)))
         meta = {**snap.meta, "copied_from": {"repository": src.id, "snapshot": snap.id}}
         new = Snapshot(name=snap.name, time=snap.time, chunk_size=snap.chunk_size, disks=disks,
@@ -279,15 +306,18 @@ class _Copier:
         todo = [s for s in snaps if s.id not in present]
         if todo:
             dst.refresh_chunk_index()
-        lengths = {}
-        for s in todo:
-            lengths.update(_chunk_lengths(s))
-        self.progress.set_total(sum(lengths.values()))
+        self.done = IdTable("vmdr-copy-done-")
         try:
+            with IdTable("vmdr-copy-total-") as lengths:  # the progress total: unique bytes
+                for s in todo:
+                    for oid, n in _chunk_lengths(src.load_snapshot(s.id)):
+                        lengths.add(oid, n)
+                self.progress.set_total(lengths.total())
             with ThreadPoolExecutor(max(1, self.opts.workers), "vmdr-copy") as pool:
                 for s in snaps:
                     self._one(pool, s, present)
         finally:
+            self.done.close()
             if self.map is not None:
                 self.map.close()
         self.progress.finish()
@@ -300,8 +330,9 @@ class _Copier:
         if entry.status == "copied":
             log.info("copying %s@%s", s.name, s.short_id)
             self.events.phase("copy", "", f"{s.name}@{s.short_id}")
-            self._send_chunks(pool, entry, _chunk_lengths(s))
-            entry.id = self._write_manifest(s, present)  # the commit point, last
+            full = self.src.load_snapshot(s.id)  # its chunk list: one snapshot at a time
+            self._send_chunks(pool, entry, full)
+            entry.id = self._write_manifest(full, present)  # the commit point, last
             present[s.id] = entry.id
         self.result.attachments_copied += self._attachments(s.id, entry.id)
         self.result.snapshots.append(entry)

@@ -40,7 +40,7 @@ def forget_job(repo: Repository, names: list[str], policy: retention.Policy,
     *allow_empty* (see :func:`vmdr.repository.retention.apply`)."""
     ev = events or JobEvents()
     ev.phase("plan")
-    snaps = [s for s in repo.list_snapshots() if not names or s.name in names]
+    snaps = [s for s in repo.list_snapshots(chunks=False) if not names or s.name in names]
     res = ForgetResult(dry_run, retention.apply(snaps, policy, repo.clock(),
                                                 lambda s: repo.is_protected(s.id),
                                                 allow_empty=allow_empty))

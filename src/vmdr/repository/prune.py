@@ -1,21 +1,20 @@
 """Mark-and-sweep garbage collection with a safety window (format.md §9).
 
-Marking goes into an on-disk SQLite table, so memory stays bounded for millions of
-chunks. Only unreferenced chunks older than the safety window are deleted: chunks that
+Marking goes into an on-disk SQLite table (:class:`~vmdr.repository.idset.IdTable`),
+one manifest at a time, and so does the list of deleted chunks: memory stays bounded for
+millions of chunks. Only unreferenced chunks older than the safety window are deleted: chunks that
 a running backup uploaded but has not yet referenced from a manifest survive.
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from vmdr.errors import IntegrityError, ObjectNotFound, UnsupportedFormat
 from vmdr.repository.crypto import HOLE
+from vmdr.repository.idset import IdTable
 from vmdr.repository.repo import Repository
 
 DEFAULT_SAFETY_WINDOW = timedelta(hours=6)
@@ -46,13 +45,7 @@ def prune(
     """Delete chunks no snapshot references. The caller holds the exclusive lock."""
     res = PruneResult(dry_run=dry_run)
     now = repo.clock().timestamp()
-    fd, dbpath = tempfile.mkstemp(prefix="vmdr-prune-", suffix=".sqlite")
-    os.close(fd)
-    try:
-        db = sqlite3.connect(dbpath)
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute("CREATE TABLE used (id BLOB PRIMARY KEY) WITHOUT ROWID")
+    with IdTable("vmdr-prune-used-") as used, IdTable("vmdr-prune-gone-") as deleted:
         sids = set(repo.snapshot_ids())
         for sid in sids:
             try:
@@ -63,15 +56,13 @@ def prune(
                     f"({exc.message}), so the chunks it uses cannot be told from garbage; "
                     f"copy it back from another repository, or remove snapshots/{sid} "
                     "by hand if it is lost") from None
-            with db:
-                for d in snap.disks:
-                    db.executemany("INSERT OR IGNORE INTO used VALUES (?)",
-                                   ((oid,) for oid in d.chunks if oid != HOLE))
-        res.referenced = db.execute("SELECT count(*) FROM used").fetchone()[0]
-        deleted: list[bytes] = []
-        for obj in repo.backend.list("data"):
+            for d in snap.disks:
+                used.add_many(oid for oid in d.chunks if oid != HOLE)
+            del snap  # one manifest in memory at a time
+        res.referenced = len(used)
+        for obj in repo.list_chunks():
             oid = bytes.fromhex(obj.name.rsplit("/", 1)[-1])
-            if db.execute("SELECT 1 FROM used WHERE id=?", (oid,)).fetchone():
+            if oid in used:
                 continue
             if now - obj.mtime < safety_window.total_seconds():
                 res.kept_young += 1
@@ -83,7 +74,7 @@ def prune(
                     repo.backend.delete(obj.name)
                 except ObjectNotFound:
                     pass
-                deleted.append(oid)
+                deleted.add(oid)
                 if on_delete:
                     on_delete(obj.name)
         for obj in repo.backend.list("attachments"):
@@ -99,12 +90,9 @@ def prune(
                     repo.backend.delete(obj.name)
                 except ObjectNotFound:
                     pass
-        db.close()
-        if not dry_run and deleted:
+        if not dry_run and res.deleted:
             repo.bump_generation()
             if repo.cache:
-                repo.cache.discard_chunks(deleted)
+                repo.cache.discard_chunks(iter(deleted))
                 repo.cache.sync_generation(repo.generation())
         return res
-    finally:
-        os.unlink(dbpath)

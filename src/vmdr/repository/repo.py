@@ -9,7 +9,7 @@ import secrets
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,11 +331,18 @@ class Repository:
     def bump_generation(self) -> None:
         self.backend.put(GENERATION_NAME, secrets.token_hex(16).encode())
 
+    def list_chunks(self) -> Iterator[ObjectInfo]:
+        """Every stored chunk object, one ``data/XX/`` shard listing at a time: a storage
+        wrapper materialises each listing (to retry it cleanly), and 256 small lists
+        stay small where one list of a million chunks would take 300 MB."""
+        for shard in range(256):
+            yield from self.backend.list(f"data/{shard:02x}")
+
     def ensure_chunk_index(self) -> None:
         """Make the cache's chunk list complete (one listing of ``data/``)."""
         if self.cache and not self.cache.chunks_complete:
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
-                                   for o in self.backend.list("data"))
+                                   for o in self.list_chunks())
         else:
             self._chunk_list_usable()
 
@@ -365,7 +372,7 @@ class Repository:
         if self.cache:
             self.cache.flush()
             self.cache.fill_chunks(bytes.fromhex(os.path.basename(o.name))
-                                   for o in self.backend.list("data"))
+                                   for o in self.list_chunks())
 
     def stale_temporaries(self, older_than: float) -> list[ObjectInfo]:
         """Temporary objects (``*.tmp``) that killed writers left behind, older than
@@ -438,6 +445,7 @@ class Repository:
         ``state/generation``; if it changed since the repository was opened, the reused
         chunks are checked before the manifest is written, and if it changed again while
         checking and writing, they are checked once more and the manifest is taken back.
+        *reused* is iterated again for each re-check (a set, or a re-iterable view).
         Raises :class:`IntegrityError` (naming *hint*) when a reused chunk is gone.
         """
         return self._commit(snap.name, lambda: self.save_snapshot(snap), reused, hint)
@@ -454,16 +462,17 @@ class Repository:
 
     def _commit(self, name: str, write: Callable[[], str], reused: Iterable[bytes],
                 hint: str) -> str:
-        ids = set(reused) - {HOLE}
+        # *reused* may be a re-iterable view of millions of IDs (copy): it becomes a set
+        # only in the rare case that a prune ran meanwhile
         seen = self.generation()
         if seen != self._generation_at_open:
-            self._require_chunks(name, ids, hint)
+            self._require_chunks(name, set(reused) - {HOLE}, hint)
             if self.cache:  # its chunk list predates the prune
                 self.cache.sync_generation(seen)
         sid = write()
         if self.generation() != seen:  # a prune finished between the check and the write
             try:
-                self._require_chunks(name, ids, hint)
+                self._require_chunks(name, set(reused) - {HOLE}, hint)
             except IntegrityError:
                 try:
                     self.backend.delete(f"snapshots/{sid}")
@@ -476,7 +485,7 @@ class Repository:
 
     def _require_chunks(self, name: str, ids: set[bytes], hint: str) -> None:
         if len(ids) > 256:  # one listing instead of a request per chunk
-            present = {bytes.fromhex(os.path.basename(o.name)) for o in self.backend.list("data")}
+            present = {bytes.fromhex(os.path.basename(o.name)) for o in self.list_chunks()}
             missing = len(ids - present)
         else:
             missing = sum(1 for oid in ids if not self.backend.exists(chunk_name(oid)))
@@ -484,9 +493,10 @@ class Repository:
             raise IntegrityError(f"{name}: a concurrent prune removed {missing} chunks "
                                  f"this snapshot uses; nothing was committed: {hint}")
 
-    def load_snapshot(self, sid: str, use_cache: bool = True) -> Snapshot:
+    def load_snapshot(self, sid: str, use_cache: bool = True, chunks: bool = True) -> Snapshot:
         """The snapshot *sid*. A cached manifest is used only if it still hashes to its
-        ID; ``use_cache=False`` (``check``) always reads the repository."""
+        ID; ``use_cache=False`` (``check``) always reads the repository. ``chunks=False``
+        leaves the chunk lists out (see :func:`manifest.decode`)."""
         plain = self.cache.get_snapshot(sid) if self.cache and use_cache else None
         if plain is not None and self.codec.object_id(plain).hex() != sid:
             log.warning("cached manifest of snapshot %s is damaged; reading the repository",
@@ -498,11 +508,11 @@ class Repository:
             except ObjectNotFound:
                 raise SnapshotNotFound(f"no snapshot {sid[:16]}") from None
             plain = self.codec.unpack(TYPE_SNAPSHOT, bytes.fromhex(sid), blob, "snapshot")
-            snap = manifest.decode(plain, sid)
-            if self.cache:
+            snap = manifest.decode(plain, sid, chunks)
+            if self.cache and use_cache:  # check (no cache) reads each manifest once
                 self.cache.put_snapshot(sid, plain)
             return snap
-        return manifest.decode(plain, sid)
+        return manifest.decode(plain, sid, chunks)
 
     def snapshot_ids(self) -> list[str]:
         out = []
@@ -512,15 +522,17 @@ class Repository:
                 out.append(sid)
         return out
 
-    def list_snapshots(self, name: str | None = None) -> list[Snapshot]:
+    def list_snapshots(self, name: str | None = None, chunks: bool = True) -> list[Snapshot]:
         """Every readable snapshot (of *name*), oldest first. A manifest that cannot be
         read or decoded is skipped with a warning naming its ID, and remembered in
-        :attr:`damaged`; one bad file never hides the others."""
+        :attr:`damaged`; one bad file never hides the others. ``chunks=False`` leaves the
+        chunk lists out (32 bytes a chunk reference): for listings that only need the
+        headers, memory stays flat however large the snapshots are."""
         ids = self.snapshot_ids()
         snaps = []
         for sid in ids:
             try:
-                snaps.append(self.load_snapshot(sid))
+                snaps.append(self.load_snapshot(sid, chunks=chunks))
             except (IntegrityError, UnsupportedFormat, SnapshotNotFound) as exc:
                 if isinstance(exc, SnapshotNotFound):
                     continue  # deleted since the listing
@@ -538,8 +550,8 @@ class Repository:
         """Resolve a snapshot reference (rules in :mod:`vmdr.repository.resolve`)."""
         from vmdr.repository.resolve import resolve_ref
 
-        snaps = self.list_snapshots()
-        snap = resolve_ref(ref, snaps, dict(self.damaged))
+        snaps = self.list_snapshots(chunks=False)  # the headers decide; then load one
+        snap = self.load_snapshot(resolve_ref(ref, snaps, dict(self.damaged)).id)
         if self.damaged and (ref == snap.name or ref.endswith("@latest")):
             log.warning("%s resolved to %s@%s, the newest readable one; %d damaged "
                         "snapshot(s) could not be read and may be newer ones of %s",

@@ -25,7 +25,7 @@ def stats(repo: Repository) -> dict[str, Any]:
     unique_bytes = sum(unique.values())
     stored = 0
     stored_chunks = 0
-    for o in repo.backend.list("data"):
+    for o in repo.list_chunks():
         stored += o.size
         stored_chunks += 1
     return {
