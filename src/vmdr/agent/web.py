@@ -23,6 +23,7 @@ from vmdr.agent import api
 from vmdr.agent.auth import Principal, check_token, check_user
 from vmdr.agent.daemon import Agent
 from vmdr.agent.views import plan_coverage, plan_markdown, repositories, snapshots
+from vmdr.plan.units import fmt_size
 
 HERE = Path(__file__).parent
 STATIC = str(HERE / "static")
@@ -55,17 +56,7 @@ def _dur(secs: float | None) -> str:
     return f"{secs:.1f}s" if secs < 60 else _ago(secs)
 
 
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-env.filters.update(when=_when, ago=_ago, bytes=_bytes, dur=_dur)
+env.filters.update(when=_when, ago=_ago, bytes=fmt_size, dur=_dur)
 
 
 def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
