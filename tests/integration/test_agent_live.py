@@ -130,6 +130,7 @@ def _browser():  # type: ignore[no-untyped-def]
 def test_dashboard_login_backup_now_and_history(
         live_vm: TestVM, agent_setup: tuple[str, Path, dict[str, str]]) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
 
     url, tmp, env = agent_setup
     shots = Path(os.environ.get("VMDR_AGENT_SHOTS", str(tmp / "shots")))
@@ -152,8 +153,18 @@ def test_dashboard_login_backup_now_and_history(
         assert live_vm.name in b.find_element(By.ID, "vms").text
         b.get(f"{url}/vms/{live_vm.name}")
         b.save_screenshot(str(shots / "3-vm.png"))
-        # a scheduled backup may be running: wait until the VM has none queued
-        b.find_element(By.ID, "backup-now").click()
+        # The click posts a form and the browser follows the redirect to the job's page;
+        # wait for that navigation (a loaded machine takes a while to queue the job). A
+        # scheduled backup of the VM may already be queued (409): go back and try again.
+        deadline = time.monotonic() + 120
+        while True:
+            b.find_element(By.ID, "backup-now").click()
+            WebDriverWait(b, 60).until(
+                lambda d: "/jobs/" in d.current_url or "already queued" in d.page_source)
+            if "/jobs/" in b.current_url or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+            b.get(f"{url}/vms/{live_vm.name}")
         assert "/jobs/" in b.current_url, b.page_source[:2000]
         job_id = b.current_url.rsplit("/", 1)[1]
         deadline = time.monotonic() + 150
