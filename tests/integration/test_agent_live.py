@@ -147,7 +147,8 @@ def test_dashboard_login_backup_now_and_history(
         b.find_element(By.ID, "password").send_keys("a long enough password")
         b.save_screenshot(str(shots / "1-login.png"))
         b.find_element(By.ID, "login").click()
-        assert "Overview" in b.page_source
+        # the click posts a form; wait for the redirect (slow on a loaded machine)
+        WebDriverWait(b, 60).until(lambda d: "Overview" in d.page_source)
         b.save_screenshot(str(shots / "2-overview.png"))
         b.get(f"{url}/vms")
         assert live_vm.name in b.find_element(By.ID, "vms").text
@@ -211,12 +212,15 @@ def test_boot_verification_screenshot_on_the_dashboard(
     shots = list((tmp / "evidence" / job["id"]).glob("*.png"))
     assert shots, "no screenshot saved"
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
 
     b = _browser()
     try:
         b.get(url + "/login")
         b.find_element(By.ID, "token").send_keys(token)
         b.find_element(By.ID, "login").click()
+        WebDriverWait(b, 60).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "img.shot-small"))
         imgs = [i.get_attribute("src") for i in b.find_elements(By.CSS_SELECTOR, "img.shot-small")]
         assert any(job["id"] in (s or "") for s in imgs), imgs
         ok = b.execute_script(
