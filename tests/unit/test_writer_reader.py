@@ -207,3 +207,21 @@ def test_no_space_mid_backup_leaves_repo_clean(tmp_path: Path) -> None:
         _ingest_file(repo, str(tmp_path / "in.raw"))
     assert repo.snapshot_ids() == []
     assert check(reopen(path), read_data=1.0).ok
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
+def test_raw_source_reads_match_pread(tmp_path: Path, direct: bool,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aligned, unaligned, end-of-file and past-the-end reads return exactly what
+    ``pread`` returns, with or without ``O_DIRECT``."""
+    from vmdr.diskio import images
+
+    monkeypatch.setattr(images, "USE_DIRECT", direct and images.USE_DIRECT)
+    size = 5 * 4096 * 16 + 777
+    data = random.Random(3).randbytes(size)
+    path = tmp_path / "src.raw"
+    path.write_bytes(data)
+    with images.RawSource(str(path)) as src:
+        for off, n in ((0, 65536), (4096, 8192), (100, 5000), (size - 777, 4096),
+                       (size - 5000, 5000), (size, 4096), (0, size), (65536, 1 << 20)):
+            assert src.read(off, n) == data[off : off + n], (off, n)

@@ -255,7 +255,7 @@ class RawSource(Source):
 
     def read(self, offset: int, length: int) -> bytes:
         dfd = self._dfd
-        if dfd is not None and offset % ALIGN == 0 and 0 < length <= MAX_REQUEST:
+        if dfd is not None and offset % ALIGN == 0 and 0 < length <= 64 << 20:
             want = _round_up(length)
             buf: memoryview | None = getattr(self._local, "buf", None)
             if buf is None or len(buf) < want:
