@@ -45,10 +45,10 @@ def stage_restore(repo_dir: Path, cache: Path, out: Path) -> dict[str, float]:
     T = time.thread_time
     st = dict.fromkeys(("open repository (KDF)", "read stored objects", "AES-256-GCM",
                         "zstd decompression", "BLAKE3 ID check", "write (O_DIRECT)"), 0.0)
-    a = T()
+    a = time.process_time()  # the KDF runs on argon2's own threads: count them all
     repo = Repository.open(FileBackend(str(repo_dir)), passphrase=lambda: PASSPHRASE)
     snap = repo.resolve("bench")
-    st["open repository (KDF)"] = T() - a
+    st["open repository (KDF)"] = time.process_time() - a
     codec, disk = repo.codec, snap.disks[0]
     aead, key, zd = codec._aead, codec._id_key, zstandard.ZstdDecompressor()
     assert aead is not None and key is not None
