@@ -186,6 +186,15 @@ def image_info(path: str) -> dict[str, Any]:
     return info
 
 
+def _direct_ok(path: str) -> bool:
+    """Whether *path*'s filesystem takes ``O_DIRECT`` (so qemu-nbd may use cache=none)."""
+    fd = _open_direct(path, os.O_RDONLY)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def _nbd_handle(path: str, fmt: str, readonly: bool) -> Any:
     import nbd
 
@@ -193,7 +202,11 @@ def _nbd_handle(path: str, fmt: str, readonly: bool) -> Any:
     h.add_meta_context("base:allocation")
     if hasattr(h, "set_pread_initialize"):  # libnbd >= 1.12: no memset before each read
         h.set_pread_initialize(False)
-    args = ["qemu-nbd", f"--format={fmt}", "--cache=none" if readonly else "--cache=unsafe"]
+    # Writing, cache=none (O_DIRECT) where the filesystem allows: qemu-nbd then copies
+    # nothing into the page cache (a qcow2 restore of the benchmark image: qemu-nbd's CPU
+    # 4.7 -> 1.9 s); the final flush makes it durable either way.
+    cache = "none" if readonly or _direct_ok(path) else "unsafe"
+    args = ["qemu-nbd", f"--format={fmt}", f"--cache={cache}"]
     if readonly:
         args += ["--read-only", "--share=4"]
     else:
