@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import HypervisorUnavailable, UsageError, VmdrError
 from vmdr.hypervisor import connect
+from vmdr.jobs.mirror import MirrorOptions, Supervisor, abort_leftover, stop_supervisor
+from vmdr.jobs.mirror_state import LABELS, MIRROR_FILE, MODES, STOPPED, MirrorState, sla_state
 from vmdr.jobs.replicate import (
     FEEDS,
     CycleResult,
@@ -21,7 +25,7 @@ from vmdr.jobs.replicate import (
 )
 from vmdr.jobs.replicate_repo import replicate_from_repository
 from vmdr.jobs.replicate_site import Site, check_dir
-from vmdr.jobs.replicate_state import ReplicaState, parse_network_map, sla
+from vmdr.jobs.replicate_state import ReplicaState, parse_network_map
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
 from vmdr.repository.repo import Repository
@@ -130,7 +134,15 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
     vms = list(ns.vms or [])
     if vms[:1] == ["status"]:
         return cmd_status(ns, g, vms[1:])
+    if vms[:1] == ["stop"]:
+        return cmd_stop(ns, g, vms[1:])
     specs = _specs(ns, g, vms)
+    modes = {_mode(ns, g, s.vm) for s in specs}
+    if modes & {"mirror", "sync"}:
+        if len(specs) != 1:
+            raise UsageError("a continuous mirror runs in the foreground: one VM per "
+                             "'vmdr replicate --continuous' (the agent runs one per VM)")
+        return cmd_continuous(ns, g, specs[0], modes.pop())
     results: list[dict[str, Any]] = []
     code = 0
     for spec in specs:
@@ -160,15 +172,24 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def _row(st: ReplicaState | None, vm: str, target: str, error: str | None = None,
-         rpo: float | None = None) -> dict[str, Any]:
+         rpo: float | None = None, ms: MirrorState | None = None) -> dict[str, Any]:
     now = utcnow()
     if st is not None and rpo is not None:
         st.rpo_target_s = rpo
-    state, age = sla(st, now)
-    row: dict[str, Any] = {"vm": vm, "target": target, "sla": state if error is None
-                           else "unknown", "rpo_achieved_s": None if age is None
-                           else round(age, 1), "rpo_target_s": st.rpo_target_s if st else rpo,
-                           "error": error}
+    target_s = st.rpo_target_s if st else rpo
+    state, age = sla_state(st, ms, now, target_s)
+    if error is not None:
+        state = "unknown"
+    mode = ms.mode if ms is not None and ms.state != STOPPED else "snapshot"
+    row: dict[str, Any] = {"vm": vm, "target": target, "sla": state,
+                           "sla_label": LABELS.get(state, state.capitalize()), "mode": mode,
+                           "rpo_achieved_s": None if age is None else round(age, 1),
+                           "rpo_target_s": target_s, "error": error}
+    if ms is not None:
+        row["mirror"] = {"state": ms.state, "since": ms.since, "updated": ms.updated,
+                         "in_sync_at": ms.in_sync_at, "bytes_mirrored": ms.bytes_mirrored,
+                         "lag_bytes": ms.lag_bytes, "starts": ms.starts, "aborts": ms.aborts,
+                         "error": ms.error, "supervisor": ms.supervisor}
     if st is not None:
         last = st.cycles[-1] if st.cycles else None
         row.update({
@@ -184,6 +205,12 @@ def _row(st: ReplicaState | None, vm: str, target: str, error: str | None = None
             "bytes_moved_per_cycle": [c.bytes_moved for c in st.cycles[-10:]],
         })
     return row
+
+
+def load_mirror(site: Site, directory: str) -> MirrorState | None:
+    path = f"{directory}/{MIRROR_FILE}"
+    data = site.read(path)
+    return None if data is None else MirrorState.from_json(data, f"{site.where}:{path}")
 
 
 def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
@@ -212,15 +239,20 @@ def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
                 if scan:
                     root = _resolve_host(g, ns.to, ns.dir).root
                     for f in site.state_files(root):
-                        st = load_state(site, f.rsplit("/", 1)[0])
+                        sdir = f.rsplit("/", 1)[0]
+                        st = load_state(site, sdir)
                         if st is not None:
-                            rows.append(_row(st, st.vm, shown))
+                            rows.append(_row(st, st.vm, shown, ms=load_mirror(site, sdir)))
                 for vm, w in items:
                     dec = decls.get(vm)
                     st = load_state(site, f"{w.root}/{vm}")
                     rows.append(_row(st, vm, shown, None if st else "no replica at the target",
-                                     dec.rpo_s if dec else None))
+                                     dec.rpo_s if dec else None,
+                                     load_mirror(site, f"{w.root}/{vm}")))
         except VmdrError as exc:
+            if scan and not items:
+                # nothing named to report on: the error is the answer (never a silent 0)
+                raise type(exc)(f"replica status of {shown}: {exc.message}") from None
             for vm, _w in items:
                 rows.append(_row(None, vm, shown, exc.message))
     if g.json:
@@ -229,17 +261,89 @@ def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
     if not rows:
         out("no replicas")
         return 0
-    out(f"{'VM':<20} {'SLA':<16} {'RPO now':>9} {'target':>8} {'newest point':<22} "
-        f"{'points':>6} {'last moved':>11}")
+    out(f"{'VM':<20} {'mode':<8} {'SLA':<20} {'RPO now':>9} {'target':>8} "
+        f"{'newest point':<22} {'points':>6} {'last moved':>11}")
     for r in rows:
         age = "-" if r["rpo_achieved_s"] is None else _dur(r["rpo_achieved_s"])
         tgt = "-" if r.get("rpo_target_s") is None else _dur(r["rpo_target_s"])
         last = r.get("last_cycle") or {}
         moved = _mib(last["bytes_moved"]) if last else "-"
-        out(f"{r['vm']:<20} {r['sla']:<16} {age:>9} {tgt:>8} "
+        out(f"{r['vm']:<20} {r['mode']:<8} {r['sla_label']:<20} {age:>9} {tgt:>8} "
             f"{(r.get('newest_point') or '-'):<22} {len(r.get('points') or []):>6} "
             f"{moved:>11}" + (f"  ({r['error']})" if r.get("error") else "")
-            + (f"  last cycle failed: {last['error']}" if last.get("error") else ""))
+            + (f"  last cycle failed: {last['error']}" if last.get("error") else "")
+            + (f"  mirror {r['mirror']['state']}" + (f" ({r['mirror']['error']})"
+               if r['mirror'].get('error') and r['mirror']['state'] != 'mirroring' else "")
+               if r.get("mirror") else ""))
+    return 0
+
+
+# -- continuous mirror -------------------------------------------------------------------------
+
+
+def _mode(ns: argparse.Namespace, g: Globals, vm: str) -> str:
+    if ns.sync:
+        return "sync"
+    if ns.continuous:
+        return "mirror"
+    if ns.mode:
+        return str(ns.mode)
+    d = invmod.replica_decls(g.config).get(vm)
+    return d.mode if d else "snapshot"
+
+
+def _seconds(text: str | None, default: float) -> float:
+    v = parse_duration(text) if text else None
+    return default if v is None else v
+
+
+def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> int:
+    if spec.feed != "direct":
+        raise UsageError("a continuous mirror reads the running VM: --feed direct")
+    opts = MirrorOptions(
+        synchronous=mode == "sync",
+        point_interval_s=_seconds(ns.point_interval, 300.0),
+        stall_s=_seconds(ns.stall, 15.0),
+        retry_s=_seconds(ns.retry, 30.0),
+        run_for_s=parse_duration(ns.run_for) if ns.run_for else None)
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda *_a: stop.set())
+           for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        res = Supervisor(spec, opts, _source_uri(ns, g), g.events, stop).run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    doc = {"status": "ok", "stopped_by": "signal" if stop.is_set() else "time", **res.as_dict()}
+    if g.json:
+        emit_json({"results": [doc]})
+    else:
+        out(f"{res.vm} → {res.target} ({res.mode} mirror): {res.starts} start(s), "
+            f"{res.aborts} abort(s), {res.cycles} snapshot cycle(s), {len(res.points)} "
+            f"restore point(s) in {res.duration_s:.0f}s; stopped ({doc['stopped_by']})")
+    return 0
+
+
+def cmd_stop(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
+    if len(vms) != 1:
+        raise UsageError("usage: vmdr replicate stop VM (one VM whose mirror runs here)")
+    vm = vms[0]
+    try:
+        doc = stop_supervisor(vm)
+    except UsageError:
+        # no supervisor here: abort what a killed one left (the VM keeps its own disks)
+        hv = connect(_source_uri(ns, g))
+        try:
+            left = abort_leftover(hv, vm)
+        finally:
+            hv.close()
+        if not left:
+            raise
+        doc = {"vm": vm, "stopped": True, "aborted_leftover": left}
+    if g.json:
+        emit_json(doc)
+    else:
+        out(f"{vm}: continuous replication stopped; the VM runs on its own disks")
     return 0
 
 
@@ -263,7 +367,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                     "and a defined, stopped standby domain (new UUID, DR networks). "
                     "'vmdr replicate status [--to HOST] [VM...]' shows each replica's newest "
                     "point, achieved RPO against its target and SLA state, read from the "
-                    "state kept at the target.",
+                    "state kept at the target. --continuous [--sync] keeps a live mirror "
+                    "instead (libvirt block copy to an NBD export at the DR host through an "
+                    "ssh tunnel), falling back to snapshot cycles when the DR site is gone; "
+                    "'vmdr replicate stop VM' ends it.",
         epilog="exit codes: 9 no space at the target, 10 a DR network is missing, 11 no such "
                "VM, 12 the DR host is unreachable, 13 another job holds the VM's lock",
     )
@@ -290,5 +397,23 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "inventory's)")
     p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
                    help="auto: freeze the guest's filesystems if its agent answers")
+    p.add_argument("--mode", choices=MODES,
+                   help="snapshot: one cycle (default, or the inventory's replica mode); "
+                        "mirror: --continuous; sync: --sync")
+    p.add_argument("--continuous", action="store_true",
+                   help="keep a live mirror of the running VM's disks at the DR host "
+                        "(background copy, RPO of seconds); runs until stopped")
+    p.add_argument("--sync", action="store_true",
+                   help="with --continuous: synchronous writes (RPO 0; each guest write "
+                        "waits for the DR site)")
+    p.add_argument("--point-interval", metavar="DURATION",
+                   help="mirror: a restore point this often (default 5m)")
+    p.add_argument("--stall", metavar="DURATION",
+                   help="mirror: abort when the copy makes no progress this long (15s)")
+    p.add_argument("--retry", metavar="DURATION",
+                   help="mirror: first wait before starting it again after an abort (30s, "
+                        "doubling per abort in a row)")
+    p.add_argument("--for", dest="run_for", metavar="DURATION",
+                   help="mirror: stop after this long (default: until 'vmdr replicate stop')")
     p.add_argument("-c", "--connect", metavar="URI", help="the source's libvirt URI")
     p.set_defaults(func=cmd_replicate)
