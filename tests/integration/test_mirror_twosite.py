@@ -132,6 +132,7 @@ def test_mirror_async_and_sync_and_partition(sites: Cluster, tmp_path: Path) -> 
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             p.wait(60)
+        print(ev.read_text(errors="replace")[-3000:])
     assert _block_jobs(h1, g.name) == "" or "No current block job" in _block_jobs(h1, g.name)
     assert h1.virsh("domblklist", g.name).stdout == own  # never left on a foreign disk
     assert _mirror_state(vmdir)["state"] == "stopped"
@@ -163,8 +164,12 @@ def test_mirror_async_and_sync_and_partition(sites: Cluster, tmp_path: Path) -> 
         g.wait_writer(above=seq + 100, timeout=30)
         assert stalled_for < 20
     finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGUSR1)  # a traceback of every thread into the log
+            time.sleep(1)
         h2.heal()
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             p.wait(90)
+        print(ev.read_text(errors="replace")[-6000:])
     assert h1.virsh("domblklist", g.name).stdout == own

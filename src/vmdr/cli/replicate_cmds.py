@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import signal
 import threading
@@ -293,8 +294,12 @@ def _mode(ns: argparse.Namespace, g: Globals, vm: str) -> str:
 
 
 def _seconds(text: str | None, default: float) -> float:
-    v = parse_duration(text) if text else None
-    return default if v is None else v
+    if not text:
+        return default
+    v = parse_duration(text)
+    if v is None:
+        raise UsageError(f"bad duration {text!r} (e.g. 30s, 5m, 1h)")
+    return v
 
 
 def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> int:
@@ -305,8 +310,9 @@ def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: 
         point_interval_s=_seconds(ns.point_interval, 300.0),
         stall_s=_seconds(ns.stall, 15.0),
         retry_s=_seconds(ns.retry, 30.0),
-        run_for_s=parse_duration(ns.run_for) if ns.run_for else None)
+        run_for_s=_seconds(ns.run_for, 0.0) or None, exit_on_abort=ns.exit_on_abort)
     stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it? (diagnostics)
     old = {sig: signal.signal(sig, lambda *_a: stop.set())
            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
@@ -415,5 +421,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                         "doubling per abort in a row)")
     p.add_argument("--for", dest="run_for", metavar="DURATION",
                    help="mirror: stop after this long (default: until 'vmdr replicate stop')")
+    p.add_argument("--exit-on-abort", action="store_true",
+                   help="mirror: exit (code 12) when the mirror is aborted instead of falling "
+                        "back to snapshot cycles here (the agent alerts and restarts it)")
     p.add_argument("-c", "--connect", metavar="URI", help="the source's libvirt URI")
     p.set_defaults(func=cmd_replicate)

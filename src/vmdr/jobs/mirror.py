@@ -41,7 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmdr.errors import DomainNotFound, HypervisorError, UsageError, VmdrError
+from vmdr.errors import (
+    DomainNotFound,
+    HypervisorError,
+    HypervisorUnavailable,
+    UsageError,
+    VmdrError,
+)
 from vmdr.events import JobEvents
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.hypervisor.mirror import mirror_sockets
@@ -83,6 +89,7 @@ class MirrorOptions:
     stall_s: float = 15.0  # a job behind the source without progress this long: abort
     poll_s: float = 1.0
     run_for_s: float | None = None  # stop after this long (tests, benchmarks)
+    exit_on_abort: bool = False  # the agent: fail the job (alert), its next firing restarts
 
     @property
     def mode(self) -> str:
@@ -151,8 +158,9 @@ class Supervisor:
                     self.res.errors.append(exc.message)
                     self.events.warning(f"continuous replication: {exc.message}",
                                         item=self.spec.vm)
-                    if isinstance(exc, UsageError | DomainNotFound):
-                        raise  # bad input: no point in retrying
+                    if isinstance(exc, UsageError | DomainNotFound) or (
+                            self.opts.exit_on_abort and not self._done(end)):
+                        raise  # bad input: no point in retrying; or the agent restarts us
                 if self._done(end):
                     break
                 self.aborts_in_row += 1
@@ -161,8 +169,8 @@ class Supervisor:
                                   f"starts again in {wait:.0f}s", item=self.spec.vm)
                 self.stop.wait(wait if end is None else max(0.0, min(wait, end - self.clock())))
         finally:
-            self._control(False)
             self._final_state()
+            self._control(False)
         self.res.duration_s = self.clock() - t0
         self.res.state = self.ms.state
         return self.res
@@ -205,21 +213,24 @@ class Supervisor:
         jobs: dict[str, Any] = {}
         tunnel: Tunnel | None = None
         why: str | None = None
+        exp = MirrorExport(site, disks)
         try:
             dom = hv.lookup(spec.vm)
             _check_no_foreign_job(dom, sorted(disks))
-            with MirrorExport(site, disks) as exp:
-                tunnel = Tunnel(site, exp.remote_socket, mirror_ident(spec)).open()
-                ms.move(COPYING, utcnow())
-                for t in sorted(disks):
-                    jobs[t] = dom.mirror_to_nbd(t, tunnel.socket, t,
-                                                synchronous=opts.synchronous)
-                ms.starts += 1
-                self.res.starts += 1
-                self.events.phase("mirror", f"{spec.vm}: {opts.mode} mirror of "
-                                  f"{', '.join(sorted(disks))} to {self.res.target}",
-                                  item=spec.vm)
-                why = self._supervise(site, st, exp, tunnel, jobs, end)
+            exp.open()
+            tunnel = Tunnel(site, exp.remote_socket, mirror_ident(spec)).open()
+            ms.move(COPYING, utcnow())
+            for t in sorted(disks):
+                jobs[t] = dom.mirror_to_nbd(t, tunnel.socket, t, synchronous=opts.synchronous)
+            ms.starts += 1
+            self.res.starts += 1
+            how = "synchronous" if opts.synchronous else "asynchronous"
+            self.events.phase("mirror", f"{spec.vm}: {how} mirror of "
+                              f"{', '.join(sorted(disks))} to {self.res.target}", item=spec.vm)
+            why = self._supervise(site, st, exp, tunnel, jobs, end)
+            if why is not None:
+                self.events.warning(f"mirror aborted: {why}; the VM stays on its own disks",
+                                    item=spec.vm)
         finally:
             if why is not None and tunnel is not None:
                 tunnel.cut()  # the outstanding NBD writes fail now, the abort cannot hang
@@ -228,15 +239,17 @@ class Supervisor:
                     job.cancel()
             if tunnel is not None:
                 tunnel.close()
+            if why is None:
+                exp.close()  # the daemon at the DR host quits, the disks are released
+            else:
+                exp.abandon()  # the link is gone: the next export there replaces it
             hv.close()
         if why is not None:
             ms.aborts += 1
             self.res.aborts += 1
             ms.move(FALLBACK, utcnow(), why)
             self._write_state(site)
-            self.events.warning(f"mirror aborted: {why}; the VM stays on its own disks",
-                                item=spec.vm)
-            raise HypervisorError(f"{spec.vm}: mirror aborted: {why}")
+            raise HypervisorUnavailable(f"{spec.vm}: mirror aborted: {why}")
 
     def _supervise(self, site: Site, st: ReplicaState, exp: MirrorExport, tunnel: Tunnel,
                    jobs: dict[str, Any], end: float | None) -> str | None:
@@ -246,6 +259,7 @@ class Supervisor:
         last_write = -1e9
         last_point = self.clock()
         cur_at_point = 0
+        synced_once = False
         while not self._done(end):
             now = self.clock()
             statuses = []
@@ -259,11 +273,13 @@ class Supervisor:
             ms.bytes_mirrored = sum(c for _t, c, _e, _a in statuses)
             ms.lag_bytes = sum(e - c for _t, c, e, _a in statuses)
             if verdict == MIRRORING:
-                if ms.state != MIRRORING:
-                    ms.move(MIRRORING, utcnow())
+                if not synced_once:
                     self.aborts_in_row = 0
                     self.events.phase("in-sync", f"{self.spec.vm}: the DR copy is in step",
                                       item=self.spec.vm)
+                synced_once = True
+                if ms.state != MIRRORING:
+                    ms.move(MIRRORING, utcnow())
                 ms.in_sync_at = utcnow().isoformat()
                 if now - last_point >= opts.point_interval_s:
                     self._point(site, st, exp, ms.bytes_mirrored - cur_at_point)
@@ -365,13 +381,21 @@ def stop_supervisor(vm: str, timeout: float = 90.0) -> dict[str, Any]:
                          "cleans up its block jobs when it starts") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        # done when it removed its control file (after the teardown) or is gone: a
+        # supervisor that exited may stay a zombie until its parent reaps it
+        if not os.path.exists(path) or not _alive(pid):
             return {"vm": vm, "stopped": True, "pid": pid, **ctl}
         time.sleep(0.2)
     raise HypervisorError(f"{vm}: the mirror supervisor (pid {pid}) did not stop in "
                           f"{timeout:.0f}s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def abort_leftover(hv: Hypervisor, vm: str) -> list[str]:

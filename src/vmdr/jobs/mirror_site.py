@@ -52,8 +52,21 @@ for i, (name, path) in enumerate(pairs):
         "driver": "file", "filename": path, "aio": "threads"}})]
     args += ["--export", json.dumps({"type": "nbd", "id": "e%d" % i, "node-name": name,
                                      "name": name, "writable": True})]
+pidfile = os.path.dirname(pairs[0][1]) + "/mirror-daemon.pid"
+try:  # a daemon an earlier, cut-off mirror left serving these disks
+    old = int(open(pidfile).read().split()[0])
+    if b"qemu-storage-daemon" in open("/proc/%d/cmdline" % old, "rb").read():
+        os.kill(old, 15)
+        for _ in range(100):
+            if not os.path.exists("/proc/%d" % old):
+                break
+            time.sleep(0.1)
+except (OSError, ValueError, IndexError):
+    pass
 err = open(d + "/err", "wb")
 p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+with open(pidfile, "w") as pf:
+    pf.write("%d\n" % p.pid)
 def bye(code):
     if p.poll() is None:
         p.terminate()
@@ -174,17 +187,34 @@ class MirrorExport:
         p, self.proc = self.proc, None
         if p is None:
             return b""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if p.stdin is not None:
                 p.stdin.close()
         try:
-            _out, err = p.communicate(timeout=30)
+            p.wait(30)
         except subprocess.TimeoutExpired:
             p.kill()
-            _out, err = p.communicate()
-        return err or b""
+            p.wait(10)
+        err = b""
+        with contextlib.suppress(OSError, ValueError):
+            if p.stderr is not None:
+                err = p.stderr.read()
+        for f in (p.stdout, p.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                if f is not None:
+                    f.close()
+        return err
 
     def close(self) -> None:
+        self._end()
+
+    def abandon(self) -> None:
+        """Drop the export without waiting for the DR host (it is unreachable): kill the
+        local end. The daemon there lingers until its ssh session times out; the next
+        export of the same disks stops it first (its pid file beside the disks)."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.kill()
         self._end()
 
     def __enter__(self) -> MirrorExport:
