@@ -8,37 +8,27 @@ import faulthandler
 import os
 import signal
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import HypervisorUnavailable, UsageError, VmdrError
 from vmdr.hypervisor import connect
 from vmdr.jobs.mirror import MirrorOptions, Supervisor, abort_leftover, stop_supervisor
-from vmdr.jobs.mirror_state import LABELS, MIRROR_FILE, MODES, STOPPED, MirrorState, sla_state
+from vmdr.jobs.mirror_state import MODES
+from vmdr.jobs.replica_status import DEFAULT_ROOT, Where, collect, resolve_host
 from vmdr.jobs.replicate import (
     FEEDS,
     CycleResult,
     ReplicaSpec,
-    load_state,
     redact_uri,
     replicate_direct,
 )
 from vmdr.jobs.replicate_repo import replicate_from_repository
-from vmdr.jobs.replicate_site import Site, check_dir
-from vmdr.jobs.replicate_state import ReplicaState, parse_network_map
+from vmdr.jobs.replicate_site import Site
+from vmdr.jobs.replicate_state import parse_network_map
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
 from vmdr.repository.repo import Repository
-from vmdr.timeutil import utcnow
-
-DEFAULT_ROOT = "/var/lib/libvirt/images/vmdr-replicas"
-
-
-@dataclass
-class _Where:
-    uri: str
-    root: str
 
 
 def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
@@ -46,19 +36,8 @@ def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
                or g.config.connect)
 
 
-def _resolve_host(g: Globals, to: str, root: str | None) -> _Where:
-    """A libvirt URI as it is; an inventory host name by its ``uri`` and ``target_dir``."""
-    if "://" in to:
-        return _Where(to, check_dir(root or DEFAULT_ROOT))
-    inv = invmod.from_config(g.config)
-    host = inv.hosts.get(to)
-    if host is None:
-        known = ", ".join(sorted(inv.hosts)) or "none in [hosts]"
-        raise UsageError(f"unknown DR host {to!r}: give a libvirt URI (qemu+ssh://HOST/system) "
-                         f"or a host of the inventory ({known})")
-    if not host.uri:
-        raise UsageError(f"inventory host {to!r} has no uri")
-    return _Where(host.uri, check_dir(root or f"{host.target_dir.rstrip('/')}/vmdr-replicas"))
+def _resolve_host(g: Globals, to: str, root: str | None) -> Where:
+    return resolve_host(g.config, to, root)
 
 
 def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSpec]:
@@ -172,90 +151,8 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
 # -- status -----------------------------------------------------------------------------------
 
 
-def _row(st: ReplicaState | None, vm: str, target: str, error: str | None = None,
-         rpo: float | None = None, ms: MirrorState | None = None) -> dict[str, Any]:
-    now = utcnow()
-    if st is not None and rpo is not None:
-        st.rpo_target_s = rpo
-    target_s = st.rpo_target_s if st else rpo
-    state, age = sla_state(st, ms, now, target_s)
-    if error is not None:
-        state = "unknown"
-    mode = ms.mode if ms is not None and ms.state != STOPPED else "snapshot"
-    row: dict[str, Any] = {"vm": vm, "target": target, "sla": state,
-                           "sla_label": LABELS.get(state, state.capitalize()), "mode": mode,
-                           "rpo_achieved_s": None if age is None else round(age, 1),
-                           "rpo_target_s": target_s, "error": error}
-    if ms is not None:
-        row["mirror"] = {"state": ms.state, "since": ms.since, "updated": ms.updated,
-                         "in_sync_at": ms.in_sync_at, "bytes_mirrored": ms.bytes_mirrored,
-                         "lag_bytes": ms.lag_bytes, "starts": ms.starts, "aborts": ms.aborts,
-                         "error": ms.error, "supervisor": ms.supervisor}
-    if st is not None:
-        last = st.cycles[-1] if st.cycles else None
-        row.update({
-            "standby": st.standby, "standby_uuid": st.standby_uuid, "feed": st.feed,
-            "directory": st.directory,
-            "newest_point": st.newest.name if st.newest else None,
-            "newest_point_time": st.newest.time if st.newest else None,
-            "points": [p.name for p in st.points], "keep": st.keep,
-            "writing": st.writing,
-            "last_cycle": None if last is None else {
-                "started": last.started, "mode": last.mode, "bytes_moved": last.bytes_moved,
-                "duration_s": last.duration_s, "error": last.error},
-            "bytes_moved_per_cycle": [c.bytes_moved for c in st.cycles[-10:]],
-        })
-    return row
-
-
-def load_mirror(site: Site, directory: str) -> MirrorState | None:
-    path = f"{directory}/{MIRROR_FILE}"
-    data = site.read(path)
-    return None if data is None else MirrorState.from_json(data, f"{site.where}:{path}")
-
-
 def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
-    decls = invmod.replica_decls(g.config)
-    wanted: list[tuple[str, _Where]] = []
-    if ns.to:
-        where = _resolve_host(g, ns.to, ns.dir)
-        wanted += [(vm, where) for vm in vms]
-    else:
-        for vm in vms or sorted(decls):
-            d = decls.get(vm)
-            if d is None:
-                raise UsageError(f"{vm}: not a replica of the inventory; add --to HOST")
-            wanted.append((vm, _resolve_host(g, d.to, ns.dir or d.directory)))
-    rows: list[dict[str, Any]] = []
-    scan = ns.to and not vms
-    sites: dict[str, list[tuple[str, _Where]]] = {}
-    for vm, w in wanted:
-        sites.setdefault(w.uri, []).append((vm, w))
-    if scan:
-        sites.setdefault(_resolve_host(g, ns.to, ns.dir).uri, [])
-    for uri, items in sites.items():
-        shown = redact_uri(uri)
-        try:
-            with Site(uri) as site:
-                if scan:
-                    root = _resolve_host(g, ns.to, ns.dir).root
-                    for f in site.state_files(root):
-                        sdir = f.rsplit("/", 1)[0]
-                        st = load_state(site, sdir)
-                        if st is not None:
-                            rows.append(_row(st, st.vm, shown, ms=load_mirror(site, sdir)))
-                for vm, w in items:
-                    dec = decls.get(vm)
-                    st = load_state(site, f"{w.root}/{vm}")
-                    rows.append(_row(st, vm, shown, None if st else "no replica at the target",
-                                     dec.rpo_s if dec else None,
-                                     load_mirror(site, f"{w.root}/{vm}")))
-        except VmdrError as exc:
-            if scan and not items:
-                # nothing named to report on: the error is the answer (never a silent 0)
-                raise type(exc)(f"replica status of {shown}: {exc.message}") from None
-            for vm, _w in items:
-                rows.append(_row(None, vm, shown, exc.message))
+    rows = collect(g.config, vms, ns.to, ns.dir)
     if g.json:
         emit_json({"replicas": rows})
         return 0
