@@ -196,9 +196,11 @@ class MirrorExport:
             p.kill()
             p.wait(10)
         err = b""
+        # never block on it: an ssh session's pipes may still be held by the control
+        # master (it received the descriptors) after the client process is gone
         with contextlib.suppress(OSError, ValueError):
-            if p.stderr is not None:
-                err = p.stderr.read()
+            if p.stderr is not None and select.select([p.stderr], [], [], 2)[0]:
+                err = os.read(p.stderr.fileno(), 65536)
         for f in (p.stdout, p.stderr):
             with contextlib.suppress(OSError, ValueError):
                 if f is not None:
