@@ -121,6 +121,13 @@ def test_replicas_page_shows_modes_and_sla(agent: tuple[str, dict[str, str]],
         hot = table.find_element(By.CSS_SELECTOR, 'tr[data-vm="hot1"]').text
         gone = table.find_element(By.CSS_SELECTOR, 'tr[data-vm="gone1"]').text
         b.save_screenshot(str(tmp_path / "replicas.png"))
+
+        def alerted(d: object) -> bool:  # the agent's minutely replica check fired
+            b.get(url + "/")
+            return "replica of gone1: Error" in b.page_source
+
+        WebDriverWait(b, 60, poll_frequency=2).until(alerted)
+        assert "replica of hot1" not in b.page_source
     finally:
         b.quit()
     assert "sync" in hot and "Meeting SLA" in hot and "mirroring" in hot

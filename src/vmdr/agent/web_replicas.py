@@ -21,6 +21,7 @@ from vmdr.agent.daemon import Agent
 from vmdr.agent.web import _need, page
 from vmdr.errors import VmdrError
 from vmdr.jobs.replica_status import collect
+from vmdr.plan import inventory as invmod
 
 CACHE_S = 10.0
 _cache: dict[int, tuple[float, list[dict[str, Any]], str | None]] = {}
@@ -53,6 +54,30 @@ def replica_rows(a: Agent) -> tuple[list[dict[str, Any]], str | None]:
             rows, err = [], exc.message
         _cache[id(a)] = (time.monotonic(), rows, err)
         return rows, err
+
+
+def check_replicas(a: Agent) -> None:
+    """Every minute (the daemon's minutely pass): an ``rpo_breach`` alert per replica
+    whose SLA state is RPO Not Meeting SLA or Error, resolved when it meets it again.
+    Nothing is read when no replica is declared."""
+    if not (invmod.replica_decls(a.cfg) or policy_replicas(a)):
+        return
+    with _lock:
+        _cache.pop(id(a), None)
+    rows, err = replica_rows(a)
+    if err:
+        a.alerter.fire("replica:status", "rpo_breach", f"replica status unreadable: {err}")
+        return
+    a.alerter.resolve("replica:status", "replica status readable again")
+    for r in rows:
+        key = f"replica-rpo:{r['vm']}"
+        if r["sla"] in ("not-meeting-sla", "error", "unknown"):
+            why = r.get("error") or (r.get("mirror") or {}).get("error") or ""
+            a.alerter.fire(key, "rpo_breach", f"replica of {r['vm']}: {r['sla_label']} "
+                           f"(achieved RPO {r['rpo_achieved_s']} s, target "
+                           f"{r['rpo_target_s']} s){': ' + why if why else ''}")
+        elif r["sla"] == "meeting-sla":
+            a.alerter.resolve(key, f"replica of {r['vm']}: meeting its SLA again")
 
 
 async def replicas_page(request: Request) -> Response:
