@@ -73,7 +73,7 @@ def in_step(h: Host, dom: str) -> bool | None:
     seen = False
     for disk in ("vda", "vdb"):
         out = h.virsh("blockjob", dom, disk, "--info", "--bytes", check=False).stdout
-        m = re.search(r"(\d+)/(\d+)", out)
+        m = re.search(r"(\d+)\s*(?:/|of)\s*(\d+)", out)
         if not m:
             continue
         seen = True
@@ -197,7 +197,7 @@ def main() -> None:
                   "--rpo", "2m"]
         seed_direct, _ = timed(h1, *common)
         rcommon = ["replicate", g.name, "--to", to, "--dir", DR_ROOT + "-repo", "--feed",
-                   "repository", "--points", "3"]
+                   "repository", "--points", "3", "--standby-name", f"{g.name}-rrepo"]
         seed_repo, _ = timed(h1, *rcommon)
         # the writer's 4 KiB records at 20/s: 1 % of the 256 MiB data disk in ~33 s
         s0 = g.wait_writer(timeout=30)
