@@ -72,8 +72,8 @@ def in_step(h: Host, dom: str) -> bool | None:
     """True when every disk's block job is in step; None when no job runs."""
     seen = False
     for disk in ("vda", "vdb"):
-        out = h.virsh("blockjob", dom, disk, "--info", "--bytes", check=False).stdout
-        m = re.search(r"(\d+)\s*(?:/|of)\s*(\d+)", out)
+        out = h.virsh("blockjob", dom, disk, "--raw", check=False).stdout
+        m = re.search(r"cur=(\d+)\s+end=(\d+)", out)
         if not m:
             continue
         seen = True
