@@ -287,8 +287,8 @@ def render(r: dict[str, Any]) -> str:
         "repository: whole 4 MiB chunks). The ratio only becomes meaningful for VMs whose "
         "full restore takes minutes; that was not measured here. The RPO goals are met "
         "with a wide margin. The synchronous mirror's non-zero maximum is one sample taken "
-        "while a guest write was in flight (libvirt reported cur < end for that instant); "
-        "no completed write was ever missing at the DR copy. The write-latency cost is "
+        "while a guest write was in flight (libvirt reported cur < end for that instant). "
+        "The write-latency cost is "
         "the price of RPO 0 over a local veth: over a WAN every synchronous write also "
         "pays the round-trip time.",
         "",
