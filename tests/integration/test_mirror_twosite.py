@@ -5,9 +5,10 @@ the root namespace (files of h2 are read from its directory on this machine).
 
 1. the asynchronous mirror: in step, restore points taken in the serving daemon, then
    ``vmdr replicate stop``: the DR copy holds the record stream up to the stop, intact;
-2. the synchronous mirror, then a partition of the DR host while the guest writes: the
-   guest's records keep coming (no stall beyond a bound), the mirror is aborted, the VM
-   is on its own disk, and the supervisor says it fell back.
+2. the synchronous mirror: stopped, the DR copy holds every record written before;
+3. the synchronous mirror again, then a partition of the DR host while the guest writes:
+   the guest's records keep coming (no stall beyond a bound), the mirror is aborted, the
+   VM is on its own disk, and the supervisor says it fell back.
 """
 
 from __future__ import annotations
@@ -141,7 +142,26 @@ def test_mirror_async_and_sync_and_partition(sites: Cluster, tmp_path: Path) -> 
     assert rc.last_seq >= seq_stop  # everything written before the stop reached the DR copy
     g.wait_writer(above=seq_stop + 10, timeout=30)  # the guest never noticed
 
-    # -- 2. synchronous mirror, then the DR host is partitioned ------------------------------
+    # -- 2. synchronous mirror: every completed write is at the DR copy ---------------------
+    p, ev = start("--sync", "--point-interval", "1h")
+    try:
+        _wait("sync mirror in step", lambda: (_mirror_state(vmdir).get("state") == "mirroring"
+                                               and _mirror_state(vmdir).get("mode") == "sync")
+              or p.poll() is not None, 150)
+        assert p.poll() is None, ev.read_text()[-2000:]
+        seq_sync = g.wait_writer(above=g.wait_writer(timeout=30) + 5, timeout=30)
+        _vmdr(h1, "replicate", "stop", g.name, "--json")
+        assert p.wait(60) == 0, ev.read_text()[-2000:]
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            p.wait(60)
+    rc = check_records(str(img), "qcow2", force_share=True)
+    assert rc.consistent, rc.problems
+    assert rc.last_seq >= seq_sync
+    assert h1.virsh("domblklist", g.name).stdout == own
+
+    # -- 3. synchronous mirror, then the DR host is partitioned ------------------------------
     p, ev = start("--sync", "--point-interval", "1h", "--stall", "8s", "--retry", "600s")
     try:
         _wait("sync mirror in step", lambda: (_mirror_state(vmdir).get("state") == "mirroring"
