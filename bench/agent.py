@@ -215,8 +215,11 @@ repository = "local"
     asyncio.run(serve(a))
 
 
-def bench_api(base: str, token: str, seconds: float, clients: int) -> dict[str, Any]:
-    paths = {"jobs": "/api/v1/jobs?limit=100", "vms": "/api/v1/vms"}
+def bench_api(base: str, token: str, seconds: float, clients: int,
+              paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    """*clients* closed-loop threads with keep-alive connections, round-robin over *paths*
+    (name → a path, or a function of the request number giving one)."""
+    paths = paths or {"jobs": "/api/v1/jobs?limit=100", "vms": "/api/v1/vms"}
     lat: dict[str, list[float]] = {k: [] for k in paths}
     host, port = base.split("//")[1].split(":")
     stop = time.monotonic() + seconds
@@ -227,10 +230,11 @@ def bench_api(base: str, token: str, seconds: float, clients: int) -> dict[str, 
         keys = list(paths)
         i = n
         while time.monotonic() < stop:
-            k = keys[i % 2]
+            k = keys[i % len(keys)]
+            path = paths[k] if isinstance(paths[k], str) else paths[k](i)
             i += 1
             t = time.perf_counter()
-            conn.request("GET", paths[k], headers={"Authorization": f"Bearer {token}"})
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
             r = conn.getresponse()
             r.read()
             dt = time.perf_counter() - t
@@ -250,6 +254,15 @@ def bench_api(base: str, token: str, seconds: float, clients: int) -> dict[str, 
                   "p99_ms": round(v[int(len(v) * 0.99) - 1] * 1000, 1),
                   "per_s": round(len(v) / seconds, 1)}
     return out
+
+
+def cold_pages(db: Path, n: int = 20000) -> Any:
+    """Paths of job-list pages behind random cursors: every request a cache miss."""
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        ids = [r[0] for r in c.execute("SELECT id FROM jobs ORDER BY random() LIMIT ?", (n,))]
+    return lambda i: f"/api/v1/jobs?limit=100&before={ids[(i * 7919) % len(ids)]}"
 
 
 def bench_paint(base: str, token: str, runs: int) -> dict[str, Any]:
@@ -329,6 +342,10 @@ def main() -> int:
             time.sleep(2)
             print("API under 20 clients …", file=sys.stderr)
             res["api"] = bench_api(base, token, 10 if q else 30, 20)
+            print(res["api"], file=sys.stderr)
+            print("API, job pages behind random cursors (no cache hit) …", file=sys.stderr)
+            res["api"].update(bench_api(base, token, 10 if q else 20, 20,
+                                        {"jobs_cold": cold_pages(db)}))
             res["api"]["server_rss_mb"] = round(proc_rss_mb(srv.pid), 1)
             print(res["api"], file=sys.stderr)
             print("dashboard paint …", file=sys.stderr)
