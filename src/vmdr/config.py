@@ -97,6 +97,7 @@ class PolicyConfig:
     verify_boot: bool = False
     rpo_s: float | None = None
     mode: str = "auto"
+    bandwidth: list[str] = field(default_factory=list)  # windows: "mon..fri 08:00..18:00 20M"
 
 
 @dataclass
@@ -367,5 +368,8 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         pol.verify_boot = p.boolean("verify_boot", False)
         pol.rpo_s = p.duration("rpo", None)
         pol.mode = p.text("mode", "auto", ("auto", "full", "incremental")) or "auto"
+        bw = table.get("bandwidth")
+        pol.bandwidth = [bw] if isinstance(bw, str) else p.strlist("bandwidth")
+        p.used.add("bandwidth")  # its rules are checked by the agent (scheduler.schedules)
         p.finish()
         cfg.policies[name] = pol
