@@ -41,6 +41,8 @@ def test_windows_past_midnight_and_around_the_week() -> None:
     weekend = parse_window("fri..mon 10M")  # a range that wraps the week
     assert {d for d in range(7) if weekend.covers(at(d, 12))} == {0, 4, 5, 6}
     assert parse_window("18:00..24:00 1M").covers(at(2, 23, 59))
+    pbs = parse_window("mon..fri 14:30-18 2M")  # Proxmox Backup Server's timeframe form
+    assert pbs.covers(at(0, 14, 30)) and not pbs.covers(at(0, 18)) and pbs.rate == 2 * MIB
     w = Windows(["mon 09:00..10:00 1M"])
     assert w.rate_at(at(1, 9, 30)) is None  # no rule covers it: unlimited
 

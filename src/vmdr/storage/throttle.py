@@ -107,7 +107,8 @@ class ThrottlingBackend(DelegatingBackend):
 
 # -- bandwidth windows ------------------------------------------------------------------------
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_CLOCK = re.compile(r"^([01]?\d|2[0-4]):([0-5]\d)$")
+_CLOCK = re.compile(r"^([01]?\d|2[0-4])(?::([0-5]\d))?$")
+_RANGE = re.compile(r"^(\d{1,2}(?::\d\d)?)(?:\.\.|-)(\d{1,2}(?::\d\d)?)$")
 
 
 @dataclass(frozen=True)
@@ -150,15 +151,16 @@ def _days(text: str, rule: str) -> frozenset[int]:
 
 def _clock(text: str, rule: str) -> int:
     m = _CLOCK.match(text)
-    if not m or (int(m[1]) == 24 and m[2] != "00"):
+    if not m or (int(m[1]) == 24 and (m[2] or "00") != "00"):
         raise UsageError(f"bandwidth window {rule!r}: {text!r} is not a time HH:MM")
-    return int(m[1]) * 60 + int(m[2])
+    return int(m[1]) * 60 + int(m[2] or 0)
 
 
 def parse_window(rule: str) -> Window:
     """``[DAYS] [HH:MM..HH:MM] RATE``: ``mon..fri 08:00..18:00 20M``, ``sat,sun 5M``,
     ``22:00..06:00 unlimited``, ``* 100M``, ``50M``. RATE as :func:`parse_rate`, or
-    ``unlimited``."""
+    ``unlimited``. Proxmox Backup Server's timeframe form is read too:
+    ``mon..fri 8-12``, ``14:30-18``."""
     words = rule.split()
     if not words or len(words) > 3:
         raise UsageError(f"bandwidth window {rule!r}: expected [DAYS] [HH:MM..HH:MM] RATE, "
@@ -166,9 +168,8 @@ def parse_window(rule: str) -> Window:
     rate = None if words[-1].lower() in ("unlimited", "off") else parse_rate(words[-1])
     days, start, end = frozenset(range(7)), 0, 0
     for w in words[:-1]:
-        if ".." in w and ":" in w:
-            a, _, b = w.partition("..")
-            start, end = _clock(a, rule), _clock(b, rule) % 1440
+        if m := _RANGE.match(w):
+            start, end = _clock(m[1], rule), _clock(m[2], rule) % 1440
         else:
             days = _days(w, rule)
     return Window(days, start, end, rate, rule.strip())
