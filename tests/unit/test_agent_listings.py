@@ -142,3 +142,38 @@ def test_every_dashboard_page_renders(agent: Agent, client: TestClient) -> None:
     assert client.get("/vms/none").status_code == 404
     client.cookies.clear()
     assert client.get("/login").status_code == 200
+
+
+def test_jobs_by_id_is_one_lookup(agent: Agent) -> None:
+    agent.history.bulk_jobs(_rows(3, time.time()))
+    got = agent.history.jobs_by_id(["j00000", "j00002", "nope"])
+    assert sorted(got) == ["j00000", "j00002"] and got["j00002"].vm == "vm1"
+
+
+def test_a_stale_plan_answer_is_served_while_it_is_refreshed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmdr.agent import views
+
+    calls: list[list[str]] = []
+
+    def run(cfg: object, args: list[str], timeout: float, key: tuple[str, ...]
+            ) -> tuple[object, None]:
+        calls.append(args)
+        time.sleep(0.2)
+        with views._lock:
+            views._cache[key] = (time.monotonic(), {"fresh": True}, None)
+        return {"fresh": True}, None
+
+    monkeypatch.setattr(views, "_run", run)
+    cfg = config.Config(path="/nonexistent/stale.toml")
+    key = (cfg.path or "", "plan", "coverage")
+    monkeypatch.setitem(views._cache, key, (time.monotonic() - 1000, {"fresh": False}, None))
+    t = time.monotonic()
+    data, _ = views.run_json(cfg, ["plan", "coverage"], ttl=300, stale_ok=True)
+    assert data == {"fresh": False} and time.monotonic() - t < 0.15  # did not wait
+    deadline = time.monotonic() + 5
+    while views._cache[key][1] != {"fresh": True} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert views.run_json(cfg, ["plan", "coverage"], ttl=300, stale_ok=True)[0] == {
+        "fresh": True}
+    assert len(calls) == 1

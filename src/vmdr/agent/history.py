@@ -273,6 +273,15 @@ class History:
             r = c.execute(jobs_t.select().where(jobs_t.c.id == job_id)).first()
         return _row_job(r) if r else None
 
+    def jobs_by_id(self, ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs of *ids* that exist, in one query per 500 ids."""
+        out: dict[str, Job] = {}
+        with self.engine.connect() as c:
+            for i in range(0, len(ids), 500):
+                q = jobs_t.select().where(jobs_t.c.id.in_(list(ids[i:i + 500])))
+                out.update((j.id, j) for j in map(_row_job, c.execute(q)))
+        return out
+
     def jobs(self, limit: int = 100, offset: int = 0, vm: str | None = None,
              state: str | None = None, type_: str | None = None,
              host: str | None = None, before: str | None = None) -> list[Job]:

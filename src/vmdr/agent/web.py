@@ -123,10 +123,13 @@ def screenshots(a: Agent) -> dict[str, str]:
     except OSError:
         return {}
     out: dict[str, str] = {}
+    jobs = a.history.jobs_by_id(ids)  # one query, not one per evidence directory
     for job_id in ids:  # ids sort by time: newer ones overwrite
-        job = a.history.job(job_id)
+        job = jobs.get(job_id)
+        if not (job and job.vm and job.state == "ok"):
+            continue
         shots = sorted(glob.glob(os.path.join(root, job_id, "*.png")))
-        if job and job.vm and job.state == "ok" and shots:
+        if shots:
             out[job.vm] = f"/evidence/{job_id}/{os.path.basename(shots[-1])}"
     return out
 
