@@ -16,7 +16,7 @@ import re
 import subprocess
 
 from vmdr.errors import MediaRefused, NoSpace, SlotEmpty, TapeError
-from vmdr.tape.drive import Changer, ChangerStatus, DriveStatus, Element, TapeDrive
+from vmdr.tape.drive import Block, Changer, ChangerStatus, DriveStatus, Element, TapeDrive
 
 _DRIVE = re.compile(r"^\s*Data Transfer Element\s+(\d+)\s*:\s*(Full|Empty)(.*)$")
 _SLOT = re.compile(r"^\s*Storage Element\s+(\d+)(\s+IMPORT/EXPORT)?\s*:\s*(Full|Empty)(.*)$")
@@ -187,7 +187,7 @@ class MtDrive(TapeDrive):
             return None
         return data
 
-    def write_block(self, data: bytes) -> bool:
+    def write_block(self, data: Block) -> bool:
         fd = self._open("w")
         for attempt in (1, 2):
             try:
