@@ -29,7 +29,7 @@ from vmdr.repository.keys import parse_keyfile
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository
 from vmdr.storage.base import Backend
-from vmdr.tape.catalog import Catalog, CatalogStore
+from vmdr.tape.catalog import Catalog, CatalogBackend
 from vmdr.tape.formats import T_CHUNK, T_SNAPSHOT, pool_key, tape_mac_key
 from vmdr.tape.library import Library
 from vmdr.tape.media import Media
@@ -134,7 +134,7 @@ def select_snapshots(repo: Repository, names: list[str], all_vms: bool) -> list[
     return [repo.resolve(n) for n in names]
 
 
-def backup_to_tape(repo: Repository, lib: Library, store: CatalogStore, pool_name: str,
+def backup_to_tape(repo: Repository, lib: Library, store: CatalogBackend, pool_name: str,
                    snaps: list[Snapshot], events: JobEvents | None = None,
                    clock: Clock = utcnow, ring_bytes: int = 256 << 20,
                    archive_size: int = 1 << 30, readers: int = 4) -> TapeBackupResult:
@@ -218,7 +218,7 @@ def _set_to_restore(cat: Catalog, media_set: str | None, snapshot: str | None) -
     raise UsageError("give --media-set or a snapshot to restore")
 
 
-def restore_from_tape(lib: Library, store: CatalogStore, target: Backend,
+def restore_from_tape(lib: Library, store: CatalogBackend, target: Backend,
                       keyfile: bytes | None, media_set: str | None = None,
                       snapshot: str | None = None, pool_key_file: str | None = None,
                       events: JobEvents | None = None,
@@ -303,7 +303,7 @@ class RebuildResult:
         return dict(self.__dict__)
 
 
-def rebuild_catalog(lib: Library, store: CatalogStore, keyfile: bytes | None,
+def rebuild_catalog(lib: Library, store: CatalogBackend, keyfile: bytes | None,
                     full: bool = True, pool_key_file: str | None = None) -> RebuildResult:
     """Read every tape in the library and recreate the catalog from what they say.
     ``full`` reads and checks every frame; otherwise each tape's (MAC-checked) catalog."""
