@@ -253,4 +253,7 @@ def open_catalog(spec: str) -> CatalogBackend:
         from vmdr.tape.catalog_db import DbCatalogStore
 
         return DbCatalogStore(spec)
+    if "://" in spec:
+        raise UsageError(f"the tape catalog is a directory, sqlite:///FILE or postgresql://…, "
+                         f"not {spec.split('://', 1)[0]}://")
     return CatalogStore(spec)

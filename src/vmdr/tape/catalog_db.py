@@ -55,7 +55,8 @@ class DbCatalogStore(CatalogBackend):
         try:
             meta.create_all(self.engine)
         except sa.exc.OperationalError as exc:
-            raise UsageError(f"cannot open the tape catalog database: {exc.orig}") from None
+            first = str(exc.orig).strip().splitlines()[0]
+            raise UsageError(f"cannot open the tape catalog database: {first}") from None
 
     @property
     def dialect(self) -> str:
