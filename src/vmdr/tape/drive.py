@@ -129,7 +129,7 @@ class TapeDrive(abc.ABC):
         """Write blocks each given as pieces (frame header, payload, MAC...) without the
         caller copying them into one buffer first. The default joins each block; a back
         end that can gather (``writev``) writes the pieces as they are."""
-        return self.write_blocks([b"".join(segs) for segs in blocks])
+        return self.write_blocks([bytearray().join(segs) for segs in blocks])  # SG_IO: no copy
 
     @abc.abstractmethod
     def write_filemark(self) -> None:
