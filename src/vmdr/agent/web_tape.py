@@ -112,9 +112,10 @@ def tape_view(cat: Catalog, places: dict[str, str], now: datetime) -> dict[str, 
                       "worm": p.worm, "sealed": bool(p.key_file), "vault": p.vault or "—",
                       "tapes": len(mine), "offsite": sum(1 for m in mine if m.in_vault),
                       "current": cur.uuid[:8] if cur else "—"})
-    written: list[dict[str, str]] = [{"when": s["written"], "what": f"set {s['uuid']} ({s['pool']}) on "
-                f"{s['tapes']}: {', '.join(s['snapshots']) or 'no snapshots'}"}
-               for s in sets if s["written"] != "—"]
+    written: list[dict[str, str]] = [
+        {"when": s["written"], "what": f"set {s['uuid']} ({s['pool']}) on {s['tapes']}: "
+                                       f"{', '.join(s['snapshots']) or 'no snapshots'}"}
+        for s in sets if s["written"] != "—"]
     moves = [{"when": _t(e.time), "what": f"{e.tape} → "
               f"{e.to.replace('vault:', 'vault ') if e.to != 'library' else 'the library'}"}
              for e in cat.history]
