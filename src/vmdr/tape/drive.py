@@ -87,7 +87,7 @@ class TapeDrive(abc.ABC):
     block_size: int = BLOCK_SIZE
     # bytes a WriteBehind may queue in front of the drive: after the early warning the
     # writer adds at most this much (plus one frame) before it closes the file, so it must
-    # sit well inside the warning zone (LTO's is far larger than this)
+    # sit well inside the warning zone (LTO's is far larger than this); 0: none
     write_behind: int = 8 << 20
 
     @abc.abstractmethod

@@ -11,7 +11,7 @@ the blocks queued behind the failed one are dropped.
 
 End of medium: ``write_block`` returns the early warning as soon as the drive thread has
 seen it, which can be up to *depth* blocks late. The early warning zone of real drives is
-far larger than 8 MiB; the virtual drive queues at most a quarter of its own zone.
+far larger than 8 MiB. The virtual drive is written without one (``write_behind = 0``).
 
 The drive thread hands whatever is queued (up to *batch* blocks) to ``write_gathered`` in
 one call: one ``writev`` for the virtual drive; for real drives, whose block size is fixed
@@ -35,7 +35,7 @@ class WriteBehind(TapeDrive):
         self.inner = inner
         self.block_size = inner.block_size
         if depth is None:
-            depth = max(1, inner.write_behind // inner.block_size)
+            depth = max(1, inner.write_behind // inner.block_size)  # 0: one block
         self.batch = min(batch, depth)
         self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._err: BaseException | None = None

@@ -228,7 +228,9 @@ class VirtualDrive(TapeDrive):
         self.lib = lib
         self.number = number
         self._s: _Stream | None = None
-        self.write_behind = min(8 << 20, max(self.block_size, lib.early_warning // 4))
+        # no write-behind thread: page-cache writes are fast, and a second writing thread
+        # beside the readers made the kernel time bimodal (bench/tape.py, measured)
+        self.write_behind = 0
 
     def _loaded(self) -> tuple[dict[str, Any], dict[str, Any]]:
         st = self.lib.state()
