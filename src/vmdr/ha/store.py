@@ -28,17 +28,15 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from vmdr.timeutil import utcnow
-
-if TYPE_CHECKING:
-    from vmdr.agent.coord_etcd import EtcdCoordinator
 
 __all__ = [
     "EVENTS_KEPT",
     "EVENT_KINDS",
     "KV",
+    "EtcdCaller",
     "EtcdKV",
     "HAEventRecord",
     "HAStore",
@@ -76,10 +74,20 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+class EtcdCaller(Protocol):
+    """What :class:`EtcdKV` needs of ``vmdr.agent.coord_etcd.EtcdCoordinator`` (this
+    layer does not import the agent): its key prefix, and ``_call(fn)`` that runs
+    ``fn(etcd3gw client)`` trying every endpoint."""
+
+    prefix: str
+
+    def _call(self, fn: Any) -> Any: ...
+
+
 class EtcdKV:
     """Over an EtcdCoordinator's client (its ``_call`` tries every endpoint)."""
 
-    def __init__(self, coord: EtcdCoordinator) -> None:
+    def __init__(self, coord: EtcdCaller) -> None:
         self.coord = coord
         self.requests = 0
 
@@ -180,7 +188,7 @@ class HAStore:
         self._seq = 0
 
     @classmethod
-    def for_coordinator(cls, coord: EtcdCoordinator, me: str = "") -> HAStore:
+    def for_coordinator(cls, coord: EtcdCaller, me: str = "") -> HAStore:
         return cls(EtcdKV(coord), coord.prefix, me)
 
     def _k(self, *parts: str) -> str:
