@@ -35,7 +35,7 @@ from vmdr.ha.fencing import SelfFence, Watchdog
 from vmdr.ha.leader import HALeader, LiveHost
 from vmdr.ha.model import HAPolicy, load_policy
 from vmdr.ha.store import HAStore
-from vmdr.hypervisor.driver import Hypervisor
+from vmdr.hypervisor import Hypervisor
 from vmdr.plan import inventory
 
 __all__ = ["HARuntime", "LibvirtOps", "make_ha_runtime"]
@@ -304,7 +304,7 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
     uris = {h.name: h.uri for h in inv.hosts.values() if h.uri}
     uris[host] = cfg.connect
     if connect is None:
-        from vmdr.hypervisor.connection import connect as lv_connect
+        from vmdr.hypervisor import connect as lv_connect
 
         connect = lv_connect
     store_coord = EtcdCoordinator(coord.endpoints, coord.ttl, coord.prefix)
