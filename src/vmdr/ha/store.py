@@ -222,6 +222,11 @@ class HAStore:
         """VM → the host it last ran on."""
         return {vm: str(d.get("host")) for vm, d in self._all("where").items()}
 
+    def domains(self) -> dict[str, str]:
+        """Every stored domain XML by VM, in one request."""
+        base = self._k("domains") + "/"
+        return {k.removeprefix(base): v for k, v in self.kv.items(base)}
+
     def domain_names(self) -> list[str]:
         base = self._k("domains") + "/"
         return [k.removeprefix(base) for k in self.kv.keys(base)]
