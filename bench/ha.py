@@ -141,7 +141,8 @@ def scale(hosts: int = 50, per_host: int = 40) -> dict[str, Any]:
 
 
 # -- the harness --------------------------------------------------------------------------
-def harness(kills: int, partitions: int) -> dict[str, Any]:
+def harness(kills: int, partitions: int, save: Any = None) -> dict[str, Any]:
+    """The trials on the harness; ``save(out)`` after each (partial results survive)."""
     from tests.guest.records import check_records
     from tests.multihost.cluster import Cluster
     from tests.multihost.test_ha_agents import Agents, running_on
@@ -179,6 +180,8 @@ def harness(kills: int, partitions: int) -> dict[str, Any]:
                     t_hb = time.monotonic()
                     out["kill"].append({"start_s": t_start - t_kill, "heartbeat_s": t_hb - t_kill,
                                         "victim": victim.name})
+                    if save:
+                        save(out)
                     print(f"kill {i + 1}: start {t_start - t_kill:.1f}s, heartbeat "
                           f"{t_hb - t_kill:.1f}s", flush=True)
                     victim.start()
@@ -232,6 +235,8 @@ def harness(kills: int, partitions: int) -> dict[str, Any]:
                     out["order_ok"] += int(ok)
                     out["partition"].append({"cut": cut, "both_running_s": t_up,
                                              "double": double, "order_ok": ok})
+                    if save:
+                        save(out)
                     print(f"partition {i + 1} ({','.join(cut)}): both up elsewhere after "
                           f"{t_up:.1f}s, double={double}, order_ok={ok}", flush=True)
                     for name in cut:
@@ -311,13 +316,24 @@ def main() -> None:
     ap.add_argument("--scale-only", action="store_true")
     ap.add_argument("--note", default="")
     ap.add_argument("--json")
+    ap.add_argument("--from-json", help="write the doc section from a saved (partial) run")
     a = ap.parse_args()
+    if a.from_json:
+        res = json.loads(Path(a.from_json).read_text())
+        if a.note:
+            res["note"] = a.note
+        write(res)
+        return
     res: dict[str, Any] = {"note": a.note}
+
+    def save(h: dict[str, Any]) -> None:
+        if a.json:
+            Path(a.json).write_text(json.dumps({**res, "harness": h}, indent=1))
     if not a.no_scale:
         res["scale"] = scale()
         print(json.dumps(res["scale"], indent=1), flush=True)
     if not a.scale_only:
-        res["harness"] = harness(a.kills, a.partitions)
+        res["harness"] = harness(a.kills, a.partitions, save)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     write(res)

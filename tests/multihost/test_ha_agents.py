@@ -61,12 +61,12 @@ ha = true
 boot_group = 1
 ready_delay = "{ready_delay:g}s"
 {extra.get("db", "")}
-[vm.{app}]
+""" + ("" if app == db else f"""[vm.{app}]
 ha = {"true" if app_ha else "false"}
 boot_group = 2
 depends_on = ["{db}"]
 {extra.get("app", "")}
-""")
+"""))
     return cfg
 
 
