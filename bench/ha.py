@@ -305,6 +305,27 @@ def write(res: dict[str, Any]) -> None:
     note = res.get("note")
     if note:
         body += ["", note]
+    body += ["", "### Method", "",
+             "`bench/ha.py` on the 3-host harness of tests/multihost (each host its own "
+             "network, mount and UTS namespaces, libvirtd, virtlogd, virtlockd; a "
+             "three-member etcd in namespaces of its own; guests on a shared directory). "
+             "A real `python -m vmdr.agent` runs in each host. *kill*: `kill -9` of every "
+             "process of the host running the guest (never the leader's, so the figure is "
+             "the plain failover path; the multihost test also kills the leader's host), "
+             "times from the kill to libvirt on a survivor reporting the guest running "
+             "(polled every 0.1 s) and to its first console heartbeat; the host is then "
+             "rebooted with its agent. *partition*: the veths of the host(s) running db "
+             "and app go down; libvirt on all three hosts is polled every 0.1 s for a "
+             "second copy; the boot order comes from the leader's events (app's `started` "
+             "≥ db's `ready` + 1 s); after the last trial db's record stream (written at 20 "
+             "records/s throughout) is checked for one consistent history. *scale*: 50 "
+             "`EtcdCoordinator`s with real leases against a one-member etcd on loopback, "
+             "2,000 HA VMs on FakeFleet in three priority groups (readiness `none`), one "
+             "host stops renewing; placement time is the leader's `failover_plan` call; "
+             "the failover's requests are the leader's HA store requests from the "
+             "victim's last renewal to the last start (its 0.25 s polls included, member "
+             "reads excluded); RSS is the whole bench "
+             "process (50 coordinators, the leader, FakeFleet)."]
     replace_section(DOC, "ha", "\n".join(body) + "\n", "Benchmarks")
 
 
