@@ -130,3 +130,29 @@ def test_guard_destroys_only_ha_vms_and_reports_later(tmp_path: Path) -> None:
     assert rec is not None and rec["self_reported"]
     rt.stop()
     assert dev.read_bytes().endswith(b"V")
+
+
+def test_watchdog_armed_only_while_ha_vms_run(tmp_path: Path) -> None:
+    fleet = FakeFleet()
+    host = fleet.host("fake://h1/system")
+    host.add_domain("<domain><name>db</name><memory>1024</memory></domain>")
+    policy = HAPolicy(HASettings(), {"db": HAVM("db", 1)}, {"h1": None})
+    coord = _Coord()
+    dev = tmp_path / "wd"
+    dev.write_bytes(b"")
+    rt = HARuntime("h1", policy, coord, HAStore(MemoryKV()),  # type: ignore[arg-type]
+                   LibvirtOps({"h1": "fake://h1/system"}, fleet.connect), watchdog=str(dev))
+    rt.fence = SelfFence(policy.settings, 0.0)
+    coord.last_renew_sent = 1.0
+    rt.guard(1.1)
+    assert rt.watchdog is not None and rt.watchdog.fd is None  # no HA VM here: not armed
+    host.domains["db"].state = "running"
+    coord.last_renew_sent = 2.0
+    rt.guard(2.1)
+    assert rt.watchdog.fd is not None  # armed with an HA VM running
+    coord.last_renew_sent = 3.0
+    rt.guard(3.1)
+    host.domains["db"].state = "stopped"
+    coord.last_renew_sent = 4.0
+    rt.guard(4.1)
+    assert rt.watchdog.fd is None and dev.read_bytes() == b"\0\0V"  # arm, pet, disarm

@@ -219,10 +219,7 @@ class HARuntime:
         if sent is not None and sent > self.fence.last_sent:
             self.fence.renewed(sent)
             if self.watchdog is not None:
-                if self.watchdog.fd is None:
-                    self.watchdog.arm()
-                else:
-                    self.watchdog.pet()
+                self._watchdog()
         if not self.fence.due(now):
             return []
         try:
@@ -243,6 +240,23 @@ class HARuntime:
             except Exception as exc:
                 log.error("self-fencing: destroying %s failed: %s", vm, exc)
         return victims
+
+    def _watchdog(self) -> None:
+        """Armed (and petted) only while HA VMs run here, as Proxmox's watchdog-mux: a
+        host without HA VMs is never reset by it."""
+        assert self.watchdog is not None
+        try:
+            ha_here = bool(self.ops.local_ha_running(self.host, set(self.policy.vms)))
+        except Exception as exc:
+            log.warning("watchdog: cannot list the local VMs (%s); keeping it as it is", exc)
+            self.watchdog.pet()
+            return
+        if ha_here and self.watchdog.fd is None:
+            self.watchdog.arm()
+        elif ha_here:
+            self.watchdog.pet()
+        elif self.watchdog.fd is not None:
+            self.watchdog.disarm()
 
     # -- engine: publish, report, lead ------------------------------------------------------
     def engine(self, now: float) -> None:
