@@ -159,8 +159,11 @@ class LibvirtOps:
 class HARuntime:
     def __init__(self, host: str, policy: HAPolicy, coord: EtcdCoordinator, store: HAStore,
                  ops: LibvirtOps, *, clock: Callable[[], float] = wall,
-                 watchdog: str | None = WATCHDOG) -> None:
+                 watchdog: str | None = WATCHDOG, reader: Any = None) -> None:
         self.host = host
+        # member reads go through a client of their own: an error there must never reset
+        # the lease object of the coordinator that renews it (the leader key hangs on it)
+        self.reader = reader if reader is not None else coord
         self.policy = policy
         self.settings = policy.settings
         self.coord = coord
@@ -268,12 +271,12 @@ class HARuntime:
             self._last_publish = now
             self.publish(now)
         if self.is_leader():
-            members = self.coord.read_members()
+            members = self.reader.read_members()
             live = {m.host: LiveHost(m.host, m.cpus, m.memory_mib, tuple(m.running_vms))
                     for m in members}
             if not self.coord.holds_lease(self.settings.self_fence_after):
                 return
-            self.leader.step(now, live, set(self.coord.ever_seen))
+            self.leader.step(now, live, set(self.coord.ever_seen) | self.reader.ever_seen)
             if now - self._last_trim > 60:
                 self._last_trim = now
                 self.store.trim_events()
@@ -324,4 +327,5 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
     store_coord = EtcdCoordinator(coord.endpoints, coord.ttl, coord.prefix)
     store = HAStore.for_coordinator(store_coord, me=host)
     coord.ttl = max(2, int(policy.settings.lease_ttl))  # the [ha] lease governs
-    return HARuntime(host, policy, coord, store, LibvirtOps(uris, connect))
+    return HARuntime(host, policy, coord, store, LibvirtOps(uris, connect),
+                     reader=store_coord)
