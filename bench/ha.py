@@ -206,6 +206,10 @@ def harness(kills: int, partitions: int, save: Any = None) -> dict[str, Any]:
                 for g in guests.values():
                     g.wait_heartbeat(120)
                 for i in range(partitions):
+                    deadline = time.monotonic() + 90
+                    while not all(running_on(cluster, g) for g in guests.values()):
+                        assert time.monotonic() < deadline, agents.logs()
+                        time.sleep(0.5)
                     cut = sorted({running_on(cluster, g)[0] for g in guests.values()})
                     for name in cut:
                         for g in guests.values():
