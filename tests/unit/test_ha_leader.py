@@ -149,3 +149,22 @@ def test_unplaceable_vm_gives_up_with_reason() -> None:
     assert {e.vm for e in gave} == {"db", "app"} and all("placed" in e.reason for e in gave)
     rec = store.failover("h1")
     assert rec is not None and rec["done"]
+
+
+def test_started_on_a_host_that_fails_too() -> None:
+    """db restarted on h2, which fails before db is ready (h2 led, or was cut): the
+    record of h1 does not wait on h2's libvirt; h2's own failover restarts db on h3."""
+    fleet, ops, store, policy = setup(ready_delay=0.0)
+    leader = HALeader(policy, store, ops, "h3")
+    fleet.hosts["fake://h1/system"].up = False
+    leader.step(1.0, live("h2", "h3"), set(HOSTS))
+    leader.step(3.0, live("h2", "h3"), set(HOSTS))
+    (db_at,) = running(fleet, "db")
+    assert db_at == "fake://h2/system"  # equal free memory: the first name
+    fleet.hosts[db_at].domains.clear()
+    fleet.hosts[db_at].up = False  # h2 dies with db booting there
+    leader.step(4.0, live("h3"), set(HOSTS))
+    rec = store.failover("h1")
+    assert rec is not None and "db" in rec["failed"]
+    leader.step(6.0, live("h3"), set(HOSTS))
+    assert running(fleet, "db") == ["fake://h3/system"]

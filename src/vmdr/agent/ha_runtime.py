@@ -45,6 +45,8 @@ GUARD_PERIOD = 0.1
 ENGINE_PERIOD = 0.25
 PUBLISH_EVERY = 2.0
 CHECK_TIMEOUT = 1.5  # s for "is it running there?" per host (unreachable: skipped)
+READY_TIMEOUT = 3.0  # s for one readiness check (a host that hangs: not ready yet)
+START_TIMEOUT = 30.0  # s for define + start on a live target
 WATCHDOG = "/dev/watchdog"
 
 
@@ -86,13 +88,12 @@ class LibvirtOps:
         return c
 
     def _drop(self, host: str) -> None:
+        """Forget the connection; close it in the background (closing a connection to a
+        host that stopped answering can hang too)."""
         with self._lock:
             c = self._conns.pop(host, None)
         if c is not None:
-            try:
-                c.close()
-            except Exception as exc:
-                log.debug("closing %s: %s", host, exc)
+            threading.Thread(target=lambda: _in_thread(c.close, 30), daemon=True).start()
 
     def _running_on(self, host: str, vm: str) -> bool:
         hv = self.connect(self.uris[host])  # fresh: this runs in a throw-away thread
@@ -117,15 +118,27 @@ class LibvirtOps:
         return sorted(h for h, (done, r) in results.items() if done and r is True)
 
     def start(self, host: str, xml: str) -> None:
-        try:
+        def run() -> None:
             hv = self._conn(host)
             name = hv.define(xml)
             hv.lookup(name).start()
-        except Exception:
+
+        done, r = _in_thread(run, START_TIMEOUT)
+        if not done or isinstance(r, Exception):
             self._drop(host)
-            raise
+            raise r if isinstance(r, Exception) else TimeoutError(
+                f"no answer from {host}'s libvirt within {START_TIMEOUT:g}s")
 
     def ready(self, host: str, vm: str, check: str) -> bool:
+        """Never blocks the leader for long: a host that stopped answering (partitioned
+        after the start) counts as not ready, and its connection is dropped."""
+        done, r = _in_thread(lambda: self._ready(host, vm, check), READY_TIMEOUT)
+        if not done:
+            self._drop(host)
+            return False
+        return r is True
+
+    def _ready(self, host: str, vm: str, check: str) -> bool:
         if check == "none":
             return True
         try:

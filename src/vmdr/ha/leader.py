@@ -175,7 +175,13 @@ class HALeader:
                 continue
             st = by_vm[vm]
             target = rec.get("hosts", {}).get(vm, st.host)
-            if self.ops.ready(target, vm, st.ready.check):
+            if target not in live:  # its new host failed too: that host's failover has it
+                rec["failed"][vm] = now
+                changed = True
+                self.store.add_event("gave-up", f"{vm}: its new host {target} is gone before "
+                                     "it was ready; the failover of that host restarts it",
+                                     host=target, vm=vm, now=now)
+            elif self.ops.ready(target, vm, st.ready.check):
                 t = now
                 rec["ready"][vm] = t
                 changed = True
