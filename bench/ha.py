@@ -229,11 +229,16 @@ def harness(kills: int, partitions: int, save: Any = None) -> dict[str, Any]:
                         time.sleep(0.1)
                     t_up = time.time() - t_cut
                     out["double_runs"] += int(double)
-                    evs = [e for e in agents.events() if e["time"] >= t_cut - 1]
-                    rd = [e["time"] for e in evs if e["kind"] == "ready"
-                          and e["vm"] == guests["db"].name]
-                    sa = [e["time"] for e in evs if e["kind"] == "started"
-                          and e["vm"] == guests["app"].name]
+                    rd: list[float] = []
+                    sa: list[float] = []
+                    wait = time.monotonic() + 10  # the leader writes events after acting
+                    while not (rd and sa) and time.monotonic() < wait:
+                        evs = [e for e in agents.events() if e["time"] >= t_cut - 1]
+                        rd = [e["time"] for e in evs if e["kind"] == "ready"
+                              and e["vm"] == guests["db"].name]
+                        sa = [e["time"] for e in evs if e["kind"] == "started"
+                              and e["vm"] == guests["app"].name]
+                        time.sleep(0.3)
                     ok = bool(rd and sa and sa[0] >= rd[0] + 1.0)
                     out["order_trials"] += 1
                     out["order_ok"] += int(ok)
