@@ -48,14 +48,14 @@ def test_leader_resume_on_etcd() -> None:
         rec["started"].clear()
         store.put_failover("h1", rec)
         new = HALeader(policy, store, ops, "h3")
-        new.step(13.0, live("h3"), set(HOSTS))
+        new.step(13.0, live("h2", "h3"), set(HOSTS))
         assert running(fleet, "db") == [db_at]
         fleet.hosts[db_at].domains["db"].agent = True
-        new.step(14.0, live("h3"), set(HOSTS))
-        new.step(14.5, live("h3"), set(HOSTS))
+        new.step(14.0, live("h2", "h3"), set(HOSTS))
+        new.step(14.5, live("h2", "h3"), set(HOSTS))
         assert len(running(fleet, "app")) == 1
         fleet.hosts[running(fleet, "app")[0]].domains["app"].agent = True
-        new.step(15.0, live("h3"), set(HOSTS))
+        new.step(15.0, live("h2", "h3"), set(HOSTS))
         done = store.failover("h1")
         assert done is not None and done["done"]
         kinds = [ev.kind for ev in store.events()]

@@ -168,3 +168,28 @@ def test_started_on_a_host_that_fails_too() -> None:
     assert rec is not None and "db" in rec["failed"]
     leader.step(6.0, live("h3"), set(HOSTS))
     assert running(fleet, "db") == ["fake://h3/system"]
+
+
+def test_order_holds_across_hosts_that_fail_together() -> None:
+    """db on h1 and app (depends on db, later group) on h3 fail together: two failover
+    records, one order — app starts only after db is ready, even when h3's record is
+    planned first."""
+    fleet, ops, store, policy = setup(ready_delay=1.0)
+    fleet.hosts["fake://h1/system"].domains.pop("app")
+    fleet.host("fake://h3/system").add_domain(xml("app"), active=True)
+    store.put_where("app", "h3")
+    leader = HALeader(policy, store, ops, "h2")
+    fleet.hosts["fake://h3/system"].up = False
+    leader.step(1.0, live("h1", "h2"), set(HOSTS))  # h3 first: app's record is older
+    fleet.hosts["fake://h1/system"].up = False
+    leader.step(2.0, live("h2"), set(HOSTS))
+    leader.step(3.0, live("h2"), set(HOSTS))  # h3's fence delay is over: app would go now
+    assert running(fleet, "app") == []  # but db (h1, still in its fence delay) comes first
+    leader.step(4.0, live("h2"), set(HOSTS))
+    assert running(fleet, "db") == ["fake://h2/system"] and running(fleet, "app") == []
+    fleet.hosts["fake://h2/system"].domains["db"].agent = True
+    leader.step(5.0, live("h2"), set(HOSTS))  # db ready at 5
+    leader.step(5.5, live("h2"), set(HOSTS))
+    assert running(fleet, "app") == []  # + its 1 s delay
+    leader.step(6.0, live("h2"), set(HOSTS))
+    assert running(fleet, "app") == ["fake://h2/system"]

@@ -27,7 +27,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from vmdr.ha.boot import Start, due
@@ -139,11 +139,39 @@ class HALeader:
         for host, rec in sorted(records.items()):
             # also when the host is back: it fenced itself, and it is no target
             if not rec.get("done"):
-                self._advance(host, rec, now, live, wheres)
+                self._advance(host, rec, now, live, wheres, records)
 
     # -- one failover ---------------------------------------------------------------------
+    def _others(self, host: str, records: dict[str, dict[str, Any]],
+                wheres: dict[str, str]) -> tuple[list[Start], dict[str, float],
+                                                 dict[str, float]]:
+        """The starts of the other failovers in flight (hosts that failed together), with
+        their started and released (ready or failed) times: priority groups and
+        dependencies hold across them, as if it were one failure. A failover still in its
+        fence delay contributes its victims as not started yet."""
+        starts: list[Start] = []
+        started: dict[str, float] = {}
+        released: dict[str, float] = {}
+        for h, r in records.items():
+            if h == host:
+                continue  # a finished one still counts: its VMs' ready times (+ delay)
+            if r.get("plan") is None and not r.get("done"):
+                for vm, w in wheres.items():
+                    if w == h and vm in self.policy.vms:
+                        rule = self.policy.vms[vm]
+                        starts.append(Start(vm, "?", rule.priority, 0, (), rule.ready))
+                continue
+            if r.get("plan") is None:
+                continue
+            starts += [_start(d) for d in r["plan"]["starts"]]
+            started.update({k: float(v) for k, v in r.get("started", {}).items()})
+            released.update({k: float(v) for k, v in r.get("ready", {}).items()})
+            released.update({k: float(v) for k, v in r.get("failed", {}).items()})
+        return starts, started, released
+
     def _advance(self, host: str, rec: dict[str, Any], now: float,
-                 live: dict[str, LiveHost], wheres: dict[str, str]) -> None:
+                 live: dict[str, LiveHost], wheres: dict[str, str],
+                 records: dict[str, dict[str, Any]] | None = None) -> None:
         if now < float(rec["fence_until"]):
             return
         rec.setdefault("failed", {})
@@ -167,7 +195,35 @@ class HALeader:
         released = dict(ready)
         released.update({k: float(v) for k, v in rec["failed"].items()})
         changed = False
-        for st in due(starts, now=now, started=started, ready_at=released):
+        others, o_started, o_released = self._others(host, records or {}, wheres)
+        # a VM of this failover that failed here (its new host died too) belongs to the
+        # failover of that host now
+        active = {vm for vm in by_vm if vm not in rec["failed"]}
+        other_vms = {o.vm for o in others} - active
+        if other_vms:  # wait across the failovers in flight too
+            aug: list[Start] = []
+            for st in starts:
+                if st.vm not in active:
+                    continue
+                rule = self.policy.vms.get(st.vm)
+                extra = {d for d in (rule.depends_on if rule else ()) if d in other_vms}
+                extra |= {o.vm for o in others if o.vm in other_vms
+                          and o.priority < st.priority}
+                aug.append(replace(st, after=tuple(sorted(set(st.after) | extra))))
+            seen: set[str] = set()
+            for o in others:
+                if o.vm in other_vms and o.vm not in seen:
+                    seen.add(o.vm)
+                    aug.append(o)
+            merged_started = {k: v for k, v in o_started.items() if k not in active}
+            merged_started.update({k: v for k, v in started.items() if k in active})
+            merged_released = {k: v for k, v in o_released.items() if k not in active}
+            merged_released.update({k: v for k, v in released.items() if k in active})
+            due_now = [st for st in due(aug, now=now, started=merged_started,
+                                        ready_at=merged_released) if st.vm in active]
+        else:
+            due_now = due(starts, now=now, started=started, ready_at=released)
+        for st in due_now:
             changed = True
             self._start_one(host, rec, st, now)
         for vm in sorted(rec["started"]):
