@@ -73,6 +73,8 @@ class AgentConfig:
     repository_jobs: int = 2  # per repository
     history_days: int = 90
     lease_ttl_s: float = 10.0
+    metrics_token_file: str | None = None  # /metrics asks for this bearer token (or auditor)
+    metrics_token: str | None = field(default=None, repr=False)  # read from the file
     alerts: AlertConfig = field(default_factory=AlertConfig)
 
 
@@ -94,7 +96,10 @@ class PolicyConfig:
     verify_schedule: str | None = None
     verify_boot: bool = False
     rpo_s: float | None = None
-    mode: str = "auto"
+    mode: str = "auto"  # backup: auto|full|incremental; replicate: snapshot|mirror|sync
+    bandwidth: list[str] = field(default_factory=list)  # windows: "mon..fri 08:00..18:00 20M"
+    kind: str = "backup"  # backup | replicate (replica cycles / mirrors, vmdr.jobs.mirror)
+    to: str | None = None  # replicate: the DR host (else the inventory's replica_to)
 
 
 @dataclass
@@ -314,6 +319,16 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
     ag.repository_jobs = a.integer("repository_jobs", ag.repository_jobs, 1)
     ag.history_days = a.integer("history_days", ag.history_days, 1)
     ag.lease_ttl_s = a.duration("lease_ttl", ag.lease_ttl_s) or ag.lease_ttl_s
+    ag.metrics_token_file = a.text("metrics_token_file")
+    if ag.metrics_token_file:
+        try:
+            with open(ag.metrics_token_file, encoding="utf-8") as f:
+                ag.metrics_token = f.readline().strip() or None
+        except OSError as exc:
+            raise a._err("metrics_token_file", f"a readable file ({exc.strerror})") from None
+        if not ag.metrics_token or len(ag.metrics_token) < 16:
+            raise a._err("metrics_token_file", "a file whose first line is a token of 16 or "
+                                               "more characters")
     al = _Reader(path, a.table_("alerts"), "agent.alerts.")
     ac = ag.alerts
     ac.webhook = al.text("webhook")
@@ -333,6 +348,9 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         schedule, repo = p.text("schedule"), p.text("repository")
         if not schedule:
             raise ConfigError(f"{path}: policies.{name}.schedule: missing (e.g. \"daily 02:00\")")
+        if p.text("kind", "backup", ("backup", "replicate")) == "replicate":
+            cfg.policies[name] = _replicate_policy(path, name, p, schedule, repo or "")
+            continue
         if not repo:
             raise ConfigError(f"{path}: policies.{name}.repository: missing")
         if repo not in cfg.repositories:
@@ -355,5 +373,25 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         pol.verify_boot = p.boolean("verify_boot", False)
         pol.rpo_s = p.duration("rpo", None)
         pol.mode = p.text("mode", "auto", ("auto", "full", "incremental")) or "auto"
+        bw = table.get("bandwidth")
+        pol.bandwidth = [bw] if isinstance(bw, str) else p.strlist("bandwidth")
+        p.used.add("bandwidth")  # its rules are checked by the agent (scheduler.schedules)
         p.finish()
         cfg.policies[name] = pol
+
+
+def _replicate_policy(path: str, name: str, p: _Reader, schedule: str,
+                      repo: str) -> PolicyConfig:
+    """``kind = "replicate"``: a replica cycle per covered VM on each firing (mode
+    snapshot), or a supervised mirror kept running (mirror, sync). ``repository`` is only
+    a label here (replicas do not write to one)."""
+    pol = PolicyConfig(name, schedule, repo, kind="replicate")
+    if "vms" in p.table:
+        pol.vms = p.strlist("vms")
+    pol.tiers, pol.hosts = p.strlist("tiers"), p.strlist("hosts")
+    pol.jitter_s = p.duration("jitter", None)
+    pol.rpo_s = p.duration("rpo", None)
+    pol.mode = p.text("mode", "snapshot", ("snapshot", "mirror", "sync")) or "snapshot"
+    pol.to = p.text("to")
+    p.finish()
+    return pol

@@ -59,12 +59,17 @@ def job_command(cfg: Config, job: Job) -> list[str]:
             "--no-progress"]
     if cfg.path:
         base += ["--config", cfg.path]
+    if job.type == "replicate":
+        return base + replicate_command(cfg, job)
     repo = cfg.repositories.get(job.repository or "")
     if repo is None:
         raise ValueError(f"job {job.id}: unknown repository {job.repository!r}")
     base += _repo_args(repo)
+    pol = cfg.policies.get(job.policy or "")
+    # the policy's bandwidth windows: the job follows them by the clock while it runs
+    bw = ["--bwlimit", "; ".join(pol.bandwidth)] if pol and pol.bandwidth else []
     if job.type == "backup":
-        cmd = ["backup", str(job.vm), "--mode", str(a.get("mode", "auto"))]
+        cmd = ["backup", str(job.vm), "--mode", str(a.get("mode", "auto")), *bw]
         if cfg.connect:
             cmd += ["--connect", cfg.connect]
         return base + cmd
@@ -78,7 +83,7 @@ def job_command(cfg: Config, job: Job) -> list[str]:
         return base + cmd
     if job.type == "copy":
         to = cfg.repositories[str(a["to"])]
-        cmd = ["copy", str(job.vm), "--to", to.url, "--latest", "1"]
+        cmd = ["copy", str(job.vm), "--to", to.url, "--latest", "1", *bw]
         if to.password_file:
             cmd += ["--to-password-file", to.password_file]
         if to.key_file:
@@ -104,6 +109,24 @@ def job_command(cfg: Config, job: Job) -> list[str]:
             cmd += ["--force"]
         return base + cmd
     raise ValueError(f"job {job.id}: unknown type {job.type!r}")
+
+
+def replicate_command(cfg: Config, job: Job) -> list[str]:
+    """``replicate VM`` for a replicate policy: one cycle (snapshot), or a mirror that
+    runs until it is aborted (``--exit-on-abort``: the agent alerts, then the policy's
+    next firing restarts it, beginning with a snapshot cycle)."""
+    a = job.args
+    cmd = ["replicate", str(job.vm), "--connect", cfg.connect]
+    if a.get("to"):
+        cmd += ["--to", str(a["to"])]
+    if isinstance(a.get("rpo"), int | float):
+        cmd += ["--rpo", f"{int(float(str(a['rpo'])))}s"]
+    mode = str(a.get("mode") or "snapshot")
+    if mode in ("mirror", "sync"):
+        cmd += ["--mode", mode, "--exit-on-abort"]
+    else:
+        cmd += ["--mode", "snapshot"]
+    return cmd
 
 
 @dataclass
