@@ -11,7 +11,8 @@ from vmdr.errors import HypervisorError, HypervisorUnavailable, UsageError
 from vmdr.ha import hatest, maintenance
 from vmdr.ha.fleet import Connect, OpsHost
 from vmdr.ha.model import load_policy
-from vmdr.ha.records import HARecords, etcd_records
+from vmdr.ha.records import HARecords
+from vmdr.ha.store import HAStore
 from vmdr.ha.wdsettings import DEFAULT_EVIDENCE_DIR
 from vmdr.hypervisor import connect
 from vmdr.hypervisor.overlay import create_file
@@ -49,7 +50,9 @@ def open_records(cfg: Config, *, required: str | None = None) -> HARecords | Non
             raise UsageError(f"{required} needs the fleet's etcd: set [agent] etcd = "
                              "[\"http://HOST:2379\", ...] in the config")
         return None
-    return etcd_records(cfg.agent.etcd, cfg.agent.etcd_prefix, me=os.uname().nodename)
+    from vmdr.agent.coord_etcd import EtcdCoordinator
+    coord = EtcdCoordinator(cfg.agent.etcd, 10.0, cfg.agent.etcd_prefix)
+    return HARecords(HAStore.for_coordinator(coord, me=os.uname().nodename))
 
 
 def host_connector(inv: inventory.Inventory) -> Connect:
