@@ -153,7 +153,7 @@ def test_maintenance_bad_input_moves_nothing(fl: Fleet) -> None:
     fl.records.clear_maintenance("h2")
     fl.records.clear_maintenance("h3")
     fl.run("h3", "big", 3584)
-    with pytest.raises(maintenance.NowhereToGo, match="big: needs 3.5 GiB memory"):
+    with pytest.raises(maintenance.NowhereToGo, match=r"big: needs 3\.5 GiB memory"):
         maintenance.enter(fl.inv, fl.policy, fl.records, fl.connect, "h3")
     assert fl.where()["big"] == "h3" and "h3" not in fl.records.maintenance()
 
@@ -164,7 +164,7 @@ def test_failed_migration_stops_and_says_what_moved(fl: Fleet) -> None:
         maintenance.enter(fl.inv, fl.policy, fl.records, fl.connect, "h1")
     fl.host("h3").up = True
     fl.host("h3").add_domain(dom_xml("db1", 1024))  # a stale definition on the target
-    with pytest.raises(HypervisorError, match="migrating db1 to h3 failed.*h1 stays in "
+    with pytest.raises(HypervisorError, match=r"migrating db1 to h3 failed.*h1 stays in "
                                               "maintenance, 0 of 2"):
         maintenance.enter(fl.inv, fl.policy, fl.records, fl.connect, "h1")
     assert "h1" in fl.records.maintenance() and "gave-up" in kinds(fl.records)
