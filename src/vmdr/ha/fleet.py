@@ -154,3 +154,39 @@ def all_rules(inv: Inventory, policy: HAPolicy, names: Sequence[str]) -> HAPolic
             rules[n] = HAVM(n, v.boot_group, v.depends_on, v.anti_affinity, v.affinity_hosts,
                             v.hosts_rule, Readiness("none"))
     return replace(policy, vms=rules)
+
+
+def state_from_members(inv: Inventory, records: HARecords) -> tuple[ClusterState, list[str]]:
+    """The cluster as the agents report it in etcd (``members/<host>``: capacity and
+    running VMs), with hosts in maintenance; VM sizes from the inventory. A host without a
+    live member (its agent is down) is down. Also notes on what was filled in."""
+    members = records.members()
+    maint = records.maintenance()
+    notes: list[str] = []
+    hosts: dict[str, HostState] = {}
+    for h in inv.hosts.values():
+        m = members.get(h.name)
+        vcpus, memory = h.vcpus, h.memory
+        if m is not None:
+            vcpus = vcpus or _int(m.get("cpus")) or None
+            memory = memory or _int(m.get("memory_mib")) * 1024 * 1024 or None
+        else:
+            notes.append(f"host {h.name}: no live agent in etcd (down)")
+        hosts[h.name] = HostState(h.name, vcpus, memory, m is not None, h.name in maint)
+    running: dict[str, str] = {}
+    for name, m in sorted(members.items()):
+        if name not in inv.hosts:
+            continue
+        for vm in m.get("running_vms") or []:
+            if isinstance(vm, str):
+                running[vm] = name
+    vms: dict[str, VMState] = {}
+    for v in inv.vms.values():
+        where = running.get(v.name)
+        vms[v.name] = VMState(v.name, where or v.host, v.vcpus or 0, v.memory or 0,
+                              where is not None,
+                              v.vcpus is not None and v.memory is not None)
+    for vm, where in running.items():
+        if vm not in vms:
+            vms[vm] = VMState(vm, where, 0, 0, True, False)
+    return ClusterState(hosts, vms), notes
