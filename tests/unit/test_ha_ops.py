@@ -252,3 +252,13 @@ def test_watchdog_escalation_restarts_on_another_host(fl: Fleet, tmp_path: Path)
     fl.host("h2").up = fl.host("h3").up = False
     assert esc3("db3", WatchdogEvent("t", "db3", "escalated", "x")) is False
     assert fl.where()["db3"] == "h1" and kinds(fl.records)[-1] == "gave-up"
+
+
+def test_dashboard_without_etcd_says_ha_needs_a_fleet() -> None:
+    from types import SimpleNamespace
+
+    from vmdr.agent.web_ha import NO_FLEET, ha_status
+    a = SimpleNamespace(cfg=SimpleNamespace(agent=SimpleNamespace(etcd=[])), coord=None,
+                        host="h1")
+    assert ha_status(a) == {"fleet": False, "message": NO_FLEET}  # type: ignore[arg-type]
+    assert NO_FLEET.startswith("HA needs a fleet (etcd)")

@@ -28,9 +28,7 @@ def _evaluate(ns: argparse.Namespace, g: Globals) -> Coverage:
     from vmdr.cli.ha_ops_cmds import open_records
     from vmdr.ha.planfacts import plan_facts
 
-    def ha(inv: Inventory) -> HAFacts:
-        if ns.offline:
-            return plan_facts(inv, lambda: None, why_none="--offline: etcd not asked")
+    def ha(inv: Inventory) -> HAFacts:  # etcd is asked also --offline: it is no host
         return plan_facts(inv, lambda: open_records(g.config))
 
     return planjob.evaluate(
