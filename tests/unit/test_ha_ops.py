@@ -262,3 +262,33 @@ def test_dashboard_without_etcd_says_ha_needs_a_fleet() -> None:
                         host="h1")
     assert ha_status(a) == {"fleet": False, "message": NO_FLEET}  # type: ignore[arg-type]
     assert NO_FLEET.startswith("HA needs a fleet (etcd)")
+
+
+def test_admission_refuses_the_vm_that_breaks_n_plus_1_or_warns() -> None:
+    from vmdr.ha import admission
+    from vmdr.ha.model import state_from_inventory
+    text = ESTATE + """
+[vm.big]
+host = "h2"
+ha = true
+vcpus = 1
+memory = "3584MiB"
+[vm.db1b]
+host = "h3"
+ha = true
+vcpus = 1
+memory = "512MiB"
+"""
+    for k in ("db1", "db2"):
+        text = text.replace(f"[vm.{k}]\nhost", f"[vm.{k}]\nvcpus = 1\nmemory = \"1GiB\"\nhost")
+    f = Fleet(text)
+    state = state_from_inventory(f.inv)
+    policy, refused = admission.enforce(f.policy, state)
+    # big (3.5 GiB) fits nowhere if h2 fails once the others are admitted (priority, name)
+    assert list(refused) == ["big"] and "big" not in policy.vms and "db1" in policy.vms
+    assert "if h2 fails" in refused["big"]
+    assert admission.check(policy, state).ok
+    warn = Fleet(text.replace("[plan.tiers.gold]", "[ha]\nadmission = \"warn\"\n"
+                                                   "[plan.tiers.gold]"))
+    policy, refused = admission.enforce(warn.policy, state)
+    assert list(refused) == ["big"] and "big" in policy.vms

@@ -116,3 +116,13 @@ def per_vm(policy: HAPolicy, state: ClusterState) -> tuple[Admission, dict[str, 
         else:
             refused[name] = "; ".join(a.problems()[:3])
     return whole, refused
+
+
+def enforce(policy: HAPolicy, state: ClusterState) -> tuple[HAPolicy, dict[str, str]]:
+    """Admission control at config load (the agent): the VMs that break
+    ``host_failures_tolerated`` (VM -> why), and the policy to run with — without them when
+    ``admission = "refuse"``, unchanged (the caller warns) when ``"warn"``."""
+    _whole, refused = per_vm(policy, state)
+    if refused and policy.settings.admission == "refuse":
+        policy = replace(policy, vms={n: r for n, r in policy.vms.items() if n not in refused})
+    return policy, refused
