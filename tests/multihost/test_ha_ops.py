@@ -5,24 +5,36 @@ by the placement rules while it keeps writing its record stream; then `vmdr ha t
 boots an isolated copy on h3 (h1 is in maintenance, so h3 is where it would fail over to)
 while the original keeps running on h2; the copy answers, is removed with its overlays,
 and the pass lands in etcd. The guest's record stream is one consistent history at the
-end (the test's temporary overlay was merged back into the production disks).
+end (the test's temporary overlay was merged back into the production disks). Last, the
+guest's QEMU is killed with its watchdog's restart budget spent: the watchdog restarts it
+on another host by placement, and it resumes its record stream from the shared disk.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.guest.records import check_records
 from tests.multihost.cluster import Cluster
+from vmdr import config
 from vmdr.agent.coord_etcd import EtcdCoordinator
+from vmdr.cli.ha_ops_cmds import host_connector
+from vmdr.ha.escalate import Escalator
+from vmdr.ha.model import load_policy
+from vmdr.ha.monitor import Monitor
 from vmdr.ha.records import HARecords
 from vmdr.ha.store import HAStore
+from vmdr.ha.wdsettings import WatchdogSettings
+from vmdr.hypervisor import connect
+from vmdr.plan import inventory
 
 pytestmark = [pytest.mark.multihost, pytest.mark.vm]
 
@@ -104,16 +116,45 @@ memory = "128MiB"
     assert "hatest" not in xml and str(g.boot_disk) in xml  # back on its own images
     test = records.tests()[g.name]
     assert (test.kind, test.source, test.target) == ("test", "h2", "h3")
-    kinds = [e["kind"] for e in records.events()]
-    assert kinds == ["maintenance", "migrated", "tested"], kinds
+    evs = [e["kind"] for e in records.events()]
+    assert evs == ["maintenance", "migrated", "tested"], evs
     seq2 = g.wait_writer(above=seq1, timeout=60)
+
+    print(f"maintenance: migrated in {doc['moves'][0]['seconds']}s; ha test: copy started "
+          f"in {res['start_s']}s, answered after {res['ready_s']}s")
 
     # h1 leaves maintenance; its records go
     p = vmdr(cfg, "ha", "maintenance", "h1", "--exit")
     assert p.returncode == 0 and "maintenance ended" in p.stdout
     assert records.maintenance() == {}
 
-    g.destroy(h2)
+    # the watchdog on h2: QEMU killed, restart budget 0 → restarted on another host
+    inv = inventory.from_config(config.load(str(cfg)))
+    esc = Escalator(inv, load_policy(inv), host_connector(inv), "h2", records)
+    s = WatchdogSettings(g.name, enabled=True, restart_budget=0,
+                         evidence_dir=str(tmp_path / "wd"))
+    mon = Monitor(lambda: connect(h2.uri), [s], escalate=esc)
+    mon.cycle()
+    qemu = h2.daemon_pid("qemu-system-x86")
+    assert qemu is not None
+    os.kill(qemu, signal.SIGKILL)
+    t0 = time.monotonic()
+    kinds = []
+    while "escalated" not in kinds and time.monotonic() - t0 < 30:
+        kinds += [e.kind for e in mon.cycle()]
+        time.sleep(0.5)
+    mon.close()
+    assert "escalated" in kinds and "gave-up" not in kinds, (kinds, esc.last)
+    now_on = next(h for h in (h1, h3) if g.is_running_on(h))
+    g.host = now_on
+    g.known.add(now_on)
+    assert g.name not in h2.domain_states()  # undefined on h2: it cannot run twice
+    seq3 = g.wait_writer(above=seq2, timeout=90)  # the new boot goes on from the disk
+    print(f"watchdog escalation: running on {now_on.name} "
+          f"{time.monotonic() - t0:.1f}s after the kill")
+    assert [e["kind"] for e in records.events()][-2:] == ["placed", "started"]
+
+    g.destroy(now_on)
     rc = check_records(g.data_disk, "qcow2")
     assert rc.consistent, rc.problems
-    assert rc.last_seq >= seq2
+    assert rc.last_seq >= seq3
