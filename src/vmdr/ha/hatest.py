@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from vmdr.errors import HypervisorError, UsageError, VmdrError
+from vmdr.errors import HypervisorError, NoPlacement, UsageError
 from vmdr.plan.inventory import Inventory
 from vmdr.timeutil import utcnow
 
@@ -40,8 +40,7 @@ PREFIX = "vmdr-hatest-"
 MakeOverlay = Callable[[str, str, str], None]  # (overlay path, backing path, backing format)
 
 
-class NoTarget(VmdrError):
-    """The VM has nowhere to fail over to (exit 1)."""
+NoTarget = NoPlacement  # refused, nothing moved (exit 1)
 
 
 @dataclass

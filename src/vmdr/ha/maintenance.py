@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmdr.errors import HypervisorError, UsageError, VmdrError
+from vmdr.errors import HypervisorError, NoPlacement, UsageError
 from vmdr.plan.inventory import Inventory
 
 from .fleet import Connect, Live, all_rules, live_state
@@ -30,8 +30,7 @@ __all__ = ["Evacuation", "Move", "NowhereToGo", "enter", "evacuation", "leave",
            "migration_uris"]
 
 
-class NowhereToGo(VmdrError):
-    """Maintenance refused: nothing moved (exit 1)."""
+NowhereToGo = NoPlacement  # refused, nothing moved (exit 1)
 
 
 @dataclass
