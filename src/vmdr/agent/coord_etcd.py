@@ -64,6 +64,10 @@ class EtcdCoordinator(Coordinator):
         self._host: str | None = None
         self._leader = False
         self._members: list[Member] = []
+        # monotonic time at which the last *successful* lease renewal (or grant) was sent:
+        # the self-fencing deadline counts from it (vmdr.ha.settings, vmdr.ha.fencing)
+        self.last_renew_sent: float | None = None
+        self.ever_seen: set[str] = set()  # every member host seen while this agent ran
 
     # -- connection -----------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -93,8 +97,11 @@ class EtcdCoordinator(Coordinator):
         self._leader = False  # until proven below: any error leaves it False
 
         def renew(c: Any) -> bool:
+            sent = time.monotonic()
             if self._lease is None or self._lease.refresh() <= 0:
+                sent = time.monotonic()
                 self._lease = c.lease(self.ttl)
+            self.last_renew_sent = sent
             me.seen = now
             key = f"{self.prefix}members/{me.host}"
             leader_key = f"{self.prefix}leader"
@@ -106,9 +113,7 @@ class EtcdCoordinator(Coordinator):
             leader = bool(current) and _s(current[0]) == me.host
             me.leader = leader
             c.put(key, json.dumps(me.as_dict()), lease=self._lease)
-            self._members = [Member(**{k: v for k, v in json.loads(_s(v)).items()
-                                       if k in Member.__dataclass_fields__})
-                             for v, _ in c.get_prefix(f"{self.prefix}members/")]
+            self._members = self._parse_members(c.get_prefix(f"{self.prefix}members/"))
             return leader
 
         self._leader = bool(self._call(renew))
@@ -116,6 +121,23 @@ class EtcdCoordinator(Coordinator):
 
     def members(self) -> list[Member]:
         return list(self._members)
+
+    def _parse_members(self, rows: Any) -> list[Member]:
+        out = [Member(**{k: v for k, v in json.loads(_s(v)).items()
+                         if k in Member.__dataclass_fields__}) for v, _ in rows]
+        self.ever_seen.update(m.host for m in out)
+        return out
+
+    def read_members(self) -> list[Member]:
+        """A fresh read of the live members (the HA leader polls faster than the cycle)."""
+        return self._parse_members(
+            self._call(lambda c: c.get_prefix(f"{self.prefix}members/")))
+
+    def holds_lease(self, fence_after: float) -> bool:
+        """Whether the last successful renewal was sent less than *fence_after* seconds ago
+        (the HA leader acts only then; see vmdr.ha.fencing)."""
+        sent = self.last_renew_sent
+        return sent is not None and time.monotonic() < sent + fence_after
 
     def schedule_state(self) -> dict[str, float]:
         rows = self._call(lambda c: c.get_prefix(f"{self.prefix}schedule/"))

@@ -25,6 +25,8 @@ from vmdr.agent import scheduler as sched
 from vmdr.agent.alerts import Alerter
 from vmdr.agent.clock import stamp, wall
 from vmdr.agent.coord import Coordinator, Embedded, Member
+from vmdr.agent.coord_etcd import EtcdCoordinator
+from vmdr.agent.ha_runtime import HARuntime, make_ha_runtime
 from vmdr.agent.history import History, Job, new_job_id
 from vmdr.agent.inventory import LibvirtVMs, VMSource
 from vmdr.agent.runner import Runner, job_command
@@ -38,8 +40,6 @@ PROTECTION_TTL = 2.0  # seconds a computed protection table is served again
 
 def make_coordinator(cfg: Config, history: History) -> Coordinator:
     if cfg.agent.etcd:
-        from vmdr.agent.coord_etcd import EtcdCoordinator
-
         return EtcdCoordinator(cfg.agent.etcd, cfg.agent.lease_ttl_s, cfg.agent.etcd_prefix)
     return Embedded(history)
 
@@ -71,6 +71,11 @@ class Agent:
         self.history = history or History.open(cfg.agent.state, cfg.agent.database)
         self.vm_source = vms or LibvirtVMs(cfg, self.host)
         self.coord = coordinator or make_coordinator(cfg, self.history)
+        self.ha: HARuntime | None = None
+        if isinstance(self.coord, EtcdCoordinator):  # HA needs the fleet's etcd
+            self.ha = make_ha_runtime(cfg, self.host, self.coord)
+            if self.ha is not None:
+                self.ha.is_leader = lambda: self.leader
         self.runner = Runner(self.history, command or (lambda j: job_command(self.cfg, j)),
                              clock)
         self.runner.listeners.append(self._job_finished)
@@ -102,6 +107,8 @@ class Agent:
         log.info("agent on %s: %d policies, %d VMs, history in %s, coordination %s",
                  self.host, len(self.cfg.policies), len(self.vm_source.vms()),
                  self.history.dialect, self.coord.name)
+        if self.ha is not None:
+            self.ha.start()
         while not self.stopping.is_set():
             t0 = time.monotonic()
             try:
@@ -130,6 +137,8 @@ class Agent:
         for t in list(self.tasks):
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(t, 5)
+        if self.ha is not None:
+            self.ha.stop()
         self.coord.close()
 
     async def cycle(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmdr.cli import ha_ops_cmds
+from vmdr.cli import ha_engine_cmds, ha_ops_cmds
 from vmdr.cli.common import Globals, emit_json, out, warn
 from vmdr.errors import UsageError
 from vmdr.ha import admission
@@ -203,4 +203,5 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     q.add_argument("--maintenance", metavar="HOST[,HOST...]",
                    help="hosts in maintenance (never failover targets)")
     q.set_defaults(func=cmd_simulate)
+    ha_engine_cmds.register_engine(psub, parents)  # status, events (ha-engine)
     ha_ops_cmds.register(psub, parents)  # maintenance, test (ha-ops)

@@ -1,0 +1,313 @@
+"""The agent's HA part (fleet mode with ``[agent] etcd``, an ``[ha]`` table and HA VMs).
+
+Two threads beside the agent's loop, so a renewal stuck on an unreachable etcd delays
+neither:
+
+* **guard** (every 0.1 s): follows the coordinator's last successful lease renewal
+  (:class:`vmdr.ha.fencing.SelfFence`); once ``lease_ttl − self_fence_margin`` has passed
+  without one, destroys every HA VM running on this host — before etcd can expire the
+  lease and the leader restart them elsewhere. Pets ``/dev/watchdog`` after each renewal
+  where the device exists.
+* **engine** (every 0.25 s): publishes the domain XML and host of the HA VMs running here
+  (``ha/domains``, ``ha/where``, on change only); reports a fencing episode once etcd
+  answers again; and, while this agent leads and holds its lease, runs the failover
+  executor (:class:`vmdr.ha.leader.HALeader`).
+
+Libvirt access to the other hosts goes through their inventory URIs (``[hosts.NAME]
+uri``); this host uses the config's ``connect``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmdr.agent.clock import wall
+from vmdr.agent.coord_etcd import EtcdCoordinator
+from vmdr.config import Config
+from vmdr.ha.fencing import SelfFence, Watchdog
+from vmdr.ha.leader import HALeader, LiveHost
+from vmdr.ha.model import HAPolicy, load_policy
+from vmdr.ha.store import HAStore
+from vmdr.hypervisor import Hypervisor
+from vmdr.plan import inventory
+
+__all__ = ["HARuntime", "LibvirtOps", "make_ha_runtime"]
+
+log = logging.getLogger("vmdr.ha")
+GUARD_PERIOD = 0.1
+ENGINE_PERIOD = 0.25
+PUBLISH_EVERY = 2.0
+CHECK_TIMEOUT = 1.5  # s for "is it running there?" per host (unreachable: skipped)
+WATCHDOG = "/dev/watchdog"
+
+
+def _in_thread(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    """(finished, result) of *fn* run in a daemon thread for at most *timeout* seconds
+    (a partitioned host's libvirt connect can hang for minutes)."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as exc:
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not box:
+        return False, None
+    return True, box[0]
+
+
+class LibvirtOps:
+    """:class:`vmdr.ha.leader.FleetOps` over hypervisor connections by URI."""
+
+    def __init__(self, uris: dict[str, str], connect: Callable[[str], Hypervisor]) -> None:
+        self.uris = uris
+        self.connect = connect
+        self._conns: dict[str, Hypervisor] = {}
+        self._lock = threading.Lock()
+
+    def _conn(self, host: str) -> Hypervisor:
+        with self._lock:
+            c = self._conns.get(host)
+        if c is None:
+            c = self.connect(self.uris[host])
+            with self._lock:
+                self._conns[host] = c
+        return c
+
+    def _drop(self, host: str) -> None:
+        with self._lock:
+            c = self._conns.pop(host, None)
+        if c is not None:
+            try:
+                c.close()
+            except Exception as exc:
+                log.debug("closing %s: %s", host, exc)
+
+    def _running_on(self, host: str, vm: str) -> bool:
+        hv = self.connect(self.uris[host])  # fresh: this runs in a throw-away thread
+        try:
+            if vm not in hv.list_domains():
+                return False
+            return hv.lookup(vm).is_active()
+        finally:
+            hv.close()
+
+    def where_running(self, vm: str) -> list[str]:
+        results: dict[str, tuple[bool, Any]] = {}
+        threads = []
+        for host in sorted(self.uris):
+            def check(h: str = host) -> None:
+                results[h] = _in_thread(lambda: self._running_on(h, vm), CHECK_TIMEOUT)
+            t = threading.Thread(target=check, daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(CHECK_TIMEOUT + 0.5)
+        return sorted(h for h, (done, r) in results.items() if done and r is True)
+
+    def start(self, host: str, xml: str) -> None:
+        try:
+            hv = self._conn(host)
+            name = hv.define(xml)
+            hv.lookup(name).start()
+        except Exception:
+            self._drop(host)
+            raise
+
+    def ready(self, host: str, vm: str, check: str) -> bool:
+        if check == "none":
+            return True
+        try:
+            dom = self._conn(host).lookup(vm)
+            if check == "agent":
+                return bool(dom.guest_ping(timeout=1))
+            if check.startswith("exec:"):
+                return dom.guest_exec(shlex.split(check[5:]), timeout=5).ok
+            if check.startswith("tcp:"):
+                port = int(check[4:])
+                for addr in dom.guest_addresses():
+                    try:
+                        with socket.create_connection((addr, port), timeout=1):
+                            return True
+                    except OSError:
+                        continue
+            return False
+        except Exception as exc:
+            log.debug("readiness of %s on %s: %s", vm, host, exc)
+            return False
+
+    def local_ha_running(self, host: str, names: set[str]) -> list[str]:
+        hv = self._conn(host)
+        out = []
+        for n in hv.list_domains():
+            if n in names and hv.lookup(n).is_active():
+                out.append(n)
+        return out
+
+
+class HARuntime:
+    def __init__(self, host: str, policy: HAPolicy, coord: EtcdCoordinator, store: HAStore,
+                 ops: LibvirtOps, *, clock: Callable[[], float] = wall,
+                 watchdog: str | None = WATCHDOG) -> None:
+        self.host = host
+        self.policy = policy
+        self.settings = policy.settings
+        self.coord = coord
+        self.store = store
+        self.ops = ops
+        self.clock = clock
+        self.fence = SelfFence(self.settings, time.monotonic())
+        self.leader = HALeader(policy, store, ops, host)
+        self.watchdog = (Watchdog(watchdog, self.settings.self_fence_after)
+                         if watchdog and Watchdog.available(watchdog) else None)
+        self.is_leader: Callable[[], bool] = lambda: False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._published: dict[str, str] = {}  # vm -> hash of the XML published
+        self._last_publish = 0.0
+        self._last_trim = 0.0
+        self._reported_episode = 0
+        self._fenced_vms: list[str] = []
+        self._fenced_wall: float | None = None
+
+    # -- threads --------------------------------------------------------------------------
+    def start(self) -> None:
+        for name, fn in (("ha-guard", self._guard_loop), ("ha-engine", self._engine_loop)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("HA on %s: %d HA VMs, lease %gs, self-fence after %gs without renewal, "
+                 "fence delay %gs, watchdog %s", self.host, len(self.policy.vms),
+                 self.settings.lease_ttl, self.settings.self_fence_after,
+                 self.settings.fence_delay, self.watchdog.path if self.watchdog else "none")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        if self.watchdog is not None:
+            self.watchdog.disarm()
+
+    def _guard_loop(self) -> None:
+        while not self._stop.wait(GUARD_PERIOD):
+            try:
+                self.guard(time.monotonic())
+            except Exception:
+                log.exception("HA guard failed; retrying")
+
+    def _engine_loop(self) -> None:
+        while not self._stop.wait(ENGINE_PERIOD):
+            try:
+                self.engine(self.clock())
+            except Exception as exc:
+                log.warning("HA engine: %s", exc)
+
+    # -- guard: self-fencing --------------------------------------------------------------
+    def guard(self, now: float) -> list[str]:
+        sent = self.coord.last_renew_sent
+        if sent is not None and sent > self.fence.last_sent:
+            self.fence.renewed(sent)
+            if self.watchdog is not None:
+                if self.watchdog.fd is None:
+                    self.watchdog.arm()
+                else:
+                    self.watchdog.pet()
+        if not self.fence.due(now):
+            return []
+        try:
+            victims = self.ops.local_ha_running(self.host, set(self.policy.vms))
+        except Exception as exc:
+            self.ops._drop(self.host)
+            log.error("self-fencing: cannot list the local VMs: %s", exc)
+            if self.watchdog is not None:
+                self.watchdog.abandon()  # the board resets the host at its timeout
+            return []
+        for vm in victims:
+            try:
+                self.ops._conn(self.host).lookup(vm).destroy()
+                log.warning("self-fenced: destroyed %s (no lease renewal for %.1fs)", vm,
+                            now - self.fence.last_sent)
+                self._fenced_vms.append(vm)
+                self._fenced_wall = self.clock()
+            except Exception as exc:
+                log.error("self-fencing: destroying %s failed: %s", vm, exc)
+        return victims
+
+    # -- engine: publish, report, lead ------------------------------------------------------
+    def engine(self, now: float) -> None:
+        if self.fence.fenced or not self.coord.holds_lease(self.settings.self_fence_after):
+            return
+        if self.fence.episode > self._reported_episode:
+            self._report_fencing(now)
+        if now - self._last_publish >= PUBLISH_EVERY:
+            self._last_publish = now
+            self.publish(now)
+        if self.is_leader():
+            members = self.coord.read_members()
+            live = {m.host: LiveHost(m.host, m.cpus, m.memory_mib, tuple(m.running_vms))
+                    for m in members}
+            if not self.coord.holds_lease(self.settings.self_fence_after):
+                return
+            self.leader.step(now, live, set(self.coord.ever_seen))
+            if now - self._last_trim > 60:
+                self._last_trim = now
+                self.store.trim_events()
+
+    def publish(self, now: float) -> None:
+        hv = self.ops._conn(self.host)
+        for vm in self.ops.local_ha_running(self.host, set(self.policy.vms)):
+            xml = hv.lookup(vm).xml(inactive=True)
+            h = hashlib.sha256(xml.encode()).hexdigest()
+            if self._published.get(vm) != h or self.store.where(vm) != self.host:
+                self.store.put_domain(vm, xml, self.host, now)
+                self._published[vm] = h
+
+    def _report_fencing(self, now: float) -> None:
+        vms, self._fenced_vms = self._fenced_vms, []
+        self.store.add_event("self-fenced", f"{self.host} could not renew its lease for "
+                             f"{self.settings.self_fence_after:g}s and destroyed its HA VMs"
+                             f" ({', '.join(vms) or 'none ran'})", host=self.host,
+                             now=self._fenced_wall or now, detail={"vms": vms})
+        self._reported_episode = self.fence.episode
+        mine = [vm for vm in vms if self.store.where(vm) == self.host]
+        if mine:  # the lease may not have expired: ask the leader to restart them
+            rec = {"host": self.host, "detected": now, "fence_until": now, "plan": None,
+                   "started": {}, "ready": {}, "failed": {}, "done": False,
+                   "by": self.host, "self_reported": True}
+            if self.store.create_failover(self.host, rec):
+                self.store.add_event("detected", f"{self.host} fenced itself; its HA VMs "
+                                     f"({', '.join(mine)}) restart elsewhere",
+                                     host=self.host, now=now, detail={"vms": mine})
+
+
+def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
+                    connect: Callable[[str], Hypervisor] | None = None) -> HARuntime | None:
+    """The HA runtime, or None when HA is off (no ``[ha]`` table or no VM under HA).
+    ConfigError (exit 2) on a bad inventory or ``[ha]`` table."""
+    if "ha" not in cfg.raw:
+        return None
+    inv = inventory.from_config(cfg)
+    policy = load_policy(inv)
+    if not policy.vms:
+        return None
+    uris = {h.name: h.uri for h in inv.hosts.values() if h.uri}
+    uris[host] = cfg.connect
+    if connect is None:
+        from vmdr.hypervisor import connect as lv_connect
+
+        connect = lv_connect
+    store_coord = EtcdCoordinator(coord.endpoints, coord.ttl, coord.prefix)
+    store = HAStore.for_coordinator(store_coord, me=host)
+    coord.ttl = max(2, int(policy.settings.lease_ttl))  # the [ha] lease governs
+    return HARuntime(host, policy, coord, store, LibvirtOps(uris, connect))

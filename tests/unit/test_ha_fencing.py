@@ -1,0 +1,132 @@
+"""Self-fencing timing, the watchdog device (a regular file stands in for /dev/watchdog;
+never run on a hardware watchdog), fence_command, and the agent's guard over FakeFleet."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from vmdr.agent.ha_runtime import HARuntime, LibvirtOps
+from vmdr.ha.fencing import SelfFence, Watchdog, run_fence_command
+from vmdr.ha.model import HAVM, HAPolicy
+from vmdr.ha.settings import ETCD_EXPIRY_GRANULARITY, FENCE_KILL_BUDGET, HASettings
+from vmdr.ha.store import HAStore, MemoryKV
+from vmdr.hypervisor.fake import FakeFleet
+
+
+def test_fence_deadline_before_lease_expiry() -> None:
+    s = HASettings()
+    f = SelfFence(s, started=0.0)
+    f.renewed(10.0)
+    assert not f.due(10.0 + s.self_fence_after - 0.01)
+    assert f.due(10.0 + s.self_fence_after)
+    assert f.episode == 1 and f.due(20.0) and f.episode == 1  # one episode
+    f.renewed(21.0)
+    assert not f.due(21.5) and not f.fenced
+    assert not f.due(22.0) and f.due(30.0) and f.episode == 2
+    f.renewed(5.0)  # an older renewal (out of order) never moves the deadline back
+    assert f.deadline == 21.0 + s.self_fence_after
+
+
+def test_never_two_copies_under_random_renewal_loss() -> None:
+    """Simulated timelines: renewals every lease_renew with random loss and delay. The host
+    has destroyed its VMs (fence + kill budget) before the leader may restart them
+    (expiry + fence delay), whatever happens."""
+    s = HASettings()
+    rng = random.Random(7)
+    for _ in range(2000):
+        t, last_sent, expiry = 0.0, 0.0, s.lease_ttl
+        fence = SelfFence(s, 0.0)
+        fence.renewed(0.0)
+        cut = rng.uniform(0, 30)  # the partition starts
+        while t < cut:
+            t += s.lease_renew * rng.uniform(0.5, 1.0)
+            if rng.random() < 0.2:
+                continue  # lost renewal
+            sent, handled = t, t + rng.uniform(0, 0.8)  # etcd handles it a bit later
+            if handled < expiry:  # a renewal after expiry does not resurrect the lease
+                last_sent, expiry = sent, handled + s.lease_ttl
+                fence.renewed(sent)
+        if handled >= expiry and t < cut:
+            continue
+        fenced_done = fence.deadline + FENCE_KILL_BUDGET
+        detected = expiry + rng.uniform(0, ETCD_EXPIRY_GRANULARITY)
+        assert fenced_done <= detected + s.fence_delay, (last_sent, expiry)
+        assert fence.deadline < expiry
+
+
+def test_watchdog_on_a_fake_device(tmp_path: Path) -> None:
+    dev = tmp_path / "watchdog"
+    dev.write_bytes(b"")
+    assert Watchdog.available(str(dev)) and not Watchdog.available(str(tmp_path / "none"))
+    w = Watchdog(str(dev), 3.5)
+    assert w.timeout == 3  # whole seconds, rounded down: fires before the lease expires
+    w.arm()
+    w.pet()
+    w.pet()
+    w.disarm()
+    assert dev.read_bytes() == b"\0\0\0V"  # pets, then the magic close
+    dev2 = tmp_path / "watchdog2"
+    dev2.write_bytes(b"")
+    w2 = Watchdog(str(dev2), 5)
+    w2.arm()
+    w2.abandon()  # fenced without the magic close: the board would reset the host
+    assert dev2.read_bytes() == b"\0" and w2.fd is None
+
+
+def test_fence_command(tmp_path: Path) -> None:
+    log = tmp_path / "fenced"
+    script = tmp_path / "fence_test"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\necho Success: Powered OFF\n")
+    script.chmod(0o755)
+    r = run_fence_command(f"{script} --ip=bmc-{{host}} --action=off", "h2")
+    assert r.ok and "Powered OFF" in r.output
+    assert log.read_text() == "--ip=bmc-h2 --action=off\n"
+    bad = run_fence_command(f"{tmp_path}/missing --action=off", "h2")
+    assert not bad.ok
+    script.write_text("#!/bin/sh\necho Failed: Unable to connect >&2\nexit 1\n")
+    r = run_fence_command(str(script), "h3")
+    assert not r.ok and "Unable to connect" in r.output
+
+
+class _Coord:
+    def __init__(self) -> None:
+        self.last_renew_sent: float | None = None
+        self.ever_seen: set[str] = set()
+
+    def holds_lease(self, after: float) -> bool:
+        return self.last_renew_sent is not None
+
+
+def test_guard_destroys_only_ha_vms_and_reports_later(tmp_path: Path) -> None:
+    fleet = FakeFleet()
+    host = fleet.host("fake://h1/system")
+    for vm in ("db", "scratch"):
+        host.add_domain(f"<domain><name>{vm}</name><memory>1024</memory></domain>",
+                        active=True)
+    policy = HAPolicy(HASettings(), {"db": HAVM("db", 1)}, {"h1": None})
+    store = HAStore(MemoryKV(), "/vmdr/", me="h1")
+    store.put_domain("db", "<domain/>", "h1")
+    coord = _Coord()
+    dev = tmp_path / "wd"
+    dev.write_bytes(b"")
+    rt = HARuntime("h1", policy, coord, store,  # type: ignore[arg-type]
+                   LibvirtOps({"h1": "fake://h1/system"}, fleet.connect), clock=lambda: 50.0,
+                   watchdog=str(dev))
+    rt.fence = SelfFence(policy.settings, 0.0)  # monotonic times of this test
+    coord.last_renew_sent = 100.0
+    assert rt.guard(101.0) == []
+    assert rt.watchdog is not None and rt.watchdog.fd is not None  # armed with the lease
+    assert rt.guard(100.0 + policy.settings.self_fence_after) == ["db"]
+    assert not host.domains["db"].active and host.domains["scratch"].active
+    rt.engine(50.0)  # fenced, not renewed: no publishing, no leading
+    assert store.events() == []
+    coord.last_renew_sent = 104.0  # etcd answers again
+    rt.guard(104.1)
+    rt.engine(60.0)
+    kinds = [e.kind for e in store.events()]
+    assert kinds == ["self-fenced", "detected"]
+    rec = store.failover("h1")
+    assert rec is not None and rec["self_reported"]
+    rt.stop()
+    assert dev.read_bytes().endswith(b"V")
