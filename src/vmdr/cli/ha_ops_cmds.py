@@ -96,13 +96,13 @@ def cmd_test(ns: argparse.Namespace, g: Globals) -> int:
     inv = inventory.from_config(g.config)
     policy = load_policy(inv)
     records = open_records(g.config)
-    if records is None:
-        warn("no [agent] etcd configured: the result is not recorded, so it does not count "
-             "for the DR plan")
     res = hatest.run_test(inv, policy, records, host_connector(inv), ns.vm,
                           make_overlay=create_file,
                           evidence_dir=ns.evidence_dir or DEFAULT_EVIDENCE_DIR,
                           timeout=ns.timeout)
+    if records is None:
+        warn("no [agent] etcd configured: the result is not recorded, so it does not count "
+             "for the DR plan")
     if g.json:
         emit_json(res.to_json())
     elif res.ok:
