@@ -124,3 +124,12 @@ def test_live_n1_counts_maintenance(tmp_path: Path) -> None:
     cov = evaluate(cfg(tmp_path), r)
     fails = {h.host: h for h in cov.n1}
     assert fails["hv1"].fits is False and "web" in (fails["hv1"].problem or "")
+
+
+def test_written_plan_renders_ha_cells(tmp_path: Path) -> None:
+    from vmdr.plan import render_html, render_md, runbook
+    plan = runbook.build(evaluate(cfg(tmp_path), records()))
+    html = render_html.render(plan)
+    assert "covered by HA (enabled, admitted, failover-tested)" in html
+    md = render_md.render(plan)
+    assert "| web | -- | XX | HA | -- |" in md  # app, vm, host, net
