@@ -170,6 +170,39 @@ class FanOut:
             s(event)
 
 
+HA_KINDS = ("detected", "fenced", "self-fenced", "placed", "started", "ready", "gave-up",
+            "migrated", "maintenance", "tested", "restored")
+
+
+@dataclass(frozen=True)
+class HADecision:
+    """One high-availability decision (docs/events.md, "HA decisions"): not part of a
+    job's stream but of the fleet's decision log in etcd (``ha/events/…``), written by the
+    agents and read by ``vmdr ha events``. *time* is UNIX seconds; *kind* one of
+    :data:`HA_KINDS`; *reason* says why, for humans; *detail* adds figures (seconds since
+    detection, the hosts a VM was found running on...)."""
+
+    time: float
+    kind: str
+    host: str | None
+    vm: str | None
+    reason: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in HA_KINDS:
+            raise ValueError(f"unknown HA event kind {self.kind!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"time": self.time, "kind": self.kind, "host": self.host, "vm": self.vm,
+                "reason": self.reason, "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HADecision:
+        return cls(float(d.get("time", 0)), str(d.get("kind", "")), d.get("host"),
+                   d.get("vm"), str(d.get("reason", "")), dict(d.get("detail") or {}))
+
+
 def new_job_id() -> str:
     """The job id from ``VMDR_JOB_ID`` when set (the caller correlates by it), else a
     fresh random one."""

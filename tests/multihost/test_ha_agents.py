@@ -35,11 +35,13 @@ ROOT = Path(__file__).resolve().parents[2]
 READY_DELAY = 2.0
 
 
-def agent_config(cluster: Cluster, h: Host, prefix: str, guests: dict[str, Guest],
-                 extra: str = "") -> Path:
+def agent_config(cluster: Cluster, h: Host, prefix: str, guests: dict[str, Guest], *,
+                 ready_delay: float = READY_DELAY, extra_vm: dict[str, str] | None = None,
+                 app_ha: bool = True) -> Path:
     shared = Path(cluster.shared)
     hosts = "".join(f'[hosts.{x.name}]\nlocation = "dc"\nuri = "{x.tcp_uri}"\n'
                     for x in cluster.hosts)
+    extra = extra_vm or {"db": 'hosts = ["h1"]\nhosts_rule = "should"'}
     db, app = guests["db"].name, guests["app"].name
     cfg = shared / f"ha-agent-{h.name}.toml"
     cfg.write_text(f"""
@@ -54,32 +56,37 @@ kind = "building"
 {hosts}
 [ha]
 ready_delay = "0s"
-{extra}
 [vm.{db}]
 ha = true
 boot_group = 1
-ready_delay = "{READY_DELAY:g}s"
-hosts = ["h1"]
-hosts_rule = "should"
-[vm.{app}]
-ha = true
+ready_delay = "{ready_delay:g}s"
+{extra.get("db", "")}
+""" + ("" if app == db else f"""[vm.{app}]
+ha = {"true" if app_ha else "false"}
 boot_group = 2
 depends_on = ["{db}"]
-""")
+{extra.get("app", "")}
+"""))
     return cfg
 
 
 class Agents:
-    def __init__(self, cluster: Cluster, guests: dict[str, Guest]) -> None:
+    """The agents of the harness's hosts (also used by bench/ha.py)."""
+
+    def __init__(self, cluster: Cluster, guests: dict[str, Guest], *,
+                 ready_delay: float = READY_DELAY, extra_vm: dict[str, str] | None = None,
+                 app_ha: bool = True) -> None:
         self.cluster = cluster
         self.guests = guests
+        self.opts: dict[str, Any] = {"ready_delay": ready_delay, "extra_vm": extra_vm,
+                                     "app_ha": app_ha}
         self.prefix = f"/vmdr-ha-{os.getpid()}-{int(time.time())}/"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         self.shared = Path(cluster.shared)
 
     def start(self, h: Host) -> None:
-        cfg = agent_config(self.cluster, h, self.prefix, self.guests)
+        cfg = agent_config(self.cluster, h, self.prefix, self.guests, **self.opts)
         log = open(self.shared / f"ha-agent-{h.name}.log", "ab")  # noqa: SIM115
         self.procs[h.name] = h.popen(sys.executable, "-m", "vmdr.agent", "--config",
                                      str(cfg), env=self.env, stdout=log,
@@ -108,6 +115,26 @@ class Agents:
     def leader(self) -> str:
         return self.etcd("get", f"{self.prefix}leader", "--print-value-only").strip()
 
+    def wait_leader(self, host: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.leader() != host:
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.3)
+
+    def wait_member(self, host: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.etcd("get", f"{self.prefix}members/{host}", "--keys-only").strip():
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.3)
+
+    def wait_published(self, vm: str, host: str, timeout: float = 30) -> None:
+        """``ha/where/<vm>`` names *host* (its agent published the domain)."""
+        deadline = time.monotonic() + timeout
+        while f'"host": "{host}"' not in self.etcd("get", f"{self.prefix}ha/where/{vm}",
+                                                    "--print-value-only"):
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.3)
+
     def events(self) -> list[dict[str, Any]]:
         out = self.etcd("get", "--prefix", f"{self.prefix}ha/events/", "--print-value-only")
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -122,15 +149,16 @@ def watch(cluster: Cluster, guests: dict[str, Guest], until: Any, timeout: float
     """Poll libvirt on every host every 0.1 s until ``until()``; fail on a double run."""
     seen: dict[str, list[tuple[float, list[str]]]] = {n: [] for n in guests}
     deadline = time.monotonic() + timeout
-    while not until():
+    while True:
         for name, g in guests.items():
             hosts = running_on(cluster, g)
             assert len(hosts) <= 1, f"{name} runs twice: {hosts}"
             if not seen[name] or seen[name][-1][1] != hosts:
                 seen[name].append((time.monotonic(), hosts))
+        if until():
+            return seen
         assert time.monotonic() < deadline, f"{what}: timed out\n{agents.logs()}"
         time.sleep(0.1)
-    return seen
 
 
 def first_running(seen: list[tuple[float, list[str]]], after: float) -> tuple[float, str]:
@@ -151,21 +179,15 @@ def test_agents_fence_and_fail_over(mh_cluster_session: Cluster) -> None:
     agents = Agents(cluster, guests)
     try:
         agents.start(h1)
-        deadline = time.monotonic() + 30
-        while agents.leader() != "h1":
-            assert time.monotonic() < deadline, agents.logs()
-            time.sleep(0.3)
+        agents.wait_leader("h1")
         agents.start(h2)
         agents.start(h3)
         guests["db"].wait_heartbeat(120)
         guests["app"].wait_heartbeat(120)
         seq_before = guests["db"].wait_writer()
         db, app = guests["db"].name, guests["app"].name
-        deadline = time.monotonic() + 20  # h2 published both domains
-        while not all(agents.etcd("get", f"{agents.prefix}ha/where/{g.name}")
-                      for g in guests.values()):
-            assert time.monotonic() < deadline, agents.logs()
-            time.sleep(0.3)
+        for g in guests.values():
+            agents.wait_published(g.name, "h2")
 
         # 1. partition h2: self-fencing, never twice, boot order with readiness
         t_cut = time.monotonic()
@@ -176,11 +198,17 @@ def test_agents_fence_and_fail_over(mh_cluster_session: Cluster) -> None:
                      90, "failover after the partition", agents)
         t_db, db_host = first_running(seen["db"], t_cut + 0.01)
         gone = [t for t, hosts in seen["db"] if not hosts]
-        assert gone and gone[0] - t_cut < 5.0, seen["db"]  # fenced before lease expiry (5 s)
+        # fenced before the lease (5 s) could expire
+        assert gone and gone[0] - t_cut < 5.0, (seen, agents.events(), agents.logs())
         assert db_host != "h2"
         print(f"partition: db fenced {gone[0] - t_cut:.1f}s after the cut, "
               f"started on {db_host} {t_db - t_cut:.1f}s after it")
+        deadline = time.monotonic() + 10  # the leader writes the event after the start
         events = agents.events()
+        while not any(e["kind"] == "started" and e["vm"] == app for e in events):
+            assert time.monotonic() < deadline, events
+            time.sleep(0.3)
+            events = agents.events()
         ready = [e for e in events if e["kind"] == "ready" and e["vm"] == db]
         started_app = [e for e in events if e["kind"] == "started" and e["vm"] == app]
         assert ready and started_app, events
@@ -207,9 +235,10 @@ def test_agents_fence_and_fail_over(mh_cluster_session: Cluster) -> None:
         assert host != victim.name
         assert t_start - t_kill <= 20.0, agents.logs()
         guests["db"].wait_heartbeat(120)
+        agents.stop()  # no leader may restart what the test now stops
         for g in guests.values():
-            g.destroy(cluster.host(running_on(cluster, g)[0])) if running_on(cluster, g) \
-                else None
+            for name in running_on(cluster, g):
+                g.destroy(cluster.host(name))
         rc = check_records(guests["db"].data_disk, "qcow2")
         assert rc.consistent and rc.last_seq > seq_before, rc.problems
     finally:

@@ -107,13 +107,16 @@ class HALeader:
     # -- one poll -------------------------------------------------------------------------
     def step(self, now: float, live: dict[str, LiveHost], ever_seen: set[str]) -> None:
         records = self.store.failovers()
-        wheres = self.store.wheres()
+        wheres: dict[str, str] = {}
         for host in sorted(set(records) & set(live)):
             if records[host].get("done"):  # back, and its failover finished: forget it
                 self.store.delete_failover(host)
                 del records[host]
         self._noted &= ever_seen - set(live)
-        for host in sorted(ever_seen - set(live) - set(records) - self._noted):
+        gone = sorted(ever_seen - set(live) - set(records) - self._noted)
+        if gone or any(not r.get("done") and r.get("plan") is None for r in records.values()):
+            wheres = self.store.wheres()  # one request, only when there is news
+        for host in gone:
             self._noted.add(host)
             victims = sorted(vm for vm, h in wheres.items() if h == host
                              and vm in self.policy.vms)
@@ -236,9 +239,10 @@ class HALeader:
     def _size(self, vm: str) -> tuple[int, int]:
         if vm not in self.policy.vms:
             return 0, 0
-        if vm not in self._sizes:
-            xml = self.store.domain(vm)
-            self._sizes[vm] = domain_size(xml) if xml else (0, 0)
+        if vm not in self._sizes:  # one bulk read of every stored XML, then cached
+            for name, xml in self.store.domains().items():
+                self._sizes[name] = domain_size(xml)
+            self._sizes.setdefault(vm, (0, 0))
         return self._sizes[vm]
 
     def _start_one(self, host: str, rec: dict[str, Any], st: Start, now: float) -> None:

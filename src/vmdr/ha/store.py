@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vmdr.events import HA_KINDS, HADecision
 from vmdr.timeutil import utcnow
 
 __all__ = [
@@ -44,8 +44,7 @@ __all__ = [
 ]
 
 EVENTS_KEPT = 10_000
-EVENT_KINDS = ("detected", "fenced", "self-fenced", "placed", "started", "ready", "gave-up",
-               "migrated", "maintenance", "tested", "restored")
+EVENT_KINDS = HA_KINDS
 
 
 class KV(Protocol):
@@ -157,25 +156,7 @@ class MemoryKV:
         return [k for k, _ in self.items(prefix)]
 
 
-@dataclass(frozen=True)
-class HAEventRecord:
-    """One HA decision as stored (``ha/events/…``)."""
-
-    time: float
-    kind: str
-    host: str | None
-    vm: str | None
-    reason: str
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"time": self.time, "kind": self.kind, "host": self.host, "vm": self.vm,
-                "reason": self.reason, "detail": self.detail}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HAEventRecord:
-        return cls(float(d.get("time", 0)), str(d.get("kind", "")), d.get("host"),
-                   d.get("vm"), str(d.get("reason", "")), dict(d.get("detail") or {}))
+HAEventRecord = HADecision  # the stored form of an event is the typed event itself
 
 
 class HAStore:
@@ -221,6 +202,11 @@ class HAStore:
     def wheres(self) -> dict[str, str]:
         """VM → the host it last ran on."""
         return {vm: str(d.get("host")) for vm, d in self._all("where").items()}
+
+    def domains(self) -> dict[str, str]:
+        """Every stored domain XML by VM, in one request."""
+        base = self._k("domains") + "/"
+        return {k.removeprefix(base): v for k, v in self.kv.items(base)}
 
     def domain_names(self) -> list[str]:
         base = self._k("domains") + "/"

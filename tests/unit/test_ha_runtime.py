@@ -1,0 +1,71 @@
+"""The agent's HA wiring: when HA is on, the [ha] lease governs, and the libvirt checks
+skip dead or hanging hosts instead of waiting for them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from vmdr import config
+from vmdr.agent import ha_runtime
+from vmdr.agent.coord_etcd import EtcdCoordinator
+from vmdr.agent.ha_runtime import LibvirtOps, make_ha_runtime
+from vmdr.hypervisor.fake import FakeFleet
+
+CFG = """
+connect = "qemu:///system"
+[agent]
+host = "h1"
+state = "{d}/agent.db"
+etcd = ["http://127.0.0.1:1"]
+[locations.dc]
+kind = "building"
+[hosts.h1]
+location = "dc"
+[hosts.h2]
+location = "dc"
+uri = "qemu+tcp://h2.example/system"
+{ha}
+[vm.db]
+ha = {on}
+"""
+
+
+def load(tmp_path: Path, ha: str = "[ha]\nlease_ttl = \"6s\"", on: str = "true"
+         ) -> config.Config:
+    p = tmp_path / "vmdr.toml"
+    p.write_text(CFG.format(d=tmp_path, ha=ha, on=on))
+    return config.load(str(p))
+
+
+def test_make_runtime(tmp_path: Path) -> None:
+    coord = EtcdCoordinator(["http://127.0.0.1:1"], 10)
+    rt = make_ha_runtime(load(tmp_path), "h1", coord)
+    assert rt is not None and coord.ttl == 6  # the [ha] lease replaces [agent] lease_ttl
+    assert rt.ops.uris == {"h1": "qemu:///system", "h2": "qemu+tcp://h2.example/system"}
+    assert rt.settings.self_fence_after == 4.5
+    assert make_ha_runtime(load(tmp_path, ha=""), "h1", coord) is None
+    assert make_ha_runtime(load(tmp_path, on="false"), "h1", coord) is None
+
+
+def test_where_running_skips_dead_and_hanging_hosts(monkeypatch: object) -> None:
+    fleet = FakeFleet()
+    for h in ("h1", "h2", "h3"):
+        fleet.host(f"fake://{h}/system")
+    fleet.host("fake://h1/system").add_domain("<domain><name>db</name></domain>",
+                                              active=True)
+    fleet.hosts["fake://h2/system"].up = False  # connect raises at once
+    release = threading.Event()
+
+    def connect(uri: str):  # type: ignore[no-untyped-def]
+        if "h3" in uri:
+            release.wait(10)  # a partitioned host: the TCP connect hangs
+        return fleet.connect(uri)
+
+    ops = LibvirtOps({h: f"fake://{h}/system" for h in ("h1", "h2", "h3")}, connect)
+    t0 = time.monotonic()
+    assert ops.where_running("db") == ["h1"]
+    assert time.monotonic() - t0 < ha_runtime.CHECK_TIMEOUT + 1.0
+    assert ops.where_running("other") == []
+    release.set()
