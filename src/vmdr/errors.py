@@ -35,6 +35,7 @@
     ├── MigrationStopped           exit 17  instant restore's disk move stopped; VM paused
     ├── ServeError                 exit 1   the NBD server could not be started
     ├── BusyMount                  exit 1   the mounted filesystem is in use
+    ├── NoPlacement                exit 1   no host can take the VM(s): nothing moved
     ├── UnsupportedFilesystem      exit 2   no filesystem vmdr can read at that place
     ├── InstantInterrupted         exit 130 instant recovery interrupted (resumable)
     └── TapeError                  exit 30  a tape drive or changer failed
@@ -309,3 +310,7 @@ class NoWritableMedia(TapeError):
     """The pool has no tape it may write: label or free a tape."""
 
     exit_code = 35
+
+
+class NoPlacement(VmdrError):
+    """No host can take the VM(s) (maintenance, failover test): nothing was moved."""

@@ -119,6 +119,9 @@ def document() -> dict[str, Any]:
                                           {"type": "object"}),
             "/api/v1/alerts": _get("alerts, firing and resolved", {"type": "object"}),
             "/api/v1/members": _get("fleet members and the leader", {"type": "object"}),
+            "/api/v1/ha": _get("HA state from etcd: hosts (lease, leader, maintenance), HA "
+                               "VMs (host, failover target, last test), N+1 headroom, "
+                               "events", {"type": "object"}),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

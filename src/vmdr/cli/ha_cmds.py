@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmdr.cli import ha_engine_cmds
+from vmdr.cli import ha_engine_cmds, ha_ops_cmds
 from vmdr.cli.common import Globals, emit_json, out, warn
 from vmdr.errors import UsageError
 from vmdr.ha import admission
@@ -71,16 +71,36 @@ def _admission_json(a: admission.Admission) -> dict[str, Any]:
             "problems": a.problems()}
 
 
+def _live_state(inv: inventory.Inventory, g: Globals) -> tuple[ClusterState, str]:
+    """The cluster from the agents in etcd when it answers, else as the inventory says."""
+    from vmdr.cli.ha_ops_cmds import open_records
+    from vmdr.ha.fleet import state_from_members
+    try:
+        records = open_records(g.config)
+        if records is not None:
+            state, _notes = state_from_members(inv, records)
+            up = sum(1 for h in state.hosts.values() if h.up)
+            if up:
+                return state, f"live data: etcd ({up} live agent{'s' if up != 1 else ''})"
+            why = "etcd answers but no agent is live"
+        else:
+            why = "no [agent] etcd configured"
+    except Exception as exc:  # etcd down: the inventory's figures, saying so
+        why = f"etcd not reachable: {exc}"
+    return state_from_inventory(inv), f"inventory figures ({why})"
+
+
 def cmd_validate(ns: argparse.Namespace, g: Globals) -> int:
     inv, policy = _load(g)
-    state = state_from_inventory(inv)
-    adm = admission.check(policy, state)
+    state, source = _live_state(inv, g)
+    adm, per_vm = admission.per_vm(policy, state)
     s = policy.settings
     warnings = _warnings(inv, policy, state)
     refused = not adm.ok and s.admission == "refuse"
     if g.json:
         emit_json({
-            "ok": not refused, "ha_vms": sorted(policy.vms),
+            "ok": not refused, "ha_vms": sorted(policy.vms), "source": source,
+            "refused" if s.admission == "refuse" else "warned": per_vm,
             "settings": {"lease_ttl_s": s.lease_ttl, "lease_renew_s": s.lease_renew,
                          "self_fence_after_s": s.self_fence_after,
                          "fence_delay_s": s.fence_delay,
@@ -105,6 +125,10 @@ def cmd_validate(ns: argparse.Namespace, g: Globals) -> int:
                 f"{' (refused)' if refused else ' (warning only)'}:")
             for p in adm.problems():
                 out(f"  {p}")
+            verb = "refused" if refused else "would break it (warning)"
+            for vm, why in sorted(per_vm.items()):
+                out(f"  HA {verb} for {vm}: {why}")
+        out(f"  (from {source})")
         for w in warnings:
             warn(w)
     return 1 if refused else 0
@@ -180,3 +204,4 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="hosts in maintenance (never failover targets)")
     q.set_defaults(func=cmd_simulate)
     ha_engine_cmds.register_engine(psub, parents)  # status, events (ha-engine)
+    ha_ops_cmds.register(psub, parents)  # maintenance, test (ha-ops)

@@ -12,6 +12,8 @@ from vmdr.errors import NoSpace, UsageError
 from vmdr.jobs import plan as planjob
 from vmdr.plan import report, runbook
 from vmdr.plan.coverage import Coverage
+from vmdr.plan.hafacts import HAFacts
+from vmdr.plan.inventory import Inventory
 from vmdr.timeutil import parse_time, utcnow
 
 
@@ -23,10 +25,16 @@ def _evaluate(ns: argparse.Namespace, g: Globals) -> Coverage:
         except ValueError:
             raise UsageError(f"--now: invalid time {ns.now!r} (e.g. 2026-11-25T08:00:00Z)"
                              ) from None
+    from vmdr.cli.ha_ops_cmds import open_records
+    from vmdr.ha.planfacts import plan_facts
+
+    def ha(inv: Inventory) -> HAFacts:  # etcd is asked also --offline: it is no host
+        return plan_facts(inv, lambda: open_records(g.config))
+
     return planjob.evaluate(
         g.config, opener=planjob.repository_opener(g.key_file, g.password_file),
         connector=None if ns.offline else planjob.readonly_connector, now=now,
-        timeout=ns.timeout, use_cache=not ns.no_cache)
+        timeout=ns.timeout, use_cache=not ns.no_cache, ha=ha)
 
 
 def cmd_coverage(ns: argparse.Namespace, g: Globals) -> int:

@@ -13,6 +13,8 @@ from dataclasses import replace
 from vmdr.cli.common import Globals, emit_json, out
 from vmdr.errors import UsageError
 from vmdr.ha import wdsettings
+from vmdr.ha.escalate import Escalator
+from vmdr.ha.model import load_policy
 from vmdr.ha.monitor import Monitor, WatchdogEvent
 from vmdr.ha.watchdog import decide, note
 from vmdr.ha.wdsettings import WatchdogSettings
@@ -24,7 +26,10 @@ settings: [vm.NAME.watchdog] and [plan.tiers.NAME.watchdog] (checks in
 [[vm.NAME.watchdog.checks]]), defaults from [ha]; see docs/operations.md "Watchdogs".
 
 events (one line each, or JSON lines with --json): detected, reset, restarted, resumed,
-app-restarted, escalated, gave-up, action-failed.
+app-restarted, escalated, gave-up, action-failed. Once a VM's restart budget is spent,
+on_budget_exhausted = "failover" restarts it on another [hosts] host by the placement
+rules (run knows this host by --host or its uri; the move is recorded as HA events in
+etcd when [agent] etcd is set); with no other host that fits, or "alert", an alert.
 
 exit codes: run: 130 when stopped (Ctrl-C, SIGTERM); check: 0 healthy, 1 a problem found;
 2 bad configuration or arguments; 11 no such domain; 12 libvirt unreachable."""
@@ -63,11 +68,29 @@ def cmd_run(ns: argparse.Namespace, g: Globals) -> int:
     def opener() -> Hypervisor:
         return connect(uri)
 
-    mon = Monitor(opener, settings, sink=sink)
+    mon = Monitor(opener, settings, sink=sink, escalate=_escalator(ns, g, uri))
     if not g.json:
         out(f"watching {', '.join(s.vm for s in settings)} on {uri} (Ctrl-C stops)")
     mon.run(threading.Event(), max_cycles=ns.cycles)
     return 0
+
+
+def _escalator(ns: argparse.Namespace, g: Globals, uri: str) -> Escalator | None:
+    """The HA layer for ``on_budget_exhausted = "failover"``: restart on another inventory
+    host (this one is ``--host``, or the inventory host whose uri is ``uri``)."""
+    inv = inventory.from_config(g.config)
+    host = ns.host or next((h.name for h in inv.hosts.values() if h.uri == uri), None)
+    if host is None:
+        return None
+    if host not in inv.hosts:
+        raise UsageError(f"--host: unknown host {host!r} (known: "
+                         f"{', '.join(sorted(inv.hosts)) or 'none declared in [hosts]'})")
+    from vmdr.cli.ha_ops_cmds import host_connector, open_records
+    try:
+        records = open_records(g.config)
+    except UsageError:
+        records = None
+    return Escalator(inv, load_policy(inv), host_connector(inv), host, records)
 
 
 def cmd_check(ns: argparse.Namespace, g: Globals) -> int:
@@ -130,6 +153,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     r.add_argument("--evidence-dir", metavar="DIR",
                    help="where screenshots and console logs go (default from the config, "
                         "else /var/lib/vmdr/watchdog)")
+    r.add_argument("--host", metavar="NAME",
+                   help="this host's name in [hosts] (default: the host whose uri is the "
+                        "connect URI); with it, a VM whose restart budget is spent is "
+                        "restarted on another host (on_budget_exhausted = \"failover\")")
     r.add_argument("--cycles", type=int, metavar="N", help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
 

@@ -11,6 +11,12 @@
   :mod:`~vmdr.ha.monitor` — the application and VM watchdogs of one host: settings,
   decisions, checks, and the loop the agent hosts (it reaches the host only through the
   structural types of :mod:`~vmdr.ha.ports`, which the hypervisor driver satisfies).
+* :mod:`~vmdr.ha.records`, :mod:`~vmdr.ha.fleet`, :mod:`~vmdr.ha.maintenance`,
+  :mod:`~vmdr.ha.hatest`, :mod:`~vmdr.ha.escalate`, :mod:`~vmdr.ha.planfacts` — the
+  operator's side: the HA keys in etcd and the live fleet, host maintenance by live
+  migration, the non-disruptive failover test, the watchdog's restart on another host,
+  and the HA facts of the DR plan (also through structural types: a ``connect(host)``
+  and a key-value client are handed in).
 
 This package sits at the level of ``plan``: it reads the inventory and knows nothing of
 libvirt, etcd or repositories. The agent executes its decisions.

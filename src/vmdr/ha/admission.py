@@ -96,3 +96,33 @@ def admit(policy: HAPolicy, state: ClusterState, rule: HAVM, vm: VMState) -> Adm
     policy2 = replace(policy, vms={**policy.vms, rule.name: rule})
     state2 = replace(state, vms={**state.vms, vm.name: vm})
     return check(policy2, state2)
+
+
+def per_vm(policy: HAPolicy, state: ClusterState) -> tuple[Admission, dict[str, str]]:
+    """Admission of each HA VM: the check of all of them, and the VMs that break it (VM ->
+    why). VMs are admitted one at a time by restart priority (boot_group, then name): the
+    first whose addition makes the check fail is refused, and the ones after it are judged
+    without it (``admission = "refuse"``: the cluster keeps the VMs it can protect)."""
+    whole = check(policy, state)
+    if whole.ok:
+        return whole, {}
+    refused: dict[str, str] = {}
+    base = replace(policy, vms={})
+    for name in sorted(policy.vms, key=lambda n: (policy.vms[n].priority, n)):
+        vm = state.vms.get(name) or VMState(name, None, running=False)
+        a = admit(base, state, policy.vms[name], vm)
+        if a.ok:
+            base = replace(base, vms={**base.vms, name: policy.vms[name]})
+        else:
+            refused[name] = "; ".join(a.problems()[:3])
+    return whole, refused
+
+
+def enforce(policy: HAPolicy, state: ClusterState) -> tuple[HAPolicy, dict[str, str]]:
+    """Admission control at config load (the agent): the VMs that break
+    ``host_failures_tolerated`` (VM -> why), and the policy to run with — without them when
+    ``admission = "refuse"``, unchanged (the caller warns) when ``"warn"``."""
+    _whole, refused = per_vm(policy, state)
+    if refused and policy.settings.admission == "refuse":
+        policy = replace(policy, vms={n: r for n, r in policy.vms.items() if n not in refused})
+    return policy, refused

@@ -24,7 +24,8 @@ The surface::
                  resume(); block_copy(disk, dest) -> BlockCopyJob; block_job(disk);
                  guest_ping(); guest_addresses(); console() -> Console;
                  resume_after_io_error(); wait_heartbeat(...);
-                 optional (HypervisorUnsupported by default): state_reason(); reset();
+                 optional (HypervisorUnsupported by default): state_reason(); reset(); migrate();
+                 frozen_disks(workdir) (a context manager);
                  guest_exec(argv, ...) -> GuestExecResult; mirror_to_nbd(disk, socket,
                  export, synchronous=) -> BlockCopyJob
     Subscription close() (also a context manager); hands LifecycleEvent to its callback
@@ -43,7 +44,8 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -312,6 +314,36 @@ class Domain(ABC):
         for it to exit (GuestAgentUnavailable when the agent does not answer)."""
         raise HypervisorUnsupported(f"guest-exec is not supported by "
                                     f"the {type(self).__name__} driver")
+
+    def migrate(self, dest_uri: str, *, migrate_uri: str | None = None,
+                unsafe: bool = False) -> None:
+        """Live-migrate this running domain to the host at ``dest_uri``, peer to peer (this
+        host's libvirtd connects to ``dest_uri``, so give the URI *this host* reaches the
+        destination by, e.g. ``qemu+tcp://10.0.0.12/system``). The domain becomes
+        persistent there and is undefined here (``VIR_MIGRATE_LIVE | PEER2PEER |
+        PERSIST_DEST | UNDEFINE_SOURCE``). ``migrate_uri`` is where QEMU sends the memory
+        (``tcp://ADDRESS[:PORT]``; default: libvirt's choice from the destination's host
+        name). ``unsafe``: allow disks without ``cache='none'`` (a plain shared
+        directory)."""
+        raise HypervisorUnsupported(f"migrating {self.name} is not supported by "
+                                    f"the {type(self).__name__} driver")
+
+    def frozen_disks(self, workdir: str) -> AbstractContextManager[dict[str, tuple[str, str]]]:
+        """Hold the images of the file disks still while the guest keeps running: a
+        temporary external overlay per disk in ``workdir`` (which the domain's host must
+        reach) takes the writes. Yields disk target -> (frozen image path, format); on exit
+        the overlays are merged back (active blockcommit + pivot) and deleted. A stopped
+        domain's images are yielded as they are."""
+        return self._frozen_as_is()
+
+    @contextmanager
+    def _frozen_as_is(self) -> Iterator[dict[str, tuple[str, str]]]:
+        info = self.info()
+        if info.running:
+            raise HypervisorUnsupported(f"freezing the disks of a running {self.name} is "
+                                        f"not supported by the {type(self).__name__} driver")
+        yield {d.target: (d.source, d.format or "raw") for d in info.disks
+               if d.device == "disk" and d.source and d.type == "file"}
 
     # -- composed from the above ---------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class FakeDomainRecord:
     reason: str = ""  # state_reason(): crashed, failed, destroyed, ioerror...
     resets: int = 0  # times reset() was called
     exec_handler: Callable[[list[str]], GuestExecResult] | None = None  # guest-exec
+    frozen: int = 0  # frozen_disks() contexts open (overlays taking the writes)
 
     @property
     def name(self) -> str:
@@ -122,8 +123,9 @@ def _with_uuid(xml: str) -> str:
 class FakeHost:
     """One simulated host: domains by name, networks by name."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, fleet: FakeFleet | None = None) -> None:
         self.uri = uri
+        self.fleet = fleet  # the fleet it belongs to (migration finds the destination)
         self.up = True
         self.domains: dict[str, FakeDomainRecord] = {}
         self.networks: dict[str, NetworkInfo] = {}
@@ -190,7 +192,7 @@ class FakeFleet:
     def host(self, uri: str) -> FakeHost:
         """The host at ``uri`` (created on first use)."""
         with self._lock:
-            return self.hosts.setdefault(uri, FakeHost(uri))
+            return self.hosts.setdefault(uri, FakeHost(uri, self))
 
     def connect(self, uri: str) -> FakeHypervisor:
         """A connection (HypervisorUnavailable for an unknown or down host)."""
@@ -391,6 +393,43 @@ class FakeDomain(Domain):
             raise GuestAgentUnavailable(f"guest agent guest-exec: the agent of {self._name} "
                                         "is not connected")
         return handler(list(argv))
+
+    def migrate(self, dest_uri: str, *, migrate_uri: str | None = None,
+                unsafe: bool = False) -> None:
+        """Move the running domain to the fleet's host at ``dest_uri`` (persistent there,
+        undefined here); the guest keeps running, its agent answering."""
+        what = f"migrating {self._name} to {dest_uri}"
+        src = self._hv.host
+        fleet = src.fleet
+        dest = fleet.hosts.get(dest_uri) if fleet is not None else None
+        if dest is None or not dest.up:
+            raise HypervisorError(f"{what}: unable to connect to server: host unreachable")
+        if dest is src:
+            raise HypervisorError(f"{what}: the destination is this host")
+        with self._hv._locked() as h:
+            r = self._hv._record(self._uuid)
+            if not r.active:
+                raise HypervisorError(f"{what}: domain is not running")
+            with dest.lock:
+                if r.name in dest.domains:
+                    raise HypervisorError(f"{what}: domain '{r.name}' already exists")
+                del h.domains[r.name]
+                r.persistent, r.owner, r.reason = True, None, "migrated"
+                dest.domains[r.name] = r
+            h.emit(r.name, "stopped", "migrated")
+        dest.emit(r.name, "started", "migrated")
+
+    @contextmanager
+    def frozen_disks(self, workdir: str) -> Iterator[dict[str, tuple[str, str]]]:  # type: ignore[override]
+        with self._rec() as r:
+            disks = {d.target: (d.source, d.format or "raw") for d in parse_disks(r.xml)
+                     if d.device == "disk" and d.source and d.type == "file"}
+            r.frozen += 1
+        try:
+            yield disks
+        finally:
+            with self._rec() as r:
+                r.frozen -= 1
 
     def start(self) -> None:
         with self._rec() as r:

@@ -12,11 +12,13 @@ new disks.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from . import agent, domain
+from . import agent, domain, overlay
 from ._compat import lv
 from .console import console_log
 from .domain import DomainInfo, State, state_name
@@ -94,6 +96,40 @@ class LibvirtDomain(Domain):
     def guest_exec(self, argv: Sequence[str], *, timeout: float = 30.0,
                    capture: bool = True) -> GuestExecResult:
         return agent.execute(self._dom, argv, timeout, capture=capture)
+
+    def migrate(self, dest_uri: str, *, migrate_uri: str | None = None,
+                unsafe: bool = False) -> None:
+        m = lv()
+        flags = (m.VIR_MIGRATE_LIVE | m.VIR_MIGRATE_PEER2PEER | m.VIR_MIGRATE_PERSIST_DEST
+                 | m.VIR_MIGRATE_UNDEFINE_SOURCE | (m.VIR_MIGRATE_UNSAFE if unsafe else 0))
+        params: dict[str, Any] = {}
+        if migrate_uri:
+            params[m.VIR_MIGRATE_PARAM_URI] = migrate_uri
+        with libvirt_errors(f"migrating {self._name} to {dest_uri}"):
+            self._dom.migrateToURI3(dest_uri, params, flags)
+
+    @contextmanager
+    def frozen_disks(self, workdir: str) -> Iterator[dict[str, tuple[str, str]]]:  # type: ignore[override]
+        info = self.info()
+        disks = [d for d in info.disks if d.device == "disk" and d.type == "file"
+                 and d.source and not d.readonly and not d.shareable]
+        frozen = {d.target: (d.source or "", d.format or "raw") for d in disks}
+        if not info.running:
+            yield frozen
+            return
+        overlays = {d.target: os.path.join(
+            workdir, f"{self._name}-{d.target}.hatest{overlay.OVERLAY_SUFFIX}") for d in disks}
+        overlay.create(self._dom, info.disks, overlays, quiesce=False)
+        try:
+            yield frozen
+        finally:
+            for target in overlays:
+                overlay.commit(self._dom, target)
+            for path in overlays.values():
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def start(self) -> None:
         with libvirt_errors(f"starting {self._name}"):

@@ -141,3 +141,11 @@ def restore_sources(xml: str, originals: dict[str, tuple[str, str]]) -> str:
         for bs in el.findall("backingStore"):
             el.remove(bs)
     return ET.tostring(root, encoding="unicode")
+
+
+def create_file(path: str, backing: str, backing_fmt: str) -> None:
+    """``qemu-img create`` a qcow2 overlay at ``path`` over ``backing`` (kept read-only)."""
+    out = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F",
+                          backing_fmt, path], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise HypervisorError(f"qemu-img create {path}: {out.stderr.strip()}")

@@ -32,6 +32,7 @@ from vmdr.jobs import tape_plan as tapes
 from vmdr.plan import cache, coverage, discovery, history, inventory
 from vmdr.plan.coverage import Coverage
 from vmdr.plan.discovery import DiscoveredVM, HostState
+from vmdr.plan.hafacts import HAFacts
 from vmdr.plan.history import Copy, RepoState
 from vmdr.plan.inventory import Inventory, RepoDecl
 from vmdr.repository.cache import cache_root
@@ -48,8 +49,10 @@ __all__ = ["Connector", "Opener", "cache_path", "discover", "evaluate", "load_re
 
 
 def evaluate(cfg: Config, *, opener: Opener, connector: Connector | None, now: datetime,
-             timeout: float = 20.0, use_cache: bool = True) -> Coverage:
-    """The coverage of the estate described by *cfg*, as of *now*."""
+             timeout: float = 20.0, use_cache: bool = True,
+             ha: Callable[[Inventory], HAFacts] | None = None) -> Coverage:
+    """The coverage of the estate described by *cfg*, as of *now*. *ha* reads the fleet's
+    HA facts (given the inventory with the discovered placement); None: HA not proven."""
     inv = inventory.from_config(cfg)
     if not inv.vms and not inv.hosts:
         raise UsageError(f"{inv.path}: the inventory is empty: declare [hosts.NAME], "
@@ -62,7 +65,7 @@ def evaluate(cfg: Config, *, opener: Opener, connector: Connector | None, now: d
     repos = load_repositories(inv, opener, now, timeout, cached.get("repositories"))
     if use_cache:
         cache.save(path, hosts, repos, cached)
-    return coverage.compute(inv, facts, hosts, repos, now)
+    return coverage.compute(inv, facts, hosts, repos, now, ha(inv) if ha else None)
 
 
 def cache_path(inv: Inventory) -> str:

@@ -16,6 +16,7 @@ from datetime import datetime
 
 from vmdr.plan import capacity, taxonomy
 from vmdr.plan.discovery import DiscoveredVM, HostState
+from vmdr.plan.hafacts import HAFacts, ha_verdict
 from vmdr.plan.history import Copy, RepoState
 from vmdr.plan.inventory import Inventory, RepoDecl, VMPlan
 from vmdr.plan.units import fmt_duration
@@ -48,6 +49,8 @@ class LevelCoverage:
     stale: bool
     gap: str | None
     unknown: bool = False  # a repository outside the blast radius could not be read
+    ha: bool = False  # host level: covered by HA (enabled, admitted, failover-tested)
+    ha_gap: str | None = None  # host level of an HA VM: the HA condition that fails
 
 
 @dataclass
@@ -110,6 +113,8 @@ class Coverage:
     repos: dict[str, RepoState]
     n1: list[capacity.HostFailure]
     throughput: dict[str, tuple[float, str]]  # repo -> (bytes/s, "measured"|"configured"|…)
+    ha: HAFacts | None = None
+    n1_source: str = "inventory figures"
 
     def problems(self) -> list[str]:
         out = [p for v in self.vms.values() for p in v.problems]
@@ -293,8 +298,10 @@ def _rule(inv: Inventory, vm: VMPlan, host: str, copies: list[Copy]) -> Rule3211
 
 
 def compute(inv: Inventory, facts: dict[str, DiscoveredVM], hosts: dict[str, HostState],
-            repos: dict[str, RepoState], now: datetime) -> Coverage:
-    """The coverage of every placed VM (call ``inventory.check_placed`` first)."""
+            repos: dict[str, RepoState], now: datetime, ha: HAFacts | None = None) -> Coverage:
+    """The coverage of every placed VM (call ``inventory.check_placed`` first). ``ha``: the
+    HA facts of the fleet (see :mod:`vmdr.plan.hafacts`); without them no VM counts as
+    covered by HA at the host level ("not proven")."""
     by_vm: dict[str, list[Copy]] = {}
     for st in repos.values():
         for c in st.copies:
@@ -320,9 +327,39 @@ def compute(inv: Inventory, facts: dict[str, DiscoveredVM], hosts: dict[str, Hos
             _rule(inv, vm, vm.host or "", copies), max(passed) if passed else None)
         for level in taxonomy.LEVELS:
             cov.levels[level.key] = _level(inv, cov, level, copies, repos, tp, now)
+        _apply_ha(inv, cov, ha, now)
         cov.problems = _problems(inv, cov, copies, now)
         out[vm.name] = cov
-    return Coverage(now, inv, out, hosts, repos, capacity.n_plus_one(inv, needs), tp)
+    if ha is not None and ha.n1 is not None:
+        return Coverage(now, inv, out, hosts, repos, ha.n1, tp, ha, ha.n1_source)
+    src = ha.n1_source if ha is not None else "inventory figures"
+    return Coverage(now, inv, out, hosts, repos, capacity.n_plus_one(inv, needs), tp, ha, src)
+
+
+def _apply_ha(inv: Inventory, cov: VMCoverage, ha: HAFacts | None, now: datetime) -> None:
+    """The host level of an HA VM: covered by HA only when the rule of
+    :mod:`vmdr.plan.hafacts` holds; a restart elsewhere loses no data (shared storage) and
+    takes the restart decision plus the guest's measured readiness."""
+    lc = cov.levels.get("host")
+    vm = cov.vm
+    if lc is None or not vm.declared:
+        return
+    covered, why = ha_verdict(ha, vm.name, inv.ha_enabled(vm), now,
+                              inv.settings.test_interval_s)
+    lc.ha, lc.ha_gap = covered, why
+    if not covered:
+        if why and lc.gap:
+            lc.gap = f"{lc.gap} HA does not cover it: {why}"
+        elif why and not lc.covered and lc.required:
+            lc.gap = f"{vm.name} is not covered for a host failure: {why}"
+        return
+    assert ha is not None
+    f = ha.vms.get(vm.name)
+    lc.covered, lc.rpo_s, lc.rpo_met, lc.gap, lc.unknown = True, 0.0, True, None, False
+    rto = (ha.restart_s or 0.0) + (f.ready_s if f and f.ready_s is not None else cov.boot_s)
+    lc.rto_estimate_s = rto
+    target = inv.rto_target(vm)
+    lc.rto_met = None if target is None else rto <= target
 
 
 def _problems(inv: Inventory, cov: VMCoverage, copies: list[Copy],

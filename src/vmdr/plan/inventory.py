@@ -56,6 +56,7 @@ class Host:
     memory: int | None = None  # bytes
     target_dir: str = "/var/lib/libvirt/images"
     fabrics: tuple[str, ...] = ()
+    migration_uri: str | None = None  # how the other hosts' libvirtd reach it (default uri)
 
 
 @dataclass(frozen=True)
@@ -320,8 +321,10 @@ def from_config(cfg: Config) -> Inventory:
         hosts[name] = Host(
             name, _need_location(t, "location", locations) or "", t.str_("uri"),
             t.int_("vcpus", None, 1), t.size("memory"),
-            t.str_("target_dir", Host.target_dir) or Host.target_dir, t.strs("fabrics"))
-        t.finish({"location", "uri", "vcpus", "memory", "target_dir", "fabrics"})
+            t.str_("target_dir", Host.target_dir) or Host.target_dir, t.strs("fabrics"),
+            t.str_("migration_uri"))
+        t.finish({"location", "uri", "vcpus", "memory", "target_dir", "fabrics",
+                  "migration_uri"})
     vaults: dict[str, Vault] = {}
     for name, t in _tables(path, raw, "vaults").items():
         vaults[name] = Vault(name, _need_location(t, "location", locations) or "",

@@ -21,12 +21,14 @@ from vmdr.plan.units import fmt_duration
 from vmdr.timeutil import format_time
 
 COLOURS = {"OK": "#1a9850", "ok": "#a6d96a", "!!": "#fdae61", "XX": "#d73027",
-           "--": "#e0e0e0", "stale": "#fee08b", "??": "#9e9ac8"}
+           "--": "#e0e0e0", "stale": "#fee08b", "??": "#9e9ac8", "HA": "#1a9850"}
 LEGEND = [("OK", "covered (required)"), ("ok", "covered (not required)"),
           ("!!", "covered, target missed"), ("stale", "covered by a stale reading"),
           ("XX", "required, not covered"), ("??", "required, copies unknown"),
-          ("--", "not covered (not required)")]
-MARKS = {"OK": "✓", "ok": "✓", "!!": "!", "XX": "✗", "--": "", "stale": "✓", "??": "?"}
+          ("--", "not covered (not required)"),
+          ("HA", "covered by HA (enabled, admitted, failover-tested)")]
+MARKS = {"OK": "✓", "ok": "✓", "!!": "!", "XX": "✗", "--": "", "stale": "✓", "??": "?",
+         "HA": "HA"}
 
 def _state(lc: LevelCoverage) -> str:
     c = report.cell(lc)
@@ -56,7 +58,7 @@ def heatmap(plan: Plan) -> dict[str, Any]:
                     f"covered: {len(lc.copies)} copies, RPO {fmt_duration(lc.rpo_s)}, RTO ≈ "
                     f"{fmt_duration(lc.rto_estimate_s)}" if lc.covered else ""),
                 "tx": x + cw / 2, "ty": y + ch / 2 + 5, "mark": MARKS[st],
-                "colour": "#fff" if st in ("OK", "XX", "??") else "#333"})
+                "colour": "#fff" if st in ("OK", "XX", "??", "HA") else "#333"})
         rows.append({"name": n, "x": left - 8, "y": y + ch / 2 + 4, "cells": cells})
     legend = []
     ly, lx = top + ch * len(names) + 22.0, 10.0
@@ -123,7 +125,7 @@ def copies_by_location(plan: Plan) -> list[dict[str, Any]]:
 def cards(plan: Plan) -> list[dict[str, str]]:
     cov = plan.coverage
     req = [lc for vc in cov.vms.values() for lc in vc.levels.values() if lc.required]
-    ok = sum(1 for lc in req if report.cell(lc) == "OK")
+    ok = sum(1 for lc in req if report.cell(lc) in ("OK", "HA"))
     rule = sum(1 for vc in cov.vms.values() if vc.rule.ok)
     n1 = all(h.fits for h in cov.n1)
     items = [(f"{ok}/{len(req)}", "required levels met", "good" if ok == len(req) else "bad"),

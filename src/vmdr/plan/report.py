@@ -22,6 +22,8 @@ def _t(t: datetime | None) -> str | None:
 def cell(lc: LevelCoverage) -> str:
     """One matrix cell: OK / ok (covered, required / not), !! (target missed), XX, ??
     (required, not covered, but a repository that could hold a copy was unreadable), --."""
+    if lc.ha and (lc.rto_met is not False):
+        return "HA"
     if not lc.covered:
         if not lc.required:
             return "--"
@@ -46,6 +48,7 @@ def level_json(cov: Coverage, lc: LevelCoverage) -> dict[str, Any]:
                          if lc.chosen else None),
         "last_verified": _t(lc.last_verified), "rpo_met": lc.rpo_met, "rto_met": lc.rto_met,
         "stale": lc.stale, "unknown_copies": lc.unknown, "gap": lc.gap,
+        **({"ha": lc.ha, "ha_gap": lc.ha_gap} if lc.level == "host" else {}),
     }
 
 
@@ -89,8 +92,44 @@ def to_json(cov: Coverage) -> dict[str, Any]:
         "vms": {n: vm_json(cov, vc) for n, vc in cov.vms.items()},
         "n_plus_1": [{"host": h.host, "vms": h.vms, "fits": h.fits, "placement": h.placement,
                       "problem": h.problem} for h in cov.n1],
+        "n_plus_1_source": cov.n1_source,
+        "ha": ha_json(cov),
         "problems": cov.problems(),
     }
+
+
+def ha_json(cov: Coverage) -> dict[str, Any]:
+    """The host-level HA rule per HA VM, and where the facts came from."""
+    ha = cov.ha
+    vms = {}
+    for n, vc in cov.vms.items():
+        lc = vc.levels.get("host")
+        if lc is None or not cov.inv.ha_enabled(vc.vm):
+            continue
+        f = ha.vms.get(n) if ha else None
+        vms[n] = {"covered": lc.ha, "reason": lc.ha_gap,
+                  "admitted": f.admitted if f else None,
+                  "last_test": _t(f.last_test) if f else None,
+                  "test_kind": f.test_kind if f else None, "test_to": f.test_to if f else None}
+    return {"source": ha.source if ha else "not read", "note": ha.note if ha else None,
+            "test_interval_s": cov.inv.settings.test_interval_s, "vms": vms}
+
+
+def ha_lines(cov: Coverage) -> list[str]:
+    doc = ha_json(cov)
+    if not doc["vms"]:
+        return []
+    out = [f"HA at the host level (from {doc['source']}; failover tested within "
+           f"{fmt_duration(doc['test_interval_s'])}):"]
+    if doc["note"]:
+        out.append(f"  ! {doc['note']}")
+    for n, d in doc["vms"].items():
+        out.append(f"  - {n}: " + ("covered by HA" + (f" (last {d['test_kind']} "
+                                                       f"{d['last_test'][:19]}Z → "
+                                                       f"{d['test_to']})" if d["last_test"]
+                                                      else "")
+                                   if d["covered"] else str(d["reason"])))
+    return out
 
 
 def source_lines(cov: Coverage) -> list[str]:
@@ -129,7 +168,7 @@ def to_text(cov: Coverage) -> list[str]:
                      + f"  {'ok' if vc.rule.ok else 'NO'}")
     lines += ["", "OK covered (required)  ok covered  !! covered, target missed  "
               "XX required, not covered  ?? required, copies unknown (unreadable "
-              "repository)  -- not covered", ""]
+              "repository)  -- not covered  HA covered by HA (host level)", ""]
     gaps = [lc.gap for vc in cov.vms.values() for lc in vc.levels.values()
             if lc.gap and lc.required]
     if gaps:
@@ -139,7 +178,8 @@ def to_text(cov: Coverage) -> list[str]:
              for vc in cov.vms.values() if not vc.rule.ok]
     if rules:
         lines += ["3-2-1-1-0 not met:", *rules]
-    lines.append("N+1 hosts:")
+    lines += ha_lines(cov)
+    lines.append(f"N+1 hosts (from {cov.n1_source}):")
     for h in cov.n1:
         state = {True: "ok", False: "FAILS", None: "unknown"}[h.fits]
         lines.append(f"  - {h.host} ({len(h.vms)} VM{'' if len(h.vms) == 1 else 's'}): {state}"
