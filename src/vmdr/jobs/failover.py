@@ -39,7 +39,6 @@ from datetime import datetime
 
 from vmdr.errors import (
     FailoverFailed,
-    HypervisorUnavailable,
     RecoveryPlanLocked,
     ReplicaStale,
     UsageError,
@@ -485,8 +484,8 @@ def _unplanned(run: Run, vms: dict[str, fs.DRVM]) -> None:
             uri = plan.vms[name].source_uri or run.opts.source_uri
             try:
                 hv = connect(uri)
-            except HypervisorUnavailable:
-                notes.append(f"{name}: source host unreachable")
+            except VmdrError as exc:
+                notes.append(f"{name}: source host unreachable ({exc.message})")
                 continue
             try:
                 try:

@@ -220,14 +220,13 @@ def start_test_copy(vm: DRVM, plan: str, run: str, nets: dict[str, str]) -> str:
         paths[t] = (overlay, "qcow2")
     vm.site.run(_OVERLAY, d, *pairs)
     name = test_name(plan, vm.name)
+    vars_src = vm.standby.info().nvram_path  # UEFI: the test copy gets its own variables
+    if vars_src:
+        vm.site.run('cp -- "$1" "$2"', vars_src, f"{d}/VARS.fd")
     xml = rewrite_domain_xml(vm.standby.xml(inactive=True), new_name=name, new_uuid=True,
                              new_macs=False, disk_paths=paths,
-                             nvram_path=f"{d}/VARS.fd")
+                             nvram_path=f"{d}/VARS.fd" if vars_src else None)
     xml = relocate_console_logs(map_networks(xml, nets), d, name)
-    if "<nvram" in xml:
-        vars_src = vm.standby.info().nvram_path
-        if vars_src:
-            vm.site.run('cp -- "$1" "$2"', vars_src, f"{d}/VARS.fd")
     vm.dom = vm.hv.create_transient(xml)
     vm.started_here = True
     return d
