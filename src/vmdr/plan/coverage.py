@@ -13,6 +13,7 @@ import shlex
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from vmdr.plan import capacity, taxonomy
 from vmdr.plan.discovery import DiscoveredVM, HostState
@@ -48,6 +49,7 @@ class LevelCoverage:
     stale: bool
     gap: str | None
     unknown: bool = False  # a repository outside the blast radius could not be read
+    replica: str | None = None  # covered by a hot-site replica (vmdr.plan.hotsite)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Coverage:
     repos: dict[str, RepoState]
     n1: list[capacity.HostFailure]
     throughput: dict[str, tuple[float, str]]  # repo -> (bytes/s, "measured"|"configured"|…)
+    hotsite: Any = None  # vmdr.plan.hotsite.HotSite, when replicas or recovery plans exist
 
     def problems(self) -> list[str]:
         out = [p for v in self.vms.values() for p in v.problems]
@@ -320,12 +323,12 @@ def compute(inv: Inventory, facts: dict[str, DiscoveredVM], hosts: dict[str, Hos
             _rule(inv, vm, vm.host or "", copies), max(passed) if passed else None)
         for level in taxonomy.LEVELS:
             cov.levels[level.key] = _level(inv, cov, level, copies, repos, tp, now)
-        cov.problems = _problems(inv, cov, copies, now)
+        cov.problems = vm_problems(inv, cov, copies, now)
         out[vm.name] = cov
     return Coverage(now, inv, out, hosts, repos, capacity.n_plus_one(inv, needs), tp)
 
 
-def _problems(inv: Inventory, cov: VMCoverage, copies: list[Copy],
+def vm_problems(inv: Inventory, cov: VMCoverage, copies: list[Copy],
               now: datetime) -> list[str]:
     name = cov.vm.name
     if not cov.vm.declared:

@@ -46,6 +46,7 @@ def level_json(cov: Coverage, lc: LevelCoverage) -> dict[str, Any]:
                          if lc.chosen else None),
         "last_verified": _t(lc.last_verified), "rpo_met": lc.rpo_met, "rto_met": lc.rto_met,
         "stale": lc.stale, "unknown_copies": lc.unknown, "gap": lc.gap,
+        "replica": lc.replica,
     }
 
 
