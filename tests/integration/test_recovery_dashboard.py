@@ -101,6 +101,8 @@ def test_recovery_page_shows_plans_runs_and_reports(
         WebDriverWait(b, 30).until(lambda d: "Measured RTO" in d.page_source)
         assert "rp-20261206T035500Z" in b.page_source
         b.get(url + "/recovery/runs/..%2Fagent.db")
-        assert "Not found" in b.page_source
+        assert "not found" in b.page_source.lower()  # never a file outside the reports
+        b.get(url + "/recovery/runs/vmdr.toml")
+        assert "not found" in b.page_source.lower()
     finally:
         b.quit()
