@@ -137,3 +137,28 @@ def test_run_book_and_measured_rto(tmp_path: Path) -> None:
     assert "### Recovery plan shop" in text and "The shop" in text
     assert "**Last test:** 2026-12-06T04:00:00+00:00 — passed" in text
     assert "`vmdr failover PLAN --planned`" in text
+
+
+def test_a_replica_at_the_other_site_covers_the_levels_that_site_survives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from tests.unit.test_plan_estates import NOW, build_estate, evaluate
+    from vmdr.plan import report
+
+    monkeypatch.setenv("VMDR_CACHE_DIR", str(tmp_path / "cache"))
+    cov = evaluate(build_estate("two-sites-one-city", tmp_path))
+    mail = cov.vms["mail"]
+    assert report.cell(mail.levels["building"]) == "XX"  # every copy is in building s1
+    assert any("lacks required level building" in p for p in mail.problems)
+    hs = hotsite.HotSite(replicas={"mail": hotsite.ReplicaFact(
+        "mail", "hvn", "qemu+ssh://hvn/system", NOW - timedelta(minutes=10))})
+    hotsite.apply(cov, hs, str(tmp_path / "reports"))
+    b = mail.levels["building"]
+    assert report.cell(b) == "OK" and b.rpo_s == 600 and b.rpo_met and b.rto_met
+    assert b.replica == "replica at hvn (RTO estimated)" and b.rto_estimate_s == mail.boot_s
+    assert report.cell(mail.levels["campus"]) == "ok"  # north campus survives too
+    assert report.cell(mail.levels["city"]) == "--"  # Berlin holds both sites
+    assert mail.levels["vm"].replica is not None  # fresher than the newest backup (2 h)
+    assert not any("lacks required level" in p for p in mail.problems)
+    assert cov.hotsite is hs
