@@ -303,7 +303,8 @@ def _test(run: Run, vms: dict[str, fs.DRVM]) -> None:
                     bubbles[vm.pv.to] = vm.hv
 
         def start(name: str) -> Domain:
-            dirs[name] = fs.start_test_copy(vms[name], plan.name, run.report.run, nets[name])
+            dirs[name] = fs.test_dir(vms[name], run.report.run)  # removed even if half made
+            fs.start_test_copy(vms[name], plan.name, run.report.run, nets[name])
             d = vms[name].dom
             assert d is not None
             return d
@@ -364,10 +365,11 @@ def _start_on_overlay(run: Run, vm: fs.DRVM, point: str, src_uri: str) -> Domain
            "overlays": paths, "base": {t: str(x["path"]) for t, x in vm.state.disks.items()},
            "standby_xml": xml, "source_uri": redact_uri(src_uri), "time": utcnow().isoformat()}
     vm.site.write(f"{vm.pv.directory}/{FAILOVER_STATE}", json.dumps(rec, indent=1).encode())
+    vm.started_here = True  # from here on a roll-back restores the standby's definition
     vm.hv.define(new)
     dom = vm.hv.lookup(vm.state.standby)
+    vm.dom = dom
     dom.start()
-    vm.dom, vm.started_here = dom, True
     return dom
 
 
@@ -451,10 +453,15 @@ def _roll_back(run: Run, vms: dict[str, fs.DRVM], sources: list[Domain]) -> None
     with run.step("roll back") as st:
         done = []
         for vm in vms.values():
-            if vm.started_here and vm.dom is not None:
-                vm.dom.destroy()
-                _restore_standby(vm)
-                done.append(f"stopped {vm.name} at the DR site")
+            if vm.started_here:
+                try:  # the sources come back below whatever happens here
+                    if vm.dom is not None:
+                        vm.dom.destroy()
+                    _restore_standby(vm)
+                    done.append(f"stopped {vm.name} at the DR site")
+                except VmdrError as exc:
+                    run.report.warnings.append(f"{vm.name}: roll-back at the DR site: "
+                                               f"{exc.message}")
                 run.report.vm(vm.name).outcome = "rolled-back"
         for dom in reversed(sources):
             try:

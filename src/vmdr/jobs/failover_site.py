@@ -206,12 +206,16 @@ def cleanup_leftovers(vm: DRVM, plan: str) -> list[str]:
     return out
 
 
+def test_dir(vm: DRVM, run: str) -> str:
+    return f"{vm.pv.directory}/test-{run}"
+
+
 def start_test_copy(vm: DRVM, plan: str, run: str, nets: dict[str, str]) -> str:
     """Create the overlays and start the transient test copy; the overlay directory."""
     if vm.state.writing:
         raise UsageError(f"{vm.name}: a replica cycle is writing (or was interrupted): "
                          "test when the cycle is done (or run one cycle)")
-    d = f"{vm.pv.directory}/test-{run}"
+    d = test_dir(vm, run)
     pairs = []
     paths = {}
     for t, disk in sorted(vm.state.disks.items()):
