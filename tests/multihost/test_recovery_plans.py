@@ -66,6 +66,14 @@ post = ["guest:test -e /proc/version", "host:test -n \\"$VMDR_RUN\\""]
 [recovery_plans.stale]
 vms = ["{g}"]
 rpo = "1s"
+
+[recovery_plans.fragile]
+vms = ["{g}"]
+ready = "agent"
+ready_timeout = "150s"
+shutdown_timeout = "90s"
+[recovery_plans.fragile.groups.1]
+post = ["host:echo the application did not come up >&2; exit 3"]
 """
 
     def vmdr(self, *args: str, host: Host | None = None, code: int = 0,
@@ -184,6 +192,22 @@ def test_test_failover_leaves_nothing_and_the_source_keeps_writing(sites: Sites)
     assert inc["mode"] == "incremental"
     listed = s.js("failover", "report")["runs"]
     assert [r["kind"] for r in listed if r["outcome"] == "passed"] == ["test"]
+
+
+def test_a_failed_planned_failover_puts_the_source_back(sites: Sites) -> None:
+    s, g = sites, sites.g
+    p = s.vmdr("failover", "fragile", "--planned", "--json", code=41)
+    rep = json.loads(p.stdout)
+    assert rep["outcome"] == "failed" and "the sources were left running" in rep["error"]
+    assert "the application did not come up" in rep["error"]
+    assert [st["name"] for st in rep["steps"]][-1] == "roll back"
+    assert rep["vms"][0]["outcome"] == "rolled-back"
+    assert g.is_running_on(s.h1)  # started again, from its own untouched disks
+    assert s.h2.virsh("domstate", f"{g.name}-replica").stdout.strip() == "shut off"
+    assert not (s.vmdir / "failover.json").exists()
+    xml = s.h2.virsh("dumpxml", "--inactive", f"{g.name}-replica").stdout
+    assert "/failover/" not in xml  # the standby has its own disks back
+    g.wait_writer(above=g.writer_seq() or 0, timeout=90)
 
 
 def test_planned_failover_then_failback_lose_nothing(sites: Sites) -> None:
