@@ -151,7 +151,12 @@ def finish(run: Run, error: VmdrError | None) -> Outcome:
     rep.duration_s = round(time.monotonic() - run.t0, 2)
     rep.outcome = "failed" if error else "passed"
     rep.error = error.message if error else None
-    js, html = runs.write(run.opts.reports, rep)
+    try:
+        js, html = runs.write(run.opts.reports, rep)
+    except OSError as exc:
+        why = UsageError(f"cannot write the report to {run.opts.reports}: {exc.strerror} "
+                         f"(the {rep.kind} run itself {rep.outcome}; set [recovery] reports)")
+        return Outcome(rep, "", "", error or why)
     return Outcome(rep, js, html, error)
 
 
@@ -266,9 +271,13 @@ def _screens(run: Run, doms: dict[str, Domain]) -> None:
             continue
         ext = "png" if "png" in shot.mime else "ppm"
         fname = f"{run.report.run}-{name}.{ext}"
-        os.makedirs(run.opts.reports, mode=0o755, exist_ok=True)
-        with open(os.path.join(run.opts.reports, fname), "wb") as f:
-            f.write(shot.data)
+        try:
+            os.makedirs(run.opts.reports, mode=0o755, exist_ok=True)
+            with open(os.path.join(run.opts.reports, fname), "wb") as f:
+                f.write(shot.data)
+        except OSError as exc:
+            run.report.warnings.append(f"{name}: screenshot not saved ({exc.strerror})")
+            continue
         run.report.vm(name).screenshot = fname
 
 
