@@ -246,7 +246,8 @@ def test_unplanned_failover_after_losing_the_source_site(sites: Sites) -> None:
     before = g.wait_writer(timeout=30)  # written before the last cycle starts
     inc = s.js("replicate", g.name)["results"][0]
     assert inc["mode"] == "incremental"
-    starts = len(_seqs(s.dr_console(), "start"))
+    # the standby's console log is rewritten on each start; start from an empty one
+    (s.vmdir / f"{g.name}-replica-console.log").unlink(missing_ok=True)
     time.sleep(2)
     s.h1.kill()  # the source site is gone; vmdr now runs at the DR site
     s.config.write_text(s.toml("qemu:///system"))
@@ -256,7 +257,7 @@ def test_unplanned_failover_after_losing_the_source_site(sites: Sites) -> None:
     vm = rep["vms"][0]
     assert vm["point"] == inc["point"] and vm["rpo_s"] >= 2 and "lost" in vm["records_note"]
     start = _wait("the writer at the DR site",
-                  lambda: (x := _seqs(s.dr_console(), "start")) and len(x) > starts and x)
+                  lambda: _seqs(s.dr_console(), "start"))
     assert start[-1] > before  # it resumed after every record written before the cycle
     s.h2.virsh("destroy", f"{g.name}-replica")
     raw = s.work / "unplanned-vdb.raw"  # the overlay's backing path exists inside h2 only
