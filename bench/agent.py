@@ -215,8 +215,11 @@ repository = "local"
     asyncio.run(serve(a))
 
 
-def bench_api(base: str, token: str, seconds: float, clients: int) -> dict[str, Any]:
-    paths = {"jobs": "/api/v1/jobs?limit=100", "vms": "/api/v1/vms"}
+def bench_api(base: str, token: str, seconds: float, clients: int,
+              paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    """*clients* closed-loop threads with keep-alive connections, round-robin over *paths*
+    (name → a path, or a function of the request number giving one)."""
+    paths = paths or {"jobs": "/api/v1/jobs?limit=100", "vms": "/api/v1/vms"}
     lat: dict[str, list[float]] = {k: [] for k in paths}
     host, port = base.split("//")[1].split(":")
     stop = time.monotonic() + seconds
@@ -227,10 +230,11 @@ def bench_api(base: str, token: str, seconds: float, clients: int) -> dict[str, 
         keys = list(paths)
         i = n
         while time.monotonic() < stop:
-            k = keys[i % 2]
+            k = keys[i % len(keys)]
+            path = paths[k] if isinstance(paths[k], str) else paths[k](i)
             i += 1
             t = time.perf_counter()
-            conn.request("GET", paths[k], headers={"Authorization": f"Bearer {token}"})
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
             r = conn.getresponse()
             r.read()
             dt = time.perf_counter() - t
@@ -252,6 +256,15 @@ def bench_api(base: str, token: str, seconds: float, clients: int) -> dict[str, 
     return out
 
 
+def cold_pages(db: Path, n: int = 20000) -> Any:
+    """Paths of job-list pages behind random cursors: every request a cache miss."""
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        ids = [r[0] for r in c.execute("SELECT id FROM jobs ORDER BY random() LIMIT ?", (n,))]
+    return lambda i: f"/api/v1/jobs?limit=100&before={ids[(i * 7919) % len(ids)]}"
+
+
 def bench_paint(base: str, token: str, runs: int) -> dict[str, Any]:
     try:
         from selenium import webdriver
@@ -268,7 +281,7 @@ def bench_paint(base: str, token: str, runs: int) -> dict[str, Any]:
               "--disable-dev-shm-usage"):
         opts.add_argument(a)
     b = webdriver.Chrome(service=Service(driver), options=opts)
-    fcp, load = [], []
+    fcp, load, lcp = [], [], []
     try:
         b.get(base + "/login")
         b.find_element(By.ID, "token").send_keys(token)
@@ -280,12 +293,19 @@ def bench_paint(base: str, token: str, runs: int) -> dict[str, Any]:
                 "return performance.getEntriesByName('first-contentful-paint')[0].startTime")
             nav = b.execute_script(
                 "return performance.getEntriesByType('navigation')[0].responseEnd")
+            largest = b.execute_async_script(
+                "const done = arguments[0]; new PerformanceObserver(l => {"
+                " const e = l.getEntries(); done(e[e.length - 1].startTime); })"
+                ".observe({type: 'largest-contentful-paint', buffered: true});")
             fcp.append(float(paint))
             load.append(float(nav))
+            lcp.append(float(largest))
     finally:
         b.quit()
     return {"first_contentful_paint_ms_median": round(statistics.median(fcp)),
             "first_contentful_paint_ms_max": round(max(fcp)),
+            "largest_contentful_paint_ms_median": round(statistics.median(lcp)),
+            "largest_contentful_paint_ms_max": round(max(lcp)),
             "html_received_ms_median": round(statistics.median(load)), "runs": runs}
 
 
@@ -329,6 +349,10 @@ def main() -> int:
             time.sleep(2)
             print("API under 20 clients …", file=sys.stderr)
             res["api"] = bench_api(base, token, 10 if q else 30, 20)
+            print(res["api"], file=sys.stderr)
+            print("API, job pages behind random cursors (no cache hit) …", file=sys.stderr)
+            res["api"].update(bench_api(base, token, 10 if q else 20, 20,
+                                        {"jobs_cold": cold_pages(db)}))
             res["api"]["server_rss_mb"] = round(proc_rss_mb(srv.pid), 1)
             print(res["api"], file=sys.stderr)
             print("dashboard paint …", file=sys.stderr)
@@ -347,24 +371,51 @@ def main() -> int:
     return 0
 
 
+PBS_REQ = "https://github.com/proxmox/proxmox-backup/blob/master/docs/system-requirements.rst"
+PBS_CAL = "https://github.com/proxmox/proxmox-backup/blob/master/docs/calendarevents.rst"
+PBS_TC = "https://github.com/proxmox/proxmox-backup/blob/master/docs/traffic-control.rst"
+VEEAM_REQ = ("https://helpcenter.veeam.com/docs/vbr/userguide/"
+             "system_requirements_unstructured_data.html")
+VEEAM_BP = ("https://vbr.veeambp.com/VBP/2_Design_Structures/D_Veeam_Components/"
+            "D_backup_repositories/")
+VEEAM_TC = "https://helpcenter.veeam.com/docs/vbr/powershell/add-vbrnetworktrafficrule.html"
+
+
 def write_doc(r: dict[str, Any]) -> None:
     i, s, a, d = r["idle"], r["scheduler"], r["api"], r["dashboard"]
-    aj, av = a["jobs"], a["vms"]
+    aj, av, ac = a["jobs"], a["vms"], a["jobs_cold"]
+
+    def api_row(x: dict[str, Any]) -> str:
+        return f"{x['p99_ms']} ms (p50 {x['p50_ms']} ms, {x['per_s']}/s)"
+
     rows = [
         ("idle RSS (agent process)", "≤ 60 MB", f"{i['rss_mb']} MB",
-         "PBS: Rust daemons, no figure published; Veeam B&R: a Windows server, 4 GB RAM "
-         "minimum (system requirements)"),
-        ("idle CPU (one core)", "≤ 1 %", f"{i['cpu_percent']} %", "—"),
+         "PBS: 2 GB RAM minimum (evaluation); recommended 4 GiB for the OS, file-system "
+         "cache and the PBS daemons, plus 1 GiB per TiB stored [1]. Veeam: RAM per role, "
+         "e.g. a backup proxy 4 GB + 4 GB per concurrent task [4]; a repository server "
+         "at least 2 cores and 8 GB [5]"),
+        ("idle CPU (one core)", "≤ 1 %", f"{i['cpu_percent']} %", "no figure published"),
         ("job start after its calendar time", "≤ 2 s + jitter",
          f"median {s['median_s']} s, p99 {s['p99_s']} s, max {s['max_s']} s "
-         f"({s['jobs']} jobs)", "PBS: calendar events, minute resolution"),
-        ("`GET /api/v1/jobs?limit=100` p99, 20 clients", "≤ 100 ms",
-         f"{aj['p99_ms']} ms (p50 {aj['p50_ms']} ms, {aj['per_s']}/s)", "—"),
-        ("`GET /api/v1/vms` (2,000 VMs) p99, 20 clients", "≤ 100 ms",
-         f"{av['p99_ms']} ms (p50 {av['p50_ms']} ms, {av['per_s']}/s)", "—"),
-        ("overview first contentful paint", "≤ 1 s",
-         f"median {d.get('first_contentful_paint_ms_median', '—')} ms, "
-         f"max {d.get('first_contentful_paint_ms_max', '—')} ms", "no published figure"),
+         f"({s['jobs']} jobs)",
+         "PBS: the proxy checks job schedules once a minute, so up to 60 s [2]"),
+        ("`GET /api/v1/jobs?limit=100` p99, 20 clients", "≤ 100 ms", api_row(aj),
+         "no figure published (PBS, Veeam)"),
+        ("`GET /api/v1/vms` (2,000 VMs) p99, 20 clients", "≤ 100 ms", api_row(av),
+         "no figure published"),
+        ("job pages behind random `before=` cursors (every one a cache miss) p99, "
+         "20 clients", "—", api_row(ac), "—"),
+        ("overview first contentful / largest contentful paint", "≤ 1 s",
+         f"median {d.get('first_contentful_paint_ms_median', '—')} / "
+         f"{d.get('largest_contentful_paint_ms_median', '—')} ms, max "
+         f"{d.get('first_contentful_paint_ms_max', '—')} / "
+         f"{d.get('largest_contentful_paint_ms_max', '—')} ms", "no figure published"),
+        ("bandwidth windows", "a policy's rate by weekday and time", "token bucket per job, "
+         "rate re-read every second (`tests/integration/test_agent_bandwidth.py`, a copy of "
+         "1 MiB to SFTP: 4.9 s inside a 256 KiB/s window, floor 3.8 s; 1.6 s outside it)",
+         "PBS: token-bucket traffic control per client network with timeframes "
+         "(`mon..fri 8-12`) [3]; Veeam: network traffic rules with a throttling "
+         "window [6]"),
     ]
     table = "\n".join(f"| {' | '.join(row)} |" for row in rows)
     est = r["estate"]
@@ -376,6 +427,16 @@ Measured by `bench/agent.py` on {r["machine"]}.
 |---|---|---|---|
 {table}
 
+* [1] Proxmox Backup Server, System Requirements: {PBS_REQ}
+* [2] PBS, Calendar Events, "Notes on scheduling": {PBS_CAL}
+* [3] PBS, Traffic Control: {PBS_TC}
+* [4] Veeam Backup & Replication user guide, System Requirements (Unstructured Data): {VEEAM_REQ}
+* [5] Veeam Best Practice guide, backup repositories: {VEEAM_BP}
+* [6] Veeam PowerShell reference, Add-VBRNetworkTrafficRule: {VEEAM_TC}
+
+Neither PBS nor Veeam publishes API latency or web-UI paint times; the rows say so rather
+than compare with nothing.
+
 ### Method
 
 * **Idle:** `vmdr --config … agent` with the smallest config of docs/operations.md on this
@@ -385,17 +446,24 @@ Measured by `bench/agent.py` on {r["machine"]}.
   job command (a Python process that speaks the event protocol), 60 s; the delay is the
   job's recorded process start minus its calendar time, jitter 0.
 * **API:** an agent process over {est["vms"]:,} VMs and {est["jobs"]:,} synthetic jobs
-  in SQLite; 20 threads with keep-alive connections, 30 s, half on each endpoint, bearer token
-  checked on every request. The load generator shares the 2 cores with the server. Server
-  RSS under load: {a["server_rss_mb"]} MB.
+  in SQLite; 20 threads with keep-alive connections, 30 s, half on each endpoint, bearer
+  token checked on every request; then 20 s of the same 20 clients on job pages behind
+  random cursors, so that no answer comes from the cache. The load generator shares the
+  2 cores with the server (and, here, with other work on the machine). Server RSS under
+  load: {a["server_rss_mb"]} MB.
+* **What makes the listings fast:** the newest page and the protection table are kept
+  encoded, and served again from the event loop until a job of this agent is queued,
+  started or ended (its history's version changes; in a fleet, at most 1 s / 5 s), so
+  a dashboard and twenty monitors polling cost one query per change, not one per request.
+  A miss is one keyset walk of the `(created, id)` index (`?before=`, no OFFSET scan),
+  encoded once, with at most 4 misses computed at once so the GIL serves them in order.
+  Before this the same bench gave a p99 of 159.7 ms for the jobs listing. The cache-miss
+  row is the worst case at saturation (every one of ~430 requests/s a different page), not
+  a goal.
 * **Dashboard:** headless Debian chromium via selenium logs in with a token and loads `/`
   (RPO summary over 2,000 VMs, the VMs needing attention, jobs, repositories) 5 times;
-  `first-contentful-paint` from the Paint Timing API.
-* **Reading the API figures:** 20 closed-loop clients against ~290 requests/s per endpoint
-  means a mean latency near 35 ms; the jobs listing's p99 above 100 ms is the tail of
-  two Python processes (server and load generator) sharing 2 cores under the GIL, not a
-  slow query (the listing is an index walk of 100 rows). Not yet measured with the clients
-  on another machine.
+  `first-contentful-paint` (Paint Timing API) and the last `largest-contentful-paint`
+  entry, the standard stand-in for "first meaningful paint".
 """
     replace_section(DOC, "agent", body, "Benchmarks")
 

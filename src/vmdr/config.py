@@ -73,6 +73,8 @@ class AgentConfig:
     repository_jobs: int = 2  # per repository
     history_days: int = 90
     lease_ttl_s: float = 10.0
+    metrics_token_file: str | None = None  # /metrics asks for this bearer token (or auditor)
+    metrics_token: str | None = field(default=None, repr=False)  # read from the file
     alerts: AlertConfig = field(default_factory=AlertConfig)
 
 
@@ -95,6 +97,7 @@ class PolicyConfig:
     verify_boot: bool = False
     rpo_s: float | None = None
     mode: str = "auto"
+    bandwidth: list[str] = field(default_factory=list)  # windows: "mon..fri 08:00..18:00 20M"
 
 
 @dataclass
@@ -314,6 +317,16 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
     ag.repository_jobs = a.integer("repository_jobs", ag.repository_jobs, 1)
     ag.history_days = a.integer("history_days", ag.history_days, 1)
     ag.lease_ttl_s = a.duration("lease_ttl", ag.lease_ttl_s) or ag.lease_ttl_s
+    ag.metrics_token_file = a.text("metrics_token_file")
+    if ag.metrics_token_file:
+        try:
+            with open(ag.metrics_token_file, encoding="utf-8") as f:
+                ag.metrics_token = f.readline().strip() or None
+        except OSError as exc:
+            raise a._err("metrics_token_file", f"a readable file ({exc.strerror})") from None
+        if not ag.metrics_token or len(ag.metrics_token) < 16:
+            raise a._err("metrics_token_file", "a file whose first line is a token of 16 or "
+                                               "more characters")
     al = _Reader(path, a.table_("alerts"), "agent.alerts.")
     ac = ag.alerts
     ac.webhook = al.text("webhook")
@@ -355,5 +368,8 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         pol.verify_boot = p.boolean("verify_boot", False)
         pol.rpo_s = p.duration("rpo", None)
         pol.mode = p.text("mode", "auto", ("auto", "full", "incremental")) or "auto"
+        bw = table.get("bandwidth")
+        pol.bandwidth = [bw] if isinstance(bw, str) else p.strlist("bandwidth")
+        p.used.add("bandwidth")  # its rules are checked by the agent (scheduler.schedules)
         p.finish()
         cfg.policies[name] = pol

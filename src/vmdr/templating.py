@@ -22,7 +22,7 @@ import functools
 import re
 from typing import Any
 
-from jinja2 import ChoiceLoader, Environment, PackageLoader, StrictUndefined
+from jinja2 import ChoiceLoader, Environment, PackageLoader, StrictUndefined, Undefined
 from markupsafe import Markup, escape
 
 __all__ = ["Markup", "environment", "inline_markdown", "render"]
@@ -45,13 +45,18 @@ def _num(value: float) -> str:
 
 
 @functools.cache
-def environment(package: str) -> Environment:
+def environment(package: str, strict: bool = True) -> Environment:
     """The environment for *package* (e.g. ``"vmdr.plan"``): its ``templates/`` first,
-    then the shared ``vmdr/templates``; autoescaping on for every template."""
+    then the shared ``vmdr/templates``; autoescaping on for every template.
+
+    ``strict=False`` renders an undefined name as nothing instead of failing: only for
+    pages over data whose keys are optional by nature (the dashboard's job events and
+    status records), where a missing key must not turn a page into an error."""
     env = Environment(
         loader=ChoiceLoader([PackageLoader(package, "templates"),
                              PackageLoader("vmdr", "templates")]),
-        autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        autoescape=True, undefined=StrictUndefined if strict else Undefined,
+        trim_blocks=True, lstrip_blocks=True,
         keep_trailing_newline=True,
     )
     env.filters["inline"] = inline_markdown

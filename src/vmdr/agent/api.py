@@ -12,6 +12,8 @@ import asyncio
 import json
 import logging
 import re
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -93,17 +95,65 @@ def health(request: Request) -> JSONResponse:
                          "coordination": a.coord.name, "scheduling_note": a.scheduling_note})
 
 
-_encoded: list[tuple[list[dict[str, Any]], bytes]] = []
+SHARED_TTL = 1.0  # seconds a listing of a history other agents also write is served again
 
 
-def list_vms(request: Request) -> Response:
-    """The protection table; its JSON is encoded once per computed table (a fleet's is
-    thousands of rows, asked for by every dashboard and monitor)."""
+class Listings:
+    """Encoded JSON of the hot listings (the jobs page, the protection table), asked for
+    by every dashboard and monitor: served again while the history's version is unchanged
+    (a job queued, started or ended bumps it) and, in a fleet, for at most SHARED_TTL
+    seconds. A hit is answered on the event loop, with no thread hop and no query."""
+
+    MAX = 256
+    WORKERS = 4  # misses computed at once: more only contend for the GIL, and lose order
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[Any, ...], tuple[int, float, Any, bytes]] = {}
+        self.gate = asyncio.Semaphore(self.WORKERS)
+
+    def get(self, a: Agent, key: tuple[Any, ...], tag: Any = None) -> bytes | None:
+        hit = self._d.get(key)
+        if hit is None or hit[0] != a.history.version or hit[2] is not tag:
+            return None
+        if a.history.shared and time.monotonic() - hit[1] > SHARED_TTL:
+            return None
+        return hit[3]
+
+    def put(self, key: tuple[Any, ...], version: int, body: bytes, tag: Any = None) -> None:
+        if len(self._d) >= self.MAX:
+            self._d.clear()
+        self._d[key] = (version, time.monotonic(), tag, body)
+
+
+_listings: weakref.WeakKeyDictionary[Agent, Listings] = weakref.WeakKeyDictionary()
+
+
+def listings(a: Agent) -> Listings:
+    c = _listings.get(a)
+    if c is None:
+        c = _listings[a] = Listings()
+    return c
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def list_vms(request: Request) -> Response:
+    """The protection table (thousands of rows in a fleet), encoded once per computed
+    table; computed on a worker thread when the agent's copy is stale."""
     need(request, "auditor")
-    rows = agent_of(request).protection()
-    if not _encoded or _encoded[0][0] is not rows:
-        _encoded[:] = [(rows, json.dumps({"vms": rows}, separators=(",", ":")).encode())]
-    return Response(_encoded[0][1], media_type="application/json")
+    a = agent_of(request)
+    rows = a.protection_fresh()
+    if rows is None:
+        rows = await asyncio.to_thread(a.protection)
+    cache = listings(a)
+    body = cache.get(a, ("vms",), rows)
+    if body is None:
+        version = a.history.version
+        body = await asyncio.to_thread(_dumps, {"vms": rows})
+        cache.put(("vms",), version, body, rows)
+    return Response(body, media_type="application/json")
 
 
 def get_vm(request: Request) -> JSONResponse:
@@ -237,7 +287,8 @@ start_copy = _starter(queue_copy)
 start_restore = _starter(queue_restore)
 
 
-def list_jobs(request: Request) -> JSONResponse:
+async def list_jobs(request: Request) -> Response:
+    """Newest first; ``next`` is the cursor of the following page (``?before=``)."""
     need(request, "auditor")
     a = agent_of(request)
     limit = _int(request, "limit", 100, 1, 1000)
@@ -246,9 +297,25 @@ def list_jobs(request: Request) -> JSONResponse:
     state = q.get("state")
     if state is not None and state not in ("queued", "running", "ok", "failed", "interrupted"):
         raise ApiError(400, "state: queued, running, ok, failed or interrupted")
-    jobs = a.history.jobs(limit=limit, offset=offset, vm=q.get("vm"), state=state,
-                          type_=q.get("type"))
-    return JSONResponse({"jobs": [j.as_dict() for j in jobs]})
+    before = q.get("before")
+    if before is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", before):
+        raise ApiError(400, "before: a job id (the previous page's next)")
+    key = ("jobs", limit, offset, before, q.get("vm"), state, q.get("type"))
+    cache = listings(a)
+    body = cache.get(a, key)
+    if body is None:
+        version = a.history.version
+
+        def load() -> bytes:
+            jobs = a.history.jobs(limit=limit, offset=offset, vm=q.get("vm"), state=state,
+                                  type_=q.get("type"), before=before)
+            nxt = jobs[-1].id if len(jobs) == limit else None
+            return _dumps({"jobs": [j.as_dict() for j in jobs], "next": nxt})
+
+        async with cache.gate:
+            body = await asyncio.to_thread(load)
+        cache.put(key, version, body)
+    return Response(body, media_type="application/json")
 
 
 def get_job(request: Request) -> JSONResponse:

@@ -33,7 +33,7 @@ from vmdr.timeutil import utcnow
 
 log = logging.getLogger("vmdr.agent")
 STATS_EVERY = 600.0  # seconds between repository size measurements
-PROTECTION_TTL = 2.0  # seconds a computed protection table is served again
+PROTECTION_TTL = 5.0  # seconds a computed protection table is served again, at most
 
 
 def make_coordinator(cfg: Config, history: History) -> Coordinator:
@@ -83,7 +83,7 @@ class Agent:
         self._last_stats = 0.0
         self._state_broken = False
         self._known_state: dict[str, float] | None = None  # last schedule state seen
-        self._prot: tuple[float, list[dict[str, Any]]] | None = None
+        self._prot: tuple[float, int, list[dict[str, Any]]] | None = None
         self._prot_lock = threading.Lock()
         self.scheduling_note: str | None = None
 
@@ -331,17 +331,29 @@ class Agent:
 
     def protection(self, now: float | None = None) -> list[dict[str, Any]]:
         """Per VM: its policy, last backup, achieved RPO against its target, last verify.
-        Computed at most every PROTECTION_TTL seconds and shared (the API and dashboard
-        ask for it on every request)."""
+        Shared by the API, the dashboard and /metrics: computed again when a job of this
+        agent changed the history (a job ended, one was queued) or after PROTECTION_TTL
+        seconds (the fleet's other agents, the inventory, the RPOs' ageing)."""
         t = self.clock() if now is None else now
         with self._prot_lock:
             cached = self._prot
-            if now is None and cached is not None and 0 <= t - cached[0] < PROTECTION_TTL:
-                return cached[1]
+            version = self.history.version
+            if (now is None and cached is not None and cached[1] == version
+                    and 0 <= t - cached[0] < PROTECTION_TTL):
+                return cached[2]
             rows = self._protection(t)
             if now is None:
-                self._prot = (t, rows)
+                self._prot = (t, version, rows)
             return rows
+
+    def protection_fresh(self) -> list[dict[str, Any]] | None:
+        """The shared table if it is still current, else None (never computes: safe on the
+        event loop)."""
+        cached = self._prot
+        if (cached is not None and cached[1] == self.history.version
+                and 0 <= self.clock() - cached[0] < PROTECTION_TTL):
+            return cached[2]
+        return None
 
     def _protection(self, now: float) -> list[dict[str, Any]]:
         when = dt.datetime.fromtimestamp(now, local_tz())

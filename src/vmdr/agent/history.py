@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -52,7 +53,7 @@ jobs_t = sa.Table(
     sa.Column("result", sa.Text),  # JSON: the end event's result
     sa.Index("ix_jobs_created", "created", "id"),  # the listing's ORDER BY, no sort step
     sa.Index("ix_jobs_vm_type_state", "vm", "type", "state", "ended"),
-    sa.Index("ix_jobs_state", "state"),
+    sa.Index("ix_jobs_state_created", "state", "created", "id"),  # failed/running, newest
 )
 events_t = sa.Table(
     "events", meta,
@@ -184,10 +185,36 @@ class History:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = sa.create_engine(url, future=True, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
+        if url.startswith("sqlite"):
+            # a file opened by every API thread: keep enough connections open that none is
+            # opened (and its pragmas run) per request; no pre-ping, a file does not drop
+            self.engine: Engine = sa.create_engine(url, pool_size=8, max_overflow=24)
             sa_event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8,
+                                           max_overflow=8)
         meta.create_all(self.engine)
+        for t in meta.sorted_tables:  # indexes added since the tables were made
+            for ix in t.indexes:
+                ix.create(self.engine, checkfirst=True)
+        self._version = 0
+        self._version_lock = threading.Lock()
+
+    @property
+    def version(self) -> int:
+        """Bumped by every write of this process to jobs or vm_last: a cache of a listing
+        is current while this is unchanged (other agents of a fleet write too: see
+        :attr:`shared`)."""
+        return self._version
+
+    @property
+    def shared(self) -> bool:
+        """Other processes write this history (PostgreSQL: the fleet's agents)."""
+        return self.dialect != "sqlite"
+
+    def _changed(self) -> None:
+        with self._version_lock:
+            self._version += 1
 
     @classmethod
     def open(cls, state: str, database: str | None = None) -> History:
@@ -222,6 +249,7 @@ class History:
                 c.execute(jobs_t.insert().values(**d))
         except sa.exc.IntegrityError:
             return False
+        self._changed()
         return True
 
     def update_job(self, job_id: str, **values: Any) -> None:
@@ -229,6 +257,7 @@ class History:
             values["result"] = json.dumps(values["result"])
         with self.engine.begin() as c:
             c.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(**values))
+        self._changed()
 
     def start_job(self, job_id: str, pid: int, started: float) -> bool:
         """queued → running; False if the job is no longer queued (someone else took it)."""
@@ -236,17 +265,38 @@ class History:
             r = c.execute(jobs_t.update()
                           .where(jobs_t.c.id == job_id, jobs_t.c.state == "queued")
                           .values(state="running", pid=pid, started=started))
-            return bool(r.rowcount)
+        self._changed()
+        return bool(r.rowcount)
 
     def job(self, job_id: str) -> Job | None:
         with self.engine.connect() as c:
             r = c.execute(jobs_t.select().where(jobs_t.c.id == job_id)).first()
         return _row_job(r) if r else None
 
+    def jobs_by_id(self, ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs of *ids* that exist, in one query per 500 ids."""
+        out: dict[str, Job] = {}
+        with self.engine.connect() as c:
+            for i in range(0, len(ids), 500):
+                q = jobs_t.select().where(jobs_t.c.id.in_(list(ids[i:i + 500])))
+                out.update((j.id, j) for j in map(_row_job, c.execute(q)))
+        return out
+
     def jobs(self, limit: int = 100, offset: int = 0, vm: str | None = None,
              state: str | None = None, type_: str | None = None,
-             host: str | None = None) -> list[Job]:
+             host: str | None = None, before: str | None = None) -> list[Job]:
+        """The newest jobs first. Page with *before* (the last id of the previous page):
+        a keyset walk of the (created, id) index that costs the same on page 1 and
+        page 2,000; *offset* stays for small jumps. An unknown *before* gives []."""
         q = jobs_t.select()
+        if before is not None:
+            with self.engine.connect() as c:
+                at = c.execute(sa.select(jobs_t.c.created).where(jobs_t.c.id == before)).first()
+            if at is None:
+                return []
+            # a row-value comparison: both engines seek the index with it (an OR does not)
+            q = q.where(sa.tuple_(jobs_t.c.created, jobs_t.c.id)
+                        < sa.tuple_(sa.literal(at[0]), sa.literal(before)))
         if vm:
             q = q.where(jobs_t.c.vm == vm)
         if state:
@@ -277,6 +327,7 @@ class History:
                 c.execute(jobs_t.update().where(jobs_t.c.id.in_(ids)).values(
                     state="interrupted", ended=now,
                     error="the agent stopped while the job ran"))
+        self._changed()
         return ids
 
     def last_success(self, type_: str) -> dict[str, tuple[float, str | None]]:
@@ -295,6 +346,7 @@ class History:
                                      vm_last_t.c.ended < ended)
                               .values(ended=ended, job_id=job_id))
                 if r.rowcount:
+                    self._changed()
                     return
                 exists = c.execute(sa.select(vm_last_t.c.ended).where(
                     vm_last_t.c.vm == vm, vm_last_t.c.type == type_)).first()
@@ -304,6 +356,7 @@ class History:
                 with self.engine.begin() as c:
                     c.execute(vm_last_t.insert().values(vm=vm, type=type_, ended=ended,
                                                         job_id=job_id))
+                self._changed()
                 return
             except sa.exc.IntegrityError:
                 continue  # another agent inserted it first: compare again
@@ -461,12 +514,15 @@ class History:
             n = c.execute(jobs_t.delete().where(jobs_t.c.state.in_(FINISHED),
                                                 jobs_t.c.ended < before)).rowcount
             c.execute(repo_stats_t.delete().where(repo_stats_t.c.time < before))
+        if n:
+            self._changed()
         return int(n or 0)
 
     def bulk_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert many job rows at once (benchmarks and migrations), vm_last included."""
         with self.engine.begin() as c:
             c.execute(jobs_t.insert(), list(rows))
+        self._changed()
         newest: dict[tuple[str, str], tuple[float, str]] = {}
         for r in rows:
             if r.get("state") == "ok" and r.get("vm") and r.get("ended"):

@@ -53,6 +53,8 @@ def document() -> dict[str, Any]:
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                     "maximum": 1000}},
         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "before", "in": "query", "description": "the previous page's `next`",
+         "schema": {"type": "string", "maxLength": 64}},
         {"name": "vm", "in": "query", "schema": {"type": "string"}},
         {"name": "state", "in": "query", "schema": {
             "type": "string", "enum": ["queued", "running", "ok", "failed", "interrupted"]}},
@@ -99,7 +101,8 @@ def document() -> dict[str, Any]:
                     "repository": {"type": "string"}}}, "operator", _NAME),
             "/api/v1/jobs": _get("jobs, newest first",
                                  {"type": "object", "properties": {
-                                     "jobs": {"type": "array", "items": _ref("Job")}}},
+                                     "jobs": {"type": "array", "items": _ref("Job")},
+                                     "next": _STR}},
                                  params=job_filters),
             "/api/v1/jobs/{id}": _get("one job with its events and log", _ref("Job"),
                                       params=_ID),

@@ -63,8 +63,11 @@ def job_command(cfg: Config, job: Job) -> list[str]:
     if repo is None:
         raise ValueError(f"job {job.id}: unknown repository {job.repository!r}")
     base += _repo_args(repo)
+    pol = cfg.policies.get(job.policy or "")
+    # the policy's bandwidth windows: the job follows them by the clock while it runs
+    bw = ["--bwlimit", "; ".join(pol.bandwidth)] if pol and pol.bandwidth else []
     if job.type == "backup":
-        cmd = ["backup", str(job.vm), "--mode", str(a.get("mode", "auto"))]
+        cmd = ["backup", str(job.vm), "--mode", str(a.get("mode", "auto")), *bw]
         if cfg.connect:
             cmd += ["--connect", cfg.connect]
         return base + cmd
@@ -78,7 +81,7 @@ def job_command(cfg: Config, job: Job) -> list[str]:
         return base + cmd
     if job.type == "copy":
         to = cfg.repositories[str(a["to"])]
-        cmd = ["copy", str(job.vm), "--to", to.url, "--latest", "1"]
+        cmd = ["copy", str(job.vm), "--to", to.url, "--latest", "1", *bw]
         if to.password_file:
             cmd += ["--to-password-file", to.password_file]
         if to.key_file:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from vmdr.agent import calendar
 from vmdr.agent.history import Job
 from vmdr.config import Config, PolicyConfig, parse_duration
+from vmdr.errors import ConfigError, UsageError
+from vmdr.storage.throttle import Windows
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,18 @@ def schedules(cfg: Config) -> list[Schedule]:
         if p.verify_schedule:
             out.append(Schedule(f"{name}:verify", name, "verify",
                                 _parse(p, "verify", p.verify_schedule)))
+        if p.bandwidth:
+            bandwidth(p)
     return out
+
+
+def bandwidth(p: PolicyConfig) -> Windows:
+    """The policy's bandwidth windows (ConfigError, exit 2, for a bad rule). Its backup
+    and copy jobs get them as ``--bwlimit`` and follow them by the clock as they run."""
+    try:
+        return Windows(p.bandwidth)
+    except UsageError as exc:
+        raise ConfigError(f"policies.{p.name}.bandwidth: {exc}") from None
 
 
 def _parse(p: PolicyConfig, key: str, text: str) -> calendar.CalendarEvent:

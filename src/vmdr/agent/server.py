@@ -138,7 +138,9 @@ class AuthMiddleware:
                     (k, v) for k, v in _SECURITY_HEADERS if k not in names]
             await send(message)
 
-        if auth:
+        if auth and scope["path"] == "/metrics" and _metrics_token(st, auth):
+            state["metrics"] = True  # the scrape token: good for /metrics only
+        elif auth:
             who = api.client_addr(request)
             if st.limiter.blocked(who):
                 await JSONResponse({"error": "too many failed attempts; wait a minute"},
@@ -200,8 +202,32 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal error (see the agent's log)"}, status_code=500)
 
 
+def _metrics_token(st: Any, auth: str) -> bool:
+    want = st.agent.cfg.agent.metrics_token
+    scheme, _, token = auth.partition(" ")
+    return bool(want) and scheme.lower() == "bearer" and secrets.compare_digest(
+        token.strip().encode(), want.encode())
+
+
+def metrics_open(request: Request) -> bool:
+    """/metrics without credentials: only on loopback, and only with no metrics token set.
+    Otherwise the scrape token (``metrics_token_file``) or any auditor credential."""
+    a: Agent = request.app.state.agent
+    if request.scope.get("state", {}).get("metrics"):
+        return True
+    p: Principal | None = request.scope.get("state", {}).get("principal")
+    if p is not None and p.can("auditor"):
+        return True
+    host = a.cfg.agent.listen.rpartition(":")[0].strip("[]")
+    return a.cfg.agent.metrics_token is None and is_loopback(host)
+
+
 def metrics_endpoint(request: Request) -> Response:
     a: Agent = request.app.state.agent
+    if not metrics_open(request):
+        return PlainTextResponse("metrics need a bearer token (agent.metrics_token_file, or "
+                                 "an auditor token)\n", 401,
+                                 headers={"WWW-Authenticate": "Bearer"})
     return PlainTextResponse(metrics.render(a),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -24,15 +24,41 @@ _lock = threading.Lock()
 TTL = 30.0
 
 
-def run_json(cfg: Config, args: list[str], timeout: float = 60.0,
-             ttl: float = TTL) -> tuple[Any, str | None]:
-    """(parsed stdout, None) or (None, the one-line error) of ``vmdr --json ARGS``."""
+_refreshing: set[tuple[str, ...]] = set()
+
+
+def run_json(cfg: Config, args: list[str], timeout: float = 60.0, ttl: float = TTL,
+             stale_ok: bool = False) -> tuple[Any, str | None]:
+    """(parsed stdout, None) or (None, the one-line error) of ``vmdr --json ARGS``.
+
+    ``stale_ok``: an answer past its *ttl* is returned at once while a thread asks again
+    (a page never waits for a subprocess it has an answer for)."""
     key = (cfg.path or "", *args)
     now = time.monotonic()
     with _lock:
         hit = _cache.get(key)
         if hit and now - hit[0] < ttl:
             return hit[1], hit[2]
+        if hit and stale_ok:
+            if key not in _refreshing:
+                _refreshing.add(key)
+                threading.Thread(target=_refresh, args=(cfg, args, timeout, key),
+                                 daemon=True).start()
+            return hit[1], hit[2]
+    return _run(cfg, args, timeout, key)
+
+
+def _refresh(cfg: Config, args: list[str], timeout: float, key: tuple[str, ...]) -> None:
+    try:
+        _run(cfg, args, timeout, key)
+    finally:
+        with _lock:
+            _refreshing.discard(key)
+
+
+def _run(cfg: Config, args: list[str], timeout: float,
+         key: tuple[str, ...]) -> tuple[Any, str | None]:
+    now = time.monotonic()
     argv = [*VMDR, "--json", "--no-progress"]
     data: Any = None
     err: str | None = None
@@ -89,7 +115,8 @@ def repositories(a: Agent) -> list[dict[str, Any]]:
 
 def plan_coverage(cfg: Config) -> tuple[dict[str, Any] | None, str | None]:
     """The plan's coverage as data: VM × disaster level (``vmdr plan coverage --json``)."""
-    data, err = run_json(cfg, ["plan", "coverage", "--offline"], timeout=120, ttl=300)
+    data, err = run_json(cfg, ["plan", "coverage", "--offline"], timeout=120, ttl=300,
+                         stale_ok=True)
     return (data if isinstance(data, dict) else None), err
 
 

@@ -1,4 +1,5 @@
-"""The dashboard at ``/``: server-rendered Jinja2 (autoescaped), htmx for the live parts.
+"""The dashboard at ``/``: server-rendered through :mod:`vmdr.templating` (Jinja2,
+autoescaped, shared filters), htmx for the live parts.
 
 Every button posts to the same handlers as the API (through :mod:`vmdr.agent.api`'s
 functions), with the session's CSRF token. No build step, no CDN: htmx is vendored under
@@ -14,11 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from vmdr import templating
 from vmdr.agent import api
 from vmdr.agent.auth import Principal, check_token, check_user
 from vmdr.agent.daemon import Agent
@@ -27,8 +28,9 @@ from vmdr.plan.units import fmt_size
 
 HERE = Path(__file__).parent
 STATIC = str(HERE / "static")
-env = Environment(loader=FileSystemLoader(str(HERE / "templates")),
-                  autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+# the project's one Jinja2 set-up; lenient, as job events and other pages' status records
+# have optional keys (a missing one shows as nothing, not as an error page)
+env = templating.environment("vmdr.agent", strict=False)
 
 
 def _when(ts: float | None) -> str:
@@ -121,10 +123,13 @@ def screenshots(a: Agent) -> dict[str, str]:
     except OSError:
         return {}
     out: dict[str, str] = {}
+    jobs = a.history.jobs_by_id(ids)  # one query, not one per evidence directory
     for job_id in ids:  # ids sort by time: newer ones overwrite
-        job = a.history.job(job_id)
+        job = jobs.get(job_id)
+        if not (job and job.vm and job.state == "ok"):
+            continue
         shots = sorted(glob.glob(os.path.join(root, job_id, "*.png")))
-        if job and job.vm and job.state == "ok" and shots:
+        if shots:
             out[job.vm] = f"/evidence/{job_id}/{os.path.basename(shots[-1])}"
     return out
 

@@ -14,7 +14,7 @@ from vmdr.jobs.copy import CopyOptions, copy_snapshots
 from vmdr.repository.opening import OpenOptions, Passphrase, open_repository
 from vmdr.repository.repo import Repository
 from vmdr.storage.registry import redact
-from vmdr.storage.throttle import TokenBucket, parse_rate
+from vmdr.storage.throttle import bucket_for
 from vmdr.ui.progress import human_bytes
 
 
@@ -34,7 +34,7 @@ def cmd_copy(ns: argparse.Namespace, g: Globals) -> int:
                         file=ns.to_password_file or os.environ.get("VMDR_TO_PASSWORD_FILE"),
                         fallback=g.passphrase)
     dst_key = ns.to_key_file or os.environ.get("VMDR_TO_KEY_FILE")
-    bucket = TokenBucket(parse_rate(ns.bwlimit)) if ns.bwlimit else None
+    bucket = bucket_for(ns.bwlimit) if ns.bwlimit else None
     opts = CopyOptions(names=ns.names, latest=ns.latest, workers=ns.workers)
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(open_repository(
@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--latest", type=_positive, metavar="N",
                    help="only the latest N snapshots of each name")
     p.add_argument("--bwlimit", metavar="RATE",
-                   help="limit network bytes/s, e.g. 10M (remote reads and writes share it)")
+                   help="limit network bytes/s, e.g. 10M (remote reads and writes share "
+                        "it), or windows by the local time: 'mon..fri 08:00..18:00 20M; * 100M'")
     p.add_argument("--to-password-file", metavar="FILE",
                    help="destination passphrase file (env VMDR_TO_PASSWORD_FILE or "
                         "VMDR_TO_PASSWORD; default: the source passphrase)")

@@ -12,8 +12,10 @@ from vmdr.errors import DomainNotFound, UsageError
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs.vmbackup import VMBackupOptions, VMBackupResult, backup_many, select_vms
 from vmdr.jobs.vmrestore import RestoreOptions, restore_vm
+from vmdr.repository.opening import open_repository
 from vmdr.repository.resolve import check_name
 from vmdr.storage.registry import redact
+from vmdr.storage.throttle import bucket_for
 from vmdr.ui.progress import human_bytes
 
 
@@ -30,7 +32,9 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
     if not ns.vms and not ns.all:
         raise UsageError("name one or more VMs (globs allowed) or use --all")
     cfg = g.config
-    with _connect(_uri(ns, g)) as hv, repository(g, "shared", "backup") as repo:
+    bucket = bucket_for(ns.bwlimit) if ns.bwlimit else None
+    with _connect(_uri(ns, g)) as hv, open_repository(
+            g.open_options(bandwidth=bucket), "shared", "backup") as repo:
         domains = hv.list_domains()
         names = select_vms(domains, ns.vms, ns.all, ns.with_tag,
                            {n: v.tags for n, v in cfg.vms.items()})
@@ -137,6 +141,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--method", choices=["auto", "checkpoint", "overlay", "offline"],
                    default="auto", help="capture method (default auto)")
     p.add_argument("--tag", action="append", default=[], help="tag the snapshots; repeatable")
+    p.add_argument("--bwlimit", metavar="RATE",
+                   help="limit bytes/s written to a remote (SFTP, S3) repository, e.g. 10M, "
+                        "or windows by the local time: 'mon..fri 08:00..18:00 20M; * 100M'")
     p.add_argument("-c", "--connect", metavar="URI",
                    help="libvirt URI (env VMDR_CONNECT, default qemu:///system)")
     p.set_defaults(func=cmd_backup)
