@@ -162,3 +162,30 @@ def test_a_replica_at_the_other_site_covers_the_levels_that_site_survives(
     assert mail.levels["vm"].replica is not None  # fresher than the newest backup (2 h)
     assert not any("lacks required level" in p for p in mail.problems)
     assert cov.hotsite is hs
+
+
+def test_a_passed_test_failover_is_a_boot_verification_with_a_measured_rto(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from tests.unit.test_plan_estates import NOW, build_estate, evaluate
+
+    monkeypatch.setenv("VMDR_CACHE_DIR", str(tmp_path / "cache"))
+    cov = evaluate(build_estate("two-sites-one-city", tmp_path))
+    reports = tmp_path / "reports"
+    rep = runs.RunReport("20261125T113000Z-mailplan-test", "mailplan", "test",
+                         "2026-11-25T11:30:00+00:00", outcome="passed",
+                         vms=[runs.VMOutcome("mail", "ready", 1, rto_s=42.0)])
+    runs.write(str(reports), rep)
+    plan = recovery.RecoveryPlan("mailplan", {"mail": recovery.PlanVM(
+        "mail", "qemu+ssh://hvn/system", "hvn", "/r/mail", "mail-replica", None, None, ())},
+        (recovery.GroupSpec(1, ("mail",)),))
+    hs = hotsite.HotSite([plan], replicas={"mail": hotsite.ReplicaFact(
+        "mail", "hvn", "qemu+ssh://hvn/system", NOW - timedelta(minutes=5))})
+    hotsite.apply(cov, hs, str(reports))
+    b = cov.vms["mail"].levels["building"]
+    assert b.rto_estimate_s == 42.0
+    assert b.replica == ("replica at hvn (RTO measured by test run "
+                         "20261125T113000Z-mailplan-test)")
+    assert b.last_verified == NOW - timedelta(minutes=30)
+    assert cov.vms["mail"].last_verified == NOW - timedelta(minutes=30)

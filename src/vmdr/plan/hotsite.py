@@ -53,14 +53,29 @@ def measured_rto(vm: str, plans: list[RecoveryPlan], reports: str) -> tuple[floa
     return o.rto_s, f"measured by {best.kind} run {best.run}"
 
 
+def last_tested(vm: str, plans: list[RecoveryPlan], reports: str) -> datetime | None:
+    """When a test failover last brought ``vm`` up and found it ready: a boot verification
+    of its replica."""
+    times = []
+    for p in plans:
+        r = last_run(reports, p.name, ("test",)) if vm in p.vms else None
+        if r is not None and any(v.vm == vm and v.outcome == "ready" for v in r.vms):
+            times.append(datetime.fromisoformat(r.started))
+    return max(times) if times else None
+
+
 def apply(cov: covmod.Coverage, hs: HotSite, reports: str) -> None:
-    """Count each VM's replica in its coverage (see the module docstring)."""
+    """Count each VM's replica in its coverage (see the module docstring); a passed test
+    failover counts as a boot verification of the VM."""
     cov.hotsite = hs
     inv = cov.inv
     for name, f in hs.replicas.items():
         vc = cov.vms.get(name)
         if vc is None or f.newest is None or f.dr_host is None or f.dr_host not in inv.hosts:
             continue
+        tested = last_tested(name, hs.plans, reports)
+        if tested is not None and (vc.last_verified is None or tested > vc.last_verified):
+            vc.last_verified = tested
         age = max(0.0, (cov.now - f.newest).total_seconds())
         rto, how = measured_rto(name, hs.plans, reports)
         est = rto if rto is not None else vc.boot_s
@@ -72,6 +87,8 @@ def apply(cov: covmod.Coverage, hs: HotSite, reports: str) -> None:
             if lc.covered and lc.rpo_s is not None and lc.rpo_s <= age:
                 continue
             lc.covered, lc.rpo_s, lc.rto_estimate_s, lc.replica = True, age, est, label
+            if tested is not None:
+                lc.last_verified = tested
             lc.rpo_met = None if rpo_t is None else age <= rpo_t
             lc.rto_met = None if rto_t is None else est <= rto_t
             lc.gap = None if lc.rpo_met is not False else (
