@@ -96,8 +96,10 @@ class PolicyConfig:
     verify_schedule: str | None = None
     verify_boot: bool = False
     rpo_s: float | None = None
-    mode: str = "auto"
+    mode: str = "auto"  # backup: auto|full|incremental; replicate: snapshot|mirror|sync
     bandwidth: list[str] = field(default_factory=list)  # windows: "mon..fri 08:00..18:00 20M"
+    kind: str = "backup"  # backup | replicate (replica cycles / mirrors, vmdr.jobs.mirror)
+    to: str | None = None  # replicate: the DR host (else the inventory's replica_to)
 
 
 @dataclass
@@ -346,6 +348,9 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         schedule, repo = p.text("schedule"), p.text("repository")
         if not schedule:
             raise ConfigError(f"{path}: policies.{name}.schedule: missing (e.g. \"daily 02:00\")")
+        if p.text("kind", "backup", ("backup", "replicate")) == "replicate":
+            cfg.policies[name] = _replicate_policy(path, name, p, schedule, repo or "")
+            continue
         if not repo:
             raise ConfigError(f"{path}: policies.{name}.repository: missing")
         if repo not in cfg.repositories:
@@ -373,3 +378,20 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
         p.used.add("bandwidth")  # its rules are checked by the agent (scheduler.schedules)
         p.finish()
         cfg.policies[name] = pol
+
+
+def _replicate_policy(path: str, name: str, p: _Reader, schedule: str,
+                      repo: str) -> PolicyConfig:
+    """``kind = "replicate"``: a replica cycle per covered VM on each firing (mode
+    snapshot), or a supervised mirror kept running (mirror, sync). ``repository`` is only
+    a label here (replicas do not write to one)."""
+    pol = PolicyConfig(name, schedule, repo, kind="replicate")
+    if "vms" in p.table:
+        pol.vms = p.strlist("vms")
+    pol.tiers, pol.hosts = p.strlist("tiers"), p.strlist("hosts")
+    pol.jitter_s = p.duration("jitter", None)
+    pol.rpo_s = p.duration("rpo", None)
+    pol.mode = p.text("mode", "snapshot", ("snapshot", "mirror", "sync")) or "snapshot"
+    pol.to = p.text("to")
+    p.finish()
+    return pol

@@ -308,6 +308,7 @@ class Agent:
     # -- every minute -------------------------------------------------------------------
     def minutely(self, now: float) -> None:
         self.check_rpo(now)
+        self.check_replicas()
         self.history.expire(now - self.cfg.agent.history_days * 86400)
         if now - self._last_stats >= STATS_EVERY:
             self._last_stats = now
@@ -382,6 +383,15 @@ class Agent:
                 "last_verified": verifies.get(vm.name, (None, None))[0],
             })
         return out
+
+    def check_replicas(self) -> None:
+        """Replicas and mirrors against their RPO targets (vmdr.agent.web_replicas)."""
+        from vmdr.agent.web_replicas import check_replicas
+
+        try:
+            check_replicas(self)
+        except Exception:
+            log.exception("replica check failed; continuing")
 
     def check_rpo(self, now: float) -> None:
         for p in self.protection(now):

@@ -59,6 +59,8 @@ def job_command(cfg: Config, job: Job) -> list[str]:
             "--no-progress"]
     if cfg.path:
         base += ["--config", cfg.path]
+    if job.type == "replicate":
+        return base + replicate_command(cfg, job)
     repo = cfg.repositories.get(job.repository or "")
     if repo is None:
         raise ValueError(f"job {job.id}: unknown repository {job.repository!r}")
@@ -107,6 +109,24 @@ def job_command(cfg: Config, job: Job) -> list[str]:
             cmd += ["--force"]
         return base + cmd
     raise ValueError(f"job {job.id}: unknown type {job.type!r}")
+
+
+def replicate_command(cfg: Config, job: Job) -> list[str]:
+    """``replicate VM`` for a replicate policy: one cycle (snapshot), or a mirror that
+    runs until it is aborted (``--exit-on-abort``: the agent alerts, then the policy's
+    next firing restarts it, beginning with a snapshot cycle)."""
+    a = job.args
+    cmd = ["replicate", str(job.vm), "--connect", cfg.connect]
+    if a.get("to"):
+        cmd += ["--to", str(a["to"])]
+    if isinstance(a.get("rpo"), int | float):
+        cmd += ["--rpo", f"{int(float(str(a['rpo'])))}s"]
+    mode = str(a.get("mode") or "snapshot")
+    if mode in ("mirror", "sync"):
+        cmd += ["--mode", mode, "--exit-on-abort"]
+    else:
+        cmd += ["--mode", "snapshot"]
+    return cmd
 
 
 @dataclass

@@ -39,7 +39,7 @@ class VMInfo:
 class Schedule:
     key: str  # "policy:kind", the schedule_state key
     policy: str
-    kind: str  # backup | verify | prune
+    kind: str  # backup | verify | prune | replicate
     event: calendar.CalendarEvent
 
 
@@ -55,6 +55,10 @@ def schedules(cfg: Config) -> list[Schedule]:
     """Every schedule of every policy (CalendarError, exit 2, for a bad one)."""
     out = []
     for name, p in sorted(cfg.policies.items()):
+        if p.kind == "replicate":  # replica cycles or supervised mirrors: nothing else
+            out.append(Schedule(f"{name}:replicate", name, "replicate",
+                                _parse(p, "schedule", p.schedule)))
+            continue
         out.append(Schedule(f"{name}:backup", name, "backup", _parse(p, "schedule", p.schedule)))
         if p.keep or p.keep_within:
             out.append(Schedule(f"{name}:prune", name, "prune",
@@ -172,7 +176,12 @@ def expand(cfg: Config, f: Firing, vms: Iterable[VMInfo], default_host: str) -> 
         if not covered(p, vm):
             continue
         start = f.due + jitter(spread, p.name, vm.name, str(f.due))
-        if f.schedule.kind == "backup":
+        if f.schedule.kind == "replicate":
+            # a mirror job runs until it fails: the next firing queues its restart (one
+            # job per VM at a time, queued ones coalesce)
+            out.append(JobSpec("replicate", vm.name, p.repository, p.name, vm.host, start,
+                               {"mode": p.mode, "to": p.to, "rpo": p.rpo_s}))
+        elif f.schedule.kind == "backup":
             out.append(JobSpec("backup", vm.name, p.repository, p.name, vm.host, start,
                                {"mode": p.mode, "copy": list(p.copy)}))
         else:
@@ -186,7 +195,7 @@ def startable(queued: list[Job], running: list[Job], now: float, max_jobs: int,
     """Queued jobs that may start now, oldest first: their time has come, the host and the
     repository are under their limits, and their VM has no job running (one job per VM)."""
     busy_vms = {j.vm for j in running if j.vm}
-    per_repo = Counter(j.repository for j in running)
+    per_repo = Counter(j.repository for j in running if j.type != "replicate")
     slots = max_jobs - len(running)
     out: list[Job] = []
     for j in sorted(queued, key=lambda j: (float(str(j.args.get("not_before", j.created))),
@@ -197,8 +206,8 @@ def startable(queued: list[Job], running: list[Job], now: float, max_jobs: int,
             continue
         if j.vm and j.vm in busy_vms:
             continue
-        if per_repo[j.repository] >= repository_jobs:
-            continue
+        if j.type != "replicate" and per_repo[j.repository] >= repository_jobs:
+            continue  # replicas read the VM, not a repository
         out.append(j)
         slots -= 1
         per_repo[j.repository] += 1

@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
-from dataclasses import dataclass
+import signal
+import threading
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import HypervisorUnavailable, UsageError, VmdrError
 from vmdr.hypervisor import connect
+from vmdr.jobs.mirror import MirrorOptions, Supervisor, abort_leftover, stop_supervisor
+from vmdr.jobs.mirror_state import MODES
+from vmdr.jobs.replica_status import DEFAULT_ROOT, Where, collect, resolve_host
 from vmdr.jobs.replicate import (
     FEEDS,
     CycleResult,
     ReplicaSpec,
-    load_state,
     redact_uri,
     replicate_direct,
 )
 from vmdr.jobs.replicate_repo import replicate_from_repository
-from vmdr.jobs.replicate_site import Site, check_dir
-from vmdr.jobs.replicate_state import ReplicaState, parse_network_map, sla
+from vmdr.jobs.replicate_site import Site
+from vmdr.jobs.replicate_state import parse_network_map
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
 from vmdr.repository.repo import Repository
-from vmdr.timeutil import utcnow
-
-DEFAULT_ROOT = "/var/lib/libvirt/images/vmdr-replicas"
-
-
-@dataclass
-class _Where:
-    uri: str
-    root: str
 
 
 def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
@@ -41,19 +36,8 @@ def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
                or g.config.connect)
 
 
-def _resolve_host(g: Globals, to: str, root: str | None) -> _Where:
-    """A libvirt URI as it is; an inventory host name by its ``uri`` and ``target_dir``."""
-    if "://" in to:
-        return _Where(to, check_dir(root or DEFAULT_ROOT))
-    inv = invmod.from_config(g.config)
-    host = inv.hosts.get(to)
-    if host is None:
-        known = ", ".join(sorted(inv.hosts)) or "none in [hosts]"
-        raise UsageError(f"unknown DR host {to!r}: give a libvirt URI (qemu+ssh://HOST/system) "
-                         f"or a host of the inventory ({known})")
-    if not host.uri:
-        raise UsageError(f"inventory host {to!r} has no uri")
-    return _Where(host.uri, check_dir(root or f"{host.target_dir.rstrip('/')}/vmdr-replicas"))
+def _resolve_host(g: Globals, to: str, root: str | None) -> Where:
+    return resolve_host(g.config, to, root)
 
 
 def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSpec]:
@@ -130,7 +114,15 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
     vms = list(ns.vms or [])
     if vms[:1] == ["status"]:
         return cmd_status(ns, g, vms[1:])
+    if vms[:1] == ["stop"]:
+        return cmd_stop(ns, g, vms[1:])
     specs = _specs(ns, g, vms)
+    modes = {_mode(ns, g, s.vm) for s in specs}
+    if modes & {"mirror", "sync"}:
+        if len(specs) != 1:
+            raise UsageError("a continuous mirror runs in the foreground: one VM per "
+                             "'vmdr replicate --continuous' (the agent runs one per VM)")
+        return cmd_continuous(ns, g, specs[0], modes.pop())
     results: list[dict[str, Any]] = []
     code = 0
     for spec in specs:
@@ -159,87 +151,102 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
 # -- status -----------------------------------------------------------------------------------
 
 
-def _row(st: ReplicaState | None, vm: str, target: str, error: str | None = None,
-         rpo: float | None = None) -> dict[str, Any]:
-    now = utcnow()
-    if st is not None and rpo is not None:
-        st.rpo_target_s = rpo
-    state, age = sla(st, now)
-    row: dict[str, Any] = {"vm": vm, "target": target, "sla": state if error is None
-                           else "unknown", "rpo_achieved_s": None if age is None
-                           else round(age, 1), "rpo_target_s": st.rpo_target_s if st else rpo,
-                           "error": error}
-    if st is not None:
-        last = st.cycles[-1] if st.cycles else None
-        row.update({
-            "standby": st.standby, "standby_uuid": st.standby_uuid, "feed": st.feed,
-            "directory": st.directory,
-            "newest_point": st.newest.name if st.newest else None,
-            "newest_point_time": st.newest.time if st.newest else None,
-            "points": [p.name for p in st.points], "keep": st.keep,
-            "writing": st.writing,
-            "last_cycle": None if last is None else {
-                "started": last.started, "mode": last.mode, "bytes_moved": last.bytes_moved,
-                "duration_s": last.duration_s, "error": last.error},
-            "bytes_moved_per_cycle": [c.bytes_moved for c in st.cycles[-10:]],
-        })
-    return row
-
-
 def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
-    decls = invmod.replica_decls(g.config)
-    wanted: list[tuple[str, _Where]] = []
-    if ns.to:
-        where = _resolve_host(g, ns.to, ns.dir)
-        wanted += [(vm, where) for vm in vms]
-    else:
-        for vm in vms or sorted(decls):
-            d = decls.get(vm)
-            if d is None:
-                raise UsageError(f"{vm}: not a replica of the inventory; add --to HOST")
-            wanted.append((vm, _resolve_host(g, d.to, ns.dir or d.directory)))
-    rows: list[dict[str, Any]] = []
-    scan = ns.to and not vms
-    sites: dict[str, list[tuple[str, _Where]]] = {}
-    for vm, w in wanted:
-        sites.setdefault(w.uri, []).append((vm, w))
-    if scan:
-        sites.setdefault(_resolve_host(g, ns.to, ns.dir).uri, [])
-    for uri, items in sites.items():
-        shown = redact_uri(uri)
-        try:
-            with Site(uri) as site:
-                if scan:
-                    root = _resolve_host(g, ns.to, ns.dir).root
-                    for f in site.state_files(root):
-                        st = load_state(site, f.rsplit("/", 1)[0])
-                        if st is not None:
-                            rows.append(_row(st, st.vm, shown))
-                for vm, w in items:
-                    dec = decls.get(vm)
-                    st = load_state(site, f"{w.root}/{vm}")
-                    rows.append(_row(st, vm, shown, None if st else "no replica at the target",
-                                     dec.rpo_s if dec else None))
-        except VmdrError as exc:
-            for vm, _w in items:
-                rows.append(_row(None, vm, shown, exc.message))
+    rows = collect(g.config, vms, ns.to, ns.dir)
     if g.json:
         emit_json({"replicas": rows})
         return 0
     if not rows:
         out("no replicas")
         return 0
-    out(f"{'VM':<20} {'SLA':<16} {'RPO now':>9} {'target':>8} {'newest point':<22} "
-        f"{'points':>6} {'last moved':>11}")
+    out(f"{'VM':<20} {'mode':<8} {'SLA':<20} {'RPO now':>9} {'target':>8} "
+        f"{'newest point':<22} {'points':>6} {'last moved':>11}")
     for r in rows:
         age = "-" if r["rpo_achieved_s"] is None else _dur(r["rpo_achieved_s"])
         tgt = "-" if r.get("rpo_target_s") is None else _dur(r["rpo_target_s"])
         last = r.get("last_cycle") or {}
         moved = _mib(last["bytes_moved"]) if last else "-"
-        out(f"{r['vm']:<20} {r['sla']:<16} {age:>9} {tgt:>8} "
+        out(f"{r['vm']:<20} {r['mode']:<8} {r['sla_label']:<20} {age:>9} {tgt:>8} "
             f"{(r.get('newest_point') or '-'):<22} {len(r.get('points') or []):>6} "
             f"{moved:>11}" + (f"  ({r['error']})" if r.get("error") else "")
-            + (f"  last cycle failed: {last['error']}" if last.get("error") else ""))
+            + (f"  last cycle failed: {last['error']}" if last.get("error") else "")
+            + (f"  mirror {r['mirror']['state']}" + (f" ({r['mirror']['error']})"
+               if r['mirror'].get('error') and r['mirror']['state'] != 'mirroring' else "")
+               if r.get("mirror") else ""))
+    return 0
+
+
+# -- continuous mirror -------------------------------------------------------------------------
+
+
+def _mode(ns: argparse.Namespace, g: Globals, vm: str) -> str:
+    if ns.sync:
+        return "sync"
+    if ns.continuous:
+        return "mirror"
+    if ns.mode:
+        return str(ns.mode)
+    d = invmod.replica_decls(g.config).get(vm)
+    return d.mode if d else "snapshot"
+
+
+def _seconds(text: str | None, default: float) -> float:
+    if not text:
+        return default
+    v = parse_duration(text)
+    if v is None:
+        raise UsageError(f"bad duration {text!r} (e.g. 30s, 5m, 1h)")
+    return v
+
+
+def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> int:
+    if spec.feed != "direct":
+        raise UsageError("a continuous mirror reads the running VM: --feed direct")
+    opts = MirrorOptions(
+        synchronous=mode == "sync",
+        point_interval_s=_seconds(ns.point_interval, 300.0),
+        stall_s=_seconds(ns.stall, 15.0),
+        retry_s=_seconds(ns.retry, 30.0),
+        run_for_s=_seconds(ns.run_for, 0.0) or None, exit_on_abort=ns.exit_on_abort)
+    stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it? (diagnostics)
+    old = {sig: signal.signal(sig, lambda *_a: stop.set())
+           for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        res = Supervisor(spec, opts, _source_uri(ns, g), g.events, stop).run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    doc = {"status": "ok", "stopped_by": "signal" if stop.is_set() else "time", **res.as_dict()}
+    if g.json:
+        emit_json({"results": [doc]})
+    else:
+        out(f"{res.vm} → {res.target} ({res.mode} mirror): {res.starts} start(s), "
+            f"{res.aborts} abort(s), {res.cycles} snapshot cycle(s), {len(res.points)} "
+            f"restore point(s) in {res.duration_s:.0f}s; stopped ({doc['stopped_by']})")
+    return 0
+
+
+def cmd_stop(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
+    if len(vms) != 1:
+        raise UsageError("usage: vmdr replicate stop VM (one VM whose mirror runs here)")
+    vm = vms[0]
+    try:
+        doc = stop_supervisor(vm)
+    except UsageError:
+        # no supervisor here: abort what a killed one left (the VM keeps its own disks)
+        hv = connect(_source_uri(ns, g))
+        try:
+            left = abort_leftover(hv, vm)
+        finally:
+            hv.close()
+        if not left:
+            raise
+        doc = {"vm": vm, "stopped": True, "aborted_leftover": left}
+    if g.json:
+        emit_json(doc)
+    else:
+        out(f"{vm}: continuous replication stopped; the VM runs on its own disks")
     return 0
 
 
@@ -263,7 +270,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                     "and a defined, stopped standby domain (new UUID, DR networks). "
                     "'vmdr replicate status [--to HOST] [VM...]' shows each replica's newest "
                     "point, achieved RPO against its target and SLA state, read from the "
-                    "state kept at the target.",
+                    "state kept at the target. --continuous [--sync] keeps a live mirror "
+                    "instead (libvirt block copy to an NBD export at the DR host through an "
+                    "ssh tunnel), falling back to snapshot cycles when the DR site is gone; "
+                    "'vmdr replicate stop VM' ends it.",
         epilog="exit codes: 9 no space at the target, 10 a DR network is missing, 11 no such "
                "VM, 12 the DR host is unreachable, 13 another job holds the VM's lock",
     )
@@ -290,5 +300,26 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "inventory's)")
     p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
                    help="auto: freeze the guest's filesystems if its agent answers")
+    p.add_argument("--mode", choices=MODES,
+                   help="snapshot: one cycle (default, or the inventory's replica mode); "
+                        "mirror: --continuous; sync: --sync")
+    p.add_argument("--continuous", action="store_true",
+                   help="keep a live mirror of the running VM's disks at the DR host "
+                        "(background copy, RPO of seconds); runs until stopped")
+    p.add_argument("--sync", action="store_true",
+                   help="with --continuous: synchronous writes (RPO 0; each guest write "
+                        "waits for the DR site)")
+    p.add_argument("--point-interval", metavar="DURATION",
+                   help="mirror: a restore point this often (default 5m)")
+    p.add_argument("--stall", metavar="DURATION",
+                   help="mirror: abort when the copy makes no progress this long (15s)")
+    p.add_argument("--retry", metavar="DURATION",
+                   help="mirror: first wait before starting it again after an abort (30s, "
+                        "doubling per abort in a row)")
+    p.add_argument("--for", dest="run_for", metavar="DURATION",
+                   help="mirror: stop after this long (default: until 'vmdr replicate stop')")
+    p.add_argument("--exit-on-abort", action="store_true",
+                   help="mirror: exit (code 12) when the mirror is aborted instead of falling "
+                        "back to snapshot cycles here (the agent alerts and restarts it)")
     p.add_argument("-c", "--connect", metavar="URI", help="the source's libvirt URI")
     p.set_defaults(func=cmd_replicate)

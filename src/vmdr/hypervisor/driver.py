@@ -25,7 +25,8 @@ The surface::
                  guest_ping(); guest_addresses(); console() -> Console;
                  resume_after_io_error(); wait_heartbeat(...);
                  optional (HypervisorUnsupported by default): state_reason(); reset();
-                 guest_exec(argv, ...) -> GuestExecResult
+                 guest_exec(argv, ...) -> GuestExecResult; mirror_to_nbd(disk, socket,
+                 export, synchronous=) -> BlockCopyJob
     Subscription close() (also a context manager); hands LifecycleEvent to its callback
     BlockCopyJob disk; status() -> CopyStatus; pivot() -> bool; cancel()
     BackupJob    method, consistency, checkpoint, checkpoint_xml, disks (DiskSource),
@@ -270,6 +271,15 @@ class Domain(ABC):
     @abstractmethod
     def block_job(self, disk: str) -> BlockCopyJob:
         """The copy job of ``disk`` (its ``status().active`` says whether one runs)."""
+
+    def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
+                      synchronous: bool = False) -> BlockCopyJob:
+        """Start a continuous mirror of ``disk`` into the raw NBD export ``export`` served
+        on the unix ``socket`` (an existing disk of the same size: a full copy, then every
+        guest write). ``synchronous``: a guest write completes only once it reached the
+        export too (``VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES``, RPO 0). Never pivoted:
+        the domain stays on its own disk; cancel() ends the mirror."""
+        raise HypervisorUnsupported(f"{self.name}: this driver cannot mirror a disk")
 
     @abstractmethod
     def guest_ping(self, timeout: int = 3) -> bool:

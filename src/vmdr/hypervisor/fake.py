@@ -454,6 +454,10 @@ class FakeDomain(Domain):
     def block_job(self, disk: str) -> BlockCopyJob:
         return FakeBlockCopyJob(self, disk)
 
+    def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
+                      synchronous: bool = False) -> BlockCopyJob:
+        return self.block_copy(disk, f"nbd+unix:///{export}?socket={socket}", fmt="raw")
+
     def guest_ping(self, timeout: int = 3) -> bool:
         with self._rec() as r:
             return r.state == "running" and r.agent

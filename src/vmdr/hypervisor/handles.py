@@ -151,6 +151,22 @@ class LibvirtDomain(Domain):
     def block_job(self, disk: str) -> BlockCopyJob:
         return LibvirtBlockCopyJob(self._dom, disk)
 
+    def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
+                      synchronous: bool = False) -> BlockCopyJob:
+        # a network destination exists already (REUSE_EXT); no SHALLOW: the whole
+        # guest-visible content goes over, then QEMU keeps it in step
+        m = lv()
+        el = ET.Element("disk", type="network")
+        src = ET.SubElement(el, "source", protocol="nbd", name=export)
+        ET.SubElement(src, "host", transport="unix", socket=socket)
+        ET.SubElement(el, "driver", type="raw")
+        flags = m.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB | m.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+        if synchronous:
+            flags |= m.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
+        with libvirt_errors(f"mirroring disk {disk} to the NBD export {export}"):
+            self._dom.blockCopy(disk, ET.tostring(el, encoding="unicode"), None, flags)
+        return LibvirtBlockCopyJob(self._dom, disk)
+
     def guest_ping(self, timeout: int = 3) -> bool:
         return agent.ping(self._dom, timeout)
 

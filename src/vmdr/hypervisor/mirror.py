@@ -92,3 +92,14 @@ def disk_sources(xml: str) -> dict[str, str]:
         if src is not None:
             out[dev] = src.get("file") or src.get("dev") or src.get("name") or ""
     return out
+
+
+def mirror_sockets(xml: str) -> dict[str, str]:
+    """Target → the unix socket of the NBD destination of its running block copy
+    (``<mirror>`` in the live XML); only disks that have one."""
+    out = {}
+    for dev, disk in _disks(parse_xml(xml)):
+        for host in disk.findall("./mirror/source/host"):
+            if host.get("socket"):
+                out[dev] = str(host.get("socket"))
+    return out

@@ -26,8 +26,9 @@ DEFAULT_THROUGHPUT = {"disk": 200.0 * (1 << 20), "object": 100.0 * (1 << 20),
 # watchdog: vmdr.ha.wdsettings, which also checks [plan.tiers.NAME.watchdog];
 # replica_*: vmdr replicate)
 OTHER_VM_PREFIXES = ("verify_", "copy_", "watchdog", "replica_")
-REPLICA_KEYS = {"to", "points", "dir", "feed", "rpo", "network_map", "standby", "vms"}
+REPLICA_KEYS = {"to", "points", "dir", "feed", "rpo", "network_map", "standby", "vms", "mode"}
 REPLICA_FEEDS = ("direct", "repository")
+REPLICA_MODES = ("snapshot", "mirror", "sync")
 VM_KEYS = {"host", "owner", "contact", "tier", "rpo", "rto", "depends_on", "boot_group",
            "must_survive", "vcpus", "memory", "target_dir", "notes"}
 # [vm.NAME] keys of high availability (vmdr.ha reads them; `vmdr ha validate` checks them
@@ -140,6 +141,7 @@ class ReplicaDecl:
     rpo_s: float | None = None  # default: the VM's plan RPO
     network_map: tuple[tuple[str, str], ...] = ()
     standby: str | None = None
+    mode: str = "snapshot"  # snapshot (cycles) | mirror (continuous, async) | sync (RPO 0)
 
 
 @dataclass
@@ -387,7 +389,8 @@ def replica_decls(cfg: Config) -> dict[str, ReplicaDecl]:
             rpo_s=pick("rpo").duration("rpo"),
             network_map=tuple(sorted({**dict(_network_map(base, "network_map")),
                                       **dict(_network_map(t, "network_map"))}.items())),
-            standby=pick("standby").str_("standby"))
+            standby=pick("standby").str_("standby"),
+            mode=pick("mode").choice("mode", REPLICA_MODES, "snapshot"))
     return out
 
 
