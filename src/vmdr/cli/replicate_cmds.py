@@ -8,11 +8,12 @@ import faulthandler
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import HypervisorUnavailable, UsageError, VmdrError
-from vmdr.hypervisor import connect
+from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs.mirror import MirrorOptions, Supervisor, abort_leftover, stop_supervisor
 from vmdr.jobs.mirror_state import MODES
 from vmdr.jobs.replica_status import DEFAULT_ROOT, Where, collect, resolve_host
@@ -80,15 +81,39 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
     return out_
 
 
+def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
+    """libvirt's connection to the DR host and the Site's ssh control master are two ssh
+    logins: make them at the same time (a cycle's fixed cost is one login shorter)."""
+    site = Site(spec.target_uri)
+    with ThreadPoolExecutor(1, thread_name_prefix="vmdr-site") as ex:
+        opened = ex.submit(site.open)
+        try:
+            target = connect(spec.target_uri)
+        except HypervisorUnavailable as exc:
+            with contextlib.suppress(Exception):
+                opened.result()
+            site.close()
+            shown = redact_uri(spec.target_uri)
+            why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
+            raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                opened.result()
+            site.close()
+            raise
+        try:
+            opened.result()
+        except BaseException:
+            site.close()
+            target.close()
+            raise
+    return target, site
+
+
 def _one(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec) -> CycleResult:
+    target, site_ = _open_target(spec)
     try:
-        target = connect(spec.target_uri)
-    except HypervisorUnavailable as exc:
-        shown = redact_uri(spec.target_uri)
-        why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
-        raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
-    try:
-        with Site(spec.target_uri) as site:
+        with site_ as site:
             if spec.feed == "repository":
                 with repository(g, "shared", "replicate") as repo:
                     return replicate_from_repository(repo, target, site, spec, ns.snapshot)
