@@ -274,7 +274,12 @@ def profile_cycle(out: Path) -> None:
         to = c.ssh_uri(h2) + "&known_hosts=/dev/null"
         common = ["replicate", g.name, "--to", to, "--dir", DR_ROOT, "--points", "5"]
         vmdr(h1, *common)
-        vmdr(h1, *common)
+        idle = []
+        for _ in range(3):
+            drop_caches()
+            idle.append(timed(h1, *common)[0])
+        print(json.dumps({"idle_direct_s": idle, "median": statistics.median(idle)}),
+              flush=True)
         p = h1.run(sys.executable, "-m", "cProfile", "-o", str(out), "-m", "vmdr.cli.main",
                    *common, "--json", check=False, timeout=300)
         if p.returncode != 0:
