@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _limits import Rates, measure
 from _tools import KINDS, ROOT, WORK, Tool, Vmdr, clean_env, freeze_vmdr, vmdr_at
 from _util import (
     GiB,
@@ -59,8 +60,12 @@ class Bench:
         self.cpu: dict[tuple[str, str], Series] = defaultdict(Series)
         self.stored: dict[str, Series] = defaultdict(Series)
         self.raw: list[dict[str, object]] = []
+        self.rates: Rates | None = None
+        self.loads: list[float] = []  # 1-minute load average at every timed command
+        self.plain_stored: tuple[int, int] | None = None  # vmdr's bytes read and stored
 
     def record(self, phase: str, tool: str, t: Timed, rnd: int, **more: object) -> None:
+        self.loads.append(os.getloadavg()[0])
         self.wall[phase, tool].add(t.wall)
         self.rss[phase, tool].add(t.rss_kb * 1024)
         self.cpu[phase, tool].add(t.cpu)
@@ -84,6 +89,9 @@ class Bench:
             size = tool.stored()
             self.stored[tool.name].add(size)
             keep = ("bytes_read", "bytes_stored", "chunks_new", "chunks_zero")
+            if tool.name == "vmdr" and "bytes_read" in tool.last:
+                self.plain_stored = (int(str(tool.last["bytes_read"])),
+                                     int(str(tool.last["bytes_stored"])))
             self.record("ingest", tool.name, t, rnd, stored=size,
                         **{k: v for k, v in tool.last.items() if k in keep})
             if tool in levels and not self.args.keep:
@@ -171,6 +179,18 @@ class Bench:
                 advice = f"switch the default to level {lv}"
         return header, rows, advice
 
+    def limit(self, key: str, peer: str) -> str:
+        """The primitives-only wall time for *key* on every core, and its ratio to the
+        peer's median wall time (see bench/_limits.py)."""
+        if self.rates is None or self.plain_stored is None or key not in ("ingest", "restore"):
+            return "–"
+        plain, stored = self.plain_stored
+        cpu = (self.rates.ingest_cpu if key == "ingest" else self.rates.restore_cpu)(plain, stored)
+        wall = cpu / (os.cpu_count() or 1)
+        theirs = self.wall[key, peer].median if self.wall[key, peer].values else 0.0
+        vs = f" = {wall / theirs:.2f}× {peer}" if theirs else ""
+        return f"{wall:.1f} s ({cpu:.1f} CPU-s){vs}"
+
     def targets(self) -> tuple[list[str], list[list[str]]]:
         rows = []
         for key, (peer, factor, text) in TARGETS.items():
@@ -184,13 +204,14 @@ class Bench:
             met = "–" if r is None else ("met" if r <= factor else "**not met**")
             shown = "–" if r is None else f"{r:.{3 if round(r, 2) == factor else 2}f}× {peer}"
             rows.append([label, text, shown, met,
-                         "–" if rc is None else f"{rc:.2f}× {peer}"])
+                         "–" if rc is None else f"{rc:.2f}× {peer}", self.limit(key, peer)])
         peaks = [v for ph in ("ingest", "reingest", "restore") for v in self.rss[ph, "vmdr"].values]
         if peaks:
             top = max(peaks) / 1e6
             rows.append(["peak RSS", f"≤ {RSS_TARGET_MB} MB", f"{top:.0f} MB (worst run)",
-                         "met" if top <= RSS_TARGET_MB else "**not met**", "–"])
-        return ["measure", "target", "measured (wall)", "status", "CPU-time ratio³"], rows
+                         "met" if top <= RSS_TARGET_MB else "**not met**", "–", "–"])
+        return ["measure", "target", "measured (wall)", "status", "CPU-time ratio³",
+                "limit⁴"], rows
 
     def report(self, vers: dict[str, str], started: str) -> str:
         a, img = self.args, self.image
@@ -208,6 +229,10 @@ class Bench:
             f"- **Machine:** {machine()}",
             f"- **Versions:** {vers['vmdr']}; {vers['borg']}; {vers['restic']}",
             f"- **Data:** {img.describe()}.",
+            f"- **Load:** 1-minute load average after each timed command "
+            f"{min(self.loads, default=0):.1f}–{max(self.loads, default=0):.1f} "
+            f"(median {sorted(self.loads)[len(self.loads) // 2] if self.loads else 0:.1f}) on "
+            f"{os.cpu_count()} CPUs." + (f" {a.note}" if a.note else ""),
             f"- **Runs:** {a.runs} round(s); in each round every tool runs each phase in turn "
             f"({', '.join(a.only)}), so all tools share the same machine noise; medians with "
             "(min–max). A ratio is the median of the per-round ratios (the two tools ran "
@@ -228,7 +253,12 @@ class Bench:
             "² the tool's wall time plus the `sync` that follows it: vmdr fsyncs the restored "
             "image before it exits, borg and restic leave dirty pages behind.  ",
             "³ user + system CPU seconds of the process and its children (GNU time `%U + %S`): "
-            "less sensitive than wall time to the other jobs sharing this machine.", "",
+            "less sensitive than wall time to the other jobs sharing this machine.  ",
+            "⁴ what the primitives alone allow on this machine: the CPU time zstd, AES-256-GCM "
+            "and BLAKE3 need for vmdr's bytes (plaintext through zstd and BLAKE3, stored bytes "
+            "through AES-GCM) spread over every core, with no I/O, interpreter or key "
+            "derivation (`bench/_limits.py`; "
+            + (self.rates.describe() if self.rates else "not measured") + ").", "",
             "### Method", "",
             "- Every ingest goes into a **fresh repository** with a fresh cache directory "
             "(`VMDR_CACHE_DIR`, `BORG_BASE_DIR`, `RESTIC_CACHE_DIR`); the re-ingest goes into "
@@ -274,6 +304,7 @@ def parse_args() -> argparse.Namespace:
                    help="comma-separated subset of vmdr,borg,restic")
     p.add_argument("--levels", default="1,6",
                    help="extra vmdr zstd levels to sweep on ingest ('' for none; default 1,6)")
+    p.add_argument("--note", default="", help="a sentence for the report's Load line")
     p.add_argument("--keep", action="store_true", help="keep repositories under bench/work/runs")
     p.add_argument("--doc", type=Path, help="markdown file to update "
                    "(default docs/benchmarks.md; none with --quick)")
@@ -307,6 +338,8 @@ def main() -> int:
     for rnd in range(1, args.runs + 1):
         print(f"round {rnd}/{args.runs}", flush=True)
         bench.one_round(rnd)
+    bench.rates = measure(image.path)
+    print(f"primitives: {bench.rates.describe()}", flush=True)
     vers = versions(ROOT, Vmdr.exe, clean_env(PYTHONPATH=Vmdr.code))
     vers["vmdr"] += f", source digest {digest} (copied from src/ when the run started)"
     body = bench.report(vers, started)

@@ -11,8 +11,9 @@
 6. Proves the latest snapshot boots: `vmdr verify --boot` in an isolated sandbox,
    straight from the repository, with a screenshot as evidence.
 7. Tape drill with the file-backed virtual library (a demo back end, not hardware): the
-   snapshot to a tape, the tape to the vault, the tape catalog lost, rebuilt from the tape
-   with the exported key alone, restored into a fresh repository, the VM booted from it.
+   snapshot to a tape, the tape to the vault, the repository and the tape catalog lost
+   (the repository is moved out of reach for the drill), the catalog rebuilt from the tape
+   with the exported key alone, the repository restored from tape, the VM booted from it.
 8. Writes the DR plan for this one-host estate (Markdown and HTML) and shows coverage.
    Then starts the agent for a minute: a minutely policy backs the VM up by itself and the
    dashboard (URL and a login token printed) shows it.
@@ -161,22 +162,29 @@ def tape_drill(env: dict[str, str]) -> None:
         sh(*VMDR, "key", "export", str(key), env=tenv)
     sh(*VMDR, "tape", "export", "VMD001L8", "--vault", "bunker", env=tenv)
     sh(*VMDR, "tape", "vault", env=tenv)
-    say("disaster: the tape catalog is gone; the tape comes back from the vault")
+    say("disaster: the repository and the tape catalog are gone; the tape comes back from "
+        "the vault")
+    lost = HOME / "repo.lost-in-tape-drill"
     shutil.rmtree(HOME / "tape")
-    sh(*VMDR, "tape", "import", "VMD001L8", env=tenv)
-    sh(*VMDR, "tape", "catalog", "--rebuild", "--key-file", str(key), env=tenv)
-    renv = dict(tenv, VMDR_REPO=str(HOME / "from-tape"))
-    sh(*VMDR, "tape", "restore", VM, "--key-file", str(key), "--no-progress", env=renv)
-    say("restore the VM from the repository rebuilt from tape, and boot it")
-    name = f"{VM}-tape"
-    virsh("destroy", name)
-    virsh("undefine", name)
-    sh(*VMDR, "restore", VM, "--name", name, "--target-dir", str(IMAGES / "tape"),
-       "--define", "--start", "--force", "--timeout", "180", "--key-file", str(key),
-       "--no-progress", env=renv)
-    virsh("destroy", name)
-    virsh("undefine", name)
-    shutil.rmtree(IMAGES / "tape", ignore_errors=True)
+    shutil.rmtree(lost, ignore_errors=True)
+    (HOME / "repo").rename(lost)  # out of reach: nothing below can read it
+    try:
+        sh(*VMDR, "tape", "import", "VMD001L8", env=tenv)
+        sh(*VMDR, "tape", "catalog", "--rebuild", "--key-file", str(key), env=tenv)
+        renv = dict(tenv, VMDR_REPO=str(HOME / "from-tape"))
+        sh(*VMDR, "tape", "restore", VM, "--key-file", str(key), "--no-progress", env=renv)
+        say("restore the VM from the repository rebuilt from tape, and boot it")
+        name = f"{VM}-tape"
+        virsh("destroy", name)
+        virsh("undefine", name)
+        sh(*VMDR, "restore", VM, "--name", name, "--target-dir", str(IMAGES / "tape"),
+           "--define", "--start", "--force", "--timeout", "180", "--key-file", str(key),
+           "--no-progress", env=renv)
+        virsh("destroy", name)
+        virsh("undefine", name)
+        shutil.rmtree(IMAGES / "tape", ignore_errors=True)
+    finally:
+        lost.rename(HOME / "repo")  # the demo goes on with the plan and the agent
 
 
 def run_agent(env: dict[str, str], seconds: float = 60) -> None:

@@ -26,6 +26,22 @@ def test_object_round_trip(codec: ObjectCodec, data: bytes, compress: bool) -> N
     assert codec.unpack(TYPE_CHUNK, oid, blob) == data
 
 
+@pytest.mark.parametrize("codec", CODECS, ids=["aes", "plain"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=20000), compress=st.booleans())
+def test_object_round_trip_into_a_buffer(codec: ObjectCodec, data: bytes,
+                                         compress: bool) -> None:
+    oid = codec.object_id(data)
+    blob = codec.pack(TYPE_CHUNK, oid, data, compress)
+    out = bytearray(len(data))
+    codec.unpack_into(TYPE_CHUNK, oid, blob, memoryview(out))
+    assert out == data
+    for wrong in (len(data) + 1, max(0, len(data) - 1)):  # never a partial or padded chunk
+        if wrong != len(data):
+            with pytest.raises(IntegrityError):
+                codec.unpack_into(TYPE_CHUNK, oid, blob, memoryview(bytearray(wrong)))
+
+
 def test_ids_are_keyed() -> None:
     data = b"same content"
     assert ObjectCodec(KEY).object_id(data) != ObjectCodec(None).object_id(data)
@@ -48,11 +64,19 @@ def test_tampering_is_detected(codec: ObjectCodec) -> None:
     data = b"important bytes" * 100
     oid = codec.object_id(data)
     blob = bytearray(codec.pack(TYPE_CHUNK, oid, data))
-    for pos in (len(blob) - 1, len(blob) // 2, 5):
+    out = memoryview(bytearray(len(data)))
+    for pos in (len(blob) - 1, len(blob) // 2, 5, 2):
         bad = bytearray(blob)
         bad[pos] ^= 0x40
         with pytest.raises(IntegrityError):
             codec.unpack(TYPE_CHUNK, oid, bytes(bad))
+        with pytest.raises(IntegrityError):
+            codec.unpack_into(TYPE_CHUNK, oid, bytes(bad), out)
+    for cut in (3, len(blob) - 10):  # truncated header, truncated payload
+        with pytest.raises(IntegrityError):
+            codec.unpack_into(TYPE_CHUNK, oid, bytes(blob[:cut]), out)
+    with pytest.raises(IntegrityError):
+        codec.unpack_into(TYPE_CHUNK, codec.object_id(b"other"), bytes(blob), out)
     with pytest.raises(IntegrityError):  # truncated
         codec.unpack(TYPE_CHUNK, oid, bytes(blob[:3]))
     with pytest.raises(IntegrityError):  # truncated payload

@@ -1,11 +1,10 @@
 """``mtx status`` parsing on canned outputs, SCSI sense decoding and READ ELEMENT STATUS
 parsing — no device needed.
 
-tests/unit/mtx_status/ holds one output captured from the real ``mtx`` against tgt on
-this machine (tgt_library.txt) and outputs in the line formats mtx prints for other
-library kinds (autoloader with barcodes, a 24-slot library with an import/export slot and
-``Empty:VolumeTag=`` lines, an autoloader without a barcode reader, a library numbering
-drives from 1 with alternate volume tags and an unknown source slot)."""
+tests/unit/mtx_status/ holds one output captured from the real ``mtx`` against tgt on this
+machine and outputs in the shapes of published listings from several real libraries
+(QuadStor VTL, IBM 3573 and 3584, a Bacula/Amanda-documented changer, old mtx) plus a few
+synthetic ones; its README.md says where each shape comes from."""
 
 from __future__ import annotations
 
@@ -134,3 +133,67 @@ def test_element_status_parsing_and_short_reply() -> None:
                                                        (1001, False, None, None)]
     drv = _element_reply(4, [(500, True, "T9", 1003)])
     assert parse_element_status(drv, 4) == [(500, True, "T9", 1003)]
+
+
+# ---------------------------------------------------------------- shapes of real libraries
+# (tests/unit/mtx_status/README.md says where each shape comes from)
+def test_quadstor_vtl_large_slot_count() -> None:
+    st = parse_mtx_status(_load("quadstor_vtl_4drives_121slots.txt"))
+    assert [d.number for d in st.drives] == [0, 1, 2, 3] and not any(d.full for d in st.drives)
+    assert len(st.storage_slots) == 120 and [s.number for s in st.ie_slots] == [121]
+    assert [s.number for s in st.slots if s.full] == [1, 2, 3, 4, 5, 6, 121]
+    assert st.find("QSV121S") is not None and st.find("QSV121S").kind == "ie"  # type: ignore[union-attr]
+    assert st.slot(120) is not None and not st.slot(120).full  # type: ignore[union-attr]
+
+
+def test_ibm_mostly_import_export_padded_tags_and_untagged_full_slot() -> None:
+    st = parse_mtx_status(_load("ibm_two_drives_36_ie_slots.txt"))
+    assert (st.drives[0].barcode, st.drives[0].source) == ("LT2000L3", 2)
+    assert [s.number for s in st.storage_slots] == [1, 2] and len(st.ie_slots) == 36
+    assert st.slot(33) is not None and st.slot(33).full and st.slot(33).barcode is None  # type: ignore[union-attr]
+    assert [s.barcode for s in st.ie_slots if s.barcode] == [f"LT20{n:02d}L3"
+                                                           for n in range(5, 12)]
+
+
+def test_six_digit_tags_and_trailing_import_export() -> None:
+    st = parse_mtx_status(_load("six_digit_tags_45slots.txt"))
+    assert (st.drives[0].barcode, st.drives[0].source) == ("100000", 1)
+    assert [(s.number, s.barcode) for s in st.slots if s.full] == \
+        [(2, "100002"), (4, "100004"), (5, "100001"), (6, "100003"), (45, "100045")]
+    assert [s.number for s in st.ie_slots] == [41, 42, 43, 44, 45]
+
+
+def test_old_mtx_prints_a_lone_drive_without_number() -> None:
+    st = parse_mtx_status(_load("old_mtx_unnumbered_drive.txt"))
+    assert [(d.number, d.full, d.barcode, d.source) for d in st.drives] == \
+        [(0, True, None, 3)]
+    assert [s.number for s in st.slots if s.full] == [1, 2, 4, 9]
+
+
+def test_ibm_3584_indented_lines_and_short_tags() -> None:
+    st = parse_mtx_status(_load("ibm_3584_logical_library.txt"))
+    assert [(d.number, d.full) for d in st.drives] == [(0, True), (1, False), (2, False)]
+    assert (st.drives[0].barcode, st.drives[0].source) == ("BRX003", 12)
+    assert st.slot(7).barcode == "UA011"  # type: ignore[union-attr]
+    assert len(st.storage_slots) == 20 and [s.number for s in st.ie_slots] == [21, 22, 23, 24]
+
+
+def test_drive_with_tag_but_no_source_clause() -> None:
+    st = parse_mtx_status(_load("drive_tag_without_source.txt"))
+    assert [(d.number, d.full, d.barcode, d.source) for d in st.drives] == \
+        [(0, True, "MOCK02", None), (1, True, None, None)]
+
+
+def test_every_canned_output_parses_and_matches_its_header() -> None:
+    for f in sorted(CANNED.glob("*.txt")):
+        st = parse_mtx_status(f.read_text())
+        assert st.drives and st.slots, f.name
+        assert all(s.barcode is None for s in st.slots if not s.full), f.name
+        assert len({s.number for s in st.slots}) == len(st.slots), f.name
+
+
+def test_cut_off_output_is_an_error() -> None:
+    text = _load("quadstor_vtl_4drives_121slots.txt")
+    with pytest.raises(TapeError, match="cut-off"):
+        parse_mtx_status("\n".join(text.splitlines()[:60]))
+    assert parse_mtx_status("# a comment line\n" + text).slot(121) is not None

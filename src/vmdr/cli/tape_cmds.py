@@ -12,15 +12,30 @@ from collections.abc import Iterator
 from vmdr.cli.common import Globals, emit_json, out, repository
 from vmdr.credentials import read_secret_bytes
 from vmdr.errors import UsageError
-from vmdr.tape.catalog import DEFAULT_DIR, CatalogStore
+from vmdr.tape.catalog import DEFAULT_DIR, CatalogBackend, open_catalog
 from vmdr.tape.library import Library
 from vmdr.tape.media import Pool
 from vmdr.timeutil import utcnow
 from vmdr.ui.progress import human_bytes
 
 
-def _store(ns: argparse.Namespace) -> CatalogStore:
-    return CatalogStore(ns.tape_dir or os.environ.get("VMDR_TAPE_DIR") or DEFAULT_DIR)
+def catalog_spec(explicit: str | None, g: Globals) -> str:
+    """Where the catalog lives: --tape-dir / VMDR_TAPE_DIR (a directory or a database
+    URL); else the agent's database when there is one (``[agent] database``, or its SQLite
+    state file when it exists); else the local directory."""
+    spec = explicit or os.environ.get("VMDR_TAPE_DIR")
+    if spec:
+        return spec
+    ag = g.config.agent
+    if ag.database:
+        return ag.database
+    if os.path.exists(ag.state):
+        return f"sqlite:///{os.path.abspath(ag.state)}"
+    return DEFAULT_DIR
+
+
+def _store(ns: argparse.Namespace, g: Globals) -> CatalogBackend:
+    return open_catalog(catalog_spec(ns.tape_dir, g))
 
 
 @contextlib.contextmanager
@@ -46,7 +61,7 @@ def _keyfile(g: Globals) -> bytes | None:
 def cmd_pool(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.jobs.tape_media import add_pool
 
-    store = _store(ns)
+    store = _store(ns, g)
     if ns.action == "add":
         if not ns.name:
             raise UsageError("give the pool's name")
@@ -90,7 +105,7 @@ def cmd_label(ns: argparse.Namespace, g: Globals) -> int:
     with _library(ns) as lib:
         slots = ns.slot or [None]
         for slot in slots:
-            m = label_tape(lib, _store(ns), ns.pool, slot=slot, label=ns.label, force=ns.force)
+            m = label_tape(lib, _store(ns, g), ns.pool, slot=slot, label=ns.label, force=ns.force)
             if len(slots) > 1 or slot is not None:
                 lib.unload()
             if g.json:
@@ -104,7 +119,7 @@ def cmd_inventory(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.jobs.tape_media import inventory
 
     with _library(ns) as lib:
-        rows = inventory(lib, _store(ns), ns.read_labels)
+        rows = inventory(lib, _store(ns, g), ns.read_labels)
     if g.json:
         emit_json(rows)
         return 0
@@ -125,7 +140,7 @@ def cmd_backup(ns: argparse.Namespace, g: Globals) -> int:
 
     with repository(g, "shared", "tape backup") as r, _library(ns) as lib:
         snaps = select_snapshots(r, ns.vms, ns.all)
-        res = backup_to_tape(r, lib, _store(ns), ns.pool, snaps, g.events)
+        res = backup_to_tape(r, lib, _store(ns, g), ns.pool, snaps, g.events)
     if g.json:
         emit_json(res.as_dict())
         return 0
@@ -154,7 +169,7 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
         def opener(b: Backend) -> Repository:
             return Repository.open(b, passphrase=g.passphrase, use_cache=False)
     with _library(ns) as lib:
-        res = restore_from_tape(lib, _store(ns), open_backend(target), keyfile, ns.media_set,
+        res = restore_from_tape(lib, _store(ns, g), open_backend(target), keyfile, ns.media_set,
                                 ns.snapshot, ns.pool_key_file, g.events, opener)
     if g.json:
         emit_json(res.as_dict())
@@ -166,7 +181,7 @@ def cmd_restore(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_catalog(ns: argparse.Namespace, g: Globals) -> int:
-    store = _store(ns)
+    store = _store(ns, g)
     if ns.rebuild:
         from vmdr.jobs.tape import rebuild_catalog
 
@@ -201,7 +216,7 @@ def cmd_export_tapes(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.jobs.tape_media import export_tapes
 
     with _library(ns) as lib:
-        moves = export_tapes(lib, _store(ns), ns.vault, ns.media_set, ns.labels)
+        moves = export_tapes(lib, _store(ns, g), ns.vault, ns.media_set, ns.labels)
     for m in moves:
         out(f"{m.label}: {'to import/export slot ' + str(m.slot) if m.slot else 'out'}, "
             f"recorded in vault {ns.vault}")
@@ -212,7 +227,7 @@ def cmd_import_tapes(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.jobs.tape_media import import_tapes
 
     with _library(ns) as lib:
-        moves = import_tapes(lib, _store(ns), ns.labels)
+        moves = import_tapes(lib, _store(ns, g), ns.labels)
     for m in moves:
         out(f"{m.label}: back in the library{f' (slot {m.slot})' if m.slot else ''}")
     return 0
@@ -222,7 +237,7 @@ def cmd_vault(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.jobs.tape_media import vault_checklist, vault_report
 
     now = utcnow()
-    lines = vault_report(_store(ns).load(), now)
+    lines = vault_report(_store(ns, g).load(), now)
     if g.json:
         emit_json([v.as_dict() for v in lines])
     else:
@@ -254,8 +269,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     d.add_argument("--library", metavar="SPEC",
                    help="virtual:DIR, mtx:/dev/sgN,/dev/nstN or sg:/dev/sgN,/dev/sgM "
                         "(env VMDR_TAPE_LIBRARY)")
-    d.add_argument("--tape-dir", metavar="DIR",
-                   help=f"catalog directory (env VMDR_TAPE_DIR, default {DEFAULT_DIR})")
+    d.add_argument("--tape-dir", metavar="DIR|URL",
+                   help="the catalog: a directory, or a database URL (sqlite:///FILE, "
+                        "postgresql://…); env VMDR_TAPE_DIR; default the agent's database "
+                        f"when there is one, else {DEFAULT_DIR}")
     d.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
                    help="give up when the drive is not ready after S seconds (default 120)")
     pp = [*parents, dev]

@@ -9,6 +9,13 @@ A file target is written under a hidden temporary name in the same directory
 fsynced: a restore killed at any point (even ``kill -9``) never leaves a partial image
 under the final name, and ``--force`` keeps the old file until the new one is complete.
 Block devices are written in place (they cannot be renamed).
+
+Raw files and block devices are read and written with ``O_DIRECT`` where the kernel and
+filesystem allow it (page-aligned buffers from :func:`aligned_buffer`, 4 KiB-aligned
+offsets): a restore then costs no page-cache copy and leaves no gigabytes of dirty pages
+behind, and a backup does not fill the cache with an image it reads once. Anything
+unaligned (a disk's last partial block) and any filesystem that refuses ``O_DIRECT``
+(tmpfs, some network filesystems) goes through the page cache as before.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import secrets
 import stat
@@ -31,6 +39,30 @@ from vmdr.timeutil import utcnow
 MAX_REQUEST = 32 << 20
 log = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".vmdr-partial"
+ALIGN = 4096  # O_DIRECT alignment that suits every logical block size up to 4 KiB
+USE_DIRECT = hasattr(os, "O_DIRECT")  # tests turn it off to cover the buffered path
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """A writable, page-aligned buffer of *size* bytes (an anonymous mapping), as
+    ``O_DIRECT`` needs; a slice that starts at 0 stays aligned."""
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+
+
+def _open_direct(path: str, flags: int) -> int | None:
+    """*path* opened with ``O_DIRECT`` as well, or None where that is not supported."""
+    if not USE_DIRECT:
+        return None
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def partial_name(path: str) -> str:
@@ -154,12 +186,27 @@ def image_info(path: str) -> dict[str, Any]:
     return info
 
 
+def _direct_ok(path: str) -> bool:
+    """Whether *path*'s filesystem takes ``O_DIRECT`` (so qemu-nbd may use cache=none)."""
+    fd = _open_direct(path, os.O_RDONLY)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def _nbd_handle(path: str, fmt: str, readonly: bool) -> Any:
     import nbd
 
     h = nbd.NBD()
     h.add_meta_context("base:allocation")
-    args = ["qemu-nbd", f"--format={fmt}", "--cache=none" if readonly else "--cache=unsafe"]
+    if hasattr(h, "set_pread_initialize"):  # libnbd >= 1.12: no memset before each read
+        h.set_pread_initialize(False)
+    # Writing, cache=none (O_DIRECT) where the filesystem allows: qemu-nbd then copies
+    # nothing into the page cache (a qcow2 restore of the benchmark image: qemu-nbd's CPU
+    # 4.7 -> 1.9 s); the final flush makes it durable either way.
+    cache = "none" if readonly or _direct_ok(path) else "unsafe"
+    args = ["qemu-nbd", f"--format={fmt}", f"--cache={cache}"]
     if readonly:
         args += ["--read-only", "--share=4"]
     else:
@@ -200,6 +247,8 @@ class RawSource(Source):
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
+        self._dfd = self._dfd_open = _open_direct(path, os.O_RDONLY)
+        self._local = threading.local()
 
     def extents(self) -> Iterator[tuple[int, int]]:
         if self.is_block:
@@ -218,9 +267,30 @@ class RawSource(Source):
             pos = hole
 
     def read(self, offset: int, length: int) -> bytes:
+        dfd = self._dfd
+        if dfd is not None and offset % ALIGN == 0 and 0 < length <= 64 << 20:
+            want = _round_up(length)
+            buf: memoryview | None = getattr(self._local, "buf", None)
+            if buf is None or len(buf) < want:
+                buf = self._local.buf = aligned_buffer(max(want, 4 << 20))
+            try:
+                n = min(os.preadv(dfd, [buf[:want]], offset), length)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._dfd = None  # took the open, refused the read: buffered from now on
+            else:
+                data = bytes(buf[:n])  # one copy, instead of the page cache's two
+                if n < length and offset + n < self.size:  # a short direct read: finish
+                    data += os.pread(self.fd, length - n, offset + n)
+                return data
         return os.pread(self.fd, length, offset)
 
     def close(self) -> None:
+        self._dfd = None
+        if self._dfd_open is not None:  # closed only here: another thread may be reading
+            dfd, self._dfd_open = self._dfd_open, None
+            os.close(dfd)
         os.close(self.fd)
 
 
@@ -325,25 +395,61 @@ class RawTarget(Target):
             self.fd = os.open(self.tmp, flags, 0o600)
         except OSError as exc:
             raise _enospc(exc, path) from None
+        self._dfd: int | None = None
+        self._dfd_open: int | None = None
         try:
             if not self.is_block:
                 os.ftruncate(self.fd, size)
+            self._dfd = self._dfd_open = _open_direct(self.tmp, os.O_WRONLY)
         except OSError as exc:
             self.abort()
             raise _enospc(exc, path) from None
         self.size = size
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
         try:
-            os.pwrite(self.fd, data, offset)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                if n <= 0:
+                    raise OSError(errno.EIO, "write returned 0")
+                view, offset = view[n:], offset + n
         except OSError as exc:
             raise _enospc(exc, self.path) from None
+
+    def write_from(self, offset: int, buf: memoryview) -> None:
+        """Write *buf*, a slice from the start of an :func:`aligned_buffer`, at *offset*:
+        with ``O_DIRECT`` where both are aligned (the page cache is bypassed), the
+        unaligned tail and everything else through the page cache. Durable at
+        :meth:`close` either way (one fsync covers both)."""
+        dfd = self._dfd
+        if dfd is not None and offset % ALIGN == 0:
+            body = len(buf) - len(buf) % ALIGN
+            done = 0
+            try:
+                while done < body:
+                    n = os.pwrite(dfd, buf[done:body], offset + done)
+                    if n <= 0 or n % ALIGN:
+                        done += n
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise _enospc(exc, self.path) from None
+                self._dfd = None  # opened, but refused the write: buffered from now on
+            buf, offset = buf[done:], offset + done
+        if len(buf):
+            self.write(offset, buf)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         if self.is_block:
             self.write(offset, bytes(length))
 
     def _close_fd(self) -> None:
+        self._dfd = None
+        if self._dfd_open is not None:  # closed only here, never under a writing thread
+            dfd, self._dfd_open = self._dfd_open, None
+            os.close(dfd)
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)

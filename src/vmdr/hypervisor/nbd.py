@@ -114,6 +114,9 @@ class NbdReader:
                 raise HypervisorError(f"{self.label}: reader is closed")
             h = nbd.NBD()
             h.set_handle_name(f"vmdr-{self.label}-{len(self._handles)}")
+            if hasattr(h, "set_pread_initialize"):  # libnbd >= 1.12
+                # no memset of every read buffer: a failed read raises and is discarded
+                h.set_pread_initialize(False)
             h.add_meta_context(self.context)
             try:
                 self._connect(h)

@@ -8,13 +8,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vmdr.errors import LabelUnreadable, MediaRefused, SlotEmpty, TapeError, UsageError
-from vmdr.tape.catalog import Catalog, CatalogStore, VaultEvent
+from vmdr.tape.catalog import Catalog, CatalogBackend, VaultEvent
 from vmdr.tape.library import Library
 from vmdr.tape.media import Media, Pool, check_allocation, overwrite_refusal, parse_retention
 from vmdr.timeutil import Clock, format_time, utcnow
 
 
-def add_pool(store: CatalogStore, pool: Pool, maxslot: int | None = None) -> Pool:
+def add_pool(store: CatalogBackend, pool: Pool, maxslot: int | None = None) -> Pool:
     """Create or change a pool; a ``rotation`` pool needs *maxslot* (the seed's highest
     slot) the first time."""
     check_allocation(pool.allocation)
@@ -29,7 +29,7 @@ def add_pool(store: CatalogStore, pool: Pool, maxslot: int | None = None) -> Poo
     return pool
 
 
-def label_tape(lib: Library, store: CatalogStore, pool: str, *, slot: int | None = None,
+def label_tape(lib: Library, store: CatalogBackend, pool: str, *, slot: int | None = None,
                label: str | None = None, force: bool = False,
                clock: Clock = utcnow) -> Media:
     """Label the tape in *slot* (or the one in the drive): barcode or *label* as its name.
@@ -67,7 +67,8 @@ def label_tape(lib: Library, store: CatalogStore, pool: str, *, slot: int | None
     return m
 
 
-def inventory(lib: Library, store: CatalogStore, read_labels: bool = False) -> list[dict[str, Any]]:
+def inventory(lib: Library, store: CatalogBackend, read_labels: bool = False
+              ) -> list[dict[str, Any]]:
     """Every slot and drive with its barcode and what the catalog knows of that tape;
     with *read_labels*, every tape is loaded and its label read (and the catalog learns
     tapes it did not know)."""
@@ -114,7 +115,7 @@ def _tapes(cat: Catalog, media_set: str | None, labels: list[str]) -> list[Media
     return [cat.need_label(lbl) for lbl in labels]
 
 
-def export_tapes(lib: Library, store: CatalogStore, vault: str, media_set: str | None = None,
+def export_tapes(lib: Library, store: CatalogBackend, vault: str, media_set: str | None = None,
                  labels: list[str] | None = None, clock: Clock = utcnow) -> list[Move]:
     """Move tapes to the import/export slots and record them as in *vault*."""
     now = clock()
@@ -147,7 +148,7 @@ def export_tapes(lib: Library, store: CatalogStore, vault: str, media_set: str |
     return moves
 
 
-def import_tapes(lib: Library, store: CatalogStore, labels: list[str],
+def import_tapes(lib: Library, store: CatalogBackend, labels: list[str],
                  clock: Clock = utcnow) -> list[Move]:
     """Record tapes back from their vault; move them from import/export to storage slots."""
     now = clock()

@@ -21,6 +21,7 @@ COMP_NONE, COMP_ZSTD = 0, 1
 CIPHER_NONE, CIPHER_AESGCM = 0, 1
 HEADER = struct.Struct("<BBBB")
 NONCE_LEN = 12
+TAG_LEN = 16
 HOLE = bytes(32)
 MIN_SAVING = 0.97  # store uncompressed unless zstd saves at least 3 %
 
@@ -110,8 +111,8 @@ class ObjectCodec:
         nonce = os.urandom(NONCE_LEN)
         return header + nonce + self._aead.encrypt(nonce, bytes(payload), header + oid)
 
-    def unpack(self, otype: int, oid: bytes, blob: bytes, what: str = "object") -> bytes:
-        """Decode a stored object, checking everything; never return unverified bytes."""
+    def _check(self, otype: int, oid: bytes, blob: bytes, what: str) -> tuple[int, int]:
+        """Check a stored object's header; return its ``(compression, cipher)``."""
         if len(blob) < HEADER.size:
             raise IntegrityError(f"{what} {oid.hex()[:16]} is truncated")
         version, got_type, comp, cipher = HEADER.unpack_from(blob)
@@ -122,11 +123,88 @@ class ObjectCodec:
             )
         if got_type != otype:
             raise IntegrityError(f"{what} {oid.hex()[:16]} has the wrong object type")
+        if self._aead is not None and cipher != CIPHER_AESGCM:
+            raise IntegrityError(f"{what} {oid.hex()[:16]} is not encrypted")
+        if self._aead is None and cipher != CIPHER_NONE:
+            raise IntegrityError(f"{what} {oid.hex()[:16]} is encrypted but no key is set")
+        return comp, cipher
+
+    @staticmethod
+    def _known(comp: int, oid: bytes, what: str) -> None:
+        if comp not in (COMP_NONE, COMP_ZSTD):  # checked after the MAC, as the header is
+            raise IntegrityError(f"{what} {oid.hex()[:16]} has unknown compression {comp}")
+
+    def _decrypt_into(self, oid: bytes, blob: bytes, out: memoryview, what: str) -> None:
+        """Authenticate and decrypt *blob*'s payload into *out* (exactly its length)."""
+        assert self._aead is not None
+        view = memoryview(blob)
+        try:
+            self._aead.decrypt_into(view[HEADER.size : HEADER.size + NONCE_LEN],
+                                    view[HEADER.size + NONCE_LEN :],
+                                    blob[: HEADER.size] + oid, out)
+        except (InvalidTag, ValueError):
+            raise IntegrityError(
+                f"{what} {oid.hex()[:16]} failed authentication (corrupt or tampered)"
+            ) from None
+
+    def unpack_into(self, otype: int, oid: bytes, blob: bytes, out: memoryview,
+                    what: str = "object") -> None:
+        """Decode a stored object straight into *out*, which must be exactly as long as
+        its plaintext; raise ``IntegrityError`` (wrong length, failed MAC, bad ID) else.
+
+        The restore path: no per-object buffers. The ciphertext's tag is checked before
+        the (compressed) payload is decompressed, and the plaintext's BLAKE3 ID after;
+        on any error *out* holds garbage and must not be used."""
+        comp, _ = self._check(otype, oid, blob, what)
+        short = f"{what} {oid.hex()[:16]} has the wrong length"
+        payload: memoryview
         if self._aead is not None:
-            if cipher != CIPHER_AESGCM:
-                raise IntegrityError(f"{what} {oid.hex()[:16]} is not encrypted")
+            plen = len(blob) - HEADER.size - NONCE_LEN - TAG_LEN
+            if plen < 0:
+                raise IntegrityError(f"{what} {oid.hex()[:16]} is truncated")
+            if comp == COMP_NONE:
+                if plen != len(out):
+                    raise IntegrityError(short)
+                self._decrypt_into(oid, blob, out, what)
+            else:
+                payload = self._scratch(plen)
+                self._decrypt_into(oid, blob, payload, what)
+        else:
+            payload = memoryview(blob)[HEADER.size :]
+            if comp == COMP_NONE:
+                if len(payload) != len(out):
+                    raise IntegrityError(short)
+                out[:] = payload
+        self._known(comp, oid, what)
+        if comp == COMP_ZSTD:
+            try:
+                reader = self._zd().stream_reader(payload, read_size=max(1, len(payload)))
+                filled = 0
+                while filled < len(out):
+                    n = reader.readinto(out[filled:])
+                    if not n:
+                        break
+                    filled += n
+                if filled != len(out) or reader.read(1):
+                    raise IntegrityError(short)
+            except zstandard.ZstdError:
+                raise IntegrityError(f"{what} {oid.hex()[:16]} does not decompress") from None
+        if self.object_id(out) != oid:
+            raise IntegrityError(f"{what} {oid.hex()[:16]} does not match its ID (corrupt)")
+
+    def _scratch(self, n: int) -> memoryview:
+        """A per-thread buffer of *n* bytes for compressed plaintext (reused)."""
+        buf: bytearray | None = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.scratch = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
+
+    def unpack(self, otype: int, oid: bytes, blob: bytes, what: str = "object") -> bytes:
+        """Decode a stored object, checking everything; never return unverified bytes."""
+        comp, _ = self._check(otype, oid, blob, what)
+        payload: bytes | memoryview
+        if self._aead is not None:
             view = memoryview(blob)  # no slice copies of a 4 MiB object
-            payload: bytes | memoryview
             try:
                 payload = self._aead.decrypt(
                     view[HEADER.size : HEADER.size + NONCE_LEN], view[HEADER.size + NONCE_LEN :],
@@ -137,18 +215,15 @@ class ObjectCodec:
                     f"{what} {oid.hex()[:16]} failed authentication (corrupt or tampered)"
                 ) from None
         else:
-            if cipher != CIPHER_NONE:
-                raise IntegrityError(f"{what} {oid.hex()[:16]} is encrypted but no key is set")
             payload = memoryview(blob)[HEADER.size :]
+        self._known(comp, oid, what)
         if comp == COMP_ZSTD:
             try:
                 data = self._zd().decompress(payload)
             except zstandard.ZstdError:
                 raise IntegrityError(f"{what} {oid.hex()[:16]} does not decompress") from None
-        elif comp == COMP_NONE:
-            data = bytes(payload)
         else:
-            raise IntegrityError(f"{what} {oid.hex()[:16]} has unknown compression {comp}")
+            data = bytes(payload)
         if self.object_id(data) != oid:
             raise IntegrityError(f"{what} {oid.hex()[:16]} does not match its ID (corrupt)")
         return data

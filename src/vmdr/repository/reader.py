@@ -43,6 +43,15 @@ class DiskReader:
                                  "wrong length")
         return data
 
+    def chunk_into(self, idx: int, out: memoryview) -> bool:
+        """Decode chunk *idx* into ``out[:chunk_length(idx)]``; ``False`` for a hole (then
+        *out* is untouched). Raises ``IntegrityError`` for a chunk of the wrong length."""
+        oid = self.disk.chunks[idx]
+        if oid == HOLE:
+            return False
+        self.repo.get_chunk_into(oid, out[: self.chunk_length(idx)])
+        return True
+
     def iter_chunks(
         self, indices: Iterator[int] | None = None, progress: Callable[[int], None] | None = None
     ) -> Iterator[tuple[int, bytes | None]]:

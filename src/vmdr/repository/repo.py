@@ -412,6 +412,10 @@ class Repository:
     def get_chunk(self, oid: bytes) -> bytes:
         return self.codec.unpack(TYPE_CHUNK, oid, self.get_raw_chunk(oid), "chunk")
 
+    def get_chunk_into(self, oid: bytes, out: memoryview) -> None:
+        """Decode chunk *oid* into *out* (exactly its length), verified; the restore path."""
+        self.codec.unpack_into(TYPE_CHUNK, oid, self.get_raw_chunk(oid), out, "chunk")
+
     # ----------------------------------------------------------------- snapshots
     def save_snapshot(self, snap: Snapshot) -> str:
         """Write the manifest (the atomic commit point of a backup); return its ID.

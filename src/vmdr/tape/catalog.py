@@ -1,15 +1,22 @@
 """The tape catalog on disk: which tapes exist, in which pool and set, where they are, and
 which chunks and snapshots each tape file holds.
 
-Stored as one JSON file in the tape directory (``VMDR_TAPE_DIR``, default
-``/var/lib/vmdr/tape``), replaced atomically under an ``flock``; the agent's database will
-hold the same documents when there is one. The catalog is a cache of the tapes: every
-tape also ends with its own catalog, and ``vmdr tape catalog --rebuild`` recreates this
-file from the tapes alone.
+Two stores hold the same JSON document (``CatalogBackend``):
+
+- ``CatalogStore``: one file in the tape directory (``VMDR_TAPE_DIR``, default
+  ``/var/lib/vmdr/tape``), replaced atomically under an ``flock``; the rotation state as
+  the seed's three small files beside it;
+- ``vmdr.tape.catalog_db.DbCatalogStore``: the agent's database (its SQLite file, or
+  PostgreSQL for a fleet), table ``tape_catalog``.
+
+``open_catalog(spec)`` takes a directory or a database URL. The catalog is a cache of the
+tapes: every tape also ends with its own catalog, and ``vmdr tape catalog --rebuild``
+recreates it from the tapes alone.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import json
@@ -130,35 +137,49 @@ class Catalog:
                     for e in d.get("history", [])])
 
 
-class CatalogStore:
-    """The catalog file and the rotation files in one directory."""
+class CatalogBackend(abc.ABC):
+    """Where the catalog document and the rotation state live."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.path = self.root / "catalog.json"
+    where: str  # for messages
+
+    @abc.abstractmethod
+    def _read(self) -> str | None:
+        """The catalog document, or None when there is none yet."""
+
+    @abc.abstractmethod
+    def _write(self, text: str) -> None:
+        """Replace the catalog document atomically."""
+
+    @abc.abstractmethod
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock across processes (and hosts, for a shared database)."""
+
+    @abc.abstractmethod
+    def _read_rotation(self, pool: str) -> tuple[str, str, str] | None:
+        """The rotation's (slot, maxslot, history) texts, or None."""
+
+    @abc.abstractmethod
+    def _write_rotation(self, pool: str, slot: str, maxslot: str, history: str) -> None:
+        """Store the rotation's three texts."""
 
     def load(self) -> Catalog:
-        try:
-            return Catalog.from_doc(json.loads(self.path.read_text()))
-        except FileNotFoundError:
+        text = self._read()
+        if text is None:
             return Catalog()
+        try:
+            return Catalog.from_doc(json.loads(text))
         except ValueError:
-            raise UsageError(f"{self.path} is corrupt: rebuild it with "
+            raise UsageError(f"{self.where} is corrupt: rebuild it with "
                              "'vmdr tape catalog --rebuild'") from None
 
     def save(self, cat: Catalog) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cat.to_doc(), indent=1))
-        os.replace(tmp, self.path)
+        self._write(json.dumps(cat.to_doc(), indent=1))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Catalog]:
-        """Load under an exclusive lock; save when the block ends without an error. Holds
-        the lock for the whole job, so a restore never takes a tape a backup is using."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "catalog.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        """Load under an exclusive lock; save when the block ends. Holds the lock for the
+        whole job, so a restore never takes a tape a backup is using."""
+        with self._lock():
             cat = self.load()
             try:
                 yield cat
@@ -166,21 +187,73 @@ class CatalogStore:
                 # also on failure: what was written to tape before the error is real
                 self.save(cat)
 
-    # ---------------------------------------------------------------- rotation files
     def rotation(self, pool: str, maxslot: int | None = None) -> Rotation:
-        d = self.root / "rotation" / pool
-        try:
-            return Rotation.parse((d / "slot").read_text(), (d / "maxslot").read_text(),
-                                  (d / "history").read_text())
-        except FileNotFoundError:
+        got = self._read_rotation(pool)
+        if got is None:
             if maxslot is None:
-                raise UsageError(f"pool {pool} has no rotation state: give --maxslot") \
-                    from None
+                raise UsageError(f"pool {pool} has no rotation state: give --maxslot")
             return Rotation(0, maxslot)
+        return Rotation.parse(*got)
 
     def save_rotation(self, pool: str, rot: Rotation) -> None:
+        self._write_rotation(pool, f"{rot.slot}\n", f"{rot.maxslot}\n", rot.history_text())
+
+
+class CatalogStore(CatalogBackend):
+    """The catalog file and the rotation files in one directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.path = self.root / "catalog.json"
+        self.where = str(self.path)
+
+    def _read(self) -> str | None:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, text: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "catalog.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    # the seed's files: slot, maxslot, history
+    def _read_rotation(self, pool: str) -> tuple[str, str, str] | None:
+        d = self.root / "rotation" / pool
+        try:
+            return ((d / "slot").read_text(), (d / "maxslot").read_text(),
+                    (d / "history").read_text())
+        except FileNotFoundError:
+            return None
+
+    def _write_rotation(self, pool: str, slot: str, maxslot: str, history: str) -> None:
         d = self.root / "rotation" / pool
         d.mkdir(parents=True, exist_ok=True)
-        (d / "slot").write_text(f"{rot.slot}\n")
-        (d / "maxslot").write_text(f"{rot.maxslot}\n")
-        (d / "history").write_text(rot.history_text())
+        (d / "slot").write_text(slot)
+        (d / "maxslot").write_text(maxslot)
+        (d / "history").write_text(history)
+
+
+def is_database_url(spec: str) -> bool:
+    return spec.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:"))
+
+
+def open_catalog(spec: str) -> CatalogBackend:
+    """A directory (the local file store) or a database URL (the agent's database)."""
+    if is_database_url(spec):
+        from vmdr.tape.catalog_db import DbCatalogStore
+
+        return DbCatalogStore(spec)
+    if "://" in spec:
+        raise UsageError(f"the tape catalog is a directory, sqlite:///FILE or postgresql://…, "
+                         f"not {spec.split('://', 1)[0]}://")
+    return CatalogStore(spec)

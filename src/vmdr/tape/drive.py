@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vmdr.errors import DriveNotReady
 
 BLOCK_SIZE = 256 << 10  # every vmdr tape file is written in fixed 256 KiB blocks
+Block = bytes | bytearray | memoryview  # what write_block takes (never kept after the call)
+Segments = Sequence[Block]  # one block as pieces (a gather list) that add up to it
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class TapeDrive(abc.ABC):
     """
 
     block_size: int = BLOCK_SIZE
+    # bytes a WriteBehind may queue in front of the drive: after the early warning the
+    # writer adds at most this much (plus one frame) before it closes the file, so it must
+    # sit well inside the warning zone (LTO's is far larger than this); 0: none
+    write_behind: int = 8 << 20
 
     @abc.abstractmethod
     def status(self) -> DriveStatus:
@@ -107,9 +113,23 @@ class TapeDrive(abc.ABC):
         stands at the start of the next file)."""
 
     @abc.abstractmethod
-    def write_block(self, data: bytes) -> bool:
+    def write_block(self, data: Block) -> bool:
         """Write one block of at most ``block_size`` bytes (short only as a file's last);
         return True once the end-of-medium early warning zone is reached."""
+
+    def write_blocks(self, blocks: Sequence[Block]) -> bool:
+        """Write several blocks in order (a back end may do it in one system call);
+        return the early warning as ``write_block`` does."""
+        eom = False
+        for b in blocks:
+            eom = self.write_block(b) or eom
+        return eom
+
+    def write_gathered(self, blocks: Sequence[Segments]) -> bool:
+        """Write blocks each given as pieces (frame header, payload, MAC...) without the
+        caller copying them into one buffer first. The default joins each block; a back
+        end that can gather (``writev``) writes the pieces as they are."""
+        return self.write_blocks([bytearray().join(segs) for segs in blocks])  # SG_IO: no copy
 
     @abc.abstractmethod
     def write_filemark(self) -> None:

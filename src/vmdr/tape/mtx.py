@@ -3,9 +3,12 @@
 non-rewinding device (``/dev/nstN``).
 
 ``parse_mtx_status`` reads ``mtx status`` as printed by many libraries: drives numbered
-from 0 or 1, ``VolumeTag = X`` or ``VolumeTag=X``, an ``AlternateVolumeTag``, no barcode
-reader at all, ``Unknown Storage Element Loaded``, ``IMPORT/EXPORT`` slots, empty slots
-with an empty tag. tests/unit/test_tape_mtx.py holds canned outputs.
+from 0 or 1 (or, from old mtx, not numbered at all), ``VolumeTag = X`` or ``VolumeTag=X``
+padded to 36 characters or not, an ``AlternateVolumeTag``, no barcode reader at all, a
+full slot or drive without a tag, ``Unknown Storage Element Loaded`` or no source clause,
+``IMPORT/EXPORT`` slots anywhere in the numbering, empty slots with an empty tag, and
+hundreds of slots. tests/unit/mtx_status/ holds canned outputs, each with where its shape
+comes from (README.md there).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import re
 import subprocess
 
 from vmdr.errors import MediaRefused, NoSpace, SlotEmpty, TapeError
-from vmdr.tape.drive import Changer, ChangerStatus, DriveStatus, Element, TapeDrive
+from vmdr.tape.drive import Block, Changer, ChangerStatus, DriveStatus, Element, TapeDrive
 
-_DRIVE = re.compile(r"^\s*Data Transfer Element\s+(\d+)\s*:\s*(Full|Empty)(.*)$")
+# older mtx prints a lone drive without its number ("Data Transfer Element:Full")
+_DRIVE = re.compile(r"^\s*Data Transfer Element(?:\s+(\d+))?\s*:\s*(Full|Empty)(.*)$")
 _SLOT = re.compile(r"^\s*Storage Element\s+(\d+)(\s+IMPORT/EXPORT)?\s*:\s*(Full|Empty)(.*)$")
 _LOADED = re.compile(r"\(\s*Storage Element\s+(\d+)\s+Loaded\s*\)")
 _TAG = re.compile(r"VolumeTag\s*=\s*([^\s:]*)")
+_HEADER = re.compile(r"Storage Changer .*:\s*(\d+)\s+Drives?,\s*(\d+)\s+Slots?\s*\(\s*(\d+)\s+"
+                     r"Import/Export\s*\)")
 
 
 def _tag(rest: str) -> str | None:
@@ -30,14 +36,19 @@ def _tag(rest: str) -> str | None:
 
 
 def parse_mtx_status(text: str) -> ChangerStatus:
-    """Parse ``mtx status``; unknown lines are ignored, malformed element lines raise."""
+    """Parse ``mtx status``; unknown lines are ignored, malformed element lines raise, and
+    so does a listing shorter or longer than its header line announces (mtx prints the
+    header from the same element counts, so a mismatch means cut-off output)."""
     drives: list[Element] = []
     slots: list[Element] = []
+    header: tuple[int, int, int] | None = None
     for line in text.splitlines():
-        if m := _DRIVE.match(line):
+        if header is None and (h := _HEADER.search(line)):
+            header = (int(h.group(1)), int(h.group(2)), int(h.group(3)))
+        elif m := _DRIVE.match(line):
             full = m.group(2) == "Full"
             src = _LOADED.search(m.group(3))
-            drives.append(Element("drive", int(m.group(1)), full,
+            drives.append(Element("drive", int(m.group(1) or 0), full,
                                   _tag(m.group(3)) if full else None,
                                   int(src.group(1)) if src else None))
         elif m := _SLOT.match(line):
@@ -48,6 +59,12 @@ def parse_mtx_status(text: str) -> ChangerStatus:
             raise TapeError(f"cannot parse mtx status line: {line.strip()!r}")
     if not drives and not slots:
         raise TapeError("mtx status printed no elements")
+    if header is not None:
+        got = (len(drives), len(slots), sum(1 for s in slots if s.kind == "ie"))
+        if got != header:
+            raise TapeError(f"mtx status listed {got[0]} drives, {got[1]} slots ({got[2]} "
+                            f"import/export) but its header says {header[0]}, {header[1]} "
+                            f"({header[2]}): cut-off output?")
     return ChangerStatus(drives, slots)
 
 
@@ -187,7 +204,7 @@ class MtDrive(TapeDrive):
             return None
         return data
 
-    def write_block(self, data: bytes) -> bool:
+    def write_block(self, data: Block) -> bool:
         fd = self._open("w")
         for attempt in (1, 2):
             try:

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from vmdr.errors import MediaRefused, NoSpace, SlotEmpty, TapeError
-from vmdr.tape.drive import Changer, ChangerStatus, DriveStatus, Element, TapeDrive
+from vmdr.tape.drive import Block, Changer, ChangerStatus, DriveStatus, Element, TapeDrive
 
 SG_IO = 0x2285
 SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_DXFER_FROM_DEV = -1, -2, -3
@@ -104,14 +104,18 @@ class SgDevice:
             os.close(self.fd)
             self.fd = -1
 
-    def command(self, cdb: bytes, data_in: int = 0, data_out: bytes | None = None
+    def command(self, cdb: bytes, data_in: int = 0, data_out: Block | None = None
                 ) -> tuple[bytes, Sense | None, int]:
         """Run *cdb*; return (data read, sense or None, residual). Raises ``TapeError``
         only for transport failures: a CHECK CONDITION comes back as its sense."""
         cmd = ctypes.create_string_buffer(cdb, len(cdb))
         sense = ctypes.create_string_buffer(SENSE_LEN)
-        if data_out is not None:
-            buf = ctypes.create_string_buffer(data_out, len(data_out))
+        buf: ctypes.Array[ctypes.c_char]
+        if isinstance(data_out, bytearray):  # the writer's block, not copied again
+            buf = (ctypes.c_char * len(data_out)).from_buffer(data_out)
+            direction, length = SG_DXFER_TO_DEV, len(data_out)
+        elif data_out is not None:
+            buf = ctypes.create_string_buffer(bytes(data_out), len(data_out))
             direction, length = SG_DXFER_TO_DEV, len(data_out)
         elif data_in:
             buf = ctypes.create_string_buffer(data_in)
@@ -135,7 +139,7 @@ class SgDevice:
         got = max(0, length - hdr.resid) if direction == SG_DXFER_FROM_DEV else 0
         return buf.raw[:got], sd, hdr.resid
 
-    def check(self, cdb: bytes, data_in: int = 0, data_out: bytes | None = None,
+    def check(self, cdb: bytes, data_in: int = 0, data_out: Block | None = None,
               what: str = "command") -> bytes:
         data, sense, _ = self.command(cdb, data_in, data_out)
         if sense is not None and sense.key not in (0, 1):
@@ -354,7 +358,7 @@ class SgDrive(TapeDrive):
             return data
         raise _error(self.dev.path, "READ", sense)
 
-    def write_block(self, data: bytes) -> bool:
+    def write_block(self, data: Block) -> bool:
         n = len(data)
         cdb = bytes([0x0A, 0x00, n >> 16 & 0xFF, n >> 8 & 0xFF, n & 0xFF, 0])
         _, sense, _ = self.dev.command(cdb, data_out=data)
