@@ -491,17 +491,29 @@ def test_cli_resolves_inventory_replicas(tmp_path: Any) -> None:
 
 
 class _SlowSite:
-    """Site stand-in whose open() takes as long as an ssh login."""
+    """Site stand-in whose login takes 0.3 s from start() (it runs in the background, as
+    the ssh master does); open() waits for it."""
 
     def __init__(self, uri: str, fail: bool = False) -> None:
         self.uri, self.fail, self.closed = uri, fail, False
-        self.opened_at = 0.0
+        self.started_at: float | None = None
+        self.start_thread = 0
+
+    def start(self) -> _SlowSite:
+        import threading
+        import time
+
+        self.started_at = time.monotonic()
+        self.start_thread = threading.get_ident()
+        return self
 
     def open(self) -> _SlowSite:
         import time
 
-        self.opened_at = time.monotonic()
-        time.sleep(0.3)
+        if self.started_at is None:
+            self.start()
+        assert self.started_at is not None
+        time.sleep(max(0.0, self.started_at + 0.3 - time.monotonic()))
         if self.fail:
             from vmdr.errors import HypervisorUnavailable
 
@@ -546,6 +558,11 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     assert site is sites[0] and isinstance(target, Target)
     assert took < 0.55, f"the two logins ran one after the other ({took:.2f} s)"
     assert not sites[0].closed and not closed
+    # the ssh master is started by the cycle's own thread (its parent-death signal fires
+    # when the thread that started it ends)
+    import threading
+
+    assert sites[0].start_thread == threading.get_ident()
 
     # the control master fails: the libvirt connection is closed, the error passes through
     from vmdr.errors import HypervisorUnavailable

@@ -8,7 +8,6 @@ import faulthandler
 import os
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
@@ -83,30 +82,25 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
 
 def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
     """libvirt's connection to the DR host and the Site's ssh control master are two ssh
-    logins: make them at the same time (a cycle's fixed cost is one login shorter)."""
-    site = Site(spec.target_uri)
-    with ThreadPoolExecutor(1, thread_name_prefix="vmdr-site") as ex:
-        opened = ex.submit(site.open)
-        try:
-            target = connect(spec.target_uri)
-        except HypervisorUnavailable as exc:
-            with contextlib.suppress(Exception):
-                opened.result()
-            site.close()
-            shown = redact_uri(spec.target_uri)
-            why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
-            raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
-        except BaseException:
-            with contextlib.suppress(Exception):
-                opened.result()
-            site.close()
-            raise
-        try:
-            opened.result()
-        except BaseException:
-            site.close()
-            target.close()
-            raise
+    logins: make them at the same time (a cycle's fixed cost is one login shorter). The
+    master starts in this thread: its parent-death signal would fire when another ended."""
+    site = Site(spec.target_uri).start()
+    try:
+        target = connect(spec.target_uri)
+    except HypervisorUnavailable as exc:
+        site.close()
+        shown = redact_uri(spec.target_uri)
+        why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
+        raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
+    except BaseException:
+        site.close()
+        raise
+    try:
+        site.open()
+    except BaseException:
+        site.close()
+        target.close()
+        raise
     return target, site
 
 
