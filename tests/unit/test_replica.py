@@ -488,3 +488,98 @@ def test_cli_resolves_inventory_replicas(tmp_path: Any) -> None:
     p.write_text(ESTATE.replace('rpo = "15m"\n', ""))
     g.config = config.load(str(p))
     assert _specs(_ns(), g, ["db"])[0].rpo_target_s == 1800  # the plan's rpo
+
+
+class _SlowSite:
+    """Site stand-in whose login takes 0.3 s from start() (it runs in the background, as
+    the ssh master does); open() waits for it."""
+
+    def __init__(self, uri: str, fail: bool = False) -> None:
+        self.uri, self.fail, self.closed = uri, fail, False
+        self.started_at: float | None = None
+        self.start_thread = 0
+
+    def start(self) -> _SlowSite:
+        import threading
+        import time
+
+        self.started_at = time.monotonic()
+        self.start_thread = threading.get_ident()
+        return self
+
+    def open(self) -> _SlowSite:
+        import time
+
+        if self.started_at is None:
+            self.start()
+        assert self.started_at is not None
+        time.sleep(max(0.0, self.started_at + 0.3 - time.monotonic()))
+        if self.fail:
+            from vmdr.errors import HypervisorUnavailable
+
+            raise HypervisorUnavailable("ssh to dr1 failed: Connection refused")
+        return self
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _spec() -> Any:
+    from vmdr.jobs.replicate import ReplicaSpec
+
+    return ReplicaSpec(vm="web", target_uri="qemu+ssh://root@dr1/system",
+                       directory="/srv/r/web", standby="", keep=3, feed="direct",
+                       rpo_target_s=None, network_map={}, consistency="auto",
+                       scratch_dir="/tmp")
+
+
+def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
+    """libvirt's qemu+ssh connection and the Site's control master overlap in time."""
+    import time
+
+    from vmdr.cli import replicate_cmds as rc
+
+    sites: list[_SlowSite] = []
+    closed: list[str] = []
+
+    class Target:
+        def close(self) -> None:
+            closed.append("target")
+
+    def slow_connect(uri: str) -> Target:
+        time.sleep(0.3)
+        return Target()
+
+    monkeypatch.setattr(rc, "Site", lambda uri: sites.append(_SlowSite(uri)) or sites[-1])
+    monkeypatch.setattr(rc, "connect", slow_connect)
+    t0 = time.monotonic()
+    target, site = rc._open_target(_spec())
+    took = time.monotonic() - t0
+    assert site is sites[0] and isinstance(target, Target)
+    assert took < 0.55, f"the two logins ran one after the other ({took:.2f} s)"
+    assert not sites[0].closed and not closed
+    # the ssh master is started by the cycle's own thread (its parent-death signal fires
+    # when the thread that started it ends)
+    import threading
+
+    assert sites[0].start_thread == threading.get_ident()
+
+    # the control master fails: the libvirt connection is closed, the error passes through
+    from vmdr.errors import HypervisorUnavailable
+
+    monkeypatch.setattr(rc, "Site", lambda uri: sites.append(_SlowSite(uri, fail=True))
+                        or sites[-1])
+    with pytest.raises(HypervisorUnavailable, match="Connection refused"):
+        rc._open_target(_spec())
+    assert sites[-1].closed and closed == ["target"]
+
+    # libvirt fails: the site is closed, the message is the usual one-liner
+    def refused(uri: str) -> Target:
+        raise HypervisorUnavailable(f"cannot connect to {uri}:\n no route")
+
+    monkeypatch.setattr(rc, "Site", lambda uri: sites.append(_SlowSite(uri)) or sites[-1])
+    monkeypatch.setattr(rc, "connect", refused)
+    with pytest.raises(HypervisorUnavailable, match=r"DR host .* unreachable") as ei:
+        rc._open_target(_spec())
+    assert "\n" not in ei.value.message
+    assert sites[-1].closed

@@ -185,6 +185,7 @@ class RemoteHost:
         self.target = target
         self.dir: str | None = None
         self._master: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
         self._spawned: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -198,8 +199,10 @@ class RemoteHost:
         procs = [self._master, *self._spawned]
         return [p.pid for p in procs if p is not None and p.poll() is None]
 
-    def open(self, timeout: float = CONNECT_TIMEOUT + 15) -> RemoteHost:
-        """Start the control master in a fresh private directory."""
+    def start(self) -> RemoteHost:
+        """Start the control master in a fresh private directory; do not wait for it
+        (:meth:`open` waits). Call it from the thread that lives as long as the master:
+        its parent-death signal fires when the starting thread ends."""
         if self._master is not None:
             return self
         self.dir = tempfile.mkdtemp(prefix="vmdr-ssh-", dir=private_base())
@@ -211,7 +214,18 @@ class RemoteHost:
             self._master = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=log,
                                             start_new_session=True)
-        deadline = time.monotonic() + timeout
+        self._started = time.monotonic()
+        return self
+
+    def open(self, timeout: float = CONNECT_TIMEOUT + 15) -> RemoteHost:
+        """Start the control master (unless :meth:`start` did) and wait until it is up."""
+        if self._master is None:
+            self.start()
+        elif os.path.exists(self.control):
+            return self
+        assert self._master is not None and self.dir is not None
+        log_path = os.path.join(self.dir, "ssh.log")
+        deadline = self._started + timeout
         while not os.path.exists(self.control):
             if self._master.poll() is not None or time.monotonic() > deadline:
                 with open(log_path, "rb") as f:

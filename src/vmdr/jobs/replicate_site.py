@@ -92,6 +92,12 @@ class Site:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def start(self) -> Site:
+        """Start the ssh login without waiting for it (:meth:`open` waits)."""
+        if self._host is not None:
+            self._host.start()
+        return self
+
     def open(self) -> Site:
         if self._host is not None:
             self._host.open()  # HypervisorUnavailable when the DR host cannot be reached
