@@ -220,6 +220,7 @@ def test_interrupt_and_server_lost_mid_migration(
                                 str(target), "--json"], capture_output=True, text=True,
                                env=env, timeout=600)
             assert "Traceback" not in p.stderr
+            print(f"--resume after kill -9: exit {p.returncode}\n{p.stderr}")
             if p.returncode == 0:
                 break
             assert p.returncode == MigrationStopped.exit_code, p.stderr
