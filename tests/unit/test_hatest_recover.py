@@ -121,3 +121,19 @@ def test_owner_alive_rules() -> None:
     assert not hatest_state.owner_alive(st, now=lambda: datetime.fromtimestamp(150, UTC))
     st.host, st.pid = os.uname().nodename, 2 ** 22 + 7  # no such pid here
     assert not hatest_state.owner_alive(st)
+
+
+def test_marks_agree() -> None:
+    from vmdr.hypervisor import overlay
+    assert hatest_state.HATEST_MARK == overlay.HATEST_MARK
+
+
+def test_an_overlay_already_pivoted_but_not_deleted_goes_too(
+        killed: tuple[Fleet, Any]) -> None:
+    f, _t = killed
+    left = f.shared / f"db1-vda{hatest_state.HATEST_MARK}"
+    left.write_bytes(b"merged already")
+    other = f.shared / f"db1-x-vda{hatest_state.HATEST_MARK}"  # another VM's: kept
+    other.write_bytes(b"in use")
+    done = hatest.recover_vm(f.inv, f.records, f.connect, "db1", alive=lambda s: False)
+    assert f"deleted {left}" in done and not left.exists() and other.exists()

@@ -35,6 +35,7 @@ __all__ = ["STATE_SUFFIX", "TestState", "owner_alive", "read_state", "recover",
            "remove_state", "state_path", "write_state"]
 
 STATE_SUFFIX = ".hatest.vmdr-state.json"
+HATEST_MARK = ".hatest.vmdr-overlay.qcow2"  # = vmdr.hypervisor.overlay.HATEST_MARK
 GRACE = 600.0  # a run on another machine is presumed alive until its timeout + this
 
 
@@ -149,7 +150,11 @@ def recover(connect: Connect, vm: str, source: str, workdir: str, *,
         raise HypervisorError(f"{vm}: production is back on its own images, but the "
                               f"throw-away copy {st.copy} on {st.target} could not be "
                               f"checked; run vmdr ha test {vm} --recover again")
-    for p in sorted(glob.glob(os.path.join(glob.escape(st.workdir), f"{st.copy}-*"))):
+    # production is on its own images now: an overlay whose merge had pivoted before the
+    # kill but was not deleted yet goes too (the driver's names, exact per disk)
+    mine = [os.path.join(st.workdir, f"{vm}-{t}{HATEST_MARK}") for t in st.originals]
+    for p in [*sorted(glob.glob(os.path.join(glob.escape(st.workdir), f"{st.copy}-*"))),
+              *[m for m in mine if os.path.exists(m)]]:
         try:
             os.unlink(p)
             done.append(f"deleted {p}")
