@@ -137,3 +137,65 @@ def test_an_overlay_already_pivoted_but_not_deleted_goes_too(
     other.write_bytes(b"in use")
     done = hatest.recover_vm(f.inv, f.records, f.connect, "db1", alive=lambda s: False)
     assert f"deleted {left}" in done and not left.exists() and other.exists()
+
+
+class _LvDom:
+    """The libvirt calls overlay.merge_leftovers makes, on a domain left on its overlay
+    (live and persistent definition, as an external disk-only snapshot leaves it)."""
+
+    def __init__(self, img: str, ov: str, *, active: bool = True) -> None:
+        self.img, self.ov, self.active = img, ov, active
+        self.live = self.inactive = ov
+        self.job: dict[str, int] | None = None
+        self.defined: list[str] = []
+
+    def _xml(self, src: str) -> str:
+        return (f"<domain><name>db1</name><devices><disk type='file' device='disk'>"
+                f"<driver name='qemu' type='qcow2'/><source file='{src}'/>"
+                "<target dev='vda'/></disk></devices></domain>")
+
+    def isActive(self) -> bool:
+        return self.active
+
+    def isPersistent(self) -> bool:
+        return True
+
+    def XMLDesc(self, flags: int) -> str:
+        return self._xml(self.inactive if flags & 2 else self.live)
+
+    def blockJobInfo(self, target: str, flags: int) -> dict[str, int]:
+        return self.job or {}
+
+    def blockCommit(self, *a: Any) -> None:
+        self.job = {"cur": 10, "end": 10}
+
+    def blockJobAbort(self, target: str, flags: int) -> None:
+        assert flags == 2  # pivot
+        self.live, self.job = self.img, None  # libvirt leaves the persistent def alone
+
+    def connect(self) -> Any:
+        return self
+
+    def defineXML(self, xml: str) -> None:
+        self.defined.append(xml)
+        self.inactive = self.img
+
+
+def test_libvirt_merge_commits_pivots_and_fixes_the_definition(tmp_path: Path) -> None:
+    from vmdr.hypervisor import overlay
+    img = str(tmp_path / "db1.qcow2")
+    ov = str(tmp_path / f"db1-vda{overlay.HATEST_MARK}")
+    Path(ov).write_bytes(b"x")
+    dom = _LvDom(img, ov)
+    done = overlay.merge_leftovers(dom, str(tmp_path), overlay.HATEST_MARK,
+                                   {"vda": (img, "qcow2")})
+    assert dom.live == img and dom.inactive == img and not os.path.exists(ov)
+    assert len(dom.defined) == 1 and img in dom.defined[0] and ov not in dom.defined[0]
+    assert [d.split(" (")[0] for d in done] == [
+        "merged leftover overlay of vda into its image",
+        f"pointed the definition of vda back at {img}"]
+    assert overlay.merge_leftovers(dom, str(tmp_path), overlay.HATEST_MARK, {}) == []
+    # a backup's overlay (other name) is not touched
+    bk = str(tmp_path / f"vda{overlay.OVERLAY_SUFFIX}")
+    assert overlay.merge_leftovers(_LvDom(img, bk), str(tmp_path), overlay.HATEST_MARK,
+                                   {}) == []
