@@ -129,7 +129,7 @@ _CONSISTENCY = ("auto", "quiesce", "crash")
 _PHASES = ("pre-freeze", "post-thaw", "pre-backup", "post-backup")
 # Sections other issues' modules read on their own (validated there).
 _PASSTHROUGH = {"plan", "locations", "hosts", "repositories", "vaults", "roles", "verify",
-                "ha", "replicas"}
+                "ha", "replicas", "recovery", "recovery_plans"}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _DURATION_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")

@@ -29,6 +29,7 @@
     │   ├── HeartbeatTimeout       exit 10
     │   └── RemoteFailed           exit 10  a script on a remote host failed
     ├── VMLocked                   exit 13  another backup of that VM is running
+    │   └── RecoveryPlanLocked     exit 13  another failover/failback of the plan runs
     ├── SnapshotNotFound           exit 14
     ├── HookFailed                 exit 15
     ├── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
@@ -38,6 +39,9 @@
     ├── NoPlacement                exit 1   no host can take the VM(s): nothing moved
     ├── UnsupportedFilesystem      exit 2   no filesystem vmdr can read at that place
     ├── InstantInterrupted         exit 130 instant recovery interrupted (resumable)
+    ├── ReplicaStale               exit 40  replica older than its RPO target (--force)
+    ├── FailoverFailed             exit 41  a failover step failed; sources left running
+    ├── RecoveryCheckFailed        exit 42  `vmdr recovery check` found problems
     └── TapeError                  exit 30  a tape drive or changer failed
         ├── MediaRefused           exit 31  write-protected, another pool, retention, WORM
         ├── DriveNotReady          exit 32  the drive did not become ready in time
@@ -202,6 +206,9 @@ EXIT_CODES: list[tuple[int, str]] = [
     (15, "a hook script failed"),
     (16, "a snapshot failed verification"),
     (17, "instant restore's disk move stopped; the VM is paused (resume it)"),
+    (40, "a replica is older than its RPO target (planned failover refused; --force)"),
+    (41, "a failover or failback step failed; the source VMs were left running"),
+    (42, "vmdr recovery check found problems in a recovery plan"),
     (30, "tape drive or changer error"),
     (31, "tape refused: write-protected, another pool, retention or WORM"),
     (32, "tape drive not ready before the timeout"),
@@ -314,3 +321,25 @@ class NoWritableMedia(TapeError):
 
 class NoPlacement(VmdrError):
     """No host can take the VM(s) (maintenance, failover test): nothing was moved."""
+class RecoveryPlanLocked(VMLocked):
+    """Another failover or failback of the same recovery plan is running."""
+
+    exit_code = 13
+
+
+class ReplicaStale(VmdrError):
+    """A replica is older than its RPO target: a planned failover refuses (``--force``)."""
+
+    exit_code = 40
+
+
+class FailoverFailed(VmdrError):
+    """A failover step failed; the source VMs were left (or put back) running."""
+
+    exit_code = 41
+
+
+class RecoveryCheckFailed(VmdrError):
+    """``vmdr recovery check`` found problems in a recovery plan."""
+
+    exit_code = 42

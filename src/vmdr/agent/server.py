@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vmdr.agent import api, metrics, web, web_ha, web_replicas, web_tape
+from vmdr.agent import api, metrics, web, web_ha, web_recovery, web_replicas, web_tape
 from vmdr.agent.auth import Principal, check_token
 from vmdr.agent.clock import wall
 from vmdr.agent.daemon import Agent
@@ -241,6 +241,7 @@ def build_app(agent: Agent, secure_cookies: bool = False) -> Starlette:
         *web_replicas.routes,
         *web_tape.routes,
         *web_ha.routes,
+        *web_recovery.routes,
     ]
     app = Starlette(routes=routes, middleware=[Middleware(AuthMiddleware)],
                     exception_handlers={api.ApiError: _api_error, Exception: _internal})

@@ -27,7 +27,8 @@ from vmdr.ui import make_sink
 # keeps this table honest).
 MODULES = ["repo_cmds", "vm_cmds", "image_cmds", "snapshot_cmds", "copy_cmds", "plan_cmds",
            "verify_cmds", "instant_cmds", "files_cmds", "ha_cmds",
-           "watchdog_cmds", "replicate_cmds", "tape_cmds", "agent_cmds", "jobs_cmds"]
+           "watchdog_cmds", "replicate_cmds", "recovery_cmds", "tape_cmds", "agent_cmds",
+           "jobs_cmds"]
 COMMANDS = {
     "repo": "repo_cmds", "key": "repo_cmds", "backup": "vm_cmds", "restore": "vm_cmds",
     "image": "image_cmds", "snapshots": "snapshot_cmds", "forget": "snapshot_cmds",
@@ -38,6 +39,7 @@ COMMANDS = {
     "ha": "ha_cmds",
     "watchdog": "watchdog_cmds",
     "replicate": "replicate_cmds",
+    "recovery": "recovery_cmds", "failover": "recovery_cmds", "failback": "recovery_cmds",
     "tape": "tape_cmds", "export": "tape_cmds",
     "agent": "agent_cmds", "jobs": "jobs_cmds",
 }

@@ -96,6 +96,28 @@ class LibvirtHypervisor(Hypervisor):
             active = bool(net.isActive())
         return NetworkInfo(name, active, parse_xml(xml).find("forward") is not None)
 
+    def create_network(self, xml: str) -> NetworkInfo:
+        with libvirt_errors("creating a network"):
+            net = self._conn.networkCreateXML(xml)
+            name = str(net.name())
+        return self.network(name)
+
+    def destroy_network(self, name: str) -> None:
+        m = lv()
+        try:
+            net = self._conn.networkLookupByName(name)
+        except m.libvirtError:
+            return
+        with libvirt_errors(f"removing network {name}"):
+            if net.isActive():
+                net.destroy()
+            if net.isPersistent():
+                net.undefine()
+
+    def free_memory(self) -> int | None:
+        with libvirt_errors("reading the host's free memory"):
+            return int(self._conn.getFreeMemory())
+
     def subscribe(self, callback: Callable[[LifecycleEvent], None]) -> Subscription:
         """Lifecycle events of every domain, on a connection of their own (see
         :mod:`.events`)."""

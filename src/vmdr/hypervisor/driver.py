@@ -303,6 +303,12 @@ class Domain(ABC):
         destroyed, crashed, failed...; for a paused one ioerror, user...; '' if unknown."""
         return ""
 
+    def shutdown(self) -> None:
+        """Ask the guest to power off cleanly (guest agent, else the ACPI power button);
+        returns at once: wait for ``is_active()`` to turn false."""
+        raise HypervisorUnsupported(f"shutting {self.name} down is not supported by "
+                                    f"the {type(self).__name__} driver")
+
     def reset(self) -> None:
         """Hard-reset the guest (the reset button: no shutdown, the QEMU process stays)."""
         raise HypervisorUnsupported(f"resetting {self.name} is not supported by "
@@ -552,6 +558,19 @@ class Hypervisor(ABC):
         """Deliver every domain lifecycle event of this host to ``callback`` (on the driver's
         event thread) until the subscription is closed."""
         raise self._unsupported("lifecycle events")
+
+    def create_network(self, xml: str) -> NetworkInfo:
+        """Start a transient virtual network from ``xml`` (gone when destroyed or when the
+        host restarts)."""
+        raise self._unsupported("creating networks")
+
+    def destroy_network(self, name: str) -> None:
+        """Stop (and, if persistent, undefine) a network; no error if there is none."""
+        raise self._unsupported("removing networks")
+
+    def free_memory(self) -> int | None:
+        """Bytes of host memory free now (None when the driver cannot tell)."""
+        return None
 
     # -- backup side: optional, HypervisorUnsupported unless a driver offers it ---------------
 

@@ -140,6 +140,13 @@ class LibvirtDomain(Domain):
         with libvirt_errors(f"starting {self._name}"):
             self._dom.create()
 
+    def shutdown(self) -> None:
+        m = lv()
+        flags = m.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN | m.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+        with libvirt_errors(f"shutting down {self._name}"):
+            if self._dom.isActive():
+                self._dom.shutdownFlags(flags)
+
     def destroy(self) -> None:
         m = lv()
         try:

@@ -29,7 +29,16 @@ from vmdr.config import Config
 from vmdr.errors import DomainNotFound, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.jobs import tape_plan as tapes
-from vmdr.plan import cache, coverage, discovery, history, inventory
+from vmdr.plan import (
+    cache,
+    coverage,
+    discovery,
+    history,
+    hotsite,
+    inventory,
+    recovery,
+    recovery_runs,
+)
 from vmdr.plan.coverage import Coverage
 from vmdr.plan.discovery import DiscoveredVM, HostState
 from vmdr.plan.hafacts import HAFacts
@@ -65,7 +74,50 @@ def evaluate(cfg: Config, *, opener: Opener, connector: Connector | None, now: d
     repos = load_repositories(inv, opener, now, timeout, cached.get("repositories"))
     if use_cache:
         cache.save(path, hosts, repos, cached)
-    return coverage.compute(inv, facts, hosts, repos, now, ha(inv) if ha else None)
+    cov = coverage.compute(inv, facts, hosts, repos, now, ha(inv) if ha else None)
+    hot = hotsite_facts(cfg, inv, timeout)
+    if hot is not None:
+        hotsite.apply(cov, hot, recovery.reports_dir(cfg))
+    return cov
+
+
+def hotsite_facts(cfg: Config, inv: Inventory, timeout: float) -> hotsite.HotSite | None:
+    """The recovery plans, their last tests and each replica's newest restore point, read
+    from the state kept at its DR host (None when the config has neither)."""
+    if not inv.replicas and not cfg.raw.get(recovery.SECTION):
+        return None
+    plans = list(recovery.load_plans(cfg, inv).values())
+    reports = recovery.reports_dir(cfg)
+    hs = hotsite.HotSite(plans, {p.name: recovery_runs.last_run(reports, p.name, ("test",))
+                                 for p in plans})
+    from vmdr.jobs.replicate import load_state, redact_uri
+    from vmdr.jobs.replicate_site import Site
+
+    def read(vm: str) -> Callable[[], hotsite.ReplicaFact]:
+        decl = inv.replicas[vm]
+        host = inv.hosts.get(decl.to)
+        uri = host.uri if host and host.uri else decl.to
+        root = decl.directory or (f"{host.target_dir.rstrip('/')}/vmdr-replicas" if host
+                                  else recovery.DEFAULT_REPLICA_ROOT)
+
+        def go() -> hotsite.ReplicaFact:
+            name = host.name if host else None
+            try:
+                with Site(uri) as site:
+                    st = load_state(site, f"{root.rstrip('/')}/{vm}")
+            except VmdrError as exc:
+                return hotsite.ReplicaFact(vm, name, redact_uri(uri), None, exc.message)
+            newest = st.newest if st else None
+            return hotsite.ReplicaFact(vm, name, redact_uri(uri),
+                                       datetime.fromisoformat(newest.time) if newest else None)
+        return go
+
+    def failed(vm: str, why: str) -> hotsite.ReplicaFact:
+        hs.notes.append(f"{vm}: the replica's state could not be read ({why})")
+        return hotsite.ReplicaFact(vm, None, inv.replicas[vm].to, None, why)
+
+    hs.replicas = _each_within({vm: read(vm) for vm in inv.replicas}, timeout, failed)
+    return hs
 
 
 def cache_path(inv: Inventory) -> str:

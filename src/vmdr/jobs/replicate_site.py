@@ -49,10 +49,10 @@ for tag in "$@"; do qemu-img snapshot "$op" "$tag" -- "$img" || exit 4; done
 """
 _LIST_STATES = r"""for f in "$1"/*/replica.json; do [ -e "$f" ] && printf '%s\n' "$f"; done; exit 0
 """
-_NBD = r"""img=$1
+_NBD = r"""img=$1 fmt=${2:-qcow2}
 d=$(mktemp -d "${TMPDIR:-/tmp}/vmdr-rep.XXXXXX") || exit 3
 sock=$d/nbd.sock
-qemu-nbd --persistent --shared=2 --format=qcow2 --cache=writeback --aio=threads \
+qemu-nbd --persistent --shared=2 --format="$fmt" --cache=writeback --aio=threads \
   --discard=unmap --socket="$sock" -- "$img" 2>"$d/err" &
 p=$!
 n=0
@@ -188,9 +188,9 @@ class Site:
 
     # -- a writable NBD export of one standby disk -------------------------------------------
 
-    def writer(self, path: str) -> DiskWriter:
-        """Serve ``path`` (qcow2, at the target) read-write and connect to it."""
-        argv = self._argv(_NBD, (path,))
+    def writer(self, path: str, fmt: str = "qcow2") -> DiskWriter:
+        """Serve ``path`` (qcow2 or ``fmt``, at the target) read-write and connect to it."""
+        argv = self._argv(_NBD, (path, fmt))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         self._procs.append(proc)

@@ -13,6 +13,7 @@ import shlex
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from vmdr.plan import capacity, taxonomy
 from vmdr.plan.discovery import DiscoveredVM, HostState
@@ -51,6 +52,7 @@ class LevelCoverage:
     unknown: bool = False  # a repository outside the blast radius could not be read
     ha: bool = False  # host level: covered by HA (enabled, admitted, failover-tested)
     ha_gap: str | None = None  # host level of an HA VM: the HA condition that fails
+    replica: str | None = None  # covered by a hot-site replica (vmdr.plan.hotsite)
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Coverage:
     throughput: dict[str, tuple[float, str]]  # repo -> (bytes/s, "measured"|"configured"|…)
     ha: HAFacts | None = None
     n1_source: str = "inventory figures"
+    hotsite: Any = None  # vmdr.plan.hotsite.HotSite, when replicas or recovery plans exist
 
     def problems(self) -> list[str]:
         out = [p for v in self.vms.values() for p in v.problems]
@@ -328,7 +331,7 @@ def compute(inv: Inventory, facts: dict[str, DiscoveredVM], hosts: dict[str, Hos
         for level in taxonomy.LEVELS:
             cov.levels[level.key] = _level(inv, cov, level, copies, repos, tp, now)
         _apply_ha(inv, cov, ha, now)
-        cov.problems = _problems(inv, cov, copies, now)
+        cov.problems = vm_problems(inv, cov, copies, now)
         out[vm.name] = cov
     if ha is not None and ha.n1 is not None:
         return Coverage(now, inv, out, hosts, repos, ha.n1, tp, ha, ha.n1_source)
@@ -362,7 +365,7 @@ def _apply_ha(inv: Inventory, cov: VMCoverage, ha: HAFacts | None, now: datetime
     lc.rto_met = None if target is None else rto <= target
 
 
-def _problems(inv: Inventory, cov: VMCoverage, copies: list[Copy],
+def vm_problems(inv: Inventory, cov: VMCoverage, copies: list[Copy],
               now: datetime) -> list[str]:
     name = cov.vm.name
     if not cov.vm.declared:

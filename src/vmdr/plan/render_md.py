@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from vmdr.plan import report, taxonomy
+from vmdr.plan import hotsite, report, taxonomy
 from vmdr.plan.runbook import Plan, Scenario
 from vmdr.plan.units import fmt_duration, fmt_size
 from vmdr.storage.registry import redact
@@ -221,4 +221,6 @@ def render(plan: Plan, *, banner: bool = True) -> str:
                    fmt_duration(vc.levels["vm"].rto_estimate_s),
                    "ok" if vc.rule.ok else "no"] for n, vc in cov.vms.items()])
     out += ["Open gaps:", ""] + [f"- {g}" for g in plan.gaps] if plan.gaps else ["No open gaps."]
+    if cov.hotsite is not None:
+        out += ["", *hotsite.markdown(cov.hotsite)]
     return "\n".join(out) + "\n"

@@ -49,6 +49,7 @@ def level_json(cov: Coverage, lc: LevelCoverage) -> dict[str, Any]:
         "last_verified": _t(lc.last_verified), "rpo_met": lc.rpo_met, "rto_met": lc.rto_met,
         "stale": lc.stale, "unknown_copies": lc.unknown, "gap": lc.gap,
         **({"ha": lc.ha, "ha_gap": lc.ha_gap} if lc.level == "host" else {}),
+        "replica": lc.replica,
     }
 
 

@@ -1,0 +1,277 @@
+"""The DR site's side of a failover: connections, the replica of each VM of a plan, the
+test bubble (an isolated network with no uplink), throw-away overlays, restore points.
+
+Test failover overlays are qcow2 files ``<replica dir>/test-<run>/<disk>.qcow2`` whose
+backing file is the standby disk (its current content is its newest restore point). They
+are started as a *transient* domain ``vmdrt-<plan>-<vm>``, auto-destroyed when vmdr's
+connection closes, so a killed vmdr leaves no running test VM; the next run of the plan
+removes leftover ``test-*`` directories and ``vmdrt-*`` networks of the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from vmdr.errors import DomainNotFound, HypervisorError, NetworkNotFound, UsageError, VmdrError
+from vmdr.hypervisor import (
+    Domain,
+    Hypervisor,
+    connect,
+    interface_networks,
+    map_networks,
+    rewrite_domain_xml,
+)
+from vmdr.hypervisor.console import relocate_console_logs
+from vmdr.jobs.replicate import load_state, redact_uri
+from vmdr.jobs.replicate_site import Site
+from vmdr.jobs.replicate_state import ReplicaState, RestorePoint
+from vmdr.plan.recovery import PlanVM, RecoveryPlan
+
+_OVERLAY = r"""set -e
+d=$1; shift
+mkdir -p -m 0755 -- "$d"
+while [ "$#" -gt 1 ]; do
+  [ -e "$1" ] || { echo "standby disk $1 is missing" >&2; exit 3; }
+  qemu-img create -q -f qcow2 -F qcow2 -b "$1" -- "$2"
+  chmod 0644 -- "$2"
+  shift 2
+done
+"""
+_LEFTOVERS = r"""for d in "$1"/test-*; do [ -d "$d" ] && rm -rf -- "$d" && echo "$d"; done; exit 0
+"""
+_REVERT = r"""img=$1 tag=$2
+qemu-img snapshot -a "$tag" -- "$img"
+"""
+_TCP = r"""timeout 3 sh -c 'exec 3<>"/dev/tcp/$1/$2"' sh "$1" "$2" 2>/dev/null ||
+  nc -z -w 3 "$1" "$2" 2>/dev/null
+"""
+
+
+def test_name(plan: str, vm: str) -> str:
+    return f"vmdrt-{plan}-{vm}"[:64]
+
+
+def bubble_name(plan: str) -> str:
+    """The plan's test network (and bridge: at most 15 characters)."""
+    return "vmdrt" + hashlib.sha256(plan.encode()).hexdigest()[:8]
+
+
+@dataclass
+class DRVM:
+    """One VM of a plan at the DR site: its replica and (once started) its domain."""
+
+    pv: PlanVM
+    hv: Hypervisor
+    site: Site
+    state: ReplicaState
+    standby: Domain
+    dom: Domain | None = None  # what this run started (standby or test copy)
+    started_here: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.pv.name
+
+    def dr_networks(self) -> list[str]:
+        return interface_networks(self.standby.xml(inactive=True))
+
+    def tcp_probe(self, addr: str, port: int) -> int:
+        return self.site.run(_TCP, addr, str(port), ok=(0, 1, 2, 124, 127)).returncode
+
+
+class Sites:
+    """Open connections and DR sites, one per URI; closed together."""
+
+    def __init__(self) -> None:
+        self.hvs: dict[str, Hypervisor] = {}
+        self.sites: dict[str, Site] = {}
+
+    def hv(self, uri: str) -> Hypervisor:
+        if uri not in self.hvs:
+            self.hvs[uri] = connect(uri)
+        return self.hvs[uri]
+
+    def site(self, uri: str) -> Site:
+        if uri not in self.sites:
+            self.sites[uri] = Site(uri).open()
+        return self.sites[uri]
+
+    def close(self) -> None:
+        for s in self.sites.values():
+            s.close()
+        for h in self.hvs.values():
+            h.close()
+        self.sites.clear()
+        self.hvs.clear()
+
+    def __enter__(self) -> Sites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_vm(sites: Sites, pv: PlanVM) -> DRVM:
+    """The replica of ``pv`` at its DR host (UsageError if there is none)."""
+    hv = sites.hv(pv.to)
+    site = sites.site(pv.to)
+    st = load_state(site, pv.directory)
+    where = f"{pv.directory} on {redact_uri(pv.to)}"
+    if st is None:
+        raise UsageError(f"{pv.name}: no replica in {where}: run `vmdr replicate {pv.name}` "
+                         "first")
+    if not st.points:
+        raise UsageError(f"{pv.name}: the replica in {where} has no restore point yet")
+    try:
+        standby = hv.lookup(st.standby)
+    except DomainNotFound:
+        raise DomainNotFound(f"{pv.name}: the standby domain {st.standby!r} is not defined "
+                             f"on {redact_uri(pv.to)}: run a replica cycle to define it") \
+            from None
+    if standby.uuid != st.standby_uuid:
+        raise UsageError(f"{pv.name}: domain {st.standby!r} on {redact_uri(pv.to)} is not "
+                         "the replica's standby (UUID differs)")
+    return DRVM(pv, hv, site, st, standby)
+
+
+def check_networks(vm: DRVM, names: list[str], isolated: bool = False) -> None:
+    for n in names:
+        try:
+            net = vm.hv.network(n)
+        except NetworkNotFound:
+            raise NetworkNotFound(f"{vm.name}: network {n!r} does not exist on the DR host "
+                                  f"{redact_uri(vm.pv.to)}") from None
+        if isolated and net.forwards:
+            raise UsageError(f"{vm.name}: test network {n!r} forwards traffic: a test "
+                             "failover needs an isolated network (no <forward>)")
+
+
+def source_of(st: ReplicaState, dr_net: str) -> str:
+    """The source network a DR network of the standby came from."""
+    return next((s for s, d in st.network_map.items() if d == dr_net), dr_net)
+
+
+def apply_plan_networks(vm: DRVM, plan: RecoveryPlan) -> None:
+    """Move the standby's NICs to the plan's DR networks where the plan maps a source
+    network differently from the replica (redefines the standby, keeping its UUID)."""
+    xml = vm.standby.xml(inactive=True)
+    moves = {}
+    for dr in interface_networks(xml):
+        want = plan.network_map.get(source_of(vm.state, dr))
+        if want and want != dr:
+            moves[dr] = want
+    if moves:
+        check_networks(vm, list(moves.values()))
+        vm.hv.define(map_networks(xml, moves))
+        vm.standby = vm.hv.lookup(vm.state.standby)
+
+
+def test_networks(vm: DRVM, plan: RecoveryPlan, bubble: str) -> dict[str, str]:
+    """DR network → test network: the plan's test mapping, else the run's bubble."""
+    out = {}
+    for dr in vm.dr_networks():
+        out[dr] = plan.test_network_map.get(source_of(vm.state, dr), bubble)
+    given = sorted({n for n in out.values() if n != bubble})
+    check_networks(vm, given, isolated=True)
+    return out
+
+
+def create_bubble(hv: Hypervisor, name: str) -> None:
+    """An isolated network with no uplink, no host address and no DHCP."""
+    hv.destroy_network(name)  # a leftover of a killed run
+    hv.create_network(f"<network><name>{name}</name><bridge name='{name}' stp='on' "
+                      "delay='0'/></network>")
+    if hv.network(name).forwards:
+        raise HypervisorError(f"test network {name} forwards traffic; refusing to use it")
+
+
+def cleanup_leftovers(vm: DRVM, plan: str) -> list[str]:
+    """Test copies and overlays a killed run of this plan left at the DR site."""
+    out = []
+    tname = test_name(plan, vm.name)
+    try:
+        d = vm.hv.lookup(tname)
+        d.destroy()
+        if d.is_persistent():
+            d.undefine()
+        out.append(f"domain {tname}")
+    except DomainNotFound:
+        pass
+    p = vm.site.run(_LEFTOVERS, vm.pv.directory)
+    out += [f"overlays {ln}" for ln in p.stdout.decode().split() if ln]
+    return out
+
+
+def test_dir(vm: DRVM, run: str) -> str:
+    return f"{vm.pv.directory}/test-{run}"
+
+
+def start_test_copy(vm: DRVM, plan: str, run: str, nets: dict[str, str]) -> str:
+    """Create the overlays and start the transient test copy; the overlay directory."""
+    if vm.state.writing:
+        raise UsageError(f"{vm.name}: a replica cycle is writing (or was interrupted): "
+                         "test when the cycle is done (or run one cycle)")
+    d = test_dir(vm, run)
+    pairs = []
+    paths = {}
+    for t, disk in sorted(vm.state.disks.items()):
+        overlay = f"{d}/{t}.qcow2"
+        pairs += [str(disk["path"]), overlay]
+        paths[t] = (overlay, "qcow2")
+    vm.site.run(_OVERLAY, d, *pairs)
+    name = test_name(plan, vm.name)
+    vars_src = vm.standby.info().nvram_path  # UEFI: the test copy gets its own variables
+    if vars_src:
+        vm.site.run('cp -- "$1" "$2"', vars_src, f"{d}/VARS.fd")
+    xml = rewrite_domain_xml(vm.standby.xml(inactive=True), new_name=name, new_uuid=True,
+                             new_macs=False, disk_paths=paths,
+                             nvram_path=f"{d}/VARS.fd" if vars_src else None)
+    xml = relocate_console_logs(map_networks(xml, nets), d, name)
+    vm.dom = vm.hv.create_transient(xml)
+    vm.started_here = True
+    return d
+
+
+def remove_test_copy(vm: DRVM, plan: str, directory: str | None) -> list[str]:
+    """Destroy the test copy and delete its overlays; what is left (should be nothing)."""
+    left = []
+    if vm.dom is not None:
+        try:
+            vm.dom.destroy()
+        except VmdrError as exc:
+            left.append(f"{vm.name}: {exc.message}")
+    if directory:
+        vm.site.run('rm -rf -- "$1"', directory)
+        if vm.site.run('[ -e "$1" ]', directory, ok=(0, 1)).returncode == 0:
+            left.append(f"{directory} on {vm.site.where}")
+    if test_name(plan, vm.name) in vm.hv.list_domains():
+        left.append(f"domain {test_name(plan, vm.name)}")
+    return left
+
+
+def choose_point(st: ReplicaState, at: datetime | None) -> RestorePoint:
+    """The newest restore point, or the newest at or before ``at``."""
+    if at is None:
+        newest = st.newest
+        assert newest is not None
+        return newest
+    ok = [p for p in st.points if datetime.fromisoformat(p.time) <= at]
+    if not ok:
+        oldest = st.points[0].time if st.points else "none"
+        raise UsageError(f"{st.vm}: no restore point at or before {at.isoformat()} (oldest: "
+                         f"{oldest})")
+    return ok[-1]
+
+
+def revert(vm: DRVM, point: RestorePoint) -> None:
+    """Set every standby disk's content to ``point`` (the other points stay)."""
+    for disk in vm.state.disks.values():
+        vm.site.run(_REVERT, str(disk["path"]), point.name)
+
+
+def quote(args: list[str]) -> str:
+    return shlex.join(args)
