@@ -178,8 +178,9 @@ def run_test(inv: Inventory, policy: HAPolicy, records: HARecords | None, connec
                 _boot_copy(res, xml, frozen, workdir, connect, make_overlay, evidence_dir,
                            timeout, clock, wall)
         finally:
-            # production must be back on its own images before the state file goes
-            res.recovered += dom.merge_frozen(statedir, st.originals)
+            # production must be back on its own images before the state file goes (a
+            # safety net: frozen_disks() merged already unless its merge failed)
+            dom.merge_frozen(statedir, st.originals)
             remove_state(statedir, vm)
     except HypervisorError as exc:
         res.ok, res.error = False, res.error or exc.message
