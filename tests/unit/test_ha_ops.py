@@ -78,6 +78,7 @@ class Fleet:
             assert h.uri
             self.fake.host(h.uri)
         self.now = 1_000_000.0
+        self.shared = Path("/shared")  # the disks' directory (the fixture's: a tmp dir)
         self.records: HARecords = memory_records(clock=lambda: self.now)
         # migration URIs resolve to the fake hosts
         self.fake.hosts["qemu+tcp://10.0.0.12/system"] = self.fake.hosts["fake://h2/system"]
@@ -85,8 +86,8 @@ class Fleet:
     def host(self, name: str):  # type: ignore[no-untyped-def]
         return self.fake.hosts[f"fake://{name}/system"]
 
-    def run(self, host: str, name: str, mib: int, **kw: object) -> None:
-        rec = self.host(host).add_domain(dom_xml(name, mib), active=True)
+    def run(self, host: str, name: str, mib: int, disk: str | None = None) -> None:
+        rec = self.host(host).add_domain(dom_xml(name, mib, disk=disk), active=True)
         rec.agent = True
 
     @property
@@ -107,9 +108,11 @@ class Fleet:
 
 
 @pytest.fixture
-def fl() -> Iterator[Fleet]:
+def fl(tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet()
-    f.run("h1", "db1", 1024)
+    f.shared = tmp_path / "shared"
+    f.shared.mkdir()
+    f.run("h1", "db1", 1024, disk=str(f.shared / "db1.qcow2"))
     f.run("h1", "web", 1536)
     f.run("h2", "db2", 1024)
     yield f
@@ -202,7 +205,7 @@ def test_ha_test_boots_an_isolated_copy_on_the_failover_host(fl: Fleet, tmp_path
         type(fl.fake.connect("fake://h3/system")).create_transient = real_create  # type: ignore[method-assign]
     assert res.ok, res.error
     assert (res.source, res.target) == ("h1", "h3")  # anti-affinity keeps it off h2
-    assert made and made[0][1:] == ("/shared/db1.qcow2", "qcow2")
+    assert made and made[0][1:] == (str(fl.shared / "db1.qcow2"), "qcow2")
     xml = seen[0]
     assert "<interface" not in xml and "db1.qcow2" not in xml and res.copy in xml
     assert made[0][0] in xml and "/var/log/x.log" not in xml

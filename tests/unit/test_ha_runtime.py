@@ -3,9 +3,11 @@ skip dead or hanging hosts instead of waiting for them."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from vmdr import config
 from vmdr.agent import ha_runtime
@@ -69,3 +71,56 @@ def test_where_running_skips_dead_and_hanging_hosts(monkeypatch: object) -> None
     assert time.monotonic() - t0 < ha_runtime.CHECK_TIMEOUT + 1.0
     assert ops.where_running("other") == []
     release.set()
+
+
+ADMISSION = """
+connect = "qemu:///system"
+[agent]
+host = "h1"
+state = "{d}/agent.db"
+etcd = ["http://127.0.0.1:1"]
+[locations.dc]
+kind = "building"
+[hosts.h1]
+location = "dc"
+vcpus = 4
+memory = "4GiB"
+[hosts.h2]
+location = "dc"
+uri = "qemu+tcp://h2.example/system"
+vcpus = 4
+memory = "8GiB"
+[ha]
+admission = "{mode}"
+[vm.db]
+ha = true
+host = "h1"
+vcpus = 1
+memory = "1GiB"
+[vm.big]
+ha = true
+host = "h2"
+vcpus = 1
+memory = "3584MiB"
+"""
+
+
+def test_admission_at_config_load_refuses_or_warns(tmp_path: Path, caplog: Any) -> None:
+    """docs/operations.md: admission = "refuse" leaves the VM that breaks N+1 out of the
+    agent's HA (one error line); "warn" keeps it (one warning line)."""
+    coord = EtcdCoordinator(["http://127.0.0.1:1"], 10)
+    p = tmp_path / "vmdr.toml"
+    p.write_text(ADMISSION.format(d=tmp_path, mode="refuse"))
+    with caplog.at_level(logging.WARNING, logger="vmdr"):
+        rt = make_ha_runtime(config.load(str(p)), "h1", coord)
+    assert rt is not None and set(rt.policy.vms) == {"db"}
+    lines = [r for r in caplog.records if "admission" in r.getMessage()]
+    assert [(r.levelname, "big" in r.getMessage()) for r in lines] == [("ERROR", True)]
+    assert "\n" not in lines[0].getMessage() and "if h" in lines[0].getMessage()
+    caplog.clear()
+    p.write_text(ADMISSION.format(d=tmp_path, mode="warn"))
+    with caplog.at_level(logging.WARNING, logger="vmdr"):
+        rt = make_ha_runtime(config.load(str(p)), "h1", coord)
+    assert rt is not None and set(rt.policy.vms) == {"db", "big"}
+    lines = [r for r in caplog.records if "admission" in r.getMessage()]
+    assert [(r.levelname, "big" in r.getMessage()) for r in lines] == [("WARNING", True)]

@@ -31,9 +31,10 @@ from typing import Any
 from vmdr.agent.clock import wall
 from vmdr.agent.coord_etcd import EtcdCoordinator
 from vmdr.config import Config
+from vmdr.ha import admission
 from vmdr.ha.fencing import SelfFence, Watchdog
 from vmdr.ha.leader import HALeader, LiveHost
-from vmdr.ha.model import HAPolicy, load_policy
+from vmdr.ha.model import HAPolicy, load_policy, state_from_inventory
 from vmdr.ha.store import HAStore
 from vmdr.hypervisor import Hypervisor
 from vmdr.plan import inventory
@@ -321,6 +322,21 @@ class HARuntime:
                                      host=self.host, now=now, detail={"vms": mine})
 
 
+def admit(policy: HAPolicy, inv: inventory.Inventory) -> HAPolicy:
+    """Admission control at config load (docs/operations.md): with ``admission =
+    "refuse"`` the VMs that would break the cluster's N+k tolerance are left out of HA
+    (one error line each; the agent runs HA for the rest); with ``"warn"`` they stay in,
+    one warning each."""
+    admitted, refused = admission.enforce(policy, state_from_inventory(inv))
+    refuse = policy.settings.admission == "refuse"
+    for vm, why in sorted(refused.items()):
+        if refuse:
+            log.error("HA admission refused %s: no HA for it on this agent (%s)", vm, why)
+        else:
+            log.warning("HA admission (warn): %s would not be restarted: %s", vm, why)
+    return admitted
+
+
 def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
                     connect: Callable[[str], Hypervisor] | None = None) -> HARuntime | None:
     """The HA runtime, or None when HA is off (no ``[ha]`` table or no VM under HA).
@@ -328,7 +344,7 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
     if "ha" not in cfg.raw:
         return None
     inv = inventory.from_config(cfg)
-    policy = load_policy(inv)
+    policy = admit(load_policy(inv), inv)
     if not policy.vms:
         return None
     uris = {h.name: h.uri for h in inv.hosts.values() if h.uri}

@@ -38,8 +38,16 @@ running). The copy has no network interface. It passes when its guest agent answ
 a screenshot is saved; the copy and its overlays are removed. A pass is recorded in etcd
 (ha/tests/VM) and counts for the DR plan's host-level HA coverage.
 
+Crash safety: before the freeze, DISKDIR/VM.hatest.vmdr-state.json (0600, next to the
+VM's first disk) records the test. If vmdr is killed mid-test, production keeps running
+on DISKDIR/VM-DISK.hatest.vmdr-overlay.qcow2; the next `vmdr ha test VM` first undoes
+that (merges the overlay back: blockcommit + pivot; destroys the copy), and
+`vmdr ha test VM --recover` does only that. A test still running elsewhere is not
+touched (exit 13).
+
 exit codes: 0 passed; 1 nowhere to fail over to; 2 unknown VM, not under HA or not
-running; 10 the copy did not answer (failed) or libvirt failed; 12 a host unreachable."""
+running; 10 the copy did not answer (failed) or libvirt failed; 12 a host unreachable;
+13 a failover test of VM is still running (its state file names the pid and host)."""
 
 
 def open_records(cfg: Config, *, required: str | None = None) -> HARecords | None:
@@ -96,6 +104,16 @@ def cmd_test(ns: argparse.Namespace, g: Globals) -> int:
     inv = inventory.from_config(g.config)
     policy = load_policy(inv)
     records = open_records(g.config)
+    if ns.recover:
+        done = hatest.recover_vm(inv, records, host_connector(inv), ns.vm)
+        if g.json:
+            emit_json({"vm": ns.vm, "recovered": done})
+        else:
+            out(f"{ns.vm}: " + ("undid an interrupted failover test:" if done
+                                else "nothing left by an interrupted failover test"))
+            for d in done:
+                out(f"  {d}")
+        return 0
     res = hatest.run_test(inv, policy, records, host_connector(inv), ns.vm,
                           make_overlay=create_file,
                           evidence_dir=ns.evidence_dir or DEFAULT_EVIDENCE_DIR,
@@ -105,7 +123,10 @@ def cmd_test(ns: argparse.Namespace, g: Globals) -> int:
              "for the DR plan")
     if g.json:
         emit_json(res.to_json())
-    elif res.ok:
+        return 0 if res.ok else HypervisorError.exit_code
+    for d in res.recovered:
+        out(f"{res.vm}: undid an interrupted failover test: {d}")
+    if res.ok:
         out(f"{res.vm}: failover test passed: a copy booted on {res.target} (isolated, no "
             f"network) in {res.start_s or 0:.1f}s and its guest agent answered after "
             f"{res.ready_s or 0:.1f}s; {res.source} kept running it")
@@ -114,8 +135,6 @@ def cmd_test(ns: argparse.Namespace, g: Globals) -> int:
     else:
         out(f"{res.vm}: failover test FAILED on {res.target}: {res.error}")
     if not res.ok:
-        if g.json:
-            return HypervisorError.exit_code
         raise HypervisorError(f"failover test of {res.vm} failed on {res.target}: "
                               f"{res.error}")
     return 0
@@ -147,4 +166,8 @@ def register(psub: argparse._SubParsersAction, parents: list[argparse.ArgumentPa
                    help="seconds the copy gets to answer (default 300)")
     q.add_argument("--evidence-dir", metavar="DIR",
                    help=f"where the screenshot goes (default {DEFAULT_EVIDENCE_DIR})")
+    q.add_argument("--recover", action="store_true",
+                   help="only undo what an interrupted test of VM left (production back on "
+                        "its own images, the copy destroyed); exit 0 also when nothing was "
+                        "left")
     q.set_defaults(func=cmd_test)

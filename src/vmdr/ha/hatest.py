@@ -11,7 +11,10 @@
 4. The test passes when the guest agent answers within ``timeout``; a screenshot is saved
    as evidence. The copy is destroyed and its overlays deleted whatever happened, and
    production's writes are merged back into its images (it ran throughout).
-5. A pass is recorded as ``ha/tests/<vm>`` (kind ``test``) and a ``tested`` event; a
+5. Crash safety: a state file is written before the freeze, and whatever a killed test
+   left (production on the temporary overlay, the copy) is undone by the next test of the
+   VM or ``--recover`` (:mod:`.hatest_state`).
+6. A pass is recorded as ``ha/tests/<vm>`` (kind ``test``) and a ``tested`` event; a
    failure as a ``tested`` event only.
 """
 
@@ -31,10 +34,11 @@ from vmdr.timeutil import utcnow
 
 from .failover import failover_plan
 from .fleet import Connect, live_state
+from .hatest_state import GRACE, TestState, owner_alive, recover, remove_state, write_state
 from .model import HAPolicy
 from .records import FailoverRecord, HARecords
 
-__all__ = ["HATestResult", "NoTarget", "run_test", "test_xml"]
+__all__ = ["HATestResult", "NoTarget", "recover_vm", "run_test", "test_xml"]
 
 PREFIX = "vmdr-hatest-"
 MakeOverlay = Callable[[str, str, str], None]  # (overlay path, backing path, backing format)
@@ -54,11 +58,13 @@ class HATestResult:
     error: str | None = None
     evidence: list[str] = field(default_factory=list)
     copy: str = ""
+    recovered: list[str] = field(default_factory=list)  # undone from an interrupted test
 
     def to_json(self) -> dict[str, Any]:
         return {"vm": self.vm, "from": self.source, "to": self.target, "ok": self.ok,
                 "copy": self.copy, "start_s": _r(self.start_s), "ready_s": _r(self.ready_s),
-                "error": self.error, "evidence": self.evidence}
+                "error": self.error, "evidence": self.evidence,
+                "recovered": self.recovered}
 
 
 def _r(x: float | None) -> float | None:
@@ -132,8 +138,10 @@ def test_xml(xml: str, name: str, disks: dict[str, str], console_log: str) -> st
 def run_test(inv: Inventory, policy: HAPolicy, records: HARecords | None, connect: Connect,
              vm: str, *, make_overlay: MakeOverlay, evidence_dir: str,
              timeout: float = 300.0, clock: Callable[[], float] = time.monotonic,
-             wall: Callable[[], datetime] = utcnow) -> HATestResult:
-    """Run the test (see the module docstring); the result, also when it failed."""
+             wall: Callable[[], datetime] = utcnow,
+             alive: Callable[[TestState], bool] = owner_alive) -> HATestResult:
+    """Run the test (see the module docstring); the result, also when it failed. What an
+    interrupted earlier test of ``vm`` left is undone first (:mod:`.hatest_state`)."""
     if vm not in inv.vms:
         raise UsageError(f"unknown VM {vm!r}: not in the inventory")
     if vm not in policy.vms:
@@ -155,13 +163,25 @@ def run_test(inv: Inventory, policy: HAPolicy, records: HARecords | None, connec
     src_hv = connect(source)
     try:
         dom = src_hv.lookup(vm)
+        statedir = _workdir(dom.xml())
+        res.recovered = recover(connect, vm, source, statedir, alive=alive)
         xml = dom.xml(inactive=True)
-        with dom.frozen_disks(_workdir(dom.xml())) as frozen:
-            if not frozen:
-                raise UsageError(f"{vm} has no file disk to test from")
-            workdir = os.path.dirname(next(iter(frozen.values()))[0])
-            _boot_copy(res, xml, frozen, workdir, connect, make_overlay, evidence_dir,
-                       timeout, clock, wall)
+        st = TestState(vm, source, target, res.copy, statedir, _file_disks(dom.xml()),
+                       os.uname().nodename, os.getpid(), wall().timestamp(),
+                       wall().timestamp() + timeout + GRACE)
+        write_state(st)  # before the freeze: a killed run is undone by recover()
+        try:
+            with dom.frozen_disks(statedir) as frozen:
+                if not frozen:
+                    raise UsageError(f"{vm} has no file disk to test from")
+                workdir = os.path.dirname(next(iter(frozen.values()))[0])
+                _boot_copy(res, xml, frozen, workdir, connect, make_overlay, evidence_dir,
+                           timeout, clock, wall)
+        finally:
+            # production must be back on its own images before the state file goes (a
+            # safety net: frozen_disks() merged already unless its merge failed)
+            dom.merge_frozen(statedir, st.originals)
+            remove_state(statedir, vm)
     except HypervisorError as exc:
         res.ok, res.error = False, res.error or exc.message
     finally:
@@ -169,6 +189,41 @@ def run_test(inv: Inventory, policy: HAPolicy, records: HARecords | None, connec
     if records is not None:
         _record(records, res)
     return res
+
+
+def _file_disks(xml: str) -> dict[str, tuple[str, str]]:
+    """Disk target -> (image path, format) of the file disks (production's own images)."""
+    out: dict[str, tuple[str, str]] = {}
+    for disk in _parse(xml).findall("./devices/disk"):
+        src, tgt, drv = disk.find("source"), disk.find("target"), disk.find("driver")
+        if disk.get("device", "disk") == "disk" and src is not None and src.get("file") \
+                and tgt is not None and tgt.get("dev"):
+            out[tgt.get("dev", "")] = (src.get("file", ""),
+                                       drv.get("type", "raw") if drv is not None else "raw")
+    return out
+
+
+def recover_vm(inv: Inventory, records: HARecords | None, connect: Connect, vm: str, *,
+               alive: Callable[[TestState], bool] = owner_alive) -> list[str]:
+    """``vmdr ha test VM --recover``: undo what an interrupted test of ``vm`` left, on the
+    host running it now (else its inventory host); what was done."""
+    if vm not in inv.vms:
+        raise UsageError(f"unknown VM {vm!r}: not in the inventory")
+    live = live_state(inv, connect, records)
+    source = live.running.get(vm) or inv.vms[vm].host
+    if source is None:
+        raise UsageError(f"{vm} is not running and has no host in the inventory")
+    hv = connect(source)
+    try:
+        statedir = _workdir(hv.lookup(vm).xml())
+    finally:
+        hv.close()
+    done = recover(connect, vm, source, statedir, alive=alive)
+    if done and records is not None:
+        records.event("restored", f"{vm}: undid an interrupted failover test: "
+                                  + "; ".join(done), host=source, vm=vm,
+                      detail={"recovered": done})
+    return done
 
 
 def _workdir(xml: str) -> str:

@@ -342,6 +342,15 @@ class Domain(ABC):
         domain's images are yielded as they are."""
         return self._frozen_as_is()
 
+    def merge_frozen(self, workdir: str,
+                     originals: dict[str, tuple[str, str]] | None = None) -> list[str]:
+        """Undo a :meth:`frozen_disks` whose process died (vmdr killed): every disk running
+        or defined on one of its overlays in ``workdir`` is merged back (active blockcommit
+        + pivot, or ``qemu-img commit`` when stopped), pointed back at its own image
+        (``originals``: target -> (path, format), else the overlay's backing file) and the
+        overlay deleted. What was done; empty when nothing was left."""
+        return []  # this driver never freezes a running domain
+
     @contextmanager
     def _frozen_as_is(self) -> Iterator[dict[str, tuple[str, str]]]:
         info = self.info()

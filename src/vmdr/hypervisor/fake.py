@@ -431,6 +431,17 @@ class FakeDomain(Domain):
             with self._rec() as r:
                 r.frozen -= 1
 
+    def merge_frozen(self, workdir: str,
+                     originals: dict[str, tuple[str, str]] | None = None) -> list[str]:
+        """A frozen_disks() context never closed (its process died) is merged back."""
+        with self._rec() as r:
+            if r.frozen <= 0:
+                return []
+            targets = [d.target for d in parse_disks(r.xml)
+                       if d.device == "disk" and d.source and d.type == "file"]
+            r.frozen = 0
+        return [f"merged leftover overlay of {t}" for t in targets]
+
     def start(self) -> None:
         with self._rec() as r:
             if r.active:

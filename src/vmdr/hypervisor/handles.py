@@ -118,7 +118,7 @@ class LibvirtDomain(Domain):
             yield frozen
             return
         overlays = {d.target: os.path.join(
-            workdir, f"{self._name}-{d.target}.hatest{overlay.OVERLAY_SUFFIX}") for d in disks}
+            workdir, f"{self._name}-{d.target}{overlay.HATEST_MARK}") for d in disks}
         overlay.create(self._dom, info.disks, overlays, quiesce=False)
         try:
             yield frozen
@@ -130,6 +130,11 @@ class LibvirtDomain(Domain):
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+
+    def merge_frozen(self, workdir: str,
+                     originals: dict[str, tuple[str, str]] | None = None) -> list[str]:
+        return overlay.merge_leftovers(self._dom, workdir, overlay.HATEST_MARK,
+                                       originals or {})
 
     def start(self) -> None:
         with libvirt_errors(f"starting {self._name}"):

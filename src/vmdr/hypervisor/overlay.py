@@ -22,6 +22,7 @@ from .domain import DiskInfo, parse_disks
 from .errors import is_code, libvirt_errors
 
 OVERLAY_SUFFIX = ".vmdr-overlay.qcow2"
+HATEST_MARK = ".hatest" + OVERLAY_SUFFIX  # frozen_disks() overlays (vmdr ha test)
 
 
 def overlay_path(workdir: str, target: str) -> str:
@@ -149,3 +150,54 @@ def create_file(path: str, backing: str, backing_fmt: str) -> None:
                           backing_fmt, path], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise HypervisorError(f"qemu-img create {path}: {out.stderr.strip()}")
+
+
+def merge_leftovers(dom: Any, workdir: str, mark: str,
+                    originals: dict[str, tuple[str, str]]) -> list[str]:
+    """Merge back the overlays in ``workdir`` whose names end in ``mark`` that the domain
+    runs or is defined on (their process died): active commit + pivot when running,
+    ``qemu-img commit`` when stopped; the persistent definition is pointed back at the
+    originals (``originals``, else each overlay's backing file) and the overlays deleted.
+    What was done (empty: nothing was left)."""
+    m = lv()
+    with libvirt_errors("inspecting domain"):
+        active = bool(dom.isActive())
+        persistent = bool(dom.isPersistent())
+        live = dom.XMLDesc(0) if active else ""
+        inactive = dom.XMLDesc(m.VIR_DOMAIN_XML_INACTIVE | m.VIR_DOMAIN_XML_SECURE) \
+            if persistent else ""
+
+    def ours(xml: str) -> dict[str, str]:
+        return {t: p for t, p in active_overlays(xml, workdir).items() if p.endswith(mark)}
+
+    running, stale = ours(live), ours(inactive)
+    orig = dict(originals)
+    for target, path in {**stale, **running}.items():
+        if target not in orig and os.path.exists(path):
+            orig[target] = backing_of(path)
+    done: list[str] = []
+    for target in running:
+        commit(dom, target)
+        done.append(f"merged leftover overlay of {target} into its image (blockcommit + "
+                    "pivot)")
+    if persistent:
+        with libvirt_errors("reading domain XML"):
+            inactive = dom.XMLDesc(m.VIR_DOMAIN_XML_INACTIVE | m.VIR_DOMAIN_XML_SECURE)
+        stale = ours(inactive)  # libvirt may have fixed it on pivot
+    if stale:
+        for target, path in stale.items():
+            if target not in orig:
+                raise HypervisorError(f"{path} is gone and its original image is unknown; "
+                                      f"repair the definition of disk {target} by hand")
+            if not active and os.path.exists(path):
+                commit_offline(path)
+                done.append(f"committed leftover overlay of {target} (domain stopped)")
+        with libvirt_errors("redefining domain without overlays"):
+            dom.connect().defineXML(restore_sources(inactive, {t: orig[t] for t in stale}))
+        done += [f"pointed the definition of {t} back at {orig[t][0]}" for t in stale]
+    for path in {**stale, **running}.values():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return done
