@@ -69,3 +69,22 @@ def test_where_running_skips_dead_and_hanging_hosts(monkeypatch: object) -> None
     assert time.monotonic() - t0 < ha_runtime.CHECK_TIMEOUT + 1.0
     assert ops.where_running("other") == []
     release.set()
+
+
+def test_dead_cached_connection_is_replaced() -> None:
+    """libvirt's keepalive closes a connection while the hosts are cut off: the next
+    start reconnects and starts once; a readiness check drops it so the next one
+    reconnects (before: start failed at once, readiness stayed False until its timeout)."""
+    fleet = FakeFleet()
+    fleet.host("fake://h1/system")
+    ops = LibvirtOps({"h1": "fake://h1/system"}, fleet.connect)
+    ops._conn("h1").close()
+    x = ("<domain type='kvm'><name>db</name><memory unit='KiB'>1024</memory><vcpu>1</vcpu>"
+         "<os><type>hvm</type></os><devices/></domain>")
+    ops.start("h1", x)
+    assert fleet.hosts["fake://h1/system"].domains["db"].active
+    ops.start("h1", x)  # idempotent on the same host: already running, not started again
+    fleet.hosts["fake://h1/system"].domains["db"].agent = True
+    ops._conn("h1").close()
+    assert not ops.ready("h1", "db", "agent")
+    assert ops.ready("h1", "db", "agent")
