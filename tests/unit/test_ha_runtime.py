@@ -124,3 +124,22 @@ def test_admission_at_config_load_refuses_or_warns(tmp_path: Path, caplog: Any) 
     assert rt is not None and set(rt.policy.vms) == {"db", "big"}
     lines = [r for r in caplog.records if "admission" in r.getMessage()]
     assert [(r.levelname, "big" in r.getMessage()) for r in lines] == [("WARNING", True)]
+
+
+def test_dead_cached_connection_is_replaced() -> None:
+    """libvirt's keepalive closes a connection while the hosts are cut off: the next
+    start reconnects and starts once; a readiness check drops it so the next one
+    reconnects (before: start failed at once, readiness stayed False until its timeout)."""
+    fleet = FakeFleet()
+    fleet.host("fake://h1/system")
+    ops = LibvirtOps({"h1": "fake://h1/system"}, fleet.connect)
+    ops._conn("h1").close()
+    x = ("<domain type='kvm'><name>db</name><memory unit='KiB'>1024</memory><vcpu>1</vcpu>"
+         "<os><type>hvm</type></os><devices/></domain>")
+    ops.start("h1", x)
+    assert fleet.hosts["fake://h1/system"].domains["db"].active
+    ops.start("h1", x)  # idempotent on the same host: already running, not started again
+    fleet.hosts["fake://h1/system"].domains["db"].agent = True
+    ops._conn("h1").close()
+    assert not ops.ready("h1", "db", "agent")
+    assert ops.ready("h1", "db", "agent")

@@ -31,6 +31,7 @@ from typing import Any
 from vmdr.agent.clock import wall
 from vmdr.agent.coord_etcd import EtcdCoordinator
 from vmdr.config import Config
+from vmdr.errors import DomainNotFound, GuestAgentUnavailable
 from vmdr.ha import admission
 from vmdr.ha.fencing import SelfFence, Watchdog
 from vmdr.ha.leader import HALeader, LiveHost
@@ -119,16 +120,27 @@ class LibvirtOps:
         return sorted(h for h, (done, r) in results.items() if done and r is True)
 
     def start(self, host: str, xml: str) -> None:
+        """Define and start; a cached connection that fails (libvirt's keepalive closed it
+        while the hosts were cut off) is replaced and the start tried once more on a
+        fresh one. Same host, same name: libvirt never runs a second copy there."""
         def run() -> None:
             hv = self._conn(host)
-            name = hv.define(xml)
-            hv.lookup(name).start()
+            dom = hv.lookup(hv.define(xml))
+            if not dom.is_active():
+                dom.start()
 
-        done, r = _in_thread(run, START_TIMEOUT)
-        if not done or isinstance(r, Exception):
+        for attempt in (1, 2):
+            cached = host in self._conns
+            done, r = _in_thread(run, START_TIMEOUT)
+            if done and not isinstance(r, Exception):
+                return
             self._drop(host)
-            raise r if isinstance(r, Exception) else TimeoutError(
-                f"no answer from {host}'s libvirt within {START_TIMEOUT:g}s")
+            if not done:  # may still be starting: the leader re-checks before any retry
+                raise TimeoutError(f"no answer from {host}'s libvirt within "
+                                   f"{START_TIMEOUT:g}s")
+            if attempt == 2 or not cached:
+                raise r
+            log.info("start on %s: the cached connection failed (%s); reconnecting", host, r)
 
     def ready(self, host: str, vm: str, check: str) -> bool:
         """Never blocks the leader for long: a host that stopped answering (partitioned
@@ -157,8 +169,12 @@ class LibvirtOps:
                     except OSError:
                         continue
             return False
-        except Exception as exc:
+        except (GuestAgentUnavailable, DomainNotFound) as exc:
             log.debug("readiness of %s on %s: %s", vm, host, exc)
+            return False
+        except Exception as exc:  # the connection itself: the next check reconnects
+            log.debug("readiness of %s on %s: %s; reconnecting", vm, host, exc)
+            self._drop(host)
             return False
 
     def local_ha_running(self, host: str, names: set[str]) -> list[str]:

@@ -14,7 +14,9 @@ resumes where the old one stopped — also for the old leader's own host:
    their libvirt), hosts in ``ha/maintenance/`` excluded; VMs that fit nowhere: gave-up.
 4. **started** — by :func:`~vmdr.ha.boot.due`: a priority group (and a dependent VM) only
    after what it waits for is ready plus its delay. Before every start, libvirt on every
-   reachable host is asked whether the VM runs already: then it is not started again.
+   reachable host is asked whether the VM runs already: then it is not started again. A
+   start that fails is tried again after ``START_RETRY_S`` (``start_errors`` in the
+   record); only after ``START_ATTEMPTS`` it gives up, and only then its waiters go on.
 5. **ready** — the readiness check passed (guest-agent ping by default); the real failover
    is recorded in ``ha/tests/<vm>`` (kind ``real``). No answer within ``ready_timeout``:
    gave-up for that VM's readiness, and its waiters go on.
@@ -39,6 +41,8 @@ from vmdr.ha.store import HAStore
 __all__ = ["FleetOps", "HALeader", "LiveHost", "domain_size"]
 
 log = logging.getLogger("vmdr.ha")
+START_ATTEMPTS = 3  # a start that fails this often gives up (its waiters go on)
+START_RETRY_S = 1.0  # s between attempts; each one re-checks libvirt on every host first
 
 
 class FleetOps(Protocol):
@@ -101,11 +105,17 @@ class HALeader:
     me: str
     fence: Callable[[str, str], FenceResult] = run_fence_command
     _noted: set[str] = field(default_factory=set)  # gone hosts already reported
+    _last_step: float | None = None
     _sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     placement_s: list[float] = field(default_factory=list)  # the benchmark reads it
 
     # -- one poll -------------------------------------------------------------------------
     def step(self, now: float, live: dict[str, LiveHost], ever_seen: set[str]) -> None:
+        if self._last_step is None or now - self._last_step > self.policy.settings.lease_ttl:
+            # not leading for a while: a noted host may have rejoined and failed again
+            # unseen, so what this agent noted before says nothing now
+            self._noted.clear()
+        self._last_step = now
         records = self.store.failovers()
         wheres: dict[str, str] = {}
         for host in sorted(set(records) & set(live)):
@@ -215,15 +225,25 @@ class HALeader:
                 if o.vm in other_vms and o.vm not in seen:
                     seen.add(o.vm)
                     aug.append(o)
+            # this failover's given-up VMs that no other failover has: released here
+            mine = {st.vm for st in starts} - active - other_vms
+            aug += [st for st in starts if st.vm in mine]
             merged_started = {k: v for k, v in o_started.items() if k not in active}
-            merged_started.update({k: v for k, v in started.items() if k in active})
+            merged_started.update({k: v for k, v in started.items()
+                                   if k in active or k in mine})
             merged_released = {k: v for k, v in o_released.items() if k not in active}
-            merged_released.update({k: v for k, v in released.items() if k in active})
+            merged_released.update({k: v for k, v in released.items()
+                                    if k in active or k in mine})
             due_now = [st for st in due(aug, now=now, started=merged_started,
                                         ready_at=merged_released) if st.vm in active]
         else:
             due_now = due(starts, now=now, started=started, ready_at=released)
+        errs = rec.get("start_errors", {})
         for st in due_now:
+            if st.vm in rec["failed"]:  # gave up (no XML, start failed): never again here
+                continue
+            if st.vm in errs and now < float(errs[st.vm]["at"]) + START_RETRY_S:
+                continue
             changed = True
             self._start_one(host, rec, st, now)
         for vm in sorted(rec["started"]):
@@ -254,7 +274,9 @@ class HALeader:
                 self.store.add_event("gave-up", f"{vm} not ready within "
                                      f"{st.ready.timeout:g}s; the VMs waiting for it go on",
                                      host=target, vm=vm, now=now)
-        if all(st.vm in rec["started"] and (st.vm in rec["ready"] or st.vm in rec["failed"])
+        # a VM given up before it started (no XML, every start failed) is finished too:
+        # else the record stays in flight and a new failure of the host is never seen
+        if all(st.vm in rec["failed"] or (st.vm in rec["started"] and st.vm in rec["ready"])
                for st in starts):
             rec["done"] = True
             changed = True
@@ -328,9 +350,18 @@ class HALeader:
         try:
             self.ops.start(st.host, xml)
         except Exception as exc:
-            rec["failed"][st.vm] = now
-            self.store.add_event("gave-up", f"{st.vm}: start on {st.host} failed: {exc}",
-                                 host=st.host, vm=st.vm, now=now)
+            # not final at once: a transient error (a libvirt connection that died while
+            # the hosts were cut off) must neither strand the VM nor release its waiters
+            errs = rec.setdefault("start_errors", {})
+            n = int(errs.get(st.vm, {}).get("n", 0)) + 1
+            errs[st.vm] = {"n": n, "at": now, "error": str(exc)[:200]}
+            if n < START_ATTEMPTS:
+                log.warning("start of %s on %s failed (attempt %d of %d, retry in %gs): %s",
+                            st.vm, st.host, n, START_ATTEMPTS, START_RETRY_S, exc)
+            else:
+                rec["failed"][st.vm] = now
+                self.store.add_event("gave-up", f"{st.vm}: start on {st.host} failed "
+                                     f"{n} times: {exc}", host=st.host, vm=st.vm, now=now)
             self.store.put_failover(host, rec)
             return
         rec["started"][st.vm] = now
