@@ -23,7 +23,6 @@ import pytest
 from tests.guest.estate import TestVM, cleanup_stale
 from tests.guest.records import check_records
 from vmdr.errors import MigrationStopped
-from vmdr.hypervisor import mirror
 
 from .vmtools import VMDR, backup, domain_disk_sources, nbdkit_pids, repo_env, vmdr
 
@@ -166,17 +165,6 @@ def _stopped(proc: subprocess.Popen[str], code: int) -> str:
     return rest
 
 
-def _only_complete_copies_named(dom: Any, finals: list[Path], why: str) -> None:
-    """A final name exists only for a disk whose copy is complete: the VM runs on that
-    copy (pivoted, no NBD backing left) and the final name is the same file."""
-    live = dom.XMLDesc(0)
-    sources = domain_disk_sources(dom)
-    for disk, final in zip(("vda", "vdb"), finals, strict=True):
-        if final.exists():
-            assert disk not in mirror.nbd_backed_disks(live), why
-            assert os.path.samefile(final, sources[disk]), why
-
-
 def test_interrupt_and_server_lost_mid_migration(
         source: tuple[TestVM, dict[str, str]]) -> None:
     """Ctrl-C, then the NBD server dying, then vmdr killed (-9) while disks are copied:
@@ -220,11 +208,10 @@ def test_interrupt_and_server_lost_mid_migration(
                                 str(target), "--json"], capture_output=True, text=True,
                                env=env, timeout=600)
             assert "Traceback" not in p.stderr
-            print(f"--resume after kill -9: exit {p.returncode}\n{p.stderr}")
             if p.returncode == 0:
                 break
             assert p.returncode == MigrationStopped.exit_code, p.stderr
-            _only_complete_copies_named(dom, finals, p.stderr)
+            assert not any(f.exists() for f in finals)
         assert p.returncode == 0, p.stderr
         res = json.loads(p.stdout)
         _wait_beats(log, n)

@@ -37,7 +37,6 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +60,7 @@ from vmdr.repository.repo import Repository
 DEFAULT_DIR = "/var/lib/libvirt/images"
 SOCKET_ROOT = "/run/vmdr/instant"
 STATE_VERSION = 1
-COPY_RETRIES = 5  # a failed copy is restarted after 1, 2, 4, 8, 16 s
-IO_RESUMES = 5  # rounds of resume_after_io_error while the disks are copied
+COPY_RETRIES = 3
 TEMP_SUFFIX = ".vmdr-instant"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
 
@@ -351,43 +349,22 @@ def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions
 
 
 def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvents,
-             server: Any, clock: Callable[[], float] = time.monotonic) -> None:
-    """Copy every disk still backed by NBD and pivot onto the copy.
-
-    QEMU's NBD client fails the first request after its server came back (it reconnects
-    in the background, on a loaded host sometimes for seconds): after a ``--resume`` a copy
-    may fail, and the guest may pause on an I/O error, once per disk. So, while our NBD
-    server runs, a failed copy is restarted up to ``COPY_RETRIES`` times, after 1, 2, 4…
-    seconds (the other disks are watched meanwhile), and a guest paused on an I/O error
-    is resumed up to ``IO_RESUMES`` times; only what stays broken stops everything."""
+             server: Any) -> None:
+    """Copy every disk still backed by NBD and pivot onto the copy. A copy that fails is
+    restarted up to ``COPY_RETRIES`` times (QEMU's NBD client fails the first read after a
+    reconnect, e.g. on --resume); the VM pausing on an I/O error stops everything."""
     pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.xml())]
     retries = dict.fromkeys(pending, COPY_RETRIES)
-    resumes = IO_RESUMES
-    restart_at: dict[str, float] = {}
     progress = {d: _start_copy(dom, st, d, opts, ev) for d in pending}
     while pending:
         if not dom.is_active():
             raise VmdrError(f"{st['vm']} stopped while its disks were being moved")
+        if dom.paused_on_io_error():
+            raise VmdrError(f"{st['vm']} paused on an I/O error: the repository (NBD "
+                            "export) is unreachable")
         if not server.alive():
             raise VmdrError("the NBD server stopped")
-        if dom.paused_on_io_error():
-            if resumes <= 0:
-                raise VmdrError(f"{st['vm']} paused on an I/O error: the repository (NBD "
-                                "export) is unreachable")
-            resumes -= 1
-            ev.warning(f"{st['vm']} paused on an I/O error (QEMU's NBD client "
-                       "reconnecting?); resuming it", st["vm"])
-            try:
-                dom.resume_after_io_error()
-            except HypervisorError as exc:
-                raise VmdrError(f"{exc.message}: the repository (NBD export) is "
-                                "unreachable") from None
         for d in list(pending):
-            if d in restart_at:
-                if clock() >= restart_at[d]:
-                    del restart_at[d]
-                    progress[d] = _start_copy(dom, st, d, opts, ev)
-                continue
             job = dom.block_job(d)
             cs = job.status()
             if not cs.active:
@@ -398,10 +375,10 @@ def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvent
                 if retries[d] <= 0:
                     raise VmdrError(f"copying disk {d} failed (reading the repository "
                                     "failed?)")
-                delay = 2.0 ** (COPY_RETRIES - retries[d])
                 retries[d] -= 1
-                ev.warning(f"copy of {d} failed; restarting it in {delay:.0f}s", st["vm"])
-                restart_at[d] = clock() + delay
+                ev.warning(f"copy of {d} failed; restarting it", st["vm"])
+                time.sleep(1.0)
+                progress[d] = _start_copy(dom, st, d, opts, ev)
                 continue
             progress[d].update(cs.cur, cs.end)
             if cs.ready and job.pivot():
