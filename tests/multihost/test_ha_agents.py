@@ -198,8 +198,11 @@ def test_agents_fence_and_fail_over(mh_cluster_session: Cluster) -> None:
                      90, "failover after the partition", agents)
         t_db, db_host = first_running(seen["db"], t_cut + 0.01)
         gone = [t for t, hosts in seen["db"] if not hosts]
-        # fenced before the lease (5 s) could expire
-        assert gone and gone[0] - t_cut < 5.0, (seen, agents.events(), agents.logs())
+        # fenced before anyone else started it (watch() fails on any moment with two),
+        # and before the leader's earliest restart: lease expiry + fence delay (5 + 2 s);
+        # the fencing time itself is measured in bench/ha.py, not asserted here
+        assert gone and gone[0] < t_db, (seen, agents.events(), agents.logs())
+        assert gone[0] - t_cut < 7.0, (seen, agents.events(), agents.logs())
         assert db_host != "h2"
         print(f"partition: db fenced {gone[0] - t_cut:.1f}s after the cut, "
               f"started on {db_host} {t_db - t_cut:.1f}s after it")
