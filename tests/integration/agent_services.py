@@ -16,8 +16,12 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+
+from .vmtools import VMDR
 
 
 def free_ports(n: int) -> list[int]:
@@ -121,3 +125,31 @@ def etcd_cluster() -> Iterator[Etcd]:
         yield e
     finally:
         e.stop()
+
+
+@contextmanager
+def running_agent(env: dict[str, str], port: int, log_path: Path,
+                  tries: int = 150) -> Iterator[str]:
+    """``vmdr agent`` as a subprocess with *env* (its config in ``VMDR_CONFIG``), yielding
+    its base URL once ``/api/v1/health`` answers; stopped (TERM, then KILL) on exit, the
+    tail of its log printed for a failing test's report."""
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen([*VMDR, "agent"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(tries):
+            try:
+                urllib.request.urlopen(f"{url}/api/v1/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        print(log_path.read_text()[-4000:])

@@ -22,6 +22,7 @@ import pytest
 
 from tests.guest.estate import TestVM
 
+from .agent_services import running_agent
 from .vmtools import VMDR, repo_env, vmdr
 
 pytestmark = [pytest.mark.vm, pytest.mark.chromium]
@@ -59,26 +60,8 @@ repository = "local"
     env = dict(env, VMDR_CONFIG=str(cfg))
     for k in ("VMDR_REPO", "VMDR_PASSWORD_FILE"):
         env.pop(k)
-    log = open(tmp / "agent.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([*VMDR, "agent"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{url}/api/v1/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp / "agent.log").read_text()
-                time.sleep(0.2)
+    with running_agent(env, port, tmp / "agent.log", tries=100) as url:
         yield url, tmp, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        print((tmp / "agent.log").read_text()[-4000:])
 
 
 def test_minutely_policy_backs_the_vm_up_by_itself(

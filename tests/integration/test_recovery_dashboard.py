@@ -7,8 +7,6 @@ tests/multihost/test_recovery_plans.py."""
 from __future__ import annotations
 
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 
 from vmdr.plan import recovery_runs as runs
 
+from .agent_services import running_agent
 from .test_agent_live import _browser, free_port
 from .vmtools import VMDR
 
@@ -53,25 +52,8 @@ description = "The shop's database"
 ready = "tcp:5432"
 """)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VMDR_CONFIG": str(cfg)}
-    log = open(tmp / "agent.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([*VMDR, "agent"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(f"{url}/api/v1/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp / "agent.log").read_text()
-                time.sleep(0.2)
+    with running_agent(env, port, tmp / "agent.log", tries=150) as url:
         yield url, tmp, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_recovery_page_shows_plans_runs_and_reports(

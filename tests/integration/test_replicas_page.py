@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 from vmdr.jobs.mirror_state import FALLBACK, MIRRORING, MirrorState
 from vmdr.jobs.replicate_state import Cycle, ReplicaState, RestorePoint
 
+from .agent_services import running_agent
 from .test_agent_live import _browser, free_port
 from .vmtools import VMDR
 
@@ -74,25 +73,8 @@ rpo = "1m"
                        input="a long enough password\n", text=True, env=env,
                        capture_output=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([*VMDR, "agent"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(f"{url}/api/v1/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
-                time.sleep(0.2)
+    with running_agent(env, port, tmp_path / "agent.log", tries=150) as url:
         yield url, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_replicas_page_shows_modes_and_sla(agent: tuple[str, dict[str, str]],

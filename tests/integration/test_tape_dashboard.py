@@ -7,9 +7,6 @@ and the checklist; the printable checklist matches ``vmdr tape vault``."""
 from __future__ import annotations
 
 import os
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +14,9 @@ import pytest
 
 from tests.unit.repofixtures import make_image
 
+from .agent_services import running_agent
 from .test_agent_live import _browser, free_port
-from .vmtools import VMDR, repo_env, vmdr
+from .vmtools import repo_env, vmdr
 
 pytestmark = pytest.mark.chromium
 
@@ -33,25 +31,8 @@ def tape_agent(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     env.pop("VMDR_TAPE_DIR", None)
     vmdr(env, "tape", "virtual-create", str(tmp_path / "vtl"), "--tapes", "2",
          "--capacity", "256M")
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([*VMDR, "agent"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(f"{url}/api/v1/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
-                time.sleep(0.2)
+    with running_agent(env, port, tmp_path / "agent.log", tries=150) as url:
         yield url, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_tape_page(tape_agent: tuple[str, dict[str, str]], tmp_path: Path) -> None:
