@@ -171,7 +171,8 @@ class FakeSite(Site):
         self.images: dict[str, bytearray] = {}
         self.snaps: dict[str, dict[str, bytes]] = {}
         self.free, self.written, self.zeroed = free, 0, 0
-        self.fail_writes = False
+        self.fail_writes = self.fail_commit = False
+        self.calls: list[str] = []
 
     def open(self) -> FakeSite:
         return self
@@ -207,6 +208,44 @@ class FakeSite(Site):
 
     def writer(self, path: str) -> Any:
         return _Writer(self, path)
+
+    # the batched steps: one remote command each at a real site
+    def begin(self, directory: str, names: list[str]) -> tuple[int, list[bytes | None]]:
+        self.calls.append("begin")
+        return self.free, [self.files.get(f"{directory}/{n}") for n in names]
+
+    def serve(self, state: tuple[str, bytes] | None, disks: list[tuple[str, int | None, bool]],
+              fmt: str = "qcow2") -> Any:
+        self.calls.append("serve")
+        if state is not None:
+            self.files[state[0]] = state[1]
+        ex = _Exports()
+        for img, size, busy in disks:
+            if size is not None:
+                self.create_image(img, size)
+            if busy:
+                ex.writers[img] = _Writer(self, img)
+        return ex
+
+    def commit(self, files: list[tuple[str, bytes]], tag: str, images: list[str],
+               drop: list[str]) -> None:
+        self.calls.append("commit")
+        if self.fail_commit:
+            raise HypervisorError("qemu-img: snapshot failed")
+        for path, data in files:
+            self.files[path] = data
+        for img in images:
+            self.snaps[img][tag] = bytes(self.images[img])
+            for t in drop:
+                self.snaps[img].pop(t, None)
+
+
+class _Exports:
+    def __init__(self) -> None:
+        self.writers: dict[str, _Writer] = {}
+
+    def close(self, *, flush: bool = True) -> None:
+        pass
 
 
 @pytest.fixture(autouse=True)

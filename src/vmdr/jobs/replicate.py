@@ -27,6 +27,7 @@ never overlap):
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from typing import Any
 from vmdr.errors import (
     DomainNotFound,
     NetworkNotFound,
+    NoSpace,
     UsageError,
     VmdrError,
     VMLocked,
@@ -50,7 +52,7 @@ from vmdr.hypervisor import (
     set_uuid,
 )
 from vmdr.hypervisor.console import relocate_console_logs
-from vmdr.jobs.replicate_site import DiskWriter, Site, check_dir
+from vmdr.jobs.replicate_site import DiskWriter, Exports, Site, check_dir
 from vmdr.jobs.replicate_state import (
     CHUNK,
     STATE_FILE,
@@ -242,38 +244,57 @@ def _define(target: Hypervisor, xml: str) -> None:
 
 def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
             res: CycleResult, when: datetime, paths: dict[str, str], defined: bool,
-            src_xml: str, networks: dict[str, str], nvram: bytes | None,
+            src_xml: str, networks: dict[str, str], nvram: bytes | None, t0: float,
+            updates: dict[str, Any], files: list[tuple[str, bytes]] | None = None,
             **point: Any) -> None:
+    """Take the restore point, drop the points beyond N, define the standby if it is not,
+    and save the state, in ONE command at the target (:meth:`Site.commit`): ``files``
+    (the repository feed's chunk lists), the UEFI variables and the state file are
+    written, then the point is taken on every disk. ``updates`` (the source position:
+    checkpoint or snapshot) go into the saved state with the point. ``st`` is left as it
+    was when this fails (the caller records the error)."""
+    files = list(files or [])
     nvram_path = None
     if nvram is not None:  # UEFI variables: copied every cycle (a few hundred KiB)
         nvram_path = f"{spec.directory}/{spec.standby}_VARS.fd"
-        site.write(nvram_path, nvram)
+        if defined:
+            files.append((nvram_path, nvram))
+        else:  # the first definition names the file: it must exist first
+            site.write(nvram_path, nvram)
     tag = unique_point(point_name(when), [p.name for p in st.points])
-    for p in paths.values():
-        site.add_snapshot(p, tag)
     new = RestorePoint(name=tag, time=when.isoformat(), feed=spec.feed, mode=res.mode,
                        bytes_moved=res.bytes_moved, **point)
     old = to_rotate([*st.points, new], spec.keep)
-    for p in paths.values():
-        site.delete_snapshots(p, [o.name for o in old if o.name in site.snapshots(p)])
-    st.points = [q for q in [*st.points, new] if q not in old]
-    res.rotated = [o.name for o in old]
     if not defined:
         _define(target, _standby_xml(src_xml, spec, st, paths, networks, nvram_path))
         res.defined = True
-    st.keep, st.rpo_target_s, st.feed, st.network_map = (spec.keep, spec.rpo_target_s,
-                                                         spec.feed, networks)
-    st.writing = False
+    done = copy.deepcopy(st)
+    done.points = [q for q in [*st.points, new] if q not in old]
+    done.keep, done.rpo_target_s, done.feed, done.network_map = (spec.keep, spec.rpo_target_s,
+                                                                 spec.feed, networks)
+    done.writing = False
+    for k, v in updates.items():  # the source position of the new point
+        setattr(done, k, v)
+    res.rotated = [o.name for o in old]
     res.point, res.point_time = tag, new.time
-    res.points = [q.name for q in st.points]
+    res.points = [q.name for q in done.points]
+    res.duration_s = time.monotonic() - t0
+    done.add_cycle(_cycle(res, when, None))
+    site.commit([*files, (f"{st.directory}/{STATE_FILE}", done.to_json())], tag,
+                list(paths.values()), [o.name for o in old])
+    st.__dict__.update(done.__dict__)
+
+
+def _cycle(res: CycleResult, started: datetime, error: str | None) -> Cycle:
+    return Cycle(started=started.isoformat(), duration_s=round(res.duration_s, 3),
+                 feed=res.feed, mode=res.mode, bytes_moved=res.bytes_moved,
+                 bytes_zeroed=res.bytes_zeroed, point=res.point, error=error)
 
 
 def _record(site: Site, st: ReplicaState, res: CycleResult, started: datetime, t0: float,
             error: str | None) -> None:
     res.duration_s = time.monotonic() - t0
-    st.add_cycle(Cycle(started=started.isoformat(), duration_s=round(res.duration_s, 3),
-                       feed=res.feed, mode=res.mode, bytes_moved=res.bytes_moved,
-                       bytes_zeroed=res.bytes_zeroed, point=res.point, error=error))
+    st.add_cycle(_cycle(res, started, error))
     _save(site, st)
 
 
@@ -313,7 +334,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
     t0 = time.monotonic()
     with _Locks(spec, hv.uri):
         info = hv.domain(spec.vm)  # DomainNotFound: exit 11
-        st = load_state(site, spec.directory)
+        free, st, _ = begin(site, spec.directory)
         if st is not None and st.source_uuid != info.uuid:
             raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
                              f"({st.vm}, {st.source_uuid}); use another --dir")
@@ -339,30 +360,42 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
             sources = [d for d in s.disks if d.info.target in wanted]
             plan = {d.info.target: list(d.extents()) for d in sources}
             need = sum(e.length for exts in plan.values() for e in exts if e.is_data)
-            site.need_space(spec.directory, need)  # NoSpace: exit 9, nothing written
+            need_space(site, spec.directory, need, free)  # NoSpace: exit 9, nothing written
             paths = {d.info.target: _disk_path(spec, d.info.target) for d in sources}
             _standby_xml(src_xml, spec, st, paths, networks, None)  # fails before writing
-            fresh = _prepare_disks(site, st, paths, {d.info.target: d.size for d in sources})
+            fresh = _prepare_disks(st, paths, {d.info.target: d.size for d in sources})
             res.disk_bytes = sum(d.size for d in sources)
             res.mode = ("seed" if not st.points else
                         "incremental" if all(d.incremental for d in sources) else "full")
-            known = _seeded_ids(site, spec, st, sources, fresh, seed_repo, res.warnings)
-            st.writing = True
-            _save(site, st)
+            known = _seeded_ids(site, spec, st, sources, set(fresh), seed_repo, res.warnings)
+            # only the disks with something to write are served (an idle disk costs nothing)
+            busy = {d.info.target for d in sources if d.info.target in known
+                    or any(e.is_data or not d.incremental for e in plan[d.info.target])}
             try:
-                for d in sources:
-                    t = d.info.target
-                    if t in known:
-                        _copy_by_chunks(site, d, plan[t], paths[t], known[t], res)
-                    else:
-                        _copy_disk(site, d, plan[t], paths[t], t in fresh, res)
-                st.checkpoint, st.checkpoint_xml = s.checkpoint, s.checkpoint_xml
+                exports = _serve(site, st, [(t, paths[t], fresh.get(t), t in busy)
+                                            for t in paths])
+                if exports is not None:
+                    try:
+                        for d in sources:
+                            t = d.info.target
+                            if t not in busy:
+                                continue
+                            w = exports.writers[paths[t]]
+                            if t in known:
+                                _copy_by_chunks(w, d, plan[t], known[t], res)
+                            else:
+                                _copy_disk(w, d, plan[t], t in fresh, res)
+                    except BaseException:
+                        exports.close(flush=False)
+                        raise
+                    exports.close()
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
-                        networks, _nvram(hv, info, res.warnings), checkpoint=s.checkpoint)
+                        networks, _nvram(hv, info, res.warnings), t0,
+                        {"checkpoint": s.checkpoint, "checkpoint_xml": s.checkpoint_xml},
+                        checkpoint=s.checkpoint)
             except VmdrError as exc:
                 _record(site, st, res, started, t0, exc.message)
                 raise
-            _record(site, st, res, started, t0, None)
             s.commit()
     return res
 
@@ -375,21 +408,51 @@ def _nvram(hv: Hypervisor, info: Any, warnings: list[str]) -> bytes | None:
         return None
 
 
-def _prepare_disks(site: Site, st: ReplicaState, paths: dict[str, str],
-                   sizes: dict[str, int]) -> set[str]:
-    """Create the standby disks that do not exist yet; the targets created."""
-    fresh = set()
-    site.make_dir(st.directory)
+def _prepare_disks(st: ReplicaState, paths: dict[str, str],
+                   sizes: dict[str, int]) -> dict[str, int]:
+    """The standby disks to create (target -> size): those the state does not know yet.
+    They are created by :func:`_serve`, with the state file that names them."""
+    fresh = {}
     for t, path in paths.items():
         known = st.disks.get(t)
         if known is not None and int(known.get("size", -1)) != sizes[t]:
             raise UsageError(f"disk {t} changed size since the replica was seeded; remove "
                              f"{st.directory} and the standby, then seed again")
         if known is None or known.get("path") != path:
-            site.create_image(path, sizes[t])
-            fresh.add(t)
+            fresh[t] = sizes[t]
         st.disks[t] = {"path": path, "size": sizes[t]}
     return fresh
+
+
+def _serve(site: Site, st: ReplicaState,
+           disks: list[tuple[str, str, int | None, bool]]) -> Exports | None:
+    """Mark the state ``writing``, create the new disks and serve the busy ones, in one
+    command at the target: (target, path, size to create or None, busy) per disk. None
+    when nothing is created or written (an idle cycle): the state stays as it is."""
+    if not any(size is not None or busy for _t, _p, size, busy in disks):
+        return None
+    st.writing = True
+    return site.serve((f"{st.directory}/{STATE_FILE}", st.to_json()),
+                      [(p, size, busy) for _t, p, size, busy in disks])
+
+
+def begin(site: Site, directory: str, extra: list[str] | None = None) -> \
+        tuple[int, ReplicaState | None, list[bytes | None]]:
+    """The first command of a cycle at the target: the directory made, its free bytes,
+    the replica's state, and the files ``extra`` of the directory (None if missing)."""
+    free, files = site.begin(directory, [STATE_FILE, *(extra or [])])
+    where = f"{site.where}:{directory}/{STATE_FILE}"
+    data = files[0]
+    return free, None if data is None else ReplicaState.from_json(data, where), files[1:]
+
+
+def need_space(site: Site, directory: str, needed: int, free: int) -> None:
+    """NoSpace (exit 9) unless ``needed`` bytes (plus 1 % and 64 MiB for qcow2 metadata)
+    fit in ``free`` (the directory's free bytes at the cycle's start)."""
+    want = needed + needed // 100 + (64 << 20)
+    if free < want:
+        raise NoSpace(f"not enough space for the replica in {directory} on {site.where}: "
+                      f"{free >> 20} MiB free, this cycle needs {want >> 20} MiB")
 
 
 @dataclass
@@ -423,55 +486,43 @@ def _seeded_ids(site: Site, spec: ReplicaSpec, st: ReplicaState, sources: list[D
     return out
 
 
-def _copy_by_chunks(site: Site, d: DiskSource, extents: Sequence[Any], path: str,
-                    known: _Known, res: CycleResult) -> None:
+def _copy_by_chunks(w: DiskWriter, d: DiskSource, extents: Sequence[Any], known: _Known,
+                    res: CycleResult) -> None:
     cs = known.repo.chunk_size
     with_data: set[int] = set()
     for e in extents:
         if e.is_data:
             with_data.update(range(e.offset // cs, (e.offset + e.length - 1) // cs + 1))
     zero = bytes(cs)
-    w = site.writer(path)
-    ok = False
-    try:
-        for i, old in enumerate(known.ids):
-            off = i * cs
-            ln = min(cs, d.size - off)
-            data = d.read(off, ln) if i in with_data else None
-            oid = HOLE if data is None or data == zero[:ln] else known.repo.codec.object_id(data)
-            if oid == old:
-                continue  # the standby already holds this chunk
-            if data is None or oid == HOLE:
+    for i, old in enumerate(known.ids):
+        off = i * cs
+        ln = min(cs, d.size - off)
+        data = d.read(off, ln) if i in with_data else None
+        oid = HOLE if data is None or data == zero[:ln] else known.repo.codec.object_id(data)
+        if oid == old:
+            continue  # the standby already holds this chunk
+        if data is None or oid == HOLE:
+            w.zero(off, ln)
+            res.bytes_zeroed += ln
+        else:
+            w.write(off, data)
+            res.bytes_moved += ln
+
+
+def _copy_disk(w: DiskWriter, d: DiskSource, extents: Sequence[Any], fresh: bool,
+               res: CycleResult) -> None:
+    zero = bytes(CHUNK)
+    for e in extents:
+        if not e.is_data:
+            if not d.incremental and not fresh:  # a full over old content: clear holes
+                w.zero(e.offset, e.length)
+                res.bytes_zeroed += e.length
+            continue
+        for off, ln in pieces([(e.offset, e.length)]):
+            data = d.read(off, ln)
+            if data == zero[:ln]:
                 w.zero(off, ln)
                 res.bytes_zeroed += ln
             else:
                 w.write(off, data)
                 res.bytes_moved += ln
-        ok = True
-    finally:
-        w.close(flush=ok)
-
-
-def _copy_disk(site: Site, d: DiskSource, extents: Sequence[Any], path: str, fresh: bool,
-               res: CycleResult) -> None:
-    zero = bytes(CHUNK)
-    w: DiskWriter = site.writer(path)
-    ok = False
-    try:
-        for e in extents:
-            if not e.is_data:
-                if not d.incremental and not fresh:  # a full over old content: clear holes
-                    w.zero(e.offset, e.length)
-                    res.bytes_zeroed += e.length
-                continue
-            for off, ln in pieces([(e.offset, e.length)]):
-                data = d.read(off, ln)
-                if data == zero[:ln]:
-                    w.zero(off, ln)
-                    res.bytes_zeroed += ln
-                else:
-                    w.write(off, data)
-                    res.bytes_moved += ln
-        ok = True
-    finally:
-        w.close(flush=ok)

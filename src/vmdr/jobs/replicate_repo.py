@@ -19,14 +19,15 @@ from vmdr.jobs.replicate import (
     _new_state,
     _prepare_disks,
     _record,
-    _save,
+    _serve,
     _standby_xml,
+    begin,
     check_networks,
     chunks_path,
-    load_state,
+    need_space,
     redact_uri,
 )
-from vmdr.jobs.replicate_site import Site
+from vmdr.jobs.replicate_site import DiskWriter, Site
 from vmdr.jobs.replicate_state import changed_chunks
 from vmdr.repository.crypto import HOLE
 from vmdr.repository.manifest import DiskRecord, Snapshot
@@ -59,7 +60,9 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
     if not src_xml:
         raise UsageError(f"snapshot {snap.short_id} holds no domain XML")
     with _Locks(spec, None):
-        st = load_state(site, spec.directory)
+        names = [chunks_path(spec, d.name).rsplit("/", 1)[1] for d in snap.disks]
+        free, st, lists = begin(site, spec.directory, names)
+        saved = {d.name: lists[i] for i, d in enumerate(snap.disks)}
         uuid = str(cfg.get("uuid") or "")
         if st is not None and uuid and st.source_uuid != uuid:
             raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
@@ -80,43 +83,50 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
         paths = {d.name: _disk_path(spec, d.name) for d in disks}
         known_ok = (st.feed == "repository" and st.repository == repo.id and not st.writing)
         _standby_xml(src_xml, spec, st, paths, networks, None)  # fails before writing
-        fresh = _prepare_disks(site, st, paths, {d.name: d.size for d in disks})
+        fresh = _prepare_disks(st, paths, {d.name: d.size for d in disks})
         res.disk_bytes = sum(d.size for d in disks)
         res.mode = "seed" if not st.points else "incremental"
-        st.writing = True
-        _save(site, st)
         try:
-            olds = {d.name: _old_ids(site, repo, spec, d, paths[d.name], d.name in fresh,
-                                     known_ok) for d in disks}
+            olds = {d.name: _old_ids(site, repo, d, paths[d.name], d.name in fresh,
+                                     saved[d.name] if known_ok else None) for d in disks}
             todo = {d.name: changed_chunks(olds[d.name], list(d.chunks)) for d in disks}
             need = sum(repo.chunk_size for d in disks for i in todo[d.name]
                        if d.chunks[i] != HOLE)
-            site.need_space(spec.directory, need)
-            for d in disks:
-                _apply_chunks(site, repo, d, paths[d.name], todo[d.name], res)
-                site.write(chunks_path(spec, d.name), d.chunks.tobytes())
-            st.snapshot, st.repository, st.checkpoint = snap.id, repo.id, None
+            need_space(site, spec.directory, need, free)
+            exports = _serve(site, st, [(d.name, paths[d.name], fresh.get(d.name),
+                                         bool(todo[d.name])) for d in disks])
+            if exports is not None:
+                try:
+                    for d in disks:
+                        if todo[d.name]:
+                            _apply_chunks(exports.writers[paths[d.name]], repo, d,
+                                          todo[d.name], res)
+                except BaseException:
+                    exports.close(flush=False)
+                    raise
+                exports.close()
             nvram = base64.b64decode(cfg["nvram"]) if cfg.get("nvram") else None
             _finish(site, target, spec, st, res, snap.time, paths, defined, src_xml,
-                    networks, nvram, snapshot=snap.id)
+                    networks, nvram, t0,
+                    {"snapshot": snap.id, "repository": repo.id, "checkpoint": None},
+                    [(chunks_path(spec, d.name), d.chunks.tobytes()) for d in disks],
+                    snapshot=snap.id)
         except VmdrError as exc:
             _record(site, st, res, started, t0, exc.message)
             raise
-        _record(site, st, res, started, t0, None)
     return res
 
 
-def _old_ids(site: Site, repo: Repository, spec: ReplicaSpec, d: DiskRecord, path: str,
-             fresh: bool, known_ok: bool) -> list[bytes] | None:
+def _old_ids(site: Site, repo: Repository, d: DiskRecord, path: str, fresh: bool,
+             saved: bytes | None) -> list[bytes] | None:
     """The chunk IDs of the standby disk's current content: all holes for a new disk, the
-    list saved by the last repository cycle, else computed by reading the standby."""
+    list saved by the last repository cycle (``saved``, read with the state), else
+    computed by reading the standby."""
     n = len(d.chunks)
     if fresh:
         return [HOLE] * n
-    if known_ok:
-        saved = site.read(chunks_path(spec, d.name))
-        if saved is not None and len(saved) == n * len(HOLE):
-            return [saved[i * 32:(i + 1) * 32] for i in range(n)]
+    if saved is not None and len(saved) == n * len(HOLE):
+        return [saved[i * 32:(i + 1) * 32] for i in range(n)]
     w = site.writer(path)  # hash the standby where it is (the repository feed runs at the
     try:                   # DR site, so this read stays local there)
         zero = bytes(repo.chunk_size)
@@ -130,23 +140,15 @@ def _old_ids(site: Site, repo: Repository, spec: ReplicaSpec, d: DiskRecord, pat
         w.close(flush=False)
 
 
-def _apply_chunks(site: Site, repo: Repository, d: DiskRecord, path: str, todo: list[int],
+def _apply_chunks(w: DiskWriter, repo: Repository, d: DiskRecord, todo: list[int],
                   res: CycleResult) -> None:
-    if not todo:
-        return
     reader = DiskReader(repo, d)
-    w = site.writer(path)
-    ok = False
-    try:
-        for i, data in reader.iter_chunks(iter(todo)):
-            off = i * repo.chunk_size
-            if data is None:
-                ln = reader.chunk_length(i)
-                w.zero(off, ln)
-                res.bytes_zeroed += ln
-            else:
-                w.write(off, data)
-                res.bytes_moved += len(data)
-        ok = True
-    finally:
-        w.close(flush=ok)
+    for i, data in reader.iter_chunks(iter(todo)):
+        off = i * repo.chunk_size
+        if data is None:
+            ln = reader.chunk_length(i)
+            w.zero(off, ln)
+            res.bytes_zeroed += ln
+        else:
+            w.write(off, data)
+            res.bytes_moved += len(data)

@@ -1,0 +1,132 @@
+"""A replica cycle's remote steps are batched: at most three commands at the DR site per
+cycle whatever the number of disks (begin, serve, commit), none for an idle disk; and the
+three scripts themselves, run for real against a local directory (``sh``, ``qemu-img``,
+``qemu-nbd``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.test_replica import BLOCK, SIZE, _env, _state
+from vmdr.errors import HypervisorError
+from vmdr.jobs import replicate as rep
+from vmdr.jobs import replicate_site as rs
+from vmdr.jobs.replicate_site import Site, commit_args, parse_begin, serve_args
+
+
+@pytest.fixture(autouse=True)
+def _locks(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMDR_LOCK_DIR", str(tmp_path / "locks"))
+
+
+def test_a_cycle_is_three_commands_and_an_idle_one_two() -> None:
+    src, target, site, spec = _env()
+    src.write(0, b"\x01" * BLOCK)
+    rep.replicate_direct(src, target, site, spec)
+    assert site.calls == ["begin", "serve", "commit"]
+    site.calls.clear()
+    idle = rep.replicate_direct(src, target, site, spec)
+    assert site.calls == ["begin", "commit"] and idle.bytes_moved == 0  # nothing served
+    site.calls.clear()
+    src.write(7 * BLOCK, b"\x07" * 10)
+    inc = rep.replicate_direct(src, target, site, spec)
+    assert site.calls == ["begin", "serve", "commit"] and inc.bytes_moved == BLOCK
+    assert site.images["/dr/web/web-replica-vda.qcow2"] == src.disk
+
+
+def test_a_failed_commit_keeps_the_previous_point_and_checkpoint() -> None:
+    src, target, site, spec = _env()
+    first = rep.replicate_direct(src, target, site, spec)
+    before = _state(site)
+    site.fail_commit = True
+    with pytest.raises(HypervisorError, match="snapshot failed"):
+        rep.replicate_direct(src, target, site, spec)
+    st = _state(site)
+    assert [p.name for p in st.points] == [first.point] and st.cycles[-1].error
+    assert st.checkpoint == before.checkpoint and st.checkpoint in src.cps
+    site.fail_commit = False
+    src.write(3 * BLOCK, b"\x03")
+    again = rep.replicate_direct(src, target, site, spec)
+    assert again.mode == "incremental" and again.bytes_moved == BLOCK  # since the old one
+    assert site.images["/dr/web/web-replica-vda.qcow2"] == src.disk
+
+
+def test_pure_argument_builders() -> None:
+    args, data = commit_args([("/d/a", b"xy"), ("/d/s", b"{}")], "rp-1", ["/d/1", "/d/2"],
+                             ["rp-0"])
+    assert args == ["2", "/d/a", "2", "/d/s", "2", "rp-1", "2", "/d/1", "/d/2", "rp-0"]
+    assert data == b"xy{}"
+    args, data = serve_args(("/d/s", b"abc"), "qcow2", [("/d/1", 10, True), ("/d/2", None,
+                                                                              False)])
+    assert args == ["/d/s", "3", "qcow2", "/d/1", "10", "1", "/d/2", "-", "0"] and data == b"abc"
+    assert parse_begin(b"123\nnone\nfile 3\nab\nfile 0\n", 3) == (123, [None, b"ab\n", b""])
+    with pytest.raises(ValueError):
+        parse_begin(b"1\nfile 9\nab", 1)
+
+
+needs_qemu = pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-nbd")),
+                                reason="qemu-img / qemu-nbd not installed")
+
+
+def _count(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    run, popen = subprocess.run, subprocess.Popen
+    inside = []
+
+    def counted_run(argv: Any, *a: Any, **kw: Any) -> Any:
+        calls.append("run")
+        inside.append(1)
+        try:
+            return run(argv, *a, **kw)
+        finally:
+            inside.pop()
+
+    def counted_popen(argv: Any, *a: Any, **kw: Any) -> Any:
+        if not inside:
+            calls.append("popen")
+        return popen(argv, *a, **kw)
+
+    monkeypatch.setattr(rs.subprocess, "run", counted_run)
+    monkeypatch.setattr(rs.subprocess, "Popen", counted_popen)
+    return calls
+
+
+@needs_qemu
+def test_the_scripts_for_real_on_a_local_site(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "dr" / "web"
+    site = Site("qemu:///system")
+    calls = _count(monkeypatch)
+    free, files = site.begin(str(d), ["replica.json", "x.chunks"])
+    assert free > 0 and files == [None, None] and d.is_dir()
+    a, b = str(d / "a.qcow2"), str(d / "b.qcow2")
+    state = json.dumps({"writing": True}).encode()
+    ex = site.serve((str(d / "replica.json"), state), [(a, SIZE, True), (b, SIZE, False)])
+    try:
+        assert list(ex.writers) == [a]  # b created, not served
+        ex.writers[a].write(BLOCK, b"\x05" * BLOCK)
+    finally:
+        ex.close()
+    assert (d / "replica.json").read_bytes() == state
+    assert (d / "replica.json").stat().st_mode & 0o777 == 0o600
+    assert Path(b).exists()
+    site.commit([(str(d / "x.chunks"), b"\x00" * 64)], "rp-1", [a, b], [])
+    site.commit([(str(d / "replica.json"), b"{}")], "rp-2", [a, b], ["rp-1", "rp-0"])
+    assert calls == ["run", "popen", "run", "run"]  # one command per step, no forwards
+    free, files = site.begin(str(d), ["replica.json", "x.chunks"])
+    assert files == [b"{}", b"\x00" * 64]
+    for img in (a, b):
+        out = subprocess.run(["qemu-img", "snapshot", "-l", "-U", img], check=True,
+                             capture_output=True, text=True).stdout
+        assert "rp-2" in out and "rp-1" not in out
+    cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a,
+                          "/dev/null"], capture_output=True, text=True)
+    assert cmp.returncode == 1  # a holds the written block
+    with pytest.raises(HypervisorError, match=r"missing\.qcow2"):
+        site.commit([], "rp-3", [str(d / "missing.qcow2")], [])
