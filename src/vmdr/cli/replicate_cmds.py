@@ -8,12 +8,12 @@ import faulthandler
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
 from vmdr.errors import HypervisorUnavailable, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor, connect
-from vmdr.jobs.mirror import MirrorOptions, Supervisor, abort_leftover, stop_supervisor
 from vmdr.jobs.mirror_state import MODES
 from vmdr.jobs.replica_status import DEFAULT_ROOT, Where, collect, resolve_host
 from vmdr.jobs.replicate import (
@@ -105,24 +105,29 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
 
 
 def _one(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec) -> CycleResult:
+    t0 = time.monotonic()
     target, site_ = _open_target(spec)
+    opened = time.monotonic() - t0
     try:
         with site_ as site:
             if spec.feed == "repository":
                 with repository(g, "shared", "replicate") as repo:
-                    return replicate_from_repository(repo, target, site, spec, ns.snapshot)
-            hv = connect(_source_uri(ns, g))
-            with contextlib.ExitStack() as stack:
-                def seed_repo() -> Repository:
-                    return stack.enter_context(repository(g, "shared", "replicate"))
+                    res = replicate_from_repository(repo, target, site, spec, ns.snapshot)
+            else:
+                hv = connect(_source_uri(ns, g))
+                with contextlib.ExitStack() as stack:
+                    def seed_repo() -> Repository:
+                        return stack.enter_context(repository(g, "shared", "replicate"))
 
-                try:
-                    return replicate_direct(hv, target, site, spec,
-                                            seed_repo if g.repo else None)
-                finally:
-                    hv.close()
+                    try:
+                        res = replicate_direct(hv, target, site, spec,
+                                               seed_repo if g.repo else None)
+                    finally:
+                        hv.close()
     finally:
         target.close()
+    res.timings = {"connect": opened, **res.timings}  # the two ssh logins, overlapped
+    return res
 
 
 def _mib(n: int) -> str:
@@ -219,6 +224,8 @@ def _seconds(text: str | None, default: float) -> float:
 
 
 def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> int:
+    from vmdr.jobs.mirror import MirrorOptions, Supervisor  # not on a cycle's path
+
     if spec.feed != "direct":
         raise UsageError("a continuous mirror reads the running VM: --feed direct")
     opts = MirrorOptions(
@@ -249,6 +256,8 @@ def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: 
 def cmd_stop(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
     if len(vms) != 1:
         raise UsageError("usage: vmdr replicate stop VM (one VM whose mirror runs here)")
+    from vmdr.jobs.mirror import abort_leftover, stop_supervisor
+
     vm = vms[0]
     try:
         doc = stop_supervisor(vm)

@@ -117,10 +117,20 @@ class CycleResult:
     duration_s: float = 0.0
     consistency: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # seconds per step (begin, backup, serve, copy, commit...): where a cycle's time goes
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, step: str, since: float) -> float:
+        """Add the time since ``since`` to ``step``; the time now (for the next lap)."""
+        now = time.monotonic()
+        self.timings[step] = self.timings.get(step, 0.0) + now - since
+        return now
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 3) if isinstance(v, float) else v)
-                for k, v in self.__dict__.items()}
+        out = {k: (round(v, 3) if isinstance(v, float) else v)
+               for k, v in self.__dict__.items()}
+        out["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return out
 
 
 def redact_uri(uri: str) -> str:
@@ -331,16 +341,19 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
     direct cycle reads the whole VM here, hashes each 4 MiB chunk and sends only the
     chunks whose ID differs from the list saved with the standby."""
     res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "direct")
-    t0 = time.monotonic()
+    t0 = lap = time.monotonic()
     with _Locks(spec, hv.uri):
         info = hv.domain(spec.vm)  # DomainNotFound: exit 11
+        lap = res.lap("source", lap)
         free, st, _ = begin(site, spec.directory)
+        lap = res.lap("begin", lap)
         if st is not None and st.source_uuid != info.uuid:
             raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
                              f"({st.vm}, {st.source_uuid}); use another --dir")
         defined = _check_standby(target, spec, st)
         src_xml = hv.lookup(spec.vm).xml(inactive=True)
         networks = check_networks(target, src_xml, spec.network_map)
+        lap = res.lap("checks", lap)
         prefix = replica_prefix(spec.target_uri, spec.directory)
         scratch = os.path.join(spec.scratch_dir, "replica-" + prefix[-12:])
         for what in hv.cleanup_leftovers(spec.vm, prefix, scratch):
@@ -355,6 +368,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
         session = hv.backup(info, checkpoint_prefix=prefix, scratch_dir=scratch,
                             disks=wanted, incremental_from=inc_from, quiesce=quiesce)
         with session as s:
+            lap = res.lap("backup_start", lap)
             res.consistency = s.consistency
             res.warnings.extend(s.warnings)
             sources = [d for d in s.disks if d.info.target in wanted]
@@ -371,9 +385,11 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
             # only the disks with something to write are served (an idle disk costs nothing)
             busy = {d.info.target for d in sources if d.info.target in known
                     or any(e.is_data or not d.incremental for e in plan[d.info.target])}
+            lap = res.lap("plan", lap)
             try:
                 exports = _serve(site, st, [(t, paths[t], fresh.get(t), t in busy)
                                             for t in paths])
+                lap = res.lap("serve", lap)
                 if exports is not None:
                     try:
                         for d in sources:
@@ -389,6 +405,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
                         exports.close(flush=False)
                         raise
                     exports.close()
+                    lap = res.lap("copy", lap)
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
                         networks, _nvram(hv, info, res.warnings), t0,
                         {"checkpoint": s.checkpoint, "checkpoint_xml": s.checkpoint_xml},
@@ -396,7 +413,9 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
             except VmdrError as exc:
                 _record(site, st, res, started, t0, exc.message)
                 raise
+            lap = res.lap("commit", lap)
             s.commit()
+        res.lap("backup_end", lap)
     return res
 
 

@@ -53,8 +53,9 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
     """One repository-feed cycle: the newest snapshot of the VM into the standby, moving
     only the chunks that differ from the standby's current content."""
     res = CycleResult(spec.vm, spec.standby, redact_uri(spec.target_uri), "repository")
-    t0 = time.monotonic()
+    t0 = lap = time.monotonic()
     snap = newest_snapshot(repo, spec.vm, ref)
+    lap = res.lap("snapshot", lap)
     cfg = snap.meta.get("config") or {}
     src_xml = str(cfg.get("domain_xml") or "")
     if not src_xml:
@@ -63,12 +64,14 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
         names = [chunks_path(spec, d.name).rsplit("/", 1)[1] for d in snap.disks]
         free, st, lists = begin(site, spec.directory, names)
         saved = {d.name: lists[i] for i, d in enumerate(snap.disks)}
+        lap = res.lap("begin", lap)
         uuid = str(cfg.get("uuid") or "")
         if st is not None and uuid and st.source_uuid != uuid:
             raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
                              f"({st.vm}); use another --dir")
         defined = _check_standby(target, spec, st)
         networks = check_networks(target, src_xml, spec.network_map)
+        lap = res.lap("checks", lap)
         if st is not None and st.snapshot == snap.id and not st.writing and defined:
             res.points = [p.name for p in st.points]
             res.point = st.newest.name if st.newest else None
@@ -93,8 +96,10 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
             need = sum(repo.chunk_size for d in disks for i in todo[d.name]
                        if d.chunks[i] != HOLE)
             need_space(site, spec.directory, need, free)
+            lap = res.lap("plan", lap)
             exports = _serve(site, st, [(d.name, paths[d.name], fresh.get(d.name),
                                          bool(todo[d.name])) for d in disks])
+            lap = res.lap("serve", lap)
             if exports is not None:
                 try:
                     for d in disks:
@@ -105,6 +110,7 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
                     exports.close(flush=False)
                     raise
                 exports.close()
+                lap = res.lap("copy", lap)
             nvram = base64.b64decode(cfg["nvram"]) if cfg.get("nvram") else None
             _finish(site, target, spec, st, res, snap.time, paths, defined, src_xml,
                     networks, nvram, t0,
@@ -114,6 +120,7 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
         except VmdrError as exc:
             _record(site, st, res, started, t0, exc.message)
             raise
+        res.lap("commit", lap)
     return res
 
 

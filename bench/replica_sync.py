@@ -1,0 +1,280 @@
+"""Issue 11: a replica cycle after ~1 % of the data disk changed vs a full ``vmdr restore``
+of the same VM, both feeds, at the test guest's size and at 4 GiB (section
+``replica-sync`` of docs/benchmarks.md; ``bench/replica.py`` keeps the RPO runs).
+
+Two libvirt hosts in network namespaces (tests/multihost): the guest on h1, the DR host h2
+reached over ssh on the test network; every vmdr command runs inside h1, nothing contacts
+a test address from the root namespace. Per size, in one run: a repository on h1, a full
+backup, the two seeds (direct, repository), then ``--runs`` rounds of
+
+1. ``vmdr restore`` of the VM from the repository (full, cold cache);
+2. a direct cycle and a repository cycle with nothing changed (the fixed cost);
+3. the guest rewrites 1 % of its data disk (``dd if=/dev/urandom of=/dev/vdb
+   oflag=direct`` through the guest agent, a new place each round);
+4. a direct cycle (cold cache), an incremental ``vmdr backup``, a repository cycle (cold).
+
+Figures are medians over the rounds; every cycle's own step timings (``timings`` in its
+``--json``) give the profile. The sources are byte-compiled first, as an installed
+package is (this session runs Python with PYTHONDONTWRITEBYTECODE, so a checkout would
+compile every module on every command). Run as root under ``flock /tmp/vmdr-bench.lock
+flock /tmp/vmdr-heavy.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _util import drop_caches, replace_section  # noqa: E402
+from tests.multihost.cluster import Cluster  # noqa: E402
+from tests.multihost.hosts import Host  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+PY = [sys.executable, "-m", "vmdr.cli.main"]
+DR_ROOT = "/var/lib/libvirt/images/vmdr-replicas"
+LIMIT = 0.2
+
+
+def vmdr(h: Host, *args: str, timeout: float = 1800) -> dict[str, Any]:
+    p = h.run(*PY, *args, "--json", check=False, timeout=timeout)
+    if p.returncode != 0:
+        raise SystemExit(f"vmdr {' '.join(args[:2])} failed: {p.stderr.strip()[-800:]}")
+    out: dict[str, Any] = json.loads(p.stdout)
+    return out
+
+
+def cold(h: Host, *args: str) -> tuple[float, dict[str, Any]]:
+    drop_caches()
+    t0 = time.monotonic()
+    r = vmdr(h, *args)
+    return time.monotonic() - t0, r
+
+
+def guest_dd(h: Host, dom: str, mib: int, seek_mib: int) -> None:
+    """The guest rewrites ``mib`` MiB of vdb from ``seek_mib`` with random bytes."""
+    from vmdr.hypervisor import connect
+
+    hv = connect(h.uri)
+    try:
+        r = hv.lookup(dom).guest_exec(
+            ["/bin/dd", "if=/dev/urandom", "of=/dev/vdb", "bs=1M", f"count={mib}",
+             f"seek={seek_mib}", "oflag=direct", "iflag=fullblock"], timeout=600)
+        if r.exitcode != 0:
+            raise SystemExit(f"dd in the guest failed: {r.stderr}")
+    finally:
+        hv.close()
+
+
+def one_size(image: Path | None, runs: int) -> dict[str, Any]:
+    res: dict[str, Any] = {"image": str(image) if image else None, "runs": runs,
+                           "rounds": []}
+    with Cluster(hosts=2, etcd=False, sshd=True) as c, \
+            tempfile.TemporaryDirectory(prefix="vmdr-bench-sync-", dir="/var/tmp") as tmp:
+        h1, h2 = c.hosts
+        g = c.new_guest(local_to=h1, writer_rate=0)
+        if image is not None:
+            subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
+                            str(image), str(g.data_disk)], check=True)
+            os.chmod(g.data_disk, 0o644)
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json",
+                                          str(g.data_disk)], check=True, text=True,
+                                         capture_output=True).stdout)
+        res.update(data_virtual=info["virtual-size"], data_allocated=info["actual-size"])
+        g.start(h1)
+        g.wait_heartbeat(180)
+        pw = Path(tmp) / "pw"
+        pw.write_text("bench passphrase\n")
+        pw.chmod(0o600)
+        os.environ.update(VMDR_REPO=f"{tmp}/repo", VMDR_PASSWORD_FILE=str(pw),
+                          VMDR_LOCK_DIR=f"{tmp}/locks")
+        vmdr(h1, "repo", "init")
+        to = c.ssh_uri(h2) + "&known_hosts=/dev/null"
+        vmdr(h1, "backup", g.name)
+        common = ["replicate", g.name, "--to", to, "--dir", DR_ROOT, "--points", "5"]
+        rcommon = ["replicate", g.name, "--to", to, "--dir", DR_ROOT + "-repo", "--feed",
+                   "repository", "--points", "3", "--standby-name", f"{g.name}-rrepo"]
+        res["seed_direct_s"], _ = cold(h1, *common)
+        res["seed_repo_s"], _ = cold(h1, *rcommon)
+        mib = max(1, round(res["data_virtual"] / (1 << 20) / 100))
+        res["changed_mib"] = mib
+        ssh, cli = [], []
+        for _ in range(3):
+            t0 = time.monotonic()
+            h1.run(*c.ssh_command(h2), "true", timeout=60)
+            ssh.append(time.monotonic() - t0)
+            t0 = time.monotonic()
+            h1.run(*PY, "--version", timeout=60)
+            cli.append(time.monotonic() - t0)
+        res["ssh_s"], res["cli_start_s"] = statistics.median(ssh), statistics.median(cli)
+        for i in range(runs):
+            rd: dict[str, Any] = {}
+            rd["restore_s"], _ = cold(h1, "restore", g.name, "--target-dir",
+                                      f"{tmp}/restored", "--name", f"{g.name}-r")
+            h1.virsh("undefine", f"{g.name}-r", check=False)
+            subprocess.run(["rm", "-rf", f"{tmp}/restored"], check=True)
+            rd["idle_direct_s"], r = cold(h1, *common)
+            rd["idle_direct"] = r["results"][0]
+            vmdr(h1, "backup", g.name)
+            rd["idle_repo_s"], r = cold(h1, *rcommon)
+            rd["idle_repo"] = r["results"][0]
+            # a new place each round, past the start of the disk (file system metadata)
+            seek = (res["data_virtual"] >> 20) // 4 + i * 2 * mib
+            guest_dd(h1, g.name, mib, seek)
+            rd["direct_s"], r = cold(h1, *common)
+            rd["direct"] = r["results"][0]
+            t0 = time.monotonic()
+            drop_caches()
+            vmdr(h1, "backup", g.name)
+            rd["backup_inc_s"] = time.monotonic() - t0
+            rd["repo_s"], r = cold(h1, *rcommon)
+            rd["repo"] = r["results"][0]
+            res["rounds"].append(rd)
+            print(json.dumps({k: v for k, v in rd.items() if k.endswith("_s")}), flush=True)
+    return res
+
+
+def med(rounds: list[dict[str, Any]], key: str, sub: str | None = None) -> float:
+    if sub is None:
+        return statistics.median(float(r[key]) for r in rounds)
+    return statistics.median(float(r[key].get(sub, 0.0)) for r in rounds)
+
+
+def med_timings(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
+    steps: list[str] = []
+    for r in rounds:
+        steps += [s for s in r[key].get("timings", {}) if s not in steps]
+    return {s: statistics.median(float(r[key].get("timings", {}).get(s, 0.0))
+                                 for r in rounds) for s in steps}
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    rounds = r["rounds"]
+    out: dict[str, Any] = {k: r[k] for k in ("data_virtual", "data_allocated", "changed_mib",
+                                              "seed_direct_s", "seed_repo_s", "ssh_s",
+                                              "cli_start_s", "runs")}
+    for k in ("restore_s", "idle_direct_s", "idle_repo_s", "direct_s", "repo_s",
+              "backup_inc_s"):
+        out[k] = med(rounds, k)
+        out[k + "_all"] = [round(float(x[k]), 2) for x in rounds]
+    for feed in ("direct", "repo"):
+        out[f"{feed}_bytes"] = med(rounds, feed, "bytes_moved")
+        out[f"{feed}_timings"] = med_timings(rounds, feed)
+        out[f"idle_{feed}_timings"] = med_timings(rounds, f"idle_{feed}")
+        out[f"{feed}_ratio"] = statistics.median(x[f"{feed}_s"] / x["restore_s"]
+                                                 for x in rounds)
+    return out
+
+
+def _size(s: dict[str, Any]) -> str:
+    gib = s["data_virtual"] / (1 << 30)
+    return f"{gib:.0f} GiB" if gib >= 1 else f"{s['data_virtual'] >> 20} MiB"
+
+
+def _profile(t: dict[str, float], wall: float) -> str:
+    inner = sum(t.values())
+    parts = [f"{k} {v:.2f}" for k, v in t.items() if v >= 0.005]
+    return (f"{wall:.2f} s wall = {wall - inner:.2f} start-up and exit + "
+            + " + ".join(parts))
+
+
+def render(sizes: list[dict[str, Any]]) -> str:
+    mib = 1 << 20
+    rows = ["| data disk | measure | vmdr (median of the rounds) | limit | |",
+            "|---|---|---|---|---|"]
+    notes = []
+    for s in sizes:
+        base, name = s["restore_s"], _size(s)
+        rows.append(f"| {name} ({s['data_allocated'] / 1e9:.2f} GB allocated) | full `vmdr "
+                    f"restore` of the VM, cold cache | {base:.2f} s "
+                    f"({', '.join(f'{x:.2f}' for x in s['restore_s_all'])}) | baseline | |")
+        for feed, what in (("direct", "direct feed (dirty bitmaps, host to host over ssh)"),
+                           ("repo", "repository feed (the incremental backup's changed "
+                                    "chunks)")):
+            t, ratio = s[f"{feed}_s"], s[f"{feed}_ratio"]
+            ok = "**met**" if ratio <= LIMIT else "**not met**"
+            rows.append(
+                f"| {name} | replica sync after the guest rewrote {s['changed_mib']} MiB (1 %), "
+                f"{what}, cold cache | {t:.2f} s = **{ratio:.2f}×** restore, "
+                f"{s[f'{feed}_bytes'] / mib:.1f} MiB moved "
+                f"({', '.join(f'{x:.2f}' for x in s[f'{feed}_s_all'])} s) | ≤ {LIMIT}× "
+                f"restore | {ok} |")
+        rows.append(f"| {name} | cycle with nothing changed (the fixed cost), direct / "
+                    f"repository | {s['idle_direct_s']:.2f} s / {s['idle_repo_s']:.2f} s | — "
+                    "| |")
+        rows.append(f"| {name} | first sync (seed), direct / repository | "
+                    f"{s['seed_direct_s']:.1f} s / {s['seed_repo_s']:.1f} s | — | |")
+        notes.append(
+            f"* {name}, 1 % changed: direct {_profile(s['direct_timings'], s['direct_s'])}; "
+            f"repository {_profile(s['repo_timings'], s['repo_s'])}. Nothing changed: direct "
+            f"{_profile(s['idle_direct_timings'], s['idle_direct_s'])}. One ssh login "
+            f"(`ssh h2 true`) {s['ssh_s']:.2f} s; `vmdr --version` {s['cli_start_s']:.2f} s.")
+    return "\n".join([
+        "### Replica sync after a 1 % change vs a full restore",
+        "",
+        "`python bench/replica_sync.py --runs 3 --image bench/work/image-4g.raw` under "
+        "`flock /tmp/vmdr-bench.lock flock /tmp/vmdr-heavy.lock`: the harness above (two "
+        "libvirt hosts in network namespaces, the DR host over ssh on a veth bridge, TCG "
+        "guest), writer off. Two guests one after the other: the test estate's (64 MiB "
+        "boot + 256 MiB data disk) and the same with bench/run.py's 4 GiB ext4 image as "
+        "its data disk (files from /usr/lib and /usr/share plus 300 MiB of random bytes). "
+        "Per round: a full restore from a local repository, the guest rewrites 1 % of its "
+        "data disk with random bytes (`dd oflag=direct` through the guest agent, a new "
+        "place each round), a direct cycle, an incremental backup, a repository cycle; "
+        "page cache dropped before every timed command; the ratio is per round, then the "
+        "median. Sources byte-compiled first, as an installed package is.",
+        "",
+        *rows,
+        "",
+        "Where a cycle's time goes (medians; each step as the cycle's `--json` "
+        "`timings` report it: `connect` = libvirt's qemu+ssh connection and the control "
+        "master, overlapped; `begin` = the first command at the DR host (directory, free "
+        "space, state); `backup_start` = libvirt's pull-mode backup job, checkpoint and "
+        "guest freeze/thaw; `serve` = the state marked, the NBD exports of the changed "
+        "disks started and forwarded; `copy` = reading the changes and writing them "
+        "through ssh; `commit` = the restore point, rotation and state in one command; "
+        "`backup_end` = the backup job ended and the checkpoint committed):",
+        "",
+        *notes,
+        "",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="rounds per size (median)")
+    ap.add_argument("--image", type=Path, default=ROOT / "bench" / "work" / "image-4g.raw",
+                    help="raw 4 GiB data-disk image (bench/vm_backup.py builds it)")
+    ap.add_argument("--size", choices=("small", "large", "both"), default="both")
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args()
+    if a.size != "small" and not a.image.exists():
+        raise SystemExit(f"{a.image} is missing: build it with bench/vm_backup.py --runs 1")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "vmdr")],
+                   check=True, stdout=subprocess.DEVNULL)
+    work = ROOT / "bench" / "work"
+    work.mkdir(exist_ok=True)
+    sizes = []
+    for which in ("small", "large"):
+        if a.size in (which, "both"):
+            raw = one_size(a.image if which == "large" else None, a.runs)
+            (work / f"replica-sync-{which}.json").write_text(json.dumps(raw, indent=1))
+            sizes.append(summary(raw))
+            print(json.dumps(sizes[-1], indent=1), flush=True)
+    if not a.no_doc and a.size == "both":
+        replace_section(DOC, "replica-size", render(sizes), "Benchmarks")
+
+
+if __name__ == "__main__":
+    main()
