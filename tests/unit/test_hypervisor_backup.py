@@ -387,3 +387,37 @@ def test_offline_orphans_via_qemu_img() -> None:
         assert len(ran) == 2  # raw disk not inspected
     finally:
         fl.uninstall()
+
+
+def test_offline_incremental_reads_the_checkpoints_qcow2_bitmaps(
+        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped domain (a planned failover's final replica cycle) is read from its
+    checkpoint's persistent bitmaps, not in full; raw disks and a bitmap qemu-nbd refuses
+    (QEMU did not stop cleanly) are read in full."""
+    with _backup(env) as s:
+        s.commit()
+    cp = s.checkpoint
+    env["dom"].active = False
+    opened: list[tuple[str, str | None]] = []
+    refuse: set[str] = set()
+
+    def reader(d: Any, lock: bool = False, bitmap: str | None = None) -> StubReader:
+        if bitmap is not None and d.target in refuse:
+            raise HypervisorError(f"{d.target}: NBD connect failed: bitmap is inconsistent")
+        opened.append((d.target, bitmap))
+        return StubReader(f"qemu:dirty-bitmap:{bitmap}" if bitmap else "file")
+
+    monkeypatch.setattr(backup_mod, "_image_reader", reader)
+    with _backup(env, now=T1, incremental_from=cp) as s:
+        assert s.method == "offline" and s.checkpoint is None
+        assert {d.info.target: d.incremental for d in s.disks} == {"vda": True, "vdb": False}
+        assert opened == [("vda", cp), ("vdb", None)]
+        assert any("vdb: full read" in w for w in s.warnings)
+        s.commit()
+    assert list(env["dom"].checkpoints) == [cp]  # kept: the next read starts from it again
+    refuse.add("vda")
+    opened.clear()
+    with _backup(env, now=T1, incremental_from=cp) as s:
+        assert not any(d.incremental for d in s.disks)
+        assert opened == [("vda", None), ("vdb", None)]
+        assert any("vda: full read (bitmap" in w and "inconsistent" in w for w in s.warnings)

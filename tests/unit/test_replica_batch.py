@@ -130,3 +130,54 @@ def test_the_scripts_for_real_on_a_local_site(tmp_path: Path,
     assert cmp.returncode == 1  # a holds the written block
     with pytest.raises(HypervisorError, match=r"missing\.qcow2"):
         site.commit([], "rp-3", [str(d / "missing.qcow2")], [])
+
+
+class _OfflineJob:
+    """A stopped VM's read: the changes since the checkpoint (its qcow2 bitmaps), no new
+    checkpoint (libvirt makes none offline)."""
+
+    method, consistency, checkpoint, checkpoint_xml = "offline", "crash", None, None
+
+    def __init__(self, disks: list[Any]) -> None:
+        self.disks, self.warnings, self.committed = disks, [], False
+
+    def commit(self) -> None:
+        self.committed = True
+
+    def __enter__(self) -> _OfflineJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_stopped_vm_is_read_from_its_last_checkpoint_not_in_full() -> None:
+    """The planned failover's final cycle: the source is shut down; only what changed
+    since the last cycle moves, and the next cycle reads from the same checkpoint."""
+    from tests.unit.test_replica import _Reader
+    from vmdr.hypervisor import DiskSource
+
+    src, target, site, spec = _env()
+    src.write(0, b"\x01" * 8 * BLOCK)
+    rep.replicate_direct(src, target, site, spec)
+    cp = _state(site).checkpoint
+    src.write(40 * BLOCK, b"\x02" * BLOCK)  # written before the shutdown
+    src.lookup("web").destroy()
+    online_backup = src.backup
+    offline: list[str] = []
+
+    def offline_backup(info: Any, **kw: Any) -> Any:
+        if info.running:
+            return online_backup(info, **kw)
+        inc = kw.get("incremental_from")
+        offline.append(str(inc))
+        assert inc == cp, "a stopped VM must still be read from the replica's checkpoint"
+        d = next(x for x in info.disks if x.target == "vda")
+        return _OfflineJob([DiskSource(d, True, _Reader(bytearray(src.disk),
+                                                         set(src.cps[inc])))])
+
+    src.backup = offline_backup  # type: ignore[method-assign]
+    final = rep.replicate_direct(src, target, site, spec)
+    assert offline == [cp] and final.mode == "incremental" and final.bytes_moved == BLOCK
+    assert site.images["/dr/web/web-replica-vda.qcow2"] == src.disk
+    assert _state(site).checkpoint == cp  # the next cycle reads from it again

@@ -23,7 +23,7 @@ from .cleanup import abort_backup_job, job_uses_socket
 from .domain import DiskInfo, DomainInfo
 from .errors import libvirt_errors
 from .hostfiles import HostFiles, LocalFiles, RemoteFiles
-from .nbd import BASE_ALLOCATION, dirty_context, unix_export
+from .nbd import BASE_ALLOCATION, Reader, dirty_context, unix_export
 from .session import (
     MAX_SOCKET_PATH,
     SOCKET_NAME,
@@ -388,14 +388,35 @@ class BackupSession:
     # -- offline -----------------------------------------------------------------------------
 
     def _start_offline(self, selected: list[DiskInfo]) -> None:
+        """Read the stopped domain's images; with ``incremental_from``, only what the
+        checkpoint's persistent qcow2 bitmap marks (a disk without a usable one: in full).
+        No new checkpoint is made: the next run reads from the same one again."""
+        inc = self.opts.incremental_from
+        with libvirt_errors(f"checkpoint {inc}"):
+            bitmaps_ = checkpoints.offline_bitmaps(self._dom, selected,
+                                                   self.opts.checkpoint_prefix, inc)
         for d in selected:
             if d.type not in ("file", "block") or d.source is None:
                 self._skip(d, f"type='{d.type}' cannot be read while the domain is stopped")
                 continue
-            if isinstance(self._files, RemoteFiles):
-                reader = self._files.image_reader(d, self.workdir)
-            else:
-                reader = _image_reader(d, lock=True)
-            self.disks.append(DiskSource(d, False, reader))
+            bm = bitmaps_.get(d.target)
+            if bm is not None:
+                try:
+                    self.disks.append(DiskSource(d, True, self._offline_reader(d, bm)))
+                    continue
+                except HypervisorError as exc:
+                    self.warnings.append(f"disk {d.target}: full read (bitmap {bm} not "
+                                         f"usable: {exc})")
+            elif inc is not None:
+                self.warnings.append(f"disk {d.target}: full read (no bitmap of checkpoint "
+                                     f"{inc} for it)")
+            self.disks.append(DiskSource(d, False, self._offline_reader(d, None)))
+
+    def _offline_reader(self, d: DiskInfo, bitmap: str | None) -> Reader:
+        if isinstance(self._files, RemoteFiles):
+            return self._files.image_reader(d, self.workdir, bitmap)
+        if bitmap is None:
+            return _image_reader(d, lock=True)
+        return _image_reader(d, lock=True, bitmap=bitmap)
 
 

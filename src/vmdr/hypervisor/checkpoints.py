@@ -120,6 +120,37 @@ def decide(
     return out
 
 
+def offline_bitmaps(dom: Any, disks: Iterable[DiskInfo], prefix: str,
+                    incremental_from: str | None) -> dict[str, str | None]:
+    """Per disk target of a *stopped* domain: the qcow2 bitmap that holds its changes since
+    checkpoint ``incremental_from`` (libvirt's persistent bitmap, saved in the image when
+    QEMU stopped), or None to read the disk in full. libvirt cannot size bitmaps offline,
+    so this only checks that the checkpoint is ours, covers the disk with a bitmap and
+    recorded the disk's present size; a missing or inconsistent bitmap (QEMU did not stop
+    cleanly) is refused by ``qemu-nbd --bitmap`` when it is opened, and the caller then
+    reads that disk in full."""
+    disks = list(disks)
+    none: dict[str, str | None] = {d.target: None for d in disks}
+    if incremental_from is None or not is_ours(incremental_from, prefix):
+        return none
+    cp = _lookup(dom, incremental_from)
+    if cp is None:
+        return none
+    m = lv()
+    with libvirt_errors(f"checkpoint {incremental_from}"):
+        xml = str(cp.getXMLDesc(m.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+    root = parse_xml(xml)
+    sizes = parse_checkpoint(xml).sizes
+    out = dict(none)
+    for d in disks:
+        el = next((e for e in root.findall("./disks/disk") if e.get("name") == d.target), None)
+        if (el is None or el.get("checkpoint") != "bitmap" or not wants_bitmap(d)
+                or d.virtual_size is None or sizes.get(d.target) != d.virtual_size):
+            continue
+        out[d.target] = el.get("bitmap") or incremental_from
+    return out
+
+
 def _lookup(dom: Any, name: str) -> Any:
     """The checkpoint object, or None if the domain has no checkpoint of that name."""
     try:

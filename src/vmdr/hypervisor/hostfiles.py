@@ -82,10 +82,10 @@ exec flock -n -E 75 -- "$1" true
 _TAR = r"""[ -d "$1" ] || exit 3
 exec tar -C "$1" --format=pax -cf - .
 """
-_QEMU_NBD = r"""sock=$1; fmt=$2; img=$3
+_QEMU_NBD = r"""sock=$1; fmt=$2; img=$3; bm=${4:-}
 rm -f -- "$sock"
-qemu-nbd --read-only --persistent --shared=16 --format="$fmt" --socket="$sock" -- "$img" \
-  >/dev/null &
+qemu-nbd --read-only --persistent --shared=16 --format="$fmt" --socket="$sock" \
+  ${bm:+"--bitmap=$bm"} -- "$img" >/dev/null &
 p=$!
 n=0
 while [ ! -S "$sock" ]; do
@@ -267,18 +267,21 @@ class RemoteFiles:
     def connectable(self, socket_path: str, name: str) -> str:
         return self.host.forward(name, socket_path)
 
-    def image_reader(self, d: DiskInfo, workdir: str) -> Reader:
-        """A stopped domain's image through a remote read-only qemu-nbd (QEMU's locks)."""
+    def image_reader(self, d: DiskInfo, workdir: str, bitmap: str | None = None) -> Reader:
+        """A stopped domain's image through a remote read-only qemu-nbd (QEMU's locks);
+        with ``bitmap``, only what that qcow2 dirty bitmap marks."""
         assert d.source is not None
         sock = posixpath.join(workdir, f"{d.target}.nbd")
-        proc = self.host.spawn(_QEMU_NBD, sock, d.format or "raw", d.source, ready="ready")
+        proc = self.host.spawn(_QEMU_NBD, sock, d.format or "raw", d.source, bitmap or "",
+                               ready="ready")
         try:
             local = self.host.forward(f"{d.target}.sock", sock)
 
             def connect(h: Any) -> None:
                 h.connect_unix(local)
 
-            reader = NbdReader(connect, BASE_ALLOCATION, label=d.target)
+            ctx = f"qemu:dirty-bitmap:{bitmap}" if bitmap else BASE_ALLOCATION
+            reader = NbdReader(connect, ctx, label=d.target)
         except BaseException:
             self.host.release(proc)
             raise

@@ -201,14 +201,19 @@ def unix_export(socket_path: str, export: str, context: str) -> NbdReader:
     return NbdReader(connect, context, label=export)
 
 
-def image_export(path: str, fmt: str, *, label: str) -> NbdReader:
-    """A reader for an image file through a read-only ``qemu-nbd`` (socket activation)."""
-    argv = ["qemu-nbd", "--read-only", f"--format={fmt}", path]
+def image_export(path: str, fmt: str, *, label: str, bitmap: str | None = None) -> NbdReader:
+    """A reader for an image file through a read-only ``qemu-nbd`` (socket activation);
+    with ``bitmap``, its extents are that qcow2 dirty bitmap's (an incremental read)."""
+    argv = ["qemu-nbd", "--read-only", f"--format={fmt}"]
+    if bitmap:
+        argv.append(f"--bitmap={bitmap}")
+    argv.append(path)
 
     def connect(h: Any) -> None:
         h.connect_systemd_socket_activation(argv)
 
-    return NbdReader(connect, BASE_ALLOCATION, label=label)
+    ctx = f"qemu:dirty-bitmap:{bitmap}" if bitmap else BASE_ALLOCATION
+    return NbdReader(connect, ctx, label=label)
 
 
 # QEMU's image locking (block/file-posix.c): byte 100+bit is held for each permission a

@@ -60,13 +60,13 @@ class BackupOptions:
     now: datetime | None = None
 
 
-def image_reader(d: DiskInfo, *, lock: bool = False) -> Reader:
+def image_reader(d: DiskInfo, *, lock: bool = False, bitmap: str | None = None) -> Reader:
     """Raw images are read directly (``lock``: as QEMU would lock them); others via qemu-nbd,
-    which takes QEMU's own locks."""
+    which takes QEMU's own locks (``bitmap``: only what that qcow2 bitmap marks)."""
     assert d.source is not None
     if (d.format or "raw") == "raw":
         return FileReader(d.source, label=d.target, lock=lock)
-    return image_export(d.source, d.format or "raw", label=d.target)
+    return image_export(d.source, d.format or "raw", label=d.target, bitmap=bitmap)
 
 
 def pull_backup_xml(all_disks: Sequence[DiskInfo], selected: Sequence[DiskInfo],

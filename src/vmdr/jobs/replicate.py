@@ -313,13 +313,16 @@ def _record(site: Site, st: ReplicaState, res: CycleResult, started: datetime, t
 
 def _incremental_from(hv: Hypervisor, info: Any, st: ReplicaState | None,
                       warnings: list[str]) -> str | None:
-    if st is None or st.feed != "direct" or st.checkpoint is None or not info.running:
+    if st is None or st.feed != "direct" or st.checkpoint is None:
         return None
     if st.writing:
         warnings.append("the last cycle was interrupted while writing: re-reading everything")
         return None
     if st.checkpoint in hv.list_checkpoints(info, st.prefix):
-        return st.checkpoint
+        return st.checkpoint  # a stopped VM too: its qcow2 bitmaps hold the changes
+    if not info.running:
+        warnings.append(f"checkpoint {st.checkpoint} is gone: reading the stopped VM in full")
+        return None
     if st.checkpoint_xml:
         try:
             hv.redefine_checkpoint(info, st.checkpoint_xml)
@@ -408,7 +411,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
                     lap = res.lap("copy", lap)
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
                         networks, _nvram(hv, info, res.warnings), t0,
-                        {"checkpoint": s.checkpoint, "checkpoint_xml": s.checkpoint_xml},
+                        _position(s, inc_from, st),
                         checkpoint=s.checkpoint)
             except VmdrError as exc:
                 _record(site, st, res, started, t0, exc.message)
@@ -417,6 +420,15 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
             s.commit()
         res.lap("backup_end", lap)
     return res
+
+
+def _position(s: Any, inc_from: str | None, st: ReplicaState) -> dict[str, Any]:
+    """The source checkpoint the new point matches. A stopped VM's read makes none (libvirt
+    cannot add a checkpoint offline): the one it read from stays, its bitmaps keep
+    tracking every change since, so the next cycle re-reads from there."""
+    if s.checkpoint is None and inc_from is not None and s.method == "offline":
+        return {"checkpoint": inc_from, "checkpoint_xml": st.checkpoint_xml}
+    return {"checkpoint": s.checkpoint, "checkpoint_xml": s.checkpoint_xml}
 
 
 def _nvram(hv: Hypervisor, info: Any, warnings: list[str]) -> bytes | None:
