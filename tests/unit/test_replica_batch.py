@@ -181,3 +181,32 @@ def test_a_stopped_vm_is_read_from_its_last_checkpoint_not_in_full() -> None:
     assert offline == [cp] and final.mode == "incremental" and final.bytes_moved == BLOCK
     assert site.images["/dr/web/web-replica-vda.qcow2"] == src.disk
     assert _state(site).checkpoint == cp  # the next cycle reads from it again
+
+
+def test_read_ahead_keeps_order_skips_holes_and_bounds_reads_in_flight() -> None:
+    import threading
+    import time
+
+    started: list[int] = []
+    sent: list[int] = []
+    lock = threading.Lock()
+
+    def read(off: int, ln: int) -> bytes:
+        with lock:
+            started.append(off)
+            assert len(started) - len(sent) <= 3 + 1, "more than depth reads ahead"
+        time.sleep(0.002)
+        return bytes([off % 251]) * ln
+
+    spans = [(i * 10, 10, i % 4 != 1) for i in range(40)]
+    out = []
+    for off, ln, data in rep.read_ahead(read, spans, depth=3):
+        with lock:
+            sent.append(off)
+        out.append((off, ln, data))
+    assert [o for o, _l, _d in out] == [s[0] for s in spans]
+    assert all((d is None) == (not w) for (_o, _l, d), (_s, _n, w) in zip(out, spans,
+                                                                          strict=True))
+    assert all(d == bytes([o % 251]) * 10 for o, _l, d in out if d is not None)
+    assert sorted(started) == [s[0] for s in spans if s[2]]
+    assert list(rep.read_ahead(read, [])) == []

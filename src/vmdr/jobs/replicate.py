@@ -30,7 +30,9 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -540,20 +542,46 @@ def _copy_by_chunks(w: DiskWriter, d: DiskSource, extents: Sequence[Any], known:
             res.bytes_moved += ln
 
 
+READ_AHEAD = 3  # pieces (of up to 4 MiB) read from the source while the last one is sent
+
+
+def read_ahead(read: Callable[[int, int], bytes], spans: Sequence[tuple[int, int, bool]],
+               depth: int = READ_AHEAD) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(offset, length, data)`` for every span in order, ``data`` None for a span not
+    to be read; a helper thread reads up to ``depth`` spans ahead, so reading the source
+    overlaps sending to the target (compression and the network)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="vmdr-replica-read") as pool:
+        todo = iter(spans)
+        ahead: deque[tuple[int, int, Future[bytes] | None]] = deque()
+
+        def more() -> None:
+            for off, ln, wanted in todo:
+                ahead.append((off, ln, pool.submit(read, off, ln) if wanted else None))
+                if wanted:
+                    return
+
+        for _ in range(depth):
+            more()
+        while ahead:
+            off, ln, fut = ahead.popleft()
+            if fut is not None:
+                more()
+            yield off, ln, None if fut is None else fut.result()
+
+
 def _copy_disk(w: DiskWriter, d: DiskSource, extents: Sequence[Any], fresh: bool,
                res: CycleResult) -> None:
     zero = bytes(CHUNK)
+    spans: list[tuple[int, int, bool]] = []
     for e in extents:
-        if not e.is_data:
-            if not d.incremental and not fresh:  # a full over old content: clear holes
-                w.zero(e.offset, e.length)
-                res.bytes_zeroed += e.length
-            continue
-        for off, ln in pieces([(e.offset, e.length)]):
-            data = d.read(off, ln)
-            if data == zero[:ln]:
-                w.zero(off, ln)
-                res.bytes_zeroed += ln
-            else:
-                w.write(off, data)
-                res.bytes_moved += ln
+        if e.is_data:
+            spans.extend((off, ln, True) for off, ln in pieces([(e.offset, e.length)]))
+        elif not d.incremental and not fresh:  # a full over old content: clear holes
+            spans.append((e.offset, e.length, False))
+    for off, ln, data in read_ahead(d.read, spans):
+        if data is None or data == zero[:ln]:
+            w.zero(off, ln)
+            res.bytes_zeroed += ln
+        else:
+            w.write(off, data)
+            res.bytes_moved += ln
