@@ -140,6 +140,10 @@ def one_size(image: Path | None, runs: int) -> dict[str, Any]:
             rd["backup_inc_s"] = time.monotonic() - t0
             rd["repo_s"], r = cold(h1, *rcommon)
             rd["repo"] = r["results"][0]
+            # the same change once more, sent without ssh compression (--no-compress)
+            guest_dd(h1, g.name, mib, seek + mib)
+            rd["plain_s"], r = cold(h1, *common, "--no-compress")
+            rd["plain"] = r["results"][0]
             res["rounds"].append(rd)
             print(json.dumps({k: v for k, v in rd.items() if k.endswith("_s")}), flush=True)
     return res
@@ -165,13 +169,14 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
                                               "seed_direct_s", "seed_repo_s", "ssh_s",
                                               "cli_start_s", "runs")}
     for k in ("restore_s", "idle_direct_s", "idle_repo_s", "direct_s", "repo_s",
-              "backup_inc_s"):
+              "backup_inc_s", "plain_s"):
         out[k] = med(rounds, k)
         out[k + "_all"] = [round(float(x[k]), 2) for x in rounds]
-    for feed in ("direct", "repo"):
+    for feed in ("direct", "repo", "plain"):
         out[f"{feed}_bytes"] = med(rounds, feed, "bytes_moved")
         out[f"{feed}_timings"] = med_timings(rounds, feed)
-        out[f"idle_{feed}_timings"] = med_timings(rounds, f"idle_{feed}")
+        if feed != "plain":
+            out[f"idle_{feed}_timings"] = med_timings(rounds, f"idle_{feed}")
         out[f"{feed}_ratio"] = statistics.median(x[f"{feed}_s"] / x["restore_s"]
                                                  for x in rounds)
     return out
@@ -185,7 +190,8 @@ def _size(s: dict[str, Any]) -> str:
 def _profile(t: dict[str, float], wall: float) -> str:
     inner = sum(t.values())
     parts = [f"{k} {v:.2f}" for k, v in t.items() if v >= 0.005]
-    return (f"{wall:.2f} s wall = {wall - inner:.2f} start-up and exit + "
+    return (f"{wall:.2f} s wall = {wall - inner:.2f} outside the steps (process start-up, "
+            "imports, exit) + "
             + " + ".join(parts))
 
 
@@ -201,7 +207,9 @@ def render(sizes: list[dict[str, Any]]) -> str:
                     f"({', '.join(f'{x:.2f}' for x in s['restore_s_all'])}) | baseline | |")
         for feed, what in (("direct", "direct feed (dirty bitmaps, host to host over ssh)"),
                            ("repo", "repository feed (the incremental backup's changed "
-                                    "chunks)")):
+                                    "chunks)"),
+                           ("plain", "direct feed with `--no-compress` (the same, ssh "
+                                     "without compression)")):
             t, ratio = s[f"{feed}_s"], s[f"{feed}_ratio"]
             ok = "**met**" if ratio <= LIMIT else "**not met**"
             rows.append(
@@ -217,7 +225,8 @@ def render(sizes: list[dict[str, Any]]) -> str:
                     f"{s['seed_direct_s']:.1f} s / {s['seed_repo_s']:.1f} s | — | |")
         notes.append(
             f"* {name}, 1 % changed: direct {_profile(s['direct_timings'], s['direct_s'])}; "
-            f"repository {_profile(s['repo_timings'], s['repo_s'])}. Nothing changed: direct "
+            f"repository {_profile(s['repo_timings'], s['repo_s'])}; direct `--no-compress` "
+            f"{_profile(s['plain_timings'], s['plain_s'])}. Nothing changed: direct "
             f"{_profile(s['idle_direct_timings'], s['idle_direct_s'])}. One ssh login "
             f"(`ssh h2 true`) {s['ssh_s']:.2f} s; `vmdr --version` {s['cli_start_s']:.2f} s.")
     return "\n".join([
@@ -231,7 +240,8 @@ def render(sizes: list[dict[str, Any]]) -> str:
         "its data disk (files from /usr/lib and /usr/share plus 300 MiB of random bytes). "
         "Per round: a full restore from a local repository, the guest rewrites 1 % of its "
         "data disk with random bytes (`dd oflag=direct` through the guest agent, a new "
-        "place each round), a direct cycle, an incremental backup, a repository cycle; "
+        "place each round), a direct cycle, an incremental backup, a repository cycle, "
+        "then the same change elsewhere and a direct cycle with `--no-compress`; "
         "page cache dropped before every timed command; the ratio is per round, then the "
         "median. Sources byte-compiled first, as an installed package is.",
         "",

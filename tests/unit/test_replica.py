@@ -589,7 +589,7 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
         time.sleep(0.3)
         return Target()
 
-    monkeypatch.setattr(rc, "Site", lambda uri: sites.append(_SlowSite(uri)) or sites[-1])
+    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(_SlowSite(uri)) or sites[-1])
     monkeypatch.setattr(rc, "connect", slow_connect)
     t0 = time.monotonic()
     target, site = rc._open_target(_spec())
@@ -606,7 +606,7 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     # the control master fails: the libvirt connection is closed, the error passes through
     from vmdr.errors import HypervisorUnavailable
 
-    monkeypatch.setattr(rc, "Site", lambda uri: sites.append(_SlowSite(uri, fail=True))
+    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(_SlowSite(uri, fail=True))
                         or sites[-1])
     with pytest.raises(HypervisorUnavailable, match="Connection refused"):
         rc._open_target(_spec())
@@ -616,7 +616,7 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     def refused(uri: str) -> Target:
         raise HypervisorUnavailable(f"cannot connect to {uri}:\n no route")
 
-    monkeypatch.setattr(rc, "Site", lambda uri: sites.append(_SlowSite(uri)) or sites[-1])
+    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(_SlowSite(uri)) or sites[-1])
     monkeypatch.setattr(rc, "connect", refused)
     with pytest.raises(HypervisorUnavailable, match=r"DR host .* unreachable") as ei:
         rc._open_target(_spec())

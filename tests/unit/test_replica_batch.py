@@ -210,3 +210,13 @@ def test_read_ahead_keeps_order_skips_holes_and_bounds_reads_in_flight() -> None
     assert all(d == bytes([o % 251]) * 10 for o, _l, d in out if d is not None)
     assert sorted(started) == [s[0] for s in spans if s[2]]
     assert list(rep.read_ahead(read, [])) == []
+
+
+def test_compression_can_be_turned_off_for_the_data() -> None:
+    uri = "qemu+ssh://root@dr1/system?keyfile=/k/id&known_hosts=/k/kh"
+    on, off = Site(uri), Site(uri, compress=False)
+    assert on._host is not None and off._host is not None
+    assert "Compression=yes" in on._host.target.argv()
+    argv = off._host.target.argv()
+    assert "Compression=yes" not in argv and "UserKnownHostsFile=/k/kh" in argv
+    assert "BatchMode=yes" in argv  # keys only, host key checked as before

@@ -74,7 +74,8 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
             rpo_target_s=rpo if rpo is not None else (d.rpo_s if d and d.rpo_s is not None
                                                       else plan_rpo.get(vm)),
             network_map={**(dict(d.network_map) if d else {}), **cli_map},
-            consistency=ns.consistency, scratch_dir=g.config.scratch_dir))
+            consistency=ns.consistency, scratch_dir=g.config.scratch_dir,
+            compress=getattr(ns, "compress", True)))
     if ns.standby_name and len(out_) > 1:
         raise UsageError("--standby-name names one standby: replicate one VM at a time")
     return out_
@@ -84,7 +85,7 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
     """libvirt's connection to the DR host and the Site's ssh control master are two ssh
     logins: make them at the same time (a cycle's fixed cost is one login shorter). The
     master starts in this thread: its parent-death signal would fire when another ended."""
-    site = Site(spec.target_uri).start()
+    site = Site(spec.target_uri, compress=spec.compress).start()
     try:
         target = connect(spec.target_uri)
     except HypervisorUnavailable as exc:
@@ -326,6 +327,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="map the VM's source network to a DR network (repeatable)")
     p.add_argument("--rpo", metavar="DURATION", help="RPO target, e.g. 15m (default: the "
                    "inventory's)")
+    p.add_argument("--no-compress", dest="compress", action="store_false",
+                   help="direct feed: send the changes without ssh compression (a LAN link "
+                        "to the DR site, or data that does not compress: compressing "
+                        "random data costs CPU and saves nothing)")
     p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
                    help="auto: freeze the guest's filesystems if its agent answers")
     p.add_argument("--mode", choices=MODES,

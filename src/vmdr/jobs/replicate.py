@@ -91,6 +91,7 @@ class ReplicaSpec:
     network_map: dict[str, str] = field(default_factory=dict)
     consistency: str = "auto"  # auto (quiesce if the agent answers) | crash
     scratch_dir: str = "/var/lib/libvirt/qemu/vmdr"
+    compress: bool = True  # ssh compression of the data (over ssh only)
 
     def __post_init__(self) -> None:
         self.directory = check_dir(self.directory)

@@ -211,7 +211,7 @@ def _last_line(data: bytes | None) -> str:
 class Site:
     """The DR host of one replica target URI (local or ``qemu+ssh://``)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, compress: bool = True) -> None:
         self.uri = uri
         self.local = is_local_uri(uri)
         self._host: RemoteHost | None = None
@@ -219,7 +219,7 @@ class Site:
         self._forwards = 0
         if not self.local:
             target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
-            self._host = RemoteHost(replace(target, compression=True))
+            self._host = RemoteHost(replace(target, compression=compress))
         self.where = "this host" if self.local else str(self._host.target if self._host
                                                         else uri)
 
