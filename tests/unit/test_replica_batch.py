@@ -60,7 +60,7 @@ def test_a_failed_commit_keeps_the_previous_point_and_checkpoint() -> None:
 def test_pure_argument_builders() -> None:
     args, data = commit_args([("/d/a", b"xy"), ("/d/s", b"{}")], "rp-1", ["/d/1", "/d/2"],
                              ["rp-0"])
-    assert args == ["2", "/d/a", "2", "/d/s", "2", "rp-1", "2", "/d/1", "/d/2", "rp-0"]
+    assert args == ["rp-1", "2", "/d/1", "/d/2", "1", "rp-0", "/d/a", "2", "/d/s", "2"]
     assert data == b"xy{}"
     args, data = serve_args(("/d/s", b"abc"), "qcow2", [("/d/1", 10, True), ("/d/2", None,
                                                                               False)])
@@ -129,7 +129,9 @@ def test_the_scripts_for_real_on_a_local_site(tmp_path: Path,
                           "/dev/null"], capture_output=True, text=True)
     assert cmp.returncode == 1  # a holds the written block
     with pytest.raises(HypervisorError, match=r"missing\.qcow2"):
-        site.commit([], "rp-3", [str(d / "missing.qcow2")], [])
+        site.commit([(str(d / "replica.json"), b"NEW")], "rp-3",
+                    [a, str(d / "missing.qcow2")], [])
+    assert (d / "replica.json").read_bytes() == b"{}"  # no state for a point not taken
 
 
 class _OfflineJob:

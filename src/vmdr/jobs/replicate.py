@@ -260,12 +260,12 @@ def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
             src_xml: str, networks: dict[str, str], nvram: bytes | None, t0: float,
             updates: dict[str, Any], files: list[tuple[str, bytes]] | None = None,
             **point: Any) -> None:
-    """Take the restore point, drop the points beyond N, define the standby if it is not,
-    and save the state, in ONE command at the target (:meth:`Site.commit`): ``files``
-    (the repository feed's chunk lists), the UEFI variables and the state file are
-    written, then the point is taken on every disk. ``updates`` (the source position:
-    checkpoint or snapshot) go into the saved state with the point. ``st`` is left as it
-    was when this fails (the caller records the error)."""
+    """Define the standby if it is not, then take the restore point, drop the points
+    beyond N and save the state in ONE command at the target (:meth:`Site.commit`): the
+    point on every disk first, then ``files`` (the repository feed's chunk lists), the
+    UEFI variables and the state, last. ``updates`` (the source position: checkpoint or
+    snapshot) go into the saved state with the point. ``st`` is left as it was when
+    this fails (the caller records the error)."""
     files = list(files or [])
     nvram_path = None
     if nvram is not None:  # UEFI variables: copied every cycle (a few hundred KiB)

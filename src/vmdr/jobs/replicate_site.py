@@ -84,36 +84,45 @@ for f in "$@"; do
   else echo none; fi
 done
 """
-# files from stdin, each exactly LEN bytes (GNU head -c reads no further), written to a
-# temporary name and renamed; then restore point TAG on every image, and the tags to drop
-# deleted where present. Arguments: NFILES (PATH LEN)... TAG NIMG IMG... DROP...
+# restore point TAG on every image and the tags to drop deleted where present (the images
+# in parallel: nothing writes them meanwhile); only then the files, from stdin, each
+# exactly LEN bytes (GNU head -c reads no further), written to a temporary name and
+# renamed, the state last: a state never names a point that was not taken.
+# Arguments: TAG NIMG IMG... NDROP DROP... (PATH LEN)...
 _COMMIT = r"""set -u
+tag=$1 n=$2; shift 2
+nl='
+'
+imgs=
+while [ "$n" -gt 0 ]; do imgs="$imgs$nl$1"; shift; n=$((n - 1)); done
 n=$1; shift
-while [ "$n" -gt 0 ]; do
-  f=$1 len=$2; shift 2; n=$((n - 1))
+drops=
+while [ "$n" -gt 0 ]; do drops="$drops$nl$1"; shift; n=$((n - 1)); done
+IFS=$nl
+pids=
+for img in $imgs; do
+  [ -n "$img" ] || continue
+  (
+    if [ -n "$tag" ]; then qemu-img snapshot -c "$tag" -- "$img" || exit 4; fi
+    [ -n "$drops" ] || exit 0
+    have=$(qemu-img snapshot -l -U -- "$img" | awk 'NR>2 {print $2}') || exit 4
+    for t in $drops; do
+      [ -n "$t" ] || continue
+      case "$nl$have$nl" in *"$nl$t$nl"*) qemu-img snapshot -d "$t" -- "$img" || exit 4;; esac
+    done
+  ) &
+  pids="$pids $!"
+done
+IFS=' '
+rc=0
+for p in $pids; do wait "$p" || rc=4; done
+[ "$rc" -eq 0 ] || exit "$rc"
+while [ $# -gt 0 ]; do
+  f=$1 len=$2; shift 2
   (umask 077; head -c "$len" > "$f.tmp") || exit 3
   [ "$(wc -c < "$f.tmp")" -eq "$len" ] || { rm -f -- "$f.tmp"; echo "short write: $f" >&2; exit 3; }
   sync "$f.tmp" 2>/dev/null || true
   mv -f -- "$f.tmp" "$f" || exit 3
-done
-tag=$1 n=$2; shift 2
-imgs=
-while [ "$n" -gt 0 ]; do imgs="$imgs
-$1"; shift; n=$((n - 1)); done
-IFS='
-'
-for img in $imgs; do
-  [ -n "$img" ] || continue
-  if [ -n "$tag" ]; then qemu-img snapshot -c "$tag" -- "$img" || exit 4; fi
-  [ $# -gt 0 ] || continue
-  have=$(qemu-img snapshot -l -U -- "$img" | awk 'NR>2 {print $2}') || exit 4
-  for t in "$@"; do
-    case "
-$have
-" in *"
-$t
-"*) qemu-img snapshot -d "$t" -- "$img" || exit 4;; esac
-  done
 done
 exit 0
 """
@@ -184,10 +193,9 @@ def parse_begin(out: bytes, n: int) -> tuple[int, list[bytes | None]]:
 def commit_args(files: list[tuple[str, bytes]], tag: str, images: list[str],
                 drop: list[str]) -> tuple[list[str], bytes]:
     """The arguments and stdin of :data:`_COMMIT` (pure, for the unit tests)."""
-    args = [str(len(files))]
+    args = [tag, str(len(images)), *images, str(len(drop)), *drop]
     for path, data in files:
         args += [path, str(len(data))]
-    args += [tag, str(len(images)), *images, *drop]
     return args, b"".join(data for _p, data in files)
 
 
@@ -338,8 +346,9 @@ class Site:
 
     def commit(self, files: list[tuple[str, bytes]], tag: str, images: list[str],
                drop: list[str]) -> None:
-        """Write ``files`` (atomically, 0600, in order), then take restore point ``tag``
-        on every image and delete the tags in ``drop`` where present; one command."""
+        """Take restore point ``tag`` on every image and delete the tags in ``drop``
+        where present, then write ``files`` (atomically, 0600, in order: the state last);
+        one command."""
         args, data = commit_args(files, tag, images, drop)
         try:
             self.run(_COMMIT, *args, input=data)
