@@ -559,6 +559,9 @@ class _SlowSite:
             raise HypervisorUnavailable("ssh to dr1 failed: Connection refused")
         return self
 
+    def prefetch(self, directory: str, names: list[str]) -> None:
+        self.prefetched = (directory, names)
+
     def close(self) -> None:
         self.closed = True
 
@@ -595,6 +598,8 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     target, site = rc._open_target(_spec())
     took = time.monotonic() - t0
     assert site is sites[0] and isinstance(target, Target)
+    # the direct feed's first command ran as soon as the master was up
+    assert sites[0].prefetched == ("/srv/r/web", ["replica.json"])
     assert took < 0.55, f"the two logins ran one after the other ({took:.2f} s)"
     assert not sites[0].closed and not closed
     # the ssh master is started by the cycle's own thread (its parent-death signal fires

@@ -119,6 +119,9 @@ def test_the_scripts_for_real_on_a_local_site(tmp_path: Path,
     site.commit([(str(d / "x.chunks"), b"\x00" * 64)], "rp-1", [a, b], [])
     site.commit([(str(d / "replica.json"), b"{}")], "rp-2", [a, b], ["rp-1", "rp-0"])
     assert calls == ["run", "popen", "run", "run"]  # one command per step, no forwards
+    site.prefetch(str(d), ["replica.json"])  # e.g. while libvirt still logs in
+    assert site.begin(str(d), ["replica.json"])[1] == [b"{}"] and len(calls) == 5
+    assert site.begin(str(d), ["replica.json"])[1] == [b"{}"] and len(calls) == 6  # once
     free, files = site.begin(str(d), ["replica.json", "x.chunks"])
     assert files == [b"{}", b"\x00" * 64]
     for img in (a, b):

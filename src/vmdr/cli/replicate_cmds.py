@@ -25,7 +25,7 @@ from vmdr.jobs.replicate import (
 )
 from vmdr.jobs.replicate_repo import replicate_from_repository
 from vmdr.jobs.replicate_site import Site
-from vmdr.jobs.replicate_state import parse_network_map
+from vmdr.jobs.replicate_state import STATE_FILE, parse_network_map
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
 from vmdr.repository.repo import Repository
@@ -83,25 +83,43 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
 
 def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
     """libvirt's connection to the DR host and the Site's ssh control master are two ssh
-    logins: make them at the same time (a cycle's fixed cost is one login shorter). The
-    master starts in this thread: its parent-death signal would fire when another ended."""
+    logins: make them at the same time, and as soon as the master is up (libvirt's RPC
+    handshake takes longer) run the direct feed's first command at the DR host (its
+    state), so a cycle's fixed cost is about one login. The master starts in this thread:
+    its parent-death signal would fire when another ended; libvirt logs in from a
+    helper thread."""
     site = Site(spec.target_uri, compress=spec.compress).start()
-    try:
-        target = connect(spec.target_uri)
-    except HypervisorUnavailable as exc:
-        site.close()
-        shown = redact_uri(spec.target_uri)
-        why = " ".join(exc.message.replace(spec.target_uri, shown).split())  # one line
-        raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
-    except BaseException:
-        site.close()
-        raise
+    got: dict[str, Any] = {}
+
+    def libvirt_login() -> None:
+        try:
+            got["target"] = connect(spec.target_uri)
+        except BaseException as exc:  # handed to the cycle's thread below
+            got["error"] = exc
+
+    th = threading.Thread(target=libvirt_login, name="vmdr-dr-libvirt", daemon=True)
+    th.start()
+    failed: BaseException | None = None
     try:
         site.open()
-    except BaseException:
+        if spec.feed == "direct":
+            site.prefetch(spec.directory, [STATE_FILE])
+    except BaseException as exc:
+        failed = exc
+    th.join()
+    err = got.get("error")
+    if err is not None:
+        site.close()
+        if isinstance(err, HypervisorUnavailable):
+            shown = redact_uri(spec.target_uri)
+            why = " ".join(err.message.replace(spec.target_uri, shown).split())  # one line
+            raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
+        raise err
+    target: Hypervisor = got["target"]
+    if failed is not None:
         site.close()
         target.close()
-        raise
+        raise failed
     return target, site
 
 

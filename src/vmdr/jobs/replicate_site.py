@@ -210,6 +210,9 @@ def serve_args(state: tuple[str, bytes] | None, fmt: str,
     return args, data
 
 
+_Begun = tuple[tuple[str, list[str]], tuple[int, list[bytes | None]]]
+
+
 def _last_line(data: bytes | None) -> str:
     lines = [ln.strip() for ln in (data or b"").decode(errors="replace").splitlines()
              if ln.strip()]
@@ -225,6 +228,7 @@ class Site:
         self._host: RemoteHost | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._forwards = 0
+        self._begun: _Begun | None = None
         if not self.local:
             target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
             self._host = RemoteHost(replace(target, compression=compress))
@@ -335,9 +339,18 @@ class Site:
 
     # -- batched steps of a cycle --------------------------------------------------------------
 
+    def prefetch(self, directory: str, names: list[str]) -> None:
+        """Run :meth:`begin` now (while something else waits, e.g. libvirt's login); the
+        next ``begin`` with the same arguments returns this answer once."""
+        self._begun = ((directory, list(names)), self.begin(directory, names))
+
     def begin(self, directory: str, names: list[str]) -> tuple[int, list[bytes | None]]:
         """Create ``directory``; its free bytes and the files ``names`` in it (None for
         one that does not exist), in one command."""
+        early: _Begun | None = getattr(self, "_begun", None)
+        self._begun = None
+        if early is not None and early[0] == (directory, list(names)):
+            return early[1]
         out = self.run(_BEGIN, directory, *names).stdout
         try:
             return parse_begin(out, len(names))
