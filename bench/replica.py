@@ -20,12 +20,8 @@ root namespace (libvirt of h1 through its unix socket).
 Run as root under ``flock /tmp/vmdr-heavy.lock``; ``--window`` sets the RPO window (the
 issue asks for 30 minutes).
 
-``--at-size`` measures only point 1 at a realistic size instead (section ``replica-size``):
-the guest's data disk is bench/run.py's 4 GiB ext4 image (``--image``, built by
-bench/vm_backup.py: files from /usr/lib and /usr/share plus 300 MiB of random bytes, about
-2.6 GB allocated), the guest rewrites 1 % of it (``dd if=/dev/urandom of=/dev/vdb
-oflag=direct`` through the guest agent), and every timed command runs with the page cache
-dropped. Cycles with nothing changed and an ssh round trip give the fixed per-cycle cost.
+Point 1 at both sizes (the test guest and a 4 GiB data disk), median of several rounds
+with each cycle's step timings, is ``bench/replica_sync.py`` (section ``replica-size``).
 """
 
 from __future__ import annotations
@@ -174,94 +170,6 @@ def mirror_window(h1: Host, g: Any, args: list[str], window: float, sync: bool,
         p.wait(120)
 
 
-def guest_dd(h: Host, dom: str, mib: int, seek_mib: int) -> float:
-    """The guest rewrites ``mib`` MiB of vdb with random bytes (O_DIRECT); seconds taken."""
-    from vmdr.hypervisor import connect
-
-    hv = connect(h.uri)
-    try:
-        t0 = time.monotonic()
-        r = hv.lookup(dom).guest_exec(
-            ["/bin/dd", "if=/dev/urandom", "of=/dev/vdb", "bs=1M", f"count={mib}",
-             f"seek={seek_mib}", "oflag=direct", "iflag=fullblock"], timeout=600)
-        if r.exitcode != 0:
-            raise SystemExit(f"dd in the guest failed: {r.stderr}")
-        return time.monotonic() - t0
-    finally:
-        hv.close()
-
-
-def cold(h: Host, *args: str) -> tuple[float, dict[str, Any]]:
-    drop_caches()
-    return timed(h, *args)
-
-
-def at_size(image: Path) -> dict[str, Any]:
-    """Point 1 with a 4 GiB data disk of real data (see the module docstring)."""
-    if not image.exists():
-        raise SystemExit(f"{image} is missing: build it with bench/vm_backup.py --runs 1")
-    res: dict[str, Any] = {"image": str(image), "overlapped_logins": True}
-    with Cluster(hosts=2, etcd=False, sshd=True) as c, \
-            tempfile.TemporaryDirectory(prefix="vmdr-bench-rep-", dir="/var/tmp") as tmp:
-        h1, h2 = c.hosts
-        g = c.new_guest(local_to=h1, writer_rate=0)
-        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(image),
-                        str(g.data_disk)], check=True)
-        os.chmod(g.data_disk, 0o644)
-        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json",
-                                          str(g.data_disk)], check=True, text=True,
-                                         capture_output=True).stdout)
-        res.update(data_virtual=info["virtual-size"], data_allocated=info["actual-size"])
-        g.start(h1)
-        g.wait_heartbeat(180)
-        pw = Path(tmp) / "pw"
-        pw.write_text("bench passphrase\n")
-        pw.chmod(0o600)
-        os.environ.update(VMDR_REPO=f"{tmp}/repo", VMDR_PASSWORD_FILE=str(pw),
-                          VMDR_LOCK_DIR=f"{tmp}/locks")
-        vmdr(h1, "repo", "init")
-        to = c.ssh_uri(h2) + "&known_hosts=/dev/null"
-        t0 = time.monotonic()
-        vmdr(h1, "backup", g.name)
-        res["backup_full_s"] = time.monotonic() - t0
-        res["restore_s"], _ = cold(h1, "restore", g.name, "--target-dir", f"{tmp}/restored",
-                                   "--name", f"{g.name}-r")
-        h1.virsh("undefine", f"{g.name}-r", check=False)
-        subprocess.run(["rm", "-rf", f"{tmp}/restored"], check=True)
-        common = ["replicate", g.name, "--to", to, "--dir", DR_ROOT, "--points", "5"]
-        rcommon = ["replicate", g.name, "--to", to, "--dir", DR_ROOT + "-repo", "--feed",
-                   "repository", "--points", "3", "--standby-name", f"{g.name}-rrepo"]
-        res["seed_direct_s"], _ = cold(h1, *common)
-        res["seed_repo_s"], _ = cold(h1, *rcommon)
-        # the fixed cost: a cycle of each feed with nothing changed, an ssh round trip,
-        # the CLI's start-up
-        res["idle_direct_s"], r0 = cold(h1, *common)
-        res["idle_direct_bytes"] = r0["results"][0]["bytes_moved"]
-        vmdr(h1, "backup", g.name)
-        res["idle_repo_s"], r0 = cold(h1, *rcommon)
-        res["idle_repo_bytes"] = r0["results"][0]["bytes_moved"]
-        ssh = []
-        for _ in range(3):
-            t0 = time.monotonic()
-            h1.run(*c.ssh_command(h2), "true", timeout=60)
-            ssh.append(time.monotonic() - t0)
-        res["ssh_s"] = statistics.median(ssh)
-        t0 = time.monotonic()
-        h1.run(*PY, "--version", timeout=60)
-        res["cli_start_s"] = time.monotonic() - t0
-        # ~1 % of the data disk changes in the guest
-        mib = max(1, round(res["data_virtual"] / (1 << 20) / 100))
-        res["changed_mib"] = mib
-        res["guest_dd_s"] = guest_dd(h1, g.name, mib, 1000)
-        res["direct_s"], r = cold(h1, *common)
-        res.update(direct_bytes=r["results"][0]["bytes_moved"], direct_mode=r["results"][0]["mode"],
-                   disk_bytes=r["results"][0]["disk_bytes"])
-        res["backup_inc_s"], _ = cold(h1, "backup", g.name)
-        res["repo_s"], r = cold(h1, *rcommon)
-        res.update(repo_bytes=r["results"][0]["bytes_moved"], repo_mode=r["results"][0]["mode"])
-    return res
-
-
 def profile_cycle(out: Path) -> None:
     """cProfile of one direct cycle with nothing changed (the fixed cost), small test VM."""
     with Cluster(hosts=2, etcd=False, sshd=True) as c, \
@@ -290,9 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--window", type=float, default=180.0, help="RPO window per mode, s")
     ap.add_argument("--at-size", action="store_true",
-                    help="only the sync-vs-restore figure, with a 4 GiB data disk of real data")
-    ap.add_argument("--image", type=Path, default=ROOT / "bench" / "work" / "image-4g.raw",
-                    help="raw data-disk image for --at-size (bench/vm_backup.py builds it)")
+                    help="moved to bench/replica_sync.py (both sizes, median of N rounds)")
     ap.add_argument("--profile-cycle", type=Path, metavar="FILE",
                     help="only cProfile one unchanged direct cycle into FILE")
     ap.add_argument("--no-doc", action="store_true")
@@ -301,13 +207,8 @@ def main() -> None:
         profile_cycle(a.profile_cycle.resolve())
         return
     if a.at_size:
-        big = at_size(a.image)
-        print(json.dumps(big, indent=1))
-        (ROOT / "bench" / "work").mkdir(exist_ok=True)
-        (ROOT / "bench" / "work" / "replica-size.json").write_text(json.dumps(big, indent=1))
-        if not a.no_doc:
-            replace_section(DOC, "replica-size", render_size(big), "Benchmarks")
-        return
+        raise SystemExit("the sync-vs-restore figures, both sizes, are bench/replica_sync.py "
+                         "now: python bench/replica_sync.py --runs 3 --image IMAGE")
     res: dict[str, Any] = {"window_s": a.window}
     with Cluster(hosts=2, etcd=False, sshd=True) as c, \
             tempfile.TemporaryDirectory(prefix="vmdr-bench-rep-", dir="/var/tmp") as tmp:
@@ -428,98 +329,6 @@ def render(r: dict[str, Any]) -> str:
         "The write-latency cost is "
         "the price of RPO 0 over a local veth: over a WAN every synchronous write also "
         "pays the round-trip time.",
-        "",
-    ])
-
-
-NAMES = {"direct": "direct", "repo": "repository"}
-
-
-def render_size(r: dict[str, Any]) -> str:
-    mib, gb = 1 << 20, 1e9
-    base = r["restore_s"]
-
-    def verdict(t: float) -> str:
-        return "**met**" if t <= 0.2 * base else "**not met**"
-
-    def part(feed: str) -> str:
-        idle, t, moved = r[f"idle_{feed}_s"], r[f"{feed}_s"], r[f"{feed}_bytes"]
-        rate = moved / mib / (t - idle) if t > idle else float("nan")
-        return (f"{NAMES[feed]}: {idle:.1f} s fixed + {t - idle:.1f} s for {moved / mib:.1f} MiB "
-                f"(≈ {rate:.0f} MiB/s)")
-
-    def extra(feed: str) -> str:
-        idle, t = r[f"idle_{feed}_s"], r[f"{feed}_s"]
-        room = 0.2 * base - (t - idle)  # what 0.2x leaves for the fixed part, per 4 GiB
-        if room <= 0:
-            return f"{NAMES[feed]}: the changed bytes alone exceed 0.2× at any size"
-        k = idle / room
-        return (f"{NAMES[feed]}: ≤ 0.2× from about {k * r['data_virtual'] / (1 << 30):.0f} GiB of "
-                "such data")
-
-    rows = [
-        "| measure | vmdr | goal | |",
-        "|---|---|---|---|",
-        f"| full `vmdr restore` of the VM (64 MiB boot + {r['data_virtual'] / (1 << 30):.0f} GiB "
-        f"data, {r['data_allocated'] / gb:.2f} GB allocated), cold cache | {base:.1f} s "
-        "| baseline | |",
-        f"| replica sync after the guest rewrote {r['changed_mib']} MiB (1 %) of the data disk, "
-        f"direct feed (dirty bitmaps, ssh), cold cache | {r['direct_s']:.1f} s = "
-        f"**{r['direct_s'] / base:.2f}×** restore, {r['direct_bytes'] / mib:.1f} MiB moved "
-        f"| ≤ 0.2× restore | {verdict(r['direct_s'])} |",
-        f"| the same, repository feed (the incremental backup's changed chunks), cold cache "
-        f"| {r['repo_s']:.1f} s = **{r['repo_s'] / base:.2f}×** restore, "
-        f"{r['repo_bytes'] / mib:.1f} MiB moved | ≤ 0.2× restore | {verdict(r['repo_s'])} |",
-        f"| incremental `vmdr backup` that feeds the repository cycle (not in the row above) "
-        f"| {r['backup_inc_s']:.1f} s | — | |",
-        f"| cycle with nothing changed (fixed cost), direct / repository | "
-        f"{r['idle_direct_s']:.1f} s / {r['idle_repo_s']:.1f} s "
-        f"({r['idle_direct_bytes'] / mib:.1f} / {r['idle_repo_bytes'] / mib:.1f} MiB moved) "
-        "| — | |",
-        f"| of which: one ssh round trip (connect, auth, `true`) / `vmdr --version` start-up "
-        f"| {r['ssh_s']:.2f} s / {r['cli_start_s']:.2f} s | — | |",
-        f"| first sync (seed), direct / repository, cold cache | {r['seed_direct_s']:.1f} s / "
-        f"{r['seed_repo_s']:.1f} s | — | |",
-    ]
-    return "\n".join([
-        "### Replica sync at a realistic size",
-        "",
-        "`python bench/replica.py --at-size --image bench/work/image-4g.raw` under `flock "
-        "/tmp/vmdr-heavy.lock`, same harness as above (two libvirt hosts in network "
-        "namespaces, the DR host over ssh on a veth bridge, TCG guest), writer off. The "
-        "guest's data disk is bench/run.py's 4 GiB ext4 image (files from /usr/lib and "
-        "/usr/share plus 300 MiB of random bytes, as in the VM backup bench) as qcow2; the "
-        f"guest rewrites {r['changed_mib']} MiB of it itself (`dd if=/dev/urandom "
-        "of=/dev/vdb oflag=direct` through the guest agent). Restore and cycles come from "
-        "the same repository in the same run, page cache dropped before every timed "
-        "command.",
-        "",
-        *rows,
-        "",
-        f"What a cycle is made of: {part('direct')}; {part('repo')}. The fixed part is the "
-        f"same whatever the size: the CLI's start-up ({r['cli_start_s']:.2f} s), two ssh "
-        f"logins to the DR host (libvirt's `qemu+ssh` connection and vmdr's control master, "
-        f"{r['ssh_s']:.2f} s each on this harness), then libvirt's backup job and "
-        "checkpoint, a `qemu-nbd` export per disk, a restore point (qcow2 internal "
-        "snapshot) per disk, rotation and the state file, each a command over the control "
-        "master."
-        + ("" if r.get("overlapped_logins") else
-           " These figures were taken before a cycle made its two ssh logins at the same "
-           f"time (the fix that followed): expect about one login ({r['ssh_s']:.2f} s) "
-           "less fixed cost; not re-measured at this size (the heavy lock was taken). On "
-           "a loopback sshd the two logins took 0.86 s one after the other and 0.54 s "
-           "overlapped (median of 5)."),
-        "",
-        f"Reading it: at this size the goal is {verdict(r['direct_s'])} for the direct feed "
-        f"({r['direct_s'] / base:.2f}×) and {verdict(r['repo_s'])} for the repository feed "
-        f"({r['repo_s'] / base:.2f}×). A cold full restore from a local "
-        f"repository writes the {r['data_allocated'] / gb:.1f} GB in {base:.1f} s, so 0.2× is "
-        f"{0.2 * base:.1f} s, about the fixed cost of one cycle alone. The cycles do read "
-        "and move only the changes (direct: the dirty-bitmap extents; repository: the "
-        "changed 4 MiB chunks of the incremental backup). Because the fixed part does not "
-        "grow with the VM and the changed bytes grow with it, the ratio falls with size: "
-        f"{extra('direct')}; {extra('repo')} (extrapolated from these figures, not "
-        "measured).",
         "",
     ])
 
