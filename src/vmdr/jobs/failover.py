@@ -6,8 +6,10 @@ the DR site from its replicas.
   isolated network with no uplink (the plan's ``test_network_map``, else a bubble
   ``vmdrt<hash>`` created for the run), group by group with the readiness checks, re-IP
   to the rules' ``test_to`` subnets, a screenshot each; then everything is removed and
-  the removal is checked. Production and its replica are not touched (the replica lock is
-  held during the test, so a replica cycle of those VMs waits for the next run).
+  the removal is checked. Production and its replica are not touched, and replication
+  goes on: the copies read a pinned, read-only export of the newest restore point, not
+  the standby disks (:mod:`.failover_site`), and the replica lock is held only while the
+  point is pinned, so replica cycles run and add restore points during the test.
 * **planned** (``--planned``): refuses a replica older than its RPO target (``--force``),
   runs the plan's ``guest:`` pre-scripts in the running sources, shuts the sources down
   cleanly (reverse boot order), runs a final replica cycle of each (zero data loss), then
@@ -48,13 +50,14 @@ from vmdr.errors import (
 from vmdr.hypervisor import Domain, Hypervisor, connect
 from vmdr.jobs import failover_site as fs
 from vmdr.jobs.failover_guest import reip, run_script, wait_ready
-from vmdr.jobs.replicate import ReplicaSpec, redact_uri, replicate_direct
+from vmdr.jobs.replicate import ReplicaSpec, load_state, redact_uri, replicate_direct
 from vmdr.jobs.vmlock import VMLock
 from vmdr.plan import recovery_runs as runs
 from vmdr.plan.recovery import GroupSpec, RecoveryPlan
 from vmdr.timeutil import utcnow
 
 KINDS = ("test", "planned", "unplanned")
+LOCK_WAIT_S = 120.0  # a test failover waits this long for a running replica cycle
 FAILOVER_STATE = "failover.json"
 _FAILOVER_OVERLAY = r"""set -e
 d=$1; shift
@@ -289,30 +292,22 @@ def _test(run: Run, vms: dict[str, fs.DRVM]) -> None:
     bubble = fs.bubble_name(plan.name)
     bubbles: dict[str, Hypervisor] = {}
     dirs: dict[str, str] = {}
-    locks = [VMLock(f"replica:{redact_uri(v.pv.to)}:{v.pv.directory}", n) for n, v in vms.items()]
-    taken: list[VMLock] = []
     doms: dict[str, Domain] = {}
     try:
-        with run.step("hold the replicas (no cycle writes under a test)"):
-            for lk in locks:
-                try:
-                    lk.acquire()
-                except VMLocked:
-                    raise VMLocked(f"{lk.vm}: a replica cycle is running; test when it is "
-                                   "done") from None
-                taken.append(lk)
+        with run.step("freeze the restore points (replica cycles go on)") as st:
+            for name, vm in vms.items():
+                dirs[name] = fs.test_dir(vm, run.report.run)  # removed even if half made
+                _freeze(run, vm)
+            st.detail = ", ".join(f"{n} {v.point}" for n, v in vms.items())
         nets: dict[str, dict[str, str]] = {}
         with run.step("prepare the test bubble"):
             for name, vm in vms.items():
-                for what in fs.cleanup_leftovers(vm, plan.name):
-                    run.report.warnings.append(f"removed a leftover test copy: {what}")
                 nets[name] = fs.test_networks(vm, plan, bubble)
                 if bubble in nets[name].values() and vm.pv.to not in bubbles:
                     fs.create_bubble(vm.hv, bubble)
                     bubbles[vm.pv.to] = vm.hv
 
         def start(name: str) -> Domain:
-            dirs[name] = fs.test_dir(vms[name], run.report.run)  # removed even if half made
             fs.start_test_copy(vms[name], plan.name, run.report.run, nets[name])
             d = vms[name].dom
             assert d is not None
@@ -336,13 +331,42 @@ def _test(run: Run, vms: dict[str, fs.DRVM]) -> None:
             st.detail = "nothing left" if not left else "left: " + ", ".join(left)
             if left:
                 st.status = "failed"
-        for lk in taken:
-            lk.release()
         for o in run.report.vms:
             if o.outcome == "pending":
                 o.outcome = "skipped"
     if left:
         raise FailoverFailed(f"the test left {', '.join(left)} behind")
+
+
+def _freeze(run: Run, vm: fs.DRVM) -> None:
+    """Pin the replica's newest restore point and serve it read-only to the test copy.
+    The replica lock is held only for this (a cycle that runs waits up to
+    ``LOCK_WAIT_S``); replica cycles go on while the test copy runs."""
+    lk = VMLock(f"replica:{redact_uri(vm.pv.to)}:{vm.pv.directory}", vm.name)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            lk.acquire()
+            break
+        except VMLocked:
+            if time.monotonic() > deadline:
+                raise VMLocked(f"{vm.name}: a replica cycle has been running for over "
+                               f"{LOCK_WAIT_S:.0f}s; test when it is done") from None
+            time.sleep(1.0)
+    try:
+        for what in fs.cleanup_leftovers(vm, run.plan.name):
+            run.report.warnings.append(f"removed a leftover test copy: {what}")
+        st = load_state(vm.site, vm.pv.directory)  # a cycle may have ended since _load
+        if st is not None and st.standby_uuid == vm.state.standby_uuid and st.points:
+            vm.state = st
+        point = vm.state.newest
+        assert point is not None
+        o = run.report.vm(vm.name)
+        o.point, o.point_time = point.name, point.time
+        o.rpo_s = round((utcnow() - datetime.fromisoformat(point.time)).total_seconds(), 1)
+        fs.freeze(vm, run.report.run, point)
+    finally:
+        lk.release()
 
 
 # -- planned and unplanned ----------------------------------------------------------------------

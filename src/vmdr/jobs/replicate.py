@@ -253,7 +253,8 @@ def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
         site.add_snapshot(p, tag)
     new = RestorePoint(name=tag, time=when.isoformat(), feed=spec.feed, mode=res.mode,
                        bytes_moved=res.bytes_moved, **point)
-    old = to_rotate([*st.points, new], spec.keep)
+    pinned = site.pinned_points(spec.directory)  # read by a running test failover
+    old = [o for o in to_rotate([*st.points, new], spec.keep) if o.name not in pinned]
     for p in paths.values():
         site.delete_snapshots(p, [o.name for o in old if o.name in site.snapshots(p)])
     st.points = [q for q in [*st.points, new] if q not in old]

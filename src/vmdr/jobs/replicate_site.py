@@ -47,6 +47,13 @@ _SNAP_LIST = r"""qemu-img snapshot -l -U -- "$1" | awk 'NR>2 {print $2}'
 _SNAP = r"""img=$1; op=$2; shift 2
 for tag in "$@"; do qemu-img snapshot "$op" "$tag" -- "$img" || exit 4; done
 """
+_PINNED = r"""for f in "$1"/test-*/pin; do
+  [ -e "$f" ] || continue
+  flock -n -x "$f" true 2>/dev/null && continue
+  cat -- "$f"; echo
+done
+exit 0
+"""
 _LIST_STATES = r"""for f in "$1"/*/replica.json; do [ -e "$f" ] && printf '%s\n' "$f"; done; exit 0
 """
 _NBD = r"""img=$1 fmt=${2:-qcow2}
@@ -189,6 +196,12 @@ class Site:
         if tags:
             self.run(_SNAP, path, "-d", *tags)
 
+    def pinned_points(self, directory: str) -> set[str]:
+        """Restore points a running test failover reads (``test-*/pin`` files whose shared
+        ``flock`` is held, see :mod:`.failover_site`): a cycle must not delete them."""
+        out = self.run(_PINNED, directory).stdout.decode().split()
+        return {ln for ln in out if ln}
+
     def state_files(self, root: str) -> list[str]:
         return [ln for ln in self.run(_LIST_STATES, root).stdout.decode().splitlines() if ln]
 
@@ -223,6 +236,18 @@ class Site:
             name = f"w{self._forwards}.sock"  # in this session's private 0700 directory
             sock = self._host.forward(name, remote_sock)
         return DiskWriter(sock, path, self.where, lambda: self._stop(proc))
+
+    def spawn(self, script: str, *args: str) -> subprocess.Popen[bytes]:
+        """Run ``script`` at the target in the background, stdin/stdout piped; it is
+        stopped (stdin closed) by :meth:`stop` or :meth:`close`."""
+        proc = subprocess.Popen(self._argv(script, args), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        self._stop(proc)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
