@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from vmdr.errors import (
+    DRCapacity,
     FailoverFailed,
     RecoveryPlanLocked,
     ReplicaStale,
@@ -214,7 +215,28 @@ def _load(run: Run, sites: fs.Sites) -> dict[str, fs.DRVM]:
                     raise ReplicaStale(msg + ": check replication (`vmdr replicate status`), "
                                        "or --force")
                 run.report.warnings.append(msg + " (forced)")
+        _check_capacity(run, out)
     return out
+
+
+def _check_capacity(run: Run, vms: dict[str, fs.DRVM]) -> None:
+    """DRCapacity (exit 43) before anything is stopped or started when the plan's standbys
+    need more memory than their DR host has free (``--force``: a warning)."""
+    need: dict[str, int] = {}
+    hvs: dict[str, Hypervisor] = {}
+    for vm in vms.values():
+        need[vm.pv.to] = need.get(vm.pv.to, 0) + vm.standby.info().memory_kib * 1024
+        hvs[vm.pv.to] = vm.hv
+    for uri, n in need.items():
+        free = hvs[uri].free_memory()
+        if free is None or n <= free:
+            continue
+        msg = (f"recovery plan {run.plan.name}: the VMs need {n >> 20} MiB of memory at "
+               f"{redact_uri(uri)}, which has {free >> 20} MiB free")
+        if not run.opts.force:
+            raise DRCapacity(msg + ": nothing was stopped or started (free memory there, "
+                             "or --force)")
+        run.report.warnings.append(msg + " (forced)")
 
 
 # -- bring-up, shared by every kind -------------------------------------------------------------
@@ -238,20 +260,30 @@ def bring_up(run: Run, doms: dict[str, Domain], start: Callable[[str], Domain],
                 st.detail = doms[name].name
         for name in g.vms:
             o = run.report.vm(name)
-            with run.step(f"wait until ready ({g.ready})", name) as st:
-                try:
-                    r = wait_ready(doms[name], g.ready, g.timeout_s,
-                                   lambda a, p, n=name: ready_on(n, a, p),
-                                   {**run.env(g), "VMDR_VM": name})
-                except VmdrError as exc:
-                    o.outcome, o.error = "failed", exc.message
-                    raise
-                o.ready, o.ready_s = g.ready, round(time.monotonic() - t_start[name], 1)
-                st.detail = f"ready after {o.ready_s}s ({r.seconds:.1f}s of checks)"
-            if plan.reip_rules:
-                with run.step("re-IP", name) as st:
-                    o.addresses = reip(doms[name], plan.reip_rules, plan.reip_helper, test)
-                    st.detail = ", ".join(o.addresses) or "no address"
+            # a TCP port is checked at the address the VM serves on: re-IP first (it
+            # needs the guest agent), then the port
+            steps = [g.ready]
+            if plan.reip_rules and g.ready.startswith("tcp:"):
+                steps = ["agent", "re-IP", g.ready]
+            elif plan.reip_rules:
+                steps = [g.ready, "re-IP"]
+            for what in steps:
+                if what == "re-IP":
+                    with run.step("re-IP", name) as st:
+                        o.addresses = reip(doms[name], plan.reip_rules, plan.reip_helper,
+                                           test)
+                        st.detail = ", ".join(o.addresses) or "no address"
+                    continue
+                with run.step(f"wait until ready ({what})", name) as st:
+                    try:
+                        r = wait_ready(doms[name], what, g.timeout_s,
+                                       lambda a, p, n=name: ready_on(n, a, p),
+                                       {**run.env(g), "VMDR_VM": name})
+                    except VmdrError as exc:
+                        o.outcome, o.error = "failed", exc.message
+                        raise
+                    o.ready, o.ready_s = g.ready, round(time.monotonic() - t_start[name], 1)
+                    st.detail = f"ready after {o.ready_s}s ({r.seconds:.1f}s of checks)"
             o.rto_s = round(time.monotonic() - run.t0, 1)
             o.outcome = "ready"
         for s in g.post:

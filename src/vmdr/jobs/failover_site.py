@@ -89,8 +89,12 @@ exit 0
 _REVERT = r"""img=$1 tag=$2
 qemu-img snapshot -a "$tag" -- "$img"
 """
-_TCP = r"""timeout 3 sh -c 'exec 3<>"/dev/tcp/$1/$2"' sh "$1" "$2" 2>/dev/null ||
-  nc -z -w 3 "$1" "$2" 2>/dev/null
+_TCP = r"""if command -v bash >/dev/null 2>&1; then
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' bash "$1" "$2" 2>/dev/null; exit $?
+elif command -v nc >/dev/null 2>&1; then
+  nc -z -w 3 "$1" "$2" 2>/dev/null; exit $?
+fi
+exit 127
 """
 
 

@@ -184,7 +184,8 @@ def static_findings(plan: RecoveryPlan) -> list[str]:
 
 
 def _finding_line(f: Finding) -> str:
-    return f"recovery plan {f.plan}: {f.vm + ': ' if f.vm else ''}{f.message}"
+    vm = f"{f.vm}: " if f.vm and not f.message.startswith(f"{f.vm}: ") else ""
+    return f"recovery plan {f.plan}: {vm}{f.message}"
 
 
 def plan_problems(cfg: Config, source_uri: str, offline: bool,
