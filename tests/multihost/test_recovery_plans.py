@@ -213,6 +213,8 @@ def _networks(h1: Host, h2: Host) -> None:
         return (f"<network><name>{name}</name><bridge name='{bridge}'/><dns enable='no'/>"
                 f"{addr}</network>")
 
+    for h in (h1, h2):  # libvirt keeps a network's MAC list there, even without dnsmasq
+        (h.dir / "lib-libvirt" / "dnsmasq").mkdir(exist_ok=True)
     h1.conn().networkCreateXML(net("lan", "vmdrlan0"))
     h2.conn().networkCreateXML(net("dr-lan", "vmdrdrlan0"))
     h2.conn().networkCreateXML(net("test-lan", TEST_LAN, "10.99.8.1"))
