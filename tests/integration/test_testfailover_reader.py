@@ -139,3 +139,21 @@ def test_without_the_pin_deleting_the_point_changes_what_the_reader_serves(
         assert _digest(vm.exports["vda"]) != before
         for p in vm.readers:
             site.stop(p)
+
+
+def test_a_point_that_cannot_be_served_is_one_line_and_holds_no_pin(tmp_path: Path) -> None:
+    from vmdr.errors import HypervisorError
+
+    d = tmp_path / "replica"
+    d.mkdir()
+    disk = d / "s-vda.qcow2"
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(SIZE))
+    with Site("qemu:///system") as site:
+        vm = _VM(site, disk)
+        with pytest.raises(HypervisorError) as e:
+            fs.freeze(cast(fs.DRVM, vm), "r1", RestorePoint("rp-gone", "t", "direct", "seed"))
+        assert "cannot serve restore point rp-gone of disk vda" in e.value.message
+        assert "\n" not in e.value.message
+        for p in vm.readers:
+            site.stop(p)
+        assert site.pinned_points(str(d)) == set()

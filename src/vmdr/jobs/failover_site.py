@@ -25,6 +25,7 @@ closes, so a killed vmdr leaves no running test VM; the next test removes leftov
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -71,7 +72,12 @@ while [ ! -S "$sock" ]; do
   sleep 0.05
 done
 chmod 0666 -- "$sock"  # QEMU runs as its own user; read-only, like the 0644 disks
-qemu-img create -q -f qcow2 -u -F raw -b "nbd+unix:///?socket=$sock" -- "$d/$t.qcow2" "$5"
+# creating the overlay reads the export: it serves the point (else: why qemu-nbd stopped)
+if ! qemu-img create -q -f qcow2 -F raw -b "nbd+unix:///?socket=$sock" -- "$d/$t.qcow2" \
+    "$5" 2>"$d/$t.create"; then
+  kill "$p" 2>/dev/null; wait "$p"
+  cat "$d/$t.err" "$d/$t.create" >&2; exit 4
+fi
 chmod 0644 -- "$d/$t.qcow2"
 echo "ready $sock"
 cat >/dev/null
@@ -275,9 +281,13 @@ def freeze(vm: DRVM, run: str, point: RestorePoint, timeout: float = 60) -> str:
         vm.readers.append(proc)
         line = _first_line(proc, timeout)
         if not line.startswith("ready "):
+            err = ""
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # the script exits when qemu-nbd could not serve the point
+                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr \
+                    else ""
             vm.site.stop(proc)
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            why = err.splitlines()[-1] if err else "no answer"
+            why = err.splitlines()[0] if err else "no answer"
             raise HypervisorError(f"{vm.name}: cannot serve restore point {point.name} of "
                                   f"disk {t} on {vm.site.where}: {why}")
         vm.exports[t] = line[len("ready "):]
