@@ -42,6 +42,7 @@
     ├── ReplicaStale               exit 40  replica older than its RPO target (--force)
     ├── FailoverFailed             exit 41  a failover step failed; sources left running
     ├── RecoveryCheckFailed        exit 42  `vmdr recovery check` found problems
+    ├── DRCapacity                 exit 43  the DR host lacks the memory for the plan
     └── TapeError                  exit 30  a tape drive or changer failed
         ├── MediaRefused           exit 31  write-protected, another pool, retention, WORM
         ├── DriveNotReady          exit 32  the drive did not become ready in time
@@ -209,6 +210,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (40, "a replica is older than its RPO target (planned failover refused; --force)"),
     (41, "a failover or failback step failed; the source VMs were left running"),
     (42, "vmdr recovery check found problems in a recovery plan"),
+    (43, "the DR host lacks the memory for a recovery plan: failover refused (--force)"),
     (30, "tape drive or changer error"),
     (31, "tape refused: write-protected, another pool, retention or WORM"),
     (32, "tape drive not ready before the timeout"),
@@ -343,3 +345,10 @@ class RecoveryCheckFailed(VmdrError):
     """``vmdr recovery check`` found problems in a recovery plan."""
 
     exit_code = 42
+
+
+class DRCapacity(VmdrError):
+    """The DR host lacks the memory for the recovery plan: nothing was stopped or started
+    (``--force`` to try anyway)."""
+
+    exit_code = 43

@@ -5,11 +5,18 @@ the test network inside the namespaces; nothing contacts a test address from the
 namespace. One guest writing sequence-numbered records goes through the whole life of a
 hot site, in order, on one module-scoped cluster:
 
-``recovery check`` (a good plan, a broken one) → a refused planned failover (stale
-replica) → a refused concurrent run (plan lock) → test failover (the source keeps
-writing; nothing left behind) → planned failover (the DR copy holds exactly the source's
-last record) → failback (nothing written at the DR site lost; re-protected) → the source
-site dies → unplanned failover (a consistent prefix, data loss reported).
+``recovery check`` and ``plan check`` (a good plan, broken ones) → a refused planned
+failover (stale replica; a DR host without the memory) → a refused concurrent run (plan
+lock) → test failover with a replica cycle *during* it (the source keeps writing, the cycle
+adds a point beside the pinned one, the test copy's view does not change; nothing left
+behind) → a second guest with a NIC: test failover with ``tcp:`` readiness and re-IP →
+planned failover (the DR copy holds exactly the source's last record) → failback (nothing
+written at the DR site lost; re-protected) → the source site dies → unplanned failover
+(a consistent prefix, data loss reported).
+
+The NIC guest's networks exist only inside the hosts' namespaces: ``lan`` on h1,
+``dr-lan`` and ``test-lan`` (10.99.8.1/24, the DR host's leg for the ``tcp:`` check) on
+h2; the route inside h2 is asserted before the failover sends anything.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.guest.domxml import make_domain_xml
 from tests.guest.records import check_records
 from tests.multihost.cluster import Cluster
 from tests.multihost.fixtures import skip_unless_multihost
@@ -34,9 +42,13 @@ pytestmark = [pytest.mark.multihost, pytest.mark.vm]
 ROOT = "/var/lib/libvirt/images/vmdr-replicas"  # inside h2
 
 
+TEST_LAN = "vmdrtlan0"  # the test network's bridge inside h2
+SRC_ADDR, DR_ADDR, TEST_ADDR = "10.99.0.5", "10.99.4.5", "10.99.8.5"
+
+
 class Sites:
-    def __init__(self, c: Cluster, g: Guest, work: Path) -> None:
-        self.c, self.g, self.work = c, g, work
+    def __init__(self, c: Cluster, g: Guest, work: Path, g2: Guest) -> None:
+        self.c, self.g, self.work, self.g2 = c, g, work, g2
         self.h1, self.h2 = c.hosts
         self.reports = work / "reports"
         self.locks = work / "locks"
@@ -44,11 +56,27 @@ class Sites:
         self.config = work / "vmdr.toml"
         self.config.write_text(self.toml(self.dr_uri))
 
-    def toml(self, dr: str, vm: str | None = None) -> str:
+    def toml(self, dr: str, vm: str | None = None, inventory: bool = False) -> str:
+        """The config; ``inventory``: with the sites as hosts (what `plan check` needs)."""
         g = self.g.name
-        return f"""
+        placed = 'host = "src"\n' if inventory else ""
+        sites = "" if not inventory else f"""
+[locations.site1]
+kind = "building"
+[locations.site2]
+kind = "building"
+[hosts.src]
+uri = "qemu:///system"
+location = "site1"
+[hosts.dr]
+uri = "{dr}"
+location = "site2"
+"""
+        cycle = (f"host:{sys.executable} -m vmdr.cli.main --config {self.config} replicate "
+                 f"{g} --points 1 --json > {self.work}/during.json")
+        return sites + f"""
 [vm.{g}]
-replica_to = "{dr}"
+{placed}replica_to = "{dr}"
 replica_dir = "{ROOT}"
 replica_rpo = "1h"
 
@@ -67,6 +95,38 @@ post = ["guest:test -e /proc/version", "host:test -n \\"$VMDR_RUN\\""]
 vms = ["{g}"]
 rpo = "1s"
 
+[vm.{self.g2.name}]
+{placed}replica_to = "{dr}"
+replica_dir = "{ROOT}"
+replica_network_map = {{ lan = "dr-lan" }}
+
+[recovery_plans.sync]
+vms = ["{g}"]
+ready = "agent"
+ready_timeout = "150s"
+[recovery_plans.sync.groups.1]
+post = [
+  # the test copy stops its own writer and fingerprints its records area
+  "guest:echo 0 > /run/vmdr-rate; killall vmdr-writer; sleep 1; md5sum /dev/vdb2 > /run/fp",
+  # a replica cycle of the same VM now, keeping 1 point: it writes the standby's disks
+  "{cycle}",
+  # the test copy reads exactly what it read before the cycle
+  "guest:echo 3 > /proc/sys/vm/drop_caches; md5sum /dev/vdb2 | cmp -s - /run/fp",
+]
+
+[recovery_plans.net]
+vms = ["{self.g2.name}"]
+ready = "tcp:8080"
+ready_timeout = "150s"
+test_network_map = {{ lan = "test-lan" }}
+reip_rules = [{{ from = "10.99.0.0/24", to = "10.99.4.0/24", test_to = "10.99.8.0/24" }}]
+[recovery_plans.net.groups.1]
+post = ["guest:ip -o -4 addr show eth0 | grep -q 'inet {TEST_ADDR}/24'"]
+
+[recovery_plans.badnet]
+vms = ["{self.g2.name}"]
+network_map = {{ lan = "no-such-net" }}
+
 [recovery_plans.fragile]
 vms = ["{g}"]
 ready = "agent"
@@ -79,7 +139,8 @@ post = ["host:echo the application did not come up >&2; exit 3"]
     def vmdr(self, *args: str, host: Host | None = None, code: int = 0,
              config: Path | None = None, timeout: float = 400) -> subprocess.CompletedProcess[str]:
         h = host or self.h1
-        p = h.run("env", f"VMDR_LOCK_DIR={self.locks}", sys.executable, "-m",
+        p = h.run("env", f"VMDR_LOCK_DIR={self.locks}", f"VMDR_CACHE_DIR={self.work}/cache",
+                  sys.executable, "-m",
                   "vmdr.cli.main", "--config", str(config or self.config), *args,
                   check=False, timeout=timeout)
         assert p.returncode == code, p.stdout + p.stderr
@@ -125,14 +186,77 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     work = tmp_path_factory.mktemp("recovery")
     work.chmod(0o755)
     with Cluster(hosts=2, etcd=False, sshd=True) as c:
-        g = c.new_guest(local_to=c.hosts[0], writer_rate=20)
-        g.start(c.hosts[0])
+        h1, h2 = c.hosts
+        _networks(h1, h2)
+        g = c.new_guest(local_to=h1, writer_rate=20)
+        g2 = c.new_guest(local_to=h1, writer_rate=2)
+        g2.xml = make_domain_xml(g2.name, g2.boot_disk, g2.data_disk,
+                                 console_log=g2.console_log, writer_rate=2, memory_mib=128,
+                                 network="lan")
+        g.start(h1)
+        g2.start(h1)
         g.wait_heartbeat(90)
         g.wait_writer(timeout=60)
-        s = Sites(c, g, work)
+        g2.wait_heartbeat(90)
+        _give_address(h1, g2)
+        s = Sites(c, g, work, g2)
         seed = s.js("replicate", g.name)["results"][0]
         assert seed["mode"] == "seed", seed
+        assert s.js("replicate", g2.name)["results"][0]["mode"] == "seed"
         yield s
+
+
+def _networks(h1: Host, h2: Host) -> None:
+    """Isolated networks inside the hosts' namespaces (no forward, no DNS/DHCP)."""
+    def net(name: str, bridge: str, ip: str = "") -> str:
+        addr = f"<ip address='{ip}' prefix='24'/>" if ip else ""
+        return (f"<network><name>{name}</name><bridge name='{bridge}'/><dns enable='no'/>"
+                f"{addr}</network>")
+
+    for h in (h1, h2):  # libvirt keeps a network's MAC list there, even without dnsmasq
+        (h.dir / "lib-libvirt" / "dnsmasq").mkdir(exist_ok=True)
+    h1.conn().networkCreateXML(net("lan", "vmdrlan0"))
+    h2.conn().networkCreateXML(net("dr-lan", "vmdrdrlan0"))
+    h2.conn().networkCreateXML(net("test-lan", TEST_LAN, "10.99.8.1"))
+
+
+RC_LOCAL = f"""#!/bin/sh
+ip link set eth0 up
+ip addr add {SRC_ADDR}/24 dev eth0
+mkdir -p /data/www && echo vmdr > /data/www/index.html
+httpd -p 8080 -h /data/www
+"""
+
+
+def _agent_exec(host: Host, vm: str, script: str, timeout: float = 90) -> str:
+    """``sh -c script`` in ``vm`` through its guest agent (libvirt's unix socket)."""
+    from vmdr.errors import VmdrError
+    from vmdr.hypervisor import connect
+
+    hv = connect(host.uri)
+    try:
+        dom = hv.lookup(vm)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = dom.guest_exec(["/bin/sh", "-c", script], timeout=60)
+                assert r.ok, (r.exitcode, r.stderr)
+                return r.stdout
+            except VmdrError:
+                assert time.monotonic() < deadline, "the guest agent does not answer"
+                time.sleep(1)
+    finally:
+        hv.close()
+
+
+def _give_address(h1: Host, g2: Guest) -> None:
+    """The guest's network configuration, on its data disk (run at every boot, also by
+    its replicas), and applied now."""
+    import shlex
+
+    _agent_exec(h1, g2.name, "mkdir -p /data/vmdr && printf '%s' "
+                f"{shlex.quote(RC_LOCAL)} > /data/vmdr/rc.local && chmod 0755 "
+                "/data/vmdr/rc.local && sync && /data/vmdr/rc.local")
 
 
 def test_check_catches_a_broken_plan_and_refusals_leave_the_source_running(
@@ -151,9 +275,40 @@ def test_check_catches_a_broken_plan_and_refusals_leave_the_source_running(
     p = s.vmdr("recovery", "check", config=unknown, code=2)
     assert "recovery_plans.app.vms: unknown VM 'no-such-vm'" in p.stderr, p.stderr
 
+    # `vmdr plan check` names the broken recovery plans, one line each (exit 1); offline it
+    # keeps to the config (the missing network is only seen at the DR host)
+    inv = s.work / "inventory.toml"
+    inv.write_text(s.toml(s.dr_uri, inventory=True))
+    p = s.vmdr("plan", "check", config=inv, code=1)
+    lines = p.stdout.splitlines()
+    assert any(ln.startswith(f"recovery plan badnet: {s.g2.name}: ") and "no-such-net" in ln
+               for ln in lines), lines
+    assert any(ln.startswith("recovery plan stale: ") and "RPO target" in ln
+               for ln in lines), lines
+    assert not [ln for ln in lines if ln.startswith(("recovery plan app:",
+                                                     "recovery plan net:"))], lines
+    off = s.vmdr("plan", "check", "--offline", config=inv, code=1).stdout
+    assert "recovery plan badnet" not in off and "recovery plan stale" not in off, off
+
     before = g.writer_seq() or 0
     p = s.vmdr("failover", "stale", "--planned", code=40)
     assert "older than its RPO target" in p.stderr
+    # a DR host without the memory: the standby now needs more than h2 has free
+    standby = f"{g.name}-replica"
+    saved = s.work / "standby.xml"
+    saved.write_text(s.h2.virsh("dumpxml", "--inactive", standby).stdout)
+    try:
+        s.h2.virsh("setmaxmem", standby, "256G", "--config")
+        s.h2.virsh("setmem", standby, "256G", "--config")
+        p = s.vmdr("failover", "app", "--planned", code=43)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.stderr.startswith("vmdr: error: recovery plan app: the VMs need 262144 MiB "
+                                   "of memory at "), p.stderr
+        assert "nothing was stopped or started" in p.stderr
+        s.vmdr("failover", "app", "--test", code=43)
+    finally:
+        s.h2.virsh("define", str(saved))
+    assert s.h2.virsh("domstate", standby).stdout.strip() == "shut off"
     import os
 
     from vmdr.jobs.vmlock import VMLock
@@ -168,11 +323,25 @@ def test_check_catches_a_broken_plan_and_refusals_leave_the_source_running(
     g.wait_writer(above=before, timeout=30)  # untouched: still writing
 
 
-def test_test_failover_leaves_nothing_and_the_source_keeps_writing(sites: Sites) -> None:
+def _leftovers(s: Sites, vm: str) -> list[str]:
+    """Test copies, bubbles, overlays, exports and pins of ``vm`` left at the DR site."""
+    left = [d for d in s.h2.virsh("list", "--all", "--name").stdout.split()
+            if d.startswith("vmdrt-")]
+    left += [n for n in s.h2.virsh("net-list", "--all", "--name").stdout.split()
+             if n.startswith("vmdrt")]
+    vmdir = s.vmdir.parent / vm
+    left += [str(p) for p in vmdir.glob("test-*")]
+    left += subprocess.run(["pgrep", "-af", f"qemu-nbd.*{ROOT}/{vm}/test-"],
+                           capture_output=True, text=True).stdout.splitlines()
+    return left
+
+
+def test_test_failover_leaves_nothing_and_replication_goes_on_during_it(
+        sites: Sites) -> None:
     s, g = sites, sites.g
     s.js("replicate", g.name)
     before = g.wait_writer(timeout=30)
-    rep = s.js("failover", "app", "--test")
+    rep = s.js("failover", "sync", "--test")
     assert rep["outcome"] == "passed", rep
     vm = rep["vms"][0]
     assert vm["outcome"] == "ready" and vm["ready"] == "agent" and vm["rto_s"] > 0
@@ -180,18 +349,54 @@ def test_test_failover_leaves_nothing_and_the_source_keeps_writing(sites: Sites)
     assert any(st["name"].startswith("clean up") and st["detail"] == "nothing left"
                for st in rep["steps"])
     assert Path(rep["report_html"]).read_text().count(g.name) >= 1
-    # nothing left at the DR site: no test domain, network or overlay
-    assert not [d for d in s.h2.virsh("list", "--all", "--name").stdout.split()
-                if d.startswith("vmdrt-")]
-    assert "vmdrt" not in s.h2.virsh("net-list", "--all", "--name").stdout
-    assert not list(s.vmdir.glob("test-*"))
-    # production kept writing throughout, and its replica still syncs
+    # the cycle ran during the test and succeeded: it wrote the standby's disks, added a
+    # point and, keeping 1, rotated every other point but the one under test (pinned)
+    during = json.loads((s.work / "during.json").read_text())["results"][0]
+    tested = vm["point"]
+    assert during["mode"] == "incremental" and during["bytes_moved"] > 0, during
+    assert during["points"] == [tested, during["point"]], (tested, during)
+    assert tested not in during["rotated"]
+    # ... and the test copy's records area read the same before and after it (post-script
+    # 3 compared it in the guest, else the run would have failed)
+    posts = [st for st in rep["steps"] if st["name"] == "group 1 post-script"]
+    assert len(posts) == 3 and all(st["status"] == "ok" for st in posts), posts
+    # nothing left at the DR site: no test domain, network, overlay, export or pin
+    assert _leftovers(s, g.name) == []
+    # production kept writing throughout, without a gap: the point the cycle took during
+    # the test holds a contiguous run of records past the ones written before the test
     assert g.is_running_on(s.h1)
     g.wait_writer(above=before + 10, timeout=30)
-    inc = s.js("replicate", g.name)["results"][0]
-    assert inc["mode"] == "incremental"
-    listed = s.js("failover", "report")["runs"]
+    dr = check_records(str(s.vmdir / f"{g.name}-replica-vdb.qcow2"), "qcow2", force_share=True)
+    assert dr.consistent and dr.last_seq > before, (dr, before)
+    after = s.js("replicate", g.name, "--points", "1")["results"][0]  # the pin is gone
+    assert after["mode"] == "incremental" and tested in after["rotated"], after
+    listed = s.js("failover", "report", "--plan", "sync")["runs"]
     assert [r["kind"] for r in listed if r["outcome"] == "passed"] == ["test"]
+
+
+def test_tcp_readiness_and_re_ip_on_a_guest_with_a_nic(sites: Sites) -> None:
+    s, g2 = sites, sites.g2
+    # the network safety rule: the DR host reaches the test address over test-lan only
+    route = s.h2.run("ip", "route", "get", TEST_ADDR).stdout
+    assert f"dev {TEST_LAN}" in route, route
+    assert s.h2.run("ip", "route", "get", SRC_ADDR, check=False).returncode != 0 or \
+        TEST_LAN not in s.h2.run("ip", "route", "get", SRC_ADDR, check=False).stdout
+    rep = s.js("failover", "net", "--test")
+    assert rep["outcome"] == "passed", rep
+    vm = rep["vms"][0]
+    assert vm["ready"] == "tcp:8080" and vm["addresses"] == [TEST_ADDR], vm
+    names = [st["name"] for st in rep["steps"] if st["vm"] == g2.name]
+    assert names.index("re-IP") < names.index("wait until ready (tcp:8080)"), names
+    reip = next(st for st in rep["steps"] if st["name"] == "re-IP")
+    assert reip["detail"] == TEST_ADDR
+    # the DR copy had the mapped address (post-script read it in the guest: `ip addr`)
+    post = next(st for st in rep["steps"] if st["name"] == "group 1 post-script")
+    assert post["status"] == "ok"
+    # the source keeps its own address
+    src = _agent_exec(s.h1, g2.name, "ip -o -4 addr show eth0")
+    assert f"inet {SRC_ADDR}/24" in src and TEST_ADDR not in src, src
+    assert _leftovers(s, g2.name) == []
+    assert "vmdrt" not in s.h2.virsh("net-list", "--all", "--name").stdout
 
 
 def test_a_failed_planned_failover_puts_the_source_back(sites: Sites) -> None:

@@ -173,6 +173,7 @@ class FakeSite(Site):
         self.free, self.written, self.zeroed = free, 0, 0
         self.fail_writes = self.fail_commit = False
         self.calls: list[str] = []
+        self.pins: set[str] = set()  # points a test failover reads
 
     def open(self) -> FakeSite:
         return self
@@ -208,6 +209,9 @@ class FakeSite(Site):
 
     def writer(self, path: str) -> Any:
         return _Writer(self, path)
+
+    def pinned_points(self, directory: str) -> set[str]:
+        return set(self.pins)
 
     # the batched steps: one remote command each at a real site
     def begin(self, directory: str, names: list[str]) -> tuple[int, list[bytes | None]]:
@@ -295,6 +299,21 @@ def test_seed_then_incrementals_move_only_changes_and_rotate_points() -> None:
     assert [c.bytes_moved for c in st.cycles] == [4 * BLOCK, BLOCK, BLOCK]
     assert len([c for c in src.cps if c.startswith(st.prefix)]) == 1
     assert not st.writing and st.checkpoint in src.cps
+
+
+def test_a_point_a_test_failover_reads_is_not_rotated_until_the_test_ends() -> None:
+    src, target, site, spec = _env()
+    spec.keep = 1
+    seed = rep.replicate_direct(src, target, site, spec)
+    site.pins = {seed.point or ""}  # a test failover reads the seed point
+    src.write(0, b"\x05" * BLOCK)
+    during = rep.replicate_direct(src, target, site, spec)
+    assert during.rotated == [] and during.points == [seed.point, during.point]
+    assert list(site.snaps["/dr/web/web-replica-vda.qcow2"]) == [seed.point, during.point]
+    site.pins = set()  # the test ended
+    src.write(BLOCK, b"\x06" * BLOCK)
+    after = rep.replicate_direct(src, target, site, spec)
+    assert after.rotated == [seed.point, during.point] and after.points == [after.point]
 
 
 def test_backup_checkpoints_are_never_touched() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,30 @@ def test_compression_can_be_turned_off_for_the_data() -> None:
     argv = off._host.target.argv()
     assert "Compression=yes" not in argv and "UserKnownHostsFile=/k/kh" in argv
     assert "BatchMode=yes" in argv  # keys only, host key checked as before
+
+
+def test_begin_reads_the_pins_of_running_test_failovers_in_the_same_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held ``test-*/pin`` names a point a test failover reads; a pin file whose lock
+    is free (the test died) does not count; and the answer costs no extra command."""
+    d = tmp_path / "dr" / "web"
+    site = Site("qemu:///system")
+    for run, point in (("test-a", "rp-1"), ("test-b", "rp-2")):
+        (d / run).mkdir(parents=True)
+        (d / run / "pin").write_text(point)
+    holder = subprocess.Popen(["flock", "-s", str(d / "test-a" / "pin"), "sleep", "30"])
+    try:
+        for _ in range(100):  # until the shared lock is held
+            if subprocess.run(["flock", "-n", "-x", str(d / "test-a" / "pin"), "true"]
+                              ).returncode != 0:
+                break
+            time.sleep(0.05)
+        calls = _count(monkeypatch)
+        site.begin(str(d), ["replica.json"])
+        assert site.pinned_points(str(d)) == {"rp-1"} and calls == ["run"]
+        assert site.pinned_points(str(d)) == {"rp-1"} and calls == ["run", "run"]  # asked
+    finally:
+        holder.kill()
+        holder.wait()
+    free, _files, pins = rs.parse_begin_pins(b"123\nfile 6\npin x\nnone\npin rp-9\n", 2)
+    assert (free, pins) == (123, {"rp-9"})  # a file's bytes are not read as a pin

@@ -86,8 +86,14 @@ def cmd_write(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_check(ns: argparse.Namespace, g: Globals) -> int:
-    cov = _evaluate(ns, g)
-    problems = cov.problems()
+    from dataclasses import replace
+
+    from vmdr.jobs.recovery_check import plan_problems
+
+    source = os.environ.get("VMDR_CONNECT") or g.config.connect
+    rec = plan_problems(g.config, source, ns.offline)
+    cov = _evaluate(ns, replace(g, config=rec.config))
+    problems = cov.problems() + rec.problems
     if ns.strict:
         problems += [f"{vc.vm.name}: 3-2-1-1-0 not met: {'; '.join(vc.rule.missing())}"
                      for vc in cov.vms.values() if not vc.rule.ok]
@@ -137,7 +143,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     q = psub.add_parser("check", parents=parents, help="exit 1 with one line per problem",
                         description="For cron and monitoring: one line per VM that misses "
                                     "its RPO or RTO, lacks a required level or has no recent "
-                                    "boot verification, and per unreadable repository. "
+                                    "boot verification, per unreadable repository, and per "
+                                    "problem of a recovery plan (as `vmdr recovery check`: "
+                                    "the DR host, replicas, networks, RPO and capacity; "
+                                    "--offline: only what the config shows). "
                                     "Exit 0 when there is none, 1 otherwise.",
                         epilog="exit codes: 0 no problem, 1 problems (one line each), "
                                "2 bad inventory or arguments")

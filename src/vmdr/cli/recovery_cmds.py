@@ -188,18 +188,20 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         epilog="exit codes: 2 bad plan or arguments, 10 DR network missing, 11 no such VM or "
                "standby, 12 a host is unreachable, 13 the plan (or a VM) is locked by "
                "another run, 40 replica older than its RPO target (--force), 41 a step failed "
-               "(the sources are left running)")
+               "(the sources are left running), 43 the DR host lacks the memory (--force)")
     f.add_argument("plan", metavar="PLAN", help="the recovery plan ('report': list runs)")
     f.add_argument("run", nargs="?", metavar="RUN", help="failover report: the run to show")
     how = f.add_mutually_exclusive_group()
     how.add_argument("--planned", action="store_true",
                      help="planned migration: clean shutdown, final sync, no data loss")
     how.add_argument("--test", action="store_true",
-                     help="test failover in an isolated bubble, cleaned up after")
+                     help="test failover in an isolated bubble, cleaned up after; "
+                         "replication goes on meanwhile")
     f.add_argument("--point", metavar="TIME",
                    help="unplanned: the newest restore point at or before TIME (ISO, UTC)")
     f.add_argument("--force", action="store_true",
-                   help="planned: go on although a replica is older than its RPO target")
+                   help="go on although a replica is older than its RPO target (planned) "
+                        "or the DR host has less free memory than the plan needs")
     f.add_argument("--plan", dest="of", metavar="PLAN",
                    help="failover report: only the runs of this plan")
     f.add_argument("--no-screenshots", action="store_true", help="take no screenshots")

@@ -6,8 +6,10 @@ the DR site from its replicas.
   isolated network with no uplink (the plan's ``test_network_map``, else a bubble
   ``vmdrt<hash>`` created for the run), group by group with the readiness checks, re-IP
   to the rules' ``test_to`` subnets, a screenshot each; then everything is removed and
-  the removal is checked. Production and its replica are not touched (the replica lock is
-  held during the test, so a replica cycle of those VMs waits for the next run).
+  the removal is checked. Production and its replica are not touched, and replication
+  goes on: the copies read a pinned, read-only export of the newest restore point, not
+  the standby disks (:mod:`.failover_site`), and the replica lock is held only while the
+  point is pinned, so replica cycles run and add restore points during the test.
 * **planned** (``--planned``): refuses a replica older than its RPO target (``--force``),
   runs the plan's ``guest:`` pre-scripts in the running sources, shuts the sources down
   cleanly (reverse boot order), runs a final replica cycle of each (zero data loss), then
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from vmdr.errors import (
+    DRCapacity,
     FailoverFailed,
     RecoveryPlanLocked,
     ReplicaStale,
@@ -48,13 +51,14 @@ from vmdr.errors import (
 from vmdr.hypervisor import Domain, Hypervisor, connect
 from vmdr.jobs import failover_site as fs
 from vmdr.jobs.failover_guest import reip, run_script, wait_ready
-from vmdr.jobs.replicate import ReplicaSpec, redact_uri, replicate_direct
+from vmdr.jobs.replicate import ReplicaSpec, load_state, redact_uri, replicate_direct
 from vmdr.jobs.vmlock import VMLock
 from vmdr.plan import recovery_runs as runs
 from vmdr.plan.recovery import GroupSpec, RecoveryPlan
 from vmdr.timeutil import utcnow
 
 KINDS = ("test", "planned", "unplanned")
+LOCK_WAIT_S = 120.0  # a test failover waits this long for a running replica cycle
 FAILOVER_STATE = "failover.json"
 _FAILOVER_OVERLAY = r"""set -e
 d=$1; shift
@@ -211,7 +215,28 @@ def _load(run: Run, sites: fs.Sites) -> dict[str, fs.DRVM]:
                     raise ReplicaStale(msg + ": check replication (`vmdr replicate status`), "
                                        "or --force")
                 run.report.warnings.append(msg + " (forced)")
+        _check_capacity(run, out)
     return out
+
+
+def _check_capacity(run: Run, vms: dict[str, fs.DRVM]) -> None:
+    """DRCapacity (exit 43) before anything is stopped or started when the plan's standbys
+    need more memory than their DR host has free (``--force``: a warning)."""
+    need: dict[str, int] = {}
+    hvs: dict[str, Hypervisor] = {}
+    for vm in vms.values():
+        need[vm.pv.to] = need.get(vm.pv.to, 0) + vm.standby.info().memory_kib * 1024
+        hvs[vm.pv.to] = vm.hv
+    for uri, n in need.items():
+        free = hvs[uri].free_memory()
+        if free is None or n <= free:
+            continue
+        msg = (f"recovery plan {run.plan.name}: the VMs need {n >> 20} MiB of memory at "
+               f"{redact_uri(uri)}, which has {free >> 20} MiB free")
+        if not run.opts.force:
+            raise DRCapacity(msg + ": nothing was stopped or started (free memory there, "
+                             "or --force)")
+        run.report.warnings.append(msg + " (forced)")
 
 
 # -- bring-up, shared by every kind -------------------------------------------------------------
@@ -235,20 +260,30 @@ def bring_up(run: Run, doms: dict[str, Domain], start: Callable[[str], Domain],
                 st.detail = doms[name].name
         for name in g.vms:
             o = run.report.vm(name)
-            with run.step(f"wait until ready ({g.ready})", name) as st:
-                try:
-                    r = wait_ready(doms[name], g.ready, g.timeout_s,
-                                   lambda a, p, n=name: ready_on(n, a, p),
-                                   {**run.env(g), "VMDR_VM": name})
-                except VmdrError as exc:
-                    o.outcome, o.error = "failed", exc.message
-                    raise
-                o.ready, o.ready_s = g.ready, round(time.monotonic() - t_start[name], 1)
-                st.detail = f"ready after {o.ready_s}s ({r.seconds:.1f}s of checks)"
-            if plan.reip_rules:
-                with run.step("re-IP", name) as st:
-                    o.addresses = reip(doms[name], plan.reip_rules, plan.reip_helper, test)
-                    st.detail = ", ".join(o.addresses) or "no address"
+            # a TCP port is checked at the address the VM serves on: re-IP first (it
+            # needs the guest agent), then the port
+            steps = [g.ready]
+            if plan.reip_rules and g.ready.startswith("tcp:"):
+                steps = ["agent", "re-IP", g.ready]
+            elif plan.reip_rules:
+                steps = [g.ready, "re-IP"]
+            for what in steps:
+                if what == "re-IP":
+                    with run.step("re-IP", name) as st:
+                        o.addresses = reip(doms[name], plan.reip_rules, plan.reip_helper,
+                                           test)
+                        st.detail = ", ".join(o.addresses) or "no address"
+                    continue
+                with run.step(f"wait until ready ({what})", name) as st:
+                    try:
+                        r = wait_ready(doms[name], what, g.timeout_s,
+                                       lambda a, p, n=name: ready_on(n, a, p),
+                                       {**run.env(g), "VMDR_VM": name})
+                    except VmdrError as exc:
+                        o.outcome, o.error = "failed", exc.message
+                        raise
+                    o.ready, o.ready_s = g.ready, round(time.monotonic() - t_start[name], 1)
+                    st.detail = f"ready after {o.ready_s}s ({r.seconds:.1f}s of checks)"
             o.rto_s = round(time.monotonic() - run.t0, 1)
             o.outcome = "ready"
         for s in g.post:
@@ -289,30 +324,22 @@ def _test(run: Run, vms: dict[str, fs.DRVM]) -> None:
     bubble = fs.bubble_name(plan.name)
     bubbles: dict[str, Hypervisor] = {}
     dirs: dict[str, str] = {}
-    locks = [VMLock(f"replica:{redact_uri(v.pv.to)}:{v.pv.directory}", n) for n, v in vms.items()]
-    taken: list[VMLock] = []
     doms: dict[str, Domain] = {}
     try:
-        with run.step("hold the replicas (no cycle writes under a test)"):
-            for lk in locks:
-                try:
-                    lk.acquire()
-                except VMLocked:
-                    raise VMLocked(f"{lk.vm}: a replica cycle is running; test when it is "
-                                   "done") from None
-                taken.append(lk)
+        with run.step("freeze the restore points (replica cycles go on)") as st:
+            for name, vm in vms.items():
+                dirs[name] = fs.test_dir(vm, run.report.run)  # removed even if half made
+                _freeze(run, vm)
+            st.detail = ", ".join(f"{n} {v.point}" for n, v in vms.items())
         nets: dict[str, dict[str, str]] = {}
         with run.step("prepare the test bubble"):
             for name, vm in vms.items():
-                for what in fs.cleanup_leftovers(vm, plan.name):
-                    run.report.warnings.append(f"removed a leftover test copy: {what}")
                 nets[name] = fs.test_networks(vm, plan, bubble)
                 if bubble in nets[name].values() and vm.pv.to not in bubbles:
                     fs.create_bubble(vm.hv, bubble)
                     bubbles[vm.pv.to] = vm.hv
 
         def start(name: str) -> Domain:
-            dirs[name] = fs.test_dir(vms[name], run.report.run)  # removed even if half made
             fs.start_test_copy(vms[name], plan.name, run.report.run, nets[name])
             d = vms[name].dom
             assert d is not None
@@ -336,13 +363,42 @@ def _test(run: Run, vms: dict[str, fs.DRVM]) -> None:
             st.detail = "nothing left" if not left else "left: " + ", ".join(left)
             if left:
                 st.status = "failed"
-        for lk in taken:
-            lk.release()
         for o in run.report.vms:
             if o.outcome == "pending":
                 o.outcome = "skipped"
     if left:
         raise FailoverFailed(f"the test left {', '.join(left)} behind")
+
+
+def _freeze(run: Run, vm: fs.DRVM) -> None:
+    """Pin the replica's newest restore point and serve it read-only to the test copy.
+    The replica lock is held only for this (a cycle that runs waits up to
+    ``LOCK_WAIT_S``); replica cycles go on while the test copy runs."""
+    lk = VMLock(f"replica:{redact_uri(vm.pv.to)}:{vm.pv.directory}", vm.name)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            lk.acquire()
+            break
+        except VMLocked:
+            if time.monotonic() > deadline:
+                raise VMLocked(f"{vm.name}: a replica cycle has been running for over "
+                               f"{LOCK_WAIT_S:.0f}s; test when it is done") from None
+            time.sleep(1.0)
+    try:
+        for what in fs.cleanup_leftovers(vm, run.plan.name):
+            run.report.warnings.append(f"removed a leftover test copy: {what}")
+        st = load_state(vm.site, vm.pv.directory)  # a cycle may have ended since _load
+        if st is not None and st.standby_uuid == vm.state.standby_uuid and st.points:
+            vm.state = st
+        point = vm.state.newest
+        assert point is not None
+        o = run.report.vm(vm.name)
+        o.point, o.point_time = point.name, point.time
+        o.rpo_s = round((utcnow() - datetime.fromisoformat(point.time)).total_seconds(), 1)
+        fs.freeze(vm, run.report.run, point)
+    finally:
+        lk.release()
 
 
 # -- planned and unplanned ----------------------------------------------------------------------

@@ -82,8 +82,11 @@ def wait_ready(dom: Domain, ready: str, timeout: float, run_on_dr: Callable[...,
                 ok, last = r.ok, (r.stderr or r.stdout).strip()[-200:]
             elif kind == "tcp":
                 addrs = dom.guest_addresses()
-                ok = any(run_on_dr(a, int(arg)) == 0 for a in addrs)
+                codes = [run_on_dr(a, int(arg)) for a in addrs]
+                ok = 0 in codes
                 last = f"no address answers on port {arg}" if addrs else "no address known yet"
+                if codes and set(codes) == {127}:
+                    last = "the DR host has neither bash nor nc to try the port"
             else:  # exec
                 e = {**os.environ, **env, "VMDR_ADDRESSES": " ".join(_addrs(dom))}
                 p = subprocess.run(["/bin/sh", "-c", arg], env=e, capture_output=True,

@@ -1,17 +1,38 @@
 """The DR site's side of a failover: connections, the replica of each VM of a plan, the
 test bubble (an isolated network with no uplink), throw-away overlays, restore points.
 
-Test failover overlays are qcow2 files ``<replica dir>/test-<run>/<disk>.qcow2`` whose
-backing file is the standby disk (its current content is its newest restore point). They
-are started as a *transient* domain ``vmdrt-<plan>-<vm>``, auto-destroyed when vmdr's
-connection closes, so a killed vmdr leaves no running test VM; the next run of the plan
-removes leftover ``test-*`` directories and ``vmdrt-*`` networks of the plan.
-"""
+A **test failover** reads a frozen restore point, never the standby disks' live content,
+so replica cycles go on writing the standby while the test runs:
 
+* per disk, ``qemu-nbd`` serves the chosen point (the qcow2 internal snapshot, ``-l``)
+  read-only with ``force-share=on`` on a unix socket ``<replica dir>/test-<run>/<disk>.sock``
+  (QEMU's image locks then let a cycle's writer open the disk beside it);
+* the throw-away overlay ``test-<run>/<disk>.qcow2`` has that export as its backing
+  (``<backingStore type='network'>`` in the test copy's XML);
+* the reader holds a shared ``flock`` on ``test-<run>/pin`` (which names the point) for as
+  long as it runs; a cycle never deletes a pinned point when it rotates
+  (:meth:`vmdr.jobs.replicate_site.Site.pinned_points`). A snapshot's clusters are
+  immutable while the snapshot exists (qcow2 copies on write whatever a snapshot still
+  references), so the cycle's writes, new points and deletions of other points do not
+  change one byte of what the test copy reads (tests/integration/test_testfailover_reader.py
+  proves it with a real writer).
+
+The readers run as children of vmdr's own channel to the DR host (``cat`` on their stdin),
+so they stop, and their pin goes, when vmdr stops, also when it is killed. The test copy
+is a *transient* domain ``vmdrt-<plan>-<vm>``, auto-destroyed when vmdr's connection
+closes, so a killed vmdr leaves no running test VM; the next test removes leftover
+``test-*`` directories whose pin nobody holds, and ``vmdrt-*`` networks of the plan.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import select
 import shlex
+import subprocess
+import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,6 +43,7 @@ from vmdr.hypervisor import (
     connect,
     interface_networks,
     map_networks,
+    parse_xml,
     rewrite_domain_xml,
 )
 from vmdr.hypervisor.console import relocate_console_logs
@@ -30,23 +52,55 @@ from vmdr.jobs.replicate_site import Site
 from vmdr.jobs.replicate_state import ReplicaState, RestorePoint
 from vmdr.plan.recovery import PlanVM, RecoveryPlan
 
-_OVERLAY = r"""set -e
-d=$1; shift
-mkdir -p -m 0755 -- "$d"
-while [ "$#" -gt 1 ]; do
-  [ -e "$1" ] || { echo "standby disk $1 is missing" >&2; exit 3; }
-  qemu-img create -q -f qcow2 -F qcow2 -b "$1" -- "$2"
-  chmod 0644 -- "$2"
-  shift 2
+_READER = r"""d=$1 t=$2 img=$3 point=$4
+sock=$d/$t.sock
+[ -e "$img" ] || { echo "standby disk $img is missing" >&2; exit 3; }
+mkdir -p -m 0755 -- "$d" || exit 3
+printf '%s\n' "$point" > "$d/pin"
+exec 9>>"$d/pin"
+flock -s 9 || exit 3
+rm -f -- "$sock"
+qemu-nbd --read-only --persistent --shared=8 --load-snapshot="snapshot.name=$point" \
+  --image-opts --socket="$sock" \
+  "driver=qcow2,read-only=on,force-share=on,file.driver=file,file.filename=$img" \
+  2>"$d/$t.err" &
+p=$!
+n=0
+while [ ! -S "$sock" ]; do
+  if ! kill -0 "$p" 2>/dev/null; then cat "$d/$t.err" >&2; exit 4; fi
+  n=$((n + 1)); [ "$n" -lt 600 ] || { kill "$p"; exit 5; }
+  sleep 0.05
 done
+chmod 0666 -- "$sock"  # QEMU runs as its own user; read-only, like the 0644 disks
+# creating the overlay reads the export: it serves the point (else: why qemu-nbd stopped)
+if ! qemu-img create -q -f qcow2 -F raw -b "nbd+unix:///?socket=$sock" -- "$d/$t.qcow2" \
+    "$5" 2>"$d/$t.create"; then
+  kill "$p" 2>/dev/null; wait "$p"
+  cat "$d/$t.err" "$d/$t.create" >&2; exit 4
+fi
+chmod 0644 -- "$d/$t.qcow2"
+echo "ready $sock"
+cat >/dev/null
+kill "$p" 2>/dev/null
+wait "$p"
+rm -f -- "$sock"
 """
-_LEFTOVERS = r"""for d in "$1"/test-*; do [ -d "$d" ] && rm -rf -- "$d" && echo "$d"; done; exit 0
+_LEFTOVERS = r"""for d in "$1"/test-*; do
+  [ -d "$d" ] || continue
+  if [ -e "$d/pin" ] && ! flock -n -x "$d/pin" true 2>/dev/null; then continue; fi
+  rm -rf -- "$d" && echo "$d"
+done
+exit 0
 """
 _REVERT = r"""img=$1 tag=$2
 qemu-img snapshot -a "$tag" -- "$img"
 """
-_TCP = r"""timeout 3 sh -c 'exec 3<>"/dev/tcp/$1/$2"' sh "$1" "$2" 2>/dev/null ||
-  nc -z -w 3 "$1" "$2" 2>/dev/null
+_TCP = r"""if command -v bash >/dev/null 2>&1; then
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' bash "$1" "$2" 2>/dev/null; exit $?
+elif command -v nc >/dev/null 2>&1; then
+  nc -z -w 3 "$1" "$2" 2>/dev/null; exit $?
+fi
+exit 127
 """
 
 
@@ -69,6 +123,9 @@ class DRVM:
     state: ReplicaState
     standby: Domain
     dom: Domain | None = None  # what this run started (standby or test copy)
+    readers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # test: qemu-nbd
+    exports: dict[str, str] = field(default_factory=dict)  # test: disk → frozen point socket
+    point: str | None = None  # test: the restore point under test
     started_here: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -210,19 +267,75 @@ def test_dir(vm: DRVM, run: str) -> str:
     return f"{vm.pv.directory}/test-{run}"
 
 
-def start_test_copy(vm: DRVM, plan: str, run: str, nets: dict[str, str]) -> str:
-    """Create the overlays and start the transient test copy; the overlay directory."""
+def freeze(vm: DRVM, run: str, point: RestorePoint, timeout: float = 60) -> str:
+    """Serve ``point`` of every standby disk read-only (pinned) and make the throw-away
+    overlays over it; the test directory. Call it while holding the replica lock (no
+    cycle may rotate the point before the pin is held); a cycle may run once it returns."""
     if vm.state.writing:
         raise UsageError(f"{vm.name}: a replica cycle is writing (or was interrupted): "
                          "test when the cycle is done (or run one cycle)")
     d = test_dir(vm, run)
-    pairs = []
-    paths = {}
     for t, disk in sorted(vm.state.disks.items()):
-        overlay = f"{d}/{t}.qcow2"
-        pairs += [str(disk["path"]), overlay]
-        paths[t] = (overlay, "qcow2")
-    vm.site.run(_OVERLAY, d, *pairs)
+        proc = vm.site.spawn(_READER, d, t, str(disk["path"]), point.name,
+                             str(int(disk["size"])))
+        vm.readers.append(proc)
+        line = _first_line(proc, timeout)
+        if not line.startswith("ready "):
+            err = ""
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # the script exits when qemu-nbd could not serve the point
+                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr \
+                    else ""
+            vm.site.stop(proc)
+            why = err.splitlines()[0] if err else "no answer"
+            raise HypervisorError(f"{vm.name}: cannot serve restore point {point.name} of "
+                                  f"disk {t} on {vm.site.where}: {why}")
+        vm.exports[t] = line[len("ready "):]
+    vm.point = point.name
+    return d
+
+
+def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            break
+        c = os.read(proc.stdout.fileno(), 1)
+        if not c:
+            break
+        line += c
+    return line.decode(errors="replace").strip()
+
+
+def nbd_backing(xml: str, exports: dict[str, str]) -> str:
+    """``xml`` with each disk in ``exports`` (target → unix socket) backed by that NBD
+    export (raw): the test copy's overlay over the frozen restore point."""
+    root = parse_xml(xml)
+    for disk in root.findall("./devices/disk"):
+        tgt = disk.find("target")
+        sock = exports.get(tgt.get("dev", "") if tgt is not None else "")
+        if sock is None:
+            continue
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        bs = ET.Element("backingStore", type="network")
+        ET.SubElement(bs, "format", type="raw")
+        src = ET.SubElement(bs, "source", protocol="nbd")
+        ET.SubElement(src, "host", transport="unix", socket=sock)
+        src_el = disk.find("source")
+        at = list(disk).index(src_el) + 1 if src_el is not None else len(disk)
+        disk.insert(at, bs)
+    return ET.tostring(root, encoding="unicode")
+
+
+def start_test_copy(vm: DRVM, plan: str, run: str, nets: dict[str, str]) -> str:
+    """Start the transient test copy on the overlays :func:`freeze` made; the overlay
+    directory."""
+    d = test_dir(vm, run)
+    paths = {t: (f"{d}/{t}.qcow2", "qcow2") for t in sorted(vm.state.disks)}
     name = test_name(plan, vm.name)
     vars_src = vm.standby.info().nvram_path  # UEFI: the test copy gets its own variables
     if vars_src:
@@ -230,20 +343,24 @@ def start_test_copy(vm: DRVM, plan: str, run: str, nets: dict[str, str]) -> str:
     xml = rewrite_domain_xml(vm.standby.xml(inactive=True), new_name=name, new_uuid=True,
                              new_macs=False, disk_paths=paths,
                              nvram_path=f"{d}/VARS.fd" if vars_src else None)
-    xml = relocate_console_logs(map_networks(xml, nets), d, name)
+    xml = nbd_backing(relocate_console_logs(map_networks(xml, nets), d, name), vm.exports)
     vm.dom = vm.hv.create_transient(xml)
     vm.started_here = True
     return d
 
 
 def remove_test_copy(vm: DRVM, plan: str, directory: str | None) -> list[str]:
-    """Destroy the test copy and delete its overlays; what is left (should be nothing)."""
+    """Destroy the test copy, stop its readers (the pin goes) and delete its overlays;
+    what is left (should be nothing)."""
     left = []
     if vm.dom is not None:
         try:
             vm.dom.destroy()
         except VmdrError as exc:
             left.append(f"{vm.name}: {exc.message}")
+    for proc in vm.readers:
+        vm.site.stop(proc)
+    vm.readers.clear()
     if directory:
         vm.site.run('rm -rf -- "$1"', directory)
         if vm.site.run('[ -e "$1" ]', directory, ok=(0, 1)).returncode == 0:

@@ -298,7 +298,11 @@ class Supervisor:
         exp.command(f"snap {tag}")
         new = RestorePoint(name=tag, time=when.isoformat(), feed="mirror",
                            mode=self.opts.mode, bytes_moved=max(0, moved))
-        old = to_rotate([*st.points, new], st.keep)
+        try:  # points a test failover reads are not dropped
+            pinned = site.pinned_points(self.spec.directory)
+        except VmdrError:
+            pinned = {p.name for p in st.points}  # unknown: drop none this time
+        old = [o for o in to_rotate([*st.points, new], st.keep) if o.name not in pinned]
         for o in old:
             with contextlib.suppress(VmdrError):
                 exp.command(f"drop {o.name}")

@@ -13,18 +13,27 @@ cycles, bad readiness or re-IP rules: exit 2). Here each plan meets the sites:
 * the source VMs exist (a warning only: the source site may be the one that is gone).
 
 Findings are errors (the plan would fail) or warnings; exit 42 with any error.
+
+``vmdr plan check`` includes the same checks, one line per problem
+(:func:`plan_problems`): each plan is parsed on its own, so one broken plan is a problem
+line naming it (not a config error stopping the whole check); ``--offline`` keeps to what
+the config alone tells (unknown VMs, dependencies, cycles, bad mappings, a test network
+that is a DR network), online adds the sites (DR host, replicas, networks, RPO, capacity).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from vmdr.errors import VmdrError
+from vmdr.config import Config
+from vmdr.errors import ConfigError, VmdrError
 from vmdr.hypervisor import connect
 from vmdr.jobs import failover_site as fs
 from vmdr.jobs.failover import FAILOVER_STATE
 from vmdr.jobs.replicate import redact_uri
+from vmdr.plan import recovery
 from vmdr.plan.inventory import Inventory
 from vmdr.plan.recovery import RecoveryPlan
 from vmdr.timeutil import utcnow
@@ -146,3 +155,66 @@ def _sources(plan: RecoveryPlan, default: str, add: object) -> None:
                         n)
         finally:
             hv.close()
+
+
+# -- `vmdr plan check` ---------------------------------------------------------------------------
+
+
+@dataclass
+class PlanProblems:
+    """What ``vmdr plan check`` reports of the recovery plans."""
+
+    problems: list[str]  # one line each, ``recovery plan NAME: ...``
+    config: Config  # the config without the plans that do not parse (for the rest)
+
+
+def static_findings(plan: RecoveryPlan) -> list[str]:
+    """Problems the config alone shows beyond what loading it refuses."""
+    out = []
+    for src, test in sorted(plan.test_network_map.items()):
+        if plan.network_map.get(src) == test:
+            out.append(f"network {src}: the test network {test} is its DR network: a test "
+                       "failover would not be isolated")
+    for i, r in enumerate(plan.reip_rules):
+        for q in plan.reip_rules[:i]:
+            if r.source.overlaps(q.source):
+                out.append(f"re-IP rules {q.source} and {r.source} overlap (the first one "
+                           "wins)")
+    return out
+
+
+def _finding_line(f: Finding) -> str:
+    vm = f"{f.vm}: " if f.vm and not f.message.startswith(f"{f.vm}: ") else ""
+    return f"recovery plan {f.plan}: {vm}{f.message}"
+
+
+def plan_problems(cfg: Config, source_uri: str, offline: bool,
+                  now: datetime | None = None) -> PlanProblems:
+    """Every recovery plan's problems, one line each. A plan that does not parse is one
+    line (and left out of the returned config); offline, only the config is read."""
+    raw = cfg.raw.get(recovery.SECTION)
+    if not isinstance(raw, dict) or not raw:
+        return PlanProblems([], cfg)
+    from vmdr.plan import inventory as invmod
+
+    inv = invmod.from_config(cfg)  # a broken inventory stays a config error (exit 2)
+    out: list[str] = []
+    good: dict[str, object] = {}
+    plans: list[RecoveryPlan] = []
+    for name in sorted(raw):
+        one = dataclasses.replace(cfg, raw={**cfg.raw, recovery.SECTION: {name: raw[name]}})
+        try:
+            plans += recovery.load_plans(one, inv).values()
+        except ConfigError as exc:
+            out.append(f"recovery plan {name}: {exc.message}")
+            continue
+        good[name] = raw[name]
+    for plan in plans:
+        out += [f"recovery plan {plan.name}: {m}" for m in static_findings(plan)]
+        if not offline:
+            chk = check_plan(plan, inv, source_uri, now)
+            out += [_finding_line(f) for f in chk.findings if f.severity == "error"]
+    rest = dataclasses.replace(cfg, raw={**cfg.raw, recovery.SECTION: good})
+    if not good:
+        rest.raw.pop(recovery.SECTION)
+    return PlanProblems(out, rest)

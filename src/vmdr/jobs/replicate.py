@@ -277,7 +277,8 @@ def _finish(site: Site, target: Hypervisor, spec: ReplicaSpec, st: ReplicaState,
     tag = unique_point(point_name(when), [p.name for p in st.points])
     new = RestorePoint(name=tag, time=when.isoformat(), feed=spec.feed, mode=res.mode,
                        bytes_moved=res.bytes_moved, **point)
-    old = to_rotate([*st.points, new], spec.keep)
+    pinned = site.pinned_points(spec.directory)  # read by a running test failover
+    old = [o for o in to_rotate([*st.points, new], spec.keep) if o.name not in pinned]
     if not defined:
         _define(target, _standby_xml(src_xml, spec, st, paths, networks, nvram_path))
         res.defined = True

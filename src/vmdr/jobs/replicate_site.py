@@ -47,6 +47,13 @@ _SNAP_LIST = r"""qemu-img snapshot -l -U -- "$1" | awk 'NR>2 {print $2}'
 _SNAP = r"""img=$1; op=$2; shift 2
 for tag in "$@"; do qemu-img snapshot "$op" "$tag" -- "$img" || exit 4; done
 """
+_PINNED = r"""for f in "$1"/test-*/pin; do
+  [ -e "$f" ] || continue
+  flock -n -x "$f" true 2>/dev/null && continue
+  cat -- "$f"; echo
+done
+exit 0
+"""
 _LIST_STATES = r"""for f in "$1"/*/replica.json; do [ -e "$f" ] && printf '%s\n' "$f"; done; exit 0
 """
 _NBD = r"""img=$1 fmt=${2:-qcow2}
@@ -82,6 +89,11 @@ df -P -B1 -- "$dir" | awk 'NR==2 {print $4}'
 for f in "$@"; do
   if [ -f "$dir/$f" ]; then echo "file $(wc -c < "$dir/$f")"; cat -- "$dir/$f"
   else echo none; fi
+done
+for f in "$dir"/test-*/pin; do  # points a running test failover reads (see _PINNED)
+  [ -e "$f" ] || continue
+  flock -n -x "$f" true 2>/dev/null && continue
+  printf 'pin %s\n' "$(cat -- "$f")"
 done
 """
 # restore point TAG on every image and the tags to drop deleted where present (the images
@@ -171,6 +183,13 @@ rm -rf -- "$d"
 
 def parse_begin(out: bytes, n: int) -> tuple[int, list[bytes | None]]:
     """The output of :data:`_BEGIN`: free bytes, then ``n`` files (ValueError if torn)."""
+    free, files, _pins = parse_begin_pins(out, n)
+    return free, files
+
+
+def parse_begin_pins(out: bytes, n: int) -> tuple[int, list[bytes | None], set[str]]:
+    """:func:`parse_begin` plus the ``pin NAME`` lines after the files: the restore points
+    a running test failover reads."""
     head, _, rest = out.partition(b"\n")
     free = int(head.decode().strip())
     files: list[bytes | None] = []
@@ -187,7 +206,9 @@ def parse_begin(out: bytes, n: int) -> tuple[int, list[bytes | None]]:
             raise ValueError("truncated")
         files.append(rest[:ln])
         rest = rest[ln:]
-    return free, files
+    pins = {ln[4:].strip() for ln in rest.decode(errors="replace").splitlines()
+            if ln.startswith("pin ") and ln[4:].strip()}
+    return free, files, pins
 
 
 def commit_args(files: list[tuple[str, bytes]], tag: str, images: list[str],
@@ -229,6 +250,7 @@ class Site:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._forwards = 0
         self._begun: _Begun | None = None
+        self._pins: dict[str, set[str]] = {}
         if not self.local:
             target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
             self._host = RemoteHost(replace(target, compression=compress))
@@ -334,6 +356,15 @@ class Site:
         if tags:
             self.run(_SNAP, path, "-d", *tags)
 
+    def pinned_points(self, directory: str) -> set[str]:
+        """Restore points a running test failover reads (``test-*/pin`` files whose shared
+        ``flock`` is held, see :mod:`.failover_site`): a cycle must not delete them."""
+        seen = self._pins.pop(directory, None)
+        if seen is not None:  # read by this cycle's begin, under the replica lock that a
+            return seen       # test failover also takes to pin: none can appear since
+        out = self.run(_PINNED, directory).stdout.decode().split()
+        return {ln for ln in out if ln}
+
     def state_files(self, root: str) -> list[str]:
         return [ln for ln in self.run(_LIST_STATES, root).stdout.decode().splitlines() if ln]
 
@@ -353,7 +384,8 @@ class Site:
             return early[1]
         out = self.run(_BEGIN, directory, *names).stdout
         try:
-            return parse_begin(out, len(names))
+            free, files, self._pins[directory] = parse_begin_pins(out, len(names))
+            return free, files
         except ValueError:
             raise HypervisorError(f"cannot read {directory} on {self.where}") from None
 
@@ -475,6 +507,18 @@ class Site:
             name = f"w{self._forwards}.sock"  # in this session's private 0700 directory
             sock = self._host.forward(name, remote_sock)
         return DiskWriter(sock, path, self.where, lambda: self._stop(proc))
+
+    def spawn(self, script: str, *args: str) -> subprocess.Popen[bytes]:
+        """Run ``script`` at the target in the background, stdin/stdout piped; it is
+        stopped (stdin closed) by :meth:`stop` or :meth:`close`."""
+        proc = subprocess.Popen(self._argv(script, args), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        self._stop(proc)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
