@@ -44,6 +44,16 @@ class HAVM:
     affinity_hosts: tuple[str, ...] = ()
     hosts_rule: str = "must"
     ready: Readiness = Readiness()
+    # without shared storage (vmdr.ha.noshared): "local" = its disks live only on its
+    # host; restarted elsewhere from its replica (on ``replica_host``) or the newest
+    # backup in ``repository`` (a [repositories.NAME]) through instant restore
+    storage: str = "shared"
+    repository: str | None = None
+    replica_host: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.storage == "local"
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,12 @@ def load_policy(inv: Inventory) -> HAPolicy:
     policy = HAPolicy(s, vms, racks, inv.settings.cpu_overcommit, groups)
     _check_groups(inv, policy)
     return policy
+
+
+def _replica_host(inv: Inventory, vm: str) -> str | None:
+    """The inventory host that holds *vm*'s replica (``replica_to`` naming a host)."""
+    r = inv.replicas.get(vm)
+    return r.to if r is not None and r.to in inv.hosts else None
 
 
 def _check_groups(inv: Inventory, policy: HAPolicy) -> None:
