@@ -21,7 +21,6 @@ from vmdr.ha.noshared import (
     fmt_span,
     lost_s,
     order_id,
-    with_replica_affinity,
 )
 from vmdr.ha.settings import HASettings
 from vmdr.ha.store import HAStore, MemoryKV
@@ -60,17 +59,6 @@ def test_choose_prefers_the_replica_on_its_host_then_the_backup() -> None:
                                  "of it in repository main")
     p, why = choose(HAVM("db", 1, storage="local"), "h2", None, None)
     assert p is None and "no replica declared" in why and "ha_repository" in why
-
-
-def test_replica_host_is_a_should_preference() -> None:
-    pol = HAPolicy(HASettings(), {
-        "a": HAVM("a", 1, storage="local", replica_host="h3"),
-        "b": HAVM("b", 1, storage="local", replica_host="h3", affinity_hosts=("h2",)),
-        "c": HAVM("c", 1, replica_host="h3")}, dict.fromkeys(HOSTS))
-    vms = with_replica_affinity(pol).vms
-    assert (vms["a"].affinity_hosts, vms["a"].hosts_rule) == (("h3",), "should")
-    assert vms["b"].affinity_hosts == ("h2",)  # its own rule wins
-    assert vms["c"].affinity_hosts == ()  # shared storage: no replica needed
 
 
 class Cluster:

@@ -68,7 +68,7 @@ def test_host_failure_scenario_says_ha_restarts_it_from_its_backup(tmp_path: Pat
     (app,) = [s for s in sc.steps if s.vm == "app"]
     assert app.command is None and app.problem is None
     assert app.ha is not None and app.ha.startswith(
-        "HA restarts it on a survivor from its newest replica or backup (backup snapshot ")
+        "HA restarts it on a survivor from its newest backup (backup snapshot ")
     assert app.ha.endswith("by instant restore (RPO = the age of that restore point ≈ 3h "
                            "now)")
     md = "\n".join(render_md.render(plan).splitlines())

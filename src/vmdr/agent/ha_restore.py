@@ -197,32 +197,6 @@ class RestoreExecutor:
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def replica_point(inv: Any, vm: str) -> tuple[RestorePoint | None, str]:
-    """The newest restore point of *vm*'s replica on its inventory host, read through the
-    host's URI (local or qemu+ssh), or (None, why not)."""
-    import datetime as dt
-
-    from vmdr.errors import VmdrError
-    from vmdr.jobs.replicate import load_state
-    from vmdr.jobs.replicate_site import Site
-
-    decl = inv.replicas.get(vm)
-    host = inv.hosts.get(decl.to) if decl is not None else None
-    if decl is None or host is None:
-        return None, "no replica on an inventory host"
-    root = decl.directory or f"{host.target_dir.rstrip('/')}/vmdr-replicas"
-    try:
-        with Site(host.uri or "qemu:///system") as site:
-            st = load_state(site, f"{root}/{vm}")
-    except VmdrError as exc:
-        return None, f"replica on {host.name} not readable from here ({exc.message})"
-    newest = st.newest if st is not None else None
-    if newest is None:
-        return None, f"its replica on {host.name} has no restore point"
-    t = dt.datetime.fromisoformat(newest.time).timestamp()
-    return RestorePoint("replica", newest.name, t, host.name), ""
-
-
 def preview(cfg: Config, inv: Any, policy: Any, targets: dict[str, str | None],
             now: float) -> list[dict[str, Any]]:
     """For ``vmdr ha simulate`` / ``status``: how each local-storage HA VM would restart
@@ -243,19 +217,17 @@ def preview(cfg: Config, inv: Any, policy: Any, targets: dict[str, str | None],
             row["reason"] = "cannot be placed"
             out.append(row)
             continue
-        rep: RestorePoint | None = None
-        rep_why = ""
-        if rule.replica_host == target:
-            rep, rep_why = replica_point(inv, vm)
         if vm not in snaps:
             try:
                 snaps[vm] = (newest_snapshot(repository_for(cfg, rule.repository), vm), "")
             except NoRestorePoint as exc:
                 snaps[vm] = (None, str(exc))
         snap, snap_why = snaps[vm]
-        point, why = choose(rule, target, rep, snap)
+        point, why = choose(rule, target, None, snap)  # replica standbys: not started yet
         if point is None:
-            row["reason"] = "; ".join(x for x in (why, rep_why, snap_why) if x)
+            row["reason"] = f"no restore point: {snap_why}" if snap_why else why
+            if rule.replica_host:
+                row["reason"] += f" (its replica on {rule.replica_host} is not used by HA)"
         else:
             row.update(restore=point.kind, point=point.as_dict(),
                        lost_s=lost_s(now, point), reason=describe(point, now))

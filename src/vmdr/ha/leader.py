@@ -43,7 +43,6 @@ from vmdr.ha.noshared import (
     lost_s,
     new_order,
     order_id,
-    with_replica_affinity,
 )
 from vmdr.ha.store import HAStore
 
@@ -334,8 +333,7 @@ class HALeader:
             if vm in self.policy.vms and (where == host or vm not in vms):
                 vms[vm] = VMState(vm, where, *self._size(vm),
                                   running=where == host or where in live)
-        plan = failover_plan(with_replica_affinity(self.policy), ClusterState(hosts, vms),
-                             {host}).to_json()
+        plan = failover_plan(self.policy, ClusterState(hosts, vms), {host}).to_json()
         self.placement_s.append(time.monotonic() - t0)
         return plan
 

@@ -128,7 +128,7 @@ def restore_command(inv: Inventory, copy: Copy, host: str | None, vm: str) -> st
 def _ha_step(cov: Coverage, step: Step, copy: Copy | None) -> None:
     """An HA VM covered at the host level (vmdr.plan.hafacts): the leader restarts it on a
     survivor by itself — from its shared storage, or (``ha_storage = "local"``) from its
-    newest replica or backup by instant restore, losing the writes since then."""
+    newest backup by instant restore, losing the writes since then."""
     vc, vm = cov.vms[step.vm], cov.inv.vms[step.vm]
     lc = vc.levels.get("host")
     if lc is None or not lc.ha:
@@ -137,8 +137,8 @@ def _ha_step(cov: Coverage, step: Step, copy: Copy | None) -> None:
     if vm.ha_storage != "local":
         step.ha = "HA restarts it on a survivor from its shared storage (no data lost)"
     else:
-        src = (f"its newest replica or backup ({copy.repo} snapshot {copy.short_id} now)"
-               if copy else "its newest replica")
+        src = (f"its newest backup ({copy.repo} snapshot {copy.short_id} now)" if copy
+               else "its newest backup")
         age = f" ≈ {fmt_duration(lc.rpo_s)} now" if lc.rpo_s is not None else ""
         step.ha = (f"HA restarts it on a survivor from {src}, by instant restore (RPO = "
                    f"the age of that restore point{age})")
