@@ -45,8 +45,9 @@ class HAVM:
     hosts_rule: str = "must"
     ready: Readiness = Readiness()
     # without shared storage (vmdr.ha.noshared): "local" = its disks live only on its
-    # host; restarted elsewhere from its replica (on ``replica_host``) or the newest
-    # backup in ``repository`` (a [repositories.NAME]) through instant restore
+    # host; restarted elsewhere from the newest backup in ``repository`` (a
+    # [repositories.NAME]) through instant restore; ``replica_host``: where its hot-site
+    # replica is (reported; HA does not start replica standbys)
     storage: str = "shared"
     repository: str | None = None
     replica_host: str | None = None
