@@ -124,7 +124,10 @@ def test_local_disk_vm_restarts_from_its_backup(mh_cluster_session: Cluster) -> 
         g.wait_heartbeat(120)
         for h in cluster.hosts:
             agents.start(h)
-        agents.wait_leader(agents.leader() or "h1", 30)
+        deadline = time.monotonic() + 30
+        while not agents.leader():
+            assert time.monotonic() < deadline, agents.logs()
+            time.sleep(0.3)
         agents.wait_published(g.name, "h1")
         leader = agents.leader()
 
