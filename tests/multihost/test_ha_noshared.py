@@ -48,6 +48,7 @@ etcd_prefix = "{prefix}"
 [repositories.dr]
 url = "file://{repo}"
 password_file = "{pw}"
+location = "dc"
 [locations.dc]
 kind = "building"
 {hosts}

@@ -127,7 +127,8 @@ def load_policy(inv: Inventory) -> HAPolicy:
             vm.hosts_rule,
             Readiness(vm.ready_check or s.ready_check,
                       s.ready_delay if vm.ready_delay_s is None else vm.ready_delay_s,
-                      s.ready_timeout))
+                      s.ready_timeout),
+            vm.ha_storage, vm.ha_repository, _replica_host(inv, vm.name))
     racks = {h.name: inv.unit(h.location, "rack") for h in inv.hosts.values()}
     groups = {v.name: v.anti_affinity for v in inv.vms.values() if v.anti_affinity}
     policy = HAPolicy(s, vms, racks, inv.settings.cpu_overcommit, groups)

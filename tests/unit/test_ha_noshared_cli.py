@@ -1,0 +1,76 @@
+"""``vmdr ha simulate`` for VMs without shared storage, through the real CLI and a real
+repository: the restore point each would start from and the data lost, or why it cannot
+(one line each; ``restores`` in --json; exit 1 without a restore point)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from tests.unit.repofixtures import PASS, make_repo
+from tests.unit.test_ha_policy import BASE
+from tests.unit.test_plan_estates import write_snapshot
+from vmdr.timeutil import utcnow
+
+
+def vmdr(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([sys.executable, "-m", "vmdr.cli.main", "--config", str(cfg), "ha",
+                        *args], capture_output=True, text=True, check=False)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def estate(tmp: Path, *, backup_of: tuple[str, ...]) -> tuple[Path, str]:
+    pw = tmp / "pw"
+    pw.write_text(PASS + "\n")
+    pw.chmod(0o600)
+    repo = make_repo(str(tmp / "repo"))
+    sid = ""
+    for vm in backup_of:
+        sid = write_snapshot(repo, vm, utcnow() - timedelta(minutes=5), 1 << 20)
+    repo.close()
+    cfg = tmp / "estate.toml"
+    text = BASE.replace('depends_on = ["db1"]\n', 'depends_on = ["db1"]\nha_storage = "local"\n'
+                        'ha_repository = "dr"\n')
+    cfg.write_text(text + f'[repositories.dr]\nurl = "{tmp / "repo"}"\n'
+                          f'password_file = "{pw}"\nlocation = "b1"\n')
+    return cfg, sid
+
+
+def test_simulate_names_the_backup_and_the_loss(tmp_path: Path) -> None:
+    cfg, sid = estate(tmp_path, backup_of=("app1",))
+    p = vmdr(cfg, "simulate", "--fail", "hv2", "--json")
+    assert p.returncode == 0, p.stderr
+    (row,) = json.loads(p.stdout)["restores"]
+    assert row["vm"] == "app1" and row["restore"] == "snapshot" and row["to"] in ("hv1", "hv3")
+    assert row["point"]["id"] == sid and row["point"]["where"] == "dr"
+    assert 299 <= row["lost_s"] < 330
+    assert row["reason"].startswith(f"snapshot {sid[:8]} of ")
+    assert "(instant restore; lost ≤ 5 min " in row["reason"]
+    text = vmdr(cfg, "simulate", "--fail", "hv2").stdout
+    line = next(ln for ln in text.splitlines() if "app1: local disks" in ln)
+    assert f"restarts on {row['to']} from snapshot {sid[:8]} of " in line
+    assert line.endswith("of writes) if its host failed now")
+    # a failure without a local VM says nothing of restores
+    assert json.loads(vmdr(cfg, "simulate", "--fail", "hv1", "--json").stdout)["restores"] \
+        == []
+
+
+def test_simulate_without_a_restore_point_says_so_and_exits_1(tmp_path: Path) -> None:
+    cfg, _ = estate(tmp_path, backup_of=("db1",))
+    p = vmdr(cfg, "simulate", "--fail", "hv2", "--json")
+    assert p.returncode == 1
+    (row,) = json.loads(p.stdout)["restores"]
+    assert row["point"] is None and row["restore"] is None
+    assert row["reason"] == "no restore point: no backup of app1 in repository dr"
+    p = vmdr(cfg, "simulate", "--fail", "hv2")
+    assert p.returncode == 1
+    assert ("app1: local disks, cannot restart: no restore point: no backup of app1 in "
+            "repository dr") in p.stdout
+    # an unreadable repository is a reason too, not a traceback
+    (tmp_path / "pw").write_text("wrong\n")
+    row = json.loads(vmdr(cfg, "simulate", "--fail", "hv2", "--json").stdout)["restores"][0]
+    assert row["point"] is None and row["reason"].startswith("no restore point: repository dr: ")
