@@ -74,3 +74,22 @@ def test_simulate_without_a_restore_point_says_so_and_exits_1(tmp_path: Path) ->
     (tmp_path / "pw").write_text("wrong\n")
     row = json.loads(vmdr(cfg, "simulate", "--fail", "hv2", "--json").stdout)["restores"][0]
     assert row["point"] is None and row["reason"].startswith("no restore point: repository dr: ")
+
+
+def test_status_rows_carry_the_restore_point(tmp_path: Path) -> None:
+    from vmdr import config
+    from vmdr.agent.ha_restore import preview_line
+    from vmdr.cli.ha_engine_cmds import _restores
+    from vmdr.ha.model import load_policy
+    from vmdr.plan import inventory
+
+    cfg_path, sid = estate(tmp_path, backup_of=("app1",))
+    cfg = config.load(str(cfg_path))
+    inv = inventory.from_config(cfg)
+    d = {"vms": [{"vm": "app1", "would_go_to": "hv3"}, {"vm": "db1", "would_go_to": "hv2"}]}
+    _restores(cfg, inv, load_policy(inv), d)
+    app, db = d["vms"]
+    assert "restore" not in db  # shared storage: nothing to say
+    assert app["restore"]["point"]["id"] == sid and app["restore"]["to"] == "hv3"
+    assert preview_line(app["restore"]).startswith(
+        f"  app1: local disks, restarts on hv3 from snapshot {sid[:8]} of ")
