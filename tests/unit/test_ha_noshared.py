@@ -8,6 +8,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from vmdr.agent.ha_replica import ReplicaUnusable
 from vmdr.agent.ha_restore import NoRestorePoint, RestoreExecutor
 from vmdr.agent.ha_runtime import LibvirtOps
 from vmdr.config import Config, RepositoryRef
@@ -21,6 +22,7 @@ from vmdr.ha.noshared import (
     fmt_span,
     lost_s,
     order_id,
+    with_replica_affinity,
 )
 from vmdr.ha.settings import HASettings
 from vmdr.ha.store import HAStore, MemoryKV
@@ -61,17 +63,30 @@ def test_choose_prefers_the_replica_on_its_host_then_the_backup() -> None:
     assert p is None and "no replica declared" in why and "ha_repository" in why
 
 
+def test_replica_host_is_a_should_preference() -> None:
+    pol = HAPolicy(HASettings(), {
+        "a": HAVM("a", 1, storage="local", replica_host="h3"),
+        "b": HAVM("b", 1, storage="local", replica_host="h3", affinity_hosts=("h2",)),
+        "c": HAVM("c", 1, replica_host="h3")}, dict.fromkeys(HOSTS))
+    vms = with_replica_affinity(pol).vms
+    assert (vms["a"].affinity_hosts, vms["a"].hosts_rule) == (("h3",), "should")
+    assert vms["b"].affinity_hosts == ("h2",)  # its own rule wins
+    assert vms["c"].affinity_hosts == ()  # shared storage: no replica needed
+
+
 class Cluster:
     """h1 fails; db (local disks, group 1) and app (shared, group 2, depends on db)."""
 
-    def __init__(self, tmp: Path, *, point: RestorePoint | None = SNAP) -> None:
+    def __init__(self, tmp: Path, *, point: RestorePoint | None = SNAP,
+                 replica_host: str | None = None,
+                 replica: RestorePoint | None = None) -> None:
         self.fleet = FakeFleet()
         self.uris = {h: f"fake://{h}/system" for h in HOSTS}
         for u in self.uris.values():
             self.fleet.host(u)
         self.policy = HAPolicy(HASettings(), {
             "db": HAVM("db", 1, ready=Readiness("agent", 0.0, 60.0), storage="local",
-                       repository="main"),
+                       repository="main", replica_host=replica_host),
             "app": HAVM("app", 2, ("db",), ready=Readiness("none", 0.0, 60.0))},
             dict.fromkeys(HOSTS))
         self.kv = MemoryKV()
@@ -81,6 +96,7 @@ class Cluster:
             self.store.put_domain(vm, xml(vm), "h1", now=0.0)
         self.ops = LibvirtOps(self.uris, self.fleet.connect)
         self.point = point
+        self.replica = replica
         self.spawned: list[tuple[str, list[str]]] = []
         self.tmp = tmp
         self.execs = {h: self.executor(h) for h in ("h2", "h3")}
@@ -102,12 +118,23 @@ class Cluster:
                     return None
             return Proc()
 
+        def resolve_replica(order: dict[str, Any]) -> RestorePoint:
+            if self.replica is None:
+                raise ReplicaUnusable("the replica on h3 has no restore point yet")
+            return self.replica
+
+        def start_replica(vm: str, point: RestorePoint) -> None:
+            self.spawned.append((h, ["replica", vm, point.id]))
+            self.fleet.host(self.uris[h]).add_domain(xml(vm), active=True)
+
         cfg = Config()
         cfg.repositories["main"] = RepositoryRef("main", "file:///srv/repo", "/etc/vmdr/pw")
         return RestoreExecutor(h, HAStore(self.kv, "/vmdr/", me=h), cfg,
                                str(self.tmp / h),
                                lambda vm: h in self.where(vm), str(self.tmp / h),
-                               resolve=resolve, spawn=spawn)
+                               resolve=resolve, spawn=spawn,
+                               resolve_replica=resolve_replica,
+                               start_replica=start_replica)
 
     def where(self, vm: str) -> list[str]:
         return sorted(h for h, u in self.uris.items() if self.fleet.hosts[u].up
@@ -259,3 +286,37 @@ def test_executor_restart_resumes_or_fails_cleanly(tmp_path: Path) -> None:
     c2.step(leader2, T0 + 3.5, agents=())
     assert any(e.kind == "gave-up" and "process is gone" in e.reason
                for e in c2.store.events())
+
+
+def _run_to_started(c: Cluster) -> dict[str, Any]:
+    leader = HALeader(c.policy, c.store, c.ops, "h2")
+    c.kill_h1()
+    for t in (0, 2, 2.25, 2.5, 2.75, 3.0):
+        c.step(leader, T0 + t)
+    started = [e for e in c.store.events() if e.kind == "started" and e.vm == "db"]
+    assert len(started) == 1, c.store.events()
+    return started[0].as_dict()
+
+
+def test_replica_on_the_chosen_host_comes_first(tmp_path: Path) -> None:
+    rep = RestorePoint("replica", "vmdr-20261206T074500", T0 - 22, "h3")
+    c = Cluster(tmp_path, replica_host="h3", replica=rep)
+    e = _run_to_started(c)
+    assert e["host"] == "h3"  # placement preferred the replica's host
+    assert c.spawned == [("h3", ["replica", "db", rep.id])]  # no instant restore
+    assert e["reason"].startswith("db on h3 from replica point vmdr-20261206T074500 on h3 "
+                                  "of 07:45:00 (replica standby; lost ≤ 22 s of writes)")
+    assert e["detail"]["restore"] == "replica" and e["detail"]["lost_s"] == 22.0
+
+
+def test_unusable_replica_falls_back_to_the_backup(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, replica_host="h3", replica=None)
+    e = _run_to_started(c)
+    assert e["host"] == "h3" and e["detail"]["restore"] == "snapshot"
+    assert len(c.spawned) == 1 and "instant-restore" in c.spawned[0][1]
+    assert e["detail"]["note"] == ("replica not used: the replica on h3 has no restore "
+                                   "point yet")
+    oid = order_id("h1", T0)
+    st = c.store.restore_status("db", oid)
+    assert st is not None and st["note"] == ("replica not used: the replica on h3 has no "
+                                             "restore point yet")

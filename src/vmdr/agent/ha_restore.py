@@ -28,10 +28,12 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmdr.agent.ha_replica import ReplicaUnusable, newest_point, start_from_replica
 from vmdr.config import Config, RepositoryRef
 from vmdr.ha.noshared import RestorePoint
 from vmdr.ha.store import HAStore
@@ -78,6 +80,29 @@ def newest_snapshot(ref: RepositoryRef, vm: str) -> RestorePoint:
     return RestorePoint("snapshot", s.id, s.time.timestamp(), ref.name)
 
 
+class _Thread:
+    """A start from a replica in the background, polled like a child process."""
+
+    def __init__(self, fn: Callable[[], None], name: str) -> None:
+        self.error = ""
+        self._code: int | None = None
+
+        def run() -> None:
+            try:
+                fn()
+                self._code = 0
+            except Exception as exc:
+                self.error = str(getattr(exc, "message", exc))[:300]
+                log.error("HA replica start failed: %s", self.error)
+                self._code = 1
+
+        self._t = threading.Thread(target=run, name=name, daemon=True)
+        self._t.start()
+
+    def poll(self) -> int | None:
+        return self._code
+
+
 @dataclass
 class RestoreExecutor:
     host: str
@@ -86,8 +111,11 @@ class RestoreExecutor:
     target_dir: str
     running_here: Callable[[str], bool]  # libvirt here runs this domain now
     log_dir: str
+    inv: Any = None  # the inventory (replicas); None: backups only
     resolve: Callable[[dict[str, Any]], RestorePoint] | None = None  # tests: fake points
     spawn: Callable[[list[str], str], Any] | None = None  # tests: no real child
+    resolve_replica: Callable[[dict[str, Any]], RestorePoint] | None = None  # tests
+    start_replica: Callable[[str, RestorePoint], None] | None = None  # tests
     _procs: dict[str, Any] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
 
@@ -128,18 +156,27 @@ class RestoreExecutor:
                now: float) -> None:
         oid = str(order["id"])
         if self.running_here(vm):
-            self._status(vm, oid, "started", now, point=status.get("point"))
+            self._status(vm, oid, "started", now, point=status.get("point"),
+                         note=status.get("note", ""))
             return
         if not status:  # claimed, not run yet
-            try:
-                point = (self.resolve or self._newest)(order)
-            except NoRestorePoint as exc:
-                self._status(vm, oid, "failed", now, reason=f"no restore point: {exc}")
-                return
-            self._status(vm, oid, "running", now, point=point.as_dict())
-            self._procs[oid] = self._run(vm, order, point, resume=False)
+            point, note = self._replica_point(order)
+            if point is None:
+                try:
+                    point = (self.resolve or self._newest)(order)
+                except NoRestorePoint as exc:
+                    self._status(vm, oid, "failed", now, note=note,
+                                 reason=f"no restore point: {exc}")
+                    return
+            self._status(vm, oid, "running", now, point=point.as_dict(), note=note)
+            self._procs[oid] = self._start(vm, order, point)
             return
         proc = self._procs.get(oid)
+        if proc is None and status.get("point", {}).get("kind") == "replica":
+            # restarted mid-start: nothing runs here (checked above), nothing elsewhere
+            # (the leader's check before the order): start it again, idempotently
+            self._procs[oid] = self._start(vm, order, RestorePoint.from_dict(status["point"]))
+            return
         if proc is None:  # this agent restarted while the restore ran
             if os.path.exists(self._state_file(vm)):
                 point = RestorePoint.from_dict(status["point"])
@@ -150,8 +187,36 @@ class RestoreExecutor:
             return
         code = proc.poll()
         if code is not None and not self.running_here(vm):
-            self._status(vm, oid, "failed", now, point=status.get("point"),
-                         reason=f"instant restore exited with {code}: {self._tail(vm)}")
+            why = (f"the start from the replica failed: {proc.error}"
+                   if isinstance(proc, _Thread) else
+                   f"instant restore exited with {code}: {self._tail(vm)}")
+            self._status(vm, oid, "failed", now, point=status.get("point"), reason=why)
+
+    def _replica_point(self, order: dict[str, Any]) -> tuple[RestorePoint | None, str]:
+        """The replica's newest point when the order says the VM was placed on its
+        replica's host; else (None, why the replica is not used or "")."""
+        if not order.get("replica"):
+            return None, ""
+        try:
+            if self.resolve_replica is not None:
+                return self.resolve_replica(order), ""
+            if self.inv is None:
+                return None, "replica not used: no inventory"
+            return newest_point(self.cfg, self.inv, str(order["vm"]), self.host), ""
+        except ReplicaUnusable as exc:
+            log.warning("HA restore of %s: replica not used (%s); from the backup",
+                        order["vm"], exc)
+            return None, f"replica not used: {exc}"
+
+    def _start(self, vm: str, order: dict[str, Any], point: RestorePoint) -> Any:
+        if point.kind != "replica":
+            return self._run(vm, order, point, resume=False)
+        return _Thread(lambda: (self.start_replica or self._from_replica)(vm, point),
+                       f"ha-replica-{vm}")
+
+    def _from_replica(self, vm: str, point: RestorePoint) -> None:
+        log.warning("HA: starting %s here from its replica point %s", vm, point.id)
+        start_from_replica(self.cfg, self.inv, vm, self.host, point.id)
 
     def _newest(self, order: dict[str, Any]) -> RestorePoint:
         ref = repository_for(self.cfg, order.get("repository"))
@@ -223,11 +288,21 @@ def preview(cfg: Config, inv: Any, policy: Any, targets: dict[str, str | None],
             except NoRestorePoint as exc:
                 snaps[vm] = (None, str(exc))
         snap, snap_why = snaps[vm]
-        point, why = choose(rule, target, None, snap)  # replica standbys: not started yet
+        rep: RestorePoint | None = None
+        rep_why = ""
+        if rule.replica_host == target:
+            h = inv.hosts.get(target)
+            try:
+                rep = newest_point(cfg, inv, vm, target, h.uri if h else None)
+            except ReplicaUnusable as exc:
+                rep_why = f"replica on {target} not readable from here: {exc}"
+        point, why = choose(rule, target, rep, snap)
         if point is None:
-            row["reason"] = f"no restore point: {snap_why}" if snap_why else why
-            if rule.replica_host:
-                row["reason"] += f" (its replica on {rule.replica_host} is not used by HA)"
+            parts = [rep_why or why.removeprefix("no restore point: ").split("; ")[0]
+                     if rule.replica_host else "", snap_why]
+            row["reason"] = "no restore point: " + "; ".join(x for x in parts if x)
+        elif rep_why:
+            row["note"] = rep_why
         else:
             row.update(restore=point.kind, point=point.as_dict(),
                        lost_s=lost_s(now, point), reason=describe(point, now))

@@ -401,4 +401,4 @@ def make_restorer(cfg: Config, inv: inventory.Inventory, policy: HAPolicy, host:
     return RestoreExecutor(
         host, store, cfg, h.target_dir if h else "/var/lib/libvirt/images",
         lambda vm: bool(ops.local_ha_running(host, {vm})),
-        os.path.dirname(os.path.abspath(state)))
+        os.path.dirname(os.path.abspath(state)), inv=inv)

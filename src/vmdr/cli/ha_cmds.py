@@ -13,6 +13,7 @@ from vmdr.errors import UsageError
 from vmdr.ha import admission
 from vmdr.ha.failover import FailoverPlan, failover_plan
 from vmdr.ha.model import ClusterState, HAPolicy, load_policy, state_from_inventory
+from vmdr.ha.noshared import with_replica_affinity
 from vmdr.plan import inventory
 from vmdr.plan.units import fmt_size
 
@@ -167,7 +168,7 @@ def cmd_simulate(ns: argparse.Namespace, g: Globals) -> int:
         raise UsageError("--fail: name at least one host")
     maintenance = _hosts(inv, ns.maintenance, "--maintenance")
     state = state_from_inventory(inv, maintenance=maintenance)
-    plan = failover_plan(policy, state, failed)
+    plan = failover_plan(with_replica_affinity(policy), state, failed)
     restores = _restores(g, inv, policy, plan)
     if g.json:
         emit_json({**plan.to_json(), "maintenance": sorted(maintenance),

@@ -20,6 +20,7 @@ from vmdr.ha import admission
 from vmdr.ha.failover import failover_plan
 from vmdr.ha.leader import domain_size
 from vmdr.ha.model import ClusterState, HAPolicy, HostState, VMState, load_policy
+from vmdr.ha.noshared import with_replica_affinity
 from vmdr.ha.store import HAStore
 from vmdr.plan import inventory
 from vmdr.plan.units import fmt_size
@@ -70,7 +71,7 @@ def status_data(policy: HAPolicy, inv_hosts: list[str], members: list[Any],
     state = ClusterState(hosts, vms)
     would: dict[str, str | None] = {}
     for host in sorted({v.host for v in vms.values() if v.host and v.running}):
-        plan = failover_plan(policy, state, {host})
+        plan = failover_plan(with_replica_affinity(policy), state, {host})
         for st in plan.starts:
             would[st.vm] = st.host
         for vm in plan.placement.unplaced:

@@ -43,6 +43,7 @@ from vmdr.ha.noshared import (
     lost_s,
     new_order,
     order_id,
+    with_replica_affinity,
 )
 from vmdr.ha.store import HAStore
 
@@ -333,7 +334,8 @@ class HALeader:
             if vm in self.policy.vms and (where == host or vm not in vms):
                 vms[vm] = VMState(vm, where, *self._size(vm),
                                   running=where == host or where in live)
-        plan = failover_plan(self.policy, ClusterState(hosts, vms), {host}).to_json()
+        plan = failover_plan(with_replica_affinity(self.policy), ClusterState(hosts, vms),
+                             {host}).to_json()
         self.placement_s.append(time.monotonic() - t0)
         return plan
 
@@ -435,7 +437,7 @@ class HALeader:
                 f"{t - t0:.1f}s after detection", host=target, vm=vm, now=t,
                 detail={"from": host, "start_s": round(t - t0, 2), "restore": point.kind,
                         "point": point.as_dict(), "lost_s": lost_s(t0, point),
-                        "order": oid})
+                        "order": oid, "note": status.get("note") or None})
             return True
         if state == "failed":
             return self._restore_failed(rec, vm, target, now, str(status.get("reason")))

@@ -5,13 +5,17 @@ A VM is declared so in the inventory (``[vm.NAME] ha_storage = "local"``; the de
 ``"shared"`` restarts from the stored domain XML as before). Placement (capacity,
 anti-affinity, affinity, priority groups, readiness) is the same as for every HA VM.
 
-Where it starts, the restore point is the newest **backup snapshot** of it in its
-repository (``ha_repository``, a ``[repositories.NAME]``; by default the only one
-declared), through instant restore: the VM boots at once from an NBD export of the
-snapshot while its disks are copied to the host's storage. :func:`choose` also ranks a
-**replica** point first when the VM is placed on its replica's host, but the target's
-agent does not start replica standbys yet (vmdr.agent.ha_restore passes none), so
-``simulate``/``status`` and the leader agree on the backup.
+A VM with a replica on an inventory host (``replica_to = "<host>"``) prefers that host
+(:func:`with_replica_affinity`, a ``should`` rule unless the VM has host rules of its own).
+
+Where it starts, the restore point is, in this order (:func:`choose`):
+
+1. the newest restore point of its **replica**, when the VM was placed on the host that
+   holds the replica (vmdr.agent.ha_replica: the way ``vmdr failover`` brings one VM up);
+2. the newest **backup snapshot** of it in its repository (``ha_repository``, a
+   ``[repositories.NAME]``; by default the only one declared), through instant restore:
+   the VM boots at once from an NBD export of the snapshot while its disks are copied to
+   the host's storage.
 
 No restore point: ``gave-up`` with the reason. The data lost is the failure's detection
 time minus the restore point's time (:func:`lost_s`), an upper bound: the VM wrote nothing
@@ -34,10 +38,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from vmdr.ha.model import HAVM
+from vmdr.ha.model import HAVM, HAPolicy
 
 __all__ = [
     "ORDER_CLAIM_S",
@@ -49,6 +53,7 @@ __all__ = [
     "new_order",
     "newest",
     "order_id",
+    "with_replica_affinity",
 ]
 
 ORDER_CLAIM_S = 20.0  # s the target's agent has to claim an order (it polls every 0.25 s)
@@ -133,6 +138,16 @@ def choose(rule: HAVM, target: str, replica: RestorePoint | None,
     why.append(f"no backup of it in repository {rule.repository}" if rule.repository
                else "no repository to restore it from (ha_repository)")
     return None, "no restore point: " + "; ".join(why)
+
+
+def with_replica_affinity(policy: HAPolicy) -> HAPolicy:
+    """The policy with a ``should`` preference for the replica's host of every local VM
+    that has a replica and no host rules of its own (the leader, ``simulate`` and
+    ``status`` place with it)."""
+    vms = {n: (replace(r, affinity_hosts=(r.replica_host,), hosts_rule="should")
+               if r.local and r.replica_host and not r.affinity_hosts else r)
+           for n, r in policy.vms.items()}
+    return replace(policy, vms=vms)
 
 
 def order_id(failed_host: str, detected: float) -> str:
