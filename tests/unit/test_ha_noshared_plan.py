@@ -89,3 +89,18 @@ def test_local_ha_vm_without_a_copy_is_not_covered(tmp_path: Path) -> None:
     assert app.ha_gap == ('ha_storage = "local" and no copy of it survives the host: HA has '
                           "nothing to restart it from")
     assert "HA does not cover it" in (app.gap or "") or app.gap == app.ha_gap
+
+
+def test_with_a_replica_on_a_survivor_the_run_book_names_it(tmp_path: Path) -> None:
+    cfg = estate(tmp_path)
+    p = Path(cfg.path or "")
+    p.write_text(p.read_text().replace('ha_storage = "local"\n',
+                                       'ha_storage = "local"\nreplica_to = "hv2"\n'))
+    plan = runbook.build(covered(config.load(str(p))))
+    sc = next(s for s in plan.scenarios if s.blast.hosts == frozenset({"hv1"}))
+    (app,) = [s for s in sc.steps if s.vm == "app"]
+    assert app.ha is not None and app.ha.startswith(
+        "HA restarts it on a survivor from its replica on hv2 (else its newest backup "
+        "(backup snapshot ")
+    assert "instant restore" not in app.ha and "(RPO = the age of that restore point" \
+        in app.ha

@@ -128,7 +128,8 @@ def restore_command(inv: Inventory, copy: Copy, host: str | None, vm: str) -> st
 def _ha_step(cov: Coverage, step: Step, copy: Copy | None) -> None:
     """An HA VM covered at the host level (vmdr.plan.hafacts): the leader restarts it on a
     survivor by itself — from its shared storage, or (``ha_storage = "local"``) from its
-    newest backup by instant restore, losing the writes since then."""
+    replica on a surviving host or its newest backup by instant restore, losing the
+    writes since then."""
     vc, vm = cov.vms[step.vm], cov.inv.vms[step.vm]
     lc = vc.levels.get("host")
     if lc is None or not lc.ha:
@@ -139,9 +140,14 @@ def _ha_step(cov: Coverage, step: Step, copy: Copy | None) -> None:
     else:
         src = (f"its newest backup ({copy.repo} snapshot {copy.short_id} now)" if copy
                else "its newest backup")
+        rep = cov.inv.replicas.get(step.vm)
+        if rep is not None and rep.to in cov.inv.hosts and rep.to != vc.host:
+            src = f"its replica on {rep.to} (else {src})"
         age = f" ≈ {fmt_duration(lc.rpo_s)} now" if lc.rpo_s is not None else ""
-        step.ha = (f"HA restarts it on a survivor from {src}, by instant restore (RPO = "
-                   f"the age of that restore point{age})")
+        how = "" if rep is not None and src.startswith("its replica") \
+            else ", by instant restore"
+        step.ha = (f"HA restarts it on a survivor from {src}{how} (RPO = the age of that "
+                   f"restore point{age})")
     step.command, step.problem = None, None
     step.retrieval_s, step.restore_s, step.boot_s = 0.0, 0.0, rto
 
