@@ -320,3 +320,24 @@ def test_unusable_replica_falls_back_to_the_backup(tmp_path: Path) -> None:
     st = c.store.restore_status("db", oid)
     assert st is not None and st["note"] == ("replica not used: the replica on h3 has no "
                                              "restore point yet")
+
+
+def test_a_failed_replica_start_gives_up_with_its_error(tmp_path: Path) -> None:
+    rep = RestorePoint("replica", "rp-1", T0 - 22, "h3")
+    c = Cluster(tmp_path, replica_host="h3", replica=rep)
+
+    def broken(vm: str, point: RestorePoint) -> None:
+        raise RuntimeError("qemu-img: Could not open the replica disk")
+
+    c.execs["h3"].start_replica = broken
+    leader = HALeader(c.policy, c.store, c.ops, "h2")
+    c.kill_h1()
+    for t in (0, 2, 2.25, 2.5, 2.75):
+        c.step(leader, T0 + t)
+        if t == 2:
+            c.execs["h3"]._procs[order_id("h1", T0)]._t.join(5)
+    gave = [e for e in c.store.events() if e.kind == "gave-up" and e.vm == "db"]
+    assert len(gave) == 1 and gave[0].reason == (
+        "db: not restored on h3: the start from the replica failed: qemu-img: Could not "
+        "open the replica disk"), gave
+    assert c.where("db") == []
