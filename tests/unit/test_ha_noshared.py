@@ -293,6 +293,10 @@ def _run_to_started(c: Cluster) -> dict[str, Any]:
     c.kill_h1()
     for t in (0, 2, 2.25, 2.5, 2.75, 3.0):
         c.step(leader, T0 + t)
+        for ex in c.execs.values():  # a replica start runs in a thread: let it finish
+            for proc in ex._procs.values():
+                if hasattr(proc, "_t"):
+                    proc._t.join(5)
     started = [e for e in c.store.events() if e.kind == "started" and e.vm == "db"]
     assert len(started) == 1, c.store.events()
     return started[0].as_dict()
