@@ -93,3 +93,17 @@ def test_status_rows_carry_the_restore_point(tmp_path: Path) -> None:
     assert app["restore"]["point"]["id"] == sid and app["restore"]["to"] == "hv3"
     assert preview_line(app["restore"]).startswith(
         f"  app1: local disks, restarts on hv3 from snapshot {sid[:8]} of ")
+
+
+def test_bad_ha_keys_are_one_line_errors_exit_2(tmp_path: Path) -> None:
+    cfg, _ = estate(tmp_path, backup_of=())
+    text = cfg.read_text()
+    cfg.write_text(text.replace('ha_repository = "dr"', 'ha_repository = "nas"'))
+    p = vmdr(cfg, "validate")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (f"vmdr: error: {cfg}: vm.app1.ha_repository: unknown "
+                                "repository 'nas' (known: dr)")
+    cfg.write_text(text.replace('ha_storage = "local"', 'ha_storage = "nfs"'))
+    p = vmdr(cfg, "simulate", "--fail", "hv2")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "vm.app1.ha_storage" in p.stderr and "shared, local" in p.stderr

@@ -383,17 +383,23 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
                      restorer=make_restorer(cfg, inv, policy, host, store, ops))
 
 
+def check_repositories(cfg: Config, policy: HAPolicy) -> None:
+    """ConfigError (exit 2) for an ``ha_repository`` that names no ``[repositories.NAME]``
+    (also ``vmdr ha validate``)."""
+    for r in sorted(policy.vms.values(), key=lambda r: r.name):
+        if r.repository is not None and r.repository not in cfg.repositories:
+            known = ", ".join(sorted(cfg.repositories)) or "none declared"
+            raise ConfigError(f"{cfg.path}: vm.{r.name}.ha_repository: unknown repository "
+                              f"{r.repository!r} (known: {known})")
+
+
 def make_restorer(cfg: Config, inv: inventory.Inventory, policy: HAPolicy, host: str,
                   store: HAStore, ops: LibvirtOps) -> RestoreExecutor | None:
     """The executor of restore orders (HA VMs with ``ha_storage = "local"``), or None
     when no HA VM is local. ConfigError for an ``ha_repository`` that names no
     ``[repositories.NAME]``."""
     local = [r for r in policy.vms.values() if r.local]
-    for r in local:
-        if r.repository is not None and r.repository not in cfg.repositories:
-            known = ", ".join(sorted(cfg.repositories)) or "none declared"
-            raise ConfigError(f"{cfg.path}: vm.{r.name}.ha_repository: unknown repository "
-                              f"{r.repository!r} (known: {known})")
+    check_repositories(cfg, policy)
     if not local:
         return None
     h = inv.hosts.get(host)

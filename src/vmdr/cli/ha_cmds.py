@@ -93,7 +93,10 @@ def _live_state(inv: inventory.Inventory, g: Globals) -> tuple[ClusterState, str
 
 
 def cmd_validate(ns: argparse.Namespace, g: Globals) -> int:
+    from vmdr.agent.ha_runtime import check_repositories
+
     inv, policy = _load(g)
+    check_repositories(g.config, policy)
     state, source = _live_state(inv, g)
     adm, per_vm = admission.per_vm(policy, state)
     s = policy.settings
@@ -200,7 +203,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         "ha", parents=parents, help="high availability: validate the policy, simulate failures",
         description="High availability from the inventory: [ha] timings and admission "
                     "control, and per VM ha, boot_group (restart priority), depends_on, "
-                    "anti_affinity, hosts/hosts_rule, ready_check/ready_delay.")
+                    "anti_affinity, hosts/hosts_rule, ready_check/ready_delay, "
+                    "ha_storage/ha_repository (no shared storage: restart from a replica "
+                    "or backup).")
     psub = p.add_subparsers(dest="ha_command", metavar="SUBCOMMAND", required=True)
     q = psub.add_parser(
         "validate", parents=parents, help="check the HA policy and N+k admission control",
