@@ -345,3 +345,42 @@ def test_a_failed_replica_start_gives_up_with_its_error(tmp_path: Path) -> None:
         "db: not restored on h3: the start from the replica failed: qemu-img: Could not "
         "open the replica disk"), gave
     assert c.where("db") == []
+
+
+def test_a_restarted_agent_adopts_the_live_child(tmp_path: Path) -> None:
+    """The child of a killed agent still serves the NBD export: the new agent must not
+    start a second instant restore (not even --resume) while it lives."""
+    import subprocess
+    import sys
+
+    c = Cluster(tmp_path)
+    leader = HALeader(c.policy, c.store, c.ops, "h2")
+    c.kill_h1()
+    c.step(leader, T0, agents=())
+    c.step(leader, T0 + 2, agents=())
+    order = c.store.restore_order("db")
+    assert order is not None
+    target, oid = order["host"], order["id"]
+    # a stand-in child whose command line is an instant restore of db
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                              "instant-restore", f"db@{SNAP.id}", "--name", "db"])
+    try:
+        assert c.store.claim_restore("db", oid, {"by": target})
+        c.store.put_restore_status("db", oid, {"state": "running", "time": T0 + 2,
+                                               "point": SNAP.as_dict(), "pid": child.pid})
+        state = tmp_path / target / "db.instant.json"
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text("{}")  # would invite a --resume, but the child lives
+        fresh = c.executor(target)
+        fresh.poll(T0 + 3)
+        fresh.poll(T0 + 3.5)
+        assert c.spawned == []
+        st = c.store.restore_status("db", oid)
+        assert st is not None and st["state"] == "running"
+        c.fleet.host(c.uris[target]).add_domain(xml("db"), active=True)  # it booted
+        fresh.poll(T0 + 4)
+        st = c.store.restore_status("db", oid)
+        assert st is not None and st["state"] == "started" and c.spawned == []
+    finally:
+        child.kill()
+        child.wait()

@@ -80,6 +80,28 @@ def newest_snapshot(ref: RepositoryRef, vm: str) -> RestorePoint:
     return RestorePoint("snapshot", s.id, s.time.timestamp(), ref.name)
 
 
+def _restore_child(pid: int, vm: str) -> bool:
+    """Whether *pid* is a live ``vmdr instant-restore`` of *vm* (a former agent's child)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"instant-restore" in args and any(a == vm.encode() or a.startswith(
+        vm.encode() + b"@") for a in args)
+
+
+class _Orphan:
+    """A former agent's instant-restore child, polled by PID (its exit code is not ours:
+    1 once it is gone; the VM running here decides success)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None if os.path.exists(f"/proc/{self.pid}") else 1
+
+
 class _Thread:
     """A start from a replica in the background, polled like a child process."""
 
@@ -169,7 +191,12 @@ class RestoreExecutor:
                                  reason=f"no restore point: {exc}")
                     return
             self._status(vm, oid, "running", now, point=point.as_dict(), note=note)
-            self._procs[oid] = self._start(vm, order, point)
+            proc = self._start(vm, order, point)
+            self._procs[oid] = proc
+            pid = getattr(proc, "pid", None)
+            if isinstance(pid, int):  # an agent restarted later adopts the live child
+                self._status(vm, oid, "running", now, point=point.as_dict(), note=note,
+                             pid=pid)
             return
         proc = self._procs.get(oid)
         if proc is None and status.get("point", {}).get("kind") == "replica":
@@ -178,6 +205,11 @@ class RestoreExecutor:
             self._procs[oid] = self._start(vm, order, RestorePoint.from_dict(status["point"]))
             return
         if proc is None:  # this agent restarted while the restore ran
+            pid = status.get("pid")
+            if isinstance(pid, int) and _restore_child(pid, vm):
+                self._procs[oid] = _Orphan(pid)  # still serving: never a second server
+                log.info("HA restore of %s: adopted the running child %d", vm, pid)
+                return
             if os.path.exists(self._state_file(vm)):
                 point = RestorePoint.from_dict(status["point"])
                 self._procs[oid] = self._run(vm, order, point, resume=True)
