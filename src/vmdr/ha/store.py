@@ -16,7 +16,10 @@ Keys, under the agent's prefix (default ``/vmdr/``):
     ``{"since", "reason"}``: present = the host is in maintenance (``vmdr ha maintenance``);
 ``ha/tests/<vm>``
     the last passed failover of the VM: ``{"time", "kind": "test|real", "from", "to",
-    "start_s", "ready_s"}``.
+    "start_s", "ready_s"}``;
+``ha/restores/<vm>``, ``ha/restore-claims/<vm>/<id>``, ``ha/restore-status/<vm>/<id>``
+    a restore order for a VM without shared storage, its one claim and the target's
+    progress (:mod:`vmdr.ha.noshared`).
 
 :class:`HAStore` runs over a small key-value protocol (:class:`KV`): :class:`EtcdKV` (an
 :class:`~vmdr.agent.coord_etcd.EtcdCoordinator`'s client, with its endpoint fail-over) or
