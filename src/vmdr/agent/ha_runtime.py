@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shlex
 import socket
 import threading
@@ -30,8 +31,9 @@ from typing import Any
 
 from vmdr.agent.clock import wall
 from vmdr.agent.coord_etcd import EtcdCoordinator
+from vmdr.agent.ha_restore import RestoreExecutor
 from vmdr.config import Config
-from vmdr.errors import DomainNotFound, GuestAgentUnavailable
+from vmdr.errors import ConfigError, DomainNotFound, GuestAgentUnavailable
 from vmdr.ha import admission
 from vmdr.ha.fencing import SelfFence, Watchdog
 from vmdr.ha.leader import HALeader, LiveHost
@@ -189,7 +191,8 @@ class LibvirtOps:
 class HARuntime:
     def __init__(self, host: str, policy: HAPolicy, coord: EtcdCoordinator, store: HAStore,
                  ops: LibvirtOps, *, clock: Callable[[], float] = wall,
-                 watchdog: str | None = WATCHDOG, reader: Any = None) -> None:
+                 watchdog: str | None = WATCHDOG, reader: Any = None,
+                 restorer: RestoreExecutor | None = None) -> None:
         self.host = host
         # member reads go through a client of their own: an error there must never reset
         # the lease object of the coordinator that renews it (the leader key hangs on it)
@@ -202,6 +205,7 @@ class HARuntime:
         self.clock = clock
         self.fence = SelfFence(self.settings, time.monotonic())
         self.leader = HALeader(policy, store, ops, host)
+        self.restorer = restorer  # carries out restore orders for this host (noshared)
         self.watchdog = (Watchdog(watchdog, self.settings.self_fence_after)
                          if watchdog and Watchdog.available(watchdog) else None)
         self.is_leader: Callable[[], bool] = lambda: False
@@ -300,6 +304,8 @@ class HARuntime:
         if now - self._last_publish >= PUBLISH_EVERY:
             self._last_publish = now
             self.publish(now)
+        if self.restorer is not None:
+            self.restorer.poll(now)
         if self.is_leader():
             members = self.reader.read_members()
             live = {m.host: LiveHost(m.host, m.cpus, m.memory_mib, tuple(m.running_vms))
@@ -372,5 +378,33 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
     store_coord = EtcdCoordinator(coord.endpoints, coord.ttl, coord.prefix)
     store = HAStore.for_coordinator(store_coord, me=host)
     coord.ttl = max(2, int(policy.settings.lease_ttl))  # the [ha] lease governs
-    return HARuntime(host, policy, coord, store, LibvirtOps(uris, connect),
-                     reader=store_coord)
+    ops = LibvirtOps(uris, connect)
+    return HARuntime(host, policy, coord, store, ops, reader=store_coord,
+                     restorer=make_restorer(cfg, inv, policy, host, store, ops))
+
+
+def check_repositories(cfg: Config, policy: HAPolicy) -> None:
+    """ConfigError (exit 2) for an ``ha_repository`` that names no ``[repositories.NAME]``
+    (also ``vmdr ha validate``)."""
+    for r in sorted(policy.vms.values(), key=lambda r: r.name):
+        if r.repository is not None and r.repository not in cfg.repositories:
+            known = ", ".join(sorted(cfg.repositories)) or "none declared"
+            raise ConfigError(f"{cfg.path}: vm.{r.name}.ha_repository: unknown repository "
+                              f"{r.repository!r} (known: {known})")
+
+
+def make_restorer(cfg: Config, inv: inventory.Inventory, policy: HAPolicy, host: str,
+                  store: HAStore, ops: LibvirtOps) -> RestoreExecutor | None:
+    """The executor of restore orders (HA VMs with ``ha_storage = "local"``), or None
+    when no HA VM is local. ConfigError for an ``ha_repository`` that names no
+    ``[repositories.NAME]``."""
+    local = [r for r in policy.vms.values() if r.local]
+    check_repositories(cfg, policy)
+    if not local:
+        return None
+    h = inv.hosts.get(host)
+    state = cfg.agent.state if cfg.agent.state else "/var/lib/vmdr/agent.db"
+    return RestoreExecutor(
+        host, store, cfg, h.target_dir if h else "/var/lib/libvirt/images",
+        lambda vm: bool(ops.local_ha_running(host, {vm})),
+        os.path.dirname(os.path.abspath(state)), inv=inv)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vmdr.agent.ha_restore import preview_line
 from vmdr.cli import ha_engine_cmds, ha_ops_cmds
 from vmdr.cli.common import Globals, emit_json, out, warn
 from vmdr.errors import UsageError
 from vmdr.ha import admission
 from vmdr.ha.failover import FailoverPlan, failover_plan
 from vmdr.ha.model import ClusterState, HAPolicy, load_policy, state_from_inventory
+from vmdr.ha.noshared import with_replica_affinity
 from vmdr.plan import inventory
 from vmdr.plan.units import fmt_size
 
@@ -91,7 +93,10 @@ def _live_state(inv: inventory.Inventory, g: Globals) -> tuple[ClusterState, str
 
 
 def cmd_validate(ns: argparse.Namespace, g: Globals) -> int:
+    from vmdr.agent.ha_runtime import check_repositories
+
     inv, policy = _load(g)
+    check_repositories(g.config, policy)
     state, source = _live_state(inv, g)
     adm, per_vm = admission.per_vm(policy, state)
     s = policy.settings
@@ -166,12 +171,31 @@ def cmd_simulate(ns: argparse.Namespace, g: Globals) -> int:
         raise UsageError("--fail: name at least one host")
     maintenance = _hosts(inv, ns.maintenance, "--maintenance")
     state = state_from_inventory(inv, maintenance=maintenance)
-    plan = failover_plan(policy, state, failed)
+    plan = failover_plan(with_replica_affinity(policy), state, failed)
+    restores = _restores(g, inv, policy, plan)
     if g.json:
-        emit_json({**plan.to_json(), "maintenance": sorted(maintenance)})
+        emit_json({**plan.to_json(), "maintenance": sorted(maintenance),
+                   "restores": restores})
     else:
         _print_plan(plan)
-    return 0 if plan.ok else 1
+        if restores:
+            out("  without shared storage (restore points as of now):")
+            for row in restores:
+                out("  " + preview_line(row))
+    return 0 if plan.ok and all(r["point"] for r in restores) else 1
+
+
+def _restores(g: Globals, inv: inventory.Inventory, policy: HAPolicy,
+              plan: FailoverPlan) -> list[dict[str, Any]]:
+    """The restore point each placed VM without shared storage would start from."""
+    from vmdr.agent.ha_restore import preview
+    from vmdr.timeutil import utcnow
+
+    targets: dict[str, str | None] = {s.vm: s.host for s in plan.starts}
+    targets.update(dict.fromkeys(plan.placement.unplaced))
+    if not any(policy.vms[v].local for v in targets if v in policy.vms):
+        return []
+    return preview(g.config, inv, policy, targets, utcnow().timestamp())
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
@@ -179,7 +203,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         "ha", parents=parents, help="high availability: validate the policy, simulate failures",
         description="High availability from the inventory: [ha] timings and admission "
                     "control, and per VM ha, boot_group (restart priority), depends_on, "
-                    "anti_affinity, hosts/hosts_rule, ready_check/ready_delay.")
+                    "anti_affinity, hosts/hosts_rule, ready_check/ready_delay, "
+                    "ha_storage/ha_repository (no shared storage: restart from a replica "
+                    "or backup).")
     psub = p.add_subparsers(dest="ha_command", metavar="SUBCOMMAND", required=True)
     q = psub.add_parser(
         "validate", parents=parents, help="check the HA policy and N+k admission control",
@@ -196,7 +222,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                     "and print the boot order by priority group and dependencies, the "
                     "readiness each stage waits for, and the VMs that cannot be placed with "
                     "the reason. Uses the inventory's declared hosts and sizes.",
-        epilog="exit codes: 0 every HA VM placed, 1 some cannot be placed, 2 bad inventory "
+        epilog="exit codes: 0 every HA VM placed (and every one without shared storage "
+               "has a restore point), 1 some cannot be placed or restored, 2 bad inventory "
                "or arguments")
     q.add_argument("--fail", metavar="HOST[,HOST...]", required=True,
                    help="the hosts that fail")

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 from typing import Any
 
+from vmdr.agent.ha_restore import preview_line
 from vmdr.cli.common import Globals, emit_json, out
 from vmdr.config import Config, parse_duration
 from vmdr.errors import UsageError
@@ -19,6 +20,7 @@ from vmdr.ha import admission
 from vmdr.ha.failover import failover_plan
 from vmdr.ha.leader import domain_size
 from vmdr.ha.model import ClusterState, HAPolicy, HostState, VMState, load_policy
+from vmdr.ha.noshared import with_replica_affinity
 from vmdr.ha.store import HAStore
 from vmdr.plan import inventory
 from vmdr.plan.units import fmt_size
@@ -69,7 +71,7 @@ def status_data(policy: HAPolicy, inv_hosts: list[str], members: list[Any],
     state = ClusterState(hosts, vms)
     would: dict[str, str | None] = {}
     for host in sorted({v.host for v in vms.values() if v.host and v.running}):
-        plan = failover_plan(policy, state, {host})
+        plan = failover_plan(with_replica_affinity(policy), state, {host})
         for st in plan.starts:
             would[st.vm] = st.host
         for vm in plan.placement.unplaced:
@@ -95,6 +97,21 @@ def status_data(policy: HAPolicy, inv_hosts: list[str], members: list[Any],
     }
 
 
+def _restores(cfg: Config, inv: inventory.Inventory, policy: HAPolicy,
+              d: dict[str, Any]) -> None:
+    """Each HA VM without shared storage gets ``restore``: the restore point it would
+    start from if its host failed now (vmdr.agent.ha_restore.preview)."""
+    from vmdr.agent.ha_restore import preview
+
+    targets = {v["vm"]: v["would_go_to"] for v in d["vms"] if policy.vms[v["vm"]].local}
+    if not targets:
+        return
+    rows = {r["vm"]: r for r in preview(cfg, inv, policy, targets, utcnow().timestamp())}
+    for v in d["vms"]:
+        if v["vm"] in rows:
+            v["restore"] = rows[v["vm"]]
+
+
 def cmd_status(ns: argparse.Namespace, g: Globals) -> int:
     inv = inventory.from_config(g.config)
     policy = load_policy(inv)
@@ -108,6 +125,7 @@ def cmd_status(ns: argparse.Namespace, g: Globals) -> int:
         raise UsageError(f"etcd: {exc}") from None
     leader = (raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])) if raw else None
     d = status_data(policy, list(inv.hosts), members, leader, store)
+    _restores(g.config, inv, policy, d)
     if g.json:
         emit_json(d)
         return 0 if d["headroom"]["ok"] else 1
@@ -124,6 +142,8 @@ def cmd_status(ns: argparse.Namespace, g: Globals) -> int:
         to = v["would_go_to"] or ("cannot be placed" if v["running"] else "-")
         out(f"  {v['vm']:<20} on {v['host'] or 'nowhere (last: ' + str(v['last_host']) + ')'}"
             f"  → if its host fails: {to}  (priority {v['priority']})")
+        if v.get("restore"):
+            out("  " + preview_line(v["restore"]))
     hd = d["headroom"]
     if hd["ok"]:
         spare = f", worst case {', '.join(hd['worst_failure'] or [])} leaves " \

@@ -36,6 +36,15 @@ from vmdr.ha.boot import Start, due
 from vmdr.ha.failover import failover_plan
 from vmdr.ha.fencing import FenceResult, run_fence_command
 from vmdr.ha.model import ClusterState, HAPolicy, HostState, Readiness, VMState
+from vmdr.ha.noshared import (
+    ORDER_CLAIM_S,
+    RestorePoint,
+    describe,
+    lost_s,
+    new_order,
+    order_id,
+    with_replica_affinity,
+)
 from vmdr.ha.store import HAStore
 
 __all__ = ["FleetOps", "HALeader", "LiveHost", "domain_size"]
@@ -251,6 +260,15 @@ class HALeader:
                 continue
             st = by_vm[vm]
             target = rec.get("hosts", {}).get(vm, st.host)
+            restore = rec.get("restores", {}).get(vm)
+            if restore is not None and not restore.get("running") and target in live:
+                changed |= self._follow_restore(host, rec, vm, target, now)
+                if vm not in rec["failed"] and not rec["restores"][vm].get("running") \
+                        and now >= float(rec["started"][vm]) + st.ready.timeout:
+                    changed |= self._restore_failed(rec, vm, target, now, "not started "
+                                                    f"within {st.ready.timeout:g}s")
+                if vm in rec["failed"] or not rec["restores"][vm].get("running"):
+                    continue
             if target not in live:  # its new host failed too: that host's failover has it
                 rec["failed"][vm] = now
                 changed = True
@@ -316,7 +334,8 @@ class HALeader:
             if vm in self.policy.vms and (where == host or vm not in vms):
                 vms[vm] = VMState(vm, where, *self._size(vm),
                                   running=where == host or where in live)
-        plan = failover_plan(self.policy, ClusterState(hosts, vms), {host}).to_json()
+        plan = failover_plan(with_replica_affinity(self.policy), ClusterState(hosts, vms),
+                             {host}).to_json()
         self.placement_s.append(time.monotonic() - t0)
         return plan
 
@@ -331,6 +350,12 @@ class HALeader:
 
     def _start_one(self, host: str, rec: dict[str, Any], st: Start, now: float) -> None:
         t0 = float(rec["detected"])
+        rule = self.policy.vms.get(st.vm)
+        if rule is not None and rule.local:
+            order = self.store.restore_order(st.vm)
+            if order is not None and order.get("id") == order_id(host, t0):
+                self._adopt(host, rec, st, order, now)  # a former leader ordered it
+                return
         running = self.ops.where_running(st.vm)
         if running:
             rec["started"][st.vm] = now
@@ -339,6 +364,11 @@ class HALeader:
                                  f"running on {', '.join(running)}", host=running[0],
                                  vm=st.vm, now=now, detail={"running_on": running})
             self.store.put_failover(host, rec)
+            return
+        if rule is not None and rule.local:
+            order = new_order(rule, st.host, host, t0, now)
+            self.store.put_restore_order(st.vm, order)
+            self._adopt(host, rec, st, order, now)
             return
         xml = self.store.domain(st.vm)
         if xml is None:
@@ -374,3 +404,59 @@ class HALeader:
                              f"after detection{missing}", host=st.host, vm=st.vm, now=now,
                              detail={"from": host, "start_s": round(now - t0, 2),
                                      "priority": st.priority, "after": list(st.after)})
+
+    # -- VMs without shared storage (vmdr.ha.noshared) -------------------------------------
+    def _adopt(self, host: str, rec: dict[str, Any], st: Start, order: dict[str, Any],
+               now: float) -> None:
+        """Record an order (written now or by a former leader) as this VM's start."""
+        rec["started"].setdefault(st.vm, now)
+        rec.setdefault("hosts", {})[st.vm] = order["host"]
+        rec.setdefault("restores", {})[st.vm] = {"id": order["id"], "running": False,
+                                                 "expires": order["expires"]}
+        self.store.put_failover(host, rec)
+        self.store.put_where(st.vm, order["host"], now)
+        log.info("%s: restore ordered on %s (order %s)", st.vm, order["host"], order["id"])
+
+    def _follow_restore(self, host: str, rec: dict[str, Any], vm: str, target: str,
+                        now: float) -> bool:
+        """One look at the order of *vm*: started (the `started` event with its restore
+        point and the data lost), failed, or not claimed in time (given up, and the
+        target never runs it)."""
+        r = rec["restores"][vm]
+        oid = str(r["id"])
+        t0 = float(rec["detected"])
+        status = self.store.restore_status(vm, oid) or {}
+        state = status.get("state")
+        if state == "started":
+            point = RestorePoint.from_dict(status["point"])
+            t = float(status.get("time", now))
+            r.update(running=True, point=point.as_dict(), lost_s=lost_s(t0, point))
+            rec["started"][vm] = t
+            self.store.add_event(
+                "started", f"{vm} on {target} from {describe(point, t0)}, "
+                f"{t - t0:.1f}s after detection", host=target, vm=vm, now=t,
+                detail={"from": host, "start_s": round(t - t0, 2), "restore": point.kind,
+                        "point": point.as_dict(), "lost_s": lost_s(t0, point),
+                        "order": oid, "note": status.get("note") or None})
+            return True
+        if state == "failed":
+            return self._restore_failed(rec, vm, target, now, str(status.get("reason")))
+        claim = self.store.restore_claim(vm, oid)
+        if claim is None and now >= float(r.get("expires", 0)):
+            if self.store.claim_restore(vm, oid, {"by": self.me, "expired": True,
+                                                  "time": now}):
+                return self._restore_failed(
+                    rec, vm, target, now, f"{target}'s agent did not take the restore "
+                    f"order within {ORDER_CLAIM_S:g}s (it never runs it now)")
+            claim = self.store.restore_claim(vm, oid)
+        if claim is not None and claim.get("expired"):
+            return self._restore_failed(rec, vm, target, now, "the restore order expired "
+                                        "before its host took it")
+        return False
+
+    def _restore_failed(self, rec: dict[str, Any], vm: str, target: str, now: float,
+                        reason: str) -> bool:
+        rec["failed"][vm] = now
+        self.store.add_event("gave-up", f"{vm}: not restored on {target}: {reason}",
+                             host=target, vm=vm, now=now, detail={"reason": reason})
+        return True

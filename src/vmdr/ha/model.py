@@ -44,6 +44,17 @@ class HAVM:
     affinity_hosts: tuple[str, ...] = ()
     hosts_rule: str = "must"
     ready: Readiness = Readiness()
+    # without shared storage (vmdr.ha.noshared): "local" = its disks live only on its
+    # host; restarted elsewhere from the newest backup in ``repository`` (a
+    # [repositories.NAME]) through instant restore; ``replica_host``: where its hot-site
+    # replica is (reported; HA does not start replica standbys)
+    storage: str = "shared"
+    repository: str | None = None
+    replica_host: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.storage == "local"
 
 
 @dataclass(frozen=True)
@@ -116,12 +127,19 @@ def load_policy(inv: Inventory) -> HAPolicy:
             vm.hosts_rule,
             Readiness(vm.ready_check or s.ready_check,
                       s.ready_delay if vm.ready_delay_s is None else vm.ready_delay_s,
-                      s.ready_timeout))
+                      s.ready_timeout),
+            vm.ha_storage, vm.ha_repository, _replica_host(inv, vm.name))
     racks = {h.name: inv.unit(h.location, "rack") for h in inv.hosts.values()}
     groups = {v.name: v.anti_affinity for v in inv.vms.values() if v.anti_affinity}
     policy = HAPolicy(s, vms, racks, inv.settings.cpu_overcommit, groups)
     _check_groups(inv, policy)
     return policy
+
+
+def _replica_host(inv: Inventory, vm: str) -> str | None:
+    """The inventory host that holds *vm*'s replica (``replica_to`` naming a host)."""
+    r = inv.replicas.get(vm)
+    return r.to if r is not None and r.to in inv.hosts else None
 
 
 def _check_groups(inv: Inventory, policy: HAPolicy) -> None:

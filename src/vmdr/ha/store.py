@@ -16,7 +16,10 @@ Keys, under the agent's prefix (default ``/vmdr/``):
     ``{"since", "reason"}``: present = the host is in maintenance (``vmdr ha maintenance``);
 ``ha/tests/<vm>``
     the last passed failover of the VM: ``{"time", "kind": "test|real", "from", "to",
-    "start_s", "ready_s"}``.
+    "start_s", "ready_s"}``;
+``ha/restores/<vm>``, ``ha/restore-claims/<vm>/<id>``, ``ha/restore-status/<vm>/<id>``
+    a restore order for a VM without shared storage, its one claim and the target's
+    progress (:mod:`vmdr.ha.noshared`).
 
 :class:`HAStore` runs over a small key-value protocol (:class:`KV`): :class:`EtcdKV` (an
 :class:`~vmdr.agent.coord_etcd.EtcdCoordinator`'s client, with its endpoint fail-over) or
@@ -284,3 +287,30 @@ class HAStore:
         self.kv.put(self._k("tests", vm), json.dumps(
             {"time": _now(now), "kind": kind, "from": from_,
              "to": to, "start_s": start_s, "ready_s": ready_s}))
+
+    # -- restores of VMs without shared storage (vmdr.ha.noshared) ------------------------
+    # ha/restores/<vm>: the leader's order; ha/restore-claims/<vm>/<id>: created once, by
+    # the target's agent (it runs the order) or by the leader (the order expired unrun);
+    # ha/restore-status/<vm>/<id>: the target's progress (running | started | failed)
+    def restore_orders(self) -> dict[str, dict[str, Any]]:
+        return self._all("restores")
+
+    def restore_order(self, vm: str) -> dict[str, Any] | None:
+        return self._json(self._k("restores", vm))
+
+    def put_restore_order(self, vm: str, order: dict[str, Any]) -> None:
+        self.kv.put(self._k("restores", vm), json.dumps(order))
+
+    def claim_restore(self, vm: str, order_id: str, claim: dict[str, Any]) -> bool:
+        """Create-if-absent: exactly one of the target (to run it) and the leader (to
+        give it up) wins an order."""
+        return self.kv.create(self._k("restore-claims", vm, order_id), json.dumps(claim))
+
+    def restore_claim(self, vm: str, order_id: str) -> dict[str, Any] | None:
+        return self._json(self._k("restore-claims", vm, order_id))
+
+    def put_restore_status(self, vm: str, order_id: str, status: dict[str, Any]) -> None:
+        self.kv.put(self._k("restore-status", vm, order_id), json.dumps(status))
+
+    def restore_status(self, vm: str, order_id: str) -> dict[str, Any] | None:
+        return self._json(self._k("restore-status", vm, order_id))

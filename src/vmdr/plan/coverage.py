@@ -341,8 +341,9 @@ def compute(inv: Inventory, facts: dict[str, DiscoveredVM], hosts: dict[str, Hos
 
 def _apply_ha(inv: Inventory, cov: VMCoverage, ha: HAFacts | None, now: datetime) -> None:
     """The host level of an HA VM: covered by HA only when the rule of
-    :mod:`vmdr.plan.hafacts` holds; a restart elsewhere loses no data (shared storage) and
-    takes the restart decision plus the guest's measured readiness."""
+    :mod:`vmdr.plan.hafacts` holds; a restart elsewhere loses no data (shared storage) or
+    the writes since its newest surviving copy (``ha_storage = "local"``: restarted from
+    a replica or backup), and takes the restart decision plus the guest's readiness."""
     lc = cov.levels.get("host")
     vm = cov.vm
     if lc is None or not vm.declared:
@@ -358,7 +359,17 @@ def _apply_ha(inv: Inventory, cov: VMCoverage, ha: HAFacts | None, now: datetime
         return
     assert ha is not None
     f = ha.vms.get(vm.name)
-    lc.covered, lc.rpo_s, lc.rpo_met, lc.gap, lc.unknown = True, 0.0, True, None, False
+    if vm.ha_storage == "local":
+        # no shared storage: HA restarts it from its newest copy that survives the host
+        # (replica or backup, vmdr.ha.noshared): the RPO is that copy's age, as computed
+        if not lc.covered:
+            lc.ha, lc.ha_gap = False, ("ha_storage = \"local\" and no copy of it survives "
+                                       "the host: HA has nothing to restart it from")
+            lc.gap = f"{lc.gap} HA does not cover it: {lc.ha_gap}" if lc.gap else lc.ha_gap
+            return
+        lc.gap, lc.unknown = None, False
+    else:
+        lc.covered, lc.rpo_s, lc.rpo_met, lc.gap, lc.unknown = True, 0.0, True, None, False
     rto = (ha.restart_s or 0.0) + (f.ready_s if f and f.ready_s is not None else cov.boot_s)
     lc.rto_estimate_s = rto
     target = inv.rto_target(vm)

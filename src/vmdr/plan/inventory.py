@@ -34,7 +34,9 @@ VM_KEYS = {"host", "owner", "contact", "tier", "rpo", "rto", "depends_on", "boot
 # [vm.NAME] keys of high availability (vmdr.ha reads them; `vmdr ha validate` checks them
 # against the [ha] table). Restart priority is boot_group: one order for restores and
 # failovers, already checked against depends_on.
-HA_VM_KEYS = {"ha", "anti_affinity", "hosts", "hosts_rule", "ready_check", "ready_delay"}
+HA_VM_KEYS = {"ha", "anti_affinity", "hosts", "hosts_rule", "ready_check", "ready_delay",
+              "ha_storage", "ha_repository"}
+HA_STORAGE = ("shared", "local")  # local: restarted elsewhere from a replica or backup
 HOSTS_RULES = ("must", "should")
 READY_CHECK_RE = re.compile(r"^(agent|none|tcp:\d{1,5}|exec:.+)$")
 
@@ -128,6 +130,8 @@ class VMPlan:
     hosts_rule: str = "must"  # must: only those hosts; should: preferred
     ready_check: str | None = None  # agent | none | tcp:PORT | exec:COMMAND; None: [ha]
     ready_delay_s: float | None = None  # None: [ha] ready_delay
+    ha_storage: str = "shared"  # local: disks only on its host (vmdr.ha.noshared)
+    ha_repository: str | None = None  # [repositories.NAME] to restore it from
 
 
 @dataclass(frozen=True)
@@ -461,6 +465,8 @@ def _vm_ha(inv: Inventory, vm: VMPlan, t: _T) -> None:
         raise t.err("ready_check", f"expected agent, none, tcp:PORT or exec:COMMAND, got "
                                    f"{vm.ready_check!r}")
     vm.ready_delay_s = t.duration("ready_delay")
+    vm.ha_storage = t.choice("ha_storage", HA_STORAGE, "shared") or "shared"
+    vm.ha_repository = t.str_("ha_repository")
 
 
 def check_dependencies(inv: Inventory) -> None:

@@ -150,6 +150,10 @@ def _scenario(sc: Scenario) -> list[str]:
     for g in groups:
         out += [f"#### Boot group {g}", ""]
         for s in (x for x in sc.steps if x.boot_group == g):
+            if s.ha:
+                out.append(f"- **{s.vm}**: {s.ha}; owner {s.owner}; up at ≈ "
+                           f"{fmt_duration(s.up_s)}")
+                continue
             copy = (f"{s.copy.repo} snapshot {s.copy.short_id} of {_t(s.copy.time)}"
                     if s.copy else "no copy")
             deps = f", after {', '.join(s.depends_on)}" if s.depends_on else ""

@@ -39,6 +39,7 @@ class Step:
     start_s: float = 0.0  # from the start of recovery
     up_s: float = 0.0
     problem: str | None = None
+    ha: str | None = None  # HA restarts it by itself (what from): no manual restore
 
 
 @dataclass
@@ -124,7 +125,35 @@ def restore_command(inv: Inventory, copy: Copy, host: str | None, vm: str) -> st
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _steps(cov: Coverage, names: list[str], blast: Blast, in_place: bool) -> list[Step]:
+def _ha_step(cov: Coverage, step: Step, copy: Copy | None) -> None:
+    """An HA VM covered at the host level (vmdr.plan.hafacts): the leader restarts it on a
+    survivor by itself — from its shared storage, or (``ha_storage = "local"``) from its
+    replica on a surviving host or its newest backup by instant restore, losing the
+    writes since then."""
+    vc, vm = cov.vms[step.vm], cov.inv.vms[step.vm]
+    lc = vc.levels.get("host")
+    if lc is None or not lc.ha:
+        return
+    rto = lc.rto_estimate_s if lc.rto_estimate_s is not None else vc.boot_s
+    if vm.ha_storage != "local":
+        step.ha = "HA restarts it on a survivor from its shared storage (no data lost)"
+    else:
+        src = (f"its newest backup ({copy.repo} snapshot {copy.short_id} now)" if copy
+               else "its newest backup")
+        rep = cov.inv.replicas.get(step.vm)
+        if rep is not None and rep.to in cov.inv.hosts and rep.to != vc.host:
+            src = f"its replica on {rep.to} (else {src})"
+        age = f" ≈ {fmt_duration(lc.rpo_s)} now" if lc.rpo_s is not None else ""
+        how = "" if rep is not None and src.startswith("its replica") \
+            else ", by instant restore"
+        step.ha = (f"HA restarts it on a survivor from {src}{how} (RPO = the age of that "
+                   f"restore point{age})")
+    step.command, step.problem = None, None
+    step.retrieval_s, step.restore_s, step.boot_s = 0.0, 0.0, rto
+
+
+def _steps(cov: Coverage, names: list[str], blast: Blast, in_place: bool,
+           ha: bool = False) -> list[Step]:
     inv = cov.inv
     survivors = [h for h in sorted(inv.hosts) if h not in blast.hosts]
     needs = {n: cov.vms[n].need for n in cov.vms}
@@ -154,7 +183,9 @@ def _steps(cov: Coverage, names: list[str], blast: Blast, in_place: bool) -> lis
             total = rto_of(inv, decl, copy, cov.throughput[copy.repo][0], vc.boot_s)
             step.restore_s = total - step.retrieval_s - vc.boot_s
             step.command = restore_command(inv, copy, target, name)
-        if target is None:
+        if ha and survivors:
+            _ha_step(cov, step, copy)
+        if target is None and step.ha is None:
             step.problem = (step.problem or "") + ("; " if step.problem else "") + (
                 "no surviving host has room for it: provide a replacement host"
                 if survivors else "no host survives: provide a replacement host")
@@ -207,6 +238,10 @@ def _tasks(inv: Inventory, sc: Scenario) -> list[Task]:
             deps += [ids[o.vm] for o in sc.steps
                      if o.boot_group == groups[i - 1] and ids[o.vm] not in deps]
         where = f"on {s.target}" if s.target else "on a replacement host"
+        if s.ha:
+            tasks.append(Task(ids[s.vm], f"Check that HA restarted {s.vm} (`vmdr ha events "
+                              f"--vm {s.vm}`): {s.ha}", s.owner, ["T1"], s.boot_s))
+            continue
         tasks.append(Task(ids[s.vm], f"Restore and boot {s.vm} {where} (boot group "
                           f"{s.boot_group})", s.owner, deps,
                           s.retrieval_s + s.restore_s + s.boot_s, s.command))
@@ -250,7 +285,9 @@ def scenarios(cov: Coverage) -> list[Scenario]:
                 continue
             names = sorted(n for n, h in placed.items() if h in blast.hosts)
             sc = Scenario(f"S{len(out)}", f"{_cap(blast.label)} lost", [level.key], blast,
-                          _steps(cov, names, blast, in_place=False), labels=[blast.label])
+                          _steps(cov, names, blast, in_place=False,
+                                 ha=level.key == "host" and len(blast.hosts) == 1),
+                          labels=[blast.label])
             seen[key] = sc
             out.append(sc)
     for sc in out:
