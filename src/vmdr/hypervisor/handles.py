@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from vmdr.errors import HypervisorUnsupported
+
 from . import agent, domain, overlay
 from ._compat import lv, lvq
 from .console import console_log
@@ -214,7 +216,11 @@ class LibvirtDomain(Domain):
         # reads through it (it prints the outcome on QEMU's stdout, the domain log, not
         # in the reply). Monitor commands mark the domain "tainted: custom-monitor" in its
         # log; libvirt has no API that makes QEMU read a backing node.
-        q = lvq()
+        try:
+            q = lvq()
+        except ImportError:
+            raise HypervisorUnsupported("reading an NBD backing needs libvirt_qemu "
+                                        "(python3-libvirt)") from None
         with libvirt_errors(f"looking for the NBD client of {socket} in {self._name}"):
             nodes = json.loads(q.qemuMonitorCommand(
                 self._dom, json.dumps({"execute": "query-named-block-nodes",

@@ -25,7 +25,9 @@ The NBD server lives in this process, so the command runs until step 3 ends. A s
 ``<target-dir>/<name>.instant.json`` describes an unfinished migration. If anything stops
 it (Ctrl-C, the repository unreachable, a failed copy) the VM is paused — a guest whose
 backing is gone would pause on its next read anyway — and ``--resume`` restarts the server
-on the same sockets, resumes (or starts) the VM and finishes the copy.
+on the same sockets (killing a dead run's nbdkit still on them, see
+:func:`vmdr.serve.server.reap_orphans`), waits until QEMU's NBD clients are connected to it
+(:func:`_await_nbd`), resumes (or starts) the VM and finishes the copy.
 """
 
 from __future__ import annotations
