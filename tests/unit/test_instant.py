@@ -429,3 +429,38 @@ def test_reap_orphans_kills_the_dead_runs_nbdkit_on_our_socket(tmp_path: Any) ->
         for p in (bystander, live):
             p.kill()
             p.wait()
+
+
+def test_resume_after_kill_waits_for_nbd_before_resuming_and_copying(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume after a kill -9 (VM paused on an I/O error, its NBD client still on the
+    dead server): the VM is resumed and the copy started only once the client is back,
+    and one run finishes the move."""
+    hv, rec, st = _moving(tmp_path)
+    rec.pause_on_io_error()
+    rec.nbd_unread = {"/run/s/vda.sock": 2}
+    seen: dict[str, int] = {}
+    resume, block_copy = FakeDomain.resume_after_io_error, FakeDomain.block_copy
+
+    def resumed(self: FakeDomain, **kw: Any) -> None:
+        seen["resume"] = rec.nbd_unread["/run/s/vda.sock"]
+        resume(self, **kw)
+
+    def copying(self: FakeDomain, disk: str, dest: str, **kw: Any) -> Any:
+        seen["copy"] = rec.nbd_unread["/run/s/vda.sock"]
+        return block_copy(self, disk, dest, **kw)
+
+    monkeypatch.setattr(FakeDomain, "resume_after_io_error", resumed)
+    monkeypatch.setattr(FakeDomain, "block_copy", copying)
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", lambda s: None)
+    def serve(repo: Any, snap: Any, st: dict[str, Any], hv: Any) -> FakeServer:
+        st["disks"]["vda"]["uri"] = "nbd+unix:///vda?socket=/run/s/vda.sock"
+        return FakeServer(rec=rec)
+
+    monkeypatch.setattr(instant, "_serve", serve)
+    repo = types.SimpleNamespace(load_snapshot=lambda sid: None)
+    opts = instant.InstantOptions(name="x", poll=0, target_dir=str(tmp_path))
+    res = instant.instant_resume(repo, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
+    assert seen == {"resume": 0, "copy": 0} and rec.nbd_reads == 3
+    assert res["disks"] == {"vda": st["disks"]["vda"]["target"]}
+    assert hv.lookup("x").state() == "running"
