@@ -203,16 +203,14 @@ def test_interrupt_and_server_lost_mid_migration(
         assert not any(f.exists() for f in finals)
         log = target / f"{new}-console.log"
         n = _beats(log)
-        for _ in range(3):  # QEMU's NBD client may need a second round (docs)
-            p = subprocess.run([*VMDR, "instant-restore", "--resume", new, "--target-dir",
-                                str(target), "--json"], capture_output=True, text=True,
-                               env=env, timeout=600)
-            assert "Traceback" not in p.stderr
-            if p.returncode == 0:
-                break
-            assert p.returncode == MigrationStopped.exit_code, p.stderr
-            assert not any(f.exists() for f in finals)
+        # one --resume finishes: the killed run's nbdkit (which would answer ESHUTDOWN) is
+        # gone and QEMU's NBD clients have reconnected before anything reads; no copy fails
+        p = subprocess.run([*VMDR, "instant-restore", "--resume", new, "--target-dir",
+                            str(target), "--json"], capture_output=True, text=True, env=env,
+                           timeout=600)
         assert p.returncode == 0, p.stderr
+        assert "failed" not in p.stderr, p.stderr  # no copy restarted
+        assert not nbdkit_pids(f"/run/vmdr/instant/{new}")
         res = json.loads(p.stdout)
         _wait_beats(log, n)
         assert dom.state()[0] == 1  # VIR_DOMAIN_RUNNING

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import types
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from vmdr.errors import HypervisorError, UsageError, VmdrError
+from vmdr.errors import HypervisorError, ServeError, UsageError, VmdrError
 from vmdr.events import BytesProgress, JobEvents, ListSink, PhaseStarted
 from vmdr.hypervisor import Domain, mirror
 from vmdr.hypervisor.fake import FakeDomain, FakeDomainRecord, FakeFleet
@@ -58,9 +62,16 @@ def copies_create_files(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeServer:
-    def __init__(self, alive: bool = True) -> None:
+    def __init__(self, alive: bool = True, rec: FakeDomainRecord | None = None) -> None:
         self._alive = alive
         self.stopped = False
+        self._rec = rec  # its NBD clients connect once nbd_unread of their socket is 0
+        # disk -> the socket the fake XML names; no waiting for clients without a record
+        self.sockets = {d: f"/run/s/{d}.sock" for d in rec.sizes} if rec else {}
+
+    def clients(self, disk: str) -> int:
+        assert self._rec is not None
+        return int(self._rec.nbd_unread.get(self.sockets[disk], 0) == 0)
 
     def alive(self) -> bool:
         return self._alive
@@ -322,3 +333,134 @@ def test_finish_defines_final_names_and_resume_tidies_after_restart(tmp_path: An
     again = instant.instant_resume(Any, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
     assert again["hidden"] == [] and not os.path.exists(temp)
     assert os.path.exists(target) and not os.path.exists(st["state_file"])
+
+
+def test_await_nbd_reads_until_the_client_reconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a kill -9 QEMU's NBD clients fail requests until they reconnected: _await_nbd
+    reads through each (moving its reconnect on) until the server sees it connected, then
+    once more (the read that takes the new connection)."""
+    rec, dom = _dom({"vda": 1000, "vdb": 1000})
+    rec.nbd_unread = {"/run/s/vda.sock": 3}
+    naps: list[float] = []
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", naps.append)
+    instant._await_nbd(dom, FakeServer(rec=rec), ["vda", "vdb"])
+    assert rec.nbd_unread == {"/run/s/vda.sock": 0}
+    assert rec.nbd_reads == 5 and len(naps) == 3  # vdb once; vda 3 failures + 1 success
+
+
+@pytest.mark.parametrize("case", ["never", "server-dead"])
+def test_await_nbd_gives_up(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    rec, dom = _dom({"vda": 1000})
+    rec.nbd_unread = {"/run/s/vda.sock": -1}  # the repository stays unreachable
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", lambda s: None)
+    server = FakeServer(alive=case != "server-dead", rec=rec)
+    with pytest.raises(VmdrError, match="NBD server stopped" if case == "server-dead"
+                       else "client of vda did not reconnect to the export within 0s"):
+        instant._await_nbd(dom, server, ["vda"], timeout=0)
+
+
+def test_failed_copy_restarts_only_once_qemu_reads_the_disk_again(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that failed (its first read hit a reconnecting client) is restarted after a
+    read through the NBD client succeeded, not after a fixed sleep."""
+    rec, dom = _dom({"vda": 300})
+    rec.failing_copies.add("vda")
+    rec.nbd_unread = {"/run/s/vda.sock": 2}
+    reads_at_start: list[int] = []
+    block_copy = FakeDomain.block_copy
+
+    def copy(self: FakeDomain, disk: str, dest: str, **kw: Any) -> Any:
+        reads_at_start.append(rec.nbd_reads)
+        if len(reads_at_start) == 2:
+            rec.failing_copies.discard("vda")  # the client is back: the copy works
+        return block_copy(self, disk, dest, **kw)
+
+    monkeypatch.setattr(FakeDomain, "block_copy", copy)
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", lambda s: None)
+    instant._migrate(dom, _state(str(tmp_path), ["vda"]),
+                     instant.InstantOptions(name="x", poll=0), JobEvents(),
+                     FakeServer(rec=rec))
+    assert reads_at_start == [0, 3]  # restarted after 2 failed reads and 1 that worked
+    assert mirror.nbd_backed_disks(dom.xml()) == []
+
+
+def _fake_nbdkit(tmp_path: Any, sock: str, owner: int) -> subprocess.Popen[bytes]:
+    """A process whose command line is that of vmdr's nbdkit serving *sock*, started by
+    the vmdr *owner* (its private directory's owner.json)."""
+    from vmdr.serve import server as srv
+
+    private = tmp_path / f"vmdr-serve-{owner}"
+    private.mkdir()
+    (private / srv.OWNER_FILE).write_text(json.dumps({"pid": owner}))
+    return subprocess.Popen([
+        "bash", "-c", 'exec -a /usr/sbin/nbdkit "$0" -c "import time; time.sleep(60)" "$@"',
+        os.path.realpath(sys.executable), "-r", "--pidfile", str(private / "vda.pid"), "-f",
+        "-U", sock, "python", srv.PLUGIN, "setup=x"])
+
+
+def test_reap_orphans_kills_the_dead_runs_nbdkit_on_our_socket(tmp_path: Any) -> None:
+    """The killed run's nbdkit still serving the socket is SIGKILLed (a quitting nbdkit
+    would keep answering ESHUTDOWN); one on another socket, or whose vmdr lives, is not."""
+    from vmdr.serve import server as srv
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    sock, other = str(tmp_path / "vda.sock"), str(tmp_path / "vdb.sock")
+    orphan = _fake_nbdkit(tmp_path, sock, dead.pid)
+    bystander = _fake_nbdkit(tmp_path, other, dead.pid + 100_000)
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.is_nbdkit(orphan.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.reap_orphans([sock]) == [orphan.pid]
+        assert orphan.wait(5) == -signal.SIGKILL and bystander.poll() is None
+        busy = _fake_nbdkit(tmp_path, sock, live.pid)
+        try:
+            while not srv.is_nbdkit(busy.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(ServeError, match=f"being served by vmdr \\(pid {live.pid}\\)"):
+                srv.reap_orphans([sock])
+            assert busy.poll() is None
+        finally:
+            busy.kill()
+            busy.wait()
+    finally:
+        for p in (bystander, live):
+            p.kill()
+            p.wait()
+
+
+def test_resume_after_kill_waits_for_nbd_before_resuming_and_copying(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume after a kill -9 (VM paused on an I/O error, its NBD client still on the
+    dead server): the VM is resumed and the copy started only once the client is back,
+    and one run finishes the move."""
+    hv, rec, st = _moving(tmp_path)
+    rec.pause_on_io_error()
+    rec.nbd_unread = {"/run/s/vda.sock": 2}
+    seen: dict[str, int] = {}
+    resume, block_copy = FakeDomain.resume_after_io_error, FakeDomain.block_copy
+
+    def resumed(self: FakeDomain, **kw: Any) -> None:
+        seen["resume"] = rec.nbd_unread["/run/s/vda.sock"]
+        resume(self, **kw)
+
+    def copying(self: FakeDomain, disk: str, dest: str, **kw: Any) -> Any:
+        seen["copy"] = rec.nbd_unread["/run/s/vda.sock"]
+        return block_copy(self, disk, dest, **kw)
+
+    monkeypatch.setattr(FakeDomain, "resume_after_io_error", resumed)
+    monkeypatch.setattr(FakeDomain, "block_copy", copying)
+    monkeypatch.setattr("vmdr.jobs.instant.time.sleep", lambda s: None)
+    def serve(repo: Any, snap: Any, st: dict[str, Any], hv: Any) -> FakeServer:
+        st["disks"]["vda"]["uri"] = "nbd+unix:///vda?socket=/run/s/vda.sock"
+        return FakeServer(rec=rec)
+
+    monkeypatch.setattr(instant, "_serve", serve)
+    repo = types.SimpleNamespace(load_snapshot=lambda sid: None)
+    opts = instant.InstantOptions(name="x", poll=0, target_dir=str(tmp_path))
+    res = instant.instant_resume(repo, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
+    assert seen == {"resume": 0, "copy": 0} and rec.nbd_reads == 3
+    assert res["disks"] == {"vda": st["disks"]["vda"]["target"]}
+    assert hv.lookup("x").state() == "running"

@@ -283,6 +283,14 @@ class Domain(ABC):
         the domain stays on its own disk; cancel() ends the mirror."""
         raise HypervisorUnsupported(f"{self.name}: this driver cannot mirror a disk")
 
+    def nbd_read(self, socket: str) -> bool:
+        """Make QEMU read a block through the NBD client that connects to the unix
+        ``socket`` (a disk's backing), to move its reconnect on: QEMU's client notices a
+        lost server, starts reconnecting and takes the new connection only on requests.
+        False if no such client exists (the disk moved off the export). The read's
+        outcome is not known here: ask the server whether the client is connected."""
+        raise HypervisorUnsupported(f"{self.name}: this driver cannot read an NBD backing")
+
     @abstractmethod
     def guest_ping(self, timeout: int = 3) -> bool:
         """The guest agent answers within ``timeout`` seconds."""

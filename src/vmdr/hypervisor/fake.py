@@ -88,6 +88,9 @@ class FakeDomainRecord:
     copies: dict[str, _Copy] = field(default_factory=dict)
     copy_step: int | None = None
     failing_copies: set[str] = field(default_factory=set)
+    # NBD socket -> reads through it before its client is connected (-1: never)
+    nbd_unread: dict[str, int] = field(default_factory=dict)
+    nbd_reads: int = 0  # nbd_read() calls
     owner: FakeHypervisor | None = None  # a transient domain dies with this connection
     reason: str = ""  # state_reason(): crashed, failed, destroyed, ioerror...
     resets: int = 0  # times reset() was called
@@ -507,6 +510,18 @@ class FakeDomain(Domain):
     def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
                       synchronous: bool = False) -> BlockCopyJob:
         return self.block_copy(disk, f"nbd+unix:///{export}?socket={socket}", fmt="raw")
+
+    def nbd_read(self, socket: str) -> bool:
+        with self._rec() as r:
+            if not r.active:
+                raise HypervisorError(f"reading through an NBD node of {self._name}: "
+                                      "domain is not running")
+            if not any(h.get("socket") == socket for h in parse_xml(r.xml).iter("host")):
+                return False
+            r.nbd_reads += 1
+            if r.nbd_unread.get(socket, 0) > 0:
+                r.nbd_unread[socket] -= 1
+            return True
 
     def guest_ping(self, timeout: int = 3) -> bool:
         with self._rec() as r:

@@ -8,9 +8,10 @@ backing is flattened into the copy) to a local qcow2 with
 Disks that read from a remote backing are given ``error_policy='stop'`` and
 ``rerror_policy='stop'``: when the backing becomes unreachable QEMU pauses the guest
 (state paused, reason I/O error) instead of passing errors to it. After the backing is
-back, :meth:`~vmdr.hypervisor.driver.Domain.resume_after_io_error` resumes it; QEMU's NBD
-client reconnects to the same socket path on the retried request (sometimes only on the
-second try).
+back, :meth:`~vmdr.hypervisor.driver.Domain.resume_after_io_error` resumes it. QEMU's NBD
+client reconnects to the same socket path only on requests (the first ones fail);
+:meth:`~vmdr.hypervisor.driver.Domain.nbd_read` makes it read, to reconnect before the
+guest or a copy needs the disk.
 """
 
 from __future__ import annotations

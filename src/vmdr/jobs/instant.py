@@ -25,7 +25,9 @@ The NBD server lives in this process, so the command runs until step 3 ends. A s
 ``<target-dir>/<name>.instant.json`` describes an unfinished migration. If anything stops
 it (Ctrl-C, the repository unreachable, a failed copy) the VM is paused — a guest whose
 backing is gone would pause on its next read anyway — and ``--resume`` restarts the server
-on the same sockets, resumes (or starts) the VM and finishes the copy.
+on the same sockets (killing a dead run's nbdkit still on them, see
+:func:`vmdr.serve.server.reap_orphans`), waits until QEMU's NBD clients are connected to it
+(:func:`_await_nbd`), resumes (or starts) the VM and finishes the copy.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from vmdr.diskio.images import fsync_dir
 from vmdr.errors import (
     DomainNotFound,
     HeartbeatTimeout,
-    HypervisorError,
+    HypervisorUnsupported,
     InstantInterrupted,
     MigrationStopped,
     UsageError,
@@ -61,6 +63,9 @@ DEFAULT_DIR = "/var/lib/libvirt/images"
 SOCKET_ROOT = "/run/vmdr/instant"
 STATE_VERSION = 1
 COPY_RETRIES = 3
+# QEMU's NBD connect thread retries after 1, 2, 4, 8, then every 16 s: after an outage the
+# next attempt can be 16 s away
+RECONNECT_TIMEOUT = 60.0
 TEMP_SUFFIX = ".vmdr-instant"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
 
@@ -264,16 +269,14 @@ def instant_resume(repo: Repository, name: str, opts: InstantOptions, hv: Hyperv
         if dom.is_active():  # a killed run's copies still read the dead export: drop them
             for d in st["disks"]:
                 dom.block_job(d).cancel()
+            # QEMU's NBD clients still hold the old connections: before the guest or a
+            # copy needs them, make each reconnect to the new server
+            _await_nbd(dom, server, mirror.nbd_backed_disks(dom.xml()))
         if not dom.is_active():
             dom.start()
             boot = True
         elif dom.state() == "paused":
-            try:
-                dom.resume_after_io_error()
-            except HypervisorError:
-                # after a kill -9 QEMU's NBD client may need longer than one round to
-                # reconnect (seen with libvirt 9 / QEMU 7.2): one more round
-                dom.resume_after_io_error()
+            dom.resume_after_io_error()
             ev.phase("migrate", f"{name} resumed", name)
     except KeyboardInterrupt:
         where = _stop_safely(hv, st, server)
@@ -331,6 +334,37 @@ def _heartbeat(hv: Hypervisor, st: dict[str, Any], opts: InstantOptions, ev: Job
     return seconds
 
 
+def _await_nbd(dom: Domain, server: Any, disks: list[str],
+               timeout: float = RECONNECT_TIMEOUT, poll: float = 0.2) -> None:
+    """Wait until QEMU's NBD client of each of *disks* is connected to our server.
+
+    QEMU's client notices a lost server only when a request fails; it then fails requests
+    (a block copy's first read ends the copy) until the connect thread that failure started
+    got through — backing off to 16 s between attempts — and takes the new connection on
+    the next request. So read through the client until the server sees it connected, then
+    once more: that read takes the connection."""
+    pending = [d for d in disks if server.sockets.get(d)]
+    deadline = time.monotonic() + timeout
+    while pending:
+        for d in list(pending):
+            connected = server.clients(d) > 0
+            try:
+                found = dom.nbd_read(server.sockets[d])
+            except HypervisorUnsupported:
+                return
+            if connected or not found:
+                pending.remove(d)
+        if not pending:
+            return
+        if not server.alive():
+            raise VmdrError("the NBD server stopped")
+        if time.monotonic() > deadline:
+            raise VmdrError(f"QEMU's NBD client of {', '.join(pending)} did not reconnect to "
+                            f"the export within {timeout:.0f}s (the repository is "
+                            "unreachable?)")
+        time.sleep(poll)
+
+
 def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions,
                 ev: JobEvents) -> ItemProgress:
     info = st["disks"][disk]
@@ -351,8 +385,8 @@ def _start_copy(dom: Domain, st: dict[str, Any], disk: str, opts: InstantOptions
 def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvents,
              server: Any) -> None:
     """Copy every disk still backed by NBD and pivot onto the copy. A copy that fails is
-    restarted up to ``COPY_RETRIES`` times (QEMU's NBD client fails the first read after a
-    reconnect, e.g. on --resume); the VM pausing on an I/O error stops everything."""
+    restarted, once QEMU reads the disk through the server again, up to ``COPY_RETRIES``
+    times; the VM pausing on an I/O error stops everything."""
     pending = [d for d in sorted(st["disks"]) if d in mirror.nbd_backed_disks(dom.xml())]
     retries = dict.fromkeys(pending, COPY_RETRIES)
     progress = {d: _start_copy(dom, st, d, opts, ev) for d in pending}
@@ -377,7 +411,7 @@ def _migrate(dom: Domain, st: dict[str, Any], opts: InstantOptions, ev: JobEvent
                                     "failed?)")
                 retries[d] -= 1
                 ev.warning(f"copy of {d} failed; restarting it", st["vm"])
-                time.sleep(1.0)
+                _await_nbd(dom, server, [d])
                 progress[d] = _start_copy(dom, st, d, opts, ev)
                 continue
             progress[d].update(cs.cur, cs.end)

@@ -107,8 +107,29 @@ def list_exports(readonly: int, is_tls: int) -> list[str]:
     return [str(_setup.get("disk", ""))]
 
 
+def _count_client(mark: bytes) -> None:
+    """Note a client connecting (+) or leaving (-) in ``<disk>.clients`` next to the setup
+    file: vmdr waits for QEMU's NBD client to be back on a restarted server."""
+    if not _setup_path:
+        return
+    try:
+        fd = os.open(os.path.splitext(_setup_path)[0] + ".clients",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, mark + b"\n")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # only a hint for the caller; serving goes on
+
+
 def open(readonly: int) -> int:
+    _count_client(b"+")
     return 1
+
+
+def close(h: int) -> None:
+    _count_client(b"-")
 
 
 def get_size(h: int) -> int:

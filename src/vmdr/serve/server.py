@@ -60,6 +60,14 @@ class NbdServer:
         """True while every nbdkit process runs."""
         return bool(self.pids) and all(is_nbdkit(p) for p in self.pids.values())
 
+    def clients(self, disk: str) -> int:
+        """Client connections *disk*'s nbdkit holds open now (the plugin notes each)."""
+        try:
+            marks = Path(self.private_dir, f"{disk}.clients").read_bytes()
+        except FileNotFoundError:
+            return 0
+        return marks.count(b"+") - marks.count(b"-")
+
     def _daemons(self) -> list[int]:
         """Detached nbdkit processes (not our children) still running."""
         mine = {p.pid for p in self._procs.values()}
@@ -157,6 +165,7 @@ def start_server(
                 assert socket_dir is not None
                 sock = os.path.abspath(socket_path) if socket_path else \
                     os.path.join(socket_dir, f"{name}.sock")
+                reap_orphans([sock])
                 _unlink(sock)
                 argv += ["-U", sock]
                 server.sockets[name] = sock
@@ -213,6 +222,63 @@ def sweep_stale(base: str) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def reap_orphans(sockets: Sequence[str], timeout: float = 10.0) -> list[int]:
+    """Kill (SIGKILL) the nbdkit processes of a dead vmdr that still serve one of the unix
+    *sockets* we are about to take over; their pids.
+
+    An nbdkit whose vmdr was killed (``kill -9``) got SIGTERM from ``--exit-with-parent``,
+    but a quitting nbdkit keeps each client connection open and answers every request
+    on it with ``ESHUTDOWN`` until each of its worker threads (16) has answered one. QEMU's
+    NBD client takes that for an error of the request, not of the connection, so it stays
+    on the dying server (and never reconnects to ours) until the guest or a block job has
+    spent 16 requests — a disk the guest seldom reads can fail every copy for minutes. A
+    killed process closes its connections at once, and QEMU's client reconnects.
+    A server whose vmdr still runs is somebody else's: ServeError."""
+    wanted = {os.path.abspath(s) for s in sockets}
+    found = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        argv = _cmdline(pid)
+        if not (argv and argv[0].endswith("nbdkit") and PLUGIN in argv and "-U" in argv):
+            continue
+        i = argv.index("-U")
+        if i + 1 >= len(argv) or os.path.abspath(argv[i + 1]) not in wanted:
+            continue
+        owner = _owner_pid(argv)
+        if owner and owner != os.getpid() and pid_alive(owner):
+            raise ServeError(f"{argv[i + 1]} is being served by vmdr (pid {owner})")
+        found.append(pid)
+    for pid in found:
+        log.warning("killing nbdkit %d left by a dead vmdr", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(is_nbdkit(p) for p in found) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _owner_pid(argv: list[str]) -> int:
+    """The vmdr that started the nbdkit of *argv* (from its private directory), 0 if unknown."""
+    if "--pidfile" not in argv or argv.index("--pidfile") + 1 >= len(argv):
+        return 0
+    private = os.path.dirname(argv[argv.index("--pidfile") + 1])
+    try:
+        with open(os.path.join(private, OWNER_FILE), encoding="utf-8") as f:
+            return int(json.load(f).get("pid", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def is_nbdkit(pid: int) -> bool:
