@@ -417,10 +417,13 @@ def test_a_failed_planned_failover_puts_the_source_back(sites: Sites) -> None:
 
 def test_planned_failover_then_failback_lose_nothing(sites: Sites) -> None:
     s, g = sites, sites.g
+    s.h1.virsh("autostart", g.name)  # a rebooted h1 would start it beside its DR copy
     rep = s.js("failover", "app", "--planned")
     assert rep["outcome"] == "passed", rep
     assert rep["vms"][0]["rpo_s"] == 0.0 and rep["rto_s"] > 0
     assert not g.is_running_on(s.h1)
+    assert "Autostart:      disable" in s.h1.virsh("dominfo", g.name).stdout
+    assert any(st["name"] == "turn the source's autostart off" for st in rep["steps"])
     assert s.h2.virsh("domstate", f"{g.name}-replica").stdout.strip() == "running"
     # the source's disk, shut down cleanly, and the DR copy's point hold the same last record
     src = check_records(str(g.data_disk), "qcow2")
@@ -438,6 +441,8 @@ def test_planned_failover_then_failback_lose_nothing(sites: Sites) -> None:
     assert "changes made at the DR site" in steps["reverse replication"]["detail"]
     assert "replica cycle" in steps["re-protect"]["detail"]
     assert g.is_running_on(s.h1)
+    assert "Autostart:      enable" in s.h1.virsh("dominfo", g.name).stdout  # as it was
+    s.h1.virsh("autostart", "--disable", g.name)
     assert s.h2.virsh("domstate", f"{g.name}-replica").stdout.strip() == "shut off"
     resumed = _wait("the writer back at the source",
                     lambda: [n for n in _seqs(g.console_text(), "start") if n > src.last_seq])

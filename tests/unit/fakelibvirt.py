@@ -356,6 +356,16 @@ class virDomain(Failing):
     def isPersistent(self) -> int:
         return int(self.persistent)
 
+    def autostart(self) -> int:
+        return int(getattr(self, "_autostart", False))
+
+    def setAutostart(self, on: int) -> int:
+        if not self.persistent:
+            raise libvirtError("Requested operation is not valid: cannot set autostart "
+                               "for transient domain", VIR_ERR_OPERATION_INVALID)
+        self._autostart = bool(on)
+        return 0
+
     def state(self, flags: int = 0) -> list[int]:
         if self.active and self.paused is not None:
             return [VIR_DOMAIN_PAUSED, self.paused]

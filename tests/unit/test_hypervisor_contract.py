@@ -285,6 +285,20 @@ def test_networks(h: Harness) -> None:
         h.hv.isolated_network("down")
 
 
+def test_autostart_of_a_defined_domain_and_none_for_a_transient_one(h: Harness) -> None:
+    h.add(xml("web", "vda"))
+    dom = h.hv.lookup("web")
+    assert not dom.autostart()
+    dom.set_autostart(True)
+    assert h.hv.lookup("web").autostart()  # a fresh handle sees it
+    dom.set_autostart(False)
+    assert not dom.autostart()
+    sb = h.hv.start_sandbox(xml("vmdr-verify-t", "vda"))
+    with pytest.raises(HypervisorError, match="autostart"):
+        sb.domain.set_autostart(True)
+    sb.close()
+
+
 def test_sandbox_is_transient_and_dies_with_the_connection(h: Harness) -> None:
     h.add_network("iso")
     sb = h.hv.start_sandbox(xml("vmdr-verify-a", "vda"), network="iso")

@@ -237,6 +237,14 @@ class Domain(ABC):
         """Defined (False: transient, gone when it stops)."""
 
     @abstractmethod
+    def autostart(self) -> bool:
+        """libvirt starts it when its host (libvirtd) starts."""
+
+    @abstractmethod
+    def set_autostart(self, on: bool) -> None:
+        """Turn libvirt's autostart of a defined domain on or off."""
+
+    @abstractmethod
     def state(self) -> State:
         """running | paused | stopped | other."""
 

@@ -80,6 +80,7 @@ class FakeDomainRecord:
     inactive_xml: str
     state: State = "stopped"
     persistent: bool = True
+    autostart: bool = False
     io_error: bool = False  # paused because a disk failed (error_policy='stop')
     agent: bool = False  # the guest agent answers
     addresses: list[str] = field(default_factory=list)
@@ -368,6 +369,17 @@ class FakeDomain(Domain):
     def is_persistent(self) -> bool:
         with self._rec() as r:
             return r.persistent
+
+    def autostart(self) -> bool:
+        with self._rec() as r:
+            return r.autostart
+
+    def set_autostart(self, on: bool) -> None:
+        with self._rec() as r:
+            if not r.persistent:
+                raise HypervisorError(f"setting the autostart of {self._name}: a transient "
+                                      "domain has no autostart")
+            r.autostart = on
 
     def state(self) -> State:
         with self._rec() as r:

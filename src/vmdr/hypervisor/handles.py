@@ -66,6 +66,14 @@ class LibvirtDomain(Domain):
         with libvirt_errors(f"state of {self._name}"):
             return bool(self._dom.isPersistent())
 
+    def autostart(self) -> bool:
+        with libvirt_errors(f"autostart of {self._name}"):
+            return bool(self._dom.autostart())
+
+    def set_autostart(self, on: bool) -> None:
+        with libvirt_errors(f"setting the autostart of {self._name}"):
+            self._dom.setAutostart(1 if on else 0)
+
     def _state(self) -> tuple[int, int]:
         with libvirt_errors(f"state of {self._name}"):
             st = self._dom.state(0)

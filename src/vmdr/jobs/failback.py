@@ -134,6 +134,11 @@ def _failback(run: Run, sites: fs.Sites) -> None:
             raise
         raise FailoverFailed(f"failback of {plan.name} failed: {exc.message}; the VMs run "
                              "at the DR site as before") from exc
+    for name in plan.order():  # as it was before the planned failover turned it off
+        if recs[name].get("source_autostart"):
+            with run.step("turn the source's autostart on again", name) as st:
+                src[name].set_autostart(True)
+                st.detail = "libvirt autostart on"
     try:
         for name in plan.order():
             with run.step("re-protect", name) as st:

@@ -411,7 +411,8 @@ def _source_hv(run: Run, sources: dict[str, Hypervisor], name: str) -> Hyperviso
     return sources[uri]
 
 
-def _start_on_overlay(run: Run, vm: fs.DRVM, point: str, src_uri: str) -> Domain:
+def _start_on_overlay(run: Run, vm: fs.DRVM, point: str, src_uri: str, *,
+                      source_autostart: bool = False) -> Domain:
     """Start the standby on fresh overlays over its disks (the DR site's changes stay
     apart for failback); records failover.json."""
     d = f"{vm.pv.directory}/failover"
@@ -428,7 +429,8 @@ def _start_on_overlay(run: Run, vm: fs.DRVM, point: str, src_uri: str) -> Domain
                              disk_paths={t: (p, "qcow2") for t, p in paths.items()})
     rec = {"run": run.report.run, "kind": run.report.kind, "point": point,
            "overlays": paths, "base": {t: str(x["path"]) for t, x in vm.state.disks.items()},
-           "standby_xml": xml, "source_uri": redact_uri(src_uri), "time": utcnow().isoformat()}
+           "standby_xml": xml, "source_uri": redact_uri(src_uri), "time": utcnow().isoformat(),
+           "source_autostart": source_autostart}  # failback turns it on again
     vm.site.write(f"{vm.pv.directory}/{FAILOVER_STATE}", json.dumps(rec, indent=1).encode())
     vm.started_here = True  # from here on a roll-back restores the standby's definition
     vm.hv.define(new)
@@ -442,6 +444,7 @@ def _planned(run: Run, sites: fs.Sites, vms: dict[str, fs.DRVM]) -> None:
     plan = run.plan
     sources: dict[str, Hypervisor] = {}
     stopped: list[str] = []
+    autostart_off: list[str] = []
     src_doms: dict[str, Domain] = {}
     doms: dict[str, Domain] = {}
     try:
@@ -466,6 +469,14 @@ def _planned(run: Run, sites: fs.Sites, vms: dict[str, fs.DRVM]) -> None:
                     _wait_off(dom, plan.shutdown_timeout_s)
                     st.detail = "shut off cleanly"
         for name in plan.order():
+            # a source host that reboots must not start the VM beside its DR copy
+            dom = src_doms[name]
+            if dom.is_persistent() and dom.autostart():
+                with run.step("turn the source's autostart off", name) as st:
+                    dom.set_autostart(False)
+                    autostart_off.append(name)
+                    st.detail = "libvirt autostart off until failback"
+        for name in plan.order():
             vm = vms[name]
             with run.step("final replica cycle", name) as st:
                 spec = ReplicaSpec(
@@ -487,12 +498,19 @@ def _planned(run: Run, sites: fs.Sites, vms: dict[str, fs.DRVM]) -> None:
 
         def start(name: str) -> Domain:
             p = run.report.vm(name).point or ""
-            return _start_on_overlay(run, vms[name], p, _source_hv(run, sources, name).uri)
+            return _start_on_overlay(run, vms[name], p, _source_hv(run, sources, name).uri,
+                                     source_autostart=name in autostart_off)
 
         bring_up(run, doms, start, lambda n, a, p: vms[n].tcp_probe(a, p))
         with run.step("screenshots"):
             _screens(run, doms)
     except VmdrError as exc:
+        for name in autostart_off:  # the sources run again: as they were
+            try:
+                src_doms[name].set_autostart(True)
+            except VmdrError as aexc:
+                run.report.warnings.append(f"could not turn {name}'s autostart on again: "
+                                           f"{aexc.message}")
         _roll_back(run, vms, [src_doms[n] for n in stopped if n in src_doms])
         if isinstance(exc, FailoverFailed):
             raise
