@@ -108,6 +108,10 @@ class HALeader:
     _last_step: float | None = None
     _sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     placement_s: list[float] = field(default_factory=list)  # the benchmark reads it
+    # the wall clock (the agent's): a VM is ready when its check passed, not when the step
+    # began — starts and checks before it in the same step can take seconds, and its
+    # waiters' delay counts from the readiness itself. None (tests): the step's ``now``
+    clock: Callable[[], float] | None = None
 
     # -- one poll -------------------------------------------------------------------------
     def step(self, now: float, live: dict[str, LiveHost], ever_seen: set[str]) -> None:
@@ -258,7 +262,7 @@ class HALeader:
                                      "it was ready; the failover of that host restarts it",
                                      host=target, vm=vm, now=now)
             elif self.ops.ready(target, vm, st.ready.check):
-                t = now
+                t = max(now, self.clock()) if self.clock is not None else now
                 rec["ready"][vm] = t
                 changed = True
                 t0 = float(rec["detected"])
