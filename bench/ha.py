@@ -396,6 +396,63 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def _fmt_s(x: float | None) -> str:
+    return "none in this run" if x is None else f"{x:g} s"
+
+
+def _edge(by: dict[tuple[str, float], dict[str, Any]], stalls: list[float], profile: str,
+          fenced: bool) -> float | None:
+    """The shortest stall that fenced (``fenced``) or the longest that did not."""
+    xs = [d for d in stalls if (profile, d) in by
+          and (by[(profile, d)]["destroyed_at_s"] is not None) == fenced]
+    return (min(xs) if fenced else max(xs)) if xs else None
+
+
+def tradeoff_block(t: dict[str, Any] | None, res: dict[str, Any]) -> list[str]:
+    """Fast detection versus false failovers, from bench/ha_tradeoff.py's JSON."""
+    if not t:
+        return ["**Fast detection versus false failovers.** Not measured. The defaults "
+                "detect a dead host after the 5 s lease (+ 2 s fence delay); a host that "
+                "cannot renew for 3.5 s fences itself even if healthy. The \"busy "
+                "cluster\" settings of docs/operations.md (lease 15 s, renewal 3 s, margin "
+                "4 s) need an 11 s hiccup to fence and detect ~10 s later: figures from the "
+                "timing argument in `src/vmdr/ha/settings.py`, not from a run."]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "not run"
+        dbl = " — RAN TWICE" if r["double"] else ""
+        if r["destroyed_at_s"] is None:
+            return f"kept running on {r['host']}{dbl}"
+        back = r["running_again_s"]
+        return (f"fenced: destroyed at {r['destroyed_at_s']:.1f} s, running again at "
+                + (f"{back:.1f} s on {', '.join(r['running_on'])}" if back is not None
+                   else "— not within the window") + dbl)
+
+    stalls = sorted({r["stall_s"] for r in t["stall"]})
+    by = {(r["profile"], r["stall_s"]): r for r in t["stall"]}
+    h = res.get("harness") or {}
+    busy_kills = [k["start_s"] for k in t.get("kill", []) if k.get("start_s") is not None]
+    out = ["**Fast detection versus false failovers** (`bench/ha_tradeoff.py`, a separate "
+           f"run on git {t.get('git', '?')}, {t.get('date', '?')}). An etcd hiccup: two of "
+           "the three etcd members stopped (SIGSTOP) for the time shown, so no host can "
+           "renew its lease; a healthy HA guest runs on h2 throughout (time from the start "
+           "of the hiccup):", "",
+           "| etcd without quorum for | default: lease 5 s, renew 1.5 s, self-fence after "
+           "3.5 s | busy cluster: lease 15 s, renew 3 s, self-fence after 11 s |",
+           "|---|---|---|"]
+    out += [f"| {d:g} s | {cell(by.get(('default', d)))} | {cell(by.get(('busy', d)))} |"
+            for d in stalls]
+    out += [f"| kill -9 → start on a survivor | {_stats([k['start_s'] for k in h.get('kill', [])])}"
+            f" (main run) | {_stats(busy_kills)} |", "",
+            *[f"{p}: the longest hiccup ridden out {_fmt_s(_edge(by, stalls, p, False))}, "
+              f"the shortest that fenced the guest {_fmt_s(_edge(by, stalls, p, True))}."
+              for p in ("default", "busy")],
+            "", "A host cannot tell \"etcd is down\" from \"I am cut off\": with either "
+            "setting, a longer etcd outage restarts every HA VM."]
+    return out
+
+
 def write(res: dict[str, Any]) -> None:
     h = res.get("harness") or {}
     parts = h.get("partition", [])
@@ -418,12 +475,7 @@ def write(res: dict[str, Any]) -> None:
     note = res.get("note")
     if note:
         body += ["", note]
-    body += ["", "**Fast detection versus false failovers.** Not measured by this bench. "
-             "The defaults detect a dead host after the 5 s lease (+ 2 s fence delay); a "
-             "host that cannot renew for 3.5 s fences itself even if healthy. The "
-             "\"busy cluster\" settings of docs/operations.md (lease 15 s, renewal 3 s, "
-             "margin 4 s) need an 11 s hiccup to fence and detect ~10 s later — figures from "
-             "the timing argument in `src/vmdr/ha/settings.py`, not from a loaded-host run.",
+    body += ["", *tradeoff_block(res.get("tradeoff"), res),
              "", "### Method", "",
              "`bench/ha.py` on the 3-host harness of tests/multihost (each host its own "
              "network, mount and UTS namespaces, libvirtd, virtlogd, virtlockd; a "
@@ -465,11 +517,14 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--json")
     ap.add_argument("--from-json", help="write the doc section from a saved (partial) run")
+    ap.add_argument("--tradeoff-json", help="bench/ha_tradeoff.py's result, for the doc")
     a = ap.parse_args()
     if a.from_json:
         saved: dict[str, Any] = json.loads(Path(a.from_json).read_text())
         if a.note:
             saved["note"] = a.note
+        if a.tradeoff_json:
+            saved["tradeoff"] = json.loads(Path(a.tradeoff_json).read_text())
         write(saved)
         return
     git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
