@@ -38,6 +38,28 @@ PROFILES = {
 }
 
 
+def agent_rss_mib() -> dict[str, float]:
+    """VmRSS of each harness agent process (``python -m vmdr.agent --config
+    .../ha-agent-HOST.toml``), by host."""
+    out: dict[str, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        if b"vmdr.agent" not in cmd or not any(b"ha-agent-" in c for c in cmd):
+            continue
+        cfg = next(c for c in cmd if b"ha-agent-" in c).decode()
+        host = cfg.rsplit("ha-agent-", 1)[1].removesuffix(".toml")
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out[host] = int(line.split()[1]) / 1024
+    return out
+
+
 def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
     from ha import Timeline
     from tests.multihost.cluster import Cluster
@@ -56,7 +78,7 @@ def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
                                          str(cfg), env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT)
 
-    out: dict[str, Any] = {"stall": [], "kill": []}
+    out: dict[str, Any] = {"stall": [], "kill": [], "agent_rss_mib": {}}
     with Cluster(hosts=3, etcd=True) as cluster:
         assert cluster.etcd is not None
         h1, h2, h3 = cluster.hosts
@@ -146,6 +168,8 @@ def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
                         victim.start()
                         agents.start(victim)
                         agents.wait_member(victim.name, 60)
+                out["agent_rss_mib"][profile] = agent_rss_mib()
+                save(out)
             finally:
                 agents.stop()
                 for h in cluster.hosts:
