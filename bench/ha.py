@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -476,9 +477,10 @@ def write(res: dict[str, Any]) -> None:
         old = sum(1 for p in parts if p.get("order_by_leader_events"))
         bad = [f"trial {i + 1} ({','.join(p['cut'])}): {'; '.join(p['order']['problems'])}"
                for i, p in enumerate(parts) if p["order"]["ok"] is not True]
-        cuts = {",".join(p["cut"]) for p in parts}
-        body += ["", f"Partition trials cut {', '.join(sorted(cuts))} (the host(s) running db "
-                 f"and app). The leader's own events agreed with the real-time order in "
+        cuts = Counter("+".join(p["cut"]) for p in parts)
+        body += ["", "Partition trials cut the host(s) running db and app: "
+                 + ", ".join(f"{n} × {c}" for c, n in sorted(cuts.items()))
+                 + ". The leader's own events agreed with the real-time order in "
                  f"{old} of {len(parts)} trials."
                  + (f" Not ok: {' | '.join(bad)}." if bad else "")]
     note = res.get("note")
