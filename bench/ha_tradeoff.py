@@ -60,7 +60,8 @@ def agent_rss_mib() -> dict[str, float]:
     return out
 
 
-def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
+def run(stalls: list[float], kills: int, save: Any,
+        profiles: list[str] | None = None) -> dict[str, Any]:
     from ha import Timeline
     from tests.multihost.cluster import Cluster
     from tests.multihost.test_ha_agents import Agents, agent_config, running_on
@@ -83,6 +84,8 @@ def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
         assert cluster.etcd is not None
         h1, h2, h3 = cluster.hosts
         for profile, extra in PROFILES.items():
+            if profiles and profile not in profiles:
+                continue
             g = cluster.new_guest(writer_rate=0)
             g.known.update(cluster.hosts)
             agents = ProfileAgents(cluster, {"db": g, "app": g}, app_ha=False, ha_extra=extra,
@@ -139,7 +142,9 @@ def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
                     r = {"profile": profile, "stall_s": d, "host": where,
                          "destroyed_at_s": gone, "running_again_s": back,
                          "running_on": runs[-1][1], "double": bool(tl.doubles),
-                         "events": sorted({e["kind"] for e in evs})}
+                         "events": sorted({e["kind"] for e in evs}),
+                         "decisions": [(round(e["time"] - tl.t0, 2), e["kind"], e["host"],
+                                        e["vm"], e["reason"]) for e in evs]}
                     out["stall"].append(r)
                     save(out)
                     print(f"{profile}: etcd stall {d:g}s: "
@@ -170,8 +175,16 @@ def run(stalls: list[float], kills: int, save: Any) -> dict[str, Any]:
                         agents.wait_member(victim.name, 60)
                 out["agent_rss_mib"][profile] = agent_rss_mib()
                 save(out)
+            except AssertionError as exc:  # the guest did not come back: say so, go on
+                out.setdefault("aborted", {})[profile] = str(exc).splitlines()[0][:300]
+                save(out)
             finally:
                 agents.stop()
+                for h in cluster.hosts:
+                    src = agents.shared / f"ha-agent-{h.name}.log"
+                    if src.exists() and os.environ.get("HA_TRADEOFF_LOGS"):
+                        Path(os.environ["HA_TRADEOFF_LOGS"] + f"-{profile}-{h.name}.log") \
+                            .write_text(src.read_text(errors="replace"))
                 for h in cluster.hosts:
                     g.destroy(h)
                 cluster.ensure_healthy()
@@ -182,6 +195,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stalls", default="2.5,5,9,13")
     ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--profiles", default="", help="e.g. default (all if empty)")
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
@@ -191,11 +205,13 @@ def main() -> None:
 
     def save(o: dict[str, Any]) -> None:
         Path(a.json).write_text(json.dumps({**res, **o}, indent=1))
-    out = run([float(x) for x in a.stalls.split(",")], a.kills, save)
+    out = run([float(x) for x in a.stalls.split(",")], a.kills, save,
+              [p for p in a.profiles.split(",") if p])
     save(out)
     print(json.dumps({**res, **out}, indent=1))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("VMDR_INSECURE_TEST_KDF", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # agents' logs
     main()

@@ -107,6 +107,7 @@ class HALeader:
     _noted: set[str] = field(default_factory=set)  # gone hosts already reported
     _last_step: float | None = None
     _sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _rechecked: dict[str, float] = field(default_factory=dict)  # see _fenced_since
     placement_s: list[float] = field(default_factory=list)  # the benchmark reads it
     # the wall clock (the agent's): a VM is ready when its check passed, not when the step
     # began — starts and checks before it in the same step can take seconds, and its
@@ -255,12 +256,15 @@ class HALeader:
                 continue
             st = by_vm[vm]
             target = rec.get("hosts", {}).get(vm, st.host)
-            if target not in live:  # its new host failed too: that host's failover has it
+            if target not in live and target != host:
+                # its new host failed too: that host's failover has it
                 rec["failed"][vm] = now
                 changed = True
                 self.store.add_event("gave-up", f"{vm}: its new host {target} is gone before "
                                      "it was ready; the failover of that host restarts it",
                                      host=target, vm=vm, now=now)
+            elif target == host and self._fenced_since(host, rec, vm, now):
+                changed = True  # it will start on its planned target (due again)
             elif self.ops.ready(target, vm, st.ready.check):
                 t = max(now, self.clock()) if self.clock is not None else now
                 rec["ready"][vm] = t
@@ -269,9 +273,10 @@ class HALeader:
                 self.store.add_event("ready", f"{vm} is ready on {target} ({st.ready.check}"
                                      f"), {t - t0:.1f}s after detection", host=target, vm=vm,
                                      now=t, detail={"ready_s": round(t - t0, 2)})
-                self.store.put_test(vm, kind="real", from_=host, to=target,
-                                    start_s=round(float(rec["started"][vm]) - t0, 2),
-                                    ready_s=round(t - t0, 2), now=t)
+                if target != host:  # a VM that never left its host was no failover
+                    self.store.put_test(vm, kind="real", from_=host, to=target,
+                                        start_s=round(float(rec["started"][vm]) - t0, 2),
+                                        ready_s=round(t - t0, 2), now=t)
             elif now >= float(rec["started"][vm]) + st.ready.timeout:
                 rec["failed"][vm] = now
                 changed = True
@@ -287,6 +292,24 @@ class HALeader:
             log.info("failover of %s done after %.1fs", host, now - float(rec["detected"]))
         if changed:
             self.store.put_failover(host, rec)
+
+    def _fenced_since(self, host: str, rec: dict[str, Any], vm: str, now: float) -> bool:
+        """*vm* was found still running on the failed *host* itself (its libvirt answers:
+        an etcd hiccup, a slow self-fence) and is not ready: once libvirt reports it
+        nowhere (the host fenced it), it is no restart but a VM to start — forget that
+        it was "started" there. Re-checked at most every ``START_RETRY_S``."""
+        if now < self._rechecked.get(vm, -1e18) + START_RETRY_S:
+            return False
+        self._rechecked[vm] = now
+        if self.ops.where_running(vm):
+            return False
+        del rec["started"][vm]
+        rec.get("hosts", {}).pop(vm, None)
+        self.store.add_event("detected", f"{vm} no longer runs on {host}, where it was "
+                             "found running after the failure (fenced there) before it was"
+                             " ready: it starts on its planned host", host=host, vm=vm,
+                             now=now)
+        return True
 
     def _fenced(self, host: str, rec: dict[str, Any], now: float) -> None:
         s = self.policy.settings
