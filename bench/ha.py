@@ -460,6 +460,8 @@ def tradeoff_block(t: dict[str, Any] | None, res: dict[str, Any]) -> list[str]:
               for p in ("default", "busy")],
             "", "A host cannot tell \"etcd is down\" from \"I am cut off\": with either "
             "setting, a longer etcd outage restarts every HA VM."]
+    if t.get("note"):
+        out += ["", str(t["note"])]
     return out
 
 

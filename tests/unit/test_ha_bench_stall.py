@@ -10,7 +10,7 @@ planned target.
 from __future__ import annotations
 
 from tests.unit.test_ha_leader import HOSTS, live, running, setup
-from vmdr.ha.leader import HALeader
+from vmdr.ha.leader import HALeader, LiveHost
 
 H1 = "fake://h1/system"
 
@@ -51,3 +51,33 @@ def test_vm_found_running_on_the_failed_host_that_stays_is_left_there() -> None:
     assert running(fleet, "db") == [H1] and running(fleet, "app") == [H1]
     rec = store.failover("h1")
     assert rec is not None and rec["done"]
+
+
+def test_vm_that_fits_nowhere_yet_is_placed_when_a_host_joins() -> None:
+    """After an etcd outage every lease came back one by one: when h1's self-report is
+    handled, the only member key back is a host too small. The VMs are placed again
+    once h3's member key is back — they used to be given up for good."""
+    fleet, ops, store, policy = setup(ready_delay=0.0)
+    leader = HALeader(policy, store, ops, "h2")
+    fleet.hosts[H1].domains["db"].state = "stopped"  # h1 fenced itself
+    fleet.hosts[H1].domains["app"].state = "stopped"
+    small = {"h2": LiveHost("h2", 1, 200)}  # too small for db
+    leader.step(1.0, small, set(HOSTS))
+    leader.step(3.0, small, set(HOSTS))
+    rec = store.failover("h1")
+    assert rec is not None and "db" in [u["vm"] for u in rec["plan"]["unplaced"]]
+    assert running(fleet, "app") == []  # group 2 waits for db, which is not placed yet
+    back = {**small, "h3": LiveHost("h3", 8, 8192)}
+    t = 4.0
+    while t < 12.0:
+        leader.step(t, back, set(HOSTS))
+        for vm in ("db", "app"):
+            for u in running(fleet, vm):
+                fleet.hosts[u].domains[vm].agent = True
+        t += 0.25
+    assert running(fleet, "db") == ["fake://h3/system"]
+    assert len(running(fleet, "app")) == 1
+    rec = store.failover("h1")
+    assert rec is not None and rec["done"] and set(rec["ready"]) == {"db", "app"}
+    kinds = [(e.kind, e.vm) for e in store.events()]
+    assert kinds.index(("ready", "db")) < kinds.index(("started", "app"))

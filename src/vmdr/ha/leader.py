@@ -43,6 +43,10 @@ __all__ = ["FleetOps", "HALeader", "LiveHost", "domain_size"]
 log = logging.getLogger("vmdr.ha")
 START_ATTEMPTS = 3  # a start that fails this often gives up (its waiters go on)
 START_RETRY_S = 1.0  # s between attempts; each one re-checks libvirt on every host first
+# a VM that fits nowhere is placed again (every PLACE_RETRY_S) while hosts rejoin — after an
+# etcd outage every member key comes back one by one — and given up only after this long
+PLACE_RETRY_S = 2.0
+UNPLACED_GIVE_UP_S = 300.0
 
 
 class FleetOps(Protocol):
@@ -108,6 +112,7 @@ class HALeader:
     _last_step: float | None = None
     _sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     _rechecked: dict[str, float] = field(default_factory=dict)  # see _fenced_since
+    _replaced: dict[str, float] = field(default_factory=dict)  # see _place_again
     placement_s: list[float] = field(default_factory=list)  # the benchmark reads it
     # the wall clock (the agent's): a VM is ready when its check passed, not when the step
     # began — starts and checks before it in the same step can take seconds, and its
@@ -201,8 +206,12 @@ class HALeader:
                                      host=st["host"], vm=st["vm"], now=now,
                                      detail={"from": host, "after": st["after"]})
             for u in plan["unplaced"]:
-                self.store.add_event("gave-up", f"{u['vm']} cannot be placed: {u['reason']}",
-                                     host=host, vm=u["vm"], now=now)
+                self.store.add_event("gave-up", f"{u['vm']} cannot be placed: {u['reason']}"
+                                     f" (placed again as hosts join, for "
+                                     f"{UNPLACED_GIVE_UP_S:g}s)", host=host, vm=u["vm"],
+                                     now=now)
+        elif rec["plan"]["unplaced"] and not rec.get("unplaced_final"):
+            self._place_again(host, rec, now, live)
         starts = [_start(d) for d in rec["plan"]["starts"]]
         by_vm = {st.vm: st for st in starts}
         started: dict[str, float] = {k: float(v) for k, v in rec["started"].items()}
@@ -286,12 +295,54 @@ class HALeader:
         # a VM given up before it started (no XML, every start failed) is finished too:
         # else the record stays in flight and a new failure of the host is never seen
         if all(st.vm in rec["failed"] or (st.vm in rec["started"] and st.vm in rec["ready"])
-               for st in starts):
+               for st in starts) and (not rec["plan"]["unplaced"]
+                                      or rec.get("unplaced_final")):
             rec["done"] = True
             changed = True
             log.info("failover of %s done after %.1fs", host, now - float(rec["detected"]))
         if changed:
             self.store.put_failover(host, rec)
+
+    def _place_again(self, host: str, rec: dict[str, Any], now: float,
+                     live: dict[str, LiveHost]) -> None:
+        """Place the VMs that fitted nowhere again (a host may have rejoined); the ones
+        placed now join the plan, waiting for the plan's earlier priority groups and
+        their dependencies like the others. After ``UNPLACED_GIVE_UP_S``: given up."""
+        if now < self._replaced.get(host, -1e18) + PLACE_RETRY_S:
+            return
+        self._replaced[host] = now
+        plan = rec["plan"]
+        if now >= float(rec["fence_until"]) + UNPLACED_GIVE_UP_S:
+            rec["unplaced_final"] = True
+            for u in plan["unplaced"]:
+                self.store.add_event("gave-up", f"{u['vm']} still cannot be placed after "
+                                     f"{UNPLACED_GIVE_UP_S:g}s: {u['reason']}", host=host,
+                                     vm=u["vm"], now=now)
+            self.store.put_failover(host, rec)
+            return
+        waiting = {u["vm"] for u in plan["unplaced"]}
+        new = self._plan(host, live, {vm: host for vm in waiting}
+                         | {vm: h for vm, h in self.store.wheres().items()
+                            if vm not in waiting})
+        placed = [d for d in new["starts"] if d["vm"] in waiting]
+        if not placed:
+            plan["unplaced"] = [u for u in new["unplaced"] if u["vm"] in waiting] \
+                or plan["unplaced"]
+            return
+        old = [_start(d) for d in plan["starts"]]
+        for d in placed:
+            rule = self.policy.vms[d["vm"]]
+            d["after"] = sorted(set(d["after"]) | {o.vm for o in old if o.priority
+                                                   < rule.priority or o.vm in
+                                                   rule.depends_on})
+            plan["starts"].append(d)
+            self.store.add_event("placed", f"{d['vm']} goes to {d['host']} (priority group "
+                                 f"{d['priority']}, placed again after a host joined)",
+                                 host=d["host"], vm=d["vm"], now=now,
+                                 detail={"from": host, "after": d["after"]})
+        done = {d["vm"] for d in placed}
+        plan["unplaced"] = [u for u in plan["unplaced"] if u["vm"] not in done]
+        self.store.put_failover(host, rec)
 
     def _fenced_since(self, host: str, rec: dict[str, Any], vm: str, now: float) -> bool:
         """*vm* was found still running on the failed *host* itself (its libvirt answers:
