@@ -402,7 +402,8 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if vals:
         out.append(("RSS of a real agent with HA on the harness (`python -m vmdr.agent`, "
                     "the leader included; bench/ha_tradeoff.py run)",
-                    f"{min(vals):.0f}–{max(vals):.0f} MiB (n={len(vals)})", "—", "—"))
+                    (f"{min(vals):.0f}–{max(vals):.0f}" if round(min(vals)) != round(max(vals))
+                     else f"{min(vals):.0f}") + f" MiB (n={len(vals)})", "—", "—"))
     return out
 
 
@@ -435,9 +436,9 @@ def tradeoff_block(t: dict[str, Any] | None, res: dict[str, Any]) -> list[str]:
         if r["destroyed_at_s"] is None:
             return f"kept running on {r['host']}{dbl}"
         back = r["running_again_s"]
-        return (f"fenced: destroyed at {r['destroyed_at_s']:.1f} s, running again at "
-                + (f"{back:.1f} s on {', '.join(r['running_on'])}" if back is not None
-                   else "— not within the window") + dbl)
+        return (f"fenced: destroyed at {r['destroyed_at_s']:.1f} s, running again "
+                + (f"at {back:.1f} s on {', '.join(r['running_on'])}" if back is not None
+                   else "NOT within the window") + dbl)
 
     stalls = sorted({r["stall_s"] for r in t["stall"]})
     by = {(r["profile"], r["stall_s"]): r for r in t["stall"]}
@@ -457,9 +458,10 @@ def tradeoff_block(t: dict[str, Any] | None, res: dict[str, Any]) -> list[str]:
             f" (main run) | {_stats(busy_kills)} |", "",
             *[f"{p}: the longest hiccup ridden out {_fmt_s(_edge(by, stalls, p, False))}, "
               f"the shortest that fenced the guest {_fmt_s(_edge(by, stalls, p, True))}."
-              for p in ("default", "busy")],
-            "", "A host cannot tell \"etcd is down\" from \"I am cut off\": with either "
-            "setting, a longer etcd outage restarts every HA VM."]
+              for p in ("default", "busy") if any(k[0] == p for k in by)],
+            "", "A host cannot tell \"etcd is down\" from \"I am cut off\": an etcd outage "
+            "longer than the self-fence time (defaults 3.5 s, busy settings 11 s) restarts "
+            "every HA VM."]
     if t.get("note"):
         out += ["", str(t["note"])]
     return out
