@@ -186,8 +186,10 @@ def test_lockd_guards_the_disk(mh_cluster_session: Cluster) -> None:
         g = c.new_guest(writer_rate=0)
         g.start(h1)
         assert _leases_held(lockspace) == [True, True]  # boot and data disk
-        with pytest.raises(libvirt.libvirtError):
+        with pytest.raises(libvirt.libvirtError) as refused:
             g.start(h2)
+        print(f"second start refused: {refused.value}")
+        assert "lock" in str(refused.value).lower(), refused.value
         assert g.is_running_on(h1) and not g.is_running_on(h2)
         h1.kill()  # the leases die with the host's virtlockd
         assert _leases_held(lockspace) == [False, False]

@@ -5,7 +5,7 @@ every start, and a new leader resuming an in-flight failover."""
 from __future__ import annotations
 
 from vmdr.agent.ha_runtime import LibvirtOps
-from vmdr.ha.leader import HALeader, LiveHost, domain_size
+from vmdr.ha.leader import UNPLACED_GIVE_UP_S, HALeader, LiveHost, domain_size
 from vmdr.ha.model import HAVM, HAPolicy, Readiness
 from vmdr.ha.settings import HASettings
 from vmdr.ha.store import HAStore, MemoryKV
@@ -148,7 +148,12 @@ def test_unplaceable_vm_gives_up_with_reason() -> None:
     gave = [e for e in store.events() if e.kind == "gave-up"]
     assert {e.vm for e in gave} == {"db", "app"} and all("placed" in e.reason for e in gave)
     rec = store.failover("h1")
-    assert rec is not None and rec["done"]
+    assert rec is not None and not rec["done"]  # placed again while hosts (re)join
+    leader.step(3.0 + UNPLACED_GIVE_UP_S, small, set(HOSTS))
+    rec = store.failover("h1")
+    assert rec is not None and rec["done"] and running(fleet, "db") == []
+    assert [e.vm for e in store.events() if "still cannot be placed" in e.reason] == \
+        ["app", "db"]
 
 
 def test_started_on_a_host_that_fails_too() -> None:

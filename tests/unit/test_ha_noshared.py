@@ -5,6 +5,7 @@ no restore point → gave-up, an order never run twice nor late, and crash-resum
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,11 @@ def test_a_restarted_agent_adopts_the_live_child(tmp_path: Path) -> None:
     # a stand-in child whose command line is an instant restore of db
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
                               "instant-restore", f"db@{SNAP.id}", "--name", "db"])
+    for _ in range(200):  # the kernel fills /proc/PID/cmdline a moment after exec
+        with open(f"/proc/{child.pid}/cmdline", "rb") as f:
+            if b"instant-restore" in f.read():
+                break
+        time.sleep(0.01)
     try:
         assert c.store.claim_restore("db", oid, {"by": target})
         c.store.put_restore_status("db", oid, {"state": "running", "time": T0 + 2,

@@ -204,7 +204,7 @@ class HARuntime:
         self.ops = ops
         self.clock = clock
         self.fence = SelfFence(self.settings, time.monotonic())
-        self.leader = HALeader(policy, store, ops, host)
+        self.leader = HALeader(policy, store, ops, host, clock=clock)
         self.restorer = restorer  # carries out restore orders for this host (noshared)
         self.watchdog = (Watchdog(watchdog, self.settings.self_fence_after)
                          if watchdog and Watchdog.available(watchdog) else None)

@@ -88,7 +88,7 @@ def _live_state(inv: inventory.Inventory, g: Globals) -> tuple[ClusterState, str
         else:
             why = "no [agent] etcd configured"
     except Exception as exc:  # etcd down: the inventory's figures, saying so
-        why = f"etcd not reachable: {exc}"
+        why = f"etcd not reachable: {str(exc) or type(exc).__name__}"
     return state_from_inventory(inv), f"inventory figures ({why})"
 
 

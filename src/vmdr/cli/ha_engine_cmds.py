@@ -39,6 +39,14 @@ def _open(cfg: Config, what: str) -> tuple[Any, HAStore]:
     return coord, HAStore.for_coordinator(coord, me="cli")
 
 
+def etcd_error(cfg: Config, exc: Exception) -> UsageError:
+    """One line for an etcd that fails (etcd3gw's connection errors have no text)."""
+    from vmdr.storage.registry import redact
+
+    where = ", ".join(redact(e) for e in cfg.agent.etcd)
+    return UsageError(f"etcd ({where}): {str(exc) or type(exc).__name__}")
+
+
 def _fmt_t(t: float | None) -> str:
     if not t:
         return "-"
@@ -122,7 +130,7 @@ def cmd_status(ns: argparse.Namespace, g: Globals) -> int:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"etcd: {exc}") from None
+        raise etcd_error(g.config, exc) from None
     leader = (raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])) if raw else None
     d = status_data(policy, list(inv.hosts), members, leader, store)
     _restores(g.config, inv, policy, d)
@@ -176,11 +184,14 @@ def _since(text: str | None) -> float | None:
 
 def cmd_events(ns: argparse.Namespace, g: Globals) -> int:
     since = _since(ns.since)
+    if ns.limit is not None and ns.limit < 1:
+        raise UsageError(f"--limit: expected a number of events of at least 1, got "
+                         f"{ns.limit}")
     _coord, store = _open(g.config, "vmdr ha events")
     try:
         evs = store.events(since=since, vm=ns.vm, limit=ns.limit)
     except Exception as exc:
-        raise UsageError(f"etcd: {exc}") from None
+        raise etcd_error(g.config, exc) from None
     if g.json:
         emit_json([e.as_dict() for e in evs])
         return 0

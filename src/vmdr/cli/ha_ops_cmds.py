@@ -101,6 +101,8 @@ def cmd_maintenance(ns: argparse.Namespace, g: Globals) -> int:
 
 
 def cmd_test(ns: argparse.Namespace, g: Globals) -> int:
+    if not ns.timeout > 0:  # also nan
+        raise UsageError(f"--timeout: expected seconds above 0, got {ns.timeout:g}")
     inv = inventory.from_config(g.config)
     policy = load_policy(inv)
     records = open_records(g.config)

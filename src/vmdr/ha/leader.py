@@ -52,6 +52,10 @@ __all__ = ["FleetOps", "HALeader", "LiveHost", "domain_size"]
 log = logging.getLogger("vmdr.ha")
 START_ATTEMPTS = 3  # a start that fails this often gives up (its waiters go on)
 START_RETRY_S = 1.0  # s between attempts; each one re-checks libvirt on every host first
+# a VM that fits nowhere is placed again (every PLACE_RETRY_S) while hosts rejoin — after an
+# etcd outage every member key comes back one by one — and given up only after this long
+PLACE_RETRY_S = 2.0
+UNPLACED_GIVE_UP_S = 300.0
 
 
 class FleetOps(Protocol):
@@ -116,7 +120,13 @@ class HALeader:
     _noted: set[str] = field(default_factory=set)  # gone hosts already reported
     _last_step: float | None = None
     _sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _rechecked: dict[str, float] = field(default_factory=dict)  # see _fenced_since
+    _replaced: dict[str, float] = field(default_factory=dict)  # see _place_again
     placement_s: list[float] = field(default_factory=list)  # the benchmark reads it
+    # the wall clock (the agent's): a VM is ready when its check passed, not when the step
+    # began — starts and checks before it in the same step can take seconds, and its
+    # waiters' delay counts from the readiness itself. None (tests): the step's ``now``
+    clock: Callable[[], float] | None = None
 
     # -- one poll -------------------------------------------------------------------------
     def step(self, now: float, live: dict[str, LiveHost], ever_seen: set[str]) -> None:
@@ -205,8 +215,12 @@ class HALeader:
                                      host=st["host"], vm=st["vm"], now=now,
                                      detail={"from": host, "after": st["after"]})
             for u in plan["unplaced"]:
-                self.store.add_event("gave-up", f"{u['vm']} cannot be placed: {u['reason']}",
-                                     host=host, vm=u["vm"], now=now)
+                self.store.add_event("gave-up", f"{u['vm']} cannot be placed: {u['reason']}"
+                                     f" (placed again as hosts join, for "
+                                     f"{UNPLACED_GIVE_UP_S:g}s)", host=host, vm=u["vm"],
+                                     now=now)
+        elif rec["plan"]["unplaced"] and not rec.get("unplaced_final"):
+            self._place_again(host, rec, now, live)
         starts = [_start(d) for d in rec["plan"]["starts"]]
         by_vm = {st.vm: st for st in starts}
         started: dict[str, float] = {k: float(v) for k, v in rec["started"].items()}
@@ -269,23 +283,27 @@ class HALeader:
                                                     f"within {st.ready.timeout:g}s")
                 if vm in rec["failed"] or not rec["restores"][vm].get("running"):
                     continue
-            if target not in live:  # its new host failed too: that host's failover has it
+            if target not in live and target != host:
+                # its new host failed too: that host's failover has it
                 rec["failed"][vm] = now
                 changed = True
                 self.store.add_event("gave-up", f"{vm}: its new host {target} is gone before "
                                      "it was ready; the failover of that host restarts it",
                                      host=target, vm=vm, now=now)
+            elif target == host and self._fenced_since(host, rec, vm, now):
+                changed = True  # it will start on its planned target (due again)
             elif self.ops.ready(target, vm, st.ready.check):
-                t = now
+                t = max(now, self.clock()) if self.clock is not None else now
                 rec["ready"][vm] = t
                 changed = True
                 t0 = float(rec["detected"])
                 self.store.add_event("ready", f"{vm} is ready on {target} ({st.ready.check}"
                                      f"), {t - t0:.1f}s after detection", host=target, vm=vm,
                                      now=t, detail={"ready_s": round(t - t0, 2)})
-                self.store.put_test(vm, kind="real", from_=host, to=target,
-                                    start_s=round(float(rec["started"][vm]) - t0, 2),
-                                    ready_s=round(t - t0, 2), now=t)
+                if target != host:  # a VM that never left its host was no failover
+                    self.store.put_test(vm, kind="real", from_=host, to=target,
+                                        start_s=round(float(rec["started"][vm]) - t0, 2),
+                                        ready_s=round(t - t0, 2), now=t)
             elif now >= float(rec["started"][vm]) + st.ready.timeout:
                 rec["failed"][vm] = now
                 changed = True
@@ -295,12 +313,72 @@ class HALeader:
         # a VM given up before it started (no XML, every start failed) is finished too:
         # else the record stays in flight and a new failure of the host is never seen
         if all(st.vm in rec["failed"] or (st.vm in rec["started"] and st.vm in rec["ready"])
-               for st in starts):
+               for st in starts) and (not rec["plan"]["unplaced"]
+                                      or rec.get("unplaced_final")):
             rec["done"] = True
             changed = True
             log.info("failover of %s done after %.1fs", host, now - float(rec["detected"]))
         if changed:
             self.store.put_failover(host, rec)
+
+    def _place_again(self, host: str, rec: dict[str, Any], now: float,
+                     live: dict[str, LiveHost]) -> None:
+        """Place the VMs that fitted nowhere again (a host may have rejoined); the ones
+        placed now join the plan, waiting for the plan's earlier priority groups and
+        their dependencies like the others. After ``UNPLACED_GIVE_UP_S``: given up."""
+        if now < self._replaced.get(host, -1e18) + PLACE_RETRY_S:
+            return
+        self._replaced[host] = now
+        plan = rec["plan"]
+        if now >= float(rec["fence_until"]) + UNPLACED_GIVE_UP_S:
+            rec["unplaced_final"] = True
+            for u in plan["unplaced"]:
+                self.store.add_event("gave-up", f"{u['vm']} still cannot be placed after "
+                                     f"{UNPLACED_GIVE_UP_S:g}s: {u['reason']}", host=host,
+                                     vm=u["vm"], now=now)
+            self.store.put_failover(host, rec)
+            return
+        waiting = {u["vm"] for u in plan["unplaced"]}
+        new = self._plan(host, live, {vm: host for vm in waiting}
+                         | {vm: h for vm, h in self.store.wheres().items()
+                            if vm not in waiting})
+        placed = [d for d in new["starts"] if d["vm"] in waiting]
+        if not placed:
+            plan["unplaced"] = [u for u in new["unplaced"] if u["vm"] in waiting] \
+                or plan["unplaced"]
+            return
+        old = [_start(d) for d in plan["starts"]]
+        for d in placed:
+            rule = self.policy.vms[d["vm"]]
+            d["after"] = sorted(set(d["after"]) | {o.vm for o in old if o.priority
+                                                   < rule.priority or o.vm in
+                                                   rule.depends_on})
+            plan["starts"].append(d)
+            self.store.add_event("placed", f"{d['vm']} goes to {d['host']} (priority group "
+                                 f"{d['priority']}, placed again after a host joined)",
+                                 host=d["host"], vm=d["vm"], now=now,
+                                 detail={"from": host, "after": d["after"]})
+        done = {d["vm"] for d in placed}
+        plan["unplaced"] = [u for u in plan["unplaced"] if u["vm"] not in done]
+        self.store.put_failover(host, rec)
+
+    def _fenced_since(self, host: str, rec: dict[str, Any], vm: str, now: float) -> bool:
+        """*vm* was found still running on the failed *host* itself (its libvirt answers:
+        an etcd hiccup, a slow self-fence) and is not ready: once libvirt reports it
+        nowhere (the host fenced it), it is no restart but a VM to start — forget that
+        it was "started" there. Re-checked at most every ``START_RETRY_S``."""
+        if now < self._rechecked.get(vm, -1e18) + START_RETRY_S:
+            return False
+        self._rechecked[vm] = now
+        if self.ops.where_running(vm):
+            return False
+        del rec["started"][vm]
+        rec.get("hosts", {}).pop(vm, None)
+        self.store.add_event("detected", f"{vm} no longer runs on {host}, where it was "
+                             "found running after the failure (fenced there) before it was"
+                             " ready: it starts on its planned host", host=host, vm=vm,
+                             now=now)
+        return True
 
     def _fenced(self, host: str, rec: dict[str, Any], now: float) -> None:
         s = self.policy.settings
