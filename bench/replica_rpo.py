@@ -54,6 +54,7 @@ from tests.multihost.hosts import Host  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 OUT = ROOT / "bench" / "work" / "replica-rpo.json"
+PARTIAL = ROOT / "bench" / "work" / "replica-rpo.partial.json"
 DR_ROOT = "/var/lib/libvirt/images/vmdr-rpo"
 MODES = ("snap", "async", "sync")
 RATE = 20
@@ -99,11 +100,22 @@ def nbd_of_mirror(h2: Host, vmdir_root: Path) -> str:
 # -- QEMU latency histograms -------------------------------------------------------------
 def qmp(h: Host, dom: str, cmd: str, **args: Any) -> Any:
     p = h.virsh("qemu-monitor-command", dom, json.dumps({"execute": cmd, "arguments": args}))
-    return json.loads(p.stdout)["return"]
+    r = json.loads(p.stdout)
+    if "return" not in r:
+        raise SystemExit(f"{dom}: {cmd}: {r.get('error')}")
+    return r["return"]
+
+
+def data_qdev(h: Host, dom: str) -> str:
+    """QOM path of the data disk's (vdb, alias virtio-disk1) device with the backend."""
+    for dev in qmp(h, dom, "query-blockstats"):
+        if "virtio-disk1" in dev.get("qdev", ""):
+            return str(dev["qdev"])
+    return "virtio-disk1"
 
 
 def hist_reset(h: Host, dom: str) -> None:
-    qmp(h, dom, "block-latency-histogram-set", id="virtio-disk1",
+    qmp(h, dom, "block-latency-histogram-set", id=data_qdev(h, dom),
         boundaries=HIST_BOUNDARIES)
 
 
@@ -216,6 +228,7 @@ def sample_window(h1: Host, h2: Host, guests: dict[str, Any], common: Any,
     next_cycle, next_sample, t_end = t0, t0, t0 + window
     last_step = {m: t0 for m in mirrors}
     late = 0
+    last_note = t0
     while True:
         now = time.monotonic()
         if proc is not None and proc.poll() is not None:
@@ -259,7 +272,17 @@ def sample_window(h1: Host, h2: Host, guests: dict[str, Any], common: Any,
                     row["libvirt_lag_s"] = time.monotonic() - last_step[m]
                     row["job"] = st is not None
                 samples[m].append(row)
-        time.sleep(max(0.05, min(next_sample, next_cycle) - time.monotonic()))
+        if now - last_note >= 60:
+            last_note = now
+            tail = {m: round(samples[m][-1]["rpo_s"], 2) for m in MODES if samples[m]}
+            print(f"t={now - t0:.0f}s load={os.getloadavg()[0]:.2f} cycles={len(cycles)} "
+                  f"rpo={tail}", flush=True)
+            PARTIAL.parent.mkdir(exist_ok=True)
+            PARTIAL.write_text(json.dumps({"samples": samples, "cycles": cycles,
+                                           "load1": loads}))
+        # a running cycle is polled every 0.2 s: its end moves the DR site's newest point
+        wake = min(next_sample, next_cycle, now + 0.2 if proc is not None else t_end)
+        time.sleep(max(0.05, wake - time.monotonic()))
     hists = {m: hist_read(h1, g.name) for m, g in guests.items()}
     if proc is not None:
         proc.wait(300)
