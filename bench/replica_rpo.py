@@ -298,8 +298,10 @@ def reduce(res: dict[str, Any]) -> dict[str, Any]:
         out[m] = summary([r["rpo_s"] for r in rows])
         out[m]["read_s_median"] = statistics.median(r["read_s"] for r in rows) if rows else None
         if m != "snap":
-            out[m]["libvirt"] = summary([r["libvirt_lag_s"] for r in rows])
+            # libvirt's in-step check right after the record reads (cur == end of every job)
+            out[m]["libvirt_in_step"] = sum(1 for r in rows if r["libvirt_lag_s"] < 1)
             out[m]["no_job_samples"] = sum(1 for r in rows if not r["job"])
+            out[m]["zero_samples"] = sum(1 for r in rows if r["rpo_s"] == 0)
     cyc = res["cycles"]
     out["snap"]["cycles"] = len(cyc)
     out["snap"]["failed_cycles"] = sum(1 for c in cyc if not c["ok"])
@@ -319,12 +321,15 @@ def main() -> None:
                     help="length of the window in which all three modes run (default 30)")
     ap.add_argument("--interval", type=float, default=5.0, help="RPO sample interval, s")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
-    ap.add_argument("--render", type=Path, metavar="JSON",
-                    help="only render a saved result into docs/benchmarks.md")
+    ap.add_argument("--render", type=Path, metavar="RAW_JSON",
+                    help="only reduce a saved raw result (bench/work/replica-rpo.raw.json) "
+                    "and render it into docs/benchmarks.md")
     a = ap.parse_args()
     if a.render:
-        replace_section(DOC, "replica-rpo", render(json.loads(a.render.read_text())),
-                        "Benchmarks")
+        r = reduce(json.loads(a.render.read_text()))
+        OUT.write_text(json.dumps(r, indent=1))
+        print(json.dumps(r, indent=1), flush=True)
+        replace_section(DOC, "replica-rpo", render(r), "Benchmarks")
         return
     signal.signal(signal.SIGTERM, _sigterm)
     raw = run(a.rpo_minutes, a.interval)
@@ -339,6 +344,10 @@ def main() -> None:
 
 def _ms(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f} ms"
+
+
+def _s(v: float) -> str:
+    return f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
 
 
 def rows(r: dict[str, Any]) -> list[str]:
@@ -357,15 +366,16 @@ def rows(r: dict[str, Any]) -> list[str]:
         for k, what in (("wr", "write"), ("flush", "flush")):
             if lat[k]["median_ms"] is None or base[k]["median_ms"] is None:
                 continue
-            cost.append(f"{what} +{lat[k]['median_ms'] - base[k]['median_ms']:.2f} / "
-                        f"+{lat[k]['p95_ms'] - base[k]['p95_ms']:.2f} ms")
+            cost.append(f"{what} {lat[k]['median_ms'] - base[k]['median_ms']:+.2f} / "
+                        f"{lat[k]['p95_ms'] - base[k]['p95_ms']:+.2f} ms")
         verdict = "met" if (s["p95_s"] == 0 if m == "sync" else
                             s["p95_s"] <= (120 if m == "snap" else 10)) else "**not met**"
         out.append(
             f"| achieved RPO, {name}, {mins:.0f}-minute window, all three modes at once "
-            f"| median {s['median_s']:.1f} s, **p95 {s['p95_s']:.1f} s**, max "
-            f"{s['max_s']:.1f} s ({s['n']} samples); write latency cost vs baseline "
-            f"(median / p95): {'; '.join(cost)} | {goal}: {verdict} | {anchor} |")
+            f"| median {_s(s['median_s'])}, **p95 {_s(s['p95_s'])}**, max "
+            f"{_s(s['max_s'])} ({s['n']} samples); guest write-latency cost vs the baseline "
+            f"guest (median / p95 per request): {'; '.join(cost)} | {goal}: {verdict} "
+            f"| {anchor} |")
     return out
 
 
@@ -409,11 +419,16 @@ def render(r: dict[str, Any]) -> str:
         f"Snapshot cycles: {snap['cycles']} started ({snap['failed_cycles']} failed, "
         f"{r['late_cycles']} started late because the one before overran), cycle time "
         f"median {snap['cycle_s']['median_s']:.1f} s, max {snap['cycle_s']['max_s']:.1f} s. "
-        f"Mirrors: libvirt's own view (time since every block job was last in step) gave "
-        f"p95 {r['async']['libvirt']['p95_s']:.1f} s async / "
-        f"{r['sync']['libvirt']['p95_s']:.1f} s sync; samples without a block job: "
-        f"{r['async']['no_job_samples']} / {r['sync']['no_job_samples']}; end states "
-        f"{r['mirror_state']}.",
+        f"Mirrors: RPO exactly 0 (DR held the source's newest record) in "
+        f"{r['async']['zero_samples']} / {r['sync']['zero_samples']} of the samples "
+        f"(async / sync); libvirt reported every block job in step (cur = end) in "
+        f"{r['async']['libvirt_in_step']} / {r['sync']['libvirt_in_step']}; samples without "
+        f"a block job (mirror aborted): {r['async']['no_job_samples']} / "
+        f"{r['sync']['no_job_samples']}; final mirror states "
+        f"{', '.join(f'{k}: {v}' for k, v in r['mirror_state'].items())}. "
+        f"A sample's two reads took median {r['async']['read_s_median']:.2f} s (async) and "
+        f"{r['sync']['read_s_median']:.2f} s (sync): the async figure can miss up to that "
+        "much lag.",
         "",
     ])
 
