@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _rpo import HIST_BOUNDARIES, find_newest, hist_summary, summary  # noqa: E402
 from _util import replace_section  # noqa: E402
-from replica import PY, in_step, vmdr  # noqa: E402
+from replica import PY, in_step, vmdr, write_latency  # noqa: E402
 from tests.guest import layout as L  # noqa: E402
 from tests.multihost.cluster import Cluster  # noqa: E402
 from tests.multihost.hosts import Host  # noqa: E402
@@ -219,6 +220,25 @@ def sample_window(h1: Host, h2: Host, guests: dict[str, Any], common: Any,
     snap_dr = newest_dr_snap()  # the seed's point
     for g in guests.values():
         hist_reset(h1, g.name)
+    # besides the histograms: bench/replica.py's probe (100 x 4 KiB write + fsync in the
+    # guest's /data through the guest agent, mean ms) on all four guests every 5 minutes,
+    # in a thread so that the sampling goes on
+    probes: dict[str, list[float]] = {m: [] for m in guests}
+    done = threading.Event()
+
+    def prober() -> None:
+        k = 0
+        while not done.wait(150 if k == 0 else 300):
+            order = list(guests)[k % 4:] + list(guests)[:k % 4]
+            for m in order:
+                try:
+                    probes[m].append(write_latency(h1, guests[m].name))
+                except (Exception, SystemExit) as e:  # a probe must not end the run
+                    print(f"probe {m}: {e}", flush=True)
+            k += 1
+
+    probe_thread = threading.Thread(target=prober, daemon=True)
+    probe_thread.start()
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     cycles: list[dict[str, Any]] = []
     loads: list[float] = []
@@ -284,10 +304,13 @@ def sample_window(h1: Host, h2: Host, guests: dict[str, Any], common: Any,
         wake = min(next_sample, next_cycle, now + 0.2 if proc is not None else t_end)
         time.sleep(max(0.05, wake - time.monotonic()))
     hists = {m: hist_read(h1, g.name) for m, g in guests.items()}
+    done.set()
+    probe_thread.join(120)
     if proc is not None:
         proc.wait(300)
     return {"samples": samples, "cycles": cycles, "late_cycles": late, "load1": loads,
-            "hist": hists, "writer_seq_end": {m: guests[m].writer_seq() for m in MODES}}
+            "hist": hists, "probes": probes,
+            "writer_seq_end": {m: guests[m].writer_seq() for m in MODES}}
 
 
 def reduce(res: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +335,8 @@ def reduce(res: dict[str, Any]) -> dict[str, Any]:
     out["load1"] = {"median": statistics.median(ld) if ld else None,
                     "max": max(ld) if ld else None}
     out["mirror_state"] = {m: s.get("state") for m, s in res.get("mirror_state", {}).items()}
+    out["probe_ms"] = {m: {"n": len(v), "median": statistics.median(v) if v else None}
+                       for m, v in res.get("probes", {}).items()}
     return out
 
 
