@@ -412,6 +412,18 @@ def render(r: dict[str, Any]) -> str:
              f"{_ms(lat[m]['flush']['median_ms'])} | {_ms(lat[m]['flush']['p95_ms'])} |"
              for m in ("base", *MODES)]
     snap = r["snap"]
+    pr = r.get("probe_ms", {})
+    pb = pr.get("base", {}).get("median")
+    probe = ""
+    if pb is not None:
+        parts = [f"{m} {pr[m]['median']:.1f} ms ({pr[m]['median'] - pb:+.1f})"
+                 for m in MODES if pr.get(m, {}).get("median") is not None]
+        probe = (f"The guest-agent probe of bench/replica.py (100 × 4 KiB write + fsync in "
+                 f"the guest's ext4 /data, mean per write; median of "
+                 f"{pr['base']['n']} probes per guest, every 5 minutes, all four guests "
+                 f"in turn): base {pb:.1f} ms, {', '.join(parts)}. An ext4 fsync is "
+                 "several block requests (data, journal, flushes), so it pays the "
+                 "synchronous mirror's per-request cost several times.")
     return "\n".join([
         f"### Achieved RPO over {mins:.0f} minutes, three modes in the same run",
         "",
@@ -455,6 +467,7 @@ def render(r: dict[str, Any]) -> str:
         f"{r['sync']['read_s_median']:.2f} s (sync): the async figure can miss up to that "
         "much lag.",
         "",
+        *([probe, ""] if probe else []),
         "Anchors: [a] vSphere Replication administration guide, \"How the Recovery Point "
         "Objective affects replication scheduling\" (an instance reflects the VM as of the "
         "start of its synchronisation, the same definition as the snapshot rows here): "
