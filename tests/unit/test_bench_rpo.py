@@ -106,3 +106,41 @@ def test_hist_boundaries_are_fine_enough() -> None:
     b = _rpo.HIST_BOUNDARIES
     assert b == sorted(set(b)) and b[0] == 20_000 and b[-1] > 20e9
     assert max(b[i + 1] / b[i] for i in range(len(b) - 1)) < 1.13
+
+
+def test_reduce_counts_and_costs() -> None:
+    """bench/replica_rpo.py's reduction of a raw run: RPO summaries per mode, exact-zero
+    and in-step counts, latency per guest and the costs the table shows."""
+    import replica_rpo
+
+    def rows(rpos: list[float], lag: float = 0.0) -> list[dict[str, object]]:
+        return [{"t": 5.0 * i, "src_seq": i, "dr_seq": i, "rpo_s": v, "read_s": 0.1,
+                 "libvirt_lag_s": lag, "job": True} for i, v in enumerate(rpos)]
+
+    def hist(middle_bin: int) -> dict[str, object]:
+        bins = [0] * (len(_rpo.HIST_BOUNDARIES) + 1)
+        bins[middle_bin] = 100
+        return {"boundaries": _rpo.HIST_BOUNDARIES, "bins": bins}
+
+    raw = {"window_s": 1800.0, "interval_s": 5.0, "rate": 20, "started": "x",
+           "late_cycles": 0, "load1": [1.0, 3.0, 2.0],
+           "samples": {"snap": rows([float(i) for i in range(1, 21)]),
+                       "async": rows([0.0] * 18 + [0.05, 0.05]), "sync": rows([0.0] * 20)},
+           "cycles": [{"took_s": 4.0, "ok": True}, {"took_s": 6.0, "ok": False}],
+           "hist": {m: {"wr": hist(40 if m == "sync" else 30), "flush": hist(30)}
+                    for m in ("snap", "async", "sync", "base")},
+           "probes": {"base": [6.0, 6.4], "sync": [9.0]},
+           "mirror_state": {"async": {"state": "stopped"}}}
+    r = replica_rpo.reduce(raw)
+    assert r["snap"]["median_s"] == 10.5 and r["snap"]["p95_s"] == 19.0
+    assert r["snap"]["cycles"] == 2 and r["snap"]["failed_cycles"] == 1
+    assert r["async"]["zero_samples"] == 18 and r["async"]["p95_s"] == 0.05
+    assert r["sync"]["libvirt_in_step"] == 20 and r["sync"]["max_s"] == 0.0
+    assert r["load1"] == {"median": 2.0, "max": 3.0}
+    assert r["probe_ms"]["base"] == {"n": 2, "median": 6.2}
+    b = _rpo.HIST_BOUNDARIES
+    assert r["lat"]["sync"]["wr"]["median_ms"] == pytest.approx((b[39] * b[40]) ** 0.5 / 1e6)
+    text = "\n".join(replica_rpo.rows(r))
+    assert "0 over 30 min: met" in text and "p95 ≤ 10 s over 30 min: met" in text
+    cost = (b[39] * b[40]) ** 0.5 / 1e6 - (b[29] * b[30]) ** 0.5 / 1e6
+    assert f"write {cost:+.2f}" in text
