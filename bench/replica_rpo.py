@@ -355,6 +355,7 @@ def main() -> None:
         OUT.write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1), flush=True)
         replace_section(DOC, "replica-rpo", render(r), "Benchmarks")
+        patch_replica_rows(DOC, r)
         return
     signal.signal(signal.SIGTERM, _sigterm)
     raw = run(a.rpo_minutes, a.interval)
@@ -365,6 +366,25 @@ def main() -> None:
     print(json.dumps(r, indent=1), flush=True)
     if not a.no_doc:
         replace_section(DOC, "replica-rpo", render(r), "Benchmarks")
+        patch_replica_rows(DOC, r)
+
+
+def patch_replica_rows(doc: Path, r: dict[str, Any]) -> None:
+    """Put this run's three rows in place of the RPO and write-latency rows of
+    bench/replica.py's section (its shorter, one-mode-at-a-time windows)."""
+    start, end = "<!-- bench:replica:start -->", "<!-- bench:replica:end -->"
+    text = doc.read_text()
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    body, tail = rest.split(end, 1)
+    lines = body.split("\n")
+    old = [i for i, ln in enumerate(lines)
+           if ln.startswith(("| achieved RPO,", "| guest write latency, 4 KiB"))]
+    if not old:
+        return
+    lines[old[0]:old[-1] + 1] = rows(r)
+    doc.write_text(head + start + "\n".join(lines) + end + tail)
 
 
 def _ms(v: float | None) -> str:
