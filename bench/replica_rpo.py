@@ -29,6 +29,7 @@ run holds only the bench lock; short smoke runs also take /tmp/vmdr-heavy.lock).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -130,7 +131,7 @@ def hist_read(h: Host, dom: str) -> dict[str, Any]:
 
 
 # -- the run ------------------------------------------------------------------------------
-def run(minutes: float, interval: float) -> dict[str, Any]:
+def run(minutes: float, interval: float, end_by: float | None = None) -> dict[str, Any]:
     window = minutes * 60
     res: dict[str, Any] = {"window_s": window, "interval_s": interval, "rate": RATE,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -180,6 +181,12 @@ def run(minutes: float, interval: float) -> dict[str, Any]:
                         raise SystemExit(f"the {m} mirror did not come into step: "
                                          + Path(f"{tmp}/{m}.err").read_text()[-800:])
                     time.sleep(1)
+            if end_by is not None:  # the window shrinks to end (+1 min teardown) in time
+                window = min(window, end_by - time.time() - 60)
+                if window < 300:
+                    raise SystemExit("less than 5 minutes left before --end-by")
+                res["window_s"] = window
+            print(f"window {window / 60:.1f} min starts", flush=True)
             res.update(sample_window(h1, h2, guests, common, mirrors, dr_local, tmp,
                                      window, interval))
         finally:
@@ -345,6 +352,9 @@ def main() -> None:
     ap.add_argument("--rpo-minutes", type=float, default=30.0,
                     help="length of the window in which all three modes run (default 30)")
     ap.add_argument("--interval", type=float, default=5.0, help="RPO sample interval, s")
+    ap.add_argument("--end-by", metavar="ISO_TIME",
+                    help="shorten the window so the run ends by then, e.g. "
+                    "2026-12-06T08:58:00Z (a machine shared with a deadline)")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
     ap.add_argument("--render", type=Path, metavar="RAW_JSON",
                     help="only reduce a saved raw result (bench/work/replica-rpo.raw.json) "
@@ -358,7 +368,10 @@ def main() -> None:
         patch_replica_rows(DOC, r)
         return
     signal.signal(signal.SIGTERM, _sigterm)
-    raw = run(a.rpo_minutes, a.interval)
+    end_by = None
+    if a.end_by:
+        end_by = datetime.datetime.fromisoformat(a.end_by.replace("Z", "+00:00")).timestamp()
+    raw = run(a.rpo_minutes, a.interval, end_by)
     OUT.parent.mkdir(exist_ok=True)
     OUT.with_suffix(".raw.json").write_text(json.dumps(raw))
     r = reduce(raw)
