@@ -323,6 +323,8 @@ def sample_window(h1: Host, h2: Host, guests: dict[str, Any], common: Any,
 def reduce(res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: res[k] for k in ("window_s", "interval_s", "rate", "started",
                                                "late_cycles")}
+    out["lock"] = res.get("lock", "/tmp/vmdr-bench.lock")
+    out["note"] = res.get("note", "")
     for m in MODES:
         rows = res["samples"][m]
         out[m] = summary([r["rpo_s"] for r in rows])
@@ -460,7 +462,8 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join([
         f"### Achieved RPO over {mins:.0f} minutes, three modes in the same run",
         "",
-        f"`flock /tmp/vmdr-bench.lock python bench/replica_rpo.py --rpo-minutes {mins:.0f}`, "
+        f"`flock {r.get('lock', '/tmp/vmdr-bench.lock')} python bench/replica_rpo.py "
+        f"--rpo-minutes {mins:.0f}`, "
         f"started {r['started']}. Two libvirt hosts in network namespaces (TCG guests, "
         "2 cores), the DR host over ssh on a veth bridge (no WAN latency). **Four guests "
         f"at once** on the source host, each writing 4 KiB records (O_DIRECT|O_DSYNC) at "
@@ -475,9 +478,10 @@ def render(r: dict[str, Any]) -> str:
         "restore point), source read first. Write latency: QEMU's latency histograms of "
         "each guest's data disk over the whole window (every write and flush the guest "
         "issued; bins of 12 %). **The run shared the machine** with other sessions' test "
-        "runs (it held only the bench lock): 1-minute load average median "
-        f"{r['load1']['median']:.1f}, max {r['load1']['max']:.1f}.",
+        f"runs (it held only {r.get('lock', '/tmp/vmdr-bench.lock')}): 1-minute load "
+        f"average median {r['load1']['median']:.1f}, max {r['load1']['max']:.1f}.",
         "",
+        *([r["note"], ""] if r.get("note") else []),
         "| measure | vmdr | goal / limit | anchor |",
         "|---|---|---|---|",
         *rows(r),
