@@ -481,7 +481,6 @@ def render(r: dict[str, Any]) -> str:
         f"runs (it held only {r.get('lock', '/tmp/vmdr-bench.lock')}): 1-minute load "
         f"average median {r['load1']['median']:.1f}, max {r['load1']['max']:.1f}.",
         "",
-        *([r["note"], ""] if r.get("note") else []),
         "| measure | vmdr | goal / limit | anchor |",
         "|---|---|---|---|",
         *rows(r),
@@ -505,6 +504,7 @@ def render(r: dict[str, Any]) -> str:
         "much lag.",
         "",
         *([probe, ""] if probe else []),
+        *([r["note"], ""] if r.get("note") else []),
         "Anchors: [a] vSphere Replication administration guide, \"How the Recovery Point "
         "Objective affects replication scheduling\" (an instance reflects the VM as of the "
         "start of its synchronisation, the same definition as the snapshot rows here): "
