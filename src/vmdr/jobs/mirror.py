@@ -213,7 +213,7 @@ class Supervisor:
         jobs: dict[str, Any] = {}
         tunnel: Tunnel | None = None
         why: str | None = None
-        exp = MirrorExport(site, disks)
+        exp = MirrorExport(site, disks, writethrough=opts.synchronous)
         try:
             dom = hv.lookup(spec.vm)
             _check_no_foreign_job(dom, sorted(disks))

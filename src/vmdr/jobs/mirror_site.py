@@ -41,7 +41,8 @@ KEEPALIVE_COUNT = 3
 _WRAPPER = r'''
 import json, os, shutil, socket, subprocess, sys, tempfile, time
 group = sys.argv[1]
-pairs = [a.split("=", 1) for a in sys.argv[2:]]
+writethrough = sys.argv[2] == "writethrough"  # sync mirror: on the DR disk before the ack
+pairs = [a.split("=", 1) for a in sys.argv[3:]]
 d = tempfile.mkdtemp(prefix="vmdr-mir.", dir=os.environ.get("TMPDIR", "/tmp"))
 nbd, qmp = d + "/nbd.sock", d + "/qmp.sock"
 args = ["qemu-storage-daemon",
@@ -51,7 +52,8 @@ for i, (name, path) in enumerate(pairs):
     args += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": name, "file": {
         "driver": "file", "filename": path, "aio": "threads"}})]
     args += ["--export", json.dumps({"type": "nbd", "id": "e%d" % i, "node-name": name,
-                                     "name": name, "writable": True})]
+                                     "name": name, "writable": True,
+                                     "writethrough": writethrough})]
 pidfile = os.path.dirname(pairs[0][1]) + "/mirror-daemon.pid"
 try:  # a daemon an earlier, cut-off mirror left serving these disks
     old = int(open(pidfile).read().split()[0])
@@ -145,14 +147,18 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str | None:
 class MirrorExport:
     """The standby disks served for a mirror at the DR host (see the module docstring)."""
 
-    def __init__(self, site: Site, disks: dict[str, str]) -> None:
-        self.site, self.disks = site, disks
+    def __init__(self, site: Site, disks: dict[str, str], *, writethrough: bool = False) -> None:
+        """``writethrough``: each write is flushed to the DR host's disk before the export
+        acknowledges it (the synchronous mirror's RPO 0 then survives the DR host losing
+        power; QEMU's mirror does not pass the guest's flushes on to the target)."""
+        self.site, self.disks, self.writethrough = site, disks, writethrough
         self.proc: subprocess.Popen[bytes] | None = None
         self.remote_socket = ""
 
     def open(self) -> MirrorExport:
         group = qemu_group() if self.site.local else ""
-        args = (_WRAPPER, group, *[f"{t}={p}" for t, p in sorted(self.disks.items())])
+        args = (_WRAPPER, group, "writethrough" if self.writethrough else "-",
+                *[f"{t}={p}" for t, p in sorted(self.disks.items())])
         argv = self.site._argv(_RUN_WRAPPER, args)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
