@@ -156,3 +156,45 @@ def test_watchdog_armed_only_while_ha_vms_run(tmp_path: Path) -> None:
     coord.last_renew_sent = 4.0
     rt.guard(4.1)
     assert rt.watchdog.fd is None and dev.read_bytes() == b"\0\0V"  # arm, pet, disarm
+
+
+class _LeaderCoord(_Coord):
+    def read_members(self) -> list[object]:
+        return []
+
+
+def test_dead_local_libvirtd_is_no_host_failure() -> None:
+    """libvirtd alone dies (its QEMUs run on; the lease is renewed): one ``detected``
+    event, no self-fencing, the leader's step goes on; once libvirtd is back, one more
+    event and the XML is published again on a fresh connection."""
+    fleet = FakeFleet()
+    host = fleet.host("fake://h1/system")
+    host.add_domain("<domain><name>db</name><memory>1024</memory></domain>", active=True)
+    policy = HAPolicy(HASettings(), {"db": HAVM("db", 1)}, {"h1": None})
+    store = HAStore(MemoryKV(), "/vmdr/", me="h1")
+    coord = _LeaderCoord()
+    rt = HARuntime("h1", policy, coord, store,  # type: ignore[arg-type]
+                   LibvirtOps({"h1": "fake://h1/system"}, fleet.connect), watchdog=None)
+    rt.fence = SelfFence(policy.settings, 0.0)
+    rt.is_leader = lambda: True
+    steps: list[float] = []
+    rt.leader.step = lambda now, live, seen: steps.append(now)  # type: ignore[method-assign]
+    coord.last_renew_sent = 1.0
+    rt.engine(10.0)
+    assert store.where("db") == "h1"
+    host.up = False  # libvirtd killed: the cached connection fails, connects are refused
+    for i, t in enumerate((13.0, 15.5, 18.0)):
+        coord.last_renew_sent = 2.0 + i  # the lease is renewed meanwhile
+        assert rt.guard(2.1 + i) == []
+        rt.engine(t)
+    assert host.domains["db"].active and not rt.fence.fenced
+    assert steps == [10.0, 13.0, 15.5, 18.0]  # the leader kept leading
+    ev = store.events()
+    assert [(e.kind, e.detail.get("libvirt")) for e in ev] == [("detected", "unreachable")]
+    assert "unreachable" in ev[0].reason and ev[0].host == "h1"
+    host.up = True
+    rt._published.clear()
+    rt.engine(20.5)
+    ev = store.events()
+    assert [(e.kind, e.detail.get("libvirt")) for e in ev][1:] == [("detected", "reachable")]
+    assert ev[1].detail["down_s"] == 7.5 and store.where("db") == "h1"

@@ -11,7 +11,9 @@ neither:
 * **engine** (every 0.25 s): publishes the domain XML and host of the HA VMs running here
   (``ha/domains``, ``ha/where``, on change only); reports a fencing episode once etcd
   answers again; and, while this agent leads and holds its lease, runs the failover
-  executor (:class:`vmdr.ha.leader.HALeader`).
+  executor (:class:`vmdr.ha.leader.HALeader`). A dead local libvirtd is no host failure
+  (its QEMUs run on, the lease is renewed): one ``detected`` event when it stops and one
+  when it answers again; the engine goes on meanwhile.
 
 Libvirt access to the other hosts goes through their inventory URIs (``[hosts.NAME]
 uri``); this host uses the config's ``connect``.
@@ -51,6 +53,7 @@ PUBLISH_EVERY = 2.0
 CHECK_TIMEOUT = 1.5  # s for "is it running there?" per host (unreachable: skipped)
 READY_TIMEOUT = 3.0  # s for one readiness check (a host that hangs: not ready yet)
 START_TIMEOUT = 30.0  # s for define + start on a live target
+LOCAL_TIMEOUT = 5.0  # s for this host's own libvirt (a hung libvirtd: reported as down)
 WATCHDOG = "/dev/watchdog"
 
 
@@ -217,6 +220,7 @@ class HARuntime:
         self._reported_episode = 0
         self._fenced_vms: list[str] = []
         self._fenced_wall: float | None = None
+        self._libvirt_down: float | None = None  # wall time local libvirt stopped answering
 
     # -- threads --------------------------------------------------------------------------
     def start(self) -> None:
@@ -305,7 +309,10 @@ class HARuntime:
             self._last_publish = now
             self.publish(now)
         if self.restorer is not None:
-            self.restorer.poll(now)
+            try:
+                self.restorer.poll(now)
+            except Exception as exc:  # never holds up the leader's step below
+                log.warning("HA restore orders: %s", exc)
         if self.is_leader():
             members = self.reader.read_members()
             live = {m.host: LiveHost(m.host, m.cpus, m.memory_mib, tuple(m.running_vms))
@@ -317,14 +324,58 @@ class HARuntime:
                 self._last_trim = now
                 self.store.trim_events()
 
-    def publish(self, now: float) -> None:
+    def _local_xmls(self) -> dict[str, str]:
         hv = self.ops._conn(self.host)
+        out: dict[str, str] = {}
         for vm in self.ops.local_ha_running(self.host, set(self.policy.vms)):
-            xml = hv.lookup(vm).xml(inactive=True)
+            try:
+                out[vm] = hv.lookup(vm).xml(inactive=True)
+            except DomainNotFound:
+                continue  # undefined since the listing
+        return out
+
+    def publish(self, now: float) -> None:
+        """Publish the local HA VMs' XML. Local libvirt unreachable (libvirtd died or
+        hangs; its QEMUs run on): reported once, retried every ``PUBLISH_EVERY`` —
+        and nothing else is held up (the lease, the leader's step, restore orders)."""
+        done, r = _in_thread(self._local_xmls, LOCAL_TIMEOUT)
+        if not done or isinstance(r, Exception):
+            self.ops._drop(self.host)  # a new connection once libvirtd is back
+            self._libvirt_failed(now, f"no answer within {LOCAL_TIMEOUT:g}s" if not done
+                                 else str(getattr(r, "message", r)))
+            return
+        if self._libvirt_down is not None:
+            self._libvirt_back(now)
+        for vm, xml in r.items():
             h = hashlib.sha256(xml.encode()).hexdigest()
             if self._published.get(vm) != h or self.store.where(vm) != self.host:
                 self.store.put_domain(vm, xml, self.host, now)
                 self._published[vm] = h
+
+    def _libvirt_failed(self, now: float, why: str) -> None:
+        """Not a host failure: the guests run on and the lease is renewed, so nobody
+        restarts them elsewhere and this host fences nothing (see docs/operations.md,
+        "When libvirtd dies")."""
+        if self._libvirt_down is not None:
+            log.debug("libvirt on %s still unreachable: %s", self.host, why)
+            return
+        log.error("libvirt on %s unreachable (%s): its VMs run on; no failover while this"
+                  " host renews its lease; retrying every %gs", self.host, why,
+                  PUBLISH_EVERY)
+        self.store.add_event("detected", f"libvirt on {self.host} unreachable ({why}); "
+                             "its VMs run on, no failover while its lease is renewed",
+                             host=self.host, now=now,
+                             detail={"libvirt": "unreachable", "error": why[:200]})
+        self._libvirt_down = now  # after the event: an etcd error retries it
+
+    def _libvirt_back(self, now: float) -> None:
+        assert self._libvirt_down is not None
+        took = now - self._libvirt_down
+        log.warning("libvirt on %s answers again after %.0fs", self.host, took)
+        self.store.add_event("detected", f"libvirt on {self.host} answers again after "
+                             f"{took:.0f}s", host=self.host, now=now,
+                             detail={"libvirt": "reachable", "down_s": round(took, 1)})
+        self._libvirt_down = None
 
     def _report_fencing(self, now: float) -> None:
         vms, self._fenced_vms = self._fenced_vms, []

@@ -1,0 +1,112 @@
+"""libvirtd alone dies (issue 10, "Real components in the tests"), on the 3-host harness.
+
+``kill -9`` of the libvirtd of the host running an HA guest: its QEMU runs on and the
+host's agent renews its lease, so this is no host failure. For longer than lease +
+fence delay: the guest runs on its host only (libvirt of the other hosts polled every
+0.2 s, the QEMU process on its own host followed by pid), no ``fenced``, ``self-fenced``
+or ``started`` event, the guest's writer goes on; the agent reports libvirt unreachable
+(one ``detected`` event). Once libvirtd is restarted (systemd would), the agent reports it
+back and ``ha status`` shows the guest on its host.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.multihost.cluster import Cluster
+from tests.multihost.hosts import Host
+from tests.multihost.test_ha_agents import ROOT, Agents, agent_config, running_on
+
+pytestmark = [pytest.mark.multihost, pytest.mark.vm, pytest.mark.etcd]
+DEAD_S = 15.0  # > lease (5 s) + fence delay (2 s), the defaults, with margin
+
+
+def qemu_pid(host: Host, vm: str) -> int | None:
+    """Pid of the QEMU of *vm* among the host's processes (libvirt need not answer)."""
+    for pid in host.pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and b"qemu-system" in cmd[0] and f"guest={vm}".encode() in b",".join(cmd):
+            return pid
+    return None
+
+
+def ha_status(agents: Agents, on: Host) -> dict[str, Any]:
+    """``vmdr ha status --json`` run inside *on* (etcd lives on the test network)."""
+    cfg = agent_config(agents.cluster, on, agents.prefix, agents.guests,
+                       **agents.opts)
+    p = on.run("env", f"PYTHONPATH={ROOT / 'src'}", sys.executable, "-m", "vmdr.cli.main",
+               "ha", "status", "--config", str(cfg), "--json", check=False, timeout=60)
+    assert "Traceback" not in p.stderr and p.stdout.startswith("{"), (p.stdout, p.stderr)
+    return dict(json.loads(p.stdout))
+
+
+def libvirt_events(agents: Agents, host: str, state: str) -> list[dict[str, Any]]:
+    return [e for e in agents.events() if e["kind"] == "detected" and e["host"] == host
+            and (e.get("detail") or {}).get("libvirt") == state]
+
+
+def test_dead_libvirtd_is_no_host_failure(mh_cluster: Cluster) -> None:
+    cluster = mh_cluster
+    h1, h2, h3 = cluster.hosts
+    g = cluster.new_guest(writer_rate=20)
+    g.known.update(cluster.hosts)  # a wrong failover would define it anywhere
+    g.start(h2)
+    agents = Agents(cluster, {"db": g, "app": g}, extra_vm={"db": ""})
+    try:
+        agents.start(h1)
+        agents.wait_leader("h1")
+        agents.start(h2)
+        agents.start(h3)
+        g.wait_heartbeat(120)
+        agents.wait_published(g.name, "h2")
+        pid = qemu_pid(h2, g.name)
+        assert pid is not None
+        seq = g.wait_writer()
+
+        t_kill = time.monotonic()
+        h2.kill_libvirtd()
+        while time.monotonic() - t_kill < DEAD_S:
+            assert qemu_pid(h2, g.name) == pid, "the guest's QEMU died with libvirtd"
+            elsewhere = running_on(cluster, g)  # h2's libvirt is down: h1 and h3 only
+            assert elsewhere == [], f"{g.name} started on {elsewhere} while it runs on h2"
+            assert all(p.poll() is None for p in agents.procs.values()), agents.logs()
+            time.sleep(0.2)
+        events = agents.events()
+        wrong = [e for e in events if e["kind"] in ("fenced", "self-fenced", "started")
+                 or (e["kind"] == "detected" and e["host"] == "h2"
+                     and not (e.get("detail") or {}).get("libvirt"))]
+        assert not wrong, (wrong, agents.logs())
+        assert libvirt_events(agents, "h2", "unreachable"), (events, agents.logs())
+        assert agents.etcd("get", f"{agents.prefix}members/h2", "--keys-only").strip()
+        seq = g.wait_writer(above=seq, timeout=10)  # the guest writes on meanwhile
+        st = ha_status(agents, h1)
+        assert [(v["vm"], v["host"]) for v in st["vms"]] == [(g.name, "h2")], st
+        assert next(h for h in st["hosts"] if h["host"] == "h2")["lease"], st
+        print(f"libvirtd of h2 dead {time.monotonic() - t_kill:.1f}s: {g.name} ran on h2 "
+              f"only (QEMU pid {pid}), no failover, no fencing")
+
+        h2.restart_libvirtd()
+        t_back = time.monotonic()
+        assert g.is_running_on(h2)  # libvirtd found its QEMU again
+        while not libvirt_events(agents, "h2", "reachable"):
+            assert time.monotonic() - t_back < 15, agents.logs()
+            time.sleep(0.3)
+        print(f"h2's agent saw libvirt again {time.monotonic() - t_back:.1f}s after the "
+              "restart")
+        assert running_on(cluster, g) == ["h2"] and qemu_pid(h2, g.name) == pid
+        assert not [e for e in agents.events() if e["kind"] in ("fenced", "self-fenced",
+                                                                "started")]
+        g.wait_writer(above=seq, timeout=10)
+    finally:
+        agents.stop()
+        if h2.alive() and h2.daemon_pid("libvirtd") is None:
+            h2.restart_libvirtd()
