@@ -4,9 +4,14 @@ never run on a hardware watchdog), fence_command, and the agent's guard over Fak
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from vmdr.agent.ha_runtime import HARuntime, LibvirtOps
+from vmdr.ha import qemukill
 from vmdr.ha.fencing import SelfFence, Watchdog, run_fence_command
 from vmdr.ha.model import HAVM, HAPolicy
 from vmdr.ha.settings import ETCD_EXPIRY_GRANULARITY, FENCE_KILL_BUDGET, HASettings
@@ -198,3 +203,58 @@ def test_dead_local_libvirtd_is_no_host_failure() -> None:
     ev = store.events()
     assert [(e.kind, e.detail.get("libvirt")) for e in ev][1:] == [("detected", "reachable")]
     assert ev[1].detail["down_s"] == 7.5 and store.where("db") == "h1"
+
+
+def _fake_qemu(vm: str) -> subprocess.Popen[bytes]:
+    """A process whose command line carries libvirt's ``-name guest=VM,...``."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-name",
+                          f"guest={vm},debug-threads=on"])
+    for _ in range(200):  # the kernel fills /proc/PID/cmdline a moment after exec
+        if b"guest=" in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            break
+        time.sleep(0.01)
+    return p
+
+
+def test_kill_by_pidfile_kills_only_the_named_guest(tmp_path: Path) -> None:
+    db, other = _fake_qemu("db"), _fake_qemu("dbx")
+    try:
+        (tmp_path / "db.pid").write_text(f"{db.pid}\n")
+        (tmp_path / "web.pid").write_text(f"{other.pid}\n")  # a stale file, pid reused
+        (tmp_path / "gone.pid").write_text("999999999\n")
+        (tmp_path / "bad.pid").write_text("not a pid\n")
+        assert qemukill.qemu_pid("web", str(tmp_path)) is None  # "guest=dbx" is not web
+        assert qemukill.kill_by_pidfile(["db", "web", "gone", "bad", "none"],
+                                        str(tmp_path)) == ["db"]
+        assert db.wait(5) == -signal.SIGKILL and other.poll() is None
+    finally:
+        for p in (db, other):
+            p.kill()
+            p.wait()
+
+
+def test_guard_kills_qemu_by_pidfile_when_libvirt_is_dead_too(tmp_path: Path) -> None:
+    """libvirtd dead and the lease lost: self-fencing cannot use libvirt, the QEMU must
+    still die before the leader restarts the VM elsewhere."""
+    fleet = FakeFleet()
+    host = fleet.host("fake://h1/system")
+    host.add_domain("<domain><name>db</name><memory>1024</memory></domain>", active=True)
+    policy = HAPolicy(HASettings(), {"db": HAVM("db", 1)}, {"h1": None})
+    store = HAStore(MemoryKV(), "/vmdr/", me="h1")
+    coord = _Coord()
+    rt = HARuntime("h1", policy, coord, store,  # type: ignore[arg-type]
+                   LibvirtOps({"h1": "fake://h1/system"}, fleet.connect), clock=lambda: 50.0,
+                   watchdog=None)
+    assert rt.qemu_run_dir == ""  # not qemu:///system: no pid files of ours to read
+    rt.qemu_run_dir = str(tmp_path)
+    rt.fence = SelfFence(policy.settings, 0.0)
+    coord.last_renew_sent = 100.0
+    qemu = _fake_qemu("db")
+    try:
+        (tmp_path / "db.pid").write_text(f"{qemu.pid}\n")
+        host.up = False  # libvirtd is gone as well
+        assert rt.guard(100.0 + policy.settings.self_fence_after) == ["db"]
+        assert qemu.wait(5) == -signal.SIGKILL
+    finally:
+        qemu.kill()
+        qemu.wait()

@@ -40,6 +40,7 @@ from vmdr.ha import admission
 from vmdr.ha.fencing import SelfFence, Watchdog
 from vmdr.ha.leader import HALeader, LiveHost
 from vmdr.ha.model import HAPolicy, load_policy, state_from_inventory
+from vmdr.ha.qemukill import SYSTEM_RUN_DIR, kill_by_pidfile
 from vmdr.ha.store import HAStore
 from vmdr.hypervisor import Hypervisor
 from vmdr.plan import inventory
@@ -197,6 +198,9 @@ class HARuntime:
                  watchdog: str | None = WATCHDOG, reader: Any = None,
                  restorer: RestoreExecutor | None = None) -> None:
         self.host = host
+        # libvirt's QEMU pid files, for self-fencing when libvirt does not answer
+        uri = getattr(ops, "uris", {}).get(host, "")
+        self.qemu_run_dir = SYSTEM_RUN_DIR if uri == "qemu:///system" else ""
         # member reads go through a client of their own: an error there must never reset
         # the lease object of the coordinator that renews it (the leader key hangs on it)
         self.reader = reader if reader is not None else coord
@@ -270,7 +274,17 @@ class HARuntime:
             log.error("self-fencing: cannot list the local VMs: %s", exc)
             if self.watchdog is not None:
                 self.watchdog.abandon()  # the board resets the host at its timeout
-            return []
+            # libvirt is gone but the QEMUs may run on: kill them by libvirt's pid files
+            # (only for a local qemu:///system, whose files this agent can read)
+            killed = (kill_by_pidfile(self.policy.vms, self.qemu_run_dir)
+                      if self.qemu_run_dir else [])
+            for vm in killed:
+                log.warning("self-fenced: killed the QEMU of %s by its pid file, libvirt "
+                            "not answering (no lease renewal for %.1fs)", vm,
+                            now - self.fence.last_sent)
+                self._fenced_vms.append(vm)
+                self._fenced_wall = self.clock()
+            return killed
         for vm in victims:
             try:
                 self.ops._conn(self.host).lookup(vm).destroy()
