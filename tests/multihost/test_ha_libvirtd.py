@@ -6,7 +6,9 @@ fence delay: the guest runs on its host only (libvirt of the other hosts polled 
 0.2 s, the QEMU process on its own host followed by pid), no ``fenced``, ``self-fenced``
 or ``started`` event, the guest's writer goes on; the agent reports libvirt unreachable
 (one ``detected`` event). Once libvirtd is restarted (systemd would), the agent reports it
-back and ``ha status`` shows the guest on its host.
+back and ``ha status`` shows the guest on its host. Then libvirtd dies again and the
+host is cut off: the agent kills the guest's QEMU by libvirt's pid file (libvirt cannot
+destroy it) before the leader restarts it elsewhere; never two at once.
 """
 
 from __future__ import annotations
@@ -105,7 +107,32 @@ def test_dead_libvirtd_is_no_host_failure(mh_cluster: Cluster) -> None:
         assert running_on(cluster, g) == ["h2"] and qemu_pid(h2, g.name) == pid
         assert not [e for e in agents.events() if e["kind"] in ("fenced", "self-fenced",
                                                                 "started")]
-        g.wait_writer(above=seq, timeout=10)
+        seq = g.wait_writer(above=seq, timeout=10)
+
+        # libvirtd dead AND the lease lost: self-fencing cannot use libvirt; the agent
+        # kills the QEMU by libvirt's pid file before the leader restarts it elsewhere
+        h2.kill_libvirtd()
+        time.sleep(1.0)
+        t_cut = time.monotonic()
+        h2.partition()
+        gone_at = moved_at = None
+        while moved_at is None:
+            assert time.monotonic() - t_cut < 60, ("no failover", agents.logs())
+            on_h2 = qemu_pid(h2, g.name) is not None
+            others = running_on(cluster, g)
+            assert not (on_h2 and others), f"{g.name} runs on h2 and on {others}"
+            if not on_h2 and gone_at is None:
+                gone_at = time.monotonic()
+            if others:
+                moved_at = time.monotonic()
+            time.sleep(0.1)
+        assert gone_at is not None and gone_at <= moved_at
+        print(f"libvirtd dead and partitioned: QEMU killed {gone_at - t_cut:.1f}s after the "
+              f"cut, {g.name} on {running_on(cluster, g)} {moved_at - t_cut:.1f}s after it")
+        h2.heal()
+        h2.restart_libvirtd()
+        g.wait_writer(above=seq, timeout=60)  # it writes on, elsewhere
+        assert len(running_on(cluster, g)) == 1 and not g.is_running_on(h2)
     finally:
         agents.stop()
         if h2.alive() and h2.daemon_pid("libvirtd") is None:
