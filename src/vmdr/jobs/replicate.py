@@ -111,7 +111,8 @@ class CycleResult:
     mode: str = "none"  # seed | incremental | full | none
     point: str | None = None
     point_time: str | None = None
-    bytes_moved: int = 0  # data written into the standby (before ssh compression)
+    bytes_moved: int = 0  # data written into the standby (before compression)
+    bytes_sent: int = 0  # the framed stream's bytes over ssh (after zstd); 0 when local
     bytes_zeroed: int = 0  # ranges cleared with NBD zero requests (no data moved)
     disk_bytes: int = 0  # the standby disks' virtual size
     points: list[str] = field(default_factory=list)
@@ -411,6 +412,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
                         exports.close(flush=False)
                         raise
                     exports.close()
+                    res.bytes_sent = exports.stream.sent if exports.stream else 0
                     lap = res.lap("copy", lap)
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
                         networks, _nvram(hv, info, res.warnings), t0,
