@@ -17,7 +17,8 @@ never overlap):
 
 3. check the space at the target (exit 9), write the changed ranges into the standby's
    qcow2 disks through a writable NBD export at the target (over ssh for a remote
-   target: compressed, key-authenticated), zeroes as NBD zero requests;
+   target, key-authenticated: as zstd-or-raw frames to a helper there that writes them,
+   :mod:`.replica_frames`), zeroes as NBD zero requests;
 4. take a restore point (a qcow2 internal snapshot ``rp-<time>`` on every disk), drop
    the points beyond N, define the standby domain if it is not (new UUID, network
    mapping applied, never started), write the state file at the target;
