@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import select
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -529,7 +531,9 @@ def _helper_source() -> str:
 
 
 class FrameSender:
-    """The framed stream into the one serving process at the target (its stdin)."""
+    """The framed stream into the one serving process at the target (its stdin). A
+    thread writes the frames into the pipe (to ssh) while the caller compresses the next
+    piece: zstd's pass and ssh's encryption overlap."""
 
     def __init__(self, proc: subprocess.Popen[bytes], compress: bool) -> None:
         self.proc = proc
@@ -539,13 +543,26 @@ class FrameSender:
             import zstandard
 
             self._z = zstandard.ZstdCompressor(level=replica_frames.LEVEL).compress
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._broken = False
+        self._thread = threading.Thread(target=self._pump, name="vmdr-replica-send",
+                                        daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdin is not None
+        while (data := self._q.get()) is not None:
+            if self._broken:
+                continue  # drain: the caller sees the failure on its next send
+            try:
+                self.proc.stdin.write(data)
+            except (OSError, ValueError):
+                self._broken = True
 
     def send(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(data)
-        except OSError:
-            raise self.failure() from None
+        if self._broken:
+            raise self.failure()
+        self._q.put(data)
         self.sent += len(data)
 
     def data(self, disk: int, offset: int, data: bytes) -> None:
@@ -554,9 +571,18 @@ class FrameSender:
     def zero(self, disk: int, offset: int, length: int) -> None:
         self.send(replica_frames.frame(replica_frames.ZERO, disk, offset, length))
 
+    def stop(self) -> None:
+        """End the writing thread (after what is queued)."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
     def finish(self, where: str) -> None:
         """The end frame; then the helper's ``ok`` after it flushed every disk."""
         self.send(replica_frames.frame(replica_frames.END, 0, 0, 0))
+        self.stop()
+        if self._broken:
+            raise self.failure(where)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
@@ -566,6 +592,9 @@ class FrameSender:
 
     def failure(self, where: str = "the DR host") -> VmdrError:
         """The helper's one error line (it stopped: a corrupt stream, a full disk)."""
+        if threading.current_thread() is not self._thread:
+            self._broken = True
+            self.stop()
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -596,6 +625,8 @@ class Exports:
                 if flush:
                     self.stream.finish(self.site.where)
             finally:
+                self.stream._broken = True  # nothing more is written (a failed cycle)
+                self.stream.stop()
                 self.writers = {}
                 self.site._stop(self.proc)
             return
