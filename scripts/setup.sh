@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   # the Python runtime and Debian-only bindings
-  python3 python3-venv python3-dev python3-libvirt python3-libnbd
+  python3 python3-venv python3-dev python3-libvirt python3-libnbd python3-zstandard
   # hypervisor and image tools
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
   libnbd-bin nbdkit nbdkit-plugin-python fuse3 util-linux

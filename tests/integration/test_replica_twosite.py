@@ -52,6 +52,7 @@ def test_two_site_replica_over_ssh_survives_source_loss(sites: Cluster) -> None:
             "--json")
     seed = _vmdr(h1, *args)["results"][0]  # type: ignore[index]
     assert seed["mode"] == "seed" and seed["bytes_moved"] > 0
+    assert 0 < seed["bytes_sent"] < seed["bytes_moved"]  # zstd frames over ssh (an OS disk)
     standby = f"{g.name}-replica"
     assert h2.virsh("domstate", standby).stdout.strip() == "shut off"
     assert h2.virsh("domuuid", standby).stdout.strip() != g.domain(h1).UUIDString()

@@ -247,6 +247,7 @@ class FakeSite(Site):
 class _Exports:
     def __init__(self) -> None:
         self.writers: dict[str, _Writer] = {}
+        self.stream = None
 
     def close(self, *, flush: bool = True) -> None:
         pass
@@ -462,11 +463,13 @@ def test_inventory_replicas() -> None:
         replica_decls(_cfg({"replicas": {"vms": ["a"]}}, {}))
 
 
-def test_site_over_ssh_compresses_and_refuses_tcp() -> None:
+def test_site_over_ssh_streams_zstd_frames_and_refuses_tcp() -> None:
     site = Site("qemu+ssh://root@dr1:2222/system?keyfile=/k/id&known_hosts=/k/kh")
     assert not site.local and "root@dr1:2222" in site.where
+    assert site.stream and site.compress  # vmdr compresses the frames, not ssh
     argv = site._host.target.argv() if site._host else []
-    assert "Compression=yes" in argv and "/k/id" in argv and "UserKnownHostsFile=/k/kh" in argv
+    assert "Compression=yes" not in argv and "/k/id" in argv
+    assert "UserKnownHostsFile=/k/kh" in argv
     with pytest.raises(UsageError, match="ssh"):
         Site("qemu+tcp://dr1/system")
     assert Site("qemu:///system").local

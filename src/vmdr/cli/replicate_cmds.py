@@ -346,9 +346,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--rpo", metavar="DURATION", help="RPO target, e.g. 15m (default: the "
                    "inventory's)")
     p.add_argument("--no-compress", dest="compress", action="store_false",
-                   help="direct feed: send the changes without ssh compression (a LAN link "
-                        "to the DR site, or data that does not compress: compressing "
-                        "random data costs CPU and saves nothing)")
+                   help="send the changed pieces raw, without vmdr's zstd (a fast LAN "
+                        "link to the DR site; a piece zstd cannot shrink is sent raw "
+                        "anyway). ssh itself never compresses")
     p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
                    help="auto: freeze the guest's filesystems if its agent answers")
     p.add_argument("--mode", choices=MODES,

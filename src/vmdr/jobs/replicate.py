@@ -17,7 +17,8 @@ never overlap):
 
 3. check the space at the target (exit 9), write the changed ranges into the standby's
    qcow2 disks through a writable NBD export at the target (over ssh for a remote
-   target: compressed, key-authenticated), zeroes as NBD zero requests;
+   target, key-authenticated: as zstd-or-raw frames to a helper there that writes them,
+   :mod:`.replica_frames`), zeroes as NBD zero requests;
 4. take a restore point (a qcow2 internal snapshot ``rp-<time>`` on every disk), drop
    the points beyond N, define the standby domain if it is not (new UUID, network
    mapping applied, never started), write the state file at the target;
@@ -111,7 +112,8 @@ class CycleResult:
     mode: str = "none"  # seed | incremental | full | none
     point: str | None = None
     point_time: str | None = None
-    bytes_moved: int = 0  # data written into the standby (before ssh compression)
+    bytes_moved: int = 0  # data written into the standby (before compression)
+    bytes_sent: int = 0  # the framed stream's bytes over ssh (after zstd); 0 when local
     bytes_zeroed: int = 0  # ranges cleared with NBD zero requests (no data moved)
     disk_bytes: int = 0  # the standby disks' virtual size
     points: list[str] = field(default_factory=list)
@@ -412,6 +414,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
                         exports.close(flush=False)
                         raise
                     exports.close()
+                    res.bytes_sent = exports.stream.sent if exports.stream else 0
                     lap = res.lap("copy", lap)
                 _finish(site, target, spec, st, res, started, paths, defined, src_xml,
                         networks, _nvram(hv, info, res.warnings), t0,

@@ -110,6 +110,7 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
                     exports.close(flush=False)
                     raise
                 exports.close()
+                res.bytes_sent = exports.stream.sent if exports.stream else 0
                 lap = res.lap("copy", lap)
             nvram = base64.b64decode(cfg["nvram"]) if cfg.get("nvram") else None
             _finish(site, target, spec, st, res, snap.time, paths, defined, src_xml,

@@ -16,16 +16,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import select
 import shlex
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from vmdr.errors import HypervisorError, NoSpace, UsageError, VmdrError
 from vmdr.hypervisor import is_local_uri, parse_ssh_uri
 from vmdr.hypervisor.remote import RemoteHost
+from vmdr.jobs import replica_frames
 
 _FREE = r"""mkdir -p -- "$1" || exit 3
 df -P -B1 -- "$1" | awk 'NR==2 {print $4}'
@@ -142,7 +146,7 @@ exit 0
 # qemu-nbd per disk to serve, all in one fresh 0700 directory. Arguments: STATE LEN FMT
 # (IMG SIZE|- SERVE)...
 _SERVE = r"""set -u
-st=$1 len=$2 fmt=$3; shift 3
+stream=$1 helper=$2 st=$3 len=$4 fmt=$5; shift 5
 if [ "$len" -gt 0 ]; then
   (umask 077; head -c "$len" > "$st.tmp") || exit 3
   [ "$(wc -c < "$st.tmp")" -eq "$len" ] || { rm -f -- "$st.tmp"; exit 3; }
@@ -175,9 +179,21 @@ for p in $pids; do
   done
 done
 echo "ready $d"
-cat >/dev/null
+rc=0
+if [ "$stream" = 1 ]; then
+  py=${VMDR_REPLICA_PYTHON:-/usr/bin/python3}
+  [ -x "$py" ] || py=$(command -v python3) || py=
+  if [ -n "$py" ]; then
+    "$py" -c "$helper" "$d" "$i" || rc=$?
+  else
+    echo forward; cat >/dev/null
+  fi
+else
+  cat >/dev/null
+fi
 [ -z "$pids" ] || { kill $pids 2>/dev/null; wait; }
 rm -rf -- "$d"
+exit "$rc"
 """
 
 
@@ -221,11 +237,13 @@ def commit_args(files: list[tuple[str, bytes]], tag: str, images: list[str],
 
 
 def serve_args(state: tuple[str, bytes] | None, fmt: str,
-               disks: list[tuple[str, int | None, bool]]) -> tuple[list[str], bytes]:
+               disks: list[tuple[str, int | None, bool]], helper: str = ""
+               ) -> tuple[list[str], bytes]:
     """The arguments and stdin head of :data:`_SERVE`: (image, size to create it with or
-    None, serve it) per disk."""
+    None, serve it) per disk; ``helper`` the Python source that receives the framed
+    stream at the target (none: the exports are forwarded)."""
     path, data = state if state is not None else ("", b"")
-    args = [path, str(len(data)), fmt]
+    args = ["1" if helper else "0", helper, path, str(len(data)), fmt]
     for img, size, serve in disks:
         args += [img, "-" if size is None else str(size), "1" if serve else "0"]
     return args, data
@@ -243,9 +261,14 @@ def _last_line(data: bytes | None) -> str:
 class Site:
     """The DR host of one replica target URI (local or ``qemu+ssh://``)."""
 
-    def __init__(self, uri: str, *, compress: bool = True) -> None:
+    def __init__(self, uri: str, *, compress: bool = True, stream: bool | None = None) -> None:
         self.uri = uri
         self.local = is_local_uri(uri)
+        # over ssh the changes go as frames to a helper at the target, compressed by vmdr
+        # with zstd (``compress``), not by ssh: ssh's zlib is slow on data that does not
+        # compress; a local site writes the NBD exports directly
+        self.stream = (not self.local) if stream is None else stream
+        self.compress = compress
         self._host: RemoteHost | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._forwards = 0
@@ -253,7 +276,7 @@ class Site:
         self._pins: dict[str, set[str]] = {}
         if not self.local:
             target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
-            self._host = RemoteHost(replace(target, compression=compress))
+            self._host = RemoteHost(replace(target, compression=False))
         self.where = "this host" if self.local else str(self._host.target if self._host
                                                         else uri)
 
@@ -407,7 +430,7 @@ class Site:
         """Write the state file, create the missing disks (``(image, size or None,
         serve)``) and serve those marked read-write over NBD, in one remote process; one
         ``ssh -O forward`` for all their sockets."""
-        args, data = serve_args(state, fmt, disks)
+        args, data = serve_args(state, fmt, disks, _helper_source() if self.stream else "")
         proc = subprocess.Popen(self._argv(_SERVE, tuple(args)), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -431,6 +454,16 @@ class Site:
         served = [img for img, _s, serve in disks if serve]
         socks = [f"{remote_dir}/{i}.sock" for i in range(1, len(served) + 1)]
         ex = Exports(self, proc)
+        mode = self._ready_line(proc, 60) if self.stream and served else "forward"
+        if mode in ("zstd", "raw"):
+            ex.stream = FrameSender(proc, self.compress and mode == "zstd")
+            for i, img in enumerate(served):
+                ex.writers[img] = StreamWriter(ex.stream, i, img, self.where)
+            return ex
+        if mode != "forward":
+            ex.close(flush=False)
+            raise HypervisorError(f"cannot serve the standby disks on {self.where}: "
+                                  f"{mode or 'the helper did not start'}")
         try:
             local = self._forward_all(socks)
             for img, sock in zip(served, local, strict=True):
@@ -534,6 +567,92 @@ class Site:
             self._procs.remove(proc)
 
 
+def _helper_source() -> str:
+    from vmdr.jobs import replica_frames
+
+    with open(replica_frames.__file__, encoding="utf-8") as f:
+        return f.read()
+
+
+class FrameSender:
+    """The framed stream into the one serving process at the target (its stdin). A
+    thread writes the frames into the pipe (to ssh) while the caller compresses the next
+    piece: zstd's pass and ssh's encryption overlap."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], compress: bool) -> None:
+        self.proc = proc
+        self.sent = 0  # bytes on the wire (after zstd)
+        self._z: Callable[[bytes], bytes] | None = None
+        if compress:
+            import zstandard
+
+            self._z = zstandard.ZstdCompressor(level=replica_frames.LEVEL).compress
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._broken = False
+        self._thread = threading.Thread(target=self._pump, name="vmdr-replica-send",
+                                        daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdin is not None
+        while (data := self._q.get()) is not None:
+            if self._broken:
+                continue  # drain: the caller sees the failure on its next send
+            try:
+                self.proc.stdin.write(data)
+            except (OSError, ValueError):
+                self._broken = True
+
+    def send(self, data: bytes) -> None:
+        if self._broken:
+            raise self.failure()
+        self._q.put(data)
+        self.sent += len(data)
+
+    def data(self, disk: int, offset: int, data: bytes) -> None:
+        self.send(replica_frames.data_frame(disk, offset, data, self._z))
+
+    def zero(self, disk: int, offset: int, length: int) -> None:
+        self.send(replica_frames.frame(replica_frames.ZERO, disk, offset, length))
+
+    def stop(self) -> None:
+        """End the writing thread (after what is queued)."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def finish(self, where: str) -> None:
+        """The end frame; then the helper's ``ok`` after it flushed every disk."""
+        self.send(replica_frames.frame(replica_frames.END, 0, 0, 0))
+        self.stop()
+        if self._broken:
+            raise self.failure(where)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        line = self.proc.stdout.readline().decode(errors="replace").strip()
+        if not line.startswith("ok "):
+            raise self.failure(where)
+
+    def failure(self, where: str = "the DR host") -> VmdrError:
+        """The helper's one error line (it stopped: a corrupt stream, a full disk)."""
+        if threading.current_thread() is not self._thread:
+            self._broken = True
+            self.stop()
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        err = self.proc.stderr.read() if self.proc.stderr else b""
+        what = _last_line(err)
+        if "space" in what.lower():
+            return NoSpace(f"no space left on {where} ({what})")
+        return HypervisorError(f"writing the standby disks on {where}: {what}")
+
+
 class Exports:
     """The NBD exports of one :meth:`Site.serve`: a writer per served image; closing
     flushes each and ends the one remote process serving them all."""
@@ -541,9 +660,20 @@ class Exports:
     def __init__(self, site: Site, proc: subprocess.Popen[bytes]) -> None:
         self.site, self.proc = site, proc
         self.writers: dict[str, DiskWriter] = {}
+        self.stream: FrameSender | None = None
 
     def close(self, *, flush: bool = True) -> None:
         first: BaseException | None = None
+        if self.stream is not None:
+            try:
+                if flush:
+                    self.stream.finish(self.site.where)
+            finally:
+                self.stream._broken = True  # nothing more is written (a failed cycle)
+                self.stream.stop()
+                self.writers = {}
+                self.site._stop(self.proc)
+            return
         try:
             for w in self.writers.values():
                 try:
@@ -617,6 +747,26 @@ class DiskWriter:
                 self._h.shutdown()
         finally:
             self._stop()
+
+
+class StreamWriter(DiskWriter):
+    """A standby disk written through the framed stream (see :mod:`.replica_frames`)."""
+
+    def __init__(self, sender: FrameSender, index: int, path: str, where: str) -> None:
+        self.path, self.where = path, where
+        self._sender, self._i = sender, index
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._sender.data(self._i, offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._sender.zero(self._i, offset, length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise HypervisorError(f"{self.path} on {self.where} is written, not read, here")
+
+    def close(self, *, flush: bool = True) -> None:
+        pass  # the stream ends once, for all its disks (Exports.close)
 
 
 def check_dir(directory: str) -> str:
