@@ -25,6 +25,8 @@ SECRET = "s3cr3tpw"
     (f"https://h/hook?token={SECRET}", "https://h/hook?token=***"),
     ("s3://b/p?endpoint=http://host:9000", "s3://b/p?endpoint=http://host:9000"),
     ("/plain/path", "/plain/path"),
+    ("qemu:///system", "qemu:///system"),  # an empty authority stays
+    ("qemu+ssh://root@dr1/system?keyfile=/k", "qemu+ssh://root@dr1/system?keyfile=/k"),
 ])
 def test_redact(url: str, shown: str) -> None:
     assert redact(url) == shown

@@ -65,7 +65,9 @@ def redact(url: str) -> str:
         port = parts.port
     except ValueError:
         return "<unparsable url>"
+    changed = False
     if password is not None:
+        changed = True
         if port:
             host = f"{host}:{port}"
         netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
@@ -75,8 +77,11 @@ def redact(url: str) -> str:
         clean = [(k, "***" if k.lower() in _SECRET_PARAMS and v else
                   redact(v) if "://" in v else v) for k, v in pairs]
         if clean != pairs:
+            changed = True
             parts = parts._replace(query=urllib.parse.urlencode(clean, safe=":/*@"))
-    return urllib.parse.urlunsplit(parts) if parts.geturl() != url else url
+    # untouched URLs come back as given: urlunsplit would drop an empty authority
+    # ("qemu:///system" -> "qemu:/system")
+    return urllib.parse.urlunsplit(parts) if changed else url
 
 
 def redact_text(text: str) -> str:
