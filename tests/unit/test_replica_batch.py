@@ -18,7 +18,8 @@ from tests.unit.test_replica import BLOCK, SIZE, _env, _state
 from vmdr.errors import HypervisorError
 from vmdr.jobs import replicate as rep
 from vmdr.jobs import replicate_site as rs
-from vmdr.jobs.replicate_site import Site, commit_args, parse_begin, serve_args
+from vmdr.jobs.replica_scripts import commit_args, parse_begin, parse_begin_pins, serve_args
+from vmdr.jobs.replicate_site import Site
 
 
 @pytest.fixture(autouse=True)
@@ -253,5 +254,5 @@ def test_begin_reads_the_pins_of_running_test_failovers_in_the_same_command(
     finally:
         holder.kill()
         holder.wait()
-    free, _files, pins = rs.parse_begin_pins(b"123\nfile 6\npin x\nnone\npin rp-9\n", 2)
+    free, _files, pins = parse_begin_pins(b"123\nfile 6\npin x\nnone\npin rp-9\n", 2)
     assert (free, pins) == (123, {"rp-9"})  # a file's bytes are not read as a pin

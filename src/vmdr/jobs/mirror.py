@@ -52,7 +52,7 @@ from vmdr.events import JobEvents
 from vmdr.hypervisor import Hypervisor, connect
 from vmdr.hypervisor.mirror import mirror_sockets
 from vmdr.hypervisor.remote import private_base
-from vmdr.jobs import replicate_site
+from vmdr.jobs import replica_scripts
 from vmdr.jobs.mirror_site import MirrorExport, Tunnel
 from vmdr.jobs.mirror_state import (
     COPYING,
@@ -317,7 +317,7 @@ class Supervisor:
         self.ms.updated = utcnow().isoformat()
         path = f"{self.spec.directory}/{MIRROR_FILE}"
         with contextlib.suppress(VmdrError):
-            site.run(replicate_site._WRITE, path, input=self.ms.to_json(),
+            site.run(replica_scripts._WRITE, path, input=self.ms.to_json(),
                      timeout=WRITE_TIMEOUT_S)
 
     def _final_state(self) -> None:

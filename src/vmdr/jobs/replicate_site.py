@@ -2,7 +2,8 @@
 points (internal snapshots), the state file, and a writable NBD export of each disk.
 
 The same small ``sh -c`` scripts run here (a local target: ``qemu:///system``) or on the
-DR host over one compressed, key-authenticated OpenSSH control master (a ``qemu+ssh://``
+DR host over one key-authenticated OpenSSH control master (no ssh compression: the
+changed data goes as zstd-or-raw frames, :mod:`vmdr.jobs.replica_frames`) (a ``qemu+ssh://``
 target; :class:`vmdr.hypervisor.remote.RemoteHost`). A standby disk is written through
 ``qemu-nbd`` serving it on a unix socket in a fresh 0700 directory at the target; over
 ssh that socket is forwarded into a 0700 directory here (``ssh -O forward``), so the
@@ -30,224 +31,23 @@ from vmdr.errors import HypervisorError, NoSpace, UsageError, VmdrError
 from vmdr.hypervisor import is_local_uri, parse_ssh_uri
 from vmdr.hypervisor.remote import RemoteHost
 from vmdr.jobs import replica_frames
-
-_FREE = r"""mkdir -p -- "$1" || exit 3
-df -P -B1 -- "$1" | awk 'NR==2 {print $4}'
-"""
-_READ = r"""[ -e "$1" ] || exit 3
-cat -- "$1"
-"""
-_WRITE = r"""set -e
-umask 077
-cat > "$1.tmp"
-sync "$1.tmp" 2>/dev/null || true
-mv -f -- "$1.tmp" "$1"
-"""
-_CREATE = r"""[ -e "$1" ] && exit 0
-qemu-img create -q -f qcow2 -o lazy_refcounts=off -- "$1" "$2"
-"""
-_SNAP_LIST = r"""qemu-img snapshot -l -U -- "$1" | awk 'NR>2 {print $2}'
-"""
-_SNAP = r"""img=$1; op=$2; shift 2
-for tag in "$@"; do qemu-img snapshot "$op" "$tag" -- "$img" || exit 4; done
-"""
-_PINNED = r"""for f in "$1"/test-*/pin; do
-  [ -e "$f" ] || continue
-  flock -n -x "$f" true 2>/dev/null && continue
-  cat -- "$f"; echo
-done
-exit 0
-"""
-_LIST_STATES = r"""for f in "$1"/*/replica.json; do [ -e "$f" ] && printf '%s\n' "$f"; done; exit 0
-"""
-_NBD = r"""img=$1 fmt=${2:-qcow2}
-d=$(mktemp -d "${TMPDIR:-/tmp}/vmdr-rep.XXXXXX") || exit 3
-sock=$d/nbd.sock
-qemu-nbd --persistent --shared=2 --format="$fmt" --cache=writeback --aio=threads \
-  --discard=unmap --socket="$sock" -- "$img" 2>"$d/err" &
-p=$!
-n=0
-while [ ! -S "$sock" ]; do
-  if ! kill -0 "$p" 2>/dev/null; then cat "$d/err" >&2; rm -rf -- "$d"; exit 4; fi
-  n=$((n + 1)); [ "$n" -lt 600 ] || { kill "$p"; rm -rf -- "$d"; exit 5; }
-  sleep 0.05
-done
-echo "ready $sock"
-cat >/dev/null
-kill "$p" 2>/dev/null
-wait "$p"
-rm -rf -- "$d"
-"""
-
-
-# -- the three remote steps of one cycle (each ONE command over the control master) -------
-#
-# A command over the control master costs one ssh session (a channel, a login shell,
-# ``sh``): about 0.1 s on a LAN. A cycle used to run ten or more of them, one per small
-# step and per disk; it now runs at most three: :meth:`Site.begin`, :meth:`Site.serve`
-# (only when something is written) and :meth:`Site.commit`.
-
-_BEGIN = r"""dir=$1; shift
-mkdir -p -m 0755 -- "$dir" || exit 3
-df -P -B1 -- "$dir" | awk 'NR==2 {print $4}'
-for f in "$@"; do
-  if [ -f "$dir/$f" ]; then echo "file $(wc -c < "$dir/$f")"; cat -- "$dir/$f"
-  else echo none; fi
-done
-for f in "$dir"/test-*/pin; do  # points a running test failover reads (see _PINNED)
-  [ -e "$f" ] || continue
-  flock -n -x "$f" true 2>/dev/null && continue
-  printf 'pin %s\n' "$(cat -- "$f")"
-done
-"""
-# restore point TAG on every image and the tags to drop deleted where present (the images
-# in parallel: nothing writes them meanwhile); only then the files, from stdin, each
-# exactly LEN bytes (GNU head -c reads no further), written to a temporary name and
-# renamed, the state last: a state never names a point that was not taken.
-# Arguments: TAG NIMG IMG... NDROP DROP... (PATH LEN)...
-_COMMIT = r"""set -u
-tag=$1 n=$2; shift 2
-nl='
-'
-imgs=
-while [ "$n" -gt 0 ]; do imgs="$imgs$nl$1"; shift; n=$((n - 1)); done
-n=$1; shift
-drops=
-while [ "$n" -gt 0 ]; do drops="$drops$nl$1"; shift; n=$((n - 1)); done
-IFS=$nl
-pids=
-for img in $imgs; do
-  [ -n "$img" ] || continue
-  (
-    if [ -n "$tag" ]; then qemu-img snapshot -c "$tag" -- "$img" || exit 4; fi
-    [ -n "$drops" ] || exit 0
-    have=$(qemu-img snapshot -l -U -- "$img" | awk 'NR>2 {print $2}') || exit 4
-    for t in $drops; do
-      [ -n "$t" ] || continue
-      case "$nl$have$nl" in *"$nl$t$nl"*) qemu-img snapshot -d "$t" -- "$img" || exit 4;; esac
-    done
-  ) &
-  pids="$pids $!"
-done
-IFS=' '
-rc=0
-for p in $pids; do wait "$p" || rc=4; done
-[ "$rc" -eq 0 ] || exit "$rc"
-while [ $# -gt 0 ]; do
-  f=$1 len=$2; shift 2
-  (umask 077; head -c "$len" > "$f.tmp") || exit 3
-  [ "$(wc -c < "$f.tmp")" -eq "$len" ] || { rm -f -- "$f.tmp"; echo "short write: $f" >&2; exit 3; }
-  sync "$f.tmp" 2>/dev/null || true
-  mv -f -- "$f.tmp" "$f" || exit 3
-done
-exit 0
-"""
-# the standby's state file first (``writing``), disks created where missing, then one
-# qemu-nbd per disk to serve, all in one fresh 0700 directory. Arguments: STATE LEN FMT
-# (IMG SIZE|- SERVE)...
-_SERVE = r"""set -u
-stream=$1 helper=$2 st=$3 len=$4 fmt=$5; shift 5
-if [ "$len" -gt 0 ]; then
-  (umask 077; head -c "$len" > "$st.tmp") || exit 3
-  [ "$(wc -c < "$st.tmp")" -eq "$len" ] || { rm -f -- "$st.tmp"; exit 3; }
-  sync "$st.tmp" 2>/dev/null || true
-  mv -f -- "$st.tmp" "$st" || exit 3
-fi
-d=$(mktemp -d "${TMPDIR:-/tmp}/vmdr-rep.XXXXXX") || exit 3
-pids= i=0
-while [ $# -gt 0 ]; do
-  img=$1 size=$2 serve=$3; shift 3
-  if [ "$size" != - ] && [ ! -e "$img" ]; then
-    qemu-img create -q -f qcow2 -o lazy_refcounts=off -- "$img" "$size" \
-      || { kill $pids 2>/dev/null; rm -rf -- "$d"; exit 6; }
-  fi
-  [ "$serve" = 1 ] || continue
-  i=$((i + 1))
-  qemu-nbd --persistent --shared=2 --format="$fmt" --cache=writeback --aio=threads \
-    --discard=unmap --socket="$d/$i.sock" -- "$img" 2>"$d/$i.err" &
-  pids="$pids $!"
-done
-i=0
-for p in $pids; do
-  i=$((i + 1)) n=0
-  while [ ! -S "$d/$i.sock" ]; do
-    if ! kill -0 "$p" 2>/dev/null; then
-      cat "$d/$i.err" >&2; kill $pids 2>/dev/null; rm -rf -- "$d"; exit 4
-    fi
-    n=$((n + 1)); [ "$n" -lt 1500 ] || { kill $pids; rm -rf -- "$d"; exit 5; }
-    sleep 0.02
-  done
-done
-echo "ready $d"
-rc=0
-if [ "$stream" = 1 ]; then
-  py=${VMDR_REPLICA_PYTHON:-/usr/bin/python3}
-  [ -x "$py" ] || py=$(command -v python3) || py=
-  if [ -n "$py" ]; then
-    "$py" -c "$helper" "$d" "$i" || rc=$?
-  else
-    echo forward; cat >/dev/null
-  fi
-else
-  cat >/dev/null
-fi
-[ -z "$pids" ] || { kill $pids 2>/dev/null; wait; }
-rm -rf -- "$d"
-exit "$rc"
-"""
-
-
-def parse_begin(out: bytes, n: int) -> tuple[int, list[bytes | None]]:
-    """The output of :data:`_BEGIN`: free bytes, then ``n`` files (ValueError if torn)."""
-    free, files, _pins = parse_begin_pins(out, n)
-    return free, files
-
-
-def parse_begin_pins(out: bytes, n: int) -> tuple[int, list[bytes | None], set[str]]:
-    """:func:`parse_begin` plus the ``pin NAME`` lines after the files: the restore points
-    a running test failover reads."""
-    head, _, rest = out.partition(b"\n")
-    free = int(head.decode().strip())
-    files: list[bytes | None] = []
-    for _ in range(n):
-        line, nl, rest = rest.partition(b"\n")
-        if not nl:
-            raise ValueError("truncated")
-        if line == b"none":
-            files.append(None)
-            continue
-        kind, _, size = line.partition(b" ")
-        ln = int(size)
-        if kind != b"file" or len(rest) < ln:
-            raise ValueError("truncated")
-        files.append(rest[:ln])
-        rest = rest[ln:]
-    pins = {ln[4:].strip() for ln in rest.decode(errors="replace").splitlines()
-            if ln.startswith("pin ") and ln[4:].strip()}
-    return free, files, pins
-
-
-def commit_args(files: list[tuple[str, bytes]], tag: str, images: list[str],
-                drop: list[str]) -> tuple[list[str], bytes]:
-    """The arguments and stdin of :data:`_COMMIT` (pure, for the unit tests)."""
-    args = [tag, str(len(images)), *images, str(len(drop)), *drop]
-    for path, data in files:
-        args += [path, str(len(data))]
-    return args, b"".join(data for _p, data in files)
-
-
-def serve_args(state: tuple[str, bytes] | None, fmt: str,
-               disks: list[tuple[str, int | None, bool]], helper: str = ""
-               ) -> tuple[list[str], bytes]:
-    """The arguments and stdin head of :data:`_SERVE`: (image, size to create it with or
-    None, serve it) per disk; ``helper`` the Python source that receives the framed
-    stream at the target (none: the exports are forwarded)."""
-    path, data = state if state is not None else ("", b"")
-    args = ["1" if helper else "0", helper, path, str(len(data)), fmt]
-    for img, size, serve in disks:
-        args += [img, "-" if size is None else str(size), "1" if serve else "0"]
-    return args, data
-
+from vmdr.jobs.replica_scripts import (
+    _BEGIN,
+    _COMMIT,
+    _CREATE,
+    _FREE,
+    _LIST_STATES,
+    _NBD,
+    _PINNED,
+    _READ,
+    _SERVE,
+    _SNAP,
+    _SNAP_LIST,
+    _WRITE,
+    commit_args,
+    parse_begin_pins,
+    serve_args,
+)
 
 _Begun = tuple[tuple[str, list[str]], tuple[int, list[bytes | None]]]
 
