@@ -119,6 +119,9 @@ class Run:
     opts: Options
     report: runs.RunReport
     t0: float = field(default_factory=time.monotonic)
+    # the failover's start to the microsecond (the report's ``started`` has whole
+    # seconds): the data lost is measured from it
+    started_at: datetime = field(default_factory=utcnow)
 
     @contextmanager
     def step(self, name: str, vm: str | None = None) -> Iterator[runs.Step]:
@@ -590,7 +593,7 @@ def _unplanned(run: Run, vms: dict[str, fs.DRVM]) -> None:
             finally:
                 hv.close()
         st.detail = "; ".join(notes)
-    started = datetime.fromisoformat(run.report.started)
+    started = run.started_at
     for name in plan.order():
         vm = vms[name]
         with run.step("set the restore point", name) as st:
