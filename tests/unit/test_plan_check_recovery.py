@@ -139,3 +139,21 @@ vms = ["db", "app", "web"]
     doc = json.loads(capsys.readouterr().out)
     assert rc_ == 1 and not doc["ok"]
     assert sum(p.startswith("recovery plan ") for p in doc["problems"]) == 2
+
+
+def test_offline_reads_no_replica_state_at_the_dr_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--offline`` contacts no host: the replicas count as unknown, with a note."""
+    from vmdr.jobs import plan as planjob
+    from vmdr.jobs import replicate_site
+
+    def no_site(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a DR host was contacted --offline")
+
+    monkeypatch.setattr(replicate_site, "Site", no_site)
+    cfg = _cfg({"good": {"vms": ["db", "app"]}})
+    inv = invmod.from_config(cfg)
+    hs = planjob.hotsite_facts(cfg, inv, 5.0, offline=True)
+    assert hs is not None and sorted(hs.replicas) == ["app", "db"]
+    assert all(f.newest is None and f.error == "not read (--offline)" and f.dr_host == "dr1"
+               for f in hs.replicas.values())
+    assert any("--offline" in n for n in hs.notes)

@@ -75,15 +75,17 @@ def evaluate(cfg: Config, *, opener: Opener, connector: Connector | None, now: d
     if use_cache:
         cache.save(path, hosts, repos, cached)
     cov = coverage.compute(inv, facts, hosts, repos, now, ha(inv) if ha else None)
-    hot = hotsite_facts(cfg, inv, timeout)
+    hot = hotsite_facts(cfg, inv, timeout, offline=connector is None)
     if hot is not None:
         hotsite.apply(cov, hot, recovery.reports_dir(cfg))
     return cov
 
 
-def hotsite_facts(cfg: Config, inv: Inventory, timeout: float) -> hotsite.HotSite | None:
+def hotsite_facts(cfg: Config, inv: Inventory, timeout: float, *,
+                  offline: bool = False) -> hotsite.HotSite | None:
     """The recovery plans, their last tests and each replica's newest restore point, read
-    from the state kept at its DR host (None when the config has neither)."""
+    from the state kept at its DR host (None when the config has neither). ``offline``
+    (``--offline``): no DR host is contacted; the replicas count as unknown."""
     if not inv.replicas and not cfg.raw.get(recovery.SECTION):
         return None
     plans = list(recovery.load_plans(cfg, inv).values())
@@ -92,6 +94,15 @@ def hotsite_facts(cfg: Config, inv: Inventory, timeout: float) -> hotsite.HotSit
                                  for p in plans})
     from vmdr.jobs.replicate import load_state, redact_uri
     from vmdr.jobs.replicate_site import Site
+
+    if offline:
+        if inv.replicas:
+            hs.notes.append("--offline: the replicas' state was not read at their DR hosts; "
+                            "their coverage is not counted")
+        hs.replicas = {vm: hotsite.ReplicaFact(
+            vm, d.to if d.to in inv.hosts else None, d.to, None, "not read (--offline)")
+            for vm, d in inv.replicas.items()}
+        return hs
 
     def read(vm: str) -> Callable[[], hotsite.ReplicaFact]:
         decl = inv.replicas[vm]
