@@ -38,21 +38,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _util import drop_caches, replace_section  # noqa: E402
+from replica import DR_ROOT, PY, vmdr  # noqa: E402
 from tests.multihost.cluster import Cluster  # noqa: E402
 from tests.multihost.hosts import Host  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-PY = [sys.executable, "-m", "vmdr.cli.main"]
-DR_ROOT = "/var/lib/libvirt/images/vmdr-replicas"
 LIMIT = 0.2
-
-
-def vmdr(h: Host, *args: str, timeout: float = 1800) -> dict[str, Any]:
-    p = h.run(*PY, *args, "--json", check=False, timeout=timeout)
-    if p.returncode != 0:
-        raise SystemExit(f"vmdr {' '.join(args[:2])} failed: {p.stderr.strip()[-800:]}")
-    out: dict[str, Any] = json.loads(p.stdout)
-    return out
 
 
 def cold(h: Host, *args: str) -> tuple[float, dict[str, Any]]:

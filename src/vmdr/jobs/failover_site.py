@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import select
 import shlex
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,7 +45,7 @@ from vmdr.hypervisor import (
 )
 from vmdr.hypervisor.console import relocate_console_logs
 from vmdr.jobs.replicate import load_state, redact_uri
-from vmdr.jobs.replicate_site import Site
+from vmdr.jobs.replicate_site import Site, read_line
 from vmdr.jobs.replicate_state import ReplicaState, RestorePoint
 from vmdr.plan.recovery import PlanVM, RecoveryPlan
 
@@ -279,7 +276,7 @@ def freeze(vm: DRVM, run: str, point: RestorePoint, timeout: float = 60) -> str:
         proc = vm.site.spawn(_READER, d, t, str(disk["path"]), point.name,
                              str(int(disk["size"])))
         vm.readers.append(proc)
-        line = _first_line(proc, timeout)
+        line = read_line(proc, timeout)
         if not line.startswith("ready "):
             err = ""
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -295,19 +292,6 @@ def freeze(vm: DRVM, run: str, point: RestorePoint, timeout: float = 60) -> str:
     return d
 
 
-def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-            break
-        c = os.read(proc.stdout.fileno(), 1)
-        if not c:
-            break
-        line += c
-    return line.decode(errors="replace").strip()
 
 
 def nbd_backing(xml: str, exports: dict[str, str]) -> str:

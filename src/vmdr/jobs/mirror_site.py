@@ -33,7 +33,7 @@ from typing import Any
 
 from vmdr.errors import HypervisorError
 from vmdr.hypervisor.remote import _pdeathsig_prefix, private_base
-from vmdr.jobs.replicate_site import Site, _last_line
+from vmdr.jobs.replicate_site import Site, _last_line, read_line
 
 KEEPALIVE_S = 1
 KEEPALIVE_COUNT = 3
@@ -129,19 +129,6 @@ def qemu_group() -> str:
     return ""
 
 
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str | None:
-    assert proc.stdout is not None
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-            return None
-        c = os.read(proc.stdout.fileno(), 1)
-        if not c:
-            return None
-        line += c
-    return line.decode(errors="replace").strip()
 
 
 class MirrorExport:
@@ -162,7 +149,7 @@ class MirrorExport:
         argv = self.site._argv(_RUN_WRAPPER, args)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
-        line = _read_line(self.proc, 90)
+        line = read_line(self.proc, 90)
         if not line or not line.startswith("ready "):
             err = self._end()
             raise HypervisorError(f"cannot serve the standby disks on {self.site.where} for "
@@ -184,7 +171,7 @@ class MirrorExport:
         except OSError as exc:
             raise HypervisorError(f"the mirror export on {self.site.where} is gone ({exc})") \
                 from None
-        reply = _read_line(p, timeout)
+        reply = read_line(p, timeout)
         if reply != "ok":
             raise HypervisorError(f"{line.split()[0]} on {self.site.where}: "
                                   f"{reply or 'no answer'}")

@@ -58,6 +58,23 @@ def _last_line(data: bytes | None) -> str:
     return lines[-1] if lines else "no error output"
 
 
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line *proc* writes to its stdout, stripped; "" when it ends or is silent
+    for *timeout* seconds first (a line cut short comes back as it is)."""
+    assert proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            break
+        c = os.read(proc.stdout.fileno(), 1)
+        if not c:
+            break
+        line += c
+    return line.decode(errors="replace").strip()
+
+
 class Site:
     """The DR host of one replica target URI (local or ``qemu+ssh://``)."""
 
@@ -242,7 +259,7 @@ class Site:
             proc.stdin.flush()
         except OSError:
             pass  # the script failed early: its error comes below
-        text = self._ready_line(proc, 120)
+        text = read_line(proc, 120)
         if not text.startswith("ready "):
             self._stop(proc)
             err = proc.stderr.read() if proc.stderr else b""
@@ -254,7 +271,7 @@ class Site:
         served = [img for img, _s, serve in disks if serve]
         socks = [f"{remote_dir}/{i}.sock" for i in range(1, len(served) + 1)]
         ex = Exports(self, proc)
-        mode = self._ready_line(proc, 60) if self.stream and served else "forward"
+        mode = read_line(proc, 60) if self.stream and served else "forward"
         if mode in ("zstd", "raw"):
             ex.stream = FrameSender(proc, self.compress and mode == "zstd")
             for i, img in enumerate(served):
@@ -272,20 +289,6 @@ class Site:
             ex.close(flush=False)
             raise
         return ex
-
-    def _ready_line(self, proc: subprocess.Popen[bytes], timeout: float) -> str:
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + timeout
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-                break
-            c = os.read(proc.stdout.fileno(), 1)
-            if not c:
-                break
-            line += c
-        return line.decode(errors="replace").strip()
 
     def _forward_all(self, socks: list[str]) -> list[str]:
         """Local paths for the remote sockets: the same paths on a local site; else every
