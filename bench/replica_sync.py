@@ -53,6 +53,17 @@ def cold(h: Host, *args: str) -> tuple[float, dict[str, Any]]:
     return time.monotonic() - t0, r
 
 
+# "before": every cycle logs in to the DR host twice (its own ssh control master and
+# libvirt's qemu+ssh connection, at the same time), as before the shared master;
+# "after": the persistent master of the DR host (vmdr.hypervisor.ssh_mux), left up by the
+# previous cycle as under the agent's one-minute schedule, carries both
+VARIANTS = {"before": "0", "after": "300"}
+
+
+def variant(name: str) -> None:
+    os.environ["VMDR_SSH_PERSIST"] = VARIANTS[name]
+
+
 def guest_dd(h: Host, dom: str, mib: int, seek_mib: int) -> None:
     """The guest rewrites ``mib`` MiB of vdb from ``seek_mib`` with random bytes."""
     from vmdr.hypervisor import connect
@@ -68,7 +79,7 @@ def guest_dd(h: Host, dom: str, mib: int, seek_mib: int) -> None:
         hv.close()
 
 
-def one_size(image: Path | None, runs: int) -> dict[str, Any]:
+def one_size(image: Path | None, runs: int, compare: bool = False) -> dict[str, Any]:
     res: dict[str, Any] = {"image": str(image) if image else None, "runs": runs,
                            "rounds": []}
     with Cluster(hosts=2, etcd=False, sshd=True) as c, \
@@ -96,6 +107,7 @@ def one_size(image: Path | None, runs: int) -> dict[str, Any]:
         common = ["replicate", g.name, "--to", to, "--dir", DR_ROOT, "--points", "5"]
         rcommon = ["replicate", g.name, "--to", to, "--dir", DR_ROOT + "-repo", "--feed",
                    "repository", "--points", "3", "--standby-name", f"{g.name}-rrepo"]
+        variant("after")  # the seeds leave the DR host's shared master up
         res["seed_direct_s"], _ = cold(h1, *common)
         res["seed_repo_s"], _ = cold(h1, *rcommon)
         mib = max(1, round(res["data_virtual"] / (1 << 20) / 100))
@@ -115,31 +127,47 @@ def one_size(image: Path | None, runs: int) -> dict[str, Any]:
                                       f"{tmp}/restored", "--name", f"{g.name}-r")
             h1.virsh("undefine", f"{g.name}-r", check=False)
             subprocess.run(["rm", "-rf", f"{tmp}/restored"], check=True)
-            rd["idle_direct_s"], r = cold(h1, *common)
-            rd["idle_direct"] = r["results"][0]
-            vmdr(h1, "backup", g.name)
-            rd["idle_repo_s"], r = cold(h1, *rcommon)
-            rd["idle_repo"] = r["results"][0]
-            # a new place each round, past the start of the disk (file system metadata)
-            seek = (res["data_virtual"] >> 20) // 4 + i * 2 * mib
-            guest_dd(h1, g.name, mib, seek)
-            rd["direct_s"], r = cold(h1, *common)
-            rd["direct"] = r["results"][0]
-            t0 = time.monotonic()
-            drop_caches()
-            vmdr(h1, "backup", g.name)
-            rd["backup_inc_s"] = time.monotonic() - t0
-            rd["repo_s"], r = cold(h1, *rcommon)
-            rd["repo"] = r["results"][0]
-            # the same change once more, sent without ssh compression (--no-compress)
-            guest_dd(h1, g.name, mib, seek + mib)
-            rd["plain_s"], r = cold(h1, *common, "--no-compress")
-            rd["plain"] = r["results"][0]
-            vmdr(h1, "backup", g.name)  # the repository standby catches up (untimed), so
-            vmdr(h1, *rcommon)  # the next round's idle repository cycle is idle
+            for k, name in enumerate(VARIANTS if compare else ["after"]):
+                variant(name)
+                # a new place per round and variant, past the start of the disk (metadata)
+                seek = (res["data_virtual"] >> 20) // 4 + (i * 2 + k * 2 * runs) * mib
+                vd = _round(h1, g, common, rcommon, mib, seek)
+                if name == "after" or not compare:
+                    rd.update(vd)
+                else:
+                    rd.update({f"b_{key}": v for key, v in vd.items()})
             res["rounds"].append(rd)
             print(json.dumps({k: v for k, v in rd.items() if k.endswith("_s")}), flush=True)
+        variant("after")
     return res
+
+
+def _round(h1: Host, g: Any, common: list[str], rcommon: list[str], mib: int,
+           seek: int) -> dict[str, Any]:
+    """One variant's cycles of a round: idle direct and repository cycles, then the 1 %
+    change through each feed (and the direct feed once more with --no-compress)."""
+    rd: dict[str, Any] = {}
+    rd["idle_direct_s"], r = cold(h1, *common)
+    rd["idle_direct"] = r["results"][0]
+    vmdr(h1, "backup", g.name)
+    rd["idle_repo_s"], r = cold(h1, *rcommon)
+    rd["idle_repo"] = r["results"][0]
+    guest_dd(h1, g.name, mib, seek)
+    rd["direct_s"], r = cold(h1, *common)
+    rd["direct"] = r["results"][0]
+    t0 = time.monotonic()
+    drop_caches()
+    vmdr(h1, "backup", g.name)
+    rd["backup_inc_s"] = time.monotonic() - t0
+    rd["repo_s"], r = cold(h1, *rcommon)
+    rd["repo"] = r["results"][0]
+    # the same change once more, sent without ssh compression (--no-compress)
+    guest_dd(h1, g.name, mib, seek + mib)
+    rd["plain_s"], r = cold(h1, *common, "--no-compress")
+    rd["plain"] = r["results"][0]
+    vmdr(h1, "backup", g.name)  # the repository standby catches up (untimed), so
+    vmdr(h1, *rcommon)  # the next round's idle repository cycle is idle
+    return rd
 
 
 def med(rounds: list[dict[str, Any]], key: str, sub: str | None = None) -> float:
@@ -157,7 +185,15 @@ def med_timings(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
-    rounds = r["rounds"]
+    out = _summary(r, r["rounds"])
+    before = [{**{k[2:]: v for k, v in x.items() if k.startswith("b_")},
+               "restore_s": x["restore_s"]} for x in r["rounds"] if "b_direct_s" in x]
+    if before:
+        out["before"] = _summary(r, before)
+    return out
+
+
+def _summary(r: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: r[k] for k in ("data_virtual", "data_allocated", "changed_mib",
                                               "seed_direct_s", "seed_repo_s", "ssh_s",
                                               "cli_start_s", "runs")}
@@ -246,6 +282,7 @@ def render(sizes: list[dict[str, Any]]) -> str:
             f"{_profile(s['plain_timings'], s['plain_s'])}. Nothing changed: direct "
             f"{_profile(s['idle_direct_timings'], s['idle_direct_s'])}. One ssh login "
             f"(`ssh h2 true`) {s['ssh_s']:.2f} s; `vmdr --version` {s['cli_start_s']:.2f} s.")
+    compare = _compare(sizes)
     return "\n".join([
         "### Replica sync after a 1 % change vs a full restore",
         "",
@@ -269,6 +306,7 @@ def render(sizes: list[dict[str, Any]]) -> str:
         "",
         *rows,
         "",
+        *compare,
         "Where a cycle's time goes (medians; each step as the cycle's `--json` "
         "`timings` report it: `connect` = libvirt's qemu+ssh connection and the control "
         "master, overlapped; `begin` = the first command at the DR host (directory, free "
@@ -284,6 +322,37 @@ def render(sizes: list[dict[str, Any]]) -> str:
         *reading(sizes),
         "",
     ])
+
+
+def _compare(sizes: list[dict[str, Any]]) -> list[str]:
+    """Before/after the shared ssh master, the same rounds (each round ran both)."""
+    have = [s for s in sizes if "before" in s]
+    if not have:
+        return []
+    rows = ["Before / after the DR host's persistent ssh master, in the same rounds (each "
+            "round ran every cycle twice: first with `VMDR_SSH_PERSIST=0`, a private master "
+            "and libvirt's own ssh login per cycle as before; then with the master the "
+            "previous cycle left up, as under the agent's one-minute schedule; each against "
+            "that round's restore):",
+            "",
+            "| data disk | cycle | before | after | limit ≤ 0.2× (after) |",
+            "|---|---|---|---|---|"]
+    for s in have:
+        b = s["before"]
+        for key, what in (("direct", "direct feed, 1 % changed"),
+                          ("repo", "repository feed, 1 % changed"),
+                          ("plain", "direct `--no-compress`, 1 % changed")):
+            ok = "**met**" if s[f"{key}_ratio"] <= LIMIT else "**not met**"
+            rows.append(f"| {_size(s)} | {what} | {b[f'{key}_s']:.2f} s = "
+                        f"{b[f'{key}_ratio']:.2f}× | {s[f'{key}_s']:.2f} s = "
+                        f"**{s[f'{key}_ratio']:.2f}×** | {ok} |")
+        for key, what in (("idle_direct", "nothing changed, direct"),
+                          ("idle_repo", "nothing changed, repository")):
+            rows.append(f"| {_size(s)} | {what} | {b[f'{key}_s']:.2f} s (connect "
+                        f"{b[f'{key}_timings'].get('connect', 0.0):.2f}) | "
+                        f"{s[f'{key}_s']:.2f} s (connect "
+                        f"{s[f'{key}_timings'].get('connect', 0.0):.2f}) | — |")
+    return [*rows, ""]
 
 
 def reading(sizes: list[dict[str, Any]]) -> list[str]:
@@ -345,6 +414,9 @@ def main() -> None:
                          "baseline)")
     ap.add_argument("--size", choices=("small", "large", "both", "series"), default="both")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--compare", action="store_true",
+                    help="every cycle of a round twice: without and with the DR host's "
+                         "persistent ssh master (before / after)")
     ap.add_argument("--render", action="store_true",
                     help="only render the section again from bench/work/replica-sync-*.json")
     a = ap.parse_args()
@@ -366,7 +438,7 @@ def main() -> None:
     sizes = []
     if a.size == "series":  # each size's file as soon as it is measured
         for img in images:
-            raw = one_size(img, a.runs)
+            raw = one_size(img, a.runs, a.compare)
             (work / f"replica-sync-series-{img.stem}.json").write_text(json.dumps(raw, indent=1))
             sizes.append(summary(raw))
             print(json.dumps(sizes[-1], indent=1), flush=True)

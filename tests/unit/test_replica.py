@@ -559,6 +559,10 @@ class _SlowSite:
         self.uri, self.fail, self.closed = uri, fail, False
         self.started_at: float | None = None
         self.start_thread = 0
+        self.reused = False
+
+    def libvirt_uri(self) -> str:
+        return self.uri
 
     def start(self) -> _SlowSite:
         import threading

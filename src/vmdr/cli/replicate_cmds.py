@@ -82,18 +82,22 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
 
 
 def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
-    """libvirt's connection to the DR host and the Site's ssh control master are two ssh
-    logins: make them at the same time, and as soon as the master is up (libvirt's RPC
-    handshake takes longer) run the direct feed's first command at the DR host (its
-    state), so a cycle's fixed cost is about one login. The master starts in this thread:
-    its parent-death signal would fire when another ended; libvirt logs in from a
+    """libvirt's connection to the DR host and the Site's ssh control master. The master
+    is this user's persistent one for the DR host (:mod:`vmdr.hypervisor.ssh_mux`): when
+    an earlier cycle left it up, both go over it and nobody logs in; else they log in at
+    the same time, and as soon as the master is up (libvirt's RPC handshake takes longer)
+    the direct feed's first command at the DR host (its state) runs, so a cycle's fixed
+    cost is at most one login. A reused master that fails that first command (its link
+    died) is replaced once. A private master (``VMDR_SSH_PERSIST=0``) starts in this
+    thread: its parent-death signal would fire when another ended; libvirt logs in from a
     helper thread."""
-    site = Site(spec.target_uri, compress=spec.compress).start()
+    site = Site(spec.target_uri, compress=spec.compress, shared=True).start()
+    lv_uri = site.libvirt_uri()
     got: dict[str, Any] = {}
 
     def libvirt_login() -> None:
         try:
-            got["target"] = connect(spec.target_uri)
+            got["target"] = connect(lv_uri)
         except BaseException as exc:  # handed to the cycle's thread below
             got["error"] = exc
 
@@ -103,7 +107,13 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
     try:
         site.open()
         if spec.feed == "direct":
-            site.prefetch(spec.directory, [STATE_FILE])
+            try:
+                site.prefetch(spec.directory, [STATE_FILE])
+            except HypervisorUnavailable:
+                if not site.reused:
+                    raise
+                site.replace_master()  # an old master whose link is gone: log in again
+                site.prefetch(spec.directory, [STATE_FILE])
     except BaseException as exc:
         failed = exc
     th.join()
@@ -112,7 +122,8 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
         site.close()
         if isinstance(err, HypervisorUnavailable):
             shown = redact_uri(spec.target_uri)
-            why = " ".join(err.message.replace(spec.target_uri, shown).split())  # one line
+            msg = err.message.replace(lv_uri, shown).replace(spec.target_uri, shown)
+            why = " ".join(msg.split())  # one line
             raise HypervisorUnavailable(f"DR host {shown} unreachable: {why}") from None
         raise err
     target: Hypervisor = got["target"]

@@ -34,9 +34,13 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 from vmdr.errors import HypervisorError, HypervisorUnavailable, RemoteFailed, UsageError
+
+if TYPE_CHECKING:
+    from .ssh_mux import SharedMaster
 
 SSH_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2"})
 LOCAL_TRANSPORTS = frozenset({"", "unix"})
@@ -179,23 +183,33 @@ def _first_line(data: bytes | str | None) -> str:
 
 
 class RemoteHost:
-    """One ssh control master to the hypervisor host, with commands and forwards over it."""
+    """One ssh control master to the hypervisor host, with commands and forwards over it.
 
-    def __init__(self, target: SshTarget) -> None:
+    With ``shared`` (:class:`.ssh_mux.SharedMaster`) the master is the persistent one of
+    this user for the target, reused across processes; this host then only owns its
+    private directory (forwarded sockets), its spawned commands and its forwards, which
+    :meth:`close` cancels: the master stays for the next cycle."""
+
+    def __init__(self, target: SshTarget, *, shared: SharedMaster | None = None) -> None:
         self.target = target
+        self.shared = shared
         self.dir: str | None = None
         self._master: subprocess.Popen[bytes] | None = None
         self._started = 0.0
         self._spawned: list[subprocess.Popen[bytes]] = []
+        self._forwards: list[str] = []  # ``local:remote`` specs (cancelled on a shared master)
 
     @property
     def control(self) -> str:
+        if self.shared is not None:
+            return self.shared.control
         assert self.dir is not None
         return os.path.join(self.dir, "ctl")
 
     @property
     def pids(self) -> list[int]:
-        """Local ssh processes of this host (recorded for crash cleanup)."""
+        """Local ssh processes of this host (recorded for crash cleanup; a shared master
+        is not this process's)."""
         procs = [self._master, *self._spawned]
         return [p.pid for p in procs if p is not None and p.poll() is None]
 
@@ -203,6 +217,11 @@ class RemoteHost:
         """Start the control master in a fresh private directory; do not wait for it
         (:meth:`open` waits). Call it from the thread that lives as long as the master:
         its parent-death signal fires when the starting thread ends."""
+        if self.shared is not None:
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="vmdr-ssh-", dir=private_base())
+                self.shared.start()
+            return self
         if self._master is not None:
             return self
         self.dir = tempfile.mkdtemp(prefix="vmdr-ssh-", dir=private_base())
@@ -219,6 +238,14 @@ class RemoteHost:
 
     def open(self, timeout: float = CONNECT_TIMEOUT + 15) -> RemoteHost:
         """Start the control master (unless :meth:`start` did) and wait until it is up."""
+        if self.shared is not None:
+            self.start()
+            try:
+                self.shared.wait(timeout)
+            except BaseException:
+                self.close()
+                raise
+            return self
         if self._master is None:
             self.start()
         elif os.path.exists(self.control):
@@ -235,7 +262,17 @@ class RemoteHost:
             time.sleep(0.02)
         return self
 
+    def replace_master(self) -> None:
+        """A shared master failed a command: end it and log in again (HypervisorUnavailable
+        when that fails too)."""
+        if self.shared is not None:
+            self.shared.replace()
+
     def _need_master(self) -> None:
+        if self.shared is not None:
+            if self.dir is None or not os.path.exists(self.control):
+                raise HypervisorUnavailable(f"ssh connection to {self.target} is not open")
+            return
         if self._master is None or self._master.poll() is not None:
             raise HypervisorUnavailable(f"ssh connection to {self.target} is not open")
 
@@ -255,6 +292,8 @@ class RemoteHost:
             raise HypervisorError(f"remote command on {self.target} timed out") from exc
         if p.returncode not in ok:
             if p.returncode == 255:
+                if self.shared is not None:  # its link may be dead: the next cycle logs in
+                    self.shared.stop("exit")
                 raise HypervisorUnavailable(f"ssh to {self.target} failed: "
                                             f"{_first_line(p.stderr)}")
             raise RemoteFailed(f"on {self.target}: {_first_line(p.stderr)}", p.returncode)
@@ -309,22 +348,43 @@ class RemoteHost:
 
     def forward(self, name: str, remote_path: str) -> str:
         """Forward ``<private dir>/<name>`` to the remote unix socket; the local path."""
+        return self.forward_all([(name, remote_path)])[0]
+
+    def forward_all(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """Forward ``<private dir>/<name>`` to each remote unix socket in one mux request;
+        the local paths."""
         self._need_master()
         assert self.dir is not None
-        local = os.path.join(self.dir, name)
+        local = [os.path.join(self.dir, name) for name, _r in pairs]
+        specs = [f"{loc}:{remote}" for loc, (_n, remote) in zip(local, pairs, strict=True)]
         argv = [*self.target.argv(control=self.control)]
-        argv[-2:-2] = ["-O", "forward", "-L", f"{local}:{remote_path}"]
+        argv[-2:-2] = ["-O", "forward", *[x for s in specs for x in ("-L", s)]]
         p = subprocess.run(argv, capture_output=True, timeout=60, check=False,
                            stdin=subprocess.DEVNULL)
-        if p.returncode != 0 or not os.path.exists(local):
+        self._forwards += specs
+        if p.returncode != 0 or not all(os.path.exists(x) for x in local):
             raise HypervisorError(f"ssh forwarding to {self.target} failed: "
                                   f"{_first_line(p.stderr)}")
         return local
+
+    def _cancel_forwards(self) -> None:
+        if not self._forwards or not os.path.exists(self.control):
+            self._forwards = []
+            return
+        argv = [*self.target.argv(control=self.control)]
+        argv[-2:-2] = ["-O", "cancel", *[x for s in self._forwards for x in ("-L", s)]]
+        self._forwards = []
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(argv, capture_output=True, timeout=30, check=False,
+                           stdin=subprocess.DEVNULL)
 
     def close(self) -> None:
         """Stop every spawned script and the master; remove the private directory."""
         for proc in list(self._spawned):
             self.release(proc, timeout=10)
+        if self.shared is not None:
+            self._cancel_forwards()  # the master stays for the next cycle; ours do not
+            self.shared.release()
         if self._master is not None:
             if self._master.poll() is None:
                 self._master.terminate()

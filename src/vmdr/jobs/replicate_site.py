@@ -28,8 +28,9 @@ from dataclasses import replace
 from typing import Any
 
 from vmdr.errors import HypervisorError, NoSpace, UsageError, VmdrError
-from vmdr.hypervisor import is_local_uri, parse_ssh_uri
+from vmdr.hypervisor import is_local_uri, parse_ssh_uri, ssh_mux
 from vmdr.hypervisor.remote import RemoteHost
+from vmdr.hypervisor.ssh_mux import SharedMaster
 from vmdr.jobs import replica_frames
 from vmdr.jobs.replica_scripts import (
     _BEGIN,
@@ -78,7 +79,8 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 class Site:
     """The DR host of one replica target URI (local or ``qemu+ssh://``)."""
 
-    def __init__(self, uri: str, *, compress: bool = True, stream: bool | None = None) -> None:
+    def __init__(self, uri: str, *, compress: bool = True, stream: bool | None = None,
+                 shared: bool = False) -> None:
         self.uri = uri
         self.local = is_local_uri(uri)
         # over ssh the changes go as frames to a helper at the target, compressed by vmdr
@@ -91,9 +93,14 @@ class Site:
         self._forwards = 0
         self._begun: _Begun | None = None
         self._pins: dict[str, set[str]] = {}
+        self._shared: SharedMaster | None = None
         if not self.local:
-            target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
-            self._host = RemoteHost(replace(target, compression=False))
+            target = replace(parse_ssh_uri(uri), compression=False)  # UsageError for tcp/tls
+            persist = ssh_mux.persist_seconds() if shared else 0
+            base = ssh_mux.mux_dir() if persist else None
+            if base is not None:  # the persistent master of this DR host (replica cycles)
+                self._shared = SharedMaster(target, base, persist)
+            self._host = RemoteHost(target, shared=self._shared)
         self.where = "this host" if self.local else str(self._host.target if self._host
                                                         else uri)
 
@@ -109,6 +116,23 @@ class Site:
         if self._host is not None:
             self._host.open()  # HypervisorUnavailable when the DR host cannot be reached
         return self
+
+    @property
+    def reused(self) -> bool:
+        """The ssh master was up before this cycle (a shared one, see :mod:`.ssh_mux`)."""
+        return self._shared is not None and self._shared.reused
+
+    def replace_master(self) -> None:
+        """The shared master failed a command: end it and log in again."""
+        if self._host is not None:
+            self._host.replace_master()
+
+    def libvirt_uri(self) -> str:
+        """The URI for libvirt's connection to this DR host: over the shared master when
+        there is one (``command=`` a wrapper, ssh transport only), else the site's URI."""
+        if self._shared is None or parse_ssh_uri(self.uri).transport != "ssh":
+            return self.uri
+        return ssh_mux.libvirt_uri(self.uri, self._shared.wrapper())
 
     def close(self) -> None:
         for p in list(self._procs):
@@ -295,22 +319,11 @@ class Site:
         socket forwarded into the session's private 0700 directory in one mux request."""
         if self._host is None or not socks:
             return socks
-        h = self._host
-        assert h.dir is not None
-        local, argv = [], [*h.target.argv(control=h.control)]
-        opts = ["-O", "forward"]
+        pairs = []
         for remote in socks:
             self._forwards += 1
-            path = os.path.join(h.dir, f"w{self._forwards}.sock")
-            opts += ["-L", f"{path}:{remote}"]
-            local.append(path)
-        argv[-2:-2] = opts
-        p = subprocess.run(argv, capture_output=True, timeout=60, check=False,
-                           stdin=subprocess.DEVNULL)
-        if p.returncode != 0 or not all(os.path.exists(x) for x in local):
-            raise HypervisorError(f"ssh forwarding to {self.where} failed: "
-                                  f"{_last_line(p.stderr)}")
-        return local
+            pairs.append((f"w{self._forwards}.sock", remote))
+        return self._host.forward_all(pairs)
 
     # -- a writable NBD export of one standby disk -------------------------------------------
 
