@@ -31,6 +31,7 @@ from vmdr.agent.history import History, Job, new_job_id
 from vmdr.agent.inventory import LibvirtVMs, VMSource
 from vmdr.agent.runner import Runner, job_command
 from vmdr.config import Config
+from vmdr.hypervisor import ssh_mux
 from vmdr.timeutil import utcnow
 
 log = logging.getLogger("vmdr.agent")
@@ -140,6 +141,11 @@ class Agent:
         if self.ha is not None:
             self.ha.stop()
         self.coord.close()
+        # the DR hosts' ssh masters its replica cycles left up (they would end by
+        # themselves after VMDR_SSH_PERSIST idle seconds)
+        if any(p.kind == "replicate" for p in self.cfg.policies.values()):
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, ssh_mux.stop_masters)
 
     async def cycle(self) -> None:
         now = self.clock()

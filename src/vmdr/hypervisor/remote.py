@@ -269,8 +269,8 @@ class RemoteHost:
             self.shared.replace()
 
     def _need_master(self) -> None:
-        if self.shared is not None:
-            if self.dir is None or not os.path.exists(self.control):
+        if self.shared is not None:  # a shared master that went away meanwhile (stopped,
+            if self.dir is None:     # its link died): ssh -S logs in by itself instead
                 raise HypervisorUnavailable(f"ssh connection to {self.target} is not open")
             return
         if self._master is None or self._master.poll() is not None:

@@ -85,10 +85,17 @@ def _netns() -> str:
         return ""
 
 
+def _ns_tag() -> str:
+    """This network namespace as a file-name prefix (``n4026531840-``)."""
+    digits = "".join(c for c in _netns() if c.isdigit())
+    return f"n{digits}-" if digits else ""
+
+
 def master_key(target: SshTarget) -> str:
-    """Who may share a master: the same ssh command in the same network namespace."""
+    """Who may share a master: the same ssh command in the same network namespace (the
+    namespace also prefixes the name, so :func:`stop_masters` stops only its own)."""
     ident = "\0".join([*target.argv(), _netns()])
-    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+    return _ns_tag() + hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
 def listening(path: str) -> bool:
@@ -229,16 +236,17 @@ def libvirt_uri(uri: str, wrapper: str) -> str:
 
 
 def stop_masters(directory: str | None = None) -> int:
-    """Ask every shared master of this user to stop (``ssh -O stop``: running sessions
-    finish, no new ones start, then it exits); the number asked. The agent calls it when
-    it exits."""
+    """Ask every shared master of this user in this network namespace to stop (``ssh -O
+    stop``: running sessions finish, no new ones start, then it exits; a cycle still
+    running logs in again for its next command); the number asked. The agent calls it
+    when it exits."""
     d = mux_dir(directory) if directory or os.path.isdir(_default_dir()) else None
     if d is None:
         return 0
     n = 0
     for name in sorted(os.listdir(d)):
-        if not name.endswith(".sock"):
-            continue
+        if not name.endswith(".sock") or not name.startswith(_ns_tag()):
+            continue  # another network namespace's (a test host's) masters are not ours
         path = os.path.join(d, name)
         if not listening(path):
             continue
