@@ -66,7 +66,7 @@ def test_pure_argument_builders() -> None:
     assert data == b"xy{}"
     args, data = serve_args(("/d/s", b"abc"), "qcow2", [("/d/1", 10, True), ("/d/2", None,
                                                                               False)])
-    assert args == ["0", "", "/d/s", "3", "qcow2", "/d/1", "10", "1", "/d/2", "-", "0"]
+    assert args == ["0", "", "", "/d/s", "3", "qcow2", "/d/1", "10", "1", "/d/2", "-", "0"]
     assert data == b"abc"
     assert parse_begin(b"123\nnone\nfile 3\nab\nfile 0\n", 3) == (123, [None, b"ab\n", b""])
     with pytest.raises(ValueError):
@@ -256,3 +256,49 @@ def test_begin_reads_the_pins_of_running_test_failovers_in_the_same_command(
         holder.wait()
     free, _files, pins = parse_begin_pins(b"123\nfile 6\npin x\nnone\npin rp-9\n", 2)
     assert (free, pins) == (123, {"rp-9"})  # a file's bytes are not read as a pin
+
+
+@needs_qemu
+def test_the_commit_goes_into_the_streams_session(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the framed stream the cycle's commit runs in the serving process once the
+    helper acknowledged the data: serve + commit = one remote command, not two."""
+    pytest.importorskip("nbd")
+    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], check=False).returncode:
+        pytest.skip("no libnbd for the system Python (the DR-host helper)")
+    d = tmp_path / "dr" / "web"
+    d.mkdir(parents=True)
+    site = Site("qemu:///system", stream=True)
+    a = str(d / "a.qcow2")
+    calls = _count(monkeypatch)
+    ex = site.serve((str(d / "replica.json"), b'{"writing": true}'), [(a, SIZE, True)])
+    ex.writers[a].write(BLOCK, b"\x05" * BLOCK)
+    ex.close()
+    site.commit([(str(d / "replica.json"), b"{}")], "rp-1", [a], [])
+    assert calls == ["popen"]  # no command of its own for the commit
+    assert (d / "replica.json").read_bytes() == b"{}"
+    out = subprocess.run(["qemu-img", "snapshot", "-l", "-U", a], check=True,
+                         capture_output=True, text=True).stdout
+    assert "rp-1" in out
+    cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a,
+                          "/dev/null"], capture_output=True, text=True)
+    assert cmp.returncode == 1  # the block was written
+
+    # a commit that fails there: its one-line error, and the state stays as it was
+    ex = site.serve(None, [(a, None, True)])
+    ex.close()
+    with pytest.raises(HypervisorError, match=r"missing\.qcow2"):
+        site.commit([(str(d / "replica.json"), b"NEW")], "rp-2",
+                    [a, str(d / "missing.qcow2")], [])
+    assert (d / "replica.json").read_bytes() == b"{}"
+    # a cycle that fails after the data: the serving process ends, nothing is committed
+    ex = site.serve(None, [(a, None, True)])
+    ex.close()
+    proc = site._pending
+    assert proc is not None
+    site.close()
+    assert proc.poll() is not None  # it saw the end of its input and ended
+    out = subprocess.run(["qemu-img", "snapshot", "-l", "-U", a], check=True,
+                         capture_output=True, text=True).stdout
+    assert "rp-1" in out and "rp-3" not in out
+    assert (d / "replica.json").read_bytes() == b"{}" and not list(d.glob("*.tmp"))

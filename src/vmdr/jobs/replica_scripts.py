@@ -119,7 +119,7 @@ exit 0
 # qemu-nbd per disk to serve, all in one fresh 0700 directory. Arguments: STATE LEN FMT
 # (IMG SIZE|- SERVE)...
 _SERVE = r"""set -u
-stream=$1 helper=$2 st=$3 len=$4 fmt=$5; shift 5
+stream=$1 helper=$2 commit=$3 st=$4 len=$5 fmt=$6; shift 6
 if [ "$len" -gt 0 ]; then
   (umask 077; head -c "$len" > "$st.tmp") || exit 3
   [ "$(wc -c < "$st.tmp")" -eq "$len" ] || { rm -f -- "$st.tmp"; exit 3; }
@@ -166,6 +166,13 @@ else
 fi
 [ -z "$pids" ] || { kill $pids 2>/dev/null; wait; }
 rm -rf -- "$d"
+# the cycle's commit (_COMMIT) in this same session, not in a new one: one line of its
+# arguments, shell-quoted, then the files' bytes; end of input instead when the cycle
+# failed (nothing is committed) or commits in a command of its own
+if [ "$rc" -eq 0 ] && [ -n "$commit" ] && IFS= read -r line; then
+  eval "set -- $line"
+  sh -c "$commit" vmdr "$@" || rc=$?
+fi
 exit "$rc"
 """
 
@@ -210,13 +217,14 @@ def commit_args(files: list[tuple[str, bytes]], tag: str, images: list[str],
 
 
 def serve_args(state: tuple[str, bytes] | None, fmt: str,
-               disks: list[tuple[str, int | None, bool]], helper: str = ""
-               ) -> tuple[list[str], bytes]:
+               disks: list[tuple[str, int | None, bool]], helper: str = "",
+               commit: str = "") -> tuple[list[str], bytes]:
     """The arguments and stdin head of :data:`_SERVE`: (image, size to create it with or
     None, serve it) per disk; ``helper`` the Python source that receives the framed
-    stream at the target (none: the exports are forwarded)."""
+    stream at the target (none: the exports are forwarded); ``commit`` the script
+    (:data:`_COMMIT`) it runs after the stream when asked (one line of arguments)."""
     path, data = state if state is not None else ("", b"")
-    args = ["1" if helper else "0", helper, path, str(len(data)), fmt]
+    args = ["1" if helper else "0", helper, commit, path, str(len(data)), fmt]
     for img, size, serve in disks:
         args += [img, "-" if size is None else str(size), "1" if serve else "0"]
     return args, data

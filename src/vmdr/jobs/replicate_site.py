@@ -93,6 +93,9 @@ class Site:
         self._forwards = 0
         self._begun: _Begun | None = None
         self._pins: dict[str, set[str]] = {}
+        # the serving process after a framed stream was acknowledged: the cycle's commit
+        # goes into it (one ssh session less per cycle); None when there is none
+        self._pending: subprocess.Popen[bytes] | None = None
         self._shared: SharedMaster | None = None
         if not self.local:
             target = replace(parse_ssh_uri(uri), compression=False)  # UsageError for tcp/tls
@@ -259,19 +262,48 @@ class Site:
         where present, then write ``files`` (atomically, 0600, in order: the state last);
         one command."""
         args, data = commit_args(files, tag, images, drop)
+        proc, self._pending = self._pending, None
         try:
-            self.run(_COMMIT, *args, input=data)
+            if proc is not None:
+                self._commit_over(proc, shlex.join(args), data)
+            else:
+                self.run(_COMMIT, *args, input=data)
         except VmdrError as exc:
             if "space" in exc.message.lower():
                 raise NoSpace(f"no space left on {self.where} ({exc.message})") from None
             raise
+
+    def _commit_over(self, proc: subprocess.Popen[bytes], line: str, data: bytes) -> None:
+        """The commit in the serving process whose stream was acknowledged (see
+        :data:`_SERVE`): its arguments as one line, the files' bytes, end of input."""
+        assert proc.stdin is not None
+        try:
+            if "\n" in line or proc.poll() is not None:  # cannot go as one line: apart
+                self._stop(proc)
+                self.run(_COMMIT, *shlex.split(line), input=data)
+                return
+            try:
+                proc.stdin.write(line.encode() + b"\n" + data)
+                proc.stdin.close()
+            except OSError:
+                pass  # it ended: its error comes below
+            try:
+                rc = proc.wait(600)
+            except subprocess.TimeoutExpired:
+                raise HypervisorError(f"a command on {self.where} timed out") from None
+            err = proc.stderr.read() if proc.stderr else b""
+            if rc != 0:
+                raise HypervisorError(f"on {self.where}: {_last_line(err)}")
+        finally:
+            self._stop(proc)
 
     def serve(self, state: tuple[str, bytes] | None,
               disks: list[tuple[str, int | None, bool]], fmt: str = "qcow2") -> Exports:
         """Write the state file, create the missing disks (``(image, size or None,
         serve)``) and serve those marked read-write over NBD, in one remote process; one
         ``ssh -O forward`` for all their sockets."""
-        args, data = serve_args(state, fmt, disks, _helper_source() if self.stream else "")
+        args, data = serve_args(state, fmt, disks, _helper_source() if self.stream else "",
+                                _COMMIT if self.stream else "")
         proc = subprocess.Popen(self._argv(_SERVE, tuple(args)), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -437,15 +469,20 @@ class FrameSender:
             self._q.put(None)
             self._thread.join()
 
-    def finish(self, where: str) -> None:
-        """The end frame; then the helper's ``ok`` after it flushed every disk."""
+    def finish(self, where: str, *, keep_open: bool = False) -> None:
+        """The end frame; then the helper's ``ok`` after it flushed every disk. With
+        ``keep_open`` the process's input stays open (for the commit that follows)."""
         self.send(replica_frames.frame(replica_frames.END, 0, 0, 0))
         self.stop()
         if self._broken:
             raise self.failure(where)
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
+        if keep_open:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.flush()
+        else:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         line = self.proc.stdout.readline().decode(errors="replace").strip()
         if not line.startswith("ok "):
             raise self.failure(where)
@@ -481,14 +518,19 @@ class Exports:
     def close(self, *, flush: bool = True) -> None:
         first: BaseException | None = None
         if self.stream is not None:
+            done = False
             try:
                 if flush:
-                    self.stream.finish(self.site.where)
+                    self.stream.finish(self.site.where, keep_open=True)
+                    done = True
             finally:
                 self.stream._broken = True  # nothing more is written (a failed cycle)
                 self.stream.stop()
                 self.writers = {}
-                self.site._stop(self.proc)
+                if done:  # it waits for the cycle's commit (Site.commit)
+                    self.site._pending = self.proc
+                else:
+                    self.site._stop(self.proc)
             return
         try:
             for w in self.writers.values():
