@@ -54,14 +54,18 @@ def cold(h: Host, *args: str) -> tuple[float, dict[str, Any]]:
 
 
 # "before": every cycle logs in to the DR host twice (its own ssh control master and
-# libvirt's qemu+ssh connection, at the same time), as before the shared master;
-# "after": the persistent master of the DR host (vmdr.hypervisor.ssh_mux), left up by the
-# previous cycle as under the agent's one-minute schedule, carries both
+# libvirt's qemu+ssh connection, at the same time), as before the shared master; with
+# --before-src the cycles run that older checkout's code; "after": this checkout, the
+# persistent master of the DR host (vmdr.hypervisor.ssh_mux) left up by the previous
+# cycle as under the agent's one-minute schedule carrying both
 VARIANTS = {"before": "0", "after": "300"}
+BEFORE_SRC: Path | None = None
 
 
 def variant(name: str) -> None:
     os.environ["VMDR_SSH_PERSIST"] = VARIANTS[name]
+    src = BEFORE_SRC if name == "before" and BEFORE_SRC is not None else ROOT / "src"
+    os.environ["PYTHONPATH"] = str(src)
 
 
 def guest_dd(h: Host, dom: str, mib: int, seek_mib: int) -> None:
@@ -81,7 +85,8 @@ def guest_dd(h: Host, dom: str, mib: int, seek_mib: int) -> None:
 
 def one_size(image: Path | None, runs: int, compare: bool = False) -> dict[str, Any]:
     res: dict[str, Any] = {"image": str(image) if image else None, "runs": runs,
-                           "rounds": []}
+                           "rounds": [], "before_src": str(BEFORE_SRC) if compare and
+                           BEFORE_SRC else None}
     with Cluster(hosts=2, etcd=False, sshd=True) as c, \
             tempfile.TemporaryDirectory(prefix="vmdr-bench-sync-", dir="/var/tmp") as tmp:
         h1, h2 = c.hosts
@@ -136,6 +141,7 @@ def one_size(image: Path | None, runs: int, compare: bool = False) -> dict[str, 
                     rd.update(vd)
                 else:
                     rd.update({f"b_{key}": v for key, v in vd.items()})
+            rd["load1"] = os.getloadavg()[0]  # the machine is shared: how busy it was
             res["rounds"].append(rd)
             print(json.dumps({k: v for k, v in rd.items() if k.endswith("_s")}), flush=True)
         variant("after")
@@ -186,6 +192,8 @@ def med_timings(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
     out = _summary(r, r["rounds"])
+    out["load1_all"] = [round(float(x["load1"]), 1) for x in r["rounds"] if "load1" in x]
+    out["before_src"] = r.get("before_src")
     before = [{**{k[2:]: v for k, v in x.items() if k.startswith("b_")},
                "restore_s": x["restore_s"]} for x in r["rounds"] if "b_direct_s" in x]
     if before:
@@ -286,8 +294,11 @@ def render(sizes: list[dict[str, Any]]) -> str:
     return "\n".join([
         "### Replica sync after a 1 % change vs a full restore",
         "",
-        "`python bench/replica_sync.py --runs 3 --size series --image "
-        "bench/work/image-4g.raw --image bench/work/image-16g.raw` under "
+        "`python bench/replica_sync.py --runs 3 --size series"
+        + (" --compare --before-src BEFORE/src" if any(x.get("before") for x in sizes)
+           else "")
+        + " --image bench/work/image-4g.raw"
+        + (" --image bench/work/image-16g.raw" if len(sizes) > 1 else "") + "` under "
         "`flock /tmp/vmdr-bench.lock flock /tmp/vmdr-heavy.lock`: the harness above (two "
         "libvirt hosts in network namespaces, the DR host over ssh on a veth bridge, TCG "
         "guest), writer off. One guest per size, one after the other in one run: the test "
@@ -314,7 +325,9 @@ def render(sizes: list[dict[str, Any]]) -> str:
         "guest freeze/thaw; `serve` = the state marked, the NBD exports of the changed "
         "disks started with the helper that writes the frames; `copy` = reading the "
         "changes and sending them through ssh until the helper's flush acknowledged; "
-        "`commit` = the restore point, rotation and state in one command; "
+        "`commit` = the restore point, rotation and state in one command (over ssh, after "
+        "a cycle that moved data: inside the serving session, once the helper "
+        "acknowledged); "
         "`backup_end` = the backup job ended and the checkpoint committed):",
         "",
         *notes,
@@ -329,11 +342,17 @@ def _compare(sizes: list[dict[str, Any]]) -> list[str]:
     have = [s for s in sizes if "before" in s]
     if not have:
         return []
-    rows = ["Before / after the DR host's persistent ssh master, in the same rounds (each "
-            "round ran every cycle twice: first with `VMDR_SSH_PERSIST=0`, a private master "
-            "and libvirt's own ssh login per cycle as before; then with the master the "
-            "previous cycle left up, as under the agent's one-minute schedule; each against "
-            "that round's restore):",
+    how = ("the code before this work (`--before-src`: a private master and libvirt's own "
+           "ssh login per cycle, the commit in an ssh session of its own)"
+           if any(s.get("before_src") for s in have) else
+           "`VMDR_SSH_PERSIST=0` (a private master and libvirt's own ssh login per cycle)")
+    rows = ["Before / after the DR host's persistent ssh master and the commit inside the "
+            "serving session, in the same rounds (each round ran every cycle twice: first "
+            f"with {how}; then this code, with the master the previous cycle left up, as "
+            "under the agent's one-minute schedule; each against that round's restore)"
+            + "".join(f"; {_size(s)}: 1-minute load average after each round "
+                      f"{', '.join(str(x) for x in s['load1_all'])} (the machine is shared)"
+                      for s in have if s.get("load1_all")) + ":",
             "",
             "| data disk | cycle | before | after | limit ≤ 0.2× (after) |",
             "|---|---|---|---|---|"]
@@ -380,9 +399,10 @@ def reading(sizes: list[dict[str, Any]]) -> list[str]:
         "The cycles read and move only the changes (the bytes moved are the bytes the "
         "guest wrote: dirty-bitmap extents for the direct feed, whole 4 MiB chunks for the "
         "repository feed; asserted in tests/integration/test_replica.py). A networked "
-        "cycle has a fixed cost that does not grow with the disk (the CLI's start-up, one "
-        "ssh login with libvirt's at the same time, the source's backup job, three "
-        "commands at the DR host), while the restore grows with the disk's data; the "
+        "cycle has a fixed cost that does not grow with the disk (the CLI's start-up, "
+        "libvirt's connection and the DR host's ssh master — a login only when no earlier "
+        "cycle left the master up —, the source's backup job, two or three sessions at "
+        "the DR host), while the restore grows with the disk's data; the "
         "change itself grows with the disk (1 % of it). So the ratio falls with size "
         "until the per-MiB cost of the change dominates. The 1 % the bench writes is "
         "random bytes, the worst case for compression: zstd finds nothing to shrink and "
@@ -398,7 +418,13 @@ def reading(sizes: list[dict[str, Any]]) -> list[str]:
         "into ssh's pipe (zstd's pass then did not overlap the sending): 4 GiB direct "
         "0.31×, repository 0.31×, `--no-compress` 0.30×; 16 GiB 0.22×, 0.20×, 0.19×.",
         "",
-        "Before (the previous version of this section): 4 GiB direct 2.09 s = 0.43×, "
+        "The version of this section before the shared master (same bench, a quieter "
+        "machine): 4 GiB direct 1.44 s = 0.32×, repository 1.42 s = 0.31×, "
+        "`--no-compress` 1.42 s = 0.31×, nothing changed 0.91 s (connect 0.47); 16 GiB "
+        "direct 2.29 s = 0.21×, repository 1.95 s = 0.18×, `--no-compress` 2.04 s = "
+        "0.18×.",
+        "",
+        "Before that: 4 GiB direct 2.09 s = 0.43×, "
         "repository 2.27 s = 0.44×, `--no-compress` 1.33 s = 0.28× (ssh's zlib then "
         "compressed the stream, ~0.75 s for 41 MiB of random change); before that work, "
         "direct 3.2 s and a cycle with nothing changed 2.0 s.",
@@ -419,7 +445,16 @@ def main() -> None:
                          "persistent ssh master (before / after)")
     ap.add_argument("--render", action="store_true",
                     help="only render the section again from bench/work/replica-sync-*.json")
+    ap.add_argument("--before-src", type=Path, metavar="DIR",
+                    help="with --compare: the 'before' cycles run the vmdr package in DIR "
+                         "(e.g. `git archive BASE src | tar -x -C /tmp/before`, DIR "
+                         "/tmp/before/src); else this checkout without the shared master")
     a = ap.parse_args()
+    global BEFORE_SRC
+    BEFORE_SRC = a.before_src.resolve() if a.before_src else None
+    if BEFORE_SRC is not None:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(BEFORE_SRC / "vmdr")],
+                       check=True, stdout=subprocess.DEVNULL)
     work = ROOT / "bench" / "work"
     images = a.image or [ROOT / "bench" / "work" / "image-4g.raw"]
     if a.render:
