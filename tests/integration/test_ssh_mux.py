@@ -149,3 +149,51 @@ def test_forwards_end_with_the_cycle(mux: tuple[SshTarget, str], tmp_path: Path)
         assert "not forwarded" in p.stderr  # nothing left to cancel: the close did it
     finally:
         srv.close()
+
+
+def test_libvirt_over_a_forward_of_the_dr_hosts_socket(
+        mux: tuple[SshTarget, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first cycle's *begin* finds the DR host's libvirt socket; the next cycles
+    connect libvirt through a forward of it over the reused master (no remote shell)."""
+    from vmdr.hypervisor import connect
+    from vmdr.jobs.replicate_site import Site
+
+    if not os.path.exists("/run/libvirt/libvirt-sock"):
+        pytest.skip("no system libvirtd here")
+    target, d = mux
+    monkeypatch.setattr(ssh_mux, "_default_dir", lambda: d)
+    uri = (f"qemu+ssh://root@{HOST}:{target.port}/system?keyfile={target.keyfile}"
+           f"&known_hosts={target.known_hosts}")
+    work = Path(d).parent / "dr"
+    first = Site(uri, shared=True).start()
+    try:
+        assert first.libvirt_forward() is None  # nothing known yet (and a fresh master)
+        first.open()
+        first.begin(str(work), ["replica.json"])
+    finally:
+        first.close()
+    nxt = Site(uri, shared=True).start()
+    try:
+        nxt.open()
+        assert nxt.reused
+        local = nxt.libvirt_forward()
+        assert local is not None and local.startswith(str(nxt._host.dir if nxt._host else ""))
+        hv = connect(f"qemu+unix:///system?socket={local}")
+        try:
+            direct = connect("qemu:///system")
+            try:
+                assert hv.list_domains() == direct.list_domains()
+            finally:
+                direct.close()
+        finally:
+            hv.close()
+    finally:
+        nxt.close()
+    assert not os.path.exists(local)  # the forward ended with the cycle
+    # a URI asking for something else than the plain system instance keeps the wrapper
+    other = Site(uri.replace("/system?", "/session?"), shared=True).start()
+    try:
+        other.open()
+        assert other.libvirt_forward() is None
+    finally:
+        other.close()

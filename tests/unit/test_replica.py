@@ -564,6 +564,9 @@ class _SlowSite:
     def libvirt_uri(self) -> str:
         return self.uri
 
+    def libvirt_forward(self) -> str | None:
+        return None
+
     def start(self) -> _SlowSite:
         import threading
         import time

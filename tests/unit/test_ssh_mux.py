@@ -158,3 +158,65 @@ def test_open_target_replaces_a_reused_master_that_fails(monkeypatch: Any) -> No
     with pytest.raises(HypervisorUnavailable, match="Broken pipe"):
         rc._open_target(_spec())
     assert sites[-1].replaced == 0 and sites[-1].closed
+
+
+def test_begin_reports_the_libvirt_socket_and_the_master_remembers_it(tmp_path: Path) -> None:
+    from vmdr.jobs.replica_scripts import begin_libvirt_socket, parse_begin_pins
+
+    out = b"123\nfile 2\n{}\npin rp-1\nlibvirt /run/libvirt/libvirt-sock\n"
+    assert parse_begin_pins(out, 1) == (123, [b"{}"], {"rp-1"})
+    assert begin_libvirt_socket(out) == "/run/libvirt/libvirt-sock"
+    assert begin_libvirt_socket(b"123\nnone\n") is None
+    m = ssh_mux.SharedMaster(SshTarget(host="dr1"), str(tmp_path), 60)
+    assert m.libvirt_socket() is None
+    m.remember_libvirt_socket("/run/libvirt/virtqemud-sock")
+    assert m.libvirt_socket() == "/run/libvirt/virtqemud-sock"
+    assert stat.S_IMODE(os.stat(m._libvirt).st_mode) == 0o600
+    m.remember_libvirt_socket(None)
+    assert m.libvirt_socket() is None
+
+
+def test_open_target_uses_the_forwarded_libvirt_socket(monkeypatch: Any) -> None:
+    from tests.unit.test_replica import _SlowSite, _spec
+    from vmdr.cli import replicate_cmds as rc
+    from vmdr.errors import HypervisorError
+
+    opened: list[str] = []
+
+    class Target:
+        uri, local = "", True
+
+        def close(self) -> None:
+            opened.append("closed")
+
+    def fake_connect(uri: str) -> Target:
+        opened.append(uri)
+        if "socket=/broken" in uri:
+            raise HypervisorError("cannot connect")
+        return Target()
+
+    class Fwd(_SlowSite):
+        def __init__(self, uri: str, local: str) -> None:
+            super().__init__(uri)
+            self.local, self.forgot = local, False
+
+        def libvirt_forward(self) -> str | None:
+            return self.local
+
+        def forget_libvirt_socket(self) -> None:
+            self.forgot = True
+
+    sites: list[Fwd] = []
+    monkeypatch.setattr(rc, "connect", fake_connect)
+    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(Fwd(uri, "/p/lv.sock"))
+                        or sites[-1])
+    target, _s = rc._open_target(_spec())
+    assert opened == ["qemu+unix:///system?socket=/p/lv.sock"]
+    assert target.uri == "qemu+ssh://root@dr1/system" and target.local is False
+    # a forward that does not work: forgotten, libvirt's own ssh (over the master) instead
+    opened.clear()
+    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(Fwd(uri, "/broken"))
+                        or sites[-1])
+    rc._open_target(_spec())
+    assert opened == ["qemu+unix:///system?socket=/broken", "qemu+ssh://root@dr1/system"]
+    assert sites[-1].forgot

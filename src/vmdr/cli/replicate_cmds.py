@@ -97,6 +97,15 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
 
     def libvirt_login() -> None:
         try:
+            local = site.libvirt_forward()
+            if local is not None:  # over a forward of the DR host's libvirt socket
+                try:
+                    got["target"] = t = connect(f"qemu+unix:///system?socket={local}")
+                    t.uri, t.local = spec.target_uri, False  # it is the DR host's libvirt
+                    got["forwarded"] = True
+                    return
+                except VmdrError:
+                    site.forget_libvirt_socket()
             got["target"] = connect(lv_uri)
         except BaseException as exc:  # handed to the cycle's thread below
             got["error"] = exc
@@ -104,6 +113,7 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
     th = threading.Thread(target=libvirt_login, name="vmdr-dr-libvirt", daemon=True)
     th.start()
     failed: BaseException | None = None
+    replaced = False
     try:
         site.open()
         if spec.feed == "direct":
@@ -113,10 +123,17 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
                 if not site.reused:
                     raise
                 site.replace_master()  # an old master whose link is gone: log in again
+                replaced = True
                 site.prefetch(spec.directory, [STATE_FILE])
     except BaseException as exc:
         failed = exc
     th.join()
+    if replaced and failed is None and got.get("forwarded"):
+        got.pop("target").close()  # it went over the old master: connect again
+        try:
+            got["target"] = connect(site.libvirt_uri())
+        except BaseException as exc:
+            got["error"] = exc
     err = got.get("error")
     if err is not None:
         site.close()

@@ -125,6 +125,7 @@ class SharedMaster:
         self._lock_path = os.path.join(directory, f"{key}.lock")
         self._log_path = os.path.join(directory, f"{key}.log")
         self._wrapper = os.path.join(directory, f"{key}.ssh")
+        self._libvirt = os.path.join(directory, f"{key}.lv")
         self._lock: IO[bytes] | None = None
         self._starter: subprocess.Popen[bytes] | None = None
         self.reused = False  # the master was up before this process started it
@@ -205,6 +206,32 @@ class SharedMaster:
         self._unlock()
 
     # -- libvirt's connection over the master -----------------------------------------------
+
+    def libvirt_socket(self) -> str | None:
+        """The DR host's system libvirt socket as an earlier cycle over this master saw it
+        (:meth:`remember_libvirt_socket`), or None."""
+        try:
+            with open(self._libvirt, encoding="utf-8") as f:
+                path = f.read().strip()
+        except OSError:
+            return None
+        return path if path.startswith("/") and "\n" not in path else None
+
+    def remember_libvirt_socket(self, path: str | None) -> None:
+        """Record (or, with None, forget) the DR host's libvirt socket for the next
+        cycles: they connect libvirt through a forward of it (no remote shell, no
+        ``virt-ssh-helper``)."""
+        if path is None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._libvirt)
+            return
+        if path == self.libvirt_socket():
+            return
+        tmp = f"{self._libvirt}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(path)
+        os.replace(tmp, self._libvirt)
 
     def wrapper(self) -> str:
         """A 0700 script that runs the target's ssh over this master (falling back to a

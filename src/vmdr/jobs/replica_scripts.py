@@ -72,6 +72,10 @@ for f in "$dir"/test-*/pin; do  # points a running test failover reads (see _PIN
   flock -n -x "$f" true 2>/dev/null && continue
   printf 'pin %s\n' "$(cat -- "$f")"
 done
+for s in /run/libvirt/libvirt-sock /run/libvirt/virtqemud-sock; do  # for the next cycles:
+  [ -S "$s" ] && { printf 'libvirt %s\n' "$s"; break; }  # libvirt over a forward
+done
+exit 0
 """
 # restore point TAG on every image and the tags to drop deleted where present (the images
 # in parallel: nothing writes them meanwhile); only then the files, from stdin, each
@@ -181,6 +185,15 @@ def parse_begin(out: bytes, n: int) -> tuple[int, list[bytes | None]]:
     """The output of :data:`_BEGIN`: free bytes, then ``n`` files (ValueError if torn)."""
     free, files, _pins = parse_begin_pins(out, n)
     return free, files
+
+
+def begin_libvirt_socket(out: bytes) -> str | None:
+    """The ``libvirt PATH`` line of :data:`_BEGIN`'s output: the DR host's system libvirt
+    socket (None when it has none of the usual ones)."""
+    for ln in reversed(out.split(b"\n")[-4:]):
+        if ln.startswith(b"libvirt /"):
+            return ln[len(b"libvirt "):].decode(errors="replace").strip() or None
+    return None
 
 
 def parse_begin_pins(out: bytes, n: int) -> tuple[int, list[bytes | None], set[str]]:

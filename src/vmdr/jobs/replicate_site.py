@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from vmdr.errors import HypervisorError, NoSpace, UsageError, VmdrError
 from vmdr.hypervisor import is_local_uri, parse_ssh_uri, ssh_mux
@@ -45,12 +46,16 @@ from vmdr.jobs.replica_scripts import (
     _SNAP,
     _SNAP_LIST,
     _WRITE,
+    begin_libvirt_socket,
     commit_args,
     parse_begin_pins,
     serve_args,
 )
 
 _Begun = tuple[tuple[str, list[str]], tuple[int, list[bytes | None]]]
+# URI parameters that only say how ssh logs in (libvirt over a forwarded socket is fine)
+_PLAIN_PARAMS = frozenset({"keyfile", "known_hosts", "known_hosts_verify", "no_verify",
+                           "no_tty", "command"})
 
 
 def _last_line(data: bytes | None) -> str:
@@ -129,6 +134,32 @@ class Site:
         """The shared master failed a command: end it and log in again."""
         if self._host is not None:
             self._host.replace_master()
+
+    def libvirt_forward(self) -> str | None:
+        """A local socket forwarded, over a reused shared master, to the DR host's system
+        libvirt socket (as an earlier cycle's *begin* found it): libvirt's connection then
+        needs no remote shell at all. None when there is no such master or socket, or
+        the URI asks for anything but the plain system instance."""
+        if self._shared is None or not self._shared.reused or self._host is None:
+            return None
+        parts = urlsplit(self.uri)
+        params = {k.lower() for k, _v in parse_qsl(parts.query, keep_blank_values=True)}
+        if parts.path.rstrip("/") != "/system" or params - _PLAIN_PARAMS:
+            return None
+        remote = self._shared.libvirt_socket()
+        if remote is None:
+            return None
+        try:
+            return self._host.forward_all([("libvirt.sock", remote)])[0]
+        except VmdrError:
+            self.forget_libvirt_socket()
+            return None
+
+    def forget_libvirt_socket(self) -> None:
+        """The forwarded libvirt socket did not work: the next cycles use the wrapper."""
+        if self._shared is not None:
+            with contextlib.suppress(OSError):
+                self._shared.remember_libvirt_socket(None)
 
     def libvirt_uri(self) -> str:
         """The URI for libvirt's connection to this DR host: over the shared master when
@@ -252,9 +283,12 @@ class Site:
         out = self.run(_BEGIN, directory, *names).stdout
         try:
             free, files, self._pins[directory] = parse_begin_pins(out, len(names))
-            return free, files
         except ValueError:
             raise HypervisorError(f"cannot read {directory} on {self.where}") from None
+        if self._shared is not None:
+            with contextlib.suppress(OSError):
+                self._shared.remember_libvirt_socket(begin_libvirt_socket(out))
+        return free, files
 
     def commit(self, files: list[tuple[str, bytes]], tag: str, images: list[str],
                drop: list[str]) -> None:
