@@ -567,6 +567,9 @@ class _SlowSite:
     def libvirt_forward(self) -> str | None:
         return None
 
+    def ready_next(self) -> None:
+        pass
+
     def start(self) -> _SlowSite:
         import threading
         import time

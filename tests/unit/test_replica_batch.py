@@ -302,3 +302,37 @@ def test_the_commit_goes_into_the_streams_session(tmp_path: Path,
                          capture_output=True, text=True).stdout
     assert "rp-1" in out and "rp-3" not in out
     assert (d / "replica.json").read_bytes() == b"{}" and not list(d.glob("*.tmp"))
+
+
+@needs_qemu
+def test_the_next_step_runs_in_the_session_opened_early(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ready_next() opens the session of the cycle's next step early; serve (then the
+    commit inside it) or, in a cycle with nothing to move, the commit alone runs in it."""
+    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], check=False).returncode:
+        pytest.skip("no libnbd for the system Python (the DR-host helper)")
+    d = tmp_path / "dr" / "web"
+    d.mkdir(parents=True)
+    a = str(d / "a.qcow2")
+    site = Site("qemu:///system", stream=True)
+    calls = _count(monkeypatch)
+    site.ready_next()
+    ex = site.serve((str(d / "replica.json"), b"{}"), [(a, SIZE, True)])
+    ex.writers[a].write(0, b"\x07" * BLOCK)
+    ex.close()
+    site.commit([(str(d / "replica.json"), b'{"n": 1}')], "rp-1", [a], [])
+    assert calls == ["popen"]  # one process for the whole cycle at the DR host
+    site.ready_next()  # an idle cycle: the commit alone
+    site.commit([(str(d / "replica.json"), b'{"n": 2}')], "rp-2", [a], ["rp-1"])
+    assert calls == ["popen", "popen"]
+    assert (d / "replica.json").read_bytes() == b'{"n": 2}'
+    out = subprocess.run(["qemu-img", "snapshot", "-l", "-U", a], check=True,
+                         capture_output=True, text=True).stdout
+    assert "rp-2" in out and "rp-1" not in out
+    site.ready_next()  # opened, never used (the cycle failed first): it just ends
+    proc = site._standby
+    site.close()
+    assert proc is not None and proc.returncode == 0
+    # a request that is not one: one error line, nothing run
+    bad = subprocess.run(["sh", "-c", rs._STANDBY], input=b"x1\n", capture_output=True)
+    assert bad.returncode == 2 and b"bad standby request" in bad.stderr

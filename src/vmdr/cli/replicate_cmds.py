@@ -116,6 +116,7 @@ def _open_target(spec: ReplicaSpec) -> tuple[Hypervisor, Site]:
     replaced = False
     try:
         site.open()
+        site.ready_next()  # the session of serve (or commit) starts now, in the background
         if spec.feed == "direct":
             try:
                 site.prefetch(spec.directory, [STATE_FILE])

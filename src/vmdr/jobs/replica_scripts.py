@@ -181,6 +181,27 @@ exit "$rc"
 """
 
 
+# a session started early in a cycle (its ssh channel and login shell start while the
+# source side works) that then runs the cycle's next step: its script and arguments come
+# on stdin as a length line and that many bytes (shell-quoted words), the step's own input
+# after them; end of input first: nothing to do
+_STANDBY = r"""IFS= read -r n || exit 0
+case "$n" in ''|*[!0-9]*) echo "bad standby request" >&2; exit 2;; esac
+args=$(head -c "$n") || exit 2
+eval "set -- $args"
+script=$1; shift
+exec sh -c "$script" vmdr "$@"
+"""
+
+
+def standby_request(script: str, args: list[str]) -> bytes:
+    """What :data:`_STANDBY` reads to run ``sh -c script vmdr args...``."""
+    import shlex
+
+    blob = shlex.join([script, *args]).encode()
+    return f"{len(blob)}\n".encode() + blob
+
+
 def parse_begin(out: bytes, n: int) -> tuple[int, list[bytes | None]]:
     """The output of :data:`_BEGIN`: free bytes, then ``n`` files (ValueError if torn)."""
     free, files, _pins = parse_begin_pins(out, n)

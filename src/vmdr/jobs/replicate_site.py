@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from vmdr.errors import HypervisorError, NoSpace, UsageError, VmdrError
+from vmdr.errors import HypervisorError, HypervisorUnavailable, NoSpace, UsageError, VmdrError
 from vmdr.hypervisor import is_local_uri, parse_ssh_uri, ssh_mux
 from vmdr.hypervisor.remote import RemoteHost
 from vmdr.hypervisor.ssh_mux import SharedMaster
@@ -45,11 +45,13 @@ from vmdr.jobs.replica_scripts import (
     _SERVE,
     _SNAP,
     _SNAP_LIST,
+    _STANDBY,
     _WRITE,
     begin_libvirt_socket,
     commit_args,
     parse_begin_pins,
     serve_args,
+    standby_request,
 )
 
 _Begun = tuple[tuple[str, list[str]], tuple[int, list[bytes | None]]]
@@ -101,6 +103,7 @@ class Site:
         # the serving process after a framed stream was acknowledged: the cycle's commit
         # goes into it (one ssh session less per cycle); None when there is none
         self._pending: subprocess.Popen[bytes] | None = None
+        self._standby: subprocess.Popen[bytes] | None = None  # see :meth:`ready_next`
         self._shared: SharedMaster | None = None
         if not self.local:
             target = replace(parse_ssh_uri(uri), compression=False)  # UsageError for tcp/tls
@@ -134,6 +137,37 @@ class Site:
         """The shared master failed a command: end it and log in again."""
         if self._host is not None:
             self._host.replace_master()
+
+    def ready_next(self) -> None:
+        """Open the session of the cycle's next step (*serve*, or *commit* when nothing
+        moves) now, over ssh: its channel and the DR host's login shell start while the
+        source side works (libvirt's checks, the backup job), and the step then starts
+        at once (:data:`_STANDBY`)."""
+        if self._standby is not None:
+            return
+        self._standby = subprocess.Popen(self._argv(_STANDBY, ()), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True)
+        self._procs.append(self._standby)
+
+    def _start(self, script: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """``sh -c script`` at the target with its stdin, stdout and stderr piped: in the
+        session :meth:`ready_next` opened when it is still there, else a new one."""
+        proc, self._standby = self._standby, None
+        if proc is not None and proc.poll() is None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(standby_request(script, args))
+                return proc
+            except OSError:
+                pass  # it died meanwhile: a session of its own
+        if proc is not None:
+            self._stop(proc)
+        proc = subprocess.Popen(self._argv(script, tuple(args)), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        self._procs.append(proc)
+        return proc
 
     def libvirt_forward(self) -> str | None:
         """A local socket forwarded, over a reused shared master, to the DR host's system
@@ -300,6 +334,8 @@ class Site:
         try:
             if proc is not None:
                 self._commit_over(proc, shlex.join(args), data)
+            elif self._standby is not None:
+                self._finish_in(self._start(_COMMIT, args), data)
             else:
                 self.run(_COMMIT, *args, input=data)
         except VmdrError as exc:
@@ -316,8 +352,17 @@ class Site:
                 self._stop(proc)
                 self.run(_COMMIT, *shlex.split(line), input=data)
                 return
+            self._finish_in(proc, line.encode() + b"\n" + data)
+        finally:
+            self._stop(proc)
+
+    def _finish_in(self, proc: subprocess.Popen[bytes], data: bytes) -> None:
+        """Write ``data`` to the running step's stdin, close it, wait for the step to end;
+        HypervisorError with its last error line unless it ended well."""
+        assert proc.stdin is not None
+        try:
             try:
-                proc.stdin.write(line.encode() + b"\n" + data)
+                proc.stdin.write(data)
                 proc.stdin.close()
             except OSError:
                 pass  # it ended: its error comes below
@@ -326,6 +371,8 @@ class Site:
             except subprocess.TimeoutExpired:
                 raise HypervisorError(f"a command on {self.where} timed out") from None
             err = proc.stderr.read() if proc.stderr else b""
+            if rc == 255 and self._host is not None:
+                raise HypervisorUnavailable(f"ssh to {self.where} failed: {_last_line(err)}")
             if rc != 0:
                 raise HypervisorError(f"on {self.where}: {_last_line(err)}")
         finally:
@@ -338,10 +385,7 @@ class Site:
         ``ssh -O forward`` for all their sockets."""
         args, data = serve_args(state, fmt, disks, _helper_source() if self.stream else "",
                                 _COMMIT if self.stream else "")
-        proc = subprocess.Popen(self._argv(_SERVE, tuple(args)), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        self._procs.append(proc)
+        proc = self._start(_SERVE, args)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             if data:
