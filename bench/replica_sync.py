@@ -319,8 +319,10 @@ def render(sizes: list[dict[str, Any]]) -> str:
         "",
         *compare,
         "Where a cycle's time goes (medians; each step as the cycle's `--json` "
-        "`timings` report it: `connect` = libvirt's qemu+ssh connection and the control "
-        "master, overlapped; `begin` = the first command at the DR host (directory, free "
+        "`timings` report it: `connect` = the DR host's ssh master (reused, or a login) and "
+        "libvirt's connection (over a reused master: through a forward of the DR host's "
+        "libvirt socket), overlapped, and for the direct feed the first command at the DR "
+        "host meanwhile; `begin` = the first command at the DR host (directory, free "
         "space, state); `backup_start` = libvirt's pull-mode backup job, checkpoint and "
         "guest freeze/thaw; `serve` = the state marked, the NBD exports of the changed "
         "disks started with the helper that writes the frames; `copy` = reading the "
