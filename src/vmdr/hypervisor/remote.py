@@ -7,7 +7,9 @@ them over the same ssh login libvirt uses, with the parameters of the URI (user,
 port, ``keyfile``, ``known_hosts``, ``no_verify``, ``command``):
 
 * one **control master** per session (``ssh -M -N -S <private dir>/ctl``), started under
-  ``setpriv --pdeathsig TERM`` so it dies with vmdr even on ``kill -9``;
+  ``setpriv --pdeathsig TERM`` so it dies with vmdr even on ``kill -9``; or, for replica
+  cycles, the DR host's persistent master shared across processes
+  (:mod:`vmdr.hypervisor.ssh_mux`, ``RemoteHost(shared=...)``);
 * short commands multiplexed over it (``mkdir``/``chown``, state file ``cat``, ``rm``),
   each a fixed ``sh -c`` script whose arguments are quoted with :func:`shlex.join`;
 * unix-socket forwarding (``ssh -O forward -L <private dir>/nbd.sock:<remote socket>``)
