@@ -6,7 +6,10 @@ resumes where the old one stopped — also for the old leader's own host:
 
 1. **detected** — a host this agent has seen as a member has no member key any more (its
    lease expired, or it stopped): ``ha/failovers/<host>`` is created (only if absent) with
-   ``fence_until = now + fence_delay``.
+   ``fence_until = now + fence_delay``. A host that comes back while its failover is
+   still in flight (a VM waiting for room) and then fails again is detected again: the
+   HA VMs it ran since join that record after a new fence delay (``failures`` lists
+   both detections).
 2. **fenced** — after the fence delay the host has destroyed its HA VMs itself (timing
    argument: :mod:`vmdr.ha.settings`); ``fence_command``, if set, runs now as a second
    layer, never waited for.
@@ -138,10 +141,18 @@ class HALeader(Replacing):
             if records[host].get("done"):  # back, and its failover finished: forget it
                 self.store.delete_failover(host)
                 del records[host]
+            elif not records[host].get("back"):  # back while a VM still waits for room
+                self._back(host, records[host], now)
         self._noted &= ever_seen - set(live)
         gone = sorted(ever_seen - set(live) - set(records) - self._noted)
-        if gone or any(not r.get("done") and r.get("plan") is None for r in records.values()):
+        # back and gone again before its failover finished: a new failure of that host
+        again = sorted(h for h in ever_seen - set(live) if h in records
+                       and not records[h].get("done") and records[h].get("back"))
+        if gone or again or any(not r.get("done") and r.get("plan") is None
+                                for r in records.values()):
             wheres = self.store.wheres()  # one request, only when there is news
+        for host in again:
+            self._again(host, records[host], now, wheres)
         for host in gone:
             self._noted.add(host)
             victims = sorted(vm for vm, h in wheres.items() if h == host
@@ -166,6 +177,43 @@ class HALeader(Replacing):
             # also when the host is back: it fenced itself, and it is no target
             if not rec.get("done"):
                 self._advance(host, rec, now, live, wheres, records)
+
+    def _back(self, host: str, rec: dict[str, Any], now: float) -> None:
+        """*host* has a live member key again while its failover is in flight (a VM still
+        waits for room, or it fenced itself and reported it): noted in the record, so
+        that its next disappearance is seen as a new failure (:meth:`_again`)."""
+        rec["back"] = now
+        self.store.put_failover(host, rec)
+        log.info("%s is a member again while its failover is in flight", host)
+
+    def _again(self, host: str, rec: dict[str, Any], now: float,
+               wheres: dict[str, str]) -> None:
+        """*host* failed again before the failover of its first failure finished: the HA
+        VMs it ran since join the same record (placed like the VMs still waiting for
+        room), after a new fence delay; the record stays one, so nothing it already
+        started or is waiting for is lost."""
+        plan = rec.get("plan")
+        known = ({d["vm"] for d in plan["starts"]} | {u["vm"] for u in plan["unplaced"]}
+                 if plan is not None else set())
+        victims = sorted(vm for vm, h in wheres.items()
+                         if h == host and vm in self.policy.vms and vm not in known)
+        del rec["back"]
+        rec["fence_until"] = now + self.policy.settings.fence_delay
+        rec.setdefault("failures", [float(rec["detected"])]).append(now)
+        if plan is not None:
+            plan["unplaced"] += [{"vm": vm, "reason": f"ran on {host} when it failed again"}
+                                 for vm in victims]
+            rec["unplaced_final"] = False
+            rec["refence"] = True
+            self._replaced.pop(host, None)  # placed right after the new fence delay
+        self.store.put_failover(host, rec)
+        vms = f"its HA VMs ({', '.join(victims)}) restart" if victims else \
+            "no other HA VM ran there; the VMs of its first failure go on"
+        self.store.add_event(
+            "detected", f"member lease of {host} expired again while the failover of its "
+            f"first failure is in flight; {vms} after the fence delay "
+            f"({self.policy.settings.fence_delay:g}s)", host=host, now=now,
+            detail={"vms": victims, "fence_until": rec["fence_until"], "again": True})
 
     # -- one failover ---------------------------------------------------------------------
     def _others(self, host: str, records: dict[str, dict[str, Any]],
@@ -216,8 +264,12 @@ class HALeader(Replacing):
                                      f" (placed again as hosts join, for "
                                      f"{UNPLACED_GIVE_UP_S:g}s)", host=host, vm=u["vm"],
                                      now=now)
-        elif rec["plan"]["unplaced"] and not rec.get("unplaced_final"):
-            self._place_again(host, rec, now, live)
+        else:
+            if rec.pop("refence", False):  # it failed again (_again): fenced again
+                self._fenced(host, rec, now)
+                self.store.put_failover(host, rec)
+            if rec["plan"]["unplaced"] and not rec.get("unplaced_final"):
+                self._place_again(host, rec, now, live)
         starts = [to_start(d) for d in rec["plan"]["starts"]]
         by_vm = {st.vm: st for st in starts}
         started: dict[str, float] = {k: float(v) for k, v in rec["started"].items()}
