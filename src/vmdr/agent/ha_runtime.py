@@ -462,12 +462,18 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
                      restorer=make_restorer(cfg, inv, policy, host, store, ops))
 
 
-def check_repositories(cfg: Config, policy: HAPolicy) -> None:
+def check_repositories(cfg: Config, policy: HAPolicy,
+                       inv: inventory.Inventory | None = None) -> None:
     """ConfigError (exit 2) for an ``ha_repository`` that names no ``[repositories.NAME]``
-    (also ``vmdr ha validate``)."""
+    (also ``vmdr ha validate``); a tier's ``ha_repository`` is named as the tier's key."""
+    known = ", ".join(sorted(cfg.repositories)) or "none declared"
+    if inv is not None:
+        for t in sorted(inv.tiers.values(), key=lambda t: t.name):
+            if t.ha_repository is not None and t.ha_repository not in cfg.repositories:
+                raise ConfigError(f"{cfg.path}: plan.tiers.{t.name}.ha_repository: unknown "
+                                  f"repository {t.ha_repository!r} (known: {known})")
     for r in sorted(policy.vms.values(), key=lambda r: r.name):
         if r.repository is not None and r.repository not in cfg.repositories:
-            known = ", ".join(sorted(cfg.repositories)) or "none declared"
             raise ConfigError(f"{cfg.path}: vm.{r.name}.ha_repository: unknown repository "
                               f"{r.repository!r} (known: {known})")
 
@@ -478,7 +484,7 @@ def make_restorer(cfg: Config, inv: inventory.Inventory, policy: HAPolicy, host:
     when no HA VM is local. ConfigError for an ``ha_repository`` that names no
     ``[repositories.NAME]``."""
     local = [r for r in policy.vms.values() if r.local]
-    check_repositories(cfg, policy)
+    check_repositories(cfg, policy, inv)
     if not local:
         return None
     h = inv.hosts.get(host)

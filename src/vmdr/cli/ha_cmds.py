@@ -96,7 +96,7 @@ def cmd_validate(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.agent.ha_runtime import check_repositories
 
     inv, policy = _load(g)
-    check_repositories(g.config, policy)
+    check_repositories(g.config, policy, inv)
     state, source = _live_state(inv, g)
     adm, per_vm = admission.per_vm(policy, state)
     s = policy.settings
