@@ -221,3 +221,31 @@ def test_simulate_libvirt_down_is_no_target(tmp_path: Path) -> None:
     assert "hv1, hv3: libvirt down, no target" in p.stdout
     p = sim("--fail", "hv2", "--libvirt-down", "hv7")
     assert p.returncode == 2 and p.stderr.startswith("vmdr: error: --libvirt-down: unknown")
+
+
+def test_runtime_reports_its_libvirt_down_and_back(tmp_path: Path) -> None:
+    """The agent's HA runtime: a failed local listing sets ``libvirt_down`` (what the
+    daemon puts in its member key) with the error, once libvirt answers it is cleared."""
+    from tests.unit.test_ha_runtime import load
+    from vmdr.agent.coord_etcd import EtcdCoordinator
+    from vmdr.agent.ha_runtime import HARuntime, LibvirtOps
+    from vmdr.hypervisor.fake import FakeFleet
+
+    fleet = FakeFleet()
+    fleet.host("fake://h1/system")
+    rt = HARuntime("h1", load_policy(inventory.from_config(load(tmp_path))),
+                   EtcdCoordinator(["http://127.0.0.1:1"], 10),
+                   HAStore(MemoryKV(), "/vmdr/", me="h1"),
+                   LibvirtOps({"h1": "fake://h1/system"}, fleet.connect), watchdog=None)
+    rt.publish(10.0)
+    assert rt.libvirt_down is None and rt.libvirt_error == ""
+    fleet.hosts["fake://h1/system"].up = False  # libvirtd killed
+    rt.publish(12.0)
+    assert rt.libvirt_down == 12.0 and rt.libvirt_error
+    rt.publish(14.0)
+    assert rt.libvirt_down == 12.0  # since when, not last seen
+    fleet.hosts["fake://h1/system"].up = True
+    rt.publish(16.0)
+    assert rt.libvirt_down is None and rt.libvirt_error == ""
+    states = [(e.detail or {}).get("libvirt") for e in rt.store.events()]
+    assert states == ["unreachable", "reachable"]
