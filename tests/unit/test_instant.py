@@ -240,6 +240,7 @@ def test_failure_before_boot_leaves_nothing(tmp_path: Any,
         instant.instant_restore(Any, snap, instant.InstantOptions(  # type: ignore[arg-type]
             name="web-now", target_dir=str(target)), hv, JobEvents())
     assert server.stopped and os.listdir(target) == []
+    assert not (tmp_path / "run" / "instant" / "web-now").exists()  # nor its socket dir
     xml = defined[0]  # what would have been defined: overlays, stop policy, new console log
     assert f"{target}/web-now-vda.overlay.qcow2" in xml and "rerror_policy=\"stop\"" in xml
     assert f"{target}/web-now-console.log" in xml and "<name>web-now</name>" in xml
@@ -330,9 +331,12 @@ def test_finish_defines_final_names_and_resume_tidies_after_restart(tmp_path: An
     assert again["hidden"] == [temp] and os.path.exists(temp)  # still in use: kept
     dom.destroy()
     dom.start()  # a cold start: now on the final name
+    with open(st["state_file"] + ".tmp", "w") as f:  # a state write a killed run left
+        f.write("{")
     again = instant.instant_resume(Any, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
     assert again["hidden"] == [] and not os.path.exists(temp)
     assert os.path.exists(target) and not os.path.exists(st["state_file"])
+    assert sorted(os.listdir(tmp_path)) == ["x-vda.qcow2"]  # nothing else of the run
 
 
 def test_await_nbd_reads_until_the_client_reconnected(monkeypatch: pytest.MonkeyPatch) -> None:
