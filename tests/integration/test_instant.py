@@ -243,9 +243,9 @@ def test_interrupt_and_server_lost_mid_migration(
         assert not (target / f"{new}.instant.json").exists()
         assert all(f.exists() for f in finals)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
         conn.close()
         _discard(new)
         shutil.rmtree(target, ignore_errors=True)
