@@ -89,7 +89,7 @@ def test_dead_libvirtd_is_no_host_failure(mh_cluster: Cluster) -> None:
         assert not wrong, (wrong, agents.logs())
         assert libvirt_events(agents, "h2", "unreachable"), (events, agents.logs())
         assert agents.etcd("get", f"{agents.prefix}members/h2", "--keys-only").strip()
-        seq = g.wait_writer(above=seq, timeout=10)  # the guest writes on meanwhile
+        seq = g.wait_writer(above=seq, timeout=60)  # the guest writes on meanwhile
         st = ha_status(agents, h1)
         assert [(v["vm"], v["host"]) for v in st["vms"]] == [(g.name, "h2")], st
         assert next(h for h in st["hosts"] if h["host"] == "h2")["lease"], st
@@ -100,14 +100,14 @@ def test_dead_libvirtd_is_no_host_failure(mh_cluster: Cluster) -> None:
         t_back = time.monotonic()
         assert g.is_running_on(h2)  # libvirtd found its QEMU again
         while not libvirt_events(agents, "h2", "reachable"):
-            assert time.monotonic() - t_back < 15, agents.logs()
+            assert time.monotonic() - t_back < 45, agents.logs()
             time.sleep(0.3)
         print(f"h2's agent saw libvirt again {time.monotonic() - t_back:.1f}s after the "
               "restart")
         assert running_on(cluster, g) == ["h2"] and qemu_pid(h2, g.name) == pid
         assert not [e for e in agents.events() if e["kind"] in ("fenced", "self-fenced",
                                                                 "started")]
-        seq = g.wait_writer(above=seq, timeout=10)
+        seq = g.wait_writer(above=seq, timeout=60)
 
         # libvirtd dead AND the lease lost: self-fencing cannot use libvirt; the agent
         # kills the QEMU by libvirt's pid file before the leader restarts it elsewhere
