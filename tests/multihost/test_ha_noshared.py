@@ -35,6 +35,7 @@ VMDR = [sys.executable, "-m", "vmdr.cli.main"]
 
 def noshared_config(cluster: Cluster, h: Host, prefix: str, vm: str, repo: Path,
                     pw: Path, replica_to: str | None = None) -> Path:
+    assert cluster.etcd is not None, "an etcd cluster is needed"
     shared = Path(cluster.shared)
     hosts = "".join(f'[hosts.{x.name}]\nlocation = "dc"\nuri = "{x.tcp_uri}"\n'
                     for x in cluster.hosts)

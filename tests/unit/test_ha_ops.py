@@ -13,7 +13,7 @@ from vmdr import config
 from vmdr.errors import HypervisorError, UsageError
 from vmdr.ha import hatest, maintenance
 from vmdr.ha.escalate import Escalator
-from vmdr.ha.fleet import Connect, OpsHost
+from vmdr.ha.fleet import Connect, OpsHost, live_state
 from vmdr.ha.model import load_policy
 from vmdr.ha.monitor import Monitor, WatchdogEvent
 from vmdr.ha.records import HARecords, memory_records
@@ -176,7 +176,7 @@ def test_failed_migration_stops_and_says_what_moved(fl: Fleet) -> None:
 def test_evacuation_json_names_moves() -> None:
     f = Fleet()
     f.run("h1", "db1", 1024)
-    live = maintenance.live_state(f.inv, f.connect, f.records)
+    live = live_state(f.inv, f.connect, f.records)
     ev = maintenance.evacuation(f.inv, f.policy, live.state, "h1", live.running)
     assert ev.to_json()["moves"] == [{"vm": "db1", "from": "h1", "to": "h2", "seconds": None,
                                       "error": None}]
