@@ -63,3 +63,29 @@ def test_a_restarted_agent_finds_a_child_whose_pid_was_never_recorded(
         for p in (child, other):
             p.kill()
             p.wait()
+
+
+def test_a_new_leader_does_not_repeat_the_started_event(tmp_path: Path) -> None:
+    """The old leader wrote the `started` event of the restored VM and died before its
+    record said so: the new leader finds the event of that order and writes no second."""
+    c = Cluster(tmp_path)
+    old = HALeader(c.policy, c.store, c.ops, "h2")
+    c.kill_h1()
+    c.step(old, T0)
+    c.step(old, T0 + 2)  # ordered; the target restores it
+    c.step(old, T0 + 2.25)  # the target reports started
+    before = c.store.failover("h1")
+    assert before is not None and not before["restores"]["db"].get("running")
+    c.step(old, T0 + 2.5)  # the old leader: the started event, then its record
+    assert [e.vm for e in c.store.events() if e.kind == "started"] == ["db"]
+    c.store.put_failover("h1", before)  # ... which it never wrote: killed in between
+    new = HALeader(c.policy, c.store, c.ops, "h3")
+    c.heartbeat("db")
+    for t in (5, 5.5, 6, 6.5, 7):
+        c.step(new, T0 + t)
+    started = [e for e in c.store.events() if e.kind == "started" and e.vm == "db"]
+    assert len(started) == 1, started
+    rec = c.store.failover("h1")
+    assert rec is not None and rec["restores"]["db"]["running"] and "db" in rec["ready"]
+    assert rec["restores"]["db"]["lost_s"] == 252.0
+    assert len(c.spawned) == 1 and len(c.where("db")) == 1
