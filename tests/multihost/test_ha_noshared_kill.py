@@ -13,10 +13,10 @@ with its PID):
 (b) the **restoring agent** (h3) is killed with -9 and restarted at once: the new agent
     adopts the running child instead of restoring again.
 
-The child is held (SIGSTOP) from the moment its PID is reported until the new leader is
-elected (a) or the new agent adopted it (b), then continued: a slow restore, so the kill
-lands mid-restore however fast this machine boots the VM (unheld, it runs ~3 s after the
-detection here, before a restarted agent's first look).
+The child is held (SIGSTOP, caught at its exec by a 20 ms /proc scan) until the new
+leader is elected (a) or the new agent adopted it (b), then continued: a slow restore, so
+the kill lands mid-restore however fast this machine boots the VM (unheld, about a second
+after the spawn here, before a restarted agent's first look).
 
 Both: at no moment (0.1 s polls of libvirt on every host) does the VM run twice, and it
 runs only on h3; one ``started`` event, for the first order's ID; one instant-restore
@@ -99,8 +99,8 @@ class Run:
                 and json.loads(v)["vm"] == self.g.name]
 
     def hold(self, pid: int) -> None:
-        """SIGSTOP the restore child before it boots the VM: a slow restore, so the kill
-        below lands while the order is in flight whatever the machine's speed."""
+        """SIGSTOP the restore child before it boots the VM: a slow restore, so the kills
+        land while the order is in flight whatever the machine's speed."""
         os.kill(pid, signal.SIGSTOP)
         self.held = pid
         self.look()
@@ -135,7 +135,7 @@ class Run:
 
     def up_and_kill_h1(self) -> tuple[dict[str, Any], int]:
         """VM on h1, leader h2, agents everywhere; kill -9 h1; (the order, its child's
-        PID) once h3 runs the instant restore."""
+        PID) once h3 runs the instant restore, the child held (:meth:`hold`)."""
         g, agents = self.g, self.agents
         g.start(self.h1)
         g.wait_heartbeat(120)
@@ -146,20 +146,29 @@ class Run:
         agents.wait_member("h3", 60)
         agents.wait_published(g.name, "h1", 60)
         self.h1.kill()
+        # catch the child at its exec (a /proc scan every 20 ms) and hold it there: it
+        # boots the VM about a second later, sooner than the etcd reads below would see
+        deadline = time.monotonic() + 150
+        n = 0
+        while not (kids := restore_children(g.name)):
+            n += 1
+            if n % 10 == 0:
+                self.look()
+            assert time.monotonic() < deadline, f"no restore child\n{agents.logs()}"
+            time.sleep(0.02)
+        assert len(kids) == 1, kids
+        pid = kids.pop()
+        self.hold(pid)
 
-        def running_child() -> tuple[dict[str, Any], int] | None:
+        def reported() -> dict[str, Any] | None:
             order = self.kv(f"ha/restores/{g.name}")
-            if not order:
-                return None
-            st = self.status(str(order["id"]))
-            pid = st.get("pid")
-            if st.get("state") == "running" and isinstance(pid, int) \
-                    and pid in restore_children(g.name):
-                return order, pid
+            if order and self.status(str(order["id"])).get("pid") == pid:
+                return dict(order)
             return None
 
-        order, pid = self.wait("the restore running on h3", running_child, 150)
+        order = self.wait("the child's PID in the order's status", reported, 60)
         assert order["host"] == "h3" and order["from"] == "h1", order
+        assert self.status(str(order["id"]))["state"] == "running"
         return order, pid
 
     def finish(self, order: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +236,6 @@ def test_leader_killed_mid_restore(mh_cluster: Cluster) -> None:
     run = Run(mh_cluster)
     try:
         order, pid = run.up_and_kill_h1()
-        run.hold(pid)
         leader = run.agents.procs["h2"]
         os.kill(leader.pid, signal.SIGKILL)
         leader.wait(10)
@@ -247,7 +255,6 @@ def test_restoring_agent_killed_mid_restore(mh_cluster: Cluster) -> None:
     run = Run(mh_cluster)
     try:
         order, pid = run.up_and_kill_h1()
-        run.hold(pid)
         agent = run.agents.procs["h3"]
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait(10)
