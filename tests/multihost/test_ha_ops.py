@@ -140,7 +140,7 @@ memory = "128MiB"
     os.kill(qemu, signal.SIGKILL)
     t0 = time.monotonic()
     kinds = []
-    while "escalated" not in kinds and time.monotonic() - t0 < 30:
+    while "escalated" not in kinds and time.monotonic() - t0 < 90:
         kinds += [e.kind for e in mon.cycle()]
         time.sleep(0.5)
     mon.close()

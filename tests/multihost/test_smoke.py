@@ -53,7 +53,7 @@ def test_guest_across_hosts(mh_cluster: Cluster) -> None:
     # the writer resumes after the newest record on disk: what h1 wrote survived
     seq_after = g.wait_writer(above=seq_before, timeout=60)
     assert seq_after > seq_before
-    assert started < 10, f"define + start on h2 took {started:.1f}s"
+    assert started < 30, f"define + start on h2 took {started:.1f}s"
     h1.start()  # the crashed host reboots: it must not run the guest a second time
     assert not g.is_running_on(h1)
 
@@ -71,7 +71,7 @@ def test_guest_across_hosts(mh_cluster: Cluster) -> None:
     assert g.name not in h2.domain_states()  # --undefinesource
     beats = g.heartbeats()[-1]
     g.wait_heartbeat(30, count=beats + 2)  # still beating on h3
-    assert took < 30
+    assert took < 120
 
     g.destroy(h3)
     rc = check_records(g.data_disk, "qcow2")

@@ -159,7 +159,7 @@ def test_a_stale_plan_answer_is_served_while_it_is_refreshed(
     def run(cfg: object, args: list[str], timeout: float, key: tuple[str, ...]
             ) -> tuple[object, None]:
         calls.append(args)
-        time.sleep(0.2)
+        time.sleep(2.0)
         with views._lock:
             views._cache[key] = (time.monotonic(), {"fresh": True}, None)
         return {"fresh": True}, None
@@ -170,8 +170,8 @@ def test_a_stale_plan_answer_is_served_while_it_is_refreshed(
     monkeypatch.setitem(views._cache, key, (time.monotonic() - 1000, {"fresh": False}, None))
     t = time.monotonic()
     data, _ = views.run_json(cfg, ["plan", "coverage"], ttl=300, stale_ok=True)
-    assert data == {"fresh": False} and time.monotonic() - t < 0.15  # did not wait
-    deadline = time.monotonic() + 5
+    assert data == {"fresh": False} and time.monotonic() - t < 1.5  # did not wait (2 s)
+    deadline = time.monotonic() + 30
     while views._cache[key][1] != {"fresh": True} and time.monotonic() < deadline:
         time.sleep(0.05)
     assert views.run_json(cfg, ["plan", "coverage"], ttl=300, stale_ok=True)[0] == {
