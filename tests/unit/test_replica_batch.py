@@ -17,7 +17,13 @@ import pytest
 from tests.unit.test_replica import BLOCK, SIZE, _env, _state
 from vmdr.errors import HypervisorError
 from vmdr.jobs import replicate as rep
-from vmdr.jobs.replica_scripts import commit_args, parse_begin, parse_begin_pins, serve_args
+from vmdr.jobs.replica_scripts import (
+    _STANDBY,
+    commit_args,
+    parse_begin,
+    parse_begin_pins,
+    serve_args,
+)
 from vmdr.jobs.replicate_site import Site
 
 
@@ -334,5 +340,5 @@ def test_the_next_step_runs_in_the_session_opened_early(tmp_path: Path,
     site.close()
     assert proc is not None and proc.returncode == 0
     # a request that is not one: one error line, nothing run
-    bad = subprocess.run(["sh", "-c", rs._STANDBY], input=b"x1\n", capture_output=True)
+    bad = subprocess.run(["sh", "-c", _STANDBY], input=b"x1\n", capture_output=True)
     assert bad.returncode == 2 and b"bad standby request" in bad.stderr

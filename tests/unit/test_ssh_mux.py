@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -146,15 +146,20 @@ def test_open_target_replaces_a_reused_master_that_fails(monkeypatch: Any) -> No
             self.replaced += 1
 
     sites: list[Stale] = []
+
+    def new_site(reused: bool) -> Any:
+        def make(uri: str, **kw: Any) -> Stale:
+            sites.append(Stale(uri, reused))
+            return sites[-1]
+        return make
+
     monkeypatch.setattr(rc, "connect", lambda uri: Target())
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(Stale(uri, True))
-                        or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site(True))
     _t, site = rc._open_target(_spec())
-    assert site is sites[0] and sites[0].replaced == 1 and sites[0].tries == 2
+    assert site is cast(Any, sites[0]) and sites[0].replaced == 1 and sites[0].tries == 2
     assert sites[0].prefetched == ("/srv/r/web", ["replica.json"])
     # a master this cycle started itself is not retried: the error is the answer
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(Stale(uri, False))
-                        or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site(False))
     with pytest.raises(HypervisorUnavailable, match="Broken pipe"):
         rc._open_target(_spec())
     assert sites[-1].replaced == 0 and sites[-1].closed
@@ -207,16 +212,21 @@ def test_open_target_uses_the_forwarded_libvirt_socket(monkeypatch: Any) -> None
             self.forgot = True
 
     sites: list[Fwd] = []
+
+    def new_site(local: str) -> Any:
+        def make(uri: str, **kw: Any) -> Fwd:
+            sites.append(Fwd(uri, local))
+            return sites[-1]
+        return make
+
     monkeypatch.setattr(rc, "connect", fake_connect)
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(Fwd(uri, "/p/lv.sock"))
-                        or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site("/p/lv.sock"))
     target, _s = rc._open_target(_spec())
     assert opened == ["qemu+unix:///system?socket=/p/lv.sock"]
     assert target.uri == "qemu+ssh://root@dr1/system" and target.local is False
     # a forward that does not work: forgotten, libvirt's own ssh (over the master) instead
     opened.clear()
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(Fwd(uri, "/broken"))
-                        or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site("/broken"))
     rc._open_target(_spec())
     assert opened == ["qemu+unix:///system?socket=/broken", "qemu+ssh://root@dr1/system"]
     assert sites[-1].forgot
