@@ -39,3 +39,14 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.delenv("VMDR_PASSWORD_FILE", raising=False)
     monkeypatch.delenv("VMDR_CONFIG", raising=False)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_lingering_ssh_masters() -> Iterator[None]:
+    """Replica cycles leave a shared ssh master up for VMDR_SSH_PERSIST idle seconds (as
+    they should for the agent); a test module stops the ones it started in this network
+    namespace, so no master outlives the sshd it logged in to."""
+    yield
+    from vmdr.hypervisor import ssh_mux
+
+    ssh_mux.stop_masters()
