@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from vmdr.errors import HypervisorError, NoSpace, UsageError, VmdrError
+from vmdr.errors import HypervisorError, NoSpace, ReplicaInUse, UsageError, VmdrError
 from vmdr.hypervisor import is_local_uri, parse_ssh_uri
 from vmdr.hypervisor.remote import RemoteHost
 from vmdr.jobs import replica_frames
@@ -37,15 +37,20 @@ from vmdr.jobs.replica_scripts import (
     _CREATE,
     _FREE,
     _LIST_STATES,
+    _MARK,
     _NBD,
     _PINNED,
+    _PROBE,
     _READ,
     _SERVE,
     _SNAP,
     _SNAP_LIST,
     _WRITE,
+    Probe,
     commit_args,
     parse_begin_pins,
+    parse_begin_probe,
+    parse_probe,
     serve_args,
 )
 
@@ -91,6 +96,7 @@ class Site:
         self._forwards = 0
         self._begun: _Begun | None = None
         self._pins: dict[str, set[str]] = {}
+        self._probes: dict[str, Probe] = {}
         if not self.local:
             target = parse_ssh_uri(uri)  # UsageError for tcp/tls: data must go over ssh
             self._host = RemoteHost(replace(target, compression=False))
@@ -205,6 +211,20 @@ class Site:
         out = self.run(_PINNED, directory).stdout.decode().split()
         return {ln for ln in out if ln}
 
+    def probe(self, directory: str) -> Probe:
+        """What runs over the standby's disks in ``directory`` (the HA marker, a
+        failover's record, overlays and whether a process holds them): read by this
+        cycle's begin, else one command (see :mod:`.replica_guard`)."""
+        seen = self._probes.pop(directory, None)
+        if seen is not None:
+            return seen
+        out = self.run(_PROBE, directory).stdout.decode(errors="replace")
+        return parse_probe(out.splitlines())
+
+    def mark_in_use(self, directory: str, marker: bytes) -> None:
+        """Write the HA copy's marker (``ha-inuse.json``) atomically into ``directory``."""
+        self.run(_MARK, directory, input=marker)
+
     def state_files(self, root: str) -> list[str]:
         return [ln for ln in self.run(_LIST_STATES, root).stdout.decode().splitlines() if ln]
 
@@ -225,6 +245,7 @@ class Site:
         out = self.run(_BEGIN, directory, *names).stdout
         try:
             free, files, self._pins[directory] = parse_begin_pins(out, len(names))
+            self._probes[directory] = parse_begin_probe(out, len(names))
             return free, files
         except ValueError:
             raise HypervisorError(f"cannot read {directory} on {self.where}") from None
@@ -236,7 +257,11 @@ class Site:
         one command."""
         args, data = commit_args(files, tag, images, drop)
         try:
-            self.run(_COMMIT, *args, input=data)
+            p = self.run(_COMMIT, *args, input=data, ok=(0, 7))
+            if p.returncode == 7:
+                raise ReplicaInUse(f"on {self.where}: {_last_line(p.stderr)}")
+        except ReplicaInUse:
+            raise
         except VmdrError as exc:
             if "space" in exc.message.lower():
                 raise NoSpace(f"no space left on {self.where} ({exc.message})") from None
@@ -261,11 +286,12 @@ class Site:
             pass  # the script failed early: its error comes below
         text = read_line(proc, 120)
         if not text.startswith("ready "):
-            self._stop(proc)
-            err = proc.stderr.read() if proc.stderr else b""
+            err = self._stop_failed(proc)
             what = _last_line(err)
             if "space" in what.lower():
                 raise NoSpace(f"no space left on {self.where} ({what})")
+            if what.startswith("replica in use:"):
+                raise ReplicaInUse(f"on {self.where}: {what}")
             raise HypervisorError(f"cannot serve the standby disks on {self.where}: {what}")
         remote_dir = text[len("ready "):]
         served = [img for img, _s, serve in disks if serve]
@@ -333,8 +359,7 @@ class Site:
             line += c
         text = line.decode(errors="replace").strip()
         if not text.startswith("ready "):
-            self._stop(proc)
-            err = proc.stderr.read() if proc.stderr else b""
+            err = self._stop_failed(proc)
             raise HypervisorError(f"cannot serve {path} on {self.where}: {_last_line(err)}")
         remote_sock = text[len("ready "):]
         sock = remote_sock
@@ -355,6 +380,24 @@ class Site:
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         self._stop(proc)
+
+    def _stop_failed(self, proc: subprocess.Popen[bytes]) -> bytes:
+        """Stop a command that did not get ready; what it wrote to stderr (read before
+        its pipes are closed)."""
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        err = b""
+        if proc.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                err = proc.stderr.read()
+        self._stop(proc)
+        return err
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
