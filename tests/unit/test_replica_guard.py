@@ -292,3 +292,45 @@ def test_commit_and_serve_refuse_when_the_marker_appeared_meanwhile(tmp_path: Pa
     args, data = commit_args([(str(d / "replica.json"), st.to_json())], "rp-x", [str(img)], [])
     subprocess.run(["sh", "-c", _COMMIT, "vmdr", *args], input=data, check=True)
     assert (d / "replica.json").exists()
+
+
+# -- vmdr replicate status / release ----------------------------------------------------------
+
+
+def test_status_row_of_a_replica_in_use_is_not_meeting_its_sla() -> None:
+    from vmdr.jobs.replica_status import IN_USE, row
+
+    _src, _target, site, _spec = _seeded()
+    st = _state(site)
+    assert row(st, "web", "dr", rpo=600)["sla"] == "meeting-sla"
+    used = "in use by the HA copy of web on h3 since 2026-12-06T10:00:00+00:00 (running)"
+    r = row(st, "web", "dr", rpo=600, used=used)
+    assert (r["sla"], r["sla_label"], r["in_use"]) == (IN_USE, "In use: not replicated", used)
+
+
+def test_cli_release_frees_the_replica_once_nothing_uses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from vmdr.cli import replicate_cmds
+    from vmdr.cli.main import main
+    from vmdr.hypervisor.fake import FakeFleet
+
+    fleet = FakeFleet()
+    host = fleet.host("fake://dr/system")
+    monkeypatch.setattr(replicate_cmds, "connect", lambda uri: FakeHypervisor(host))
+    d = tmp_path / "web"
+    (d / "ha").mkdir(parents=True)
+    _img(d / "web-replica-vda.qcow2")
+    _img(d / "ha" / "vda.qcow2", d / "web-replica-vda.qcow2")
+    (d / "ha-inuse.json").write_bytes(replica_guard.marker("web", "h3", [], "rp-1"))
+    argv = ["replicate", "release", "web", "--to", "qemu:///system", "--dir", str(tmp_path)]
+    host.add_domain(XML.replace("/src/web.qcow2", str(d / "ha" / "vda.qcow2")), active=False)
+    assert main(argv) == 13  # the copy is still defined here: its data are on the overlay
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "web (defined)" in err and (d / "ha").exists()
+    FakeHypervisor(host).lookup("web").undefine()
+    assert main(argv) == 0
+    assert "1 overlay(s) removed" in capsys.readouterr().out
+    assert not (d / "ha").exists() and not (d / "ha-inuse.json").exists()
+    assert (d / "web-replica-vda.qcow2").exists()  # the standby's disk stays
+    assert main(argv) == 2 and "nothing to release" in capsys.readouterr().err
