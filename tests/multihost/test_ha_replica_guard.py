@@ -1,0 +1,100 @@
+"""A replica that HA started a VM from is never written again while the VM's data are on
+it (issue 10/11; :mod:`vmdr.jobs.replica_guard`), on the 3-host harness.
+
+h1 holds a VM with local disks, replicated to h3 (repository feed). ``kill -9`` of h1 → the
+leader restarts the VM on h3 from the replica (overlays over the standby's disks, the
+marker ``ha-inuse.json`` written by h3's agent before it touched them). Then, on h3:
+
+* a replica cycle (the repository feed, which may run anywhere at any time) is refused
+  with one line, exit 13, naming the HA copy and its host; the standby's disks keep
+  exactly their restore points;
+* ``vmdr replicate status`` shows the replica ``in-use`` with the same words;
+* the HA copy stopped (not running; QEMU's image lock no longer protects its backing
+  files): still refused — its overlays hold the VM's data;
+* ``vmdr replicate release`` is refused while the copy is defined there, frees the
+  replica once it is gone, and the next cycle runs.
+
+About 40 s after the harness is up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.multihost.cluster import Cluster
+from tests.multihost.hosts import Host
+from tests.multihost.test_ha_noshared import NosharedAgents, _backed_up, _kill_and_follow
+
+pytestmark = [pytest.mark.multihost, pytest.mark.vm, pytest.mark.etcd]
+ROOT = Path(__file__).resolve().parents[2]
+REPLICAS = "/var/lib/libvirt/images/vmdr-replicas"  # h3's own (a private mount per host)
+
+
+def on(h: Host, pw: Path, *args: str) -> tuple[int, str, str]:
+    p = h.run("env", f"PYTHONPATH={ROOT / 'src'}", f"VMDR_PASSWORD_FILE={pw}",
+              "VMDR_LOCK_DIR=/run/vmdr-guard-test", sys.executable, "-m", "vmdr.cli.main",
+              *args, check=False, timeout=300)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p.returncode, p.stdout, p.stderr
+
+
+def snapshots(h: Host, vm: str) -> str:
+    disk = f"{REPLICAS}/{vm}/{vm}-replica-vda.qcow2"
+    return h.run("qemu-img", "snapshot", "-l", "-U", disk).stdout
+
+
+def test_a_replica_under_an_ha_copy_is_never_written(mh_cluster_session: Cluster) -> None:
+    cluster = mh_cluster_session
+    cluster.ensure_healthy()
+    g, repo, pw, _env, _snap = _backed_up(cluster)
+    h3 = cluster.hosts[2]
+    cycle = ("replicate", g.name, "--feed", "repository", "--repo", str(repo), "--to",
+             "qemu:///system")
+    rc, out, err = on(h3, pw, *cycle)
+    assert rc == 0, (out, err)
+    agents = NosharedAgents(cluster, g, repo, pw, replica_to="h3")
+    try:
+        try:
+            host, _after, e, _detected = _kill_and_follow(cluster, g, agents)
+        finally:
+            agents.stop()  # nothing restarts the copy below
+        assert host == "h3" and e["detail"]["restore"] == "replica", e
+        marker = json.loads(h3.run("cat", f"{REPLICAS}/{g.name}/ha-inuse.json").stdout)
+        assert (marker["vm"], marker["host"]) == (g.name, "h3"), marker
+        points = snapshots(h3, g.name)
+
+        rc, out, err = on(h3, pw, *cycle)
+        assert rc == 13, (out, err)
+        assert err.strip().count("\n") == 0, err
+        assert f"in use by the HA copy of {g.name} on h3 since " in err and "(running)" in err
+        assert snapshots(h3, g.name) == points
+
+        rc, out, err = on(h3, pw, "--json", "replicate", "status", g.name, "--to",
+                          "qemu:///system")
+        assert rc == 0, (out, err)
+        row = json.loads(out)["replicas"][0]
+        assert row["sla"] == "in-use" and row["in_use"].startswith(
+            f"in use by the HA copy of {g.name} on h3"), row
+
+        h3.virsh("destroy", g.name)  # the copy stops: no QEMU lock on the backing files
+        rc, out, err = on(h3, pw, *cycle)
+        assert rc == 13 and "not running: its overlays hold its data" in err, (out, err)
+        assert snapshots(h3, g.name) == points
+
+        release = ("replicate", "release", g.name, "--to", "qemu:///system")
+        rc, out, err = on(h3, pw, *release)
+        assert rc == 13 and f"{g.name} (defined)" in err, (out, err)
+        h3.virsh("undefine", g.name)  # the VM is home (here: gone)
+        rc, out, err = on(h3, pw, *release)
+        assert rc == 0 and "overlay(s) removed" in out, (out, err)
+        assert h3.run("test", "-e", f"{REPLICAS}/{g.name}/ha", check=False).returncode == 1
+        rc, out, err = on(h3, pw, *cycle)
+        assert rc == 0, (out, err)
+    finally:
+        for name in (g.name, f"{g.name}-replica"):
+            h3.virsh("destroy", name, check=False)
+            h3.virsh("undefine", name, check=False)
