@@ -178,6 +178,7 @@ class FakeSite(Site):
         self.pins: set[str] = set()  # points a test failover reads
         self.overlays: set[str] = set()  # overlays over the standby's disks (HA, failover)
         self.busy: set[str] = set()  # ... held open by a QEMU
+        self.aged: set[str] = set()  # markers written over 10 minutes ago
 
     def open(self) -> FakeSite:
         return self
@@ -221,6 +222,7 @@ class FakeSite(Site):
         """What the DR host's guard script would report (see test_replica_guard.py)."""
         raw = self.files.get(f"{directory}/ha-inuse.json")
         p = Probe(json.loads(raw) if raw else None,
+                  marker_aged=f"{directory}/ha-inuse.json" in self.aged,
                   failed_over=f"{directory}/failover.json" in self.files)
         for o in sorted(self.overlays):
             if o.startswith(f"{directory}/"):

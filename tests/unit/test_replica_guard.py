@@ -98,6 +98,9 @@ def test_a_stale_marker_is_cleared_and_the_cycle_goes_on() -> None:
     # the HA start wrote its marker, then died before it made the overlays
     site.files["/dr/web/ha-inuse.json"] = replica_guard.marker("web", "h3", [OVL], "rp-1")
     src.write(0, b"\x02" * BLOCK)
+    with pytest.raises(ReplicaInUse):  # not yet: an HA start may be making its overlays
+        rep.replicate_direct(src, target, site, spec)
+    site.aged.add("/dr/web/ha-inuse.json")  # 10 minutes later
     r = rep.replicate_direct(src, target, site, spec)
     assert r.mode == "incremental" and site.images[IMG] == src.disk
     assert any("cleared a stale HA marker" in w for w in r.warnings)
@@ -251,7 +254,7 @@ def test_the_begin_script_reports_marker_and_overlays_busy_or_not(tmp_path: Path
     _img(d / "ha" / "vda.qcow2", d / "web-replica-vda.qcow2")
     site.begin(str(d), ["replica.json"])
     p = site.probe(str(d))
-    assert p.marker is not None and p.marker["host"] == "h3"
+    assert p.marker is not None and p.marker["host"] == "h3" and not p.marker_aged
     assert p.overlays == [str(d / "ha" / "vda.qcow2")] and p.busy == []
     # a process holding the overlay read-write (as the HA copy's QEMU does)
     nbd = subprocess.Popen(["qemu-nbd", "--persistent", f"--socket={tmp_path}/s.sock",
@@ -267,6 +270,8 @@ def test_the_begin_script_reports_marker_and_overlays_busy_or_not(tmp_path: Path
     finally:
         nbd.terminate()
         nbd.wait(30)
+    subprocess.run(["touch", "-d", "-11 minutes", str(d / "ha-inuse.json")], check=True)
+    assert site.probe(str(d)).marker_aged
     assert site.run(_FREE, str(d)).returncode == 0
 
 

@@ -20,12 +20,13 @@ a crash of the HA copy, nothing would. So, at the DR host, where the disks are:
   ``vmdr failover`` / test failover / failback and HA's own next restore refuse an HA
   copy's replica the same way (:func:`vmdr.jobs.failover_site.load_vm`).
 
-A marker is **stale** when no overlay is left under ``ha/`` and no domain at the DR host
-(running or only defined) has a disk there, e.g. the HA start failed before it made
-them: the cycle clears it and goes on, with a warning. Overlays are never removed
-automatically, even when no domain uses them any more: they may hold the only copy of
-what the VM wrote since its restart. ``vmdr replicate release VM`` (:func:`release`)
-removes them once the VM is home, and only when nothing uses them.
+A marker is **stale** when it is over 10 minutes old (by the DR host's clock: an HA start
+takes seconds, and its marker is there before its overlays), no overlay is left under
+``ha/`` and no domain at the DR host (running or only defined) has a disk there, e.g.
+the HA start died before it made them: the cycle clears it and goes on, with a warning.
+Overlays are never removed automatically, even when no domain uses them any more: they
+may hold the only copy of what the VM wrote since its restart. ``vmdr replicate release
+VM`` (:func:`release`) removes them once the VM is home, and only when nothing uses them.
 """
 
 from __future__ import annotations
@@ -111,19 +112,19 @@ def check(site: Site, target: Hypervisor | None, directory: str, vm: str, *,
     failover = (p.failed_over or bool(fo_over)) and not failover_ok
     if not (p.marker is not None or p.marker_bad or ha_over or failover):
         return []
-    if (p.marker is not None or p.marker_bad) and not ha_over and not failover \
-            and not users(target, directory):
+    if (p.marker is not None or p.marker_bad) and p.marker_aged and not ha_over \
+            and not failover and not users(target, directory):
         site.run(_RELEASE, directory)
         who = (p.marker or {}).get("host") or "an unknown host"
         return [f"cleared a stale HA marker in {directory} (from {who}; no overlay and no "
                 "domain uses the replica any more)"]
     if ha_over or p.marker is not None or p.marker_bad:
-        p = Probe(p.marker, p.marker_bad, False, [o for o in p.overlays if o in ha_over],
-                  [o for o in p.busy if o in ha_over])
+        p = Probe(p.marker, p.marker_bad, p.marker_aged, False,
+                  [o for o in p.overlays if o in ha_over], [o for o in p.busy if o in ha_over])
         how = ("bring it home first (docs/operations.md, 'After an HA restart from a "
                f"replica'), then `vmdr replicate release {vm}`")
     else:
-        p = Probe(None, False, True, [o for o in p.overlays if o in fo_over],
+        p = Probe(None, False, False, True, [o for o in p.overlays if o in fo_over],
                   [o for o in p.busy if o in fo_over])
         how = "fail back first (`vmdr failback PLAN`)"
     raise ReplicaInUse(f"{vm}: the replica in {directory} on {site.where} is "

@@ -63,6 +63,8 @@ rm -rf -- "$d"
 # Expects the replica directory in ``$dir``.
 _GUARD = r"""if [ -f "$dir/ha-inuse.json" ]; then
   printf 'inuse %s\n' "$(tr '\n' ' ' < "$dir/ha-inuse.json")"
+  # older than 10 minutes (the DR host's clock): an HA start takes seconds
+  [ -n "$(find "$dir/ha-inuse.json" -mmin +10 2>/dev/null)" ] && echo inuse-aged
 fi
 [ -f "$dir/failover.json" ] && echo failedover
 for f in "$dir"/ha/*.qcow2 "$dir"/failover/*.qcow2; do
@@ -278,6 +280,7 @@ class Probe:
 
     marker: dict[str, Any] | None = None  # ha-inuse.json (the HA copy)
     marker_bad: bool = False  # there, but unreadable: treated as in use
+    marker_aged: bool = False  # written over 10 minutes ago (never stale before that)
     failed_over: bool = False  # failover.json
     overlays: list[str] = field(default_factory=list)  # overlays over the standby's disks
     busy: list[str] = field(default_factory=list)  # ... that a process holds open
@@ -301,6 +304,8 @@ def parse_probe(lines: list[str]) -> Probe:
                 p.marker = m
             else:
                 p.marker_bad = True
+        elif ln.strip() == "inuse-aged":
+            p.marker_aged = True
         elif ln.strip() == "failedover":
             p.failed_over = True
         elif ln.startswith("overlay "):
