@@ -17,6 +17,10 @@ test: setup
 test-all: setup
 	VMDR_SLOW=1 $(PY) -m pytest -q tests
 
+## ruff and strict mypy over src, tests and bench (pyproject's [tool.mypy] files). Tests are
+## held to the same strict mode as src: measured, strict found 86 errors in tests and bench
+## and non-strict (--check-untyped-defs) 84, nearly all real type errors either way, since
+## the tests were already annotated; so one mode for all. About 20 s cold, 2 s cached.
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy

@@ -130,7 +130,7 @@ def summarize(profiles: dict[str, Path], src_root: Path, rate: int) -> list[str]
         st = load(full)
         ingest = [s for s in st if any("diskcopy.py" in f and f.startswith("ingest")
                                        for f in s.frames)]
-        by_tid = collections.Counter()
+        by_tid: collections.Counter[str] = collections.Counter()
         for s in ingest:
             by_tid[s.tid] += s.count
         if by_tid:

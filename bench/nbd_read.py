@@ -70,14 +70,14 @@ def time_restore(env: dict[str, str], out: Path) -> float:
 
 
 def time_serve(env: dict[str, str]) -> float:
-    from vmdr.cli.common import Globals, open_repository
+    from vmdr.cli.common import Globals, repository
     from vmdr.config import Config
     from vmdr.serve import start_server
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("VMDR_")})
     g = Globals(repo=env["VMDR_REPO"], password_file=env["VMDR_PASSWORD_FILE"],
                 key_file=None, json=False, progress=False, config=Config())
-    repo = open_repository(g)
+    repo = repository(g)  # shared lock, as `vmdr serve`
     try:
         snap = repo.resolve("bench")
         drop_caches()

@@ -212,8 +212,8 @@ def sample_window(h1: Host, h2: Host, guests: dict[str, Any], common: Any,
                        f"{tmp}/dr-{m}") for m in mirrors}
     standby = f"{DR_ROOT}/{guests['snap'].name}/{guests['snap'].name}-replica-vdb.qcow2"
     snap_reader = dd_reader(h2.enter(), "qcow2", standby, f"{tmp}/dr-snap")
-    for d in (*(f"{tmp}/src-{m}" for m in MODES), *(f"{tmp}/dr-{m}" for m in MODES)):
-        os.makedirs(d, exist_ok=True)
+    for path in (*(f"{tmp}/src-{m}" for m in MODES), *(f"{tmp}/dr-{m}" for m in MODES)):
+        os.makedirs(path, exist_ok=True)
     start_seq = {m: (guests[m].writer_seq() or 0) for m in MODES}
     src_hint = {m: max(0, start_seq[m] - 200) for m in MODES}
     dr_hint = {m: max(0, start_seq[m] - 3000) for m in MODES}

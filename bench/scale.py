@@ -36,9 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from bench._util import markdown_table, replace_section  # noqa: E402
+from _util import markdown_table, replace_section  # noqa: E402
 
 from vmdr.repository.crypto import TYPE_CHUNK  # noqa: E402
 from vmdr.repository.keys import KdfParams  # noqa: E402

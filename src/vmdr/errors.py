@@ -37,13 +37,13 @@
     ├── MigrationStopped           exit 17  instant restore's disk move stopped; VM paused
     ├── ServeError                 exit 1   the NBD server could not be started
     ├── BusyMount                  exit 1   the mounted filesystem is in use
-    ├── NoPlacement                exit 1   no host can take the VM(s): nothing moved
     ├── UnsupportedFilesystem      exit 2   no filesystem vmdr can read at that place
     ├── InstantInterrupted         exit 130 instant recovery interrupted (resumable)
     ├── ReplicaStale               exit 40  replica older than its RPO target (--force)
     ├── FailoverFailed             exit 41  a failover step failed; sources left running
     ├── RecoveryCheckFailed        exit 42  `vmdr recovery check` found problems
     ├── DRCapacity                 exit 43  the DR host lacks the memory for the plan
+    ├── NoPlacement                exit 44  no host can take the VM(s): nothing moved
     └── TapeError                  exit 30  a tape drive or changer failed
         ├── MediaRefused           exit 31  write-protected, another pool, retention, WORM
         ├── DriveNotReady          exit 32  the drive did not become ready in time
@@ -212,6 +212,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (41, "a failover or failback step failed; the source VMs were left running"),
     (42, "vmdr recovery check found problems in a recovery plan"),
     (43, "the DR host lacks the memory for a recovery plan: failover refused (--force)"),
+    (44, "no host can take the VM(s) (ha maintenance, ha test): nothing was moved"),
     (30, "tape drive or changer error"),
     (31, "tape refused: write-protected, another pool, retention or WORM"),
     (32, "tape drive not ready before the timeout"),
@@ -324,6 +325,10 @@ class NoWritableMedia(TapeError):
 
 class NoPlacement(VmdrError):
     """No host can take the VM(s) (maintenance, failover test): nothing was moved."""
+
+    exit_code = 44
+
+
 class RecoveryPlanLocked(VMLocked):
     """Another failover or failback of the same recovery plan is running."""
 

@@ -21,7 +21,7 @@ VMDR: list[str] = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m",
 # kept from the caller's environment; every other VMDR_* variable is dropped
 _KEEP = {"VMDR_INSECURE_TEST_KDF"}
 ARGPARSE_ERROR = re.compile(r"^vmdr( [\w-]+)*: error: ")
-DOCUMENTED_CODES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 130}
+DOCUMENTED_CODES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 44, 130}
 
 
 @dataclass

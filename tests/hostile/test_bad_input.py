@@ -29,7 +29,8 @@ def _param(c: Case) -> object:
 def outcomes(request: pytest.FixtureRequest, world: World,
              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     selected = {item.callspec.id for item in request.session.items
-                if item.originalname == "test_case" and hasattr(item, "callspec")}
+                if isinstance(item, pytest.Function) and item.originalname == "test_case"
+                and hasattr(item, "callspec")}
     base = tmp_path_factory.mktemp("cases")
     todo = [(c, base / f"c{i}") for i, c in enumerate(CASES) if c.id in selected]
     return run_many(world, todo)

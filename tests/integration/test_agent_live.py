@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,7 +94,7 @@ def test_minutely_policy_backs_the_vm_up_by_itself(
     assert f'vmdr_backup_last_success_timestamp_seconds{{vm="{live_vm.name}"}}' in metrics
 
 
-def _browser():  # type: ignore[no-untyped-def]
+def _browser() -> Any:  # a selenium webdriver.Chrome (selenium has no type hints here)
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 

@@ -22,8 +22,11 @@ VMDR = [sys.executable, "-m", "vmdr.cli.main"]
 SIZE = 48 << 20
 
 
+Big = tuple[dict[str, str], bytes]  # the fixture `big`: environment, image data
+
+
 @pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], bytes]:
+def big(tmp_path_factory: pytest.TempPathFactory) -> Big:
     """A repository holding one 48 MiB image of incompressible data, in 64 KiB chunks
     (many chunks: a restore takes long enough to be killed in the middle)."""
     tmp = tmp_path_factory.mktemp("killrestore")
@@ -77,7 +80,7 @@ def _kill_mid_restore(env: dict[str, str], out: Path, fmt: str, force: bool) -> 
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk"])
-def test_kill9_leaves_no_partial_image(tmp_path: Path, big: tuple, fmt: str) -> None:
+def test_kill9_leaves_no_partial_image(tmp_path: Path, big: Big, fmt: str) -> None:
     env, _ = big
     out = tmp_path / f"out.{fmt}"
     _kill_mid_restore(env, out, fmt, force=False)
@@ -87,7 +90,7 @@ def test_kill9_leaves_no_partial_image(tmp_path: Path, big: tuple, fmt: str) -> 
     assert left and all(n.startswith(".") for n in left)
 
 
-def test_kill9_with_force_keeps_the_old_file(tmp_path: Path, big: tuple) -> None:
+def test_kill9_with_force_keeps_the_old_file(tmp_path: Path, big: Big) -> None:
     env, data = big
     out = tmp_path / "out.raw"
     old = b"the previous restore, complete and good\n" * 1000

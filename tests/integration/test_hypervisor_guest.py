@@ -26,13 +26,11 @@ PREFIX = "vmdr-9e579e57"
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
-        from tests.guest import layout
         from tests.guest.estate import TestVM, ensure_built
         ensure_built()
     except Exception as exc:  # pragma: no cover - environment
         pytest.skip(f"test guest images unavailable: {exc}")
     with TestVM() as vm:
-        vm.marker = layout.HEARTBEAT_MARKER
         yield vm
 
 
@@ -46,7 +44,10 @@ def hv() -> Iterator[Hypervisor]:
 def test_heartbeat_by_agent_and_console(guest: Any, hv: Hypervisor) -> None:
     took = hv.wait_heartbeat(guest.name, agent=True, timeout=180)
     assert took >= 0
-    took = hv.wait_heartbeat(guest.name, agent=False, console_pattern=re.escape(guest.marker),
+    from tests.guest import layout
+
+    took = hv.wait_heartbeat(guest.name, agent=False,
+                             console_pattern=re.escape(layout.HEARTBEAT_MARKER),
                              console_log=str(guest.console_log), timeout=60)
     assert took >= 0
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -27,6 +27,7 @@ pytest.importorskip("nbd")
 
 from vmdr.errors import HeartbeatTimeout  # noqa: E402
 from vmdr.hypervisor import DiskSource, Hypervisor, connect, rewrite_domain_xml  # noqa: E402
+from vmdr.hypervisor.backup import BackupSession  # noqa: E402
 from vmdr.hypervisor.cleanup import backup_job_active  # noqa: E402
 from vmdr.hypervisor.overlay import OVERLAY_SUFFIX  # noqa: E402
 
@@ -70,7 +71,7 @@ class VM:
 
     def sources(self, flags: int = 0) -> dict[str, str]:
         root = ET.fromstring(self.dom().XMLDesc(flags))
-        out = {}
+        out: dict[str, str] = {}
         for d in root.findall("./devices/disk"):
             src = d.find("source")
             out[d.find("target").get("dev")] = src.get("file") if src is not None else None  # type: ignore
@@ -240,7 +241,7 @@ def test_uncommitted_backup_leaves_nothing(vm: VM) -> None:
         assert any("guest agent" in w for w in s.warnings)
         raise RuntimeError("storage failed")
     assert vm.hv.list_checkpoints(info, PREFIX) == []
-    assert not Path(s.workdir).exists()
+    assert not Path(cast(BackupSession, s).workdir).exists()
 
 
 def test_lost_checkpoint_or_bitmap_means_full(vm: VM) -> None:
@@ -444,5 +445,5 @@ def test_orphaned_bitmap_removed_by_full(vm: VM) -> None:
         new = s.checkpoint
     names = _bitmaps(vm)
     assert lost not in names and new in names and other in names
-    assert s.orphans_removed == [lost]
+    assert cast(BackupSession, s).orphans_removed == [lost]
     vm.qmp("block-dirty-bitmap-remove", node=node, name=other)

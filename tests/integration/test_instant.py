@@ -140,6 +140,19 @@ def test_instant_restore_then_repository_gone(source: tuple[TestVM, dict[str, st
 
 
 
+def _private_dirs_of(pid: int) -> list[str]:
+    """The NBD servers' private directories (/run/vmdr/vmdr-serve-*) the vmdr ``pid`` made."""
+    out = []
+    for d in Path("/run/vmdr").glob("vmdr-serve-*"):
+        try:
+            owner = json.loads((d / "owner.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("pid") == pid:
+            out.append(str(d))
+    return out
+
+
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*VMDR, "instant-restore", *args, "--json-events"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -200,6 +213,7 @@ def test_interrupt_and_server_lost_mid_migration(
         assert len(hidden) == 2 and not any(f.exists() for f in finals)
         procs[-1].kill()
         procs[-1].wait(30)
+        killed = procs[-1].pid
         assert not any(f.exists() for f in finals)
         log = target / f"{new}-console.log"
         n = _beats(log)
@@ -211,6 +225,7 @@ def test_interrupt_and_server_lost_mid_migration(
         assert p.returncode == 0, p.stderr
         assert "failed" not in p.stderr, p.stderr  # no copy restarted
         assert not nbdkit_pids(f"/run/vmdr/instant/{new}")
+        assert _private_dirs_of(killed) == []  # the killed run's pid files and logs too
         res = json.loads(p.stdout)
         _wait_beats(log, n)
         assert dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
@@ -228,9 +243,9 @@ def test_interrupt_and_server_lost_mid_migration(
         assert not (target / f"{new}.instant.json").exists()
         assert all(f.exists() for f in finals)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
         conn.close()
         _discard(new)
         shutil.rmtree(target, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -32,12 +33,12 @@ def sites() -> Iterator[Cluster]:
         yield c
 
 
-def _vmdr(host: object, *args: str, timeout: float = 300) -> dict[str, object]:
+def _vmdr(host: object, *args: str, timeout: float = 300) -> dict[str, Any]:
     p = host.run(sys.executable, "-m", "vmdr.cli.main", *args, check=False,  # type: ignore[attr-defined]
                  timeout=timeout)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
-    out: dict[str, object] = json.loads(p.stdout)
+    out: dict[str, Any] = json.loads(p.stdout)
     return out
 
 

@@ -12,8 +12,11 @@ the point under a reader does change what it serves (that is why the pin exists)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any, cast
@@ -55,12 +58,23 @@ def _digest(sock: str) -> str:
         h.shutdown()
 
 
+class _HV:
+    """The DR host's connection as :func:`fs.freeze` asks it: who QEMU runs as."""
+
+    def __init__(self, qemu: tuple[int, int] | None) -> None:
+        self.qemu = qemu
+
+    def qemu_identity(self) -> tuple[int, int] | None:
+        return self.qemu
+
+
 class _VM:
     """The parts of a DR-site VM that :func:`fs.freeze` uses."""
 
-    def __init__(self, site: Site, disk: Path) -> None:
+    def __init__(self, site: Site, disk: Path, qemu: tuple[int, int] | None = None) -> None:
         self.name = "vm1"
         self.site = site
+        self.hv = _HV(qemu)
         self.state = ReplicaState(vm="vm1", source_uri="x", source_uuid="u", standby="s",
                                   standby_uuid="su", target_uri="qemu:///system",
                                   directory=str(disk.parent), prefix="p",
@@ -157,3 +171,44 @@ def test_a_point_that_cannot_be_served_is_one_line_and_holds_no_pin(tmp_path: Pa
         for p in vm.readers:
             site.stop(p)
         assert site.pinned_points(str(d)) == set()
+
+
+def _qemu_group() -> tuple[int, int]:
+    """A QEMU user other than us: libvirt-qemu's ids where it exists, else nobody's."""
+    import pwd
+
+    for name in ("libvirt-qemu", "qemu", "nobody"):
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(name)
+            return pw.pw_uid, pw.pw_gid
+    pytest.skip("no account other than ours to run QEMU as")
+
+
+@pytest.mark.parametrize("who", ["other", "us", "unknown"])
+def test_the_export_socket_reaches_only_qemu(tmp_path: Path, who: str) -> None:
+    """0660 with QEMU's group when QEMU runs as another user (the system libvirtd's
+    libvirt-qemu), 0600 when it runs as us (root QEMU with vmdr as root, a session), never
+    open to every local user."""
+    qemu = {"other": _qemu_group(), "us": (os.geteuid(), os.getegid()),
+            "unknown": None}[who]
+    d = tmp_path / "replica"
+    d.mkdir()
+    disk = d / "s-vda.qcow2"
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(SIZE))
+    _sh("qemu-img", "snapshot", "-c", "rp-1", str(disk))
+    with Site("qemu:///system") as site:
+        vm = _VM(site, disk, qemu)
+        try:
+            fs.freeze(cast(fs.DRVM, vm), "r1", RestorePoint("rp-1", "t", "direct", "seed"))
+            st = os.stat(vm.exports["vda"])
+            assert stat.S_ISSOCK(st.st_mode)
+            if who == "other":
+                assert qemu is not None
+                assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, qemu[1])
+            else:
+                assert stat.S_IMODE(st.st_mode) == 0o600
+            assert st.st_uid == os.geteuid()
+            _digest(vm.exports["vda"])  # the owner (vmdr's qemu-img create) still reads it
+        finally:
+            for p in vm.readers:
+                site.stop(p)

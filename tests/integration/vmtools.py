@@ -55,7 +55,7 @@ def checkpoints(dom: Any) -> list[str]:
 
 
 def leftover_files(scratch: str) -> list[str]:
-    out = []
+    out: list[str] = []
     for root, _, files in os.walk(scratch):
         out.extend(os.path.join(root, f) for f in files)
     return out

@@ -38,6 +38,7 @@ READY_DELAY = 2.0
 def agent_config(cluster: Cluster, h: Host, prefix: str, guests: dict[str, Guest], *,
                  ready_delay: float = READY_DELAY, extra_vm: dict[str, str] | None = None,
                  app_ha: bool = True) -> Path:
+    assert cluster.etcd is not None, "an etcd cluster is needed"
     shared = Path(cluster.shared)
     hosts = "".join(f'[hosts.{x.name}]\nlocation = "dc"\nuri = "{x.tcp_uri}"\n'
                     for x in cluster.hosts)
@@ -109,6 +110,7 @@ class Agents:
     def etcd(self, *args: str) -> str:
         live = next(h for h in self.cluster.hosts
                     if h.alive() and not self.cluster.net.is_partitioned(h.name))
+        assert self.cluster.etcd is not None
         p = self.cluster.etcd.ctl(*args, host=live, check=False)
         return str(p.stdout)
 

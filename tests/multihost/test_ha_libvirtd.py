@@ -137,3 +137,70 @@ def test_dead_libvirtd_is_no_host_failure(mh_cluster: Cluster) -> None:
         agents.stop()
         if h2.alive() and h2.daemon_pid("libvirtd") is None:
             h2.restart_libvirtd()
+
+
+def member(agents: Agents, host: str) -> dict[str, Any]:
+    raw = agents.etcd("get", f"{agents.prefix}members/{host}", "--print-value-only").strip()
+    return dict(json.loads(raw)) if raw.startswith("{") else {}
+
+
+def test_dead_libvirtd_host_is_no_failover_target(mh_cluster: Cluster) -> None:
+    """libvirtd of h2 killed (h2 alive: it renews its lease and says so in its member
+    key), then h1 killed with -9: h1's HA guest restarts on h3 — never on h2, which it
+    prefers (``hosts = ["h2"]``, should) and which would otherwise be chosen, and never
+    twice."""
+    cluster = mh_cluster
+    h1, h2, h3 = cluster.hosts
+    g = cluster.new_guest(writer_rate=0)
+    g.known.update(cluster.hosts)
+    g.start(h1)
+    agents = Agents(cluster, {"db": g, "app": g},
+                    extra_vm={"db": 'hosts = ["h2"]\nhosts_rule = "should"'})
+    try:
+        agents.start(h3)
+        agents.wait_leader("h3")
+        agents.start(h1)
+        agents.start(h2)
+        agents.wait_published(g.name, "h1")
+        agents.wait_member("h2")
+        st = ha_status(agents, h3)
+        assert [v["would_go_to"] for v in st["vms"]] == ["h2"], st  # its preferred host
+
+        h2.kill_libvirtd()
+        t0 = time.monotonic()
+        while member(agents, "h2").get("libvirt_ok") is not False:
+            assert time.monotonic() - t0 < 30, agents.logs()
+            time.sleep(0.3)
+        print(f"h2's member key says libvirt down {time.monotonic() - t0:.1f}s after the "
+              "kill of its libvirtd")
+        st = ha_status(agents, h3)
+        h2_row = next(h for h in st["hosts"] if h["host"] == "h2")
+        assert h2_row["lease"] and h2_row["libvirt"]["ok"] is False, st
+        assert [v["would_go_to"] for v in st["vms"]] == ["h3"], st
+
+        t_kill = time.monotonic()
+        h1.kill()
+        while True:
+            assert qemu_pid(h2, g.name) is None, f"{g.name} started on h2"
+            where = running_on(cluster, g)
+            assert len(where) <= 1, f"{g.name} runs on {where}"
+            if where:
+                break
+            assert time.monotonic() - t_kill < 90, ("no failover", agents.logs())
+            time.sleep(0.1)
+        assert where == ["h3"], (where, agents.events())
+        print(f"h1 killed: {g.name} running on h3 {time.monotonic() - t_kill:.1f}s later")
+        time.sleep(2.0)  # a second start would show by now
+        assert running_on(cluster, g) == ["h3"] and qemu_pid(h2, g.name) is None
+        events = agents.events()
+        to_h2 = [e for e in events if e["vm"] == g.name and e["host"] == "h2"
+                 and e["kind"] in ("placed", "started")]
+        assert not to_h2, to_h2
+        started = [e for e in events if e["kind"] == "started" and e["vm"] == g.name]
+        assert [e["host"] for e in started] == ["h3"], events
+        assert not [e for e in events if e["kind"] in ("fenced", "detected")
+                    and e["host"] == "h2" and not (e.get("detail") or {}).get("libvirt")]
+    finally:
+        agents.stop()
+        if h2.alive() and h2.daemon_pid("libvirtd") is None:
+            h2.restart_libvirtd()

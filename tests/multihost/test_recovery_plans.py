@@ -37,6 +37,7 @@ from tests.multihost.cluster import Cluster
 from tests.multihost.fixtures import skip_unless_multihost
 from tests.multihost.guests import Guest
 from tests.multihost.hosts import Host
+from vmdr.hypervisor.xml import dac_identity
 
 pytestmark = [pytest.mark.multihost, pytest.mark.vm]
 ROOT = "/var/lib/libvirt/images/vmdr-replicas"  # inside h2
@@ -108,6 +109,8 @@ ready_timeout = "150s"
 post = [
   # the test copy stops its own writer and fingerprints its records area
   "guest:echo 0 > /run/vmdr-rate; killall vmdr-writer; sleep 1; md5sum /dev/vdb2 > /run/fp",
+  # who may connect to the frozen point's exports (mode and group of each socket)
+  "host:stat -c '%a %g' {self.vmdir}/test-*/*.sock > {self.work}/socks.txt",
   # a replica cycle of the same VM now, keeping 1 point: it writes the standby's disks
   "{cycle}",
   # the test copy reads exactly what it read before the cycle
@@ -359,7 +362,15 @@ def test_test_failover_leaves_nothing_and_replication_goes_on_during_it(
     # ... and the test copy's records area read the same before and after it (post-script
     # 3 compared it in the guest, else the run would have failed)
     posts = [st for st in rep["steps"] if st["name"] == "group 1 post-script"]
-    assert len(posts) == 3 and all(st["status"] == "ok" for st in posts), posts
+    assert len(posts) == 4 and all(st["status"] == "ok" for st in posts), posts
+    # only QEMU reached the exports: 0660 with its group, or 0600 when it runs as root
+    qemu = dac_identity(s.h2.virsh("capabilities").stdout)
+    socks = (s.work / "socks.txt").read_text().splitlines()
+    assert socks, "no export socket seen during the test"
+    want = ("600", None) if qemu is None or qemu[0] == 0 else ("660", str(qemu[1]))
+    for line in socks:
+        mode, gid = line.split()
+        assert mode == want[0] and want[1] in (None, gid), (line, qemu)
     # nothing left at the DR site: no test domain, network, overlay, export or pin
     assert _leftovers(s, g.name) == []
     # production kept writing throughout, without a gap: the point the cycle took during

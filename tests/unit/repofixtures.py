@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from vmdr.repository.keys import KdfParams
 from vmdr.repository.repo import Repository
@@ -31,7 +32,7 @@ def make_repo(
     clock: FakeClock | None = None, level: int = 3,
 ) -> Repository:
     backend = FileBackend(path) if isinstance(path, str) else path
-    kw = {"clock": clock} if clock else {}
+    kw: dict[str, Any] = {"clock": clock} if clock else {}
     return Repository.init(backend, passphrase=PASS, encryption=encryption,
                            chunk_size=chunk_size, kdf=KdfParams.for_tests(),
                            compression_level=level, **kw)
@@ -39,7 +40,7 @@ def make_repo(
 
 def reopen(path: str | Backend, clock: FakeClock | None = None) -> Repository:
     backend = FileBackend(path) if isinstance(path, str) else path
-    kw = {"clock": clock} if clock else {}
+    kw: dict[str, Any] = {"clock": clock} if clock else {}
     return Repository.open(backend, passphrase=lambda: PASS, **kw)
 
 

@@ -32,7 +32,7 @@ PUBLIC = {"/api/v1/health", "/api/v1/openapi.json"}
 schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", APP)
 
 
-@schema.parametrize()
+@schema.parametrize()  # type: ignore[untyped-decorator]  # schemathesis: no hints
 @settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_api_fuzz(case: Any) -> None:

@@ -7,7 +7,7 @@ import io
 import json
 import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from vmdr.events import (
     EVENT_TYPES,
@@ -50,7 +50,7 @@ def test_a_job_frames_its_events_in_order() -> None:
                      JobFinished]
     assert [e.seq for e in sink.events] == list(range(1, 7))
     assert {e.job for e in sink.events} == {"j1"}
-    end = sink.events[-1]
+    end = cast(JobFinished, sink.events[-1])
     assert end.outcome == "ok" and end.result == {"snapshot": "abc"} and end.message is None
     assert [e.final for e in sink.of(BytesProgress)] == [False, True]
 
@@ -73,7 +73,7 @@ def test_a_failure_always_has_an_error_before_the_end() -> None:
     ev = _job(sink)
     ev.error("no domain 'web1'", 11, "web1")
     ev.finish("failed", 11)
-    assert sink.events[-1].message == "web1: no domain 'web1'"
+    assert cast(JobFinished, sink.events[-1]).message == "web1: no domain 'web1'"
     assert [type(e) for e in sink.events] == [JobError, JobError, JobFinished]
     sink = ListSink()
     ev = _job(sink)

@@ -183,7 +183,7 @@ def test_dead_local_libvirtd_is_no_host_failure() -> None:
     rt.fence = SelfFence(policy.settings, 0.0)
     rt.is_leader = lambda: True
     steps: list[float] = []
-    rt.leader.step = lambda now, live, seen: steps.append(now)  # type: ignore[method-assign]
+    rt.leader.step = lambda now, live, ever_seen: steps.append(now)  # type: ignore[method-assign]
     coord.last_renew_sent = 1.0
     rt.engine(10.0)
     assert store.where("db") == "h1"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from tests.unit.repofixtures import PASS, make_repo
 from tests.unit.test_ha_policy import BASE
@@ -86,7 +87,8 @@ def test_status_rows_carry_the_restore_point(tmp_path: Path) -> None:
     cfg_path, sid = estate(tmp_path, backup_of=("app1",))
     cfg = config.load(str(cfg_path))
     inv = inventory.from_config(cfg)
-    d = {"vms": [{"vm": "app1", "would_go_to": "hv3"}, {"vm": "db1", "would_go_to": "hv2"}]}
+    d: dict[str, Any] = {"vms": [{"vm": "app1", "would_go_to": "hv3"},
+                                 {"vm": "db1", "would_go_to": "hv2"}]}
     _restores(cfg, inv, load_policy(inv), d)
     app, db = d["vms"]
     assert "restore" not in db  # shared storage: nothing to say

@@ -13,7 +13,7 @@ from vmdr import config
 from vmdr.errors import HypervisorError, UsageError
 from vmdr.ha import hatest, maintenance
 from vmdr.ha.escalate import Escalator
-from vmdr.ha.fleet import Connect, OpsHost
+from vmdr.ha.fleet import Connect, OpsHost, live_state
 from vmdr.ha.model import load_policy
 from vmdr.ha.monitor import Monitor, WatchdogEvent
 from vmdr.ha.records import HARecords, memory_records
@@ -135,7 +135,7 @@ def test_maintenance_migrates_by_placement_rules_and_marks_the_host(fl: Fleet) -
     # a host in maintenance is never a target: evacuating h2 cannot use h1
     with pytest.raises(maintenance.NowhereToGo) as ei:
         maintenance.enter(fl.inv, fl.policy, fl.records, fl.connect, "h2")
-    assert ei.value.exit_code == 1 and "nothing moved" in ei.value.message
+    assert ei.value.exit_code == 44 and "nothing moved" in ei.value.message
     assert "h2" not in fl.records.maintenance()
     assert fl.where() == {"db1": "h3", "web": "h2", "db2": "h2"}
     assert maintenance.leave(fl.inv, fl.records, "h1") is True
@@ -176,7 +176,7 @@ def test_failed_migration_stops_and_says_what_moved(fl: Fleet) -> None:
 def test_evacuation_json_names_moves() -> None:
     f = Fleet()
     f.run("h1", "db1", 1024)
-    live = maintenance.live_state(f.inv, f.connect, f.records)
+    live = live_state(f.inv, f.connect, f.records)
     ev = maintenance.evacuation(f.inv, f.policy, live.state, "h1", live.running)
     assert ev.to_json()["moves"] == [{"vm": "db1", "from": "h1", "to": "h2", "seconds": None,
                                       "error": None}]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ from vmdr.ha.settings import HASettings
 GiB = 1 << 30
 
 
-def cluster(hosts: dict[str, tuple[int, int, str | None]],
+def cluster(hosts: Mapping[str, tuple[int, int, str | None]],
             vms: list[dict[str, object]], *, overcommit: float = 1.0,
             scopes: tuple[tuple[str, str], ...] = (), tolerated: int = 1,
             maintenance: frozenset[str] = frozenset()) -> tuple[HAPolicy, ClusterState]:

@@ -30,8 +30,10 @@ def _two_disk_vm(repo: Repository) -> tuple[Snapshot, dict[str, bytes]]:
     disks = []
     for i, name in enumerate(("vda", "vdb")):
         data = random.Random(i).randbytes(SIZE)
-        rec, _ = diskcopy.ingest(repo, name, SIZE, "raw", [(0, SIZE)],
-                                 lambda off, n, d=data: d[off:off + n])
+        def read(off: int, n: int, d: bytes = data) -> bytes:
+            return d[off:off + n]
+
+        rec, _ = diskcopy.ingest(repo, name, SIZE, "raw", [(0, SIZE)], read)
         disks.append(rec)
         datas[name] = data
     snap = Snapshot("x", repo.clock(), repo.chunk_size, disks,

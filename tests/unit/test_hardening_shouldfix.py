@@ -165,7 +165,7 @@ def test_nbdkit_gets_no_passphrase(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("VMDR_PASSWORD", PASS)
     monkeypatch.setenv("VMDR_PASSWORD_FILE", "/etc/vmdr/pass")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kept")  # storage credentials stay
-    monkeypatch.setattr(server.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr("vmdr.serve.server.subprocess.Popen", FakePopen)
     with open(tmp_path / "log", "wb") as logf:
         server._spawn(["nbdkit"], logf, detach=True)
     env = seen["env"]

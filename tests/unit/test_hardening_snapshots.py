@@ -18,6 +18,9 @@ from vmdr.repository.resolve import MIN_ID_PREFIX, resolve_ref
 from .hardening_helpers import cli_env, image_snapshot, make_repo, vmdr
 from .repofixtures import FakeClock, reopen
 
+# the fixture `three`: environment, snapshots, their contents
+Three = tuple[dict[str, str], list[Snapshot], list[bytes]]
+
 
 @pytest.fixture
 def three(tmp_path: Path) -> tuple[dict[str, str], list[Snapshot], list[bytes]]:
@@ -45,7 +48,7 @@ def _cold(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {**env, "VMDR_CACHE_DIR": str(cold)}
 
 
-def test_damaged_manifest_with_empty_cache(tmp_path: Path, three: tuple) -> None:
+def test_damaged_manifest_with_empty_cache(tmp_path: Path, three: Three) -> None:
     env, snaps, contents = three
     bad = snaps[1]
     _damage(env, bad.id)
@@ -75,7 +78,7 @@ def test_damaged_manifest_with_empty_cache(tmp_path: Path, three: tuple) -> None
 
 
 @pytest.mark.parametrize("args", [[], ["--read-data"]])
-def test_warm_cache_does_not_hide_damage(tmp_path: Path, three: tuple,
+def test_warm_cache_does_not_hide_damage(tmp_path: Path, three: Three,
                                          args: list[str]) -> None:
     env, snaps, _ = three
     vmdr("snapshots", env=env)  # fill the cache
@@ -87,7 +90,7 @@ def test_warm_cache_does_not_hide_damage(tmp_path: Path, three: tuple,
     assert "corrupt-snapshot" in p.stdout
 
 
-def test_poisoned_cache_entry_is_not_trusted(tmp_path: Path, three: tuple) -> None:
+def test_poisoned_cache_entry_is_not_trusted(tmp_path: Path, three: Three) -> None:
     env, snaps, _ = three
     with reopen(env["VMDR_REPO"]) as r:
         r.list_snapshots()
@@ -155,7 +158,7 @@ def test_resolver_rules() -> None:
     assert resolve_ref("5555", legacy) is legacy[0]
 
 
-def test_cli_typo_name_never_restores_another_vm(tmp_path: Path, three: tuple) -> None:
+def test_cli_typo_name_never_restores_another_vm(tmp_path: Path, three: Three) -> None:
     env, snaps, _ = three
     out = tmp_path / "out.raw"
     p = vmdr("image", "restore", f"typo@{snaps[2].id[:4]}", str(out), env=env, code=14)

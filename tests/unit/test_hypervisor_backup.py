@@ -48,8 +48,11 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, A
         return readers[-1]
 
     monkeypatch.setattr(backup_mod, "unix_export", unix_export)
-    monkeypatch.setattr(backup_mod, "_image_reader",
-                        lambda d, lock=False: readers.append(StubReader("file")) or readers[-1])
+    def image_reader(d: Any, lock: bool = False) -> StubReader:
+        readers.append(StubReader("file"))
+        return readers[-1]
+
+    monkeypatch.setattr(backup_mod, "_image_reader", image_reader)
     disks = (fl.disk_xml("vda", "/img/a.qcow2") + fl.disk_xml("vdb", "/img/b.raw", fmt="raw")
              + fl.disk_xml("sda", None, fmt="raw", device="cdrom"))
     dom = fl.add_domain(fl.domain_xml("web", disks), sizes={"vda": 1 << 30, "vdb": 1 << 20})

@@ -15,6 +15,7 @@ from vmdr.errors import HypervisorError, VMLocked
 from vmdr.hypervisor import backup as backup_mod
 from vmdr.hypervisor import cleanup_leftovers, connect
 from vmdr.hypervisor import state as st
+from vmdr.procutil import proc_start_time
 
 P = "vmdr-1a2b3c4d"
 
@@ -91,7 +92,7 @@ def test_live_owner_is_locked(env: dict[str, Any]) -> None:
     data = st.read(env["workdir"])
     assert data is not None
     data.pid = os.getppid()  # a live process that is not us
-    data.pid_start = st.proc_start_time(data.pid)
+    data.pid_start = proc_start_time(data.pid)
     st.write(env["workdir"], data)
     with pytest.raises(VMLocked):
         cleanup_leftovers(env["hv"], "web", P, env["scratch"])
@@ -141,7 +142,7 @@ def _other_repo_job(env: dict[str, Any], *, pid: int, with_state: bool = True,
         data = st.BackupState(domain="web", uuid=dom.UUIDString(), prefix="vmdr-0f0e0d0c0b0a",
                               method="checkpoint", checkpoint=cp, committed=committed)
         data.pid = pid
-        data.pid_start = st.proc_start_time(pid)
+        data.pid_start = proc_start_time(pid)
         st.write(work, data)
     return work
 

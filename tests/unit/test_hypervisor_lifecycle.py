@@ -24,7 +24,7 @@ def test_wait_heartbeat_agent_and_console(tmp_path: Path) -> None:
     hv = connect()
     handle = hv.lookup("r")
     now = [0.0]
-    answers = iter([None, None, {}])
+    answers: Iterator[dict[str, Any] | None] = iter([None, None, {}])
 
     def agent(cmd: dict[str, Any]) -> Any:
         if next(answers) is None:

@@ -102,3 +102,31 @@ def test_errors() -> None:
         rewrite_domain_xml("<domainsnapshot/>")
     with pytest.raises(ValueError, match="DTD"):
         rewrite_domain_xml('<!DOCTYPE d [<!ENTITY a "b">]><domain/>')
+
+
+_CAPS = """<capabilities><host><uuid>x</uuid>
+<secmodel><model>none</model><doi>0</doi></secmodel>
+<secmodel><model>dac</model><doi>0</doi>
+<baselabel type='kvm'>+64055:+994</baselabel><baselabel type='qemu'>+64055:+994</baselabel>
+</secmodel></host></capabilities>"""
+
+
+def test_dac_identity_is_qemus_uid_and_gid_from_the_capabilities() -> None:
+    from vmdr.hypervisor.xml import dac_identity
+
+    assert dac_identity(_CAPS) == (64055, 994)
+    assert dac_identity(_CAPS.replace("+64055:+994", "+0:+0")) == (0, 0)  # user = "root"
+    # a session instance reports no DAC model: QEMU runs as the connecting user
+    assert dac_identity("<capabilities><host><secmodel><model>none</model></secmodel>"
+                        "</host></capabilities>") is None
+    assert dac_identity(_CAPS.replace("+64055:+994", "garbage")) is None
+
+
+def test_the_test_failover_export_is_never_world_accessible() -> None:
+    """The reader script gives its socket QEMU's group (0660) or keeps it to its owner
+    (0600); the arguments it gets for each case."""
+    from vmdr.jobs import failover_site as fs
+
+    assert "0666" not in fs._READER and "umask 077" in fs._READER
+    assert fs.export_owner((64055, 994)) == ("64055", "994")
+    assert fs.export_owner(None) == ("", "")

@@ -240,6 +240,7 @@ def test_failure_before_boot_leaves_nothing(tmp_path: Any,
         instant.instant_restore(Any, snap, instant.InstantOptions(  # type: ignore[arg-type]
             name="web-now", target_dir=str(target)), hv, JobEvents())
     assert server.stopped and os.listdir(target) == []
+    assert not (tmp_path / "run" / "instant" / "web-now").exists()  # nor its socket dir
     xml = defined[0]  # what would have been defined: overlays, stop policy, new console log
     assert f"{target}/web-now-vda.overlay.qcow2" in xml and "rerror_policy=\"stop\"" in xml
     assert f"{target}/web-now-console.log" in xml and "<name>web-now</name>" in xml
@@ -330,9 +331,12 @@ def test_finish_defines_final_names_and_resume_tidies_after_restart(tmp_path: An
     assert again["hidden"] == [temp] and os.path.exists(temp)  # still in use: kept
     dom.destroy()
     dom.start()  # a cold start: now on the final name
+    with open(st["state_file"] + ".tmp", "w") as f:  # a state write a killed run left
+        f.write("{")
     again = instant.instant_resume(Any, "x", opts, hv, JobEvents())  # type: ignore[arg-type]
     assert again["hidden"] == [] and not os.path.exists(temp)
     assert os.path.exists(target) and not os.path.exists(st["state_file"])
+    assert sorted(os.listdir(tmp_path)) == ["x-vda.qcow2"]  # nothing else of the run
 
 
 def test_await_nbd_reads_until_the_client_reconnected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,14 +388,18 @@ def test_failed_copy_restarts_only_once_qemu_reads_the_disk_again(
     assert mirror.nbd_backed_disks(dom.xml()) == []
 
 
-def _fake_nbdkit(tmp_path: Any, sock: str, owner: int) -> subprocess.Popen[bytes]:
+def _fake_nbdkit(tmp_path: Any, sock: str, owner: int,
+                 start: str | None = None) -> subprocess.Popen[bytes]:
     """A process whose command line is that of vmdr's nbdkit serving *sock*, started by
-    the vmdr *owner* (its private directory's owner.json)."""
+    the vmdr *owner* (its private directory's owner.json; ``start``: its start time)."""
     from vmdr.serve import server as srv
 
     private = tmp_path / f"vmdr-serve-{owner}"
-    private.mkdir()
-    (private / srv.OWNER_FILE).write_text(json.dumps({"pid": owner}))
+    private.mkdir(exist_ok=True)
+    record: dict[str, Any] = {"pid": owner}
+    if start is not None:
+        record["start"] = start
+    (private / srv.OWNER_FILE).write_text(json.dumps(record))
     return subprocess.Popen([
         "bash", "-c", 'exec -a /usr/sbin/nbdkit "$0" -c "import time; time.sleep(60)" "$@"',
         os.path.realpath(sys.executable), "-r", "--pidfile", str(private / "vda.pid"), "-f",
@@ -415,6 +423,9 @@ def test_reap_orphans_kills_the_dead_runs_nbdkit_on_our_socket(tmp_path: Any) ->
             time.sleep(0.05)
         assert srv.reap_orphans([sock]) == [orphan.pid]
         assert orphan.wait(5) == -signal.SIGKILL and bystander.poll() is None
+        # the dead run's private directory (pid files, logs) went with its nbdkit
+        assert not (tmp_path / f"vmdr-serve-{dead.pid}").exists()
+        assert (tmp_path / f"vmdr-serve-{dead.pid + 100_000}").is_dir()
         busy = _fake_nbdkit(tmp_path, sock, live.pid)
         try:
             while not srv.is_nbdkit(busy.pid) and time.monotonic() < deadline:
@@ -429,6 +440,73 @@ def test_reap_orphans_kills_the_dead_runs_nbdkit_on_our_socket(tmp_path: Any) ->
         for p in (bystander, live):
             p.kill()
             p.wait()
+
+
+def test_reap_orphans_takes_a_reused_owner_pid_for_dead(tmp_path: Any) -> None:
+    """The killed vmdr's pid now belongs to another process (its start time differs): the
+    orphan is still reaped, not refused as 'being served by vmdr'."""
+    from vmdr.procutil import proc_start_time
+    from vmdr.serve import server as srv
+
+    reused = subprocess.Popen(["sleep", "60"])  # took the dead vmdr's pid
+    sock = str(tmp_path / "vda.sock")
+    start = proc_start_time(reused.pid)
+    assert start is not None
+    orphan = _fake_nbdkit(tmp_path, sock, reused.pid, start=str(int(start) - 1))
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.is_nbdkit(orphan.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.reap_orphans([sock]) == [orphan.pid]
+        assert orphan.wait(5) == -signal.SIGKILL
+        assert reused.poll() is None  # the process that reused the pid is untouched
+        assert not (tmp_path / f"vmdr-serve-{reused.pid}").exists()
+        # the same record with the right start time: that vmdr runs, hands off
+        orphan = _fake_nbdkit(tmp_path, sock, reused.pid, start=start)
+        while not srv.is_nbdkit(orphan.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ServeError, match="being served by vmdr"):
+            srv.reap_orphans([sock])
+        assert orphan.poll() is None
+    finally:
+        for p in (orphan, reused):
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_a_pinned_process_is_never_confused_with_a_reused_pid(
+        pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal for a pinned process that has gone never reaches another process, by pidfd
+    or (kernels without one) by the start time checked before the kill."""
+    import os as _os
+
+    from vmdr.procutil import Pinned
+
+    if not pidfd:
+        monkeypatch.delattr(_os, "pidfd_open")
+    gone = subprocess.Popen(["sleep", "60"])
+    pin = Pinned(gone.pid)
+    assert (pin.fd is not None) == pidfd and pin.alive()
+    gone.kill()
+    gone.wait()
+    assert not pin.alive() and pin.signal(signal.SIGKILL) is False
+    pin.close()
+    # without a pidfd: the pid now names another process (a different start time)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pin = Pinned(other.pid)
+        if not pidfd:
+            pin.start = "1"  # as if pinned before the pid was reused
+            assert not pin.alive() and pin.signal(signal.SIGKILL) is False
+            assert other.poll() is None
+        else:
+            assert pin.alive() and pin.signal(signal.SIGTERM) is True
+            assert other.wait(5) == -signal.SIGTERM
+        pin.close()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_resume_after_kill_waits_for_nbd_before_resuming_and_copying(

@@ -13,11 +13,11 @@ from vmdr.fileaccess import Partition, UnsupportedFilesystem, choose, copy_out, 
 from vmdr.fileaccess.partitions import parse_sfdisk
 from vmdr.jobs.mount import pick_disk, state_path
 
-MBR = {"partitiontable": {"label": "dos", "sectorsize": 512, "partitions": [
+MBR: dict[str, object] = {"partitiontable": {"label": "dos", "sectorsize": 512, "partitions": [
     {"node": "/x/disk1", "start": 2048, "size": 131072, "type": "83"},
     {"node": "/x/disk2", "start": 133120, "size": 1000, "type": "5"},
     {"node": "/x/disk5", "start": 135168, "size": 900, "type": "83"}]}}
-GPT = {"partitiontable": {"label": "gpt", "sectorsize": 4096, "partitions": [
+GPT: dict[str, object] = {"partitiontable": {"label": "gpt", "sectorsize": 4096, "partitions": [
     {"node": "img1", "start": 256, "size": 1024,
      "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4"}]}}
 

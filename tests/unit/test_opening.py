@@ -68,7 +68,11 @@ def test_passphrase_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("VMDR_PASSWORD")
     assert Passphrase(file=str(f))() == "from the file"
     calls: list[int] = []
-    asked = Passphrase(fallback=lambda: calls.append(1) or "fallback")
+    def fallback() -> str:
+        calls.append(1)
+        return "fallback"
+
+    asked = Passphrase(fallback=fallback)
     assert asked() == asked() == "fallback" and calls == [1]  # looked up once
     with pytest.raises(WrongPassword, match=r"no passphrase: set SOMETHING$"):
         Passphrase(prompt=None, sources="SOMETHING")()

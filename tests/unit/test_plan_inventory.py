@@ -142,8 +142,9 @@ def test_example_estate() -> None:
     assert any(r.url.startswith("s3://") for r in inv.repositories.values())
     assert any(r.immutable for r in inv.repositories.values()) and inv.vaults
     assert inventory.boot_order(inv) == ["db01", "dns01", "app01", "mail01", "web01", "web02"]
-    assert inv.restorer("db01") is not None and inv.restorer("db01").key == "dba"
-    assert inv.restorer("web01") is not None and inv.restorer("web01").key == "platform"
+    db, web = inv.restorer("db01"), inv.restorer("web01")
+    assert db is not None and db.key == "dba"
+    assert web is not None and web.key == "platform"
     assert not inv.warnings
 
 

@@ -118,7 +118,8 @@ def test_reports_are_written_listed_found_and_escaped(tmp_path: Path) -> None:
     assert "Measured RTO" in page
     assert [r.kind for r in runs.list_runs(str(tmp_path))] == ["test", "planned"]
     assert runs.load_run(str(tmp_path), "050000Z-shop-planned").kind == "planned"
-    assert runs.last_run(str(tmp_path), "shop", ("test",)).run == "20261206T040000Z-shop-test"
+    last = runs.last_run(str(tmp_path), "shop", ("test",))
+    assert last is not None and last.run == "20261206T040000Z-shop-test"
     (tmp_path / "junk.json").write_text("{")
     assert len(runs.list_runs(str(tmp_path))) == 2
     with pytest.raises(Exception, match="2 runs matching"):

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -212,7 +212,7 @@ class FakeSite(Site):
         for t in tags:
             del self.snaps[path][t]
 
-    def writer(self, path: str) -> Any:
+    def writer(self, path: str, fmt: str = "qcow2") -> Any:
         return _Writer(self, path)
 
     def pinned_points(self, directory: str) -> set[str]:
@@ -632,6 +632,13 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     from vmdr.cli import replicate_cmds as rc
 
     sites: list[_SlowSite] = []
+
+    def new_site(fail: bool = False) -> Any:
+        """What ``Site(uri, ...)`` makes in this test: a _SlowSite, kept in ``sites``."""
+        def make(uri: str, **kw: Any) -> _SlowSite:
+            sites.append(_SlowSite(uri, fail=fail))
+            return sites[-1]
+        return make
     closed: list[str] = []
 
     class Target:
@@ -642,12 +649,12 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
         time.sleep(_LOGIN_S)
         return Target()
 
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(_SlowSite(uri)) or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site())
     monkeypatch.setattr(rc, "connect", slow_connect)
     t0 = time.monotonic()
     target, site = rc._open_target(_spec())
     took = time.monotonic() - t0
-    assert site is sites[0] and isinstance(target, Target)
+    assert cast(Any, site) is sites[0] and isinstance(target, Target)
     # the direct feed's first command ran as soon as the master was up
     assert sites[0].prefetched == ("/srv/r/web", ["replica.json"])
     assert took < 1.8 * _LOGIN_S, f"the two logins ran one after the other ({took:.2f} s)"
@@ -661,8 +668,7 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     # the control master fails: the libvirt connection is closed, the error passes through
     from vmdr.errors import HypervisorUnavailable
 
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(_SlowSite(uri, fail=True))
-                        or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site(fail=True))
     with pytest.raises(HypervisorUnavailable, match="Connection refused"):
         rc._open_target(_spec())
     assert sites[-1].closed and closed == ["target"]
@@ -671,7 +677,7 @@ def test_cycle_makes_its_two_ssh_logins_at_once(monkeypatch: Any) -> None:
     def refused(uri: str) -> Target:
         raise HypervisorUnavailable(f"cannot connect to {uri}:\n no route")
 
-    monkeypatch.setattr(rc, "Site", lambda uri, **kw: sites.append(_SlowSite(uri)) or sites[-1])
+    monkeypatch.setattr(rc, "Site", new_site())
     monkeypatch.setattr(rc, "connect", refused)
     with pytest.raises(HypervisorUnavailable, match=r"DR host .* unreachable") as ei:
         rc._open_target(_spec())

@@ -10,14 +10,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from tests.unit.test_replica import BLOCK, SIZE, _env, _state
 from vmdr.errors import HypervisorError
 from vmdr.jobs import replicate as rep
-from vmdr.jobs import replicate_site as rs
 from vmdr.jobs.replica_scripts import commit_args, parse_begin, parse_begin_pins, serve_args
 from vmdr.jobs.replicate_site import Site
 
@@ -95,8 +94,8 @@ def _count(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             calls.append("popen")
         return popen(argv, *a, **kw)
 
-    monkeypatch.setattr(rs.subprocess, "run", counted_run)
-    monkeypatch.setattr(rs.subprocess, "Popen", counted_popen)
+    monkeypatch.setattr("vmdr.jobs.replicate_site.subprocess.run", counted_run)
+    monkeypatch.setattr("vmdr.jobs.replicate_site.subprocess.Popen", counted_popen)
     return calls
 
 
@@ -147,7 +146,8 @@ class _OfflineJob:
     method, consistency, checkpoint, checkpoint_xml = "offline", "crash", None, None
 
     def __init__(self, disks: list[Any]) -> None:
-        self.disks, self.warnings, self.committed = disks, [], False
+        self.disks, self.committed = disks, False
+        self.warnings: list[str] = []
 
     def commit(self) -> None:
         self.committed = True
@@ -182,7 +182,7 @@ def test_a_stopped_vm_is_read_from_its_last_checkpoint_not_in_full() -> None:
         assert inc == cp, "a stopped VM must still be read from the replica's checkpoint"
         d = next(x for x in info.disks if x.target == "vda")
         return _OfflineJob([DiskSource(d, True, _Reader(bytearray(src.disk),
-                                                         set(src.cps[inc])))])
+                                                         set(src.cps[cast(str, inc)])))])
 
     src.backup = offline_backup  # type: ignore[method-assign]
     final = rep.replicate_direct(src, target, site, spec)

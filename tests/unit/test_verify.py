@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from vmdr.config import VMConfig
 from vmdr.errors import ConfigError, UsageError
+from vmdr.hypervisor import Domain
 from vmdr.jobs.image import backup_image
 from vmdr.jobs.verify import (
     VerifyOptions,
@@ -151,23 +153,28 @@ class _Dom:
         return self.addresses
 
 
+
+def _dom(active: bool = True, addresses: list[str] | None = None) -> Domain:
+    """A _Dom where the code under test takes a Domain (it calls only what _Dom has)."""
+    return cast(Domain, _Dom(active, addresses))
+
 def test_heartbeats_console_pass_fatal_and_timeout(tmp_path: Path) -> None:
     from vmdr.serve.checks import wait_heartbeats
 
     log = tmp_path / "console.log"
     log.write_text("SeaBIOS\nVMDR-HEARTBEAT 1 2.5\n")
-    beats = wait_heartbeats(_Dom(), t0=0.0, deadline=1e12, agent_ping=False,
+    beats = wait_heartbeats(_dom(), t0=0.0, deadline=1e12, agent_ping=False,
                             console_pattern=r"HEARTBEAT \d+", console_log=str(log), poll=0)
     assert [(c.name, c.status) for c in beats] == [("console", "passed")]
     log.write_text("Booting from Hard Disk...\nNo bootable device.\n")
-    beats = wait_heartbeats(_Dom(), t0=0.0, deadline=1e12, agent_ping=False,
+    beats = wait_heartbeats(_dom(), t0=0.0, deadline=1e12, agent_ping=False,
                             console_pattern="login:", console_log=str(log), poll=0)
     assert beats[0].status == "failed" and "No bootable device" in beats[0].detail
-    beats = wait_heartbeats(_Dom(), t0=0.0, deadline=0.0, agent_ping=False,
+    beats = wait_heartbeats(_dom(), t0=0.0, deadline=0.0, agent_ping=False,
                             console_pattern="login:", console_log=str(log), poll=0,
                             fatal_pattern=None)
     assert beats[0].status == "failed" and "no answer within" in beats[0].detail
-    beats = wait_heartbeats(_Dom(active=False), t0=0.0, deadline=1e12, agent_ping=False,
+    beats = wait_heartbeats(_dom(active=False), t0=0.0, deadline=1e12, agent_ping=False,
                             console_pattern="login:", console_log=str(tmp_path / "none"),
                             poll=0)
     assert "stopped" in beats[0].detail and "console is empty" in beats[0].detail
@@ -178,13 +185,13 @@ def test_port_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from vmdr.serve import checks
 
-    assert [c.status for c in checks.check_ports(_Dom(), [22], t0=0, deadline=1e12,
+    assert [c.status for c in checks.check_ports(_dom(), [22], t0=0, deadline=1e12,
                                                  has_network=False)] == ["skipped"]
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     port = srv.getsockname()[1]
-    guest = _Dom(addresses=["127.0.0.1"])
+    guest = _dom(addresses=["127.0.0.1"])
     try:
         ok = checks.check_ports(guest, [port], t0=0, deadline=1e12, has_network=True)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -53,7 +54,7 @@ def host() -> FakeHost:
 
 
 def monitor(host: FakeHost, s: WatchdogSettings, clock: Clock, **kw: object) -> Monitor:
-    fleet: FakeFleet = host.fleet  # type: ignore[attr-defined]
+    fleet = cast(FakeFleet, host.fleet)
     wall = lambda: datetime(2026, 12, 6, tzinfo=UTC)  # noqa: E731
     return Monitor(lambda: fleet.connect(URI), [s], clock=clock, wall=wall, **kw)  # type: ignore[arg-type]
 
@@ -154,7 +155,7 @@ def test_shutdown_on_request_is_left_alone_and_reported_once(host: FakeHost) -> 
     clock = Clock()
     mon = monitor(host, settings(), clock)
     mon.cycle()
-    host.fleet.connect(URI).lookup("web").destroy()  # type: ignore[attr-defined]
+    host.fleet.connect(URI).lookup("web").destroy()  # type: ignore[union-attr]
     evs = mon.cycle()
     assert kinds(evs) == ["detected"] and "left alone" in evs[0].reason
     assert mon.cycle() == []
@@ -181,8 +182,13 @@ def test_hung_guest_is_reset_with_a_screenshot_first(host: FakeHost, tmp_path: P
 def test_budget_exhaustion_escalates_to_the_ha_layer(host: FakeHost, tmp_path: Path) -> None:
     clock = Clock()
     handed: list[str] = []
+
+    def escalate(vm: str, ev: object) -> bool:
+        handed.append(vm)
+        return True
+
     mon = monitor(host, settings(evidence_dir=str(tmp_path), restart_budget=2), clock,
-                  escalate=lambda vm, ev: handed.append(vm) or True)
+                  escalate=escalate)
     mon.cycle()
     host.domains["web"].agent = False  # hangs, and stays hung after every reset
     evs: list[WatchdogEvent] = []
@@ -209,7 +215,7 @@ def test_alert_when_no_ha_layer_or_alert_configured(host: FakeHost) -> None:
         host.crash("web")
         evs = mon.cycle()
         assert kinds(evs) == ["detected", "gave-up"] and alerts == [evs[1]]
-        assert host.domains["web"].state == "stopped"
+        assert host.domains["web"].state == "stopped"  # type: ignore[comparison-overlap]
         assert mon.cycle() == []  # once
 
 
@@ -224,7 +230,10 @@ def test_io_error_pause_is_resumed(host: FakeHost) -> None:
 def test_unanswered_screenshot_means_qemu_hangs_power_cycle(host: FakeHost, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
-    monkeypatch.setattr(FakeConsole, "screenshot", lambda self: time.sleep(1) or None)
+    def hung(self: FakeConsole) -> None:
+        time.sleep(1)
+
+    monkeypatch.setattr(FakeConsole, "screenshot", hung)
     clock = Clock()
     mon = monitor(host, settings(evidence_dir=str(tmp_path)), clock, screenshot_timeout=0.05)
     mon.cycle()

@@ -33,11 +33,18 @@ class Member:
     leader: bool = False
     seen: float = 0.0
     vms: list[dict[str, Any]] = field(default_factory=list)  # name, running, tier
+    # HA: False while this host's own libvirt does not answer (libvirtd died), since
+    # when (wall time) and why; such a host is alive but never a failover target
+    libvirt_ok: bool = True
+    libvirt_down: float = 0.0
+    libvirt_error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {"host": self.host, "api": self.api, "cpus": self.cpus,
                 "memory_mib": self.memory_mib, "running_vms": self.running_vms,
-                "leader": self.leader, "seen": self.seen, "vms": self.vms}
+                "leader": self.leader, "seen": self.seen, "vms": self.vms,
+                "libvirt_ok": self.libvirt_ok,
+                "libvirt_down": self.libvirt_down, "libvirt_error": self.libvirt_error}
 
 
 class Coordinator(ABC):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +38,14 @@ from vmdr.errors import UsageError
 
 log = logging.getLogger("vmdr.agent")
 PREFIX = "/vmdr/"
+
+
+def quiet_strict_warning() -> None:
+    """Ignore urllib3's FutureWarning "The 'strict' parameter is no longer needed" (and
+    only it): requests before 2.30 (Debian 12's) passes ``strict`` to urllib3 2.x on every
+    request etcd3gw makes, which flooded the agent's log with one warning per call."""
+    warnings.filterwarnings("ignore", message=r"The 'strict' parameter is no longer needed",
+                            category=FutureWarning, module=r"urllib3\.poolmanager")
 
 
 def _fmt(x: float) -> str:
@@ -72,6 +81,7 @@ class EtcdCoordinator(Coordinator):
     # -- connection -----------------------------------------------------------------------
     def _connect(self) -> Any:
         if self._client is None:
+            quiet_strict_warning()
             u = urlsplit(self.endpoints[self._i % len(self.endpoints)])
             self._client = self._etcd3gw.client(
                 host=u.hostname or "127.0.0.1", port=u.port or 2379,

@@ -151,6 +151,9 @@ class Agent:
                     [v.name for v in local if v.running],
                     vms=[{"name": v.name, "running": v.running, "tier": v.tier}
                          for v in local])
+        if self.ha is not None and self.ha.libvirt_down is not None:
+            me.libvirt_ok = False
+            me.libvirt_down, me.libvirt_error = self.ha.libvirt_down, self.ha.libvirt_error
         was = self.leader
         isolated = False
         try:

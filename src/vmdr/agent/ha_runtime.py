@@ -13,7 +13,10 @@ neither:
   answers again; and, while this agent leads and holds its lease, runs the failover
   executor (:class:`vmdr.ha.leader.HALeader`). A dead local libvirtd is no host failure
   (its QEMUs run on, the lease is renewed): one ``detected`` event when it stops and one
-  when it answers again; the engine goes on meanwhile.
+  when it answers again; the engine goes on meanwhile. Meanwhile the agent's member key
+  carries ``libvirt_ok = false``, ``libvirt_down`` (since when) and ``libvirt_error``:
+  the leader, ``ha status``, ``ha simulate`` and admission control take no host with it
+  as a target.
 
 Libvirt access to the other hosts goes through their inventory URIs (``[hosts.NAME]
 uri``); this host uses the config's ``connect``.
@@ -225,6 +228,7 @@ class HARuntime:
         self._fenced_vms: list[str] = []
         self._fenced_wall: float | None = None
         self._libvirt_down: float | None = None  # wall time local libvirt stopped answering
+        self.libvirt_error = ""  # why (published in members/<host>: no failover target)
 
     # -- threads --------------------------------------------------------------------------
     def start(self) -> None:
@@ -329,7 +333,8 @@ class HARuntime:
                 log.warning("HA restore orders: %s", exc)
         if self.is_leader():
             members = self.reader.read_members()
-            live = {m.host: LiveHost(m.host, m.cpus, m.memory_mib, tuple(m.running_vms))
+            live = {m.host: LiveHost(m.host, m.cpus, m.memory_mib, tuple(m.running_vms),
+                                     libvirt_ok=m.libvirt_ok)
                     for m in members}
             if not self.coord.holds_lease(self.settings.self_fence_after):
                 return
@@ -381,6 +386,7 @@ class HARuntime:
                              host=self.host, now=now,
                              detail={"libvirt": "unreachable", "error": why[:200]})
         self._libvirt_down = now  # after the event: an etcd error retries it
+        self.libvirt_error = why[:200]
 
     def _libvirt_back(self, now: float) -> None:
         assert self._libvirt_down is not None
@@ -390,6 +396,14 @@ class HARuntime:
                              f"{took:.0f}s", host=self.host, now=now,
                              detail={"libvirt": "reachable", "down_s": round(took, 1)})
         self._libvirt_down = None
+        self.libvirt_error = ""
+
+    @property
+    def libvirt_down(self) -> float | None:
+        """Wall time since when this host's libvirt does not answer (None: it answers).
+        The agent publishes it in ``members/<host>``: the leader never places a VM here
+        meanwhile (the host is alive: not fenced, its VMs not failed over)."""
+        return self._libvirt_down
 
     def _report_fencing(self, now: float) -> None:
         vms, self._fenced_vms = self._fenced_vms, []
@@ -448,12 +462,18 @@ def make_ha_runtime(cfg: Config, host: str, coord: EtcdCoordinator,
                      restorer=make_restorer(cfg, inv, policy, host, store, ops))
 
 
-def check_repositories(cfg: Config, policy: HAPolicy) -> None:
+def check_repositories(cfg: Config, policy: HAPolicy,
+                       inv: inventory.Inventory | None = None) -> None:
     """ConfigError (exit 2) for an ``ha_repository`` that names no ``[repositories.NAME]``
-    (also ``vmdr ha validate``)."""
+    (also ``vmdr ha validate``); a tier's ``ha_repository`` is named as the tier's key."""
+    known = ", ".join(sorted(cfg.repositories)) or "none declared"
+    if inv is not None:
+        for t in sorted(inv.tiers.values(), key=lambda t: t.name):
+            if t.ha_repository is not None and t.ha_repository not in cfg.repositories:
+                raise ConfigError(f"{cfg.path}: plan.tiers.{t.name}.ha_repository: unknown "
+                                  f"repository {t.ha_repository!r} (known: {known})")
     for r in sorted(policy.vms.values(), key=lambda r: r.name):
         if r.repository is not None and r.repository not in cfg.repositories:
-            known = ", ".join(sorted(cfg.repositories)) or "none declared"
             raise ConfigError(f"{cfg.path}: vm.{r.name}.ha_repository: unknown repository "
                               f"{r.repository!r} (known: {known})")
 
@@ -464,7 +484,7 @@ def make_restorer(cfg: Config, inv: inventory.Inventory, policy: HAPolicy, host:
     when no HA VM is local. ConfigError for an ``ha_repository`` that names no
     ``[repositories.NAME]``."""
     local = [r for r in policy.vms.values() if r.local]
-    check_repositories(cfg, policy)
+    check_repositories(cfg, policy, inv)
     if not local:
         return None
     h = inv.hosts.get(host)

@@ -96,7 +96,7 @@ def cmd_validate(ns: argparse.Namespace, g: Globals) -> int:
     from vmdr.agent.ha_runtime import check_repositories
 
     inv, policy = _load(g)
-    check_repositories(g.config, policy)
+    check_repositories(g.config, policy, inv)
     state, source = _live_state(inv, g)
     adm, per_vm = admission.per_vm(policy, state)
     s = policy.settings
@@ -170,19 +170,34 @@ def cmd_simulate(ns: argparse.Namespace, g: Globals) -> int:
     if not failed:
         raise UsageError("--fail: name at least one host")
     maintenance = _hosts(inv, ns.maintenance, "--maintenance")
-    state = state_from_inventory(inv, maintenance=maintenance)
+    lv_down = _hosts(inv, ns.libvirt_down, "--libvirt-down") | _libvirt_down_live(inv, g)
+    state = state_from_inventory(inv, maintenance=maintenance, libvirt_down=lv_down)
     plan = failover_plan(with_replica_affinity(policy), state, failed)
     restores = _restores(g, inv, policy, plan)
     if g.json:
         emit_json({**plan.to_json(), "maintenance": sorted(maintenance),
-                   "restores": restores})
+                   "libvirt_down": sorted(lv_down), "restores": restores})
     else:
+        if lv_down - failed:
+            out(f"libvirt down on {', '.join(sorted(lv_down - failed))}: no target")
         _print_plan(plan)
         if restores:
             out("  without shared storage (restore points as of now):")
             for row in restores:
                 out("  " + preview_line(row))
     return 0 if plan.ok and all(r["point"] for r in restores) else 1
+
+
+def _libvirt_down_live(inv: inventory.Inventory, g: Globals) -> set[str]:
+    """Hosts whose agent reports in etcd that their libvirt does not answer (alive, no
+    failover target); empty without [agent] etcd or when etcd does not answer."""
+    from vmdr.cli.ha_ops_cmds import open_records
+    try:
+        records = open_records(g.config)
+        members = records.members() if records is not None else {}
+    except Exception:  # etcd down: on paper only (--libvirt-down)
+        return set()
+    return {h for h, m in members.items() if h in inv.hosts and m.get("libvirt_ok") is False}
 
 
 def _restores(g: Globals, inv: inventory.Inventory, policy: HAPolicy,
@@ -221,7 +236,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         description="Fail the given hosts on paper: place their HA VMs on the other hosts "
                     "and print the boot order by priority group and dependencies, the "
                     "readiness each stage waits for, and the VMs that cannot be placed with "
-                    "the reason. Uses the inventory's declared hosts and sizes.",
+                    "the reason. Uses the inventory's declared hosts and sizes; hosts whose "
+                    "agent reports its libvirt down (etcd) are no targets.",
         epilog="exit codes: 0 every HA VM placed (and every one without shared storage "
                "has a restore point), 1 some cannot be placed or restored, 2 bad inventory "
                "or arguments")
@@ -229,6 +245,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="the hosts that fail")
     q.add_argument("--maintenance", metavar="HOST[,HOST...]",
                    help="hosts in maintenance (never failover targets)")
+    q.add_argument("--libvirt-down", metavar="HOST[,HOST...]",
+                   help="hosts whose libvirt does not answer (alive, their VMs run on, but "
+                        "no failover target); with [agent] etcd, the hosts whose agent "
+                        "reports it are added")
     q.set_defaults(func=cmd_simulate)
     ha_engine_cmds.register_engine(psub, parents)  # status, events (ha-engine)
     ha_ops_cmds.register(psub, parents)  # maintenance, test (ha-ops)

@@ -64,7 +64,8 @@ def status_data(policy: HAPolicy, inv_hosts: list[str], members: list[Any],
         m = live.get(name)
         hosts[name] = HostState(name, m.cpus if m else None,
                                 (m.memory_mib << 20) if m else None, up=m is not None,
-                                maintenance=name in maint)
+                                maintenance=name in maint,
+                                libvirt=m is None or m.libvirt_ok)
     sizes: dict[str, tuple[int, int]] = {}
     for vm in policy.vms:
         xml = store.domain(vm)
@@ -90,6 +91,7 @@ def status_data(policy: HAPolicy, inv_hosts: list[str], members: list[Any],
         "leader": leader,
         "hosts": [{"host": h.name, "lease": h.up, "leader": h.name == leader,
                    "vcpus": h.vcpus, "memory": h.memory, "maintenance": maint.get(h.name),
+                   "libvirt": _libvirt(live.get(h.name)),
                    "running": sorted(live[h.name].running_vms) if h.name in live else []}
                   for h in hosts.values()],
         "vms": [{"vm": vm, "host": vms[vm].host if vms[vm].running else None,
@@ -103,6 +105,15 @@ def status_data(policy: HAPolicy, inv_hosts: list[str], members: list[Any],
                      "problems": adm.problems()},
         "failovers": store.failovers(),
     }
+
+
+def _libvirt(m: Any) -> dict[str, Any] | None:
+    """A live host's libvirt as its agent reports it (None: no live agent)."""
+    if m is None:
+        return None
+    if m.libvirt_ok:
+        return {"ok": True}
+    return {"ok": False, "since": m.libvirt_down or None, "error": m.libvirt_error}
 
 
 def _restores(cfg: Config, inv: inventory.Inventory, policy: HAPolicy,
@@ -140,8 +151,11 @@ def cmd_status(ns: argparse.Namespace, g: Globals) -> int:
     out(f"leader: {leader or 'none'}")
     out("hosts:")
     for h in d["hosts"]:
+        lv = h["libvirt"]
         flags = [x for x, on in (("leader", h["leader"]),
-                                 ("maintenance", h["maintenance"])) if on]
+                                 ("maintenance", h["maintenance"]),
+                                 (f"libvirt DOWN since {_fmt_t(lv and lv['since'])}: no "
+                                  "failover target", lv and not lv["ok"])) if on]
         cap = f"{h['vcpus']} vCPU, {fmt_size(h['memory'])}" if h["memory"] else "-"
         out(f"  {h['host']:<12} lease {'live' if h['lease'] else 'GONE':<5} {cap:<22} "
             f"{len(h['running'])} running{'  [' + ', '.join(flags) + ']' if flags else ''}")
@@ -210,9 +224,11 @@ def register_engine(psub: argparse._SubParsersAction,  # type: ignore[type-arg]
         "status", parents=parents, help="live HA state: hosts, leases, leader, HA VMs and "
                                         "where each would go, N+1 headroom",
         description="Read the fleet's etcd ([agent] etcd): every host with its lease, the "
-                    "leader, capacity and maintenance flag; every HA VM with the host it "
-                    "runs on and where it would restart if that host failed now; N+1 "
-                    "headroom (admission control on live data); in-flight failovers.",
+                    "leader, capacity, maintenance flag and libvirt health (a host whose "
+                    "libvirt does not answer is alive but no failover target); every HA "
+                    "VM with the host it runs on and where it would restart if that host "
+                    "failed now; N+1 headroom (admission control on live data); in-flight "
+                    "failovers.",
         epilog="exit codes: 0 ok, 1 the cluster cannot absorb host_failures_tolerated "
                "failures, 2 bad config or etcd unreachable")
     q.set_defaults(func=cmd_status)

@@ -25,10 +25,10 @@ the host's libvirtd connects to the target's hosts.NAME.migration_uri, default i
 to the host the placement rules choose: capacity, anti-affinity, host affinity. Nothing
 moves, and the mark is not set, when a VM has nowhere to go.
 
-exit codes: 0 done (or --exit of a host not in maintenance); 1 refused, nothing moved: the
-last host up, or a VM has nowhere to go; 2 unknown host, no etcd configured, bad
-inventory; 10 a migration failed (the host stays in maintenance; the VMs moved so far
-stay moved); 12 the host's libvirt is unreachable."""
+exit codes: 0 done (or --exit of a host not in maintenance); 2 unknown host, no etcd
+configured, bad inventory; 10 a migration failed (the host stays in maintenance; the VMs
+moved so far stay moved); 12 the host's libvirt is unreachable; 44 refused, nothing
+moved: the last host up, or a VM has nowhere to go."""
 
 TEST_EPILOG = """\
 A throw-away copy boots on the host the VM would fail over to, from qcow2 overlays next
@@ -45,7 +45,7 @@ that (merges the overlay back: blockcommit + pivot; destroys the copy), and
 `vmdr ha test VM --recover` does only that. A test still running elsewhere is not
 touched (exit 13).
 
-exit codes: 0 passed; 1 nowhere to fail over to; 2 unknown VM, not under HA or not
+exit codes: 0 passed; 44 nowhere to fail over to; 2 unknown VM, not under HA or not
 running; 10 the copy did not answer (failed) or libvirt failed; 12 a host unreachable;
 13 a failover test of VM is still running (its state file names the pid and host)."""
 

@@ -162,7 +162,8 @@ def all_rules(inv: Inventory, policy: HAPolicy, names: Sequence[str]) -> HAPolic
 def state_from_members(inv: Inventory, records: HARecords) -> tuple[ClusterState, list[str]]:
     """The cluster as the agents report it in etcd (``members/<host>``: capacity and
     running VMs), with hosts in maintenance; VM sizes from the inventory. A host without a
-    live member (its agent is down) is down. Also notes on what was filled in."""
+    live member (its agent is down) is down; one whose agent reports its libvirt down
+    (``libvirt_ok: false``) is up but no target. Also notes on what was filled in."""
     members = records.members()
     maint = records.maintenance()
     notes: list[str] = []
@@ -175,7 +176,11 @@ def state_from_members(inv: Inventory, records: HARecords) -> tuple[ClusterState
             memory = memory or _int(m.get("memory_mib")) * 1024 * 1024 or None
         else:
             notes.append(f"host {h.name}: no live agent in etcd (down)")
-        hosts[h.name] = HostState(h.name, vcpus, memory, m is not None, h.name in maint)
+        if m is not None and m.get("libvirt_ok") is False:
+            notes.append(f"host {h.name}: its libvirt does not answer "
+                         f"({m.get('libvirt_error') or 'unreachable'}); no failover target")
+        hosts[h.name] = HostState(h.name, vcpus, memory, m is not None, h.name in maint,
+                                  libvirt=m is None or m.get("libvirt_ok") is not False)
     running: dict[str, str] = {}
     for name, m in sorted(members.items()):
         if name not in inv.hosts:

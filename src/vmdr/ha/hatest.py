@@ -44,7 +44,7 @@ PREFIX = "vmdr-hatest-"
 MakeOverlay = Callable[[str, str, str], None]  # (overlay path, backing path, backing format)
 
 
-NoTarget = NoPlacement  # refused, nothing moved (exit 1)
+NoTarget = NoPlacement  # refused, nothing moved (exit 44)
 
 
 @dataclass

@@ -6,7 +6,10 @@ resumes where the old one stopped — also for the old leader's own host:
 
 1. **detected** — a host this agent has seen as a member has no member key any more (its
    lease expired, or it stopped): ``ha/failovers/<host>`` is created (only if absent) with
-   ``fence_until = now + fence_delay``.
+   ``fence_until = now + fence_delay``. A host that comes back while its failover is
+   still in flight (a VM waiting for room) and then fails again is detected again: the
+   HA VMs it ran since join that record after a new fence delay (``failures`` lists
+   both detections).
 2. **fenced** — after the fence delay the host has destroyed its HA VMs itself (timing
    argument: :mod:`vmdr.ha.settings`); ``fence_command``, if set, runs now as a second
    layer, never waited for.
@@ -16,7 +19,9 @@ resumes where the old one stopped — also for the old leader's own host:
    after what it waits for is ready plus its delay. Before every start, libvirt on every
    reachable host is asked whether the VM runs already: then it is not started again. A
    start that fails is tried again after ``START_RETRY_S`` (``start_errors`` in the
-   record); only after ``START_ATTEMPTS`` it gives up, and only then its waiters go on.
+   record); after ``START_ATTEMPTS`` on one host it is placed on the next eligible host
+   (:mod:`vmdr.ha.replacing`), and only when none is left it gives up and its waiters
+   go on. A host whose libvirt is down (its member key says so) is never a target.
 5. **ready** — the readiness check passed (guest-agent ping by default); the real failover
    is recorded in ``ha/tests/<vm>`` (kind ``real``). No answer within ``ready_timeout``:
    gave-up for that VM's readiness, and its waiters go on.
@@ -35,7 +40,7 @@ from typing import Any, Protocol
 from vmdr.ha.boot import Start, due
 from vmdr.ha.failover import failover_plan
 from vmdr.ha.fencing import FenceResult, run_fence_command
-from vmdr.ha.model import ClusterState, HAPolicy, HostState, Readiness, VMState
+from vmdr.ha.model import ClusterState, HAPolicy, HostState, VMState
 from vmdr.ha.noshared import (
     ORDER_CLAIM_S,
     RestorePoint,
@@ -45,17 +50,20 @@ from vmdr.ha.noshared import (
     order_id,
     with_replica_affinity,
 )
+from vmdr.ha.replacing import (
+    PLACE_RETRY_S,
+    START_ATTEMPTS,
+    START_RETRY_S,
+    UNPLACED_GIVE_UP_S,
+    Replacing,
+    to_start,
+)
 from vmdr.ha.store import HAStore
 
-__all__ = ["FleetOps", "HALeader", "LiveHost", "domain_size"]
+__all__ = ["PLACE_RETRY_S", "START_ATTEMPTS", "START_RETRY_S", "UNPLACED_GIVE_UP_S",
+           "FleetOps", "HALeader", "LiveHost", "domain_size"]
 
 log = logging.getLogger("vmdr.ha")
-START_ATTEMPTS = 3  # a start that fails this often gives up (its waiters go on)
-START_RETRY_S = 1.0  # s between attempts; each one re-checks libvirt on every host first
-# a VM that fits nowhere is placed again (every PLACE_RETRY_S) while hosts rejoin — after an
-# etcd outage every member key comes back one by one — and given up only after this long
-PLACE_RETRY_S = 2.0
-UNPLACED_GIVE_UP_S = 300.0
 
 
 class FleetOps(Protocol):
@@ -78,6 +86,7 @@ class LiveHost:
     vcpus: int
     memory_mib: int
     running: tuple[str, ...] = ()
+    libvirt_ok: bool = True  # False: alive (lease renewed) but its libvirt is down
 
 
 def domain_size(xml: str) -> tuple[int, int]:
@@ -101,17 +110,8 @@ def domain_size(xml: str) -> tuple[int, int]:
     return v, m
 
 
-def _start(d: dict[str, Any]) -> Start:
-    r = d.get("ready") or {}
-    return Start(d["vm"], d["host"], int(d["priority"]), int(d["stage"]),
-                 tuple(d.get("after") or ()),
-                 Readiness(r.get("check", "agent"), float(r.get("delay_s", 0.0)),
-                           float(r.get("timeout_s", 300.0))),
-                 tuple(d.get("missing_dependencies") or ()))
-
-
 @dataclass
-class HALeader:
+class HALeader(Replacing):
     policy: HAPolicy
     store: HAStore
     ops: FleetOps
@@ -141,10 +141,18 @@ class HALeader:
             if records[host].get("done"):  # back, and its failover finished: forget it
                 self.store.delete_failover(host)
                 del records[host]
+            elif not records[host].get("back"):  # back while a VM still waits for room
+                self._back(host, records[host], now)
         self._noted &= ever_seen - set(live)
         gone = sorted(ever_seen - set(live) - set(records) - self._noted)
-        if gone or any(not r.get("done") and r.get("plan") is None for r in records.values()):
+        # back and gone again before its failover finished: a new failure of that host
+        again = sorted(h for h in ever_seen - set(live) if h in records
+                       and not records[h].get("done") and records[h].get("back"))
+        if gone or again or any(not r.get("done") and r.get("plan") is None
+                                for r in records.values()):
             wheres = self.store.wheres()  # one request, only when there is news
+        for host in again:
+            self._again(host, records[host], now, wheres)
         for host in gone:
             self._noted.add(host)
             victims = sorted(vm for vm, h in wheres.items() if h == host
@@ -170,6 +178,43 @@ class HALeader:
             if not rec.get("done"):
                 self._advance(host, rec, now, live, wheres, records)
 
+    def _back(self, host: str, rec: dict[str, Any], now: float) -> None:
+        """*host* has a live member key again while its failover is in flight (a VM still
+        waits for room, or it fenced itself and reported it): noted in the record, so
+        that its next disappearance is seen as a new failure (:meth:`_again`)."""
+        rec["back"] = now
+        self.store.put_failover(host, rec)
+        log.info("%s is a member again while its failover is in flight", host)
+
+    def _again(self, host: str, rec: dict[str, Any], now: float,
+               wheres: dict[str, str]) -> None:
+        """*host* failed again before the failover of its first failure finished: the HA
+        VMs it ran since join the same record (placed like the VMs still waiting for
+        room), after a new fence delay; the record stays one, so nothing it already
+        started or is waiting for is lost."""
+        plan = rec.get("plan")
+        known = ({d["vm"] for d in plan["starts"]} | {u["vm"] for u in plan["unplaced"]}
+                 if plan is not None else set())
+        victims = sorted(vm for vm, h in wheres.items()
+                         if h == host and vm in self.policy.vms and vm not in known)
+        del rec["back"]
+        rec["fence_until"] = now + self.policy.settings.fence_delay
+        rec.setdefault("failures", [float(rec["detected"])]).append(now)
+        if plan is not None:
+            plan["unplaced"] += [{"vm": vm, "reason": f"ran on {host} when it failed again"}
+                                 for vm in victims]
+            rec["unplaced_final"] = False
+            rec["refence"] = True
+            self._replaced.pop(host, None)  # placed right after the new fence delay
+        self.store.put_failover(host, rec)
+        vms = f"its HA VMs ({', '.join(victims)}) restart" if victims else \
+            "no other HA VM ran there; the VMs of its first failure go on"
+        self.store.add_event(
+            "detected", f"member lease of {host} expired again while the failover of its "
+            f"first failure is in flight; {vms} after the fence delay "
+            f"({self.policy.settings.fence_delay:g}s)", host=host, now=now,
+            detail={"vms": victims, "fence_until": rec["fence_until"], "again": True})
+
     # -- one failover ---------------------------------------------------------------------
     def _others(self, host: str, records: dict[str, dict[str, Any]],
                 wheres: dict[str, str]) -> tuple[list[Start], dict[str, float],
@@ -192,7 +237,7 @@ class HALeader:
                 continue
             if r.get("plan") is None:
                 continue
-            starts += [_start(d) for d in r["plan"]["starts"]]
+            starts += [to_start(d) for d in r["plan"]["starts"]]
             started.update({k: float(v) for k, v in r.get("started", {}).items()})
             released.update({k: float(v) for k, v in r.get("ready", {}).items()})
             released.update({k: float(v) for k, v in r.get("failed", {}).items()})
@@ -219,9 +264,13 @@ class HALeader:
                                      f" (placed again as hosts join, for "
                                      f"{UNPLACED_GIVE_UP_S:g}s)", host=host, vm=u["vm"],
                                      now=now)
-        elif rec["plan"]["unplaced"] and not rec.get("unplaced_final"):
-            self._place_again(host, rec, now, live)
-        starts = [_start(d) for d in rec["plan"]["starts"]]
+        else:
+            if rec.pop("refence", False):  # it failed again (_again): fenced again
+                self._fenced(host, rec, now)
+                self.store.put_failover(host, rec)
+            if rec["plan"]["unplaced"] and not rec.get("unplaced_final"):
+                self._place_again(host, rec, now, live)
+        starts = [to_start(d) for d in rec["plan"]["starts"]]
         by_vm = {st.vm: st for st in starts}
         started: dict[str, float] = {k: float(v) for k, v in rec["started"].items()}
         ready: dict[str, float] = {k: float(v) for k, v in rec["ready"].items()}
@@ -268,7 +317,7 @@ class HALeader:
             if st.vm in errs and now < float(errs[st.vm]["at"]) + START_RETRY_S:
                 continue
             changed = True
-            self._start_one(host, rec, st, now)
+            self._start_one(host, rec, st, now, live)
         for vm in sorted(rec["started"]):
             if vm in rec["ready"] or vm in rec["failed"]:
                 continue
@@ -321,47 +370,6 @@ class HALeader:
         if changed:
             self.store.put_failover(host, rec)
 
-    def _place_again(self, host: str, rec: dict[str, Any], now: float,
-                     live: dict[str, LiveHost]) -> None:
-        """Place the VMs that fitted nowhere again (a host may have rejoined); the ones
-        placed now join the plan, waiting for the plan's earlier priority groups and
-        their dependencies like the others. After ``UNPLACED_GIVE_UP_S``: given up."""
-        if now < self._replaced.get(host, -1e18) + PLACE_RETRY_S:
-            return
-        self._replaced[host] = now
-        plan = rec["plan"]
-        if now >= float(rec["fence_until"]) + UNPLACED_GIVE_UP_S:
-            rec["unplaced_final"] = True
-            for u in plan["unplaced"]:
-                self.store.add_event("gave-up", f"{u['vm']} still cannot be placed after "
-                                     f"{UNPLACED_GIVE_UP_S:g}s: {u['reason']}", host=host,
-                                     vm=u["vm"], now=now)
-            self.store.put_failover(host, rec)
-            return
-        waiting = {u["vm"] for u in plan["unplaced"]}
-        new = self._plan(host, live, {vm: host for vm in waiting}
-                         | {vm: h for vm, h in self.store.wheres().items()
-                            if vm not in waiting})
-        placed = [d for d in new["starts"] if d["vm"] in waiting]
-        if not placed:
-            plan["unplaced"] = [u for u in new["unplaced"] if u["vm"] in waiting] \
-                or plan["unplaced"]
-            return
-        old = [_start(d) for d in plan["starts"]]
-        for d in placed:
-            rule = self.policy.vms[d["vm"]]
-            d["after"] = sorted(set(d["after"]) | {o.vm for o in old if o.priority
-                                                   < rule.priority or o.vm in
-                                                   rule.depends_on})
-            plan["starts"].append(d)
-            self.store.add_event("placed", f"{d['vm']} goes to {d['host']} (priority group "
-                                 f"{d['priority']}, placed again after a host joined)",
-                                 host=d["host"], vm=d["vm"], now=now,
-                                 detail={"from": host, "after": d["after"]})
-        done = {d["vm"] for d in placed}
-        plan["unplaced"] = [u for u in plan["unplaced"] if u["vm"] not in done]
-        self.store.put_failover(host, rec)
-
     def _fenced_since(self, host: str, rec: dict[str, Any], vm: str, now: float) -> bool:
         """*vm* was found still running on the failed *host* itself (its libvirt answers:
         an etcd hiccup, a slow self-fence) and is not ready: once libvirt reports it
@@ -396,12 +404,15 @@ class HALeader:
                                      host=host, detail={"by": "fence_command", "ok": r.ok})
             threading.Thread(target=run, name=f"fence-{host}", daemon=True).start()
 
-    def _plan(self, host: str, live: dict[str, LiveHost],
-              wheres: dict[str, str]) -> dict[str, Any]:
+    def _plan(self, host: str, live: dict[str, LiveHost], wheres: dict[str, str],
+              exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The failover plan of *host* on the live hosts; a host whose libvirt is down
+        (its agent says so in its member key) or in *exclude* is no target."""
         t0 = time.monotonic()
         maint = set(self.store.maintenance())
         hosts = {h.name: HostState(h.name, h.vcpus, h.memory_mib << 20,
-                                   maintenance=h.name in maint)
+                                   maintenance=h.name in maint,
+                                   libvirt=h.libvirt_ok and h.name not in exclude)
                  for h in live.values() if h.name != host}
         hosts[host] = HostState(host, None, None, up=False)
         vms: dict[str, VMState] = {}
@@ -426,7 +437,8 @@ class HALeader:
             self._sizes.setdefault(vm, (0, 0))
         return self._sizes[vm]
 
-    def _start_one(self, host: str, rec: dict[str, Any], st: Start, now: float) -> None:
+    def _start_one(self, host: str, rec: dict[str, Any], st: Start, now: float,
+                   live: dict[str, LiveHost]) -> None:
         t0 = float(rec["detected"])
         rule = self.policy.vms.get(st.vm)
         if rule is not None and rule.local:
@@ -462,14 +474,13 @@ class HALeader:
             # the hosts were cut off) must neither strand the VM nor release its waiters
             errs = rec.setdefault("start_errors", {})
             n = int(errs.get(st.vm, {}).get("n", 0)) + 1
-            errs[st.vm] = {"n": n, "at": now, "error": str(exc)[:200]}
+            errs[st.vm] = {**errs.get(st.vm, {}), "n": n, "at": now,
+                           "error": str(exc)[:200]}
             if n < START_ATTEMPTS:
                 log.warning("start of %s on %s failed (attempt %d of %d, retry in %gs): %s",
                             st.vm, st.host, n, START_ATTEMPTS, START_RETRY_S, exc)
             else:
-                rec["failed"][st.vm] = now
-                self.store.add_event("gave-up", f"{st.vm}: start on {st.host} failed "
-                                     f"{n} times: {exc}", host=st.host, vm=st.vm, now=now)
+                self._move(host, rec, st, now, live, exc)  # or gave-up
             self.store.put_failover(host, rec)
             return
         rec["started"][st.vm] = now
@@ -510,6 +521,9 @@ class HALeader:
             t = float(status.get("time", now))
             r.update(running=True, point=point.as_dict(), lost_s=lost_s(t0, point))
             rec["started"][vm] = t
+            if any(e.kind == "started" and e.detail.get("order") == oid
+                   for e in self.store.events(since=t0, vm=vm)):
+                return True  # a former leader wrote it and died before its record
             self.store.add_event(
                 "started", f"{vm} on {target} from {describe(point, t0)}, "
                 f"{t - t0:.1f}s after detection", host=target, vm=vm, now=t,

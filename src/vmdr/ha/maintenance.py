@@ -30,7 +30,7 @@ __all__ = ["Evacuation", "Move", "NowhereToGo", "enter", "evacuation", "leave",
            "migration_uris"]
 
 
-NowhereToGo = NoPlacement  # refused, nothing moved (exit 1)
+NowhereToGo = NoPlacement  # refused, nothing moved (exit 44)
 
 
 @dataclass

@@ -84,11 +84,14 @@ class HostState:
     memory: int | None  # bytes
     up: bool = True
     maintenance: bool = False
+    # False: its agent renews its lease but its libvirt does not answer (libvirtd died):
+    # alive (never fenced, its VMs run on) but no target — a start there would fail
+    libvirt: bool = True
 
     @property
     def eligible(self) -> bool:
-        return self.up and not self.maintenance and self.vcpus is not None \
-            and self.memory is not None
+        return self.up and self.libvirt and not self.maintenance \
+            and self.vcpus is not None and self.memory is not None
 
 
 @dataclass(frozen=True)
@@ -185,12 +188,15 @@ def _matching(allowed: dict[str, set[str]]) -> int:
 
 
 def state_from_inventory(inv: Inventory, *, down: set[str] | None = None,
-                         maintenance: set[str] | None = None) -> ClusterState:
+                         maintenance: set[str] | None = None,
+                         libvirt_down: set[str] | None = None) -> ClusterState:
     """The cluster as the inventory declares it: each VM running on its ``host`` with its
-    declared size, every host up except ``down``."""
-    down, maint = down or set(), maintenance or set()
+    declared size, every host up except ``down``; ``libvirt_down`` hosts are up (their VMs
+    run on) but no target."""
+    down, maint, lv = down or set(), maintenance or set(), libvirt_down or set()
     hosts = {h.name: HostState(h.name, h.vcpus, h.memory, h.name not in down,
-                               h.name in maint) for h in inv.hosts.values()}
+                               h.name in maint, h.name not in lv)
+             for h in inv.hosts.values()}
     vms = {v.name: VMState(v.name, v.host, v.vcpus or 0, v.memory or 0,
                            v.host is not None and v.host not in down,
                            v.vcpus is not None and v.memory is not None)

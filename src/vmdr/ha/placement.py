@@ -1,6 +1,8 @@
 """Placement: where each VM to restart goes, or why it cannot go anywhere.
 
-Pure. Candidates are the hosts that are up, not in maintenance and of known capacity.
+Pure. Candidates are the hosts that are up, not in maintenance, of known capacity and whose
+libvirt answers (a host whose libvirtd died is alive — its VMs run on — but a start there
+would fail).
 A host offers ``vcpus × cpu_overcommit`` and its memory, minus what its running VMs use
 (memory is never overcommitted). A VM may not join a host (or, for a rack-scoped group,
 a rack) that already runs a member of its anti-affinity group, nor leave its ``must``
@@ -100,6 +102,9 @@ def place(policy: HAPolicy, state: ClusterState, vms: list[str]) -> Placement:
         if not fits:
             result.unplaced[name] = _why(policy, name, need.memory, need.vcpus, rejects,
                                          free, group)
+            lv = sorted(h.name for h in state.hosts.values() if h.up and not h.libvirt)
+            if lv:
+                result.unplaced[name] += f" ({', '.join(lv)}: libvirt down, no target)"
             continue
         preferred = set(rule.affinity_hosts) if rule.hosts_rule == "should" else set()
         best = min(fits, key=lambda f: (f.host not in preferred, -f.memory, f.host))

@@ -21,6 +21,7 @@ from .events import LibvirtSubscription
 from .handles import LibvirtDomain
 from .hostfiles import HostFiles, LocalFiles, RemoteFiles
 from .remote import is_local_uri, parse_ssh_uri
+from .xml import dac_identity
 
 DEFAULT_URI = "qemu:///system"
 T = TypeVar("T")
@@ -117,6 +118,11 @@ class LibvirtHypervisor(Hypervisor):
     def free_memory(self) -> int | None:
         with libvirt_errors("reading the host's free memory"):
             return int(self._conn.getFreeMemory())
+
+    def qemu_identity(self) -> tuple[int, int] | None:
+        with libvirt_errors("reading the host's capabilities"):
+            caps = str(self._conn.getCapabilities())
+        return dac_identity(caps)
 
     def subscribe(self, callback: Callable[[LifecycleEvent], None]) -> Subscription:
         """Lifecycle events of every domain, on a connection of their own (see

@@ -588,6 +588,11 @@ class Hypervisor(ABC):
         """Bytes of host memory free now (None when the driver cannot tell)."""
         return None
 
+    def qemu_identity(self) -> tuple[int, int] | None:
+        """The ``(uid, gid)`` this host's QEMU processes run as (libvirt's DAC base label),
+        or None when the driver cannot tell (then QEMU runs as the connecting user)."""
+        return None
+
     # -- backup side: optional, HypervisorUnsupported unless a driver offers it ---------------
 
     def _unsupported(self, what: str) -> HypervisorUnsupported:

@@ -182,3 +182,22 @@ def set_uuid(xml: str, uuid: str) -> str:
         root.insert(1, u)
     u.text = uuid
     return ET.tostring(root, encoding="unicode")
+
+
+def dac_identity(capabilities_xml: str) -> tuple[int, int] | None:
+    """The ``(uid, gid)`` of QEMU from a host's capabilities XML: the DAC security model's
+    base label (``<baselabel type='kvm'>+64055:+64055</baselabel>``, ``+0:+0`` when
+    qemu.conf says ``user = "root"``); None when the host reports no DAC model (a session
+    instance: QEMU runs as the connecting user)."""
+    root = parse_xml(capabilities_xml)
+    for model in root.findall("./host/secmodel"):
+        if (model.findtext("model") or "").strip() != "dac":
+            continue
+        labels = {b.get("type", ""): (b.text or "").strip() for b in model.findall("baselabel")}
+        label = labels.get("kvm") or labels.get("qemu") or next(iter(labels.values()), "")
+        uid, _, gid = label.partition(":")
+        try:
+            return int(uid.lstrip("+")), int(gid.lstrip("+"))
+        except ValueError:
+            return None
+    return None

@@ -6,7 +6,9 @@ so replica cycles go on writing the standby while the test runs:
 
 * per disk, ``qemu-nbd`` serves the chosen point (the qcow2 internal snapshot, ``-l``)
   read-only with ``force-share=on`` on a unix socket ``<replica dir>/test-<run>/<disk>.sock``
-  (QEMU's image locks then let a cycle's writer open the disk beside it);
+  (QEMU's image locks then let a cycle's writer open the disk beside it). Only QEMU may
+  connect: the socket is 0660 with the group QEMU runs as at the DR host (libvirt's DAC
+  base label from the host's capabilities), or 0600 when QEMU runs as the serving user;
 * the throw-away overlay ``test-<run>/<disk>.qcow2`` has that export as its backing
   (``<backingStore type='network'>`` in the test copy's XML);
 * the reader holds a shared ``flock`` on ``test-<run>/pin`` (which names the point) for as
@@ -50,7 +52,7 @@ from vmdr.jobs.replicate_site import Site, read_line
 from vmdr.jobs.replicate_state import ReplicaState, RestorePoint
 from vmdr.plan.recovery import PlanVM, RecoveryPlan
 
-_READER = r"""d=$1 t=$2 img=$3 point=$4
+_READER = r"""d=$1 t=$2 img=$3 point=$4 size=$5 quid=$6 qgid=$7
 sock=$d/$t.sock
 [ -e "$img" ] || { echo "standby disk $img is missing" >&2; exit 3; }
 mkdir -p -m 0755 -- "$d" || exit 3
@@ -58,10 +60,11 @@ printf '%s\n' "$point" > "$d/pin"
 exec 9>>"$d/pin"
 flock -s 9 || exit 3
 rm -f -- "$sock"
-qemu-nbd --read-only --persistent --shared=8 --load-snapshot="snapshot.name=$point" \
+(umask 077  # the socket is born 0700: nobody else connects before the chmod below
+ exec qemu-nbd --read-only --persistent --shared=8 --load-snapshot="snapshot.name=$point" \
   --image-opts --socket="$sock" \
   "driver=qcow2,read-only=on,force-share=on,file.driver=file,file.filename=$img" \
-  2>"$d/$t.err" &
+  2>"$d/$t.err") &
 p=$!
 n=0
 while [ ! -S "$sock" ]; do
@@ -69,7 +72,18 @@ while [ ! -S "$sock" ]; do
   n=$((n + 1)); [ "$n" -lt 600 ] || { kill "$p"; exit 5; }
   sleep 0.05
 done
-chmod 0666 -- "$sock"  # QEMU runs as its own user; read-only, like the 0644 disks
+# only QEMU may read the restore point: 0600 when it runs as this user (a session, or
+# qemu.conf user = "root" with vmdr as root), else 0660 with QEMU's group
+if [ -n "$qgid" ] && [ "$quid" != "$(id -u)" ]; then
+  if ! chgrp -- "$qgid" "$sock" 2>"$d/$t.create"; then
+    kill "$p" 2>/dev/null; wait "$p"
+    echo "cannot give the export to QEMU's group (gid $qgid): $(cat "$d/$t.create")" >&2
+    exit 4
+  fi
+  chmod 0660 -- "$sock"
+else
+  chmod 0600 -- "$sock"
+fi
 # creating the overlay reads the export: it serves the point (else: why qemu-nbd stopped)
 if ! qemu-img create -q -f qcow2 -F raw -b "nbd+unix:///?socket=$sock" -- "$d/$t.qcow2" \
     "$5" 2>"$d/$t.create"; then
@@ -270,6 +284,15 @@ def test_dir(vm: DRVM, run: str) -> str:
     return f"{vm.pv.directory}/test-{run}"
 
 
+def export_owner(qemu: tuple[int, int] | None) -> tuple[str, str]:
+    """The reader script's ``quid qgid`` arguments for QEMU's ``(uid, gid)`` at the DR host:
+    the export socket becomes 0660 with group ``qgid`` unless QEMU runs as the user who
+    serves it (then 0600); ``("", "")`` (QEMU runs as the connecting user) gives 0600."""
+    if qemu is None:
+        return "", ""
+    return str(qemu[0]), str(qemu[1])
+
+
 def freeze(vm: DRVM, run: str, point: RestorePoint, timeout: float = 60) -> str:
     """Serve ``point`` of every standby disk read-only (pinned) and make the throw-away
     overlays over it; the test directory. Call it while holding the replica lock (no
@@ -278,9 +301,10 @@ def freeze(vm: DRVM, run: str, point: RestorePoint, timeout: float = 60) -> str:
         raise UsageError(f"{vm.name}: a replica cycle is writing (or was interrupted): "
                          "test when the cycle is done (or run one cycle)")
     d = test_dir(vm, run)
+    quid, qgid = export_owner(vm.hv.qemu_identity())
     for t, disk in sorted(vm.state.disks.items()):
         proc = vm.site.spawn(_READER, d, t, str(disk["path"]), point.name,
-                             str(int(disk["size"])))
+                             str(int(disk["size"])), quid, qgid)
         vm.readers.append(proc)
         line = read_line(proc, timeout)
         if not line.startswith("ready "):

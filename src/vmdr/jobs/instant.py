@@ -231,7 +231,8 @@ def instant_restore(repo: Repository, snap: Snapshot, opts: InstantOptions, hv: 
         _remove_socket_dir(st)
         if defined:
             _discard_domain(hv, st["vm"])
-        for p in created + ([st["nvram"]] if st.get("nvram") else []):
+        for p in created + ([st["nvram"]] if st.get("nvram") else []) + \
+                [st["state_file"] + ".tmp"]:
             _unlink(p)
         raise
     ev.phase("boot", f"{st['vm']} started on overlays after "
@@ -513,6 +514,7 @@ def _tidy(hv: Hypervisor, st: dict[str, Any]) -> list[str]:
         _write_state(st)
     else:
         _unlink(st["state_file"])
+        _unlink(st["state_file"] + ".tmp")  # a write a killed run did not finish
     return left
 
 

@@ -104,6 +104,9 @@ class Tier:
     rto_s: float | None = None
     must_survive: tuple[str, ...] = ()
     ha: bool = False  # every VM of the tier is under HA unless it says ha = false
+    # the default of its VMs' ha_storage / ha_repository (a VM's own key wins)
+    ha_storage: str | None = None
+    ha_repository: str | None = None
 
 
 @dataclass
@@ -299,8 +302,12 @@ def _settings(path: str, raw: dict[str, Any]) -> tuple[Settings, dict[str, Tier]
     for name, tt in _tables(path, t.t, "tiers").items():
         tt.prefix = f"plan.tiers.{name}."
         tiers[name] = Tier(name, tt.duration("rpo"), tt.duration("rto"),
-                           _levels(tt, "must_survive"), tt.bool_("ha"))
-        tt.finish({"rpo", "rto", "must_survive", "ha", "watchdog"})
+                           _levels(tt, "must_survive"), tt.bool_("ha"),
+                           tt.choice("ha_storage", HA_STORAGE, "shared")
+                           if "ha_storage" in tt.t else None,
+                           tt.str_("ha_repository"))
+        tt.finish({"rpo", "rto", "must_survive", "ha", "watchdog", "ha_storage",
+                   "ha_repository"})
     t.finish({"title", "organisation", "scope", "verify_max_age", "test_interval",
               "boot_time", "cpu_overcommit", "cache_file", "throughput", "tiers", "ignore_vms"})
     return s, tiers
@@ -449,7 +456,8 @@ def _vm(inv: Inventory, name: str, t: _T) -> VMPlan:
 
 
 def _vm_ha(inv: Inventory, vm: VMPlan, t: _T) -> None:
-    """The HA keys of one VM: ha, anti_affinity, hosts (+ hosts_rule), ready_check/_delay."""
+    """The HA keys of one VM: ha, anti_affinity, hosts (+ hosts_rule), ready_check/_delay,
+    ha_storage/ha_repository (default: its tier's)."""
     if "ha" in t.t:
         vm.ha = t.bool_("ha")
     vm.anti_affinity = t.str_("anti_affinity")
@@ -465,8 +473,11 @@ def _vm_ha(inv: Inventory, vm: VMPlan, t: _T) -> None:
         raise t.err("ready_check", f"expected agent, none, tcp:PORT or exec:COMMAND, got "
                                    f"{vm.ready_check!r}")
     vm.ready_delay_s = t.duration("ready_delay")
-    vm.ha_storage = t.choice("ha_storage", HA_STORAGE, "shared") or "shared"
-    vm.ha_repository = t.str_("ha_repository")
+    tier = inv.tiers.get(vm.tier) if vm.tier else None  # its defaults; the VM's keys win
+    vm.ha_storage = t.choice("ha_storage", HA_STORAGE,
+                             (tier.ha_storage if tier else None) or "shared")
+    vm.ha_repository = t.str_("ha_repository") if "ha_repository" in t.t \
+        else (tier.ha_repository if tier else None)
 
 
 def check_dependencies(inv: Inventory) -> None:

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from vmdr.errors import ServeError, UsageError
-from vmdr.procutil import pid_alive
+from vmdr.procutil import Pinned, proc_start_time, same_process
 from vmdr.repository.manifest import Snapshot
 from vmdr.repository.repo import Repository
 from vmdr.storage.base import Backend
@@ -143,9 +143,14 @@ def start_server(
         else:
             os.makedirs(socket_dir, mode=0o700, exist_ok=True)
     with open(os.path.join(private, OWNER_FILE), "w", encoding="utf-8") as f:
-        json.dump({"pid": os.getpid(), "socket_dir": socket_dir if own_dir else None}, f)
+        json.dump({"pid": os.getpid(), "start": proc_start_time(os.getpid()),
+                   "socket_dir": socket_dir if own_dir else None}, f)
     server = NbdServer(snap, socket_dir if port is None else None, own_dir, private)
     try:
+        if port is None:  # a dead run's nbdkit on our sockets: killed, its files removed
+            assert socket_dir is not None
+            reap_orphans([os.path.abspath(socket_path) if socket_path else
+                          os.path.join(socket_dir, f"{name}.sock") for name in chosen])
         for i, name in enumerate(chosen):
             setup = {
                 "url": url, "keyfile": base64.b64encode(repo.export_key()).decode()
@@ -165,7 +170,6 @@ def start_server(
                 assert socket_dir is not None
                 sock = os.path.abspath(socket_path) if socket_path else \
                     os.path.join(socket_dir, f"{name}.sock")
-                reap_orphans([sock])
                 _unlink(sock)
                 argv += ["-U", sock]
                 server.sockets[name] = sock
@@ -214,7 +218,7 @@ def sweep_stale(base: str) -> list[str]:
                     for p in os.listdir(path) if p.endswith(".pid")]
         except (OSError, ValueError):
             continue
-        if pid_alive(int(owner.get("pid", 0))) or any(is_nbdkit(p) for p in pids if p):
+        if _owner_alive(owner) or any(is_nbdkit(p) for p in pids if p):
             continue
         sock_dir = owner.get("socket_dir")
         if isinstance(sock_dir, str) and os.path.basename(sock_dir).startswith("serve-"):
@@ -226,7 +230,7 @@ def sweep_stale(base: str) -> list[str]:
 
 def reap_orphans(sockets: Sequence[str], timeout: float = 10.0) -> list[int]:
     """Kill (SIGKILL) the nbdkit processes of a dead vmdr that still serve one of the unix
-    *sockets* we are about to take over; their pids.
+    *sockets* we are about to take over, and remove their private directories; their pids.
 
     An nbdkit whose vmdr was killed (``kill -9``) got SIGTERM from ``--exit-with-parent``,
     but a quitting nbdkit keeps each client connection open and answers every request
@@ -235,30 +239,83 @@ def reap_orphans(sockets: Sequence[str], timeout: float = 10.0) -> list[int]:
     on the dying server (and never reconnects to ours) until the guest or a block job has
     spent 16 requests — a disk the guest seldom reads can fail every copy for minutes. A
     killed process closes its connections at once, and QEMU's client reconnects.
-    A server whose vmdr still runs is somebody else's: ServeError."""
+    A server whose vmdr still runs is somebody else's: ServeError.
+
+    Each process is pinned (:class:`vmdr.procutil.Pinned`) *before* its command line is
+    read, so the kill reaches exactly the nbdkit that was checked, never a process that
+    reused its pid; the owning vmdr is alive only if its recorded start time matches."""
     wanted = {os.path.abspath(s) for s in sockets}
-    found = []
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        argv = _cmdline(pid)
-        if not (argv and argv[0].endswith("nbdkit") and PLUGIN in argv and "-U" in argv):
-            continue
-        i = argv.index("-U")
-        if i + 1 >= len(argv) or os.path.abspath(argv[i + 1]) not in wanted:
-            continue
-        owner = _owner_pid(argv)
-        if owner and owner != os.getpid() and pid_alive(owner):
-            raise ServeError(f"{argv[i + 1]} is being served by vmdr (pid {owner})")
-        found.append(pid)
-    for pid in found:
-        log.warning("killing nbdkit %d left by a dead vmdr", pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while any(is_nbdkit(p) for p in found) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
+    found: list[tuple[Pinned, str]] = []
+    try:
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            proc = Pinned(pid)
+            argv = _cmdline(pid)
+            sock = _served_socket(argv)
+            if sock is None or sock not in wanted or not proc.alive():
+                proc.close()
+                continue
+            private = _private_dir(argv)
+            owner = _read_owner(private) if private else {}
+            if int(owner.get("pid", 0)) != os.getpid() and _owner_alive(owner):
+                proc.close()
+                raise ServeError(f"{sock} is being served by vmdr (pid {owner['pid']})")
+            found.append((proc, private or ""))
+        for proc, _ in found:
+            log.warning("killing nbdkit %d left by a dead vmdr", proc.pid)
+            proc.signal(signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(p.alive() for p, _ in found) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for private in {d for p, d in found if d and not p.alive()}:
+            _remove_private(private)
+        return [p.pid for p, _ in found]
+    finally:
+        for proc, _ in found:
+            proc.close()
+
+
+def _served_socket(argv: list[str]) -> str | None:
+    """The unix socket an nbdkit of our plugin serves (from its command line), else None."""
+    if not (argv and argv[0].endswith("nbdkit") and PLUGIN in argv and "-U" in argv):
+        return None
+    i = argv.index("-U")
+    return os.path.abspath(argv[i + 1]) if i + 1 < len(argv) else None
+
+
+def _private_dir(argv: list[str]) -> str | None:
+    """The private directory of the vmdr that started the nbdkit of *argv* (its pid file's)."""
+    if "--pidfile" not in argv or argv.index("--pidfile") + 1 >= len(argv):
+        return None
+    return os.path.dirname(argv[argv.index("--pidfile") + 1])
+
+
+def _read_owner(private: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(private, OWNER_FILE), encoding="utf-8") as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    """Whether the vmdr an owner record names still runs (not a process reusing its pid)."""
+    try:
+        pid = int(owner.get("pid", 0))
+    except (TypeError, ValueError):
+        return False
+    start = owner.get("start")
+    return same_process(pid, start if isinstance(start, str) else None)
+
+
+def _remove_private(private: str) -> None:
+    """A dead server's private directory, and the socket directory it made (``serve-*``)."""
+    if not os.path.basename(private).startswith("vmdr-serve-"):
+        return
+    sock_dir = _read_owner(private).get("socket_dir")
+    if isinstance(sock_dir, str) and os.path.basename(sock_dir).startswith("serve-"):
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    shutil.rmtree(private, ignore_errors=True)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -267,18 +324,6 @@ def _cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _owner_pid(argv: list[str]) -> int:
-    """The vmdr that started the nbdkit of *argv* (from its private directory), 0 if unknown."""
-    if "--pidfile" not in argv or argv.index("--pidfile") + 1 >= len(argv):
-        return 0
-    private = os.path.dirname(argv[argv.index("--pidfile") + 1])
-    try:
-        with open(os.path.join(private, OWNER_FILE), encoding="utf-8") as f:
-            return int(json.load(f).get("pid", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
 
 
 def is_nbdkit(pid: int) -> bool:
