@@ -30,7 +30,8 @@ import pytest
 from tests.multihost.cluster import Cluster
 from tests.multihost.guests import Guest
 from tests.multihost.hosts import Host
-from tests.multihost.test_ha_noshared import NosharedAgents, _backed_up, _kill_and_follow
+from tests.multihost.noshared_setup import NosharedAgents, backed_up
+from tests.multihost.test_ha_noshared import _kill_and_follow
 
 pytestmark = [pytest.mark.multihost, pytest.mark.vm, pytest.mark.etcd]
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +100,7 @@ def rehome(g: Guest, src: Host, dst: Host) -> None:
 def test_a_replica_under_an_ha_copy_is_never_written(mh_cluster_session: Cluster) -> None:
     cluster = mh_cluster_session
     cluster.ensure_healthy()
-    g, repo, pw, _env, _snap = _backed_up(cluster)
+    g, repo, pw, _env, _snap = backed_up(cluster)
     h3 = cluster.hosts[2]
     cycle = ("replicate", g.name, "--feed", "repository", "--repo", str(repo), "--to",
              "qemu:///system")

@@ -28,7 +28,7 @@ from vmdr.jobs import replicate as rep
 from vmdr.jobs import replicate_repo as rr
 from vmdr.jobs.replica_scripts import _COMMIT, _FREE, commit_args
 from vmdr.jobs.replicate_site import Site
-from vmdr.jobs.replicate_state import ReplicaState
+from vmdr.jobs.replicate_state import ReplicaState, replica_prefix
 from vmdr.plan.recovery import PlanVM
 
 IMG = "/dr/web/web-replica-vda.qcow2"
@@ -77,8 +77,8 @@ def test_a_cycle_never_writes_under_an_ha_copy(running: bool) -> None:
     assert bytes(site.images[IMG]) == base and site.snaps[IMG] == snaps  # nothing touched
     assert site.files["/dr/web/replica.json"] == state
     assert site.calls[calls:] == ["begin"]  # refused in the first command's answer
-    assert not any(c.startswith(rep.replica_prefix(spec.target_uri, spec.directory))
-                   for c in src.cps if c not in _state(site).checkpoint)
+    prefix = replica_prefix(spec.target_uri, spec.directory)
+    assert [c for c in src.cps if c.startswith(prefix)] == [_state(site).checkpoint]
 
 
 def test_the_repository_feed_is_refused_too(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,7 +148,7 @@ def _sites(target: Any, site: FakeSite) -> fs.Sites:
 
 def test_failover_test_failover_failback_and_ha_refuse_an_ha_copys_replica() -> None:
     _src, target, site, _spec = _seeded()
-    pv = PlanVM("web", "fake://dr/system", "dr", "/dr/web", "web-replica", None, None, {})
+    pv = PlanVM("web", "fake://dr/system", "dr", "/dr/web", "web-replica", None, None, ())
     assert fs.load_vm(_sites(target, site), pv).warnings == []
     _ha_copy(target, site, running=False)
     with pytest.raises(ReplicaInUse, match="a failover, test failover or failback never"):
