@@ -29,7 +29,8 @@
     │   ├── HeartbeatTimeout       exit 10
     │   └── RemoteFailed           exit 10  a script on a remote host failed
     ├── VMLocked                   exit 13  another backup of that VM is running
-    │   └── RecoveryPlanLocked     exit 13  another failover/failback of the plan runs
+    │   ├── RecoveryPlanLocked     exit 13  another failover/failback of the plan runs
+    │   └── ReplicaInUse           exit 13  a VM runs on overlays over the replica's disks
     ├── SnapshotNotFound           exit 14
     ├── HookFailed                 exit 15
     ├── VerificationFailed         exit 16  a snapshot failed ``vmdr verify``
@@ -357,3 +358,10 @@ class DRCapacity(VmdrError):
     (``--force`` to try anyway)."""
 
     exit_code = 43
+
+
+class ReplicaInUse(VMLocked):
+    """A VM runs (or has its data) on overlays over the replica's standby disks (an HA
+    copy started from the replica, a failover): nothing writes, reverts or rotates them."""
+
+    exit_code = 13

@@ -3,7 +3,8 @@ mirror state files at a (local) DR site, as ``vmdr replicate status`` does.
 
 The state files are written with vmdr's own state classes, as a supervisor and a cycle
 leave them: one VM whose mirror is in step (Meeting SLA), one whose mirror fell back and
-whose last snapshot cycle failed long ago (Error). The two-site test
+whose last snapshot cycle failed long ago (Error), and one an HA copy was started from
+(its marker and overlay: in use, not replicated; :mod:`vmdr.jobs.replica_guard`). The two-site test
 (test_mirror_twosite.py) produces the same files from a real mirror."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vmdr.jobs.mirror_state import FALLBACK, MIRRORING, MirrorState
+from vmdr.jobs.replica_guard import marker
 from vmdr.jobs.replicate_state import Cycle, ReplicaState, RestorePoint
 
 from .agent_services import running_agent
@@ -53,6 +55,13 @@ def agent(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
                        error="the link to the DR site is down (ssh tunnel ended)", aborts=1)
     _state(dr, "hot1", 3600, hot, False)
     _state(dr, "gone1", 7200, gone, True)
+    # ha1: an HA copy was started from its replica (marker + overlay, see replica_guard)
+    _state(dr, "ha1", 30, MirrorState("ha1", "mirror", state=FALLBACK), False)
+    (dr / "ha1" / "ha").mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dr / "ha1" / "ha" /
+                                                                   "vda.qcow2"), "1M"],
+                   check=True)
+    (dr / "ha1" / "ha-inuse.json").write_bytes(marker("ha1", "h3", [], "rp-1"))
     port = free_port()
     cfg = tmp_path / "vmdr.toml"
     cfg.write_text(f"""
@@ -63,7 +72,7 @@ listen = "127.0.0.1:{port}"
 state = "{tmp_path}/agent.db"
 
 [replicas]
-vms = ["hot1", "gone1"]
+vms = ["hot1", "gone1", "ha1"]
 to = "qemu:///system"
 dir = "{dr}"
 rpo = "1m"
@@ -90,6 +99,8 @@ def test_replicas_page_shows_modes_and_sla(agent: tuple[str, dict[str, str]],
     rows = {r["vm"]: r for r in json.loads(p.stdout)["replicas"]}
     assert rows["hot1"]["sla_label"] == "Meeting SLA" and rows["hot1"]["mode"] == "sync"
     assert rows["gone1"]["sla_label"] == "Error"
+    assert (rows["ha1"]["sla"], rows["ha1"]["sla_label"]) == ("in-use", "In use: not replicated")
+    assert rows["ha1"]["in_use"].startswith("in use by the HA copy of ha1 on h3 since ")
     b = _browser()
     try:
         b.get(url + "/login")
@@ -102,6 +113,7 @@ def test_replicas_page_shows_modes_and_sla(agent: tuple[str, dict[str, str]],
         table = b.find_element(By.ID, "replicas")
         hot = table.find_element(By.CSS_SELECTOR, 'tr[data-vm="hot1"]').text
         gone = table.find_element(By.CSS_SELECTOR, 'tr[data-vm="gone1"]').text
+        ha1 = table.find_element(By.CSS_SELECTOR, 'tr[data-vm="ha1"]').text
         b.save_screenshot(str(tmp_path / "replicas.png"))
 
         def alerted(d: object) -> bool:  # the agent's minutely replica check fired
@@ -115,3 +127,4 @@ def test_replicas_page_shows_modes_and_sla(agent: tuple[str, dict[str, str]],
     assert "sync" in hot and "Meeting SLA" in hot and "mirroring" in hot
     assert "Error" in gone and "fallback" in gone and "ssh tunnel ended" in gone
     assert "rp-20261206T040000Z" in hot
+    assert "In use: not replicated" in ha1 and "in use by the HA copy of ha1 on h3" in ha1

@@ -4,6 +4,7 @@ what is refused before anything is touched."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from vmdr.errors import (
 from vmdr.hypervisor import DiskSource, Extent, is_ours
 from vmdr.hypervisor.fake import FakeFleet, FakeHypervisor
 from vmdr.jobs import replicate as rep
+from vmdr.jobs.replica_scripts import Probe
 from vmdr.jobs.replicate_site import Site
 from vmdr.jobs.replicate_state import (
     MEETING,
@@ -174,6 +176,9 @@ class FakeSite(Site):
         self.fail_writes = self.fail_commit = False
         self.calls: list[str] = []
         self.pins: set[str] = set()  # points a test failover reads
+        self.overlays: set[str] = set()  # overlays over the standby's disks (HA, failover)
+        self.busy: set[str] = set()  # ... held open by a QEMU
+        self.aged: set[str] = set()  # markers written over 10 minutes ago
 
     def open(self) -> FakeSite:
         return self
@@ -212,6 +217,26 @@ class FakeSite(Site):
 
     def pinned_points(self, directory: str) -> set[str]:
         return set(self.pins)
+
+    def probe(self, directory: str) -> Probe:
+        """What the DR host's guard script would report (see test_replica_guard.py)."""
+        raw = self.files.get(f"{directory}/ha-inuse.json")
+        p = Probe(json.loads(raw) if raw else None,
+                  marker_aged=f"{directory}/ha-inuse.json" in self.aged,
+                  failed_over=f"{directory}/failover.json" in self.files)
+        for o in sorted(self.overlays):
+            if o.startswith(f"{directory}/"):
+                (p.busy if o in self.busy else p.overlays).append(o)
+        return p
+
+    def run(self, script: str, *args: str, input: bytes | None = None,
+            ok: tuple[int, ...] = (0,), timeout: float = 600) -> Any:
+        self.calls.append("run")
+        if "rm -rf" in script and "ha-inuse.json" in script:  # replica_guard's release
+            self.files.pop(f"{args[0]}/ha-inuse.json", None)
+            self.overlays = {o for o in self.overlays if not o.startswith(f"{args[0]}/ha/")}
+            return None
+        raise AssertionError(f"unexpected command at the DR site: {script[:40]!r}")
 
     # the batched steps: one remote command each at a real site
     def begin(self, directory: str, names: list[str]) -> tuple[int, list[bytes | None]]:

@@ -28,7 +28,8 @@ _cache: dict[int, tuple[float, list[dict[str, Any]], str | None]] = {}
 _lock = threading.Lock()
 
 SLA_CLASS = {"meeting-sla": "good", "not-meeting-sla": "bad", "error": "bad", "paused": "",
-             "initializing": "", "unknown": "bad", "no-rpo-target": ""}
+             "initializing": "", "unknown": "bad", "no-rpo-target": "",
+             "in-use": "bad"}
 
 
 def policy_replicas(a: Agent) -> list[tuple[str, str, float | None]]:
@@ -58,7 +59,8 @@ def replica_rows(a: Agent) -> tuple[list[dict[str, Any]], str | None]:
 
 def check_replicas(a: Agent) -> None:
     """Every minute (the daemon's minutely pass): an ``rpo_breach`` alert per replica
-    whose SLA state is RPO Not Meeting SLA or Error, resolved when it meets it again.
+    whose SLA state is RPO Not Meeting SLA, Error or in use (an HA copy or a failover runs
+    on it: nothing replicates until it is released), resolved when it meets it again.
     Nothing is read when no replica is declared."""
     if not (invmod.replica_decls(a.cfg) or policy_replicas(a)):
         return
@@ -71,8 +73,9 @@ def check_replicas(a: Agent) -> None:
     a.alerter.resolve("replica:status", "replica status readable again")
     for r in rows:
         key = f"replica-rpo:{r['vm']}"
-        if r["sla"] in ("not-meeting-sla", "error", "unknown"):
-            why = r.get("error") or (r.get("mirror") or {}).get("error") or ""
+        if r["sla"] in ("not-meeting-sla", "error", "unknown", "in-use"):
+            why = (r.get("error") or r.get("in_use")
+                   or (r.get("mirror") or {}).get("error") or "")
             a.alerter.fire(key, "rpo_breach", f"replica of {r['vm']}: {r['sla_label']} "
                            f"(achieved RPO {r['rpo_achieved_s']} s, target "
                            f"{r['rpo_target_s']} s){': ' + why if why else ''}")

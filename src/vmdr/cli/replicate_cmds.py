@@ -188,6 +188,8 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
         return cmd_status(ns, g, vms[1:])
     if vms[:1] == ["stop"]:
         return cmd_stop(ns, g, vms[1:])
+    if vms[:1] == ["release"]:
+        return cmd_release(ns, g, vms[1:])
     specs = _specs(ns, g, vms)
     modes = {_mode(ns, g, s.vm) for s in specs}
     if modes & {"mirror", "sync"}:
@@ -244,7 +246,36 @@ def cmd_status(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
             + (f"  last cycle failed: {last['error']}" if last.get("error") else "")
             + (f"  mirror {r['mirror']['state']}" + (f" ({r['mirror']['error']})"
                if r['mirror'].get('error') and r['mirror']['state'] != 'mirroring' else "")
-               if r.get("mirror") else ""))
+               if r.get("mirror") else "")
+            + (f"  {r['in_use']}" if r.get("in_use") else ""))
+    return 0
+
+
+def cmd_release(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
+    """``vmdr replicate release VM``: the HA copy's overlays and marker removed (the VM is
+    home); refused while anything at the DR host still uses them."""
+    from vmdr.jobs.replica_guard import release
+
+    if len(vms) != 1:
+        raise UsageError("usage: vmdr replicate release VM [--to HOST] [--dir DIR]")
+    vm = vms[0]
+    d = invmod.replica_decls(g.config).get(vm)
+    if not ns.to and d is None:
+        raise UsageError(f"{vm}: not a replica of the inventory; add --to HOST")
+    where = _resolve_host(g, ns.to or (d.to if d else ""), ns.dir or (d.directory if d
+                                                                       else None))
+    directory = f"{where.root}/{vm}"
+    target = connect(where.uri)
+    try:
+        with Site(where.uri) as site:
+            doc = release(site, target, directory, vm)
+    finally:
+        target.close()
+    if g.json:
+        emit_json(doc)
+    else:
+        out(f"{vm}: released the replica in {directory} on {redact_uri(where.uri)} "
+            f"({len(doc['removed'])} overlay(s) removed); replica cycles resume")
     return 0
 
 
@@ -349,12 +380,17 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                     "state kept at the target. --continuous [--sync] keeps a live mirror "
                     "instead (libvirt block copy to an NBD export at the DR host through an "
                     "ssh tunnel), falling back to snapshot cycles when the DR site is gone; "
-                    "'vmdr replicate stop VM' ends it.",
+                    "'vmdr replicate stop VM' ends it. A replica that an HA copy (or a "
+                    "failover) runs on is never written: 'vmdr replicate release VM' frees "
+                    "it once the VM is home (removes the HA copy's overlays; refused while "
+                    "a domain at the DR host uses them).",
         epilog="exit codes: 9 no space at the target, 10 a DR network is missing, 11 no such "
-               "VM, 12 the DR host is unreachable, 13 another job holds the VM's lock",
+               "VM, 12 the DR host is unreachable, 13 another job holds the VM's lock, or "
+               "an HA copy or a failover runs on the replica",
     )
     p.add_argument("vms", nargs="*", metavar="VM",
-                   help="VMs to replicate; 'status' as the first word shows the replicas")
+                   help="VMs to replicate; 'status' as the first word shows the replicas, "
+                        "'release VM' frees a replica an HA copy ran on")
     p.add_argument("--to", metavar="HOST",
                    help="DR host: a libvirt URI (qemu+ssh://root@dr1/system, qemu:///system) "
                         "or an inventory host name")

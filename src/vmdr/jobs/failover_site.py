@@ -46,6 +46,7 @@ from vmdr.hypervisor import (
     rewrite_domain_xml,
 )
 from vmdr.hypervisor.console import relocate_console_logs
+from vmdr.jobs import replica_guard
 from vmdr.jobs.replicate import load_state, redact_uri
 from vmdr.jobs.replicate_site import Site, read_line
 from vmdr.jobs.replicate_state import ReplicaState, RestorePoint
@@ -203,7 +204,12 @@ def load_vm(sites: Sites, pv: PlanVM) -> DRVM:
     if standby.uuid != st.standby_uuid:
         raise UsageError(f"{pv.name}: domain {st.standby!r} on {redact_uri(pv.to)} is not "
                          "the replica's standby (UUID differs)")
-    return DRVM(pv, hv, site, st, standby)
+    # an HA copy running on overlays over the standby's disks: a failover would revert
+    # them, a test failover and failback use them: ReplicaInUse (exit 13)
+    warnings = replica_guard.check(site, hv, pv.directory, pv.name,
+                                   what="a failover, test failover or failback",
+                                   failover_ok=True)
+    return DRVM(pv, hv, site, st, standby, warnings=warnings)
 
 
 def check_networks(vm: DRVM, names: list[str], isolated: bool = False) -> None:

@@ -4,6 +4,10 @@ answers; :mod:`vmdr.jobs.replicate_site` runs them."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
 _FREE = r"""mkdir -p -- "$1" || exit 3
 df -P -B1 -- "$1" | awk 'NR==2 {print $4}'
 """
@@ -53,6 +57,34 @@ rm -rf -- "$d"
 """
 
 
+# what runs over the standby's disks (see :mod:`.replica_guard`): the HA marker, a
+# failover's record, and each overlay over the standby's disks, ``busy`` when a process
+# (QEMU) holds it open: ``qemu-img info`` without ``-U`` then fails on QEMU's image lock.
+# Expects the replica directory in ``$dir``.
+_GUARD = r"""if [ -f "$dir/ha-inuse.json" ]; then
+  printf 'inuse %s\n' "$(tr '\n' ' ' < "$dir/ha-inuse.json")"
+  # older than 10 minutes (the DR host's clock): an HA start takes seconds
+  [ -n "$(find "$dir/ha-inuse.json" -mmin +10 2>/dev/null)" ] && echo inuse-aged
+fi
+[ -f "$dir/failover.json" ] && echo failedover
+for f in "$dir"/ha/*.qcow2 "$dir"/failover/*.qcow2; do
+  [ -e "$f" ] || continue
+  if qemu-img info -- "$f" >/dev/null 2>&1; then printf 'overlay %s\n' "$f"
+  else printf 'busy %s\n' "$f"; fi
+done
+"""
+_PROBE = 'dir=$1\n' + _GUARD + "exit 0\n"
+# the HA copy's marker, written before the standby's disks are touched (refused while a
+# cycle's marker-less write is under way is QEMU's image lock's job). Arguments: DIR; the
+# marker on stdin
+_MARK = r"""set -e
+umask 022
+cat > "$1/ha-inuse.json.tmp"
+sync "$1/ha-inuse.json.tmp" 2>/dev/null || true
+mv -f -- "$1/ha-inuse.json.tmp" "$1/ha-inuse.json"
+"""
+
+
 # -- the three remote steps of one cycle (each ONE command over the control master) -------
 #
 # A command over the control master costs one ssh session (a channel, a login shell,
@@ -72,7 +104,7 @@ for f in "$dir"/test-*/pin; do  # points a running test failover reads (see _PIN
   flock -n -x "$f" true 2>/dev/null && continue
   printf 'pin %s\n' "$(cat -- "$f")"
 done
-for s in /run/libvirt/libvirt-sock /run/libvirt/virtqemud-sock; do  # for the next cycles:
+""" + _GUARD + r"""for s in /run/libvirt/libvirt-sock /run/libvirt/virtqemud-sock; do  # next cycles:
   [ -S "$s" ] && { printf 'libvirt %s\n' "$s"; break; }  # libvirt over a forward
 done
 exit 0
@@ -92,6 +124,12 @@ n=$1; shift
 drops=
 while [ "$n" -gt 0 ]; do drops="$drops$nl$1"; shift; n=$((n - 1)); done
 IFS=$nl
+for img in $imgs; do  # an HA copy started meanwhile (see replica_guard): touch nothing
+  [ -n "$img" ] || continue
+  if [ -e "${img%/*}/ha-inuse.json" ]; then
+    echo "replica in use: ${img%/*}/ha-inuse.json appeared during the cycle" >&2; exit 7
+  fi
+done
 pids=
 for img in $imgs; do
   [ -n "$img" ] || continue
@@ -124,6 +162,9 @@ exit 0
 # (IMG SIZE|- SERVE)...
 _SERVE = r"""set -u
 stream=$1 helper=$2 commit=$3 st=$4 len=$5 fmt=$6; shift 6
+if [ -n "$st" ] && [ -e "${st%/*}/ha-inuse.json" ]; then  # see replica_guard
+  echo "replica in use: ${st%/*}/ha-inuse.json appeared during the cycle" >&2; exit 7
+fi
 if [ "$len" -gt 0 ]; then
   (umask 077; head -c "$len" > "$st.tmp") || exit 3
   [ "$(wc -c < "$st.tmp")" -eq "$len" ] || { rm -f -- "$st.tmp"; exit 3; }
@@ -241,6 +282,16 @@ def parse_begin_pins(out: bytes, n: int) -> tuple[int, list[bytes | None], set[s
     return free, files, pins
 
 
+def parse_begin_probe(out: bytes, n: int) -> Probe:
+    """The :class:`Probe` in the output of :data:`_BEGIN` (after its files)."""
+    _free, _, rest = out.partition(b"\n")
+    for _ in range(n):
+        line, _nl, rest = rest.partition(b"\n")
+        if line != b"none":
+            rest = rest[int(line.partition(b" ")[2]):]
+    return parse_probe(rest.decode(errors="replace").splitlines())
+
+
 def commit_args(files: list[tuple[str, bytes]], tag: str, images: list[str],
                 drop: list[str]) -> tuple[list[str], bytes]:
     """The arguments and stdin of :data:`_COMMIT` (pure, for the unit tests)."""
@@ -262,3 +313,44 @@ def serve_args(state: tuple[str, bytes] | None, fmt: str,
     for img, size, serve in disks:
         args += [img, "-" if size is None else str(size), "1" if serve else "0"]
     return args, data
+
+
+@dataclass
+class Probe:
+    """What :data:`_GUARD` found in a replica directory."""
+
+    marker: dict[str, Any] | None = None  # ha-inuse.json (the HA copy)
+    marker_bad: bool = False  # there, but unreadable: treated as in use
+    marker_aged: bool = False  # written over 10 minutes ago (never stale before that)
+    failed_over: bool = False  # failover.json
+    overlays: list[str] = field(default_factory=list)  # overlays over the standby's disks
+    busy: list[str] = field(default_factory=list)  # ... that a process holds open
+
+    @property
+    def clear(self) -> bool:
+        return not (self.marker is not None or self.marker_bad or self.failed_over
+                    or self.overlays or self.busy)
+
+
+def parse_probe(lines: list[str]) -> Probe:
+    """The :data:`_GUARD` lines (others are ignored)."""
+    p = Probe()
+    for ln in lines:
+        if ln.startswith("inuse "):
+            try:
+                m = json.loads(ln[6:])
+            except ValueError:
+                m = None
+            if isinstance(m, dict):
+                p.marker = m
+            else:
+                p.marker_bad = True
+        elif ln.strip() == "inuse-aged":
+            p.marker_aged = True
+        elif ln.strip() == "failedover":
+            p.failed_over = True
+        elif ln.startswith("overlay "):
+            p.overlays.append(ln[8:].strip())
+        elif ln.startswith("busy "):
+            p.busy.append(ln[5:].strip())
+    return p

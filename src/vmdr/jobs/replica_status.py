@@ -2,8 +2,9 @@
 from the DR host (``replica.json`` and, for a continuous mirror, ``mirror.json``).
 
 Per replica: mode (snapshot, mirror, sync), the newest restore point, the achieved RPO
-against its target, an SLA state in Zerto's sense (:func:`.mirror_state.sla_state`), and
-the bytes moved by the last cycles.
+against its target, an SLA state in Zerto's sense (:func:`.mirror_state.sla_state`; ``in-use``
+while an HA copy or a failover runs on it, :mod:`.replica_guard`), and the bytes moved by
+the last cycles.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from vmdr.config import Config
 from vmdr.errors import UsageError, VmdrError
 from vmdr.jobs.mirror_state import LABELS, MIRROR_FILE, STOPPED, MirrorState, sla_state
+from vmdr.jobs.replica_guard import describe
 from vmdr.jobs.replicate import load_state, redact_uri
 from vmdr.jobs.replicate_site import Site, check_dir
 from vmdr.jobs.replicate_state import ReplicaState
@@ -51,9 +53,24 @@ def load_mirror(site: Site, directory: str) -> MirrorState | None:
     return None if data is None else MirrorState.from_json(data, f"{site.where}:{path}")
 
 
+IN_USE = "in-use"  # an HA copy or a failover runs on the replica: no cycle writes it
+IN_USE_LABEL = "In use: not replicated"
+
+
+def in_use(site: Site, directory: str, vm: str) -> str | None:
+    """"in use by the HA copy of VM on HOST since ..." (or a failover), None when free
+    (one command at the DR host: :mod:`.replica_guard`)."""
+    p = site.probe(directory)
+    if p.clear:
+        return None
+    return describe(p, vm)
+
+
 def row(st: ReplicaState | None, vm: str, target: str, error: str | None = None,
-        rpo: float | None = None, ms: MirrorState | None = None) -> dict[str, Any]:
-    """One replica's status (the ``--json`` row)."""
+        rpo: float | None = None, ms: MirrorState | None = None,
+        used: str | None = None) -> dict[str, Any]:
+    """One replica's status (the ``--json`` row); ``used``: what runs on it (its SLA
+    state is then ``in-use``: no cycle writes it, whatever its RPO)."""
     now = utcnow()
     if st is not None and rpo is not None:
         st.rpo_target_s = rpo
@@ -61,11 +78,15 @@ def row(st: ReplicaState | None, vm: str, target: str, error: str | None = None,
     state, age = sla_state(st, ms, now, target_s)
     if error is not None:
         state = "unknown"
+    elif used is not None:
+        state = IN_USE
     mode = ms.mode if ms is not None and ms.state != STOPPED else "snapshot"
     out: dict[str, Any] = {"vm": vm, "target": target, "sla": state,
                            "sla_label": LABELS.get(state, state.capitalize()), "mode": mode,
                            "rpo_achieved_s": None if age is None else round(age, 1),
-                           "rpo_target_s": target_s, "error": error}
+                           "rpo_target_s": target_s, "error": error, "in_use": used}
+    if state == IN_USE:
+        out["sla_label"] = IN_USE_LABEL
     if ms is not None:
         out["mirror"] = {"state": ms.state, "since": ms.since, "updated": ms.updated,
                          "in_sync_at": ms.in_sync_at, "bytes_mirrored": ms.bytes_mirrored,
@@ -125,11 +146,13 @@ def collect(cfg: Config, vms: list[str], to: str | None, directory: str | None,
                         sdir = f.rsplit("/", 1)[0]
                         st = load_state(site, sdir)
                         if st is not None:
-                            rows.append(row(st, st.vm, shown, ms=load_mirror(site, sdir)))
+                            rows.append(row(st, st.vm, shown, ms=load_mirror(site, sdir),
+                                            used=in_use(site, sdir, st.vm)))
                 for vm, w, rpo in items:
                     st = load_state(site, f"{w.root}/{vm}")
+                    used = in_use(site, f"{w.root}/{vm}", vm) if st else None
                     rows.append(row(st, vm, shown, None if st else "no replica at the target",
-                                    rpo, load_mirror(site, f"{w.root}/{vm}")))
+                                    rpo, load_mirror(site, f"{w.root}/{vm}"), used))
         except VmdrError as exc:
             if scan and not items:
                 # nothing named to report on: the error is the answer (never a silent 0)

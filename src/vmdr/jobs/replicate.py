@@ -55,6 +55,7 @@ from vmdr.hypervisor import (
     set_uuid,
 )
 from vmdr.hypervisor.console import relocate_console_logs
+from vmdr.jobs import replica_guard
 from vmdr.jobs.replicate_site import DiskWriter, Exports, Site, check_dir
 from vmdr.jobs.replicate_state import (
     CHUNK,
@@ -359,6 +360,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
         if st is not None and st.source_uuid != info.uuid:
             raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
                              f"({st.vm}, {st.source_uuid}); use another --dir")
+        res.warnings += replica_guard.check(site, target, spec.directory, spec.vm)
         defined = _check_standby(target, spec, st)
         src_xml = hv.lookup(spec.vm).xml(inactive=True)
         networks = check_networks(target, src_xml, spec.network_map)

@@ -9,6 +9,7 @@ import time
 
 from vmdr.errors import SnapshotNotFound, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor
+from vmdr.jobs import replica_guard
 from vmdr.jobs.replicate import (
     CycleResult,
     ReplicaSpec,
@@ -69,6 +70,7 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
         if st is not None and uuid and st.source_uuid != uuid:
             raise UsageError(f"{spec.directory} on {site.where} holds a replica of another VM "
                              f"({st.vm}); use another --dir")
+        res.warnings += replica_guard.check(site, target, spec.directory, spec.vm)
         defined = _check_standby(target, spec, st)
         networks = check_networks(target, src_xml, spec.network_map)
         lap = res.lap("checks", lap)

@@ -23,7 +23,14 @@ import time
 from dataclasses import replace
 from urllib.parse import parse_qsl, urlsplit
 
-from vmdr.errors import HypervisorError, HypervisorUnavailable, NoSpace, UsageError, VmdrError
+from vmdr.errors import (
+    HypervisorError,
+    HypervisorUnavailable,
+    NoSpace,
+    ReplicaInUse,
+    UsageError,
+    VmdrError,
+)
 from vmdr.hypervisor import is_local_uri, parse_ssh_uri, ssh_mux
 from vmdr.hypervisor.remote import RemoteHost
 from vmdr.hypervisor.ssh_mux import SharedMaster
@@ -33,17 +40,22 @@ from vmdr.jobs.replica_scripts import (
     _CREATE,
     _FREE,
     _LIST_STATES,
+    _MARK,
     _NBD,
     _PINNED,
+    _PROBE,
     _READ,
     _SERVE,
     _SNAP,
     _SNAP_LIST,
     _STANDBY,
     _WRITE,
+    Probe,
     begin_libvirt_socket,
     commit_args,
     parse_begin_pins,
+    parse_begin_probe,
+    parse_probe,
     serve_args,
     standby_request,
 )
@@ -103,6 +115,7 @@ class Site:
         self._pending: subprocess.Popen[bytes] | None = None
         self._standby: subprocess.Popen[bytes] | None = None  # see :meth:`ready_next`
         self._shared: SharedMaster | None = None
+        self._probes: dict[str, Probe] = {}
         if not self.local:
             target = replace(parse_ssh_uri(uri), compression=False)  # UsageError for tcp/tls
             persist = ssh_mux.persist_seconds() if shared else 0
@@ -295,6 +308,20 @@ class Site:
         out = self.run(_PINNED, directory).stdout.decode().split()
         return {ln for ln in out if ln}
 
+    def probe(self, directory: str) -> Probe:
+        """What runs over the standby's disks in ``directory`` (the HA marker, a
+        failover's record, overlays and whether a process holds them): read by this
+        cycle's begin, else one command (see :mod:`.replica_guard`)."""
+        seen = self._probes.pop(directory, None)
+        if seen is not None:
+            return seen
+        out = self.run(_PROBE, directory).stdout.decode(errors="replace")
+        return parse_probe(out.splitlines())
+
+    def mark_in_use(self, directory: str, marker: bytes) -> None:
+        """Write the HA copy's marker (``ha-inuse.json``) atomically into ``directory``."""
+        self.run(_MARK, directory, input=marker)
+
     def state_files(self, root: str) -> list[str]:
         return [ln for ln in self.run(_LIST_STATES, root).stdout.decode().splitlines() if ln]
 
@@ -315,6 +342,7 @@ class Site:
         out = self.run(_BEGIN, directory, *names).stdout
         try:
             free, files, self._pins[directory] = parse_begin_pins(out, len(names))
+            self._probes[directory] = parse_begin_probe(out, len(names))
         except ValueError:
             raise HypervisorError(f"cannot read {directory} on {self.where}") from None
         if self._shared is not None:
@@ -337,6 +365,10 @@ class Site:
             else:
                 self.run(_COMMIT, *args, input=data)
         except VmdrError as exc:
+            # the commit script's own words when an HA copy's marker appeared meanwhile
+            # (exit 7, whichever session it ran in)
+            if "replica in use:" in exc.message:
+                raise ReplicaInUse(exc.message) from None
             if "space" in exc.message.lower():
                 raise NoSpace(f"no space left on {self.where} ({exc.message})") from None
             raise
@@ -393,11 +425,12 @@ class Site:
             pass  # the script failed early: its error comes below
         text = read_line(proc, 120)
         if not text.startswith("ready "):
-            self._stop(proc)
-            err = proc.stderr.read() if proc.stderr else b""
+            err = self._stop_failed(proc)
             what = _last_line(err)
             if "space" in what.lower():
                 raise NoSpace(f"no space left on {self.where} ({what})")
+            if what.startswith("replica in use:"):
+                raise ReplicaInUse(f"on {self.where}: {what}")
             raise HypervisorError(f"cannot serve the standby disks on {self.where}: {what}")
         remote_dir = text[len("ready "):]
         served = [img for img, _s, serve in disks if serve]
@@ -454,8 +487,7 @@ class Site:
             line += c
         text = line.decode(errors="replace").strip()
         if not text.startswith("ready "):
-            self._stop(proc)
-            err = proc.stderr.read() if proc.stderr else b""
+            err = self._stop_failed(proc)
             raise HypervisorError(f"cannot serve {path} on {self.where}: {_last_line(err)}")
         remote_sock = text[len("ready "):]
         sock = remote_sock
@@ -476,6 +508,24 @@ class Site:
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         self._stop(proc)
+
+    def _stop_failed(self, proc: subprocess.Popen[bytes]) -> bytes:
+        """Stop a command that did not get ready; what it wrote to stderr (read before
+        its pipes are closed)."""
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        err = b""
+        if proc.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                err = proc.stderr.read()
+        self._stop(proc)
+        return err
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
