@@ -393,5 +393,8 @@ def _replicate_policy(path: str, name: str, p: _Reader, schedule: str,
     pol.rpo_s = p.duration("rpo", None)
     pol.mode = p.text("mode", "snapshot", ("snapshot", "mirror", "sync")) or "snapshot"
     pol.to = p.text("to")
+    bw = p.table.get("bandwidth")  # windows as for backups; checked by the scheduler
+    pol.bandwidth = [bw] if isinstance(bw, str) else p.strlist("bandwidth")
+    p.used.add("bandwidth")
     p.finish()
     return pol

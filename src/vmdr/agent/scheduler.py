@@ -58,6 +58,8 @@ def schedules(cfg: Config) -> list[Schedule]:
         if p.kind == "replicate":  # replica cycles or supervised mirrors: nothing else
             out.append(Schedule(f"{name}:replicate", name, "replicate",
                                 _parse(p, "schedule", p.schedule)))
+            if p.bandwidth:
+                bandwidth(p)
             continue
         out.append(Schedule(f"{name}:backup", name, "backup", _parse(p, "schedule", p.schedule)))
         if p.keep or p.keep_within:
@@ -72,8 +74,9 @@ def schedules(cfg: Config) -> list[Schedule]:
 
 
 def bandwidth(p: PolicyConfig) -> Windows:
-    """The policy's bandwidth windows (ConfigError, exit 2, for a bad rule). Its backup
-    and copy jobs get them as ``--bwlimit`` and follow them by the clock as they run."""
+    """The policy's bandwidth windows (ConfigError, exit 2, for a bad rule). Its backup,
+    copy and replicate jobs get them as ``--bwlimit`` and follow them by the clock as they
+    run (a mirror: its block jobs' speed)."""
     try:
         return Windows(p.bandwidth)
     except UsageError as exc:

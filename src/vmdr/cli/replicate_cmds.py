@@ -29,6 +29,7 @@ from vmdr.jobs.replicate_state import STATE_FILE, parse_network_map
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
 from vmdr.repository.repo import Repository
+from vmdr.storage.throttle import Windows, bucket_for
 
 
 def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
@@ -51,6 +52,8 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     rpo = parse_duration(ns.rpo) if ns.rpo else None
+    bwlimit = getattr(ns, "bwlimit", None)
+    bucket = bucket_for(bwlimit) if bwlimit else None  # one budget for the whole run
     plan_rpo: dict[str, float | None] = {}
     out_: list[ReplicaSpec] = []
     for vm in vms:
@@ -75,7 +78,7 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
                                                       else plan_rpo.get(vm)),
             network_map={**(dict(d.network_map) if d else {}), **cli_map},
             consistency=ns.consistency, scratch_dir=g.config.scratch_dir,
-            compress=getattr(ns, "compress", True)))
+            compress=getattr(ns, "compress", True), bandwidth=bucket))
     if ns.standby_name and len(out_) > 1:
         raise UsageError("--standby-name names one standby: replicate one VM at a time")
     return out_
@@ -252,7 +255,12 @@ def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: 
         point_interval_s=_seconds(ns.point_interval, 300.0),
         stall_s=_seconds(ns.stall, 15.0),
         retry_s=_seconds(ns.retry, 30.0),
-        run_for_s=_seconds(ns.run_for, 0.0) or None, exit_on_abort=ns.exit_on_abort)
+        run_for_s=_seconds(ns.run_for, 0.0) or None, exit_on_abort=ns.exit_on_abort,
+        bandwidth=Windows.parse(ns.bwlimit) if getattr(ns, "bwlimit", None) else None)
+    if opts.bandwidth is not None and opts.synchronous:
+        warn(f"{spec.vm}: with --sync, --bwlimit caps only the copy until the DR copy is in "
+             "step (and its catch-up after a fall-back); each guest write still goes to the "
+             "DR site at once, uncapped (capping it would slow the guest)")
     stop = threading.Event()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it? (diagnostics)
     old = {sig: signal.signal(sig, lambda *_a: stop.set())
@@ -349,6 +357,13 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="send the changed pieces raw, without vmdr's zstd (a fast LAN "
                         "link to the DR site; a piece zstd cannot shrink is sent raw "
                         "anyway). ssh itself never compresses")
+    p.add_argument("--bwlimit", metavar="RATE",
+                   help="limit the bytes/s sent to the DR host, e.g. 10M, or windows by the "
+                        "local time: 'mon..fri 08:00..18:00 20M; * 100M' (as backup and "
+                        "copy). Snapshot cycles: the changed pieces, before compression. "
+                        "Mirror: libvirt's block-job bandwidth, split over the disks and "
+                        "changed as the windows change; with --sync it caps only the copy "
+                        "until in step, never a guest write")
     p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
                    help="auto: freeze the guest's filesystems if its agent answers")
     p.add_argument("--mode", choices=MODES,
