@@ -16,7 +16,7 @@ from tests.unit.test_mirror_state import CFG, cfg_of
 from vmdr.agent import scheduler as sched
 from vmdr.agent.history import Job
 from vmdr.agent.runner import job_command
-from vmdr.errors import ConfigError, HypervisorError, UsageError
+from vmdr.errors import ConfigError, HypervisorError, HypervisorUnavailable, UsageError
 from vmdr.hypervisor.driver import CopyStatus
 from vmdr.jobs.mirror import MirrorOptions, Supervisor
 from vmdr.jobs.replica_throttle import MirrorBandwidth, throttled
@@ -242,3 +242,82 @@ def test_replicate_takes_bwlimit(tmp_path: Path) -> None:
     ns = _parser().parse_args(["replicate", "web", "--to", "dr1", "--bwlimit", "fast"])
     with pytest.raises(UsageError, match="invalid rate 'fast'"):
         _specs(ns, g, ["web"])
+
+
+# -- several mirrors at once -----------------------------------------------------------------
+
+def _globals(tmp_path: Path) -> Any:
+    from tests.unit.test_replica import ESTATE
+    from vmdr import config
+    from vmdr.cli.common import Globals
+
+    p = tmp_path / "estate.toml"
+    p.write_text(ESTATE)
+    return Globals(repo=None, password_file=None, key_file=None, json=True, progress=False,
+                   config=config.load(str(p)))
+
+
+def test_all_runs_each_mirror_in_a_process_of_its_own(tmp_path: Path, monkeypatch: Any,
+                                                     capsys: Any) -> None:
+    import json
+    import os
+
+    from vmdr.cli import replicate_cmds as rc
+
+    parent = os.getpid()
+
+    def run(ns: Any, g: Any, spec: ReplicaSpec, mode: str) -> dict[str, Any]:
+        if spec.vm == "db":
+            raise HypervisorUnavailable("DR host gone")  # exit 12 for this one only
+        return {"vm": spec.vm, "status": "ok", "pid": os.getpid(), "mode": mode,
+                "bwlimit": str(rc._continuous_options(ns, spec, mode).bandwidth)}
+
+    monkeypatch.setattr(rc, "_run_continuous", run)
+    g = _globals(tmp_path)
+    ns = _parser().parse_args(["replicate", "--all", "--continuous", "--bwlimit", "5M"])
+    code = rc.cmd_replicate(ns, g)
+    docs = {d["vm"]: d for d in json.loads(capsys.readouterr().out)["results"]}
+    assert code == 12
+    assert docs["web"]["status"] == "ok" and docs["web"]["pid"] != parent
+    assert docs["web"]["mode"] == "mirror" and docs["web"]["bwlimit"] == "5M"
+    assert docs["db"] == {"vm": "db", "status": "failed", "error": "DR host gone",
+                          "exit_code": 12}
+
+
+def test_a_stop_reaches_every_mirror_process(tmp_path: Path, monkeypatch: Any,
+                                            capsys: Any) -> None:
+    import json
+    import os
+    import signal
+    import time
+
+    from vmdr.cli import replicate_cmds as rc
+
+    def run(ns: Any, g: Any, spec: ReplicaSpec, mode: str) -> dict[str, Any]:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_a: stop.set())
+        (tmp_path / f"{spec.vm}.up").write_text("")
+        stopped = stop.wait(60)
+        return {"vm": spec.vm, "status": "ok", "stopped_by": "signal" if stopped else "time"}
+
+    monkeypatch.setattr(rc, "_run_continuous", run)
+    ns = _parser().parse_args(["replicate", "--all", "--continuous"])
+
+    def stop_when_up() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                (tmp_path / f"{vm}.up").exists() for vm in ("web", "db")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # to the parent, as the agent's stop does
+
+    old = signal.getsignal(signal.SIGTERM)
+    th = threading.Thread(target=stop_when_up)
+    th.start()
+    try:
+        assert rc.cmd_replicate(ns, _globals(tmp_path)) == 0
+    finally:
+        th.join()
+        signal.signal(signal.SIGTERM, old)
+    docs = json.loads(capsys.readouterr().out)["results"]
+    assert sorted((d["vm"], d["stopped_by"]) for d in docs) == [("db", "signal"),
+                                                               ("web", "signal")]
