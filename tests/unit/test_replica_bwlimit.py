@@ -273,11 +273,12 @@ def test_all_runs_each_mirror_in_a_process_of_its_own(tmp_path: Path, monkeypatc
                 "bwlimit": str(rc._continuous_options(ns, spec, mode).bandwidth)}
 
     monkeypatch.setattr(rc, "_run_continuous", run)
+    monkeypatch.setattr("vmdr.cli.common._current_events", None)  # an earlier test's
     g = _globals(tmp_path)
     ns = _parser().parse_args(["replicate", "--all", "--continuous", "--bwlimit", "5M"])
     code = rc.cmd_replicate(ns, g)
     docs = {d["vm"]: d for d in json.loads(capsys.readouterr().out)["results"]}
-    assert code == 12
+    assert code == 12, docs
     assert docs["web"]["status"] == "ok" and docs["web"]["pid"] != parent
     assert docs["web"]["mode"] == "mirror" and docs["web"]["bwlimit"] == "5M"
     assert docs["db"] == {"vm": "db", "status": "failed", "error": "DR host gone",
@@ -301,6 +302,7 @@ def test_a_stop_reaches_every_mirror_process(tmp_path: Path, monkeypatch: Any,
         return {"vm": spec.vm, "status": "ok", "stopped_by": "signal" if stopped else "time"}
 
     monkeypatch.setattr(rc, "_run_continuous", run)
+    monkeypatch.setattr("vmdr.cli.common._current_events", None)
     ns = _parser().parse_args(["replicate", "--all", "--continuous"])
 
     def stop_when_up() -> None:

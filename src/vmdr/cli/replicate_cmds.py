@@ -347,11 +347,13 @@ def _fork_mirror(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: st
             try:
                 doc = _run_continuous(ns, g, spec, mode)
                 code = 0
-            except VmdrError as exc:
-                warn(f"{spec.vm}: {exc.message}")
+            except VmdrError as exc:  # the parent warns
                 doc = {"vm": spec.vm, "status": "failed", "error": exc.message,
                        "exit_code": exc.exit_code}
                 code = exc.exit_code
+            except Exception as exc:  # reported by the parent (exit 70)
+                doc = {"vm": spec.vm, "status": "failed", "exit_code": code,
+                       "error": f"internal error: {type(exc).__name__}: {exc}"}
             if not g.json and code == 0:
                 out(_said(doc))
             with os.fdopen(w, "wb") as f:
@@ -415,6 +417,8 @@ def _wait_mirrors(kids: list[_Kid]) -> list[dict[str, Any]]:
             if not isinstance(doc, dict):
                 doc = {"vm": k.vm, "status": "failed", "exit_code": code or 70,
                        "error": f"the mirror process ended ({code}) without a result"}
+            if doc.get("status") != "ok":
+                warn(f"{k.vm}: {doc.get('error')}")
             docs.append(doc)
     finally:
         _restore(old)

@@ -149,6 +149,7 @@ class Supervisor:
                                                               f"{os.getpid()}")
         self.res = MirrorResult(spec.vm, opts.mode, redact_uri(spec.target_uri))
         self.aborts_in_row = 0
+        self._bw_error: str | None = None  # the last failed speed change, said once
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -311,10 +312,13 @@ class Supervisor:
         """A bandwidth window opened or closed: the block jobs' new speed."""
         try:
             speed = bw.follow(jobs[t] for t in sorted(jobs))
-        except VmdrError as exc:  # tried again at the next poll
-            self.events.warning(f"cannot change the mirror's bandwidth: {exc.message}",
-                                item=self.spec.vm)
+        except VmdrError as exc:  # tried again at the next poll; said once
+            if exc.message != self._bw_error:
+                self.events.warning(f"cannot change the mirror's bandwidth: {exc.message}",
+                                    item=self.spec.vm)
+            self._bw_error = exc.message
             return
+        self._bw_error = None
         if speed is not None:
             self.events.phase("bandwidth", f"{self.spec.vm}: mirror bandwidth now "
                               + (f"{_rate(speed)} per disk" if speed else "unlimited"),
