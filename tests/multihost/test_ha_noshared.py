@@ -12,117 +12,18 @@ VM starts there from the replica's newest point instead. About 25 + 30 s.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.multihost.cluster import Cluster
 from tests.multihost.guests import Guest
-from tests.multihost.hosts import Host
-from tests.multihost.test_ha_agents import Agents, first_running, running_on, watch
+from tests.multihost.noshared_setup import ROOT, NosharedAgents, backed_up, kill_restores
+from tests.multihost.test_ha_agents import first_running, running_on, watch
 
 pytestmark = [pytest.mark.multihost, pytest.mark.vm, pytest.mark.etcd]
-ROOT = Path(__file__).resolve().parents[2]
-VMDR = [sys.executable, "-m", "vmdr.cli.main"]
-
-
-def noshared_config(cluster: Cluster, h: Host, prefix: str, vm: str, repo: Path,
-                    pw: Path, replica_to: str | None = None) -> Path:
-    assert cluster.etcd is not None, "an etcd cluster is needed"
-    shared = Path(cluster.shared)
-    hosts = "".join(f'[hosts.{x.name}]\nlocation = "dc"\nuri = "{x.tcp_uri}"\n'
-                    for x in cluster.hosts)
-    cfg = shared / f"ha-noshared-{h.name}.toml"
-    cfg.write_text(f"""
-connect = "qemu:///system"
-[agent]
-host = "{h.name}"
-state = "{shared}/ha-noshared-{h.name}-{os.getpid()}.db"
-etcd = [{", ".join(f'"{e}"' for e in cluster.etcd.endpoints)}]
-etcd_prefix = "{prefix}"
-[repositories.dr]
-url = "file://{repo}"
-password_file = "{pw}"
-location = "dc"
-[locations.dc]
-kind = "building"
-{hosts}
-[ha]
-ready_delay = "0s"
-[vm.{vm}]
-ha = true
-ha_storage = "local"
-ha_repository = "dr"
-""" + (f'replica_to = "{replica_to}"\n' if replica_to else ""))
-    return cfg
-
-
-class NosharedAgents(Agents):
-    def __init__(self, cluster: Cluster, guest: Guest, repo: Path, pw: Path,
-                 replica_to: str | None = None) -> None:
-        super().__init__(cluster, {"db": guest})
-        self.vm, self.repo, self.pw, self.replica_to = guest.name, repo, pw, replica_to
-
-    def start(self, h: Host) -> None:
-        cfg = noshared_config(self.cluster, h, self.prefix, self.vm, self.repo, self.pw,
-                              self.replica_to)
-        log = open(self.shared / f"ha-agent-{h.name}.log", "ab")  # noqa: SIM115
-        self.procs[h.name] = h.popen(sys.executable, "-m", "vmdr.agent", "--config",
-                                     str(cfg), env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
-
-
-def vmdr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([*VMDR, *args], capture_output=True, text=True, env=env,
-                       timeout=300, check=False)
-    assert p.returncode == 0 and "Traceback" not in p.stderr, (p.stdout, p.stderr)
-    return p
-
-
-def kill_restores(name: str) -> None:
-    """SIGKILL the instant-restore children a survivor's agent started for *name* (by
-    the PIDs whose command line names it)."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"instant-restore" in cmd and any(name.encode() in a for a in cmd):
-            try:
-                os.kill(int(d.name), signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def _backed_up(cluster: Cluster) -> tuple[Guest, Path, Path, dict[str, str], str]:
-    """A guest with local disks on h1, defined there and backed up offline to a file://
-    repository on the shared directory; (guest, repo, password file, env, snapshot ID)."""
-    h1 = cluster.hosts[0]
-    g = cluster.new_guest(local_to=h1, writer_rate=0)
-    g.known.update(cluster.hosts)  # restored anywhere: clean up everywhere
-    work = Path(cluster.shared) / f"noshared-{os.getpid()}-{g.name}"
-    work.mkdir()
-    repo, pw = work / "repo", work / "pw"
-    pw.write_text("ha noshared test passphrase\n")
-    pw.chmod(0o600)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), VMDR_REPO=str(repo),
-               VMDR_PASSWORD_FILE=str(pw), VMDR_LOCK_DIR=str(work / "locks"))
-    env.pop("VMDR_CONFIG", None)
-    vmdr(env, "repo", "init")
-    g.define(h1)  # offline backup: defined, not running (the test estate's way)
-    doc = json.loads(vmdr(env, "backup", "--json", g.name, "--connect", h1.uri).stdout)
-    res = doc["results"][0]
-    assert res["status"] == "ok", doc
-    return g, repo, pw, env, str(res.get("snapshot") or res.get("id"))
 
 
 def _kill_and_follow(cluster: Cluster, g: Guest, agents: NosharedAgents,
@@ -164,7 +65,7 @@ def _kill_and_follow(cluster: Cluster, g: Guest, agents: NosharedAgents,
 def test_local_disk_vm_restarts_from_its_backup(mh_cluster_session: Cluster) -> None:
     cluster = mh_cluster_session
     cluster.ensure_healthy()
-    g, repo, pw, _env, snap_id = _backed_up(cluster)
+    g, repo, pw, _env, snap_id = backed_up(cluster)
     agents = NosharedAgents(cluster, g, repo, pw)
     try:
         host, after, e, detected = _kill_and_follow(cluster, g, agents)
@@ -189,7 +90,7 @@ def test_local_disk_vm_restarts_from_its_replica(mh_cluster_session: Cluster) ->
     newest point, not by instant restore."""
     cluster = mh_cluster_session
     cluster.ensure_healthy()
-    g, repo, pw, _env, _snap = _backed_up(cluster)
+    g, repo, pw, _env, _snap = backed_up(cluster)
     h3 = cluster.hosts[2]
     h3.run("env", f"PYTHONPATH={ROOT / 'src'}", f"VMDR_PASSWORD_FILE={pw}",
            sys.executable, "-m", "vmdr.cli.main", "replicate", g.name, "--feed",

@@ -16,7 +16,10 @@ For each order (``ha/restores/<vm>`` naming this host) the agent:
    before that.
 
 An agent that restarts in the middle finds its claimed order ``running``: the VM running
-here → ``started``; the child gone with an instant-restore state file left →
+here → ``started``; the former agent's child still running (the PID in the status, or —
+killed before it recorded it — an instant restore of the VM into this host's target
+directory found in /proc) → adopted, polled until the VM runs; the child gone with an
+instant-restore state file left →
 ``vmdr instant-restore --resume``; otherwise ``failed``. Every step checks local libvirt
 first, so a VM is never started twice here; the leader wrote the order only after no
 host ran it and after the fence delay.
@@ -24,6 +27,7 @@ host ran it and after the fence delay.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
@@ -80,15 +84,30 @@ def newest_snapshot(ref: RepositoryRef, vm: str) -> RestorePoint:
     return RestorePoint("snapshot", s.id, s.time.timestamp(), ref.name)
 
 
-def _restore_child(pid: int, vm: str) -> bool:
-    """Whether *pid* is a live ``vmdr instant-restore`` of *vm* (a former agent's child)."""
+def _restore_child(pid: int, vm: str, target_dir: str | None = None) -> bool:
+    """Whether *pid* is a live ``vmdr instant-restore`` of *vm* (a former agent's child),
+    into *target_dir* if given."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = f.read().split(b"\0")
     except OSError:
         return False
+    if target_dir is not None and not any(
+            a == b"--target-dir" and b == target_dir.encode()
+            for a, b in itertools.pairwise(args)):
+        return False
     return b"instant-restore" in args and any(a == vm.encode() or a.startswith(
         vm.encode() + b"@") for a in args)
+
+
+def _find_child(vm: str, target_dir: str) -> int | None:
+    """The PID of a live instant restore of *vm* into *target_dir* (a former agent's
+    child whose PID it died before recording), or None."""
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid() and _restore_child(
+                int(name), vm, target_dir):
+            return int(name)
+    return None
 
 
 class _Orphan:
@@ -206,7 +225,13 @@ class RestoreExecutor:
             return
         if proc is None:  # this agent restarted while the restore ran
             pid = status.get("pid")
-            if isinstance(pid, int) and _restore_child(pid, vm):
+            if not (isinstance(pid, int) and _restore_child(pid, vm)):
+                # killed between the spawn and the status naming its PID: find it
+                pid = _find_child(vm, self.target_dir)
+                if pid is not None:
+                    self._status(vm, oid, "running", now, point=status.get("point"),
+                                 note=status.get("note", ""), pid=pid)
+            if pid is not None:
                 self._procs[oid] = _Orphan(pid)  # still serving: never a second server
                 log.info("HA restore of %s: adopted the running child %d", vm, pid)
                 return

@@ -521,6 +521,9 @@ class HALeader(Replacing):
             t = float(status.get("time", now))
             r.update(running=True, point=point.as_dict(), lost_s=lost_s(t0, point))
             rec["started"][vm] = t
+            if any(e.kind == "started" and e.detail.get("order") == oid
+                   for e in self.store.events(since=t0, vm=vm)):
+                return True  # a former leader wrote it and died before its record
             self.store.add_event(
                 "started", f"{vm} on {target} from {describe(point, t0)}, "
                 f"{t - t0:.1f}s after detection", host=target, vm=vm, now=t,
