@@ -328,7 +328,6 @@ def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: 
 class _Kid:
     vm: str
     pid: int
-    fd: int
     got: list[bytes]
     reader: threading.Thread
 
@@ -371,7 +370,7 @@ def _fork_mirror(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: st
 
     th = threading.Thread(target=read, name=f"vmdr-mirror-{spec.vm}", daemon=True)
     th.start()
-    return _Kid(spec.vm, pid, r, got, th)
+    return _Kid(spec.vm, pid, got, th)
 
 
 _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
