@@ -70,6 +70,7 @@ class AgentConfig:
     host: str | None = None  # default: the system hostname
     jitter_s: float = 0.0
     max_jobs: int = 2  # per host
+    max_mirrors: int = 8  # supervised mirrors per host (they take no max_jobs slot)
     repository_jobs: int = 2  # per repository
     history_days: int = 90
     lease_ttl_s: float = 10.0
@@ -316,6 +317,7 @@ def _agent(path: str, r: _Reader, cfg: Config) -> None:
     ag.host = a.text("host")
     ag.jitter_s = a.duration("jitter", 0.0) or 0.0
     ag.max_jobs = a.integer("max_jobs", ag.max_jobs, 1)
+    ag.max_mirrors = a.integer("max_mirrors", ag.max_mirrors, 0)
     ag.repository_jobs = a.integer("repository_jobs", ag.repository_jobs, 1)
     ag.history_days = a.integer("history_days", ag.history_days, 1)
     ag.lease_ttl_s = a.duration("lease_ttl", ag.lease_ttl_s) or ag.lease_ttl_s
@@ -393,5 +395,8 @@ def _replicate_policy(path: str, name: str, p: _Reader, schedule: str,
     pol.rpo_s = p.duration("rpo", None)
     pol.mode = p.text("mode", "snapshot", ("snapshot", "mirror", "sync")) or "snapshot"
     pol.to = p.text("to")
+    bw = p.table.get("bandwidth")  # windows as for backups; checked by the scheduler
+    pol.bandwidth = [bw] if isinstance(bw, str) else p.strlist("bandwidth")
+    p.used.add("bandwidth")
     p.finish()
     return pol

@@ -5,6 +5,8 @@ the root namespace (files of h2 are read from its directory on this machine).
 
 1. the asynchronous mirror: in step, restore points taken in the serving daemon, then
    ``vmdr replicate stop``: the DR copy holds the record stream up to the stop, intact;
+   it runs under ``--bwlimit`` windows that alternate every minute: libvirt's block job
+   reports the window's cap, and the other one once the minute turns;
 2. the synchronous mirror: stopped, the DR copy holds every record written before;
 3. the synchronous mirror again, then a partition of the DR host while the guest writes:
    the guest's records keep coming (no stall beyond a bound), the mirror is aborted, the
@@ -13,6 +15,7 @@ the root namespace (files of h2 are read from its directory on this machine).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -75,6 +78,29 @@ def _block_jobs(h: Host, dom: str) -> str:
     return h.virsh("blockjob", dom, "vdb", "--info", check=False).stdout.strip()
 
 
+SLOW, FAST = 16 << 20, 64 << 20  # the alternating windows' caps for the whole mirror
+
+
+def _alternating_windows() -> str:
+    """--bwlimit rules: the next ten minutes alternate SLOW and FAST (local time, as the
+    supervisor reads it), so the window changes within a minute of any moment."""
+    now = dt.datetime.now().astimezone().replace(second=0, microsecond=0)
+    rules = []
+    for k in range(1, 11, 2):
+        t = now + dt.timedelta(minutes=k)
+        rules.append(f"{t:%H:%M}..{t + dt.timedelta(minutes=1):%H:%M} 16M")
+    return "; ".join([*rules, "* 64M"])
+
+
+def _job_bandwidth(h: Host, dom: str, disk: str) -> int | None:
+    """The cap libvirt reports for the block job on ``disk`` (bytes/s), None: no job."""
+    import libvirt
+
+    info = h.conn().lookupByName(dom).blockJobInfo(
+        disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+    return int(info["bandwidth"]) if info else None
+
+
 def _point_records(img: Path, tag: str, tmp: Path) -> Any:
     raw = tmp / f"{tag}.raw"
     subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-l",
@@ -106,12 +132,19 @@ def test_mirror_async_and_sync_and_partition(sites: Cluster, tmp_path: Path) -> 
         return p, ev
 
     # -- 1. asynchronous mirror --------------------------------------------------------------
-    p, ev = start("--continuous", "--point-interval", "4s", "--retry", "300s")
+    p, ev = start("--continuous", "--point-interval", "4s", "--retry", "300s",
+                  "--bwlimit", _alternating_windows())
     try:
         _wait("mirror in step", lambda: _mirror_state(vmdir).get("state") == "mirroring"
               or p.poll() is not None, 150)
         assert p.poll() is None, ev.read_text()[-2000:]
         assert _mirror_state(vmdir)["mode"] == "mirror"
+        # the block jobs run capped: the window's rate, split over the mirrored disks
+        disks = sorted(json.loads((vmdir / "replica.json").read_text())["disks"])
+        caps = {SLOW // len(disks), FAST // len(disks)}
+        first = _wait("a capped block job", lambda: (
+            b := _job_bandwidth(h1, g.name, "vdb")) in caps and b, 30)
+        assert {_job_bandwidth(h1, g.name, d) for d in disks} <= caps
         _wait("a restore point of the mirror", lambda: any(
             pt["feed"] == "mirror" for pt in json.loads(
                 (vmdir / "replica.json").read_text())["points"]), 30)
@@ -126,6 +159,12 @@ def test_mirror_async_and_sync_and_partition(sites: Cluster, tmp_path: Path) -> 
         rc = _point_records(img, pts[-1]["name"], tmp_path)
         assert rc.consistent, rc.problems
         assert rc.last_seq >= seq_before - 20  # seconds behind at most (20 records/s)
+        # the minute turns: the supervisor moves every job to the other window's cap
+        (other,) = caps - {first}
+        _wait("the next window's cap", lambda: _job_bandwidth(h1, g.name, "vdb") == other,
+              90)
+        assert any(e["type"] == "phase" and e.get("phase") == "bandwidth"
+                   for e in _events(ev)), "no bandwidth event"
         seq_stop = g.wait_writer(timeout=30)
         _vmdr(h1, "replicate", "stop", g.name, "--json")
         assert p.wait(60) == 0, ev.read_text()[-2000:]

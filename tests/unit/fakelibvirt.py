@@ -51,6 +51,8 @@ VIR_DOMAIN_PAUSED_IOERROR = 5
 VIR_DOMAIN_START_AUTODESTROY = 2
 VIR_DOMAIN_BLOCK_COPY_BANDWIDTH = "bandwidth"
 VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB = 4
+VIR_DOMAIN_BLOCK_COPY_REUSE_EXT = 2
+VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES = 8
 VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE = 0
 VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT = 1
 VIR_IP_ADDR_TYPE_IPV4 = 0
@@ -71,6 +73,8 @@ VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC = 128
 VIR_DOMAIN_BLOCK_COMMIT_SHALLOW = 1
 VIR_DOMAIN_BLOCK_COMMIT_ACTIVE = 4
 VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT = 2
+VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES = 1
+VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES = 1
 VIR_DOMAIN_JOB_NONE = 0
 VIR_DOMAIN_JOB_UNBOUNDED = 2
 VIR_DOMAIN_JOB_OPERATION_BACKUP = 9
@@ -515,10 +519,24 @@ class virDomain(Failing):
     def blockJobInfo(self, disk: str, flags: int = 0) -> dict[str, int]:
         if disk in self.copies:
             c = self.copies[disk]
-            return {"type": 2, "bandwidth": 0, "cur": c[3], "end": c[4]}
+            bw = int((c[1] or {}).get(VIR_DOMAIN_BLOCK_COPY_BANDWIDTH, 0))
+            if not flags & VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
+                bw >>= 20  # MiB/s without the flag
+            return {"type": 2, "bandwidth": bw, "cur": c[3], "end": c[4]}
         if disk in self.block_jobs:
             return {"type": 4, "bandwidth": 0, "cur": 10, "end": 10}
         return {}
+
+    def blockJobSetSpeed(self, disk: str, bandwidth: int, flags: int = 0) -> int:
+        CALLS.append(("blockJobSetSpeed", (disk, bandwidth, flags)))
+        if disk not in self.copies:
+            raise libvirtError(f"disk {disk} does not have an active block job",
+                               VIR_ERR_OPERATION_INVALID)
+        if not flags & VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES:
+            bandwidth <<= 20
+        self.copies[disk][1] = {**(self.copies[disk][1] or {}),
+                                VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth}
+        return 0
 
     def blockJobAbort(self, disk: str, flags: int = 0) -> int:
         CALLS.append(("blockJobAbort", (disk, flags)))

@@ -228,6 +228,21 @@ def test_block_copy_and_pivot(h: Harness) -> None:
     assert not other.status().active and "vdb.overlay" in dom.xml()
 
 
+def test_mirror_bandwidth_set_at_start_and_changed_while_it_runs(h: Harness) -> None:
+    h.add(xml("vm", "vda"), active=True, sizes={"vda": 1 << 20})
+    dom = h.hv.lookup("vm")
+    job = dom.mirror_to_nbd("vda", "/run/x.sock", "vda", bandwidth=3 << 20)
+    assert job.status().bandwidth == 3 << 20  # bytes/s, not libvirt's default MiB/s
+    job.set_speed(512 << 10)
+    assert dom.block_job("vda").status().bandwidth == 512 << 10
+    job.set_speed(0)  # unlimited
+    assert job.status().bandwidth == 0
+    job.cancel()
+    with pytest.raises(HypervisorError):
+        job.set_speed(1 << 20)  # no job any more
+    assert dom.mirror_to_nbd("vda", "/run/x.sock", "vda").status().bandwidth == 0
+
+
 def test_block_copy_needs_a_running_domain(h: Harness) -> None:
     h.add(xml("vm", "vda"))
     with pytest.raises(HypervisorError):

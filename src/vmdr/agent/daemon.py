@@ -303,7 +303,7 @@ class Agent:
         running = [j for j in active if j.state == "running"]
         queued = [j for j in active if j.state == "queued"]
         go = sched.startable(queued, running, now, self.cfg.agent.max_jobs,
-                             self.cfg.agent.repository_jobs)
+                             self.cfg.agent.repository_jobs, self.cfg.agent.max_mirrors)
         for j in go:
             t = asyncio.get_running_loop().create_task(self.runner.run(j))
             self.tasks.add(t)

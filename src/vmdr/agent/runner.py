@@ -114,9 +114,13 @@ def job_command(cfg: Config, job: Job) -> list[str]:
 def replicate_command(cfg: Config, job: Job) -> list[str]:
     """``replicate VM`` for a replicate policy: one cycle (snapshot), or a mirror that
     runs until it is aborted (``--exit-on-abort``: the agent alerts, then the policy's
-    next firing restarts it, beginning with a snapshot cycle)."""
+    next firing restarts it, beginning with a snapshot cycle). The policy's bandwidth
+    windows go as ``--bwlimit``: a cycle's changed pieces, a mirror's block jobs."""
     a = job.args
     cmd = ["replicate", str(job.vm), "--connect", cfg.connect]
+    pol = cfg.policies.get(job.policy or "")
+    if pol and pol.bandwidth:
+        cmd += ["--bwlimit", "; ".join(pol.bandwidth)]
     if a.get("to"):
         cmd += ["--to", str(a["to"])]
     if isinstance(a.get("rpo"), int | float):

@@ -58,6 +58,8 @@ def schedules(cfg: Config) -> list[Schedule]:
         if p.kind == "replicate":  # replica cycles or supervised mirrors: nothing else
             out.append(Schedule(f"{name}:replicate", name, "replicate",
                                 _parse(p, "schedule", p.schedule)))
+            if p.bandwidth:
+                bandwidth(p)
             continue
         out.append(Schedule(f"{name}:backup", name, "backup", _parse(p, "schedule", p.schedule)))
         if p.keep or p.keep_within:
@@ -72,8 +74,9 @@ def schedules(cfg: Config) -> list[Schedule]:
 
 
 def bandwidth(p: PolicyConfig) -> Windows:
-    """The policy's bandwidth windows (ConfigError, exit 2, for a bad rule). Its backup
-    and copy jobs get them as ``--bwlimit`` and follow them by the clock as they run."""
+    """The policy's bandwidth windows (ConfigError, exit 2, for a bad rule). Its backup,
+    copy and replicate jobs get them as ``--bwlimit`` and follow them by the clock as they
+    run (a mirror: its block jobs' speed)."""
     try:
         return Windows(p.bandwidth)
     except UsageError as exc:
@@ -190,18 +193,32 @@ def expand(cfg: Config, f: Firing, vms: Iterable[VMInfo], default_host: str) -> 
     return out
 
 
+MIRROR_MODES = ("mirror", "sync")
+
+
+def is_mirror(j: Job) -> bool:
+    """A supervised mirror: a replicate job that runs as long as its mirror does."""
+    return j.type == "replicate" and str(j.args.get("mode") or "") in MIRROR_MODES
+
+
 def startable(queued: list[Job], running: list[Job], now: float, max_jobs: int,
-              repository_jobs: int) -> list[Job]:
+              repository_jobs: int, max_mirrors: int = 8) -> list[Job]:
     """Queued jobs that may start now, oldest first: their time has come, the host and the
-    repository are under their limits, and their VM has no job running (one job per VM)."""
+    repository are under their limits, and their VM has no job running (one job per VM).
+    Supervised mirrors run for days: they have their own limit (``max_mirrors``) and take
+    none of the ``max_jobs`` slots of backups, copies and replica cycles."""
     busy_vms = {j.vm for j in running if j.vm}
     per_repo = Counter(j.repository for j in running if j.type != "replicate")
-    slots = max_jobs - len(running)
+    slots = max_jobs - sum(1 for j in running if not is_mirror(j))
+    mirror_slots = max_mirrors - sum(1 for j in running if is_mirror(j))
     out: list[Job] = []
     for j in sorted(queued, key=lambda j: (float(str(j.args.get("not_before", j.created))),
                                            j.created)):
-        if slots <= 0:
+        if slots <= 0 and mirror_slots <= 0:
             break
+        mirror = is_mirror(j)
+        if (mirror_slots if mirror else slots) <= 0:
+            continue
         if float(str(j.args.get("not_before", j.created))) > now:
             continue
         if j.vm and j.vm in busy_vms:
@@ -209,7 +226,10 @@ def startable(queued: list[Job], running: list[Job], now: float, max_jobs: int,
         if j.type != "replicate" and per_repo[j.repository] >= repository_jobs:
             continue  # replicas read the VM, not a repository
         out.append(j)
-        slots -= 1
+        if mirror:
+            mirror_slots -= 1
+        else:
+            slots -= 1
         per_repo[j.repository] += 1
         if j.vm:
             busy_vms.add(j.vm)

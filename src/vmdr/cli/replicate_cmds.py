@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import json
 import os
 import signal
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from vmdr.cli.common import Globals, emit_json, out, repository, warn
@@ -29,6 +32,7 @@ from vmdr.jobs.replicate_state import STATE_FILE, parse_network_map
 from vmdr.plan import inventory as invmod
 from vmdr.plan.units import parse_duration
 from vmdr.repository.repo import Repository
+from vmdr.storage.throttle import Windows, bucket_for
 
 
 def _source_uri(ns: argparse.Namespace, g: Globals) -> str:
@@ -51,6 +55,8 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     rpo = parse_duration(ns.rpo) if ns.rpo else None
+    bwlimit = getattr(ns, "bwlimit", None)
+    bucket = bucket_for(bwlimit) if bwlimit else None  # one budget for the whole run
     plan_rpo: dict[str, float | None] = {}
     out_: list[ReplicaSpec] = []
     for vm in vms:
@@ -75,7 +81,7 @@ def _specs(ns: argparse.Namespace, g: Globals, vms: list[str]) -> list[ReplicaSp
                                                       else plan_rpo.get(vm)),
             network_map={**(dict(d.network_map) if d else {}), **cli_map},
             consistency=ns.consistency, scratch_dir=g.config.scratch_dir,
-            compress=getattr(ns, "compress", True)))
+            compress=getattr(ns, "compress", True), bandwidth=bucket))
     if ns.standby_name and len(out_) > 1:
         raise UsageError("--standby-name names one standby: replicate one VM at a time")
     return out_
@@ -191,12 +197,37 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
     if vms[:1] == ["release"]:
         return cmd_release(ns, g, vms[1:])
     specs = _specs(ns, g, vms)
-    modes = {_mode(ns, g, s.vm) for s in specs}
-    if modes & {"mirror", "sync"}:
-        if len(specs) != 1:
-            raise UsageError("a continuous mirror runs in the foreground: one VM per "
-                             "'vmdr replicate --continuous' (the agent runs one per VM)")
-        return cmd_continuous(ns, g, specs[0], modes.pop())
+    modes = {s.vm: _mode(ns, g, s.vm) for s in specs}
+    mirrors = [s for s in specs if modes[s.vm] in ("mirror", "sync")]
+    if len(specs) == 1 and mirrors:
+        return cmd_continuous(ns, g, specs[0], modes[specs[0].vm])
+    if mirrors:
+        # each mirror in a process of its own (its own connections, signals, and pid for
+        # 'vmdr replicate stop VM'); this one runs the snapshot cycles meanwhile
+        for s in mirrors:
+            _continuous_options(ns, s, modes[s.vm])  # bad input: before anything starts
+        kids = [_fork_mirror(ns, g, s, modes[s.vm]) for s in mirrors]
+        old = _forward_signals(kids, chain=True)  # a stop here stops them too
+        try:
+            code, results = _cycles(ns, g, [s for s in specs if s not in mirrors])
+        finally:
+            _restore(old)
+            done = _wait_mirrors(kids)
+        for r in done:
+            code = code or int(r.get("exit_code") or 0)
+        if g.json:
+            emit_json({"results": [*results, *done]})
+        return code
+    code, results = _cycles(ns, g, specs)
+    if g.json:
+        emit_json({"results": results})
+    return code
+
+
+def _cycles(ns: argparse.Namespace, g: Globals,
+            specs: list[ReplicaSpec]) -> tuple[int, list[dict[str, Any]]]:
+    """One snapshot cycle per spec, in turn: the exit code (the first failure's) and
+    the results. With one spec a failure raises."""
     results: list[dict[str, Any]] = []
     code = 0
     for spec in specs:
@@ -217,9 +248,7 @@ def cmd_replicate(ns: argparse.Namespace, g: Globals) -> int:
             out(f"{r.vm} → {r.standby} on {r.target} ({r.feed}): {r.mode}, "
                 f"{_mib(r.bytes_moved)} moved of {_mib(r.disk_bytes)}, point {r.point} "
                 f"({len(r.points)} kept) in {r.duration_s:.1f}s")
-    if g.json:
-        emit_json({"results": results})
-    return code
+    return code, results
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -302,17 +331,30 @@ def _seconds(text: str | None, default: float) -> float:
     return v
 
 
-def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> int:
-    from vmdr.jobs.mirror import MirrorOptions, Supervisor  # not on a cycle's path
+def _continuous_options(ns: argparse.Namespace, spec: ReplicaSpec, mode: str) -> Any:
+    from vmdr.jobs.mirror import MirrorOptions  # not on a cycle's path
 
     if spec.feed != "direct":
-        raise UsageError("a continuous mirror reads the running VM: --feed direct")
-    opts = MirrorOptions(
+        raise UsageError(f"{spec.vm}: a continuous mirror reads the running VM: --feed direct")
+    return MirrorOptions(
         synchronous=mode == "sync",
         point_interval_s=_seconds(ns.point_interval, 300.0),
         stall_s=_seconds(ns.stall, 15.0),
         retry_s=_seconds(ns.retry, 30.0),
-        run_for_s=_seconds(ns.run_for, 0.0) or None, exit_on_abort=ns.exit_on_abort)
+        run_for_s=_seconds(ns.run_for, 0.0) or None, exit_on_abort=ns.exit_on_abort,
+        bandwidth=Windows.parse(ns.bwlimit) if getattr(ns, "bwlimit", None) else None)
+
+
+def _run_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec,
+                    mode: str) -> dict[str, Any]:
+    """One supervised mirror in the foreground until a signal or ``--for``."""
+    from vmdr.jobs.mirror import Supervisor
+
+    opts = _continuous_options(ns, spec, mode)
+    if opts.bandwidth is not None and opts.synchronous:
+        warn(f"{spec.vm}: with --sync, --bwlimit caps only the copy until the DR copy is in "
+             "step (and its catch-up after a fall-back); each guest write still goes to the "
+             "DR site at once, uncapped (capping it would slow the guest)")
     stop = threading.Event()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it? (diagnostics)
     old = {sig: signal.signal(sig, lambda *_a: stop.set())
@@ -322,14 +364,124 @@ def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: 
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-    doc = {"status": "ok", "stopped_by": "signal" if stop.is_set() else "time", **res.as_dict()}
+    return {"status": "ok", "stopped_by": "signal" if stop.is_set() else "time",
+            **res.as_dict()}
+
+
+def _said(doc: dict[str, Any]) -> str:
+    return (f"{doc['vm']} → {doc['target']} ({doc['mode']} mirror): {doc['starts']} "
+            f"start(s), {doc['aborts']} abort(s), {doc['cycles']} snapshot cycle(s), "
+            f"{len(doc['points'])} restore point(s) in {doc['duration_s']:.0f}s; stopped "
+            f"({doc['stopped_by']})")
+
+
+def cmd_continuous(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> int:
+    doc = _run_continuous(ns, g, spec, mode)
     if g.json:
         emit_json({"results": [doc]})
     else:
-        out(f"{res.vm} → {res.target} ({res.mode} mirror): {res.starts} start(s), "
-            f"{res.aborts} abort(s), {res.cycles} snapshot cycle(s), {len(res.points)} "
-            f"restore point(s) in {res.duration_s:.0f}s; stopped ({doc['stopped_by']})")
+        out(_said(doc))
     return 0
+
+
+@dataclass
+class _Kid:
+    vm: str
+    pid: int
+    got: list[bytes]
+    reader: threading.Thread
+
+
+def _fork_mirror(ns: argparse.Namespace, g: Globals, spec: ReplicaSpec, mode: str) -> _Kid:
+    """Run one VM's mirror in a child process; its result comes back as JSON on a pipe.
+    Forked before this process opened any connection, so the child shares none."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the parent's code
+        code = 70
+        try:
+            os.close(r)
+            try:
+                doc = _run_continuous(ns, g, spec, mode)
+                code = 0
+            except VmdrError as exc:  # the parent warns
+                doc = {"vm": spec.vm, "status": "failed", "error": exc.message,
+                       "exit_code": exc.exit_code}
+                code = exc.exit_code
+            except Exception as exc:  # reported by the parent (exit 70)
+                doc = {"vm": spec.vm, "status": "failed", "exit_code": code,
+                       "error": f"internal error: {type(exc).__name__}: {exc}"}
+            if not g.json and code == 0:
+                out(_said(doc))
+            with os.fdopen(w, "wb") as f:
+                f.write(json.dumps(doc, default=str).encode())
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    got: list[bytes] = []
+
+    def read() -> None:
+        with os.fdopen(r, "rb") as f:
+            got.append(f.read())
+
+    th = threading.Thread(target=read, name=f"vmdr-mirror-{spec.vm}", daemon=True)
+    th.start()
+    return _Kid(spec.vm, pid, got, th)
+
+
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _forward_signals(kids: list[_Kid], *, chain: bool) -> dict[int, Any]:
+    """SIGTERM, SIGINT and SIGHUP here stop every mirror child (SIGTERM to each), then,
+    with *chain*, do here what they did before. The handlers replaced."""
+    old: dict[int, Any] = {}
+
+    def forward(sig: int, frame: Any) -> None:
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k.pid, signal.SIGTERM)
+        prev = old.get(sig)
+        if chain and callable(prev):
+            prev(sig, frame)
+
+    for sig in _STOPS:
+        old[sig] = signal.signal(sig, forward)
+    return old
+
+
+def _restore(old: dict[int, Any]) -> None:
+    for sig, h in old.items():
+        signal.signal(sig, h)
+
+
+def _wait_mirrors(kids: list[_Kid]) -> list[dict[str, Any]]:
+    """Wait for every mirror child (SIGTERM, SIGINT, SIGHUP here reach them all); their
+    results, one per VM."""
+    old = _forward_signals(kids, chain=False)
+    docs: list[dict[str, Any]] = []
+    try:
+        for k in kids:
+            _pid, status = os.waitpid(k.pid, 0)
+            k.reader.join()
+            code = os.waitstatus_to_exitcode(status)
+            try:
+                doc = json.loads(b"".join(k.got).decode() or "null")
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                doc = {"vm": k.vm, "status": "failed", "exit_code": code or 70,
+                       "error": f"the mirror process ended ({code}) without a result"}
+            if doc.get("status") != "ok":
+                warn(f"{k.vm}: {doc.get('error')}")
+            docs.append(doc)
+    finally:
+        _restore(old)
+    return docs
 
 
 def cmd_stop(ns: argparse.Namespace, g: Globals, vms: list[str]) -> int:
@@ -394,7 +546,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--to", metavar="HOST",
                    help="DR host: a libvirt URI (qemu+ssh://root@dr1/system, qemu:///system) "
                         "or an inventory host name")
-    p.add_argument("--all", action="store_true", help="every replica of the inventory")
+    p.add_argument("--all", action="store_true",
+                   help="every replica of the inventory, each in its mode: mirrors run "
+                        "side by side, each in a process of its own ('vmdr replicate stop "
+                        "VM' stops one; a signal to this process stops them all), while "
+                        "the snapshot cycles run here one after the other")
     p.add_argument("--points", type=int, metavar="N", help="restore points kept (default 3)")
     p.add_argument("--dir", metavar="DIR",
                    help=f"replica root at the DR host; the standby of VM is in DIR/VM "
@@ -414,6 +570,13 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="send the changed pieces raw, without vmdr's zstd (a fast LAN "
                         "link to the DR site; a piece zstd cannot shrink is sent raw "
                         "anyway). ssh itself never compresses")
+    p.add_argument("--bwlimit", metavar="RATE",
+                   help="limit the bytes/s sent to the DR host, e.g. 10M, or windows by the "
+                        "local time: 'mon..fri 08:00..18:00 20M; * 100M' (as backup and "
+                        "copy). Snapshot cycles: the changed pieces, before compression. "
+                        "Mirror: libvirt's block-job bandwidth, split over the disks and "
+                        "changed as the windows change; with --sync it caps only the copy "
+                        "until in step, never a guest write")
     p.add_argument("--consistency", choices=("auto", "crash"), default="auto",
                    help="auto: freeze the guest's filesystems if its agent answers")
     p.add_argument("--mode", choices=MODES,

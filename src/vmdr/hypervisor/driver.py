@@ -69,6 +69,7 @@ class CopyStatus:
     cur: int
     end: int
     active: bool
+    bandwidth: int = 0  # the job's cap in bytes/s (0: none)
 
     @property
     def ready(self) -> bool:
@@ -186,6 +187,11 @@ class BlockCopyJob(ABC):
     def cancel(self) -> None:
         """Abandon the copy; the domain stays on its current disk. No error if none runs."""
 
+    def set_speed(self, bandwidth: int) -> None:
+        """Cap the running job at *bandwidth* bytes/s (0: no cap)."""
+        raise HypervisorUnsupported(f"changing the speed of the block job of {self.disk} "
+                                    f"is not supported by {type(self).__name__}")
+
 
 class Console(ABC):
     """A domain's serial console log and its screen."""
@@ -283,12 +289,13 @@ class Domain(ABC):
         """The copy job of ``disk`` (its ``status().active`` says whether one runs)."""
 
     def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
-                      synchronous: bool = False) -> BlockCopyJob:
+                      synchronous: bool = False, bandwidth: int = 0) -> BlockCopyJob:
         """Start a continuous mirror of ``disk`` into the raw NBD export ``export`` served
         on the unix ``socket`` (an existing disk of the same size: a full copy, then every
         guest write). ``synchronous``: a guest write completes only once it reached the
-        export too (``VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES``, RPO 0). Never pivoted:
-        the domain stays on its own disk; cancel() ends the mirror."""
+        export too (``VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES``, RPO 0). ``bandwidth``:
+        the job's cap in bytes/s (0: none; :meth:`BlockCopyJob.set_speed` changes it).
+        Never pivoted: the domain stays on its own disk; cancel() ends the mirror."""
         raise HypervisorUnsupported(f"{self.name}: this driver cannot mirror a disk")
 
     def nbd_read(self, socket: str) -> bool:

@@ -520,8 +520,9 @@ class FakeDomain(Domain):
         return FakeBlockCopyJob(self, disk)
 
     def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
-                      synchronous: bool = False) -> BlockCopyJob:
-        return self.block_copy(disk, f"nbd+unix:///{export}?socket={socket}", fmt="raw")
+                      synchronous: bool = False, bandwidth: int = 0) -> BlockCopyJob:
+        return self.block_copy(disk, f"nbd+unix:///{export}?socket={socket}", fmt="raw",
+                               bandwidth=bandwidth or None)
 
     def nbd_read(self, socket: str) -> bool:
         with self._rec() as r:
@@ -561,7 +562,15 @@ class FakeBlockCopyJob(BlockCopyJob):
                 del r.copies[self.disk]
                 return CopyStatus(self.disk, 0, 0, False)
             c.cur = c.end if r.copy_step is None else min(c.end, c.cur + r.copy_step)
-            return CopyStatus(self.disk, c.cur, c.end, True)
+            return CopyStatus(self.disk, c.cur, c.end, True, c.bandwidth or 0)
+
+    def set_speed(self, bandwidth: int) -> None:
+        with self._dom._rec() as r:
+            c = r.copies.get(self.disk)
+            if c is None:
+                raise HypervisorError(f"setting the speed of the block job of {self.disk}: "
+                                      "no block job on it")
+            c.bandwidth = bandwidth or None
 
     def pivot(self) -> bool:
         with self._dom._rec() as r:

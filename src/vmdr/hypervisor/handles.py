@@ -204,7 +204,7 @@ class LibvirtDomain(Domain):
         return LibvirtBlockCopyJob(self._dom, disk)
 
     def mirror_to_nbd(self, disk: str, socket: str, export: str, *,
-                      synchronous: bool = False) -> BlockCopyJob:
+                      synchronous: bool = False, bandwidth: int = 0) -> BlockCopyJob:
         # a network destination exists already (REUSE_EXT); no SHALLOW: the whole
         # guest-visible content goes over, then QEMU keeps it in step
         m = lv()
@@ -215,8 +215,12 @@ class LibvirtDomain(Domain):
         flags = m.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB | m.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
         if synchronous:
             flags |= m.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
+        params: dict[str, int] = {}
+        if bandwidth:
+            params[m.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = int(bandwidth)  # bytes/s
         with libvirt_errors(f"mirroring disk {disk} to the NBD export {export}"):
-            self._dom.blockCopy(disk, ET.tostring(el, encoding="unicode"), None, flags)
+            self._dom.blockCopy(disk, ET.tostring(el, encoding="unicode"), params or None,
+                                flags)
         return LibvirtBlockCopyJob(self._dom, disk)
 
     def nbd_read(self, socket: str) -> bool:
@@ -271,11 +275,20 @@ class LibvirtBlockCopyJob(BlockCopyJob):
         self._dom = dom
 
     def status(self) -> CopyStatus:
+        m = lv()
         with libvirt_errors(f"block job of {self.disk}"):
-            info = self._dom.blockJobInfo(self.disk, 0)
+            info = self._dom.blockJobInfo(self.disk,
+                                          m.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
         if not info:
             return CopyStatus(self.disk, 0, 0, False)
-        return CopyStatus(self.disk, int(info.get("cur", 0)), int(info.get("end", 0)), True)
+        return CopyStatus(self.disk, int(info.get("cur", 0)), int(info.get("end", 0)), True,
+                          int(info.get("bandwidth", 0)))
+
+    def set_speed(self, bandwidth: int) -> None:
+        m = lv()
+        with libvirt_errors(f"setting the speed of the block job of {self.disk}"):
+            self._dom.blockJobSetSpeed(self.disk, int(bandwidth),
+                                       m.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
 
     def pivot(self) -> bool:
         m = lv()

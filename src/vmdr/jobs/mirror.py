@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from vmdr.errors import (
@@ -66,6 +67,7 @@ from vmdr.jobs.mirror_state import (
     assess,
     retry_delay,
 )
+from vmdr.jobs.replica_throttle import MirrorBandwidth, local_now
 from vmdr.jobs.replicate import ReplicaSpec, _save, load_state, redact_uri, replicate_direct
 from vmdr.jobs.replicate_site import Site
 from vmdr.jobs.replicate_state import (
@@ -75,6 +77,7 @@ from vmdr.jobs.replicate_state import (
     to_rotate,
     unique_point,
 )
+from vmdr.storage.throttle import Windows
 from vmdr.timeutil import utcnow
 
 STATE_EVERY_S = 5.0  # mirror.json at the DR host
@@ -90,6 +93,7 @@ class MirrorOptions:
     poll_s: float = 1.0
     run_for_s: float | None = None  # stop after this long (tests, benchmarks)
     exit_on_abort: bool = False  # the agent: fail the job (alert), its next firing restarts
+    bandwidth: Windows | None = None  # --bwlimit: the block jobs' cap, by the clock
 
     @property
     def mode(self) -> str:
@@ -134,8 +138,10 @@ class Supervisor:
 
     def __init__(self, spec: ReplicaSpec, opts: MirrorOptions, source_uri: str,
                  events: JobEvents | None = None, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], datetime] = local_now) -> None:
         self.spec, self.opts, self.source_uri = spec, opts, source_uri
+        self.wall = wall  # local time: which bandwidth window is in force
         self.events = events or JobEvents()
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -143,6 +149,7 @@ class Supervisor:
                                                               f"{os.getpid()}")
         self.res = MirrorResult(spec.vm, opts.mode, redact_uri(spec.target_uri))
         self.aborts_in_row = 0
+        self._bw_error: str | None = None  # the last failed speed change, said once
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -214,20 +221,25 @@ class Supervisor:
         tunnel: Tunnel | None = None
         why: str | None = None
         exp = MirrorExport(site, disks, writethrough=opts.synchronous)
+        bw = MirrorBandwidth(opts.bandwidth, self.wall) if opts.bandwidth else None
         try:
             dom = hv.lookup(spec.vm)
             _check_no_foreign_job(dom, sorted(disks))
             exp.open()
             tunnel = Tunnel(site, exp.remote_socket, mirror_ident(spec)).open()
             ms.move(COPYING, utcnow())
+            speed = bw.start(len(disks)) if bw else 0
             for t in sorted(disks):
-                jobs[t] = dom.mirror_to_nbd(t, tunnel.socket, t, synchronous=opts.synchronous)
+                jobs[t] = dom.mirror_to_nbd(t, tunnel.socket, t, synchronous=opts.synchronous,
+                                            bandwidth=speed)
             ms.starts += 1
             self.res.starts += 1
             how = "synchronous" if opts.synchronous else "asynchronous"
             self.events.phase("mirror", f"{spec.vm}: {how} mirror of "
-                              f"{', '.join(sorted(disks))} to {self.res.target}", item=spec.vm)
-            why = self._supervise(site, st, exp, tunnel, jobs, end)
+                              f"{', '.join(sorted(disks))} to {self.res.target}"
+                              + (f", at most {_rate(speed)} per disk" if speed else ""),
+                              item=spec.vm)
+            why = self._supervise(site, st, exp, tunnel, jobs, end, bw)
             if why is not None:
                 self.events.warning(f"mirror aborted: {why}; the VM stays on its own disks",
                                     item=spec.vm)
@@ -252,8 +264,10 @@ class Supervisor:
             raise HypervisorUnavailable(f"{spec.vm}: mirror aborted: {why}")
 
     def _supervise(self, site: Site, st: ReplicaState, exp: MirrorExport, tunnel: Tunnel,
-                   jobs: dict[str, Any], end: float | None) -> str | None:
-        """Watch the jobs until we stop (None) or must abort (the reason)."""
+                   jobs: dict[str, Any], end: float | None,
+                   bw: MirrorBandwidth | None = None) -> str | None:
+        """Watch the jobs until we stop (None) or must abort (the reason); follow the
+        bandwidth windows (*bw*) by the clock."""
         ms, opts = self.ms, self.opts
         progress: dict[str, Progress] = {}
         last_write = -1e9
@@ -270,6 +284,8 @@ class Supervisor:
                                   opts.stall_s)
             if verdict == "abort":
                 return why
+            if bw is not None:
+                self._follow(bw, jobs)
             ms.bytes_mirrored = sum(c for _t, c, _e, _a in statuses)
             ms.lag_bytes = sum(e - c for _t, c, e, _a in statuses)
             if verdict == MIRRORING:
@@ -291,6 +307,22 @@ class Supervisor:
                 last_write = now
             self.stop.wait(opts.poll_s)
         return None
+
+    def _follow(self, bw: MirrorBandwidth, jobs: dict[str, Any]) -> None:
+        """A bandwidth window opened or closed: the block jobs' new speed."""
+        try:
+            speed = bw.follow(jobs[t] for t in sorted(jobs))
+        except VmdrError as exc:  # tried again at the next poll; said once
+            if exc.message != self._bw_error:
+                self.events.warning(f"cannot change the mirror's bandwidth: {exc.message}",
+                                    item=self.spec.vm)
+            self._bw_error = exc.message
+            return
+        self._bw_error = None
+        if speed is not None:
+            self.events.phase("bandwidth", f"{self.spec.vm}: mirror bandwidth now "
+                              + (f"{_rate(speed)} per disk" if speed else "unlimited"),
+                              item=self.spec.vm)
 
     def _point(self, site: Site, st: ReplicaState, exp: MirrorExport, moved: int) -> None:
         when = utcnow()
@@ -337,6 +369,10 @@ class Supervisor:
         else:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+def _rate(bps: int) -> str:
+    return f"{bps / (1 << 20):.1f} MiB/s"
 
 
 def _connect_target(uri: str) -> Hypervisor:

@@ -104,8 +104,8 @@ for f in "$dir"/test-*/pin; do  # points a running test failover reads (see _PIN
   flock -n -x "$f" true 2>/dev/null && continue
   printf 'pin %s\n' "$(cat -- "$f")"
 done
-""" + _GUARD + r"""for s in /run/libvirt/libvirt-sock /run/libvirt/virtqemud-sock; do  # next cycles:
-  [ -S "$s" ] && { printf 'libvirt %s\n' "$s"; break; }  # libvirt over a forward
+""" + _GUARD + r"""for s in /run/libvirt/libvirt-sock /run/libvirt/virtqemud-sock; do
+  [ -S "$s" ] && { printf 'libvirt %s\n' "$s"; break; }  # next cycles: libvirt, forwarded
 done
 exit 0
 """

@@ -56,6 +56,7 @@ from vmdr.hypervisor import (
 )
 from vmdr.hypervisor.console import relocate_console_logs
 from vmdr.jobs import replica_guard
+from vmdr.jobs.replica_throttle import throttled
 from vmdr.jobs.replicate_site import DiskWriter, Exports, Site, check_dir
 from vmdr.jobs.replicate_state import (
     CHUNK,
@@ -74,6 +75,7 @@ from vmdr.repository.crypto import HOLE
 from vmdr.repository.manifest import chunk_count
 from vmdr.repository.repo import Repository
 from vmdr.storage.registry import redact
+from vmdr.storage.throttle import TokenBucket
 from vmdr.timeutil import utcnow
 
 FEEDS = ("direct", "repository")
@@ -94,6 +96,7 @@ class ReplicaSpec:
     consistency: str = "auto"  # auto (quiesce if the agent answers) | crash
     scratch_dir: str = "/var/lib/libvirt/qemu/vmdr"
     compress: bool = True  # ssh compression of the data (over ssh only)
+    bandwidth: TokenBucket | None = None  # --bwlimit: the changed pieces' rate
 
     def __post_init__(self) -> None:
         self.directory = check_dir(self.directory)
@@ -407,7 +410,7 @@ def replicate_direct(hv: Hypervisor, target: Hypervisor, site: Site, spec: Repli
                             t = d.info.target
                             if t not in busy:
                                 continue
-                            w = exports.writers[paths[t]]
+                            w = throttled(exports.writers[paths[t]], spec.bandwidth)
                             if t in known:
                                 _copy_by_chunks(w, d, plan[t], known[t], res)
                             else:

@@ -10,6 +10,7 @@ import time
 from vmdr.errors import SnapshotNotFound, UsageError, VmdrError
 from vmdr.hypervisor import Hypervisor
 from vmdr.jobs import replica_guard
+from vmdr.jobs.replica_throttle import throttled
 from vmdr.jobs.replicate import (
     CycleResult,
     ReplicaSpec,
@@ -106,8 +107,8 @@ def replicate_from_repository(repo: Repository, target: Hypervisor, site: Site,
                 try:
                     for d in disks:
                         if todo[d.name]:
-                            _apply_chunks(exports.writers[paths[d.name]], repo, d,
-                                          todo[d.name], res)
+                            w = throttled(exports.writers[paths[d.name]], spec.bandwidth)
+                            _apply_chunks(w, repo, d, todo[d.name], res)
                 except BaseException:
                     exports.close(flush=False)
                     raise
