@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,5 +90,21 @@ ha = true
     assert "detected" in p.stdout and "started" in p.stdout
     p = vmdr(cfg, "ha", "events", "--since", "yesterday-ish")
     assert p.returncode == 2 and p.stderr.startswith("vmdr: error: --since:")
+
+    # h2's libvirtd dies: alive, but no target any more (h3 is in maintenance): no room
+    coords[1].tick(Member("h2", "http://x", 4, 4096, [], libvirt_ok=False,
+                          libvirt_down=time.time() - 60, libvirt_error="Failed to connect"),
+                   2.0)
+    p = vmdr(cfg, "--json", "ha", "status")
+    d = json.loads(p.stdout)
+    h2 = next(h for h in d["hosts"] if h["host"] == "h2")
+    assert h2["lease"] and h2["libvirt"]["ok"] is False, h2
+    assert d["vms"][0]["would_go_to"] is None and not d["headroom"]["ok"], d
+    p = vmdr(cfg, "ha", "status")
+    assert p.returncode == 1 and "Traceback" not in p.stderr and not p.stderr, p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if ln.strip().startswith("h2 "))
+    assert "libvirt DOWN since " in line and "no failover target" in line, p.stdout
+    db = next(ln for ln in p.stdout.splitlines() if ln.strip().startswith("db "))
+    assert "if its host fails: cannot be placed" in db, p.stdout
     for c in coords:
         c.close()

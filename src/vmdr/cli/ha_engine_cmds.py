@@ -153,9 +153,9 @@ def cmd_status(ns: argparse.Namespace, g: Globals) -> int:
     for h in d["hosts"]:
         lv = h["libvirt"]
         flags = [x for x, on in (("leader", h["leader"]),
-                                 ("maintenance", h["maintenance"]),
-                                 (f"libvirt DOWN since {_fmt_t(lv and lv['since'])}: no "
-                                  "failover target", lv and not lv["ok"])) if on]
+                                 ("maintenance", h["maintenance"])) if on]
+        if lv and not lv["ok"]:
+            flags.append(f"libvirt DOWN since {_fmt_t(lv.get('since'))}: no failover target")
         cap = f"{h['vcpus']} vCPU, {fmt_size(h['memory'])}" if h["memory"] else "-"
         out(f"  {h['host']:<12} lease {'live' if h['lease'] else 'GONE':<5} {cap:<22} "
             f"{len(h['running'])} running{'  [' + ', '.join(flags) + ']' if flags else ''}")
