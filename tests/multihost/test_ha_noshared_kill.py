@@ -249,6 +249,7 @@ def test_leader_killed_mid_restore(mh_cluster: Cluster) -> None:
         run.close()
 
 
+@pytest.mark.slow  # 36 s: keeps the default run under 25 min; the adoption is unit-tested
 def test_restoring_agent_killed_mid_restore(mh_cluster: Cluster) -> None:
     """(b) kill -9 of h3's agent while its instant-restore child runs, restarted at once:
     the child (and its nbdkit, QEMU) keeps running and the new agent adopts it."""
