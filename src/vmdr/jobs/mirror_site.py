@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
-import select
 import shutil
 import subprocess
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 from vmdr.errors import HypervisorError
 from vmdr.hypervisor.remote import _pdeathsig_prefix, private_base
-from vmdr.jobs.replicate_site import Site, _last_line, read_line
+from vmdr.jobs.replicate_site import Site, _last_line, end_session, read_line
 
 KEEPALIVE_S = 1
 KEEPALIVE_COUNT = 3
@@ -178,27 +177,7 @@ class MirrorExport:
 
     def _end(self) -> bytes:
         p, self.proc = self.proc, None
-        if p is None:
-            return b""
-        with contextlib.suppress(OSError, ValueError):
-            if p.stdin is not None:
-                p.stdin.close()
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-        err = b""
-        # never block on it: an ssh session's pipes may still be held by the control
-        # master (it received the descriptors) after the client process is gone
-        with contextlib.suppress(OSError, ValueError):
-            if p.stderr is not None and select.select([p.stderr], [], [], 2)[0]:
-                err = os.read(p.stderr.fileno(), 65536)
-        for f in (p.stdout, p.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                if f is not None:
-                    f.close()
-        return err
+        return b"" if p is None else end_session(p, 30)
 
     def close(self) -> None:
         self._end()

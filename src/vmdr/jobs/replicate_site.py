@@ -68,12 +68,36 @@ from vmdr.jobs.replica_writers import (
     _last_line,
 )
 
-__all__ = ["DiskWriter", "Exports", "Site", "_last_line", "check_dir", "read_line"]
+__all__ = ["DiskWriter", "Exports", "Site", "_last_line", "check_dir", "end_session", "read_line"]
 
 _Begun = tuple[tuple[str, list[str]], tuple[int, list[bytes | None]]]
 # URI parameters that only say how ssh logs in (libvirt over a forwarded socket is fine)
 _PLAIN_PARAMS = frozenset({"keyfile", "known_hosts", "known_hosts_verify", "no_verify",
                            "no_tty", "command"})
+
+
+def end_session(proc: subprocess.Popen[bytes], wait_s: float) -> bytes:
+    """Close *proc*'s stdin, let it end (killed after *wait_s*), and return what its stderr
+    holds, then close its pipes. The read never blocks: over a shared ssh control master
+    the session's pipes may still be held by the master (it received the descriptors)
+    after the client process is gone."""
+    with contextlib.suppress(OSError, ValueError):
+        if proc.stdin is not None:
+            proc.stdin.close()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    err = b""
+    with contextlib.suppress(OSError, ValueError):
+        if proc.stderr is not None and select.select([proc.stderr], [], [], 2)[0]:
+            err = os.read(proc.stderr.fileno(), 65536)
+    for f in (proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            if f is not None:
+                f.close()
+    return err
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -474,18 +498,7 @@ class Site:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         self._procs.append(proc)
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + 60
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-                break
-            c = os.read(proc.stdout.fileno(), 1)
-            if not c:
-                break
-            line += c
-        text = line.decode(errors="replace").strip()
+        text = read_line(proc, 60)
         if not text.startswith("ready "):
             err = self._stop_failed(proc)
             raise HypervisorError(f"cannot serve {path} on {self.where}: {_last_line(err)}")
@@ -512,18 +525,7 @@ class Site:
     def _stop_failed(self, proc: subprocess.Popen[bytes]) -> bytes:
         """Stop a command that did not get ready; what it wrote to stderr (read before
         its pipes are closed)."""
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        err = b""
-        if proc.stderr is not None:
-            with contextlib.suppress(OSError, ValueError):
-                err = proc.stderr.read()
+        err = end_session(proc, 60)
         self._stop(proc)
         return err
 
