@@ -5,6 +5,8 @@ no restore point → gave-up, an order never run twice nor late, and crash-resum
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,20 @@ def test_replica_host_is_a_should_preference() -> None:
     assert (vms["a"].affinity_hosts, vms["a"].hosts_rule) == (("h3",), "should")
     assert vms["b"].affinity_hosts == ("h2",)  # its own rule wins
     assert vms["c"].affinity_hosts == ()  # shared storage: no replica needed
+
+
+def stand_in_child(*args: str) -> subprocess.Popen[bytes]:
+    """A sleeping process whose command line reads ``... instant-restore ARGS``, as an HA
+    restore child's does; returned once /proc shows it (the kernel fills
+    /proc/PID/cmdline a moment after exec)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                          "instant-restore", *args])
+    for _ in range(200):
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            if b"instant-restore" in f.read():
+                break
+        time.sleep(0.01)
+    return p
 
 
 class Cluster:
@@ -150,6 +166,16 @@ class Cluster:
         leader.step(now, {n: LiveHost(n, 8, 8192) for n in ("h2", "h3")}, set(HOSTS))
         for h in agents:
             self.execs[h].poll(now)
+
+    def ordered(self, leader: HALeader) -> tuple[str, str]:
+        """h1 fails and *leader* orders db's restore, nobody carrying it out yet: the
+        order's (target host, id)."""
+        self.kill_h1()
+        self.step(leader, T0, agents=())
+        self.step(leader, T0 + 2, agents=())
+        order = self.store.restore_order("db")
+        assert order is not None
+        return order["host"], order["id"]
 
     def heartbeat(self, vm: str) -> None:
         for h in self.where(vm):
@@ -250,13 +276,7 @@ def test_new_leader_adopts_the_order_of_a_crashed_one(tmp_path: Path) -> None:
 
 def test_executor_restart_resumes_or_fails_cleanly(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
-    leader = HALeader(c.policy, c.store, c.ops, "h2")
-    c.kill_h1()
-    c.step(leader, T0, agents=())
-    c.step(leader, T0 + 2, agents=())
-    order = c.store.restore_order("db")
-    assert order is not None
-    target, oid = order["host"], order["id"]
+    target, oid = c.ordered(HALeader(c.policy, c.store, c.ops, "h2"))
     # the target claimed it, reported running, and its agent died before the child ran
     assert c.store.claim_restore("db", oid, {"by": target, "time": T0 + 2})
     c.store.put_restore_status("db", oid, {"state": "running", "time": T0 + 2,
@@ -351,25 +371,11 @@ def test_a_failed_replica_start_gives_up_with_its_error(tmp_path: Path) -> None:
 def test_a_restarted_agent_adopts_the_live_child(tmp_path: Path) -> None:
     """The child of a killed agent still serves the NBD export: the new agent must not
     start a second instant restore (not even --resume) while it lives."""
-    import subprocess
-    import sys
 
     c = Cluster(tmp_path)
-    leader = HALeader(c.policy, c.store, c.ops, "h2")
-    c.kill_h1()
-    c.step(leader, T0, agents=())
-    c.step(leader, T0 + 2, agents=())
-    order = c.store.restore_order("db")
-    assert order is not None
-    target, oid = order["host"], order["id"]
+    target, oid = c.ordered(HALeader(c.policy, c.store, c.ops, "h2"))
     # a stand-in child whose command line is an instant restore of db
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                              "instant-restore", f"db@{SNAP.id}", "--name", "db"])
-    for _ in range(200):  # the kernel fills /proc/PID/cmdline a moment after exec
-        with open(f"/proc/{child.pid}/cmdline", "rb") as f:
-            if b"instant-restore" in f.read():
-                break
-        time.sleep(0.01)
+    child = stand_in_child(f"db@{SNAP.id}", "--name", "db")
     try:
         assert c.store.claim_restore("db", oid, {"by": target})
         c.store.put_restore_status("db", oid, {"state": "running", "time": T0 + 2,

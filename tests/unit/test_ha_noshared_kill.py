@@ -5,12 +5,9 @@ between the ``started`` event and its record's write."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from tests.unit.test_ha_noshared import SNAP, T0, Cluster
+from tests.unit.test_ha_noshared import SNAP, T0, Cluster, stand_in_child
 from vmdr.ha.leader import HALeader
 
 
@@ -20,26 +17,12 @@ def test_a_restarted_agent_finds_a_child_whose_pid_was_never_recorded(
     live child (found by its command line: instant restore of db into this host's target
     directory) is adopted — neither a --resume beside it nor a 'failed' while it boots."""
     c = Cluster(tmp_path)
-    leader = HALeader(c.policy, c.store, c.ops, "h2")
-    c.kill_h1()
-    c.step(leader, T0, agents=())
-    c.step(leader, T0 + 2, agents=())
-    order = c.store.restore_order("db")
-    assert order is not None
-    target, oid = order["host"], order["id"]
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                              "instant-restore", "--target-dir", str(tmp_path / target),
-                              f"db@{SNAP.id}", "--name", "db"])
+    target, oid = c.ordered(HALeader(c.policy, c.store, c.ops, "h2"))
+    child = stand_in_child("--target-dir", str(tmp_path / target), f"db@{SNAP.id}",
+                           "--name", "db")
     # one into another host's directory is somebody else's
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                              "instant-restore", "--target-dir", str(tmp_path / "elsewhere"),
-                              f"db@{SNAP.id}", "--name", "db"])
-    for p in (child, other):
-        for _ in range(200):  # the kernel fills /proc/PID/cmdline a moment after exec
-            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-                if b"instant-restore" in f.read():
-                    break
-            time.sleep(0.01)
+    other = stand_in_child("--target-dir", str(tmp_path / "elsewhere"), f"db@{SNAP.id}",
+                           "--name", "db")
     try:
         assert c.store.claim_restore("db", oid, {"by": target})
         c.store.put_restore_status("db", oid, {"state": "running", "time": T0 + 2,
