@@ -76,22 +76,23 @@ repository = "local"
     hosts = {"h1": "vm-a1,vm-a2", "h2": "vm-b1", "h3": "vm-c1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
+    probe = EtcdCoordinator(etcd_cluster.endpoints, TTL, prefix)
+
+    def leader() -> str | None:
+        v = probe._call(lambda c: c.get(f"{prefix}leader"))
+        return (v[0].decode() if isinstance(v[0], bytes) else v[0]) if v else None
+
     try:
         for h, vms in hosts.items():
             logs[h] = tmp_path / f"{h}.log"
             procs[h] = subprocess.Popen(
                 [sys.executable, "-c", AGENT, str(ROOT), str(cfg), h, vms],
                 env=env, stdout=open(logs[h], "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-            time.sleep(0.3)  # h1 starts first and becomes the leader
-        probe = EtcdCoordinator(etcd_cluster.endpoints, TTL, prefix)
-
-        def leader() -> str | None:
-            v = probe._call(lambda c: c.get(f"{prefix}leader"))
-            return (v[0].decode() if isinstance(v[0], bytes) else v[0]) if v else None
-
-        deadline = time.monotonic() + 20
-        while leader() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+            # h1 starts first and becomes the leader; the others only once it has (a fixed
+            # head start lost the race once on a loaded CI machine)
+            deadline = time.monotonic() + 20
+            while leader() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
         first = leader()
         assert first == "h1", {h: p.read_text()[-2000:] for h, p in logs.items()}
         # let two occurrences run under the first leader, then kill it mid-period
